@@ -1,0 +1,1127 @@
+#!/usr/bin/env python3
+# SPDX-License-Identifier: BSD-3-Clause
+"""A TCP key-value store for thousands of clients that block on keys.
+
+Standard library only; copy this one file anywhere. It is the bottom layer of elasticrun
+(``store`` <- ``rendezvous`` <- ``elastic``) and speaks the API of torch's ``TCPStore``.
+
+Usage::
+
+    from store import TCPStore
+    server = TCPStore("127.0.0.1", 0, is_master=True)   # hosts the server in-process
+    client = TCPStore("127.0.0.1", server.port)
+    client.add("joined", 1)                              # -> 1
+    server.get("joined")                                 # -> b"1"
+    client.get("late")                                   # waits until someone sets "late"
+
+    $ python3 store.py --host 0.0.0.0 --port 29400 [--token-file F]
+    listening on 0.0.0.0:29400
+
+Semantics are torch's: keys are ``str``; values ``str`` or ``bytes`` in, ``bytes`` out; ``get`` and
+``wait`` block until every key exists or the timeout passes (``StoreTimeout`` names the keys, and the
+client stays connected and usable); ``add`` counts in decimal text; ``compare_set(key, expected,
+desired)`` sets ``desired`` when the current value equals ``expected`` (or when the key is missing and
+``expected`` is empty) and returns the value the key now has (``expected`` itself when the key is
+missing and ``expected`` is not empty).
+
+The server is one thread around ``selectors`` (epoll on Linux). A blocked ``get`` or ``wait`` is parked
+on the server beside the keys it needs and answered by the ``set``/``add`` that completes it: nothing
+polls, and an idle or waiting client costs one socket and a few hundred bytes, never a thread. We chose
+selectors over asyncio because a request here is a few dictionary operations, and the event loop's own
+overhead (futures, callbacks, transports) would be most of the cost; ``bench/bench_store.py`` measures it.
+
+Wire protocol (version 1). Every message is a frame: a 4-byte big-endian length, then that many bytes.
+Integers are big-endian; ``bytes`` fields are a u32 length then the data; ``keys`` is a u32 count then
+that many ``bytes`` fields::
+
+    client                                   server
+      | -- hello   "EKVS" version:u8 -------->  |
+      | <- welcome status:u8 version:u8 [challenge:32]
+      | -- proof   HMAC-SHA256(token, challenge) ->   (only when status is PROOF)
+      | <- verdict status:u8 ----------------  |     (READY, or REFUSED and the server closes)
+      | -- request op:u8 id:u32 args ------->  |  } any number, pipelined; replies may come out of
+      | <- reply   status:u8 id:u32 result --  |  } order (a parked get answers later)
+
+    op         args                                   result
+    SET    1   key value                              -
+    GET    2   timeout_ms:i64 keys                    one value per key (waits for all keys)
+    ADD    3   key delta:i64                          new value:i64
+    CAS    4   key expected desired                   value now stored
+    WAIT   5   timeout_ms:i64 keys                    -
+    CHECK  6   keys                                   all exist:u8
+    DELETE 7   key                                    existed:u8
+    COUNT  8   -                                      number of keys:i64
+    MSET   9   count:u32 (key value)*                 -
+    APPEND 10  key value                              -
+
+    reply status: OK 0 (result follows), TIMEOUT 1, ERROR 2 (a UTF-8 message follows)
+    welcome/verdict status: READY 0, PROOF 1, VERSION 2 (mismatch), BUSY 3 (connection limit), REFUSED 4
+
+``timeout_ms`` < 0 waits forever. Limits: keys up to ``MAX_KEY_SIZE`` bytes, values up to
+``MAX_VALUE_SIZE``, frames up to ``MAX_FRAME_SIZE`` (256 bytes before the handshake completes).
+Anything malformed (unknown op, lengths that don't add up, oversized frame, a request before the
+handshake) closes that one connection, is logged in one line, and changes nothing stored: a request is
+fully parsed before it is applied. Values are never pickled.
+
+Authentication is optional: a server given a token sends a random challenge and accepts only the HMAC
+of it under the same token (compared with ``hmac.compare_digest``); a client without the right token
+gets ``StoreAuthError`` and nothing else.
+"""
+
+__version__ = "0.1.0"
+__all__ = [
+    "TCPStore", "PrefixStore", "StoreServer",
+    "StoreError", "StoreTimeout", "StoreConnectionError", "StoreAuthError",
+    "MAX_KEY_SIZE", "MAX_VALUE_SIZE", "MAX_FRAME_SIZE", "PROTOCOL_VERSION",
+]
+
+import errno
+import heapq
+import hmac
+import logging
+import os
+import random
+import selectors
+import socket
+import struct
+import threading
+import time
+
+log = logging.getLogger(__name__)
+
+PROTOCOL_VERSION = 1
+MAX_KEY_SIZE = 64 * 1024
+MAX_VALUE_SIZE = 256 * 1024 * 1024
+MAX_FRAME_SIZE = MAX_VALUE_SIZE + 2 * MAX_KEY_SIZE + 64
+DEFAULT_MAX_CONNECTIONS = 100000
+
+_MAGIC = b"EKVS"
+_HANDSHAKE_FRAME_LIMIT = 256
+_CHALLENGE_SIZE = 32
+
+_SET, _GET, _ADD, _CAS, _WAIT, _CHECK, _DELETE, _COUNT, _MSET, _APPEND = range(1, 11)
+_OK, _TIMEOUT, _ERROR = 0, 1, 2
+_READY, _PROOF, _VERSION, _BUSY, _REFUSED = 0, 1, 2, 3, 4
+
+_U32 = struct.Struct(">I")
+_I64 = struct.Struct(">q")
+_HEAD = struct.Struct(">IBI")      # frame length, op or status, request id
+_HEAD_SIZE = _HEAD.size - 4        # bytes of op/status + id inside the frame
+
+
+class StoreError(Exception):
+    """Root of this module's errors."""
+
+
+class StoreTimeout(StoreError, TimeoutError):
+    """A key did not appear, or the server did not answer, in time. The client stays usable."""
+
+
+class StoreConnectionError(StoreError, ConnectionError):
+    """The server could not be reached, refused us, or went away."""
+
+
+class StoreAuthError(StoreError):
+    """The server requires a token and ours was missing or wrong."""
+
+
+class _Malformed(Exception):
+    """A frame that breaks the protocol: its connection is closed."""
+
+
+def _seconds(timeout):
+    """Accept seconds or a datetime.timedelta, as torch does."""
+    seconds = timeout.total_seconds() if hasattr(timeout, "total_seconds") else float(timeout)
+    if seconds < 0:
+        raise ValueError("timeout must be >= 0 seconds, got %r" % (timeout,))
+    return seconds
+
+
+def _key_bytes(key):
+    if not isinstance(key, str):
+        raise TypeError("store keys are str, got %s" % type(key).__name__)
+    data = key.encode("utf-8")
+    if len(data) > MAX_KEY_SIZE:
+        raise ValueError("key of %d bytes exceeds the limit of %d bytes" % (len(data), MAX_KEY_SIZE))
+    return data
+
+
+def _value_bytes(value):
+    if isinstance(value, str):
+        data = value.encode("utf-8")
+    elif isinstance(value, (bytes, bytearray, memoryview)):
+        data = bytes(value)
+    else:
+        raise TypeError("store values are str or bytes, got %s" % type(value).__name__)
+    if len(data) > MAX_VALUE_SIZE:
+        raise ValueError("value of %d bytes exceeds the limit of %d bytes" % (len(data), MAX_VALUE_SIZE))
+    return data
+
+
+def _field(data):
+    return _U32.pack(len(data)) + data
+
+
+def _keys_field(keys):
+    return _U32.pack(len(keys)) + b"".join(_field(k) for k in keys)
+
+
+def _token_bytes(token):
+    return token.encode("utf-8") if isinstance(token, str) else bytes(token)
+
+
+def _proof(token, challenge):
+    return hmac.new(token, b"elasticrun-store-v1" + challenge, "sha256").digest()
+
+
+def _read_token_file(path):
+    with open(path, "rb") as f:
+        token = f.read().strip()
+    if not token:
+        raise ValueError("token file %s is empty" % path)
+    return token
+
+
+# --------------------------------------------------------------------------------------------- server
+
+class _Reader:
+    """Parses one request payload; any inconsistency raises _Malformed."""
+
+    __slots__ = ("data", "pos")
+
+    def __init__(self, data, pos):
+        self.data, self.pos = data, pos
+
+    def bytes(self, limit):
+        data, pos = self.data, self.pos
+        if pos + 4 > len(data):
+            raise _Malformed("truncated length")
+        (size,) = _U32.unpack_from(data, pos)
+        end = pos + 4 + size
+        if size > limit or end > len(data):
+            raise _Malformed("field of %d bytes does not fit" % size)
+        self.pos = end
+        return data[pos + 4:end]
+
+    def key(self):
+        return self.bytes(MAX_KEY_SIZE)
+
+    def value(self):
+        return self.bytes(MAX_VALUE_SIZE)
+
+    def i64(self):
+        if self.pos + 8 > len(self.data):
+            raise _Malformed("truncated integer")
+        (value,) = _I64.unpack_from(self.data, self.pos)
+        self.pos += 8
+        return value
+
+    def count(self):
+        if self.pos + 4 > len(self.data):
+            raise _Malformed("truncated count")
+        (value,) = _U32.unpack_from(self.data, self.pos)
+        self.pos += 4
+        # each counted item takes at least 4 bytes, so a huge count in a short frame is a lie
+        if value * 4 > len(self.data) - self.pos:
+            raise _Malformed("count %d does not fit the frame" % value)
+        return value
+
+    def keys(self):
+        return [self.key() for _ in range(self.count())]
+
+    def end(self):
+        if self.pos != len(self.data):
+            raise _Malformed("%d trailing bytes" % (len(self.data) - self.pos))
+
+
+class _Conn:
+    __slots__ = ("sock", "peer", "rbuf", "wbuf", "state", "challenge", "waiters", "events", "closed")
+
+    def __init__(self, sock, peer):
+        self.sock, self.peer = sock, peer
+        self.rbuf = bytearray()
+        self.wbuf = bytearray()
+        self.state = "hello"            # hello -> (proof ->) ready; or "closing" after a final answer
+        self.challenge = None
+        self.waiters = set()
+        self.events = selectors.EVENT_READ
+        self.closed = False
+
+
+class _Waiter:
+    """A parked GET or WAIT: answered when its last missing key appears, or at its deadline."""
+
+    __slots__ = ("conn", "rid", "keys", "missing", "want_values", "done")
+
+    def __init__(self, conn, rid, keys, want_values):
+        self.conn, self.rid, self.keys, self.want_values = conn, rid, keys, want_values
+        self.missing = 0
+        self.done = False
+
+
+class StoreServer:
+    """The store's server: one thread, one selector, every client parked rather than polled.
+
+    ``start()`` runs it in a daemon thread, ``serve_forever()`` in the calling thread, ``stop()`` ends
+    either from any thread. ``port=0`` picks a free port; read it back from ``.port``.
+    """
+
+    def __init__(self, host="0.0.0.0", port=0, *, token=None, max_connections=DEFAULT_MAX_CONNECTIONS,
+                 backlog=65535):
+        if max_connections < 1:
+            raise ValueError("max_connections must be at least 1, got %r" % (max_connections,))
+        self.host = host
+        self.max_connections = max_connections
+        self._token = _token_bytes(token) if token else None
+        self._raise_fd_limit(max_connections)
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        self._listener = socket.socket(family, socket.SOCK_STREAM)
+        try:
+            self._listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            self._listener.bind((host, port))
+            self._listener.listen(backlog)
+        except OSError as e:
+            self._listener.close()
+            raise StoreError("cannot listen on %s:%s: %s" % (host, port, e.strerror or e)) from e
+        self._listener.setblocking(False)
+        self.port = self._listener.getsockname()[1]
+        self._selector = selectors.DefaultSelector()
+        self._selector.register(self._listener, selectors.EVENT_READ, None)
+        self._wake_r, self._wake_w = socket.socketpair()
+        self._wake_r.setblocking(False)
+        self._selector.register(self._wake_r, selectors.EVENT_READ, "wake")
+        self._spare_fd = os.open(os.devnull, os.O_RDONLY)   # released to turn away clients at EMFILE
+        self._data = {}
+        self._waiters = {}          # key -> {waiter: None}, an insertion-ordered set
+        self._deadlines = []        # heap of (deadline, seq, waiter)
+        self._seq = 0
+        self._conns = 0
+        self._dirty = []            # connections with replies queued during this turn
+        self._stopping = False
+        self._serving = None        # the thread inside serve_forever
+        self._stopped = threading.Event()
+        self._ops = {
+            _SET: self._op_set, _GET: self._op_get, _ADD: self._op_add, _CAS: self._op_cas,
+            _WAIT: self._op_wait, _CHECK: self._op_check, _DELETE: self._op_delete,
+            _COUNT: self._op_count, _MSET: self._op_mset, _APPEND: self._op_append,
+        }
+
+    @staticmethod
+    def _raise_fd_limit(max_connections):
+        try:
+            import resource
+            soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+            want = max_connections + 256 if hard == resource.RLIM_INFINITY else min(hard, max_connections + 256)
+            if soft != resource.RLIM_INFINITY and soft < want:
+                resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
+        except (ImportError, ValueError, OSError) as e:  # not fatal: we turn clients away at EMFILE
+            log.debug("could not raise the open-file limit: %s", e)
+
+    # -- lifecycle
+
+    def start(self):
+        """Serve in a daemon thread; returns self."""
+        threading.Thread(target=self.serve_forever, name="store-server", daemon=True).start()
+        return self
+
+    def stop(self, timeout=5.0):
+        """Stop serving and close every connection (safe from any thread, and more than once)."""
+        self._stopping = True
+        try:
+            self._wake_w.send(b"x")
+        except OSError:
+            pass
+        if self._serving is not None and self._serving is not threading.current_thread():
+            self._stopped.wait(timeout)
+
+    def serve_forever(self):
+        self._serving = threading.current_thread()
+        try:
+            while not self._stopping:
+                for key, mask in self._selector.select(self._next_timeout()):
+                    conn = key.data
+                    if conn is None:
+                        self._accept()
+                    elif conn == "wake":
+                        try:
+                            self._wake_r.recv(4096)
+                        except OSError:
+                            pass
+                    else:
+                        if mask & selectors.EVENT_READ and not conn.closed:
+                            self._on_readable(conn)
+                        if mask & selectors.EVENT_WRITE and not conn.closed:
+                            self._flush(conn)
+                if self._deadlines:
+                    self._expire()
+                if self._dirty:
+                    dirty, self._dirty = self._dirty, []
+                    for conn in dirty:
+                        if not conn.closed:
+                            self._flush(conn)
+        finally:
+            self._shutdown()
+
+    def _shutdown(self):
+        for key in list(self._selector.get_map().values()):
+            if isinstance(key.data, _Conn):
+                self._close(key.data)
+        for sock in (self._listener, self._wake_r, self._wake_w):
+            sock.close()
+        self._selector.close()
+        if self._spare_fd is not None:
+            os.close(self._spare_fd)
+            self._spare_fd = None
+        self._stopped.set()
+
+    # -- connections
+
+    def _accept(self):
+        while True:
+            try:
+                sock, peer = self._listener.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as e:
+                if e.errno in (errno.EMFILE, errno.ENFILE):
+                    self._turn_away_one()
+                    return
+                if e.errno in (errno.ECONNABORTED, errno.EPROTO):
+                    continue
+                raise
+            sock.setblocking(False)
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            conn = _Conn(sock, peer)
+            self._conns += 1
+            self._selector.register(sock, selectors.EVENT_READ, conn)
+
+    def _turn_away_one(self):
+        """Out of descriptors: free the spare one to accept a client just to tell it why we can't."""
+        if self._spare_fd is None:
+            return
+        os.close(self._spare_fd)
+        self._spare_fd = None
+        try:
+            sock, _ = self._listener.accept()
+            try:
+                sock.setblocking(False)
+                sock.recv(_HANDSHAKE_FRAME_LIMIT)          # read the hello so close sends FIN, not RST
+            except OSError:
+                pass
+            try:
+                sock.send(_U32.pack(2) + bytes([_BUSY, PROTOCOL_VERSION]))
+            except OSError:
+                pass
+            sock.close()
+        except OSError:
+            pass
+        log.warning("store: out of file descriptors with %d connections; turning clients away", self._conns)
+        self._spare_fd = os.open(os.devnull, os.O_RDONLY)
+
+    def _close(self, conn):
+        if conn.closed:
+            return
+        conn.closed = True
+        self._conns -= 1
+        for waiter in conn.waiters:
+            waiter.done = True
+            self._unpark(waiter)
+        conn.waiters.clear()
+        try:
+            self._selector.unregister(conn.sock)
+        except (KeyError, ValueError):
+            pass
+        conn.sock.close()
+
+    def _drop(self, conn, why):
+        log.warning("store: closing connection from %s: %s", _peer_text(conn.peer), why)
+        self._close(conn)
+
+    def _on_readable(self, conn):
+        try:
+            chunk = conn.sock.recv(262144)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            self._close(conn)
+            return
+        if not chunk:
+            self._close(conn)
+            return
+        buf = conn.rbuf
+        buf += chunk
+        pos, size = 0, len(buf)
+        try:
+            while size - pos >= 4 and not conn.closed:
+                (length,) = _U32.unpack_from(buf, pos)
+                limit = MAX_FRAME_SIZE if conn.state == "ready" else _HANDSHAKE_FRAME_LIMIT
+                if length > limit:
+                    raise _Malformed("frame of %d bytes exceeds the limit of %d" % (length, limit))
+                end = pos + 4 + length
+                if end > size:
+                    break
+                payload = bytes(buf[pos + 4:end])
+                pos = end
+                if conn.state == "ready":
+                    self._request(conn, payload)
+                else:
+                    self._handshake(conn, payload)
+        except _Malformed as e:
+            self._drop(conn, e)
+            return
+        if conn.closed:
+            return
+        del buf[:pos]
+        if conn.wbuf:
+            self._flush(conn)
+
+    def _handshake(self, conn, payload):
+        if conn.state == "hello":
+            if len(payload) != 5 or payload[:4] != _MAGIC:
+                raise _Malformed("not a store client (bad hello)")
+            if payload[4] != PROTOCOL_VERSION:
+                log.warning("store: client %s speaks protocol %d, we speak %d",
+                            _peer_text(conn.peer), payload[4], PROTOCOL_VERSION)
+                self._final(conn, bytes([_VERSION, PROTOCOL_VERSION]))
+            elif self._conns > self.max_connections:
+                log.warning("store: turning away %s: %d connections reached the limit",
+                            _peer_text(conn.peer), self.max_connections)
+                self._final(conn, bytes([_BUSY, PROTOCOL_VERSION]))
+            elif self._token is None:
+                conn.state = "ready"
+                conn.wbuf += _U32.pack(2) + bytes([_READY, PROTOCOL_VERSION])
+            else:
+                conn.state = "proof"
+                conn.challenge = os.urandom(_CHALLENGE_SIZE)
+                conn.wbuf += _U32.pack(2 + _CHALLENGE_SIZE) + bytes([_PROOF, PROTOCOL_VERSION]) + conn.challenge
+        elif conn.state == "proof":
+            if hmac.compare_digest(payload, _proof(self._token, conn.challenge)):
+                conn.state = "ready"
+                conn.wbuf += _U32.pack(1) + bytes([_READY])
+            else:
+                log.warning("store: client %s failed authentication", _peer_text(conn.peer))
+                self._final(conn, bytes([_REFUSED]))
+        else:
+            raise _Malformed("data after the final answer")
+
+    def _final(self, conn, payload):
+        """Send a last answer, then close once it is out."""
+        conn.wbuf += _U32.pack(len(payload)) + payload
+        conn.state = "closing"
+        self._flush(conn)
+
+    def _flush(self, conn):
+        if conn.wbuf:
+            try:
+                sent = conn.sock.send(conn.wbuf)
+            except (BlockingIOError, InterruptedError):
+                sent = 0
+            except OSError:
+                self._close(conn)
+                return
+            del conn.wbuf[:sent]
+        if not conn.wbuf and conn.state == "closing":
+            self._close(conn)
+            return
+        # a client that doesn't read its answers stops being read until it catches up
+        if not conn.wbuf:
+            events = selectors.EVENT_READ
+        elif len(conn.wbuf) > 4 * 1024 * 1024:
+            events = selectors.EVENT_WRITE
+        else:
+            events = selectors.EVENT_READ | selectors.EVENT_WRITE
+        if events != conn.events:
+            conn.events = events
+            self._selector.modify(conn.sock, events, conn)
+
+    # -- requests
+
+    def _request(self, conn, payload):
+        if len(payload) < _HEAD_SIZE:
+            raise _Malformed("request of %d bytes has no header" % len(payload))
+        op = payload[0]
+        (rid,) = _U32.unpack_from(payload, 1)
+        handler = self._ops.get(op)
+        if handler is None:
+            raise _Malformed("unknown op %d" % op)
+        handler(conn, rid, _Reader(payload, _HEAD_SIZE))
+
+    def _reply(self, conn, rid, status=_OK, body=b""):
+        conn.wbuf += _HEAD.pack(_HEAD_SIZE + len(body), status, rid) + body
+
+    def _error(self, conn, rid, message):
+        self._reply(conn, rid, _ERROR, message.encode("utf-8"))
+
+    def _store(self, key, value):
+        self._data[key] = value
+        if key in self._waiters:
+            self._wake(key)
+
+    def _op_set(self, conn, rid, r):
+        key, value = r.key(), r.value()
+        r.end()
+        self._store(key, value)
+        self._reply(conn, rid)
+
+    def _op_mset(self, conn, rid, r):
+        pairs = [(r.key(), r.value()) for _ in range(r.count())]
+        r.end()
+        for key, value in pairs:
+            self._store(key, value)
+        self._reply(conn, rid)
+
+    def _op_append(self, conn, rid, r):
+        key, value = r.key(), r.value()
+        r.end()
+        current = self._data.get(key, b"")
+        if len(current) + len(value) > MAX_VALUE_SIZE:
+            self._error(conn, rid, "append to %r would exceed the value limit of %d bytes"
+                        % (_key_text(key), MAX_VALUE_SIZE))
+            return
+        self._store(key, current + value)
+        self._reply(conn, rid)
+
+    def _op_add(self, conn, rid, r):
+        key, delta = r.key(), r.i64()
+        r.end()
+        current = self._data.get(key)
+        try:
+            value = delta + (int(current) if current is not None else 0)
+        except ValueError:
+            self._error(conn, rid, "add: the value of key %r is not an integer: %r"
+                        % (_key_text(key), current[:64]))
+            return
+        if not -2 ** 63 <= value < 2 ** 63:
+            self._error(conn, rid, "add: key %r would overflow a 64-bit integer" % _key_text(key))
+            return
+        self._store(key, str(value).encode())
+        self._reply(conn, rid, body=_I64.pack(value))
+
+    def _op_cas(self, conn, rid, r):
+        key, expected, desired = r.key(), r.value(), r.value()
+        r.end()
+        current = self._data.get(key)
+        if current is None and expected:  # torch answers a missing key with `expected` itself
+            self._reply(conn, rid, body=_field(expected))
+            return
+        if current is None or current == expected:
+            self._store(key, desired)
+            current = desired
+        self._reply(conn, rid, body=_field(current))
+
+    def _op_check(self, conn, rid, r):
+        keys = r.keys()
+        r.end()
+        data = self._data
+        self._reply(conn, rid, body=b"\x01" if all(k in data for k in keys) else b"\x00")
+
+    def _op_delete(self, conn, rid, r):
+        key = r.key()
+        r.end()
+        self._reply(conn, rid, body=b"\x01" if self._data.pop(key, None) is not None else b"\x00")
+
+    def _op_count(self, conn, rid, r):
+        r.end()
+        self._reply(conn, rid, body=_I64.pack(len(self._data)))
+
+    def _op_get(self, conn, rid, r):
+        self._park(conn, rid, r, want_values=True)
+
+    def _op_wait(self, conn, rid, r):
+        self._park(conn, rid, r, want_values=False)
+
+    def _park(self, conn, rid, r, want_values):
+        timeout_ms = r.i64()
+        keys = r.keys()
+        r.end()
+        waiter = _Waiter(conn, rid, keys, want_values)
+        if not self._register(waiter):
+            self._answer(waiter)
+        elif timeout_ms == 0:
+            waiter.done = True
+            self._unpark(waiter)
+            self._reply(conn, rid, _TIMEOUT)
+        else:
+            conn.waiters.add(waiter)
+            if timeout_ms > 0:
+                self._seq += 1
+                heapq.heappush(self._deadlines, (time.monotonic() + timeout_ms / 1000.0, self._seq, waiter))
+
+    def _register(self, waiter):
+        """Park `waiter` on each of its missing keys; returns how many are missing."""
+        data, waiters = self._data, self._waiters
+        missing = 0
+        for key in waiter.keys:
+            if key not in data:
+                missing += 1
+                waiters.setdefault(key, {})[waiter] = None
+        waiter.missing = missing
+        return missing
+
+    def _unpark(self, waiter):
+        for key in waiter.keys:
+            parked = self._waiters.get(key)
+            if parked is not None:
+                parked.pop(waiter, None)
+                if not parked:
+                    del self._waiters[key]
+
+    def _wake(self, key):
+        for waiter in self._waiters.pop(key):
+            if waiter.done:
+                continue
+            waiter.missing -= 1
+            if waiter.missing == 0:
+                # a key it already counted may have been deleted since; park again if so
+                self._unpark(waiter)
+                if self._register(waiter) == 0:
+                    waiter.done = True
+                    waiter.conn.waiters.discard(waiter)
+                    self._answer(waiter)
+
+    def _answer(self, waiter):
+        conn = waiter.conn
+        if waiter.want_values:
+            data = self._data
+            body = b"".join(_field(data[k]) for k in waiter.keys)
+        else:
+            body = b""
+        self._reply(conn, waiter.rid, body=body)
+        self._dirty.append(conn)
+
+    def _next_timeout(self):
+        if not self._deadlines:
+            return None
+        return max(0.0, self._deadlines[0][0] - time.monotonic())
+
+    def _expire(self):
+        now = time.monotonic()
+        heap = self._deadlines
+        while heap and (heap[0][2].done or heap[0][0] <= now):
+            waiter = heapq.heappop(heap)[2]
+            if waiter.done:
+                continue
+            waiter.done = True
+            self._unpark(waiter)
+            waiter.conn.waiters.discard(waiter)
+            self._reply(waiter.conn, waiter.rid, _TIMEOUT)
+            self._dirty.append(waiter.conn)
+
+
+def _peer_text(peer):
+    return "%s:%s" % (peer[0], peer[1]) if isinstance(peer, tuple) and len(peer) >= 2 else str(peer)
+
+
+def _key_text(key):
+    return key.decode("utf-8", "replace")
+
+
+# --------------------------------------------------------------------------------------------- client
+
+def _resolve(host, port):
+    """Resolve once, before any retry loop: name lookups can stall for seconds."""
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except socket.gaierror as e:
+        raise StoreConnectionError("cannot resolve store host %r: %s" % (host, e)) from e
+    return [(family, sockaddr) for family, _, _, _, sockaddr in infos]
+
+
+def _keepalive(sock):
+    """Notice a store host that vanished without closing (power loss, cut link) in about 15 s."""
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+    for name, value in (("TCP_KEEPIDLE", 5), ("TCP_KEEPINTVL", 2), ("TCP_KEEPCNT", 5)):
+        if hasattr(socket, name):
+            sock.setsockopt(socket.IPPROTO_TCP, getattr(socket, name), value)
+
+
+class TCPStore:
+    """A client of the store; ``is_master=True`` also hosts the server in this process.
+
+    One socket per client, safe to share between threads: requests are pipelined with ids, and
+    whichever waiting thread is reading hands the others their replies.
+    """
+
+    def __init__(self, host, port, *, is_master=False, timeout=300.0, token=None):
+        self.timeout = _seconds(timeout)
+        self._server = None
+        if is_master:
+            self._server = StoreServer("::" if ":" in host else "0.0.0.0", port, token=token).start()
+            port = self._server.port
+        self.host, self.port = host, port
+        self._token = _token_bytes(token) if token else None
+        self._send_lock = threading.Lock()
+        self._cond = threading.Condition(threading.Lock())
+        self._reading = False
+        self._pending = set()
+        self._replies = {}
+        self._rid = 0
+        self._rbuf = bytearray()
+        try:
+            self._sock = self._connect(time.monotonic() + self.timeout)
+        except BaseException:
+            if self._server is not None:
+                self._server.stop()
+            raise
+
+    @property
+    def server(self):
+        """The in-process StoreServer when is_master, else None."""
+        return self._server
+
+    def _where(self):
+        return "%s:%s" % (self.host, self.port)
+
+    def _connect(self, deadline):
+        addresses = _resolve(self.host, self.port)
+        delay, last = 0.01, None
+        while True:
+            for family, sockaddr in addresses:
+                sock = socket.socket(family, socket.SOCK_STREAM)
+                try:
+                    sock.settimeout(max(0.05, min(5.0, deadline - time.monotonic())))
+                    sock.connect(sockaddr)
+                    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                    _keepalive(sock)
+                    self._handshake(sock, deadline)
+                    return sock
+                except (StoreAuthError, StoreConnectionError):
+                    sock.close()
+                    raise
+                except (OSError, EOFError) as e:
+                    sock.close()
+                    last = e
+            if time.monotonic() + delay > deadline:
+                raise StoreConnectionError("could not connect to the store at %s within %.1f s: %s"
+                                           % (self._where(), self.timeout, _describe(last)))
+            time.sleep(delay * random.uniform(0.5, 1.5))
+            delay = min(delay * 2, 1.0)
+
+    def _handshake(self, sock, deadline):
+        sock.settimeout(max(0.05, deadline - time.monotonic()))
+        sock.sendall(_U32.pack(5) + _MAGIC + bytes([PROTOCOL_VERSION]))
+        welcome = _recv_frame(sock, _HANDSHAKE_FRAME_LIMIT)
+        if len(welcome) < 2:
+            raise EOFError("short welcome")
+        status, version = welcome[0], welcome[1]
+        if status == _VERSION:
+            raise StoreConnectionError("the store at %s speaks protocol version %d; this client speaks %d"
+                                       % (self._where(), version, PROTOCOL_VERSION))
+        if status == _BUSY:
+            raise StoreConnectionError("the store at %s turned us away: it has reached its connection limit"
+                                       % self._where())
+        if status == _PROOF:
+            if self._token is None:
+                raise StoreAuthError("the store at %s requires a token and none was given" % self._where())
+            sock.sendall(_field(_proof(self._token, welcome[2:])))
+            verdict = _recv_frame(sock, _HANDSHAKE_FRAME_LIMIT)
+            if verdict[:1] != bytes([_READY]):
+                raise StoreAuthError("the store at %s refused our token" % self._where())
+        elif status != _READY:
+            raise EOFError("unexpected welcome status %d" % status)
+
+    # -- request plumbing
+
+    def _call(self, op, body, wait=None, keys=()):
+        """Send one request and return the reply body. `wait`: seconds the server may park it."""
+        if wait is None:
+            deadline = time.monotonic() + max(self.timeout, 1.0)
+        else:  # the server answers TIMEOUT itself; our own deadline only guards against a dead server
+            deadline = time.monotonic() + wait + max(5.0, 0.1 * wait)
+        with self._send_lock:
+            sock = self._sock
+            if sock is None:
+                raise StoreConnectionError("this store client is closed")
+            self._rid = rid = (self._rid + 1) & 0xFFFFFFFF
+            with self._cond:
+                self._pending.add(rid)
+            try:
+                sock.sendall(_HEAD.pack(_HEAD_SIZE + len(body), op, rid) + body)
+            except OSError as e:
+                with self._cond:
+                    self._pending.discard(rid)
+                raise StoreConnectionError("lost the store at %s: %s" % (self._where(), _describe(e))) from e
+        status, result = self._await(rid, deadline)
+        if status == _OK:
+            return result
+        if status == _TIMEOUT:
+            raise StoreTimeout("timed out after %.3g s waiting for key(s) %s in the store at %s"
+                               % (wait, ", ".join(repr(k) for k in keys), self._where()))
+        raise StoreError(result.decode("utf-8", "replace"))
+
+    def _await(self, rid, deadline):
+        cond = self._cond
+        with cond:
+            while True:
+                reply = self._replies.pop(rid, None)
+                if reply is not None:
+                    return reply
+                if not self._reading:
+                    self._reading = True
+                    break
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    self._pending.discard(rid)
+                    raise StoreTimeout("no answer from the store at %s" % self._where())
+                cond.wait(remaining)
+        try:
+            while True:
+                frid, status, body = self._read_reply(deadline, rid)
+                if frid == rid:
+                    return status, body
+                with cond:
+                    if frid in self._pending:
+                        self._pending.discard(frid)
+                        self._replies[frid] = (status, body)
+                        cond.notify_all()
+        finally:
+            with cond:
+                self._pending.discard(rid)
+                self._reading = False
+                cond.notify_all()
+
+    def _read_reply(self, deadline, rid):
+        buf, sock = self._rbuf, self._sock
+        while True:
+            if len(buf) >= _HEAD.size:
+                length, status, frid = _HEAD.unpack_from(buf, 0)
+                if length < _HEAD_SIZE or length > MAX_FRAME_SIZE:
+                    self._broken("a malformed reply")
+                end = 4 + length
+                if len(buf) >= end:
+                    body = bytes(buf[_HEAD.size:end])
+                    del buf[:end]
+                    return frid, status, body
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise StoreTimeout("no answer from the store at %s" % self._where())
+            if sock is None:
+                raise StoreConnectionError("this store client is closed")
+            try:
+                sock.settimeout(remaining)
+                chunk = sock.recv(max(65536, end - len(buf)) if len(buf) >= _HEAD.size else 65536)
+            except socket.timeout:
+                raise StoreTimeout("no answer from the store at %s within %.1f s"
+                                   % (self._where(), remaining)) from None
+            except OSError as e:
+                self._broken(_describe(e))
+            if not chunk:
+                self._broken("it closed the connection")
+            buf += chunk
+
+    def _broken(self, why):
+        raise StoreConnectionError("lost the store at %s: %s" % (self._where(), why))
+
+    def _wait_ms(self, timeout):
+        seconds = self.timeout if timeout is None else _seconds(timeout)
+        return seconds, int(seconds * 1000)
+
+    # -- the API
+
+    def set(self, key, value):
+        self._call(_SET, _field(_key_bytes(key)) + _field(_value_bytes(value)))
+
+    def get(self, key):
+        """The value of `key`, waiting up to the store timeout for it to exist."""
+        seconds, ms = self._wait_ms(None)
+        body = self._call(_GET, _I64.pack(ms) + _keys_field([_key_bytes(key)]), seconds, (key,))
+        return body[4:]
+
+    def add(self, key, amount):
+        """Add `amount` to the integer at `key` (missing counts as 0); returns the new value."""
+        if not isinstance(amount, int):
+            raise TypeError("add takes an int, got %s" % type(amount).__name__)
+        return _I64.unpack(self._call(_ADD, _field(_key_bytes(key)) + _I64.pack(amount)))[0]
+
+    def compare_set(self, key, expected, desired):
+        body = self._call(_CAS, _field(_key_bytes(key)) + _field(_value_bytes(expected))
+                          + _field(_value_bytes(desired)))
+        return body[4:]
+
+    def wait(self, keys, timeout=None):
+        """Wait until every key exists; StoreTimeout names them if `timeout` passes first."""
+        keys = _as_keys(keys)
+        seconds, ms = self._wait_ms(timeout)
+        self._call(_WAIT, _I64.pack(ms) + _keys_field([_key_bytes(k) for k in keys]), seconds, keys)
+
+    def check(self, keys):
+        keys = _as_keys(keys)
+        return self._call(_CHECK, _keys_field([_key_bytes(k) for k in keys])) == b"\x01"
+
+    def delete_key(self, key):
+        return self._call(_DELETE, _field(_key_bytes(key))) == b"\x01"
+
+    def num_keys(self):
+        return _I64.unpack(self._call(_COUNT, b""))[0]
+
+    def multi_get(self, keys):
+        """The values of all `keys`, waiting up to the store timeout for every one to exist."""
+        keys = _as_keys(keys)
+        seconds, ms = self._wait_ms(None)
+        body = self._call(_GET, _I64.pack(ms) + _keys_field([_key_bytes(k) for k in keys]), seconds, keys)
+        values, pos = [], 0
+        for _ in keys:
+            (size,) = _U32.unpack_from(body, pos)
+            values.append(body[pos + 4:pos + 4 + size])
+            pos += 4 + size
+        return values
+
+    def multi_set(self, keys, values):
+        keys, values = list(keys), list(values)
+        if len(keys) != len(values):
+            raise ValueError("multi_set got %d keys and %d values" % (len(keys), len(values)))
+        body = b"".join(_field(_key_bytes(k)) + _field(_value_bytes(v)) for k, v in zip(keys, values))
+        self._call(_MSET, _U32.pack(len(keys)) + body)
+
+    def append(self, key, value):
+        self._call(_APPEND, _field(_key_bytes(key)) + _field(_value_bytes(value)))
+
+    def set_timeout(self, timeout):
+        self.timeout = _seconds(timeout)
+
+    def close(self):
+        """Close the connection (and stop the in-process server when this client hosts it)."""
+        with self._send_lock:
+            sock, self._sock = self._sock, None
+        if sock is not None:
+            try:
+                sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+            sock.close()
+        if self._server is not None:
+            self._server.stop()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def __repr__(self):
+        return "TCPStore(%r, %r%s)" % (self.host, self.port, ", is_master=True" if self._server else "")
+
+
+def _as_keys(keys):
+    if isinstance(keys, str):
+        raise TypeError("pass a list of keys, not a single str")
+    return list(keys)
+
+
+def _describe(error):
+    if isinstance(error, OSError) and error.strerror:
+        return error.strerror
+    return str(error) or type(error).__name__
+
+
+def _recv_frame(sock, limit):
+    header = _recv_exactly(sock, 4)
+    (length,) = _U32.unpack(header)
+    if length > limit:
+        raise EOFError("frame of %d bytes from the server exceeds %d" % (length, limit))
+    return _recv_exactly(sock, length)
+
+
+def _recv_exactly(sock, size):
+    data = b""
+    while len(data) < size:
+        chunk = sock.recv(size - len(data))
+        if not chunk:
+            raise EOFError("the server closed the connection during the handshake")
+        data += chunk
+    return data
+
+
+class PrefixStore:
+    """A view of `store` whose keys all live under ``prefix/``."""
+
+    def __init__(self, prefix, store):
+        self.prefix = prefix
+        self.underlying_store = store
+
+    def _k(self, key):
+        return self.prefix + "/" + key
+
+    def set(self, key, value):
+        self.underlying_store.set(self._k(key), value)
+
+    def get(self, key):
+        return self.underlying_store.get(self._k(key))
+
+    def add(self, key, amount):
+        return self.underlying_store.add(self._k(key), amount)
+
+    def compare_set(self, key, expected, desired):
+        return self.underlying_store.compare_set(self._k(key), expected, desired)
+
+    def wait(self, keys, timeout=None):
+        self.underlying_store.wait([self._k(k) for k in _as_keys(keys)], timeout)
+
+    def check(self, keys):
+        return self.underlying_store.check([self._k(k) for k in _as_keys(keys)])
+
+    def delete_key(self, key):
+        return self.underlying_store.delete_key(self._k(key))
+
+    def num_keys(self):
+        return self.underlying_store.num_keys()
+
+    def multi_get(self, keys):
+        return self.underlying_store.multi_get([self._k(k) for k in _as_keys(keys)])
+
+    def multi_set(self, keys, values):
+        self.underlying_store.multi_set([self._k(k) for k in keys], values)
+
+    def append(self, key, value):
+        self.underlying_store.append(self._k(key), value)
+
+    def set_timeout(self, timeout):
+        self.underlying_store.set_timeout(timeout)
+
+    @property
+    def timeout(self):
+        return self.underlying_store.timeout
+
+    def close(self):
+        """A prefix view owns nothing; closing it leaves the underlying store open."""
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+# --------------------------------------------------------------------------------------------- CLI
+
+def _main(argv=None):
+    import argparse
+    import signal
+    import sys
+
+    parser = argparse.ArgumentParser(prog="store.py", description="Serve a key-value store in the foreground.")
+    parser.add_argument("--host", default="0.0.0.0", help="address to listen on (default 0.0.0.0)")
+    parser.add_argument("--port", type=int, default=29400, help="port to listen on, 0 for any (default 29400)")
+    parser.add_argument("--token-file", help="require clients to prove they know this file's secret")
+    parser.add_argument("--max-connections", type=int, default=DEFAULT_MAX_CONNECTIONS)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=os.environ.get("LOGLEVEL", "WARNING").upper(),
+                        format="%(asctime)s %(name)s %(levelname)s: %(message)s")
+    try:
+        token = _read_token_file(args.token_file) if args.token_file else None
+        server = StoreServer(args.host, args.port, token=token, max_connections=args.max_connections)
+    except (OSError, ValueError, StoreError) as e:
+        parser.exit(2, "store.py: error: %s\n" % e)
+
+    def stop(signum, frame):
+        server.stop()
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+    print("listening on %s:%d" % (args.host, server.port), flush=True)
+    server.serve_forever()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(_main())
