@@ -1,0 +1,65 @@
+"""Each allowed file set, copied alone into an empty folder (or vendored inside a package), works there."""
+import os
+import shutil
+import subprocess
+import sys
+
+from conftest import ROOT
+
+STORE_ONLY = r"""
+import sys
+import store
+assert store.__file__.startswith(sys.argv[1]), store.__file__
+with store.TCPStore("127.0.0.1", 0, is_master=True, timeout=10) as s:
+    with store.TCPStore("127.0.0.1", s.port, timeout=10) as c:
+        c.set("k", "v")
+        assert s.get("k") == b"v" and c.add("n", 2) == 2
+print("ok")
+"""
+
+AS_PACKAGE = r"""
+import sys
+from vend import store
+assert "vend" in store.__name__
+with store.TCPStore("127.0.0.1", 0, is_master=True, timeout=10) as s:
+    assert s.add("n", 1) == 1
+print("ok")
+"""
+
+
+def _copy(names, folder):
+    folder.mkdir(parents=True, exist_ok=True)
+    for name in names:
+        shutil.copy(os.path.join(ROOT, name), str(folder / name))
+
+
+def _run(code, cwd, *args):
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONHOME")}
+    # -I: isolated mode, so nothing from the repository or site-packages can stand in for the copy
+    return subprocess.run([sys.executable, "-I", "-c", code, str(cwd)] + list(args), cwd=str(cwd), env=env,
+                          capture_output=True, text=True, timeout=120)
+
+
+def _run_in(code, cwd):
+    # -I drops the script's folder from sys.path; put the copy's folder back explicitly
+    return _run("import sys; sys.path.insert(0, sys.argv[1])\n" + code, cwd)
+
+
+def test_store_alone(tmp_path):
+    _copy(["store.py"], tmp_path)
+    out = _run_in(STORE_ONLY, tmp_path)
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr
+
+
+def test_store_program_alone(tmp_path):
+    _copy(["store.py"], tmp_path)
+    out = subprocess.run([sys.executable, "-I", "store.py", "--help"], cwd=str(tmp_path), capture_output=True,
+                         text=True, timeout=60)
+    assert out.returncode == 0 and "--token-file" in out.stdout
+
+
+def test_store_vendored_in_a_package(tmp_path):
+    _copy(["store.py"], tmp_path / "vend")
+    (tmp_path / "vend" / "__init__.py").write_text("")
+    out = _run_in(AS_PACKAGE, tmp_path)
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr
