@@ -1,0 +1,282 @@
+"""File timer (hang watchdog): torchelastic's FIFO wire format, real worker processes, real signals."""
+import json
+import os
+import select
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import pytest
+
+from conftest import ROOT, need
+
+import _ops_part as ops
+
+MODULE = ops.__name__
+HANG_GUARD = 30  # seconds; only a guard against a hung test, never an assertion about speed
+
+WORKER = textwrap.dedent("""
+    import importlib, os, sys, time
+    ops = importlib.import_module(sys.argv[1])
+    mode, path = sys.argv[2], sys.argv[3]
+    ops.configure(ops.FileTimerClient(path))
+
+    def say(text):
+        print(text, flush=True)
+
+    def guarded(after, body):
+        with ops.expires(after=after):  # one file:line for every nesting level
+            body()
+
+    if mode == "hang":
+        with ops.expires(after=60, scope="outer"):
+            with ops.expires(after=0.5, scope="hang-step"):
+                say("in")
+                time.sleep(60)
+    elif mode == "calm":
+        with ops.expires(after=60, scope="calm-step"):
+            say("in")
+            sys.stdin.readline()
+        say("out")
+    elif mode == "nested":
+        def inner():
+            say("both")
+            sys.stdin.readline()
+
+        def outer():
+            guarded(60, inner)
+            say("outer only")
+            sys.stdin.readline()
+
+        guarded(60, outer)
+        say("none")
+        sys.stdin.readline()
+    elif mode == "dies":
+        with ops.expires(after=60, scope="dies"):
+            say("in")
+            sys.stdin.readline()
+            os._exit(3)
+""")
+
+TORCH_WORKER = textwrap.dedent("""
+    import sys, time
+    from torch.distributed.elastic.timer import FileTimerClient, configure, expires
+    configure(FileTimerClient(sys.argv[1]))
+    with expires(after=0.5):
+        print("in", flush=True)
+        time.sleep(60)
+""")
+
+
+@pytest.fixture
+def server(tmp_path):
+    srv = ops.FileTimerServer(str(tmp_path / "timer.fifo"), run_id="test")
+    srv.start()
+    try:
+        yield srv
+    finally:
+        srv.stop()
+
+
+@pytest.fixture
+def spawn(tmp_path):
+    procs = []
+    script = tmp_path / "worker.py"
+    script.write_text(WORKER)
+
+    def start(mode, fifo, python=sys.executable, path=None):
+        argv = [python, str(path or script)] + ([MODULE, mode] if path is None else []) + [fifo]
+        env = dict(os.environ, PYTHONPATH=ROOT)
+        p = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env,
+                             start_new_session=True)
+        procs.append(p)
+        return p
+
+    try:
+        yield start
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+            p.wait()
+            for f in (p.stdin, p.stdout):
+                f.close()
+
+
+def read_line(proc, timeout=HANG_GUARD):
+    ready, _, _ = select.select([proc.stdout], [], [], timeout)
+    assert ready, "worker %d said nothing" % proc.pid
+    return proc.stdout.readline().decode().strip()
+
+
+def send(proc, text="go"):
+    proc.stdin.write(text.encode() + b"\n")
+    proc.stdin.flush()
+
+
+def timers_of(srv, pid):
+    return [t for t in srv.active_timers() if t[0] == pid]
+
+
+def write_raw(path, data):
+    fd = os.open(path, os.O_WRONLY | os.O_NONBLOCK)
+    try:
+        os.write(fd, data)
+    finally:
+        os.close(fd)
+
+
+def request(pid, scope, expiration_time, sig):
+    return (json.dumps({"version": 1, "pid": pid, "scope_id": scope,
+                        "expiration_time": expiration_time, "signal": sig}) + "\n").encode()
+
+
+def sleeper():
+    return subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"], start_new_session=True)
+
+
+def test_hung_worker_killed_sibling_left_alone(server, spawn):
+    hang = spawn("hang", server.file_path)
+    calm = spawn("calm", server.file_path)
+    assert read_line(hang) == "in" and read_line(calm) == "in"
+    assert hang.wait(HANG_GUARD) == -signal.SIGKILL
+    assert calm.poll() is None
+    expired = server.pop_expired()
+    assert [(pid, scope) for pid, scope, _ in expired] == [(hang.pid, "hang-step")]
+    assert server._wait(lambda: not timers_of(server, hang.pid), HANG_GUARD)  # the outer scope went too
+    assert [t[1] for t in timers_of(server, calm.pid)] == ["calm-step"]
+    send(calm)
+    assert read_line(calm) == "out"
+    assert calm.wait(HANG_GUARD) == 0
+    assert server.pop_expired() == []
+
+
+def test_torch_client_against_our_server(server, spawn, torch_python, tmp_path):
+    script = tmp_path / "torch_worker.py"
+    script.write_text(TORCH_WORKER)
+    worker = spawn(None, server.file_path, python=torch_python, path=script)
+    assert read_line(worker, timeout=120) == "in"
+    assert worker.wait(HANG_GUARD) == -signal.SIGKILL
+    [(pid, scope, _)] = server.pop_expired()
+    # torch's default scope is "<contextlib.py>#<line>" for every block: why its nested scopes collapse
+    assert pid == worker.pid and "#" in scope
+
+
+def test_handwritten_torch_line_honoured_and_self_never_killed(server):
+    victim = sleeper()
+    try:
+        past = time.time() - 1
+        # Requests that would kill the server, init, or every process of a group: all refused.
+        for pid in (os.getpid(), 1, 0, -1, -os.getpgrp()):
+            write_raw(server.file_path, request(pid, "evil", past, signal.SIGKILL))
+        write_raw(server.file_path, request(victim.pid, "step", time.time() + 0.2, signal.SIGTERM))
+        assert victim.wait(HANG_GUARD) == -signal.SIGTERM
+        assert [(p, s) for p, s, _ in server.pop_expired()] == [(victim.pid, "step")]
+    finally:
+        victim.kill()
+        victim.wait()
+
+
+def test_garbage_lines_skipped(server):
+    victim = sleeper()
+    try:
+        for junk in (b"not json\n", b"{}\n", b"[1, 2]\n", b"\xff\xfe\n", b'{"version": 1, "pid": "x"}\n',
+                     b'{"version": 2, "pid": 5, "scope_id": "s", "expiration_time": 1, "signal": 9}\n',
+                     b'{"version": 1, "pid": true, "scope_id": "s", "expiration_time": 1, "signal": 9}\n',
+                     b"\n\n"):
+            write_raw(server.file_path, junk)
+        assert server._wait(lambda: server._bad_lines == 7, HANG_GUARD) and server._request_count == 0
+        write_raw(server.file_path, request(victim.pid, "after-junk", time.time(), signal.SIGTERM))
+        assert victim.wait(HANG_GUARD) == -signal.SIGTERM
+    finally:
+        victim.kill()
+        victim.wait()
+
+
+def test_nested_scopes_keep_their_own_timers(server, spawn):
+    w = spawn("nested", server.file_path)
+    assert read_line(w) == "both"
+    assert server._wait(lambda: len(timers_of(server, w.pid)) == 2, HANG_GUARD)
+    send(w)
+    assert read_line(w) == "outer only"
+    assert server._wait(lambda: len(timers_of(server, w.pid)) == 1, HANG_GUARD)
+    send(w)
+    assert read_line(w) == "none"
+    assert server._wait(lambda: not timers_of(server, w.pid), HANG_GUARD)
+    send(w)
+    assert w.wait(HANG_GUARD) == 0
+
+
+@pytest.mark.parametrize("use_pidfd", [True, False], ids=["pidfd", "polling"])
+def test_timers_of_dead_process_dropped(tmp_path, spawn, use_pidfd):
+    srv = ops.FileTimerServer(str(tmp_path / "timer.fifo"), max_interval=0.05)
+    if use_pidfd and not srv._use_pidfd:
+        pytest.skip("no os.pidfd_open on this Python")
+    srv._use_pidfd = use_pidfd
+    srv.start()
+    try:
+        w = spawn("dies", srv.file_path)
+        assert read_line(w) == "in"
+        assert srv._wait(lambda: timers_of(srv, w.pid), HANG_GUARD)
+        send(w)
+        assert w.wait(HANG_GUARD) == 3
+        assert srv._wait(lambda: not srv.active_timers(), HANG_GUARD)
+        assert srv.pop_expired() == []
+    finally:
+        srv.stop()
+
+
+def test_only_worker_sessions_signalled(server):
+    outsider = sleeper()
+    try:
+        server.set_worker_pids([12345678])
+        write_raw(server.file_path, request(outsider.pid, "s", time.time() - 1, signal.SIGKILL))
+        assert server._wait(lambda: server._request_count == 1 and not server.active_timers(), HANG_GUARD)
+        assert outsider.poll() is None and server.pop_expired() == []
+        server.set_worker_pids([outsider.pid])
+        write_raw(server.file_path, request(outsider.pid, "s", time.time() - 1, signal.SIGKILL))
+        assert outsider.wait(HANG_GUARD) == -signal.SIGKILL
+    finally:
+        outsider.kill()
+        outsider.wait()
+
+
+def test_client_without_server_fails_clearly(tmp_path):
+    path = str(tmp_path / "timer.fifo")
+    client = ops.FileTimerClient(path)
+    with pytest.raises(BrokenPipeError, match="no FileTimerServer"):
+        client.acquire("s", time.time() + 5)
+    os.mkfifo(path)  # a pipe with no reader
+    with pytest.raises(BrokenPipeError, match="no FileTimerServer"):
+        client.release("s")
+    with pytest.raises(ValueError, match="PIPE_BUF"):
+        client.acquire("x" * 5000, time.time() + 5)
+
+
+def test_stop_removes_pipe_and_restart_replaces_stale_one(tmp_path):
+    path = str(tmp_path / "timer.fifo")
+    os.mkfifo(path)  # stale pipe of an earlier run
+    srv = ops.FileTimerServer(path)
+    srv.start()
+    try:
+        ops.FileTimerClient(path).release("nothing")
+    finally:
+        srv.stop()
+    assert not os.path.exists(path)
+    srv.stop()  # idempotent
+    regular = tmp_path / "file"
+    regular.write_text("")
+    with pytest.raises(ValueError, match="not a named pipe"):
+        ops.FileTimerServer(str(regular)).start()
+
+
+def test_expires_needs_a_client(monkeypatch):
+    monkeypatch.setattr(ops, "_timer_client_configured", None)
+    monkeypatch.delenv("TORCHELASTIC_TIMER_FILE", raising=False)
+    with pytest.raises(RuntimeError, match="configure"):
+        with ops.expires(after=1):
+            pass
+    with pytest.raises(ValueError):
+        ops.expires(after=-1)
