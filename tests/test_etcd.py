@@ -1,0 +1,307 @@
+"""EtcdStore against a real etcd: one member, and a 3-member cluster that loses a member mid-way."""
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+
+from conftest import ROOT
+from etcd_cluster import EtcdCluster, free_port
+
+import store
+from _etcd_part import EtcdStore, _etcd_parse_endpoints
+
+HANG_GUARD = 60.0
+
+
+@pytest.fixture
+def etcd(etcd_binary, tmp_path):
+    with EtcdCluster(etcd_binary, tmp_path, size=1) as cluster:
+        yield cluster
+
+
+@pytest.fixture
+def cluster3(etcd_binary, tmp_path):
+    with EtcdCluster(etcd_binary, tmp_path, size=3) as cluster:
+        yield cluster
+
+
+def _child(code, *args):
+    """A Python child that can import the project; stdout is a pipe we read lines from."""
+    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    return subprocess.Popen([sys.executable, "-c", code] + [str(a) for a in args], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL)
+
+
+def _reap(procs):
+    for proc in procs:
+        if proc.poll() is None:
+            proc.kill()
+        proc.communicate()
+
+
+def _until(condition, what, timeout=HANG_GUARD):
+    """Wait for a condition that has no event to wait on (a remote state); a hang guard only."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "gave up waiting for " + what
+        time.sleep(0.05)
+
+
+# ------------------------------------------------------------------------------------------ parsing
+
+def test_endpoints_parse_lists_strings_and_default_port():
+    assert _etcd_parse_endpoints("http://127.0.0.1:1234, http://127.0.0.1") == [
+        ("http://127.0.0.1:1234", "127.0.0.1", 1234), ("http://127.0.0.1", "127.0.0.1", 2379)]
+    assert _etcd_parse_endpoints(["127.0.0.1:5"]) == [("http://127.0.0.1:5", "127.0.0.1", 5)]
+    assert _etcd_parse_endpoints(["http://[::1]:7"])[0][1:] == ("::1", 7)
+    for bad in ("", "https://127.0.0.1:1", "http://127.0.0.1:x", " , "):
+        with pytest.raises(ValueError):
+            _etcd_parse_endpoints(bad)
+
+
+def test_unreachable_endpoints_raise_connection_error_after_timeout():
+    port = free_port()
+    started = time.monotonic()
+    with pytest.raises(store.StoreConnectionError) as info:
+        EtcdStore("http://127.0.0.1:%d,http://127.0.0.1:%d" % (port, port), timeout=0.5)
+    assert "127.0.0.1:%d" % port in str(info.value)
+    assert time.monotonic() - started < HANG_GUARD
+
+
+# ------------------------------------------------------------------------------------- one member
+
+def test_every_operation_with_torch_semantics(etcd):
+    with EtcdStore(etcd.endpoints, prefix="job", timeout=10) as s:
+        s.set("a", "1")
+        s.set("b", b"\x00\xffbin")
+        assert s.get("a") == b"1" and s.get("b") == b"\x00\xffbin"
+        assert s.add("n", 5) == 5 and s.add("n", -7) == -2 and s.get("n") == b"-2"
+        # compare_set: missing key + non-empty expected -> expected, nothing stored
+        assert s.compare_set("c", "x", "y") == b"x" and not s.check(["c"])
+        # missing key + empty expected -> stored
+        assert s.compare_set("c", "", "y") == b"y" and s.get("c") == b"y"
+        assert s.compare_set("c", "y", "z") == b"z"          # match -> desired
+        assert s.compare_set("c", "nope", "w") == b"z"       # mismatch -> current, unchanged
+        s.append("log", "ab")
+        s.append("log", b"cd")
+        assert s.get("log") == b"abcd"
+        s.multi_set(["m1", "m2"], ["v1", b"v2"])
+        assert s.multi_get(["m1", "m2", "a"]) == [b"v1", b"v2", b"1"]
+        assert s.check(["a", "m1"]) and not s.check(["a", "missing"])
+        assert s.num_keys() == 7                            # a b n c log m1 m2; append's marker not counted
+        assert s.delete_key("a") is True and s.delete_key("a") is False
+        assert s.num_keys() == 6
+        with pytest.raises(store.StoreError, match="not an integer"):
+            s.add("log", 1)
+        assert s.add("n", 2) == 0                           # still usable after the error
+        with pytest.raises(TypeError):
+            s.set(1, "x")
+        with pytest.raises(TypeError):
+            s.check("a")
+        with pytest.raises(ValueError):
+            s.multi_set(["x"], [])
+        s.set_timeout(3)
+        assert s.timeout == 3
+        big = os.urandom(512 * 1024)
+        s.set("big", big)
+        assert s.get("big") == big
+        # many keys at once: more than one transaction's worth of operations
+        keys = ["k%d" % i for i in range(300)]
+        s.multi_set(keys, keys)
+        assert s.multi_get(keys) == [k.encode() for k in keys] and s.check(keys)
+    with EtcdStore(etcd.endpoints, prefix="other", timeout=10) as other:  # prefixes never mix
+        assert other.num_keys() == 0 and not other.check(["n"])
+    with EtcdStore(etcd.endpoints, prefix="job", timeout=10) as again:
+        assert again.get("n") == b"0"
+        with pytest.raises(store.StoreConnectionError):
+            again.close()
+            again.get("n")
+
+
+def test_timeouts_name_the_keys_and_leave_the_client_usable(etcd):
+    with EtcdStore(etcd.endpoints, prefix="t", timeout=0.3) as s:
+        with pytest.raises(store.StoreTimeout, match="'never'"):
+            s.get("never")
+        with pytest.raises(TimeoutError, match="'x', 'y'"):
+            s.wait(["x", "y"], timeout=0.2)
+        s.set("x", "1")
+        with pytest.raises(store.StoreTimeout, match="'y'"):
+            s.wait(["x", "y"], timeout=0.2)
+        s.set("y", "2")
+        s.wait(["x", "y"])
+        assert s.get("x") == b"1"
+        s.wait([], timeout=0)
+
+
+GETTER = """
+import sys
+from _etcd_part import EtcdStore
+with EtcdStore(sys.argv[1], prefix="w", timeout=60) as s:
+    print(s.get("late").decode(), flush=True)
+    s.wait(["a", "b"])
+    print("both", flush=True)
+"""
+
+
+def test_get_blocks_on_a_watch_until_another_process_sets_the_key(etcd):
+    proc = _child(GETTER, etcd.endpoints[0])
+    try:
+        # the getter has read the key as missing and opened its watch: only now set it
+        _until(lambda: etcd.metric("etcd_debugging_mvcc_watcher_total") >= 1, "the getter's watch")
+        with EtcdStore(etcd.endpoints, prefix="w") as s:
+            s.set("late", "hello")
+            assert proc.stdout.readline() == b"hello\n"
+            s.set("a", "1")
+            _until(lambda: etcd.metric("etcd_debugging_mvcc_watcher_total") >= 1, "the wait's watch")
+            s.set("b", "2")
+            assert proc.stdout.readline() == b"both\n"
+        assert proc.wait(HANG_GUARD) == 0
+    finally:
+        _reap([proc])
+
+
+ADDER = """
+import sys
+from _etcd_part import EtcdStore
+with EtcdStore(sys.argv[1], prefix="race", timeout=60) as s:
+    s.get("go")
+    print(" ".join(str(s.add("counter", 1)) for _ in range(int(sys.argv[2]))), flush=True)
+"""
+
+
+def test_concurrent_adds_from_processes_sum_exactly(etcd):
+    procs, count = [], 40
+    try:
+        procs = [_child(ADDER, etcd.endpoints[0], count) for _ in range(4)]
+        with EtcdStore(etcd.endpoints, prefix="race") as s:
+            s.set("go", "1")
+            seen = []
+            for proc in procs:
+                out, err = proc.communicate(timeout=HANG_GUARD)
+                assert proc.returncode == 0, err.decode()
+                seen += [int(v) for v in out.split()]
+            assert sorted(seen) == list(range(1, 4 * count + 1))  # every add got its own value
+            assert s.get("counter") == str(4 * count).encode()
+    finally:
+        _reap(procs)
+
+
+CLAIMER = """
+import sys
+from _etcd_part import EtcdStore
+with EtcdStore(sys.argv[1], prefix="cas", timeout=60) as s:
+    s.get("go")
+    print(s.compare_set("owner", "", sys.argv[2]).decode(), flush=True)
+"""
+
+
+def test_compare_set_race_is_decided_once(etcd):
+    procs = []
+    try:
+        procs = [_child(CLAIMER, etcd.endpoints[0], "p%d" % i) for i in range(5)]
+        with EtcdStore(etcd.endpoints, prefix="cas") as s:
+            s.set("go", "1")
+            answers = [proc.communicate(timeout=HANG_GUARD)[0].decode().strip() for proc in procs]
+            winner = s.get("owner").decode()
+        assert answers == [winner] * 5 and winner in {"p%d" % i for i in range(5)}
+    finally:
+        _reap(procs)
+
+
+EPHEMERAL = """
+import sys, time
+from _etcd_part import EtcdStore
+s = EtcdStore(sys.argv[1], prefix="eph", timeout=60, lease_ttl=2)
+s.set_ephemeral("alive", "1")
+s.set("plain", "1")
+print("set", flush=True)
+sys.stdin.read()   # until killed
+"""
+
+
+def test_ephemeral_keys_outlive_the_ttl_while_alive_and_vanish_after_sigkill(etcd):
+    env = dict(os.environ, PYTHONPATH=ROOT)
+    proc = subprocess.Popen([sys.executable, "-c", EPHEMERAL, etcd.endpoints[0]], env=env,
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        assert proc.stdout.readline() == b"set\n"
+        with EtcdStore(etcd.endpoints, prefix="eph") as s:
+            # the keep-alive thread renews the 2 s lease: the key must survive well past one ttl
+            time.sleep(3.5)
+            assert s.check(["alive"])
+            proc.send_signal(signal.SIGKILL)
+            proc.wait()
+            _until(lambda: not s.check(["alive"]), "the dead client's ephemeral key to vanish", 20)
+            assert s.check(["plain"])
+    finally:
+        _reap([proc])
+
+
+def test_close_revokes_the_lease_at_once(etcd):
+    with EtcdStore(etcd.endpoints, prefix="eph2", lease_ttl=30) as watcher:
+        s = EtcdStore(etcd.endpoints, prefix="eph2", lease_ttl=30)
+        s.set_ephemeral("alive", "1")
+        s.set_ephemeral("alive2", "2")
+        assert watcher.multi_get(["alive", "alive2"]) == [b"1", b"2"]
+        s.close()
+        assert not watcher.check(["alive"]) and not watcher.check(["alive2"])
+
+
+# ------------------------------------------------------------------------------ 3-member cluster
+
+FAILOVER_ADDER = """
+import sys
+from _etcd_part import EtcdStore
+with EtcdStore(sys.argv[1], prefix="fo", timeout=60) as s:
+    s.get("go")
+    for _ in range(int(sys.argv[2])):
+        s.add("counter", 1)
+    print("done", flush=True)
+"""
+
+
+def test_cluster_keeps_working_when_a_member_is_killed(cluster3):
+    endpoints = ",".join(cluster3.endpoints)
+    procs, count = [], 60
+    try:
+        with EtcdStore(endpoints, prefix="fo", timeout=60) as s:
+            s.set("before", "1")
+            current = s._members.current  # the member this client (and the adders) talk to first
+            procs = [_child(FAILOVER_ADDER, endpoints, count) for _ in range(3)]
+            blocked = {}
+            getter = threading.Thread(target=lambda: blocked.update(v=s.get("after")), daemon=True)
+            getter.start()
+            _until(lambda: cluster3.metric("etcd_debugging_mvcc_watcher_total", current) >= 1, "the watch")
+            s.set("go", "1")
+            _until(lambda: int(s.get("counter")) >= count, "the adders to get going")
+            cluster3.kill(current)
+            # the blocked get resumes its watch on another member; new writes go elsewhere too
+            s.set("after", "yes")
+            getter.join(HANG_GUARD)
+            assert blocked.get("v") == b"yes"
+            assert s.get("before") == b"1"
+            assert s.add("mine", 2) == 2
+            for proc in procs:
+                out, err = proc.communicate(timeout=HANG_GUARD)
+                assert out == b"done\n", err.decode()
+            assert s.get("counter") == str(3 * count).encode()   # nothing lost, nothing counted twice
+            assert s._members.current != current
+    finally:
+        _reap(procs)
+
+
+def test_all_members_down_gives_connection_error_then_recovers(etcd):
+    with EtcdStore(etcd.endpoints, prefix="down", timeout=1) as s:
+        s.set("k", "v")
+        etcd.kill(0)
+        with pytest.raises(store.StoreConnectionError, match="127.0.0.1"):
+            s.set("k", "w")
+        with pytest.raises(store.StoreError):
+            s.get("k")
+        etcd.start(0)  # same data dir: the member comes back with its data
+        s.set_timeout(20)
+        assert s.get("k") == b"v"
