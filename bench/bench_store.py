@@ -1,0 +1,222 @@
+#!/usr/bin/env python3
+"""Our store against torch's TCPStore (libuv server), side by side in one run, same client counts.
+
+    python3 bench/bench_store.py [--torch-python PATH] [--quick]
+
+Each measurement runs the same harness code twice, once per implementation: the server in its own
+process, clients in their own processes. The torch half runs this very script under an interpreter
+that has torch (default: .venv-torch/bin/python, else /work/.torchvenv/bin/python). Prints a table of
+ratios (ours / torch; above 1 is better for ops/s, below 1 is better for times).
+"""
+import argparse
+import json
+import multiprocessing
+import os
+import subprocess
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _client_class(impl):
+    if impl == "torch":
+        import datetime
+
+        import torch.distributed as dist
+
+        def make(port):
+            return dist.TCPStore("127.0.0.1", port, is_master=False, timeout=datetime.timedelta(seconds=120))
+        return make
+    sys.path.insert(0, ROOT)
+    import store
+
+    def make(port):
+        return store.TCPStore("127.0.0.1", port, timeout=120)
+    return make
+
+
+def _serve(impl, port_pipe, stop_event):
+    """Host the implementation's server in this process until told to stop."""
+    if impl == "torch":
+        import datetime
+
+        import torch.distributed as dist
+        master = dist.TCPStore("127.0.0.1", 0, is_master=True, timeout=datetime.timedelta(seconds=300),
+                               wait_for_workers=False)
+        port_pipe.send(master.port)
+        stop_event.wait()
+    else:
+        sys.path.insert(0, ROOT)
+        import store
+        server = store.StoreServer("127.0.0.1", 0)
+        port_pipe.send(server.port)
+        import threading
+        threading.Thread(target=lambda: (stop_event.wait(), server.stop()), daemon=True).start()
+        server.serve_forever()
+
+
+def _ops_worker(impl, port, op, seconds, start, out):
+    make = _client_class(impl)
+    client = make(port)
+    client.set("k", "1")
+    fn = client.get if op == "get" else (lambda key: client.add(key, 1))
+    start.wait()
+    n, deadline = 0, time.perf_counter() + seconds
+    while time.perf_counter() < deadline:
+        for _ in range(100):
+            fn("k")
+        n += 100
+    out.put(n)
+
+
+def _barrier_worker(impl, port, nclients, total, start, ready, out):
+    make = _client_class(impl)
+    clients = [make(port) for _ in range(nclients)]
+    ready.put(1)
+    start.wait()
+    t0 = time.perf_counter()
+    for c in clients:
+        if c.add("arrived", 1) == total:
+            c.set("done", "1")
+    for c in clients:
+        c.wait(["done"])
+    out.put(time.perf_counter() - t0)
+
+
+def _connections_worker(impl, port, nclients, start, out):
+    import resource
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    make = _client_class(impl)
+    start.wait()
+    errors, clients = 0, []
+    deadline = time.monotonic() + 120   # torch's server can stall 5 s per connection on reverse DNS
+    for _ in range(nclients):
+        if time.monotonic() > deadline:
+            errors += 1
+            continue
+        try:
+            c = make(port)
+            clients.append(c)
+            c.add("connections", 1)
+        except Exception as e:  # counted, reported
+            errors += 1
+            if errors == 1:
+                sys.stderr.write("connection error: %r\n" % (e,))
+    out.put((errors, len(clients)))
+
+
+class _Server:
+    def __init__(self, ctx, impl):
+        self.stop = ctx.Event()
+        recv, send = ctx.Pipe(False)
+        self.proc = ctx.Process(target=_serve, args=(impl, send, self.stop), daemon=True)
+        self.proc.start()
+        self.port = recv.recv()
+
+    def close(self):
+        self.stop.set()
+        self.proc.join(5)
+        if self.proc.is_alive():
+            self.proc.kill()
+            self.proc.join()
+
+
+def _run_all(impl, quick):
+    ctx = multiprocessing.get_context("fork")
+    results = {}
+    seconds = 1.0 if quick else 3.0
+    for op in ("get", "add"):
+        for nproc in (1, 8):
+            server = _Server(ctx, impl)
+            try:
+                start, out = ctx.Event(), ctx.Queue()
+                procs = [ctx.Process(target=_ops_worker, args=(impl, server.port, op, seconds, start, out))
+                         for _ in range(nproc)]
+                for p in procs:
+                    p.start()
+                time.sleep(0.5)
+                start.set()
+                total = sum(out.get(timeout=120) for _ in procs)
+                for p in procs:
+                    p.join()
+                results["%s ops/s, %d client%s" % (op, nproc, "s" if nproc > 1 else "")] = total / seconds
+            finally:
+                server.close()
+
+    nprocs, total = 8, 1024
+    server = _Server(ctx, impl)
+    try:
+        start, ready, out = ctx.Event(), ctx.Queue(), ctx.Queue()
+        procs = [ctx.Process(target=_barrier_worker,
+                             args=(impl, server.port, total // nprocs, total, start, ready, out))
+                 for _ in range(nprocs)]
+        for p in procs:
+            p.start()
+        for _ in procs:
+            ready.get(timeout=300)
+        start.set()
+        results["1024-client barrier, ms"] = 1000 * max(out.get(timeout=300) for _ in procs)
+        for p in procs:
+            p.join()
+    finally:
+        server.close()
+
+    nprocs, per = 8, (250 if quick else 2000)
+    server = _Server(ctx, impl)
+    try:
+        start, out = ctx.Event(), ctx.Queue()
+        procs = [ctx.Process(target=_connections_worker, args=(impl, server.port, per, start, out))
+                 for _ in range(nprocs)]
+        for p in procs:
+            p.start()
+        time.sleep(0.5)
+        t0 = time.perf_counter()
+        start.set()
+        outcomes = [out.get(timeout=600) for _ in procs]
+        elapsed = time.perf_counter() - t0
+        errors = sum(e for e, _ in outcomes)
+        for p in procs:
+            p.join()
+        results["%d connections each add, s" % (nprocs * per)] = elapsed
+        results["%d connections: errors" % (nprocs * per)] = errors
+    finally:
+        server.close()
+    return results
+
+
+def _torch_python(explicit):
+    for path in (explicit, os.path.join(ROOT, ".venv-torch", "bin", "python"), "/work/.torchvenv/bin/python"):
+        if path and os.path.exists(path):
+            return path
+    return None
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--impl", choices=("ours", "torch", "both"), default="both")
+    parser.add_argument("--torch-python")
+    parser.add_argument("--quick", action="store_true", help="shorter runs, 2,000 connections instead of 16,000")
+    parser.add_argument("--json", action="store_true", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.impl != "both":
+        results = _run_all(args.impl, args.quick)
+        print(json.dumps(results) if args.json else results)
+        return 0
+    ours = _run_all("ours", args.quick)
+    torch_py = _torch_python(args.torch_python)
+    if torch_py is None:
+        sys.exit("no interpreter with torch found; pass --torch-python")
+    cmd = [torch_py, os.path.abspath(__file__), "--impl", "torch", "--json"] + (["--quick"] if args.quick else [])
+    theirs = json.loads(subprocess.run(cmd, check=True, stdout=subprocess.PIPE).stdout.decode().splitlines()[-1])
+    print("%-34s %14s %14s %8s" % ("store benchmark", "ours", "torch", "ratio"))
+    for name, value in ours.items():
+        other = theirs.get(name)
+        ratio = "" if not other else "%.2fx" % (value / other)
+        print("%-34s %14.1f %14s %8s" % (name, value, "%.1f" % other if other is not None else "-", ratio))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
