@@ -1,0 +1,204 @@
+"""rendezvous.py: parameters, rounds, ranks, elasticity, liveness, closing; real processes on 127.0.0.1."""
+import json
+import os
+import queue
+import signal
+import socket
+import subprocess
+import sys
+import threading
+
+import pytest
+
+import rendezvous as R
+import store as S
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+NODE = os.path.join(HERE, "rdzv_node.py")
+HANG = 60.0                 # hang guard only; nothing here is a timed assert
+FAST = ["heartbeat_interval=0.2", "heartbeat_timeout=1.0", "join_timeout=60"]
+
+
+class Node:
+    """A rendezvous node in its own process (tests/rdzv_node.py), driven over stdin/stdout."""
+
+    def __init__(self, backend, endpoint, run_id, min_nodes, max_nodes, local_addr="127.0.0.1", conf=()):
+        argv = [sys.executable, NODE, backend, endpoint, run_id, str(min_nodes), str(max_nodes), local_addr]
+        self.proc = subprocess.Popen(argv + list(conf), stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                     universal_newlines=True, bufsize=1)
+        self.lines = queue.Queue()
+        threading.Thread(target=self._read, daemon=True).start()
+
+    def _read(self):
+        for line in self.proc.stdout:
+            self.lines.put(json.loads(line))
+        self.lines.put({"event": "eof"})
+
+    def send(self, command):
+        self.proc.stdin.write(command + "\n")
+        self.proc.stdin.flush()
+
+    def expect(self, event):
+        message = self.lines.get(timeout=HANG)
+        assert message["event"] == event, message
+        return message
+
+    def ask(self, command, event):
+        self.send(command)
+        return self.expect(event)
+
+    def kill(self):
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait()
+
+
+@pytest.fixture
+def spawn():
+    started = []
+
+    def start(*args, **kwargs):
+        node = Node(*args, **kwargs)
+        started.append(node)
+        return node
+
+    try:
+        yield start
+    finally:
+        for node in started:
+            node.kill()
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def host_and_nodes(spawn, count, min_nodes, max_nodes, run_id="job", conf=(), addrs=None):
+    """A store-hosting node that also joins, plus count-1 client nodes; returns them, host first."""
+    first = spawn("c10d", "127.0.0.1:0", run_id, min_nodes, max_nodes,
+                  local_addr=(addrs or {}).get(0, "127.0.0.1"), conf=["is_host=1"] + list(conf))
+    port = first.expect("ready")["port"]
+    nodes = [first] + [spawn("c10d", "127.0.0.1:%d" % port, run_id, min_nodes, max_nodes,
+                             local_addr=(addrs or {}).get(i, "127.0.0.1"), conf=["is_host=0"] + list(conf))
+                       for i in range(1, count)]
+    for node in nodes[1:]:
+        node.expect("ready")
+    return nodes, port
+
+
+def join(nodes):
+    for node in nodes:
+        node.send("next")
+    return [node.expect("round") for node in nodes]
+
+
+def check_round(rounds, world_size):
+    assert sorted(r["rank"] for r in rounds) == list(range(world_size))
+    assert {r["world_size"] for r in rounds} == {world_size}
+    assert len({(r["round"], r["master_addr"], r["master_port"]) for r in rounds}) == 1
+
+
+# ------------------------------------------------------------------------------------- parameters
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(backend="zookeeper"), "backend 'zookeeper' is unknown"),
+    (dict(run_id=""), "run_id"),
+    (dict(min_nodes=0), "min_nodes=0"),
+    (dict(min_nodes=3, max_nodes=2), "max_nodes=2 is less than min_nodes=3"),
+    (dict(join_timeout="soon"), "join_timeout='soon' is not a number"),
+    (dict(last_call_timeout=-1), "last_call_timeout=-1 must be a positive"),
+    (dict(heartbeat_interval=5, heartbeat_timeout=2), "heartbeat_timeout=2 must exceed heartbeat_interval=5"),
+    (dict(is_host="maybe"), "is_host='maybe' is not a boolean"),
+    (dict(joint_timeout=3), "unknown rdzv conf key 'joint_timeout'"),
+    (dict(endpoint="host:http"), "port 'http' is not a number"),
+    (dict(endpoint="host:70000"), "port 70000 is outside"),
+    (dict(endpoint="[::1:29400"), "missing ']'"),
+    (dict(endpoint=":29400"), "has no host"),
+    (dict(backend="static", min_nodes=2, max_nodes=2), "needs rdzv conf rank"),
+    (dict(backend="static", min_nodes=2, max_nodes=2, rank=2), "rank=2 must be below"),
+    (dict(backend="static", min_nodes=1, max_nodes=2, rank=0), "fixed node count"),
+    (dict(rank=1), "only for the static backend"),
+])
+def test_bad_parameters_raise_one_line_value_errors(kwargs, message):
+    args = dict(backend="c10d", endpoint="127.0.0.1:29400", run_id="job", min_nodes=1, max_nodes=2)
+    args.update(kwargs)
+    with pytest.raises(ValueError) as info:
+        R.RendezvousParameters(**args)
+    assert message in str(info.value)
+    assert "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize("endpoint, host, port", [
+    ("node1", "node1", 29400), ("node1:1234", "node1", 1234), ("[::1]:1234", "::1", 1234),
+    ("[fe80::1]", "fe80::1", 29400), ("::1", "::1", 29400), ("", "127.0.0.1", 29400), (" 10.0.0.1:0 ", "10.0.0.1", 0),
+])
+def test_endpoint_parsing(endpoint, host, port):
+    params = R.RendezvousParameters("c10d", endpoint, "job", 1, 1, heartbeat_interval="1", join_timeout=3)
+    assert (params.host, params.port) == (host, port)
+    assert params.heartbeat_interval == 1.0 and params.join_timeout == 3.0
+
+
+def test_error_classes():
+    assert issubclass(R.RendezvousTimeoutError, (R.RendezvousError, TimeoutError))
+    assert issubclass(R.RendezvousTimeoutError, TimeoutError)
+    assert issubclass(R.RendezvousConnectionError, ConnectionError)
+    assert issubclass(R.RendezvousClosedError, R.RendezvousError)
+
+
+def test_etcd_without_store_is_a_clear_error():
+    params = R.RendezvousParameters("etcd", "http://127.0.0.1:2379", "job", 1, 1)
+    if "EtcdStore" not in vars(R):
+        with pytest.raises(R.RendezvousError, match="etcd"):
+            R.get_rendezvous_handler(params)
+
+
+# ------------------------------------------------------------------------------------- processes
+
+def test_two_nodes_c10d_ranks_sorted_by_address(spawn):
+    nodes, _ = host_and_nodes(spawn, 2, 2, 2, addrs={0: "127.0.0.2", 1: "127.0.0.1"})
+    rounds = join(nodes)
+    check_round(rounds, 2)
+    assert [r["rank"] for r in rounds] == [1, 0]            # 127.0.0.1 sorts first
+    assert rounds[0]["master_addr"] == "127.0.0.1" and rounds[0]["round"] == 0
+    assert 0 < rounds[0]["master_port"] < 65536
+
+
+def test_eight_nodes_and_a_second_round_keep_ranks(spawn):
+    nodes, _ = host_and_nodes(spawn, 8, 8, 8)
+    first = join(nodes)
+    check_round(first, 8)
+    second = join(nodes)                 # everyone comes back: a new round, same ranks
+    check_round(second, 8)
+    assert second[0]["round"] > first[0]["round"]
+    assert [r["rank"] for r in first] == [r["rank"] for r in second]
+
+
+def test_static_two_nodes(spawn):
+    endpoint = "127.0.0.1:%d" % free_port()
+    nodes = [spawn("static", endpoint, "job", 2, 2, conf=["rank=%d" % rank]) for rank in (1, 0)]
+    for node in nodes:
+        node.expect("ready")
+    rounds = join(nodes)
+    assert [r["rank"] for r in rounds] == [1, 0]
+    check_round(rounds, 2)
+    assert rounds[0]["master_addr"] == "127.0.0.1"
+
+
+def test_closed_run(spawn):
+    nodes, port = host_and_nodes(spawn, 2, 2, 2)
+    check_round(join(nodes), 2)
+    nodes[1].ask("close", "closed")
+    assert nodes[0].ask("closed", "is_closed")["value"] is True
+    late = spawn("c10d", "127.0.0.1:%d" % port, "job", 2, 2, conf=["is_host=0"])
+    late.expect("ready")
+    assert late.ask("next", "error")["type"] == "RendezvousClosedError"
+    assert nodes[0].ask("next", "error")["type"] == "RendezvousClosedError"
+
+
+def test_closing_wakes_a_waiting_node(spawn):
+    nodes, port = host_and_nodes(spawn, 2, 3, 3)
+    nodes[0].send("next")                 # waits: 1 of 3
+    nodes[1].ask("close", "closed")
+    assert nodes[0].expect("error")["type"] == "RendezvousClosedError"
