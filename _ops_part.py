@@ -41,6 +41,7 @@ import logging
 import os
 import re
 import select
+import selectors
 import signal
 import socket
 import socketserver
@@ -539,19 +540,34 @@ class _HealthServer:
             cls = type("_HealthHTTPServer6", (_HealthHTTPServer,), {"address_family": socket.AF_INET6})
         self._server = cls((self.host, self.port), _HealthHandler)
         self._server.status_fn = self.status_fn
+        self._server.timeout = 0  # handle_request() below only runs when a connection is waiting
         self.port = self._server.server_address[1]
-        self._thread = threading.Thread(target=self._server.serve_forever, kwargs={"poll_interval": 0.5},
-                                        name="elastic-healthz", daemon=True)
+        self._wake_r, self._wake_w = socket.socketpair()
+        self._thread = threading.Thread(target=self._serve, name="elastic-healthz", daemon=True)
         self._thread.start()
         log.info("health check on http://%s:%d/healthz", self.host, self.port)
+
+    def _serve(self):
+        # Our own loop instead of serve_forever(): that one polls for shutdown every poll_interval,
+        # this one sleeps until a client or stop() wakes it, so stop() returns at once.
+        with selectors.DefaultSelector() as sel:
+            sel.register(self._server, selectors.EVENT_READ)
+            sel.register(self._wake_r, selectors.EVENT_READ)
+            while True:
+                ready = sel.select()
+                if any(key.fileobj is self._wake_r for key, _ in ready):
+                    return
+                self._server.handle_request()  # accepts and hands the connection to a thread
 
     def stop(self):
         server, self._server = self._server, None
         if server is None:
             return
-        server.shutdown()
-        server.server_close()
+        self._wake_w.send(b"x")
         self._thread.join()
+        server.server_close()
+        self._wake_r.close()
+        self._wake_w.close()
         self._thread = None
 
 

@@ -1,0 +1,92 @@
+"""--slurm: Slurm's compressed host lists and srun's environment turned into launcher options."""
+import pytest
+
+import _ops_part as ops
+
+
+@pytest.mark.parametrize("text, hosts", [
+    ("", []),
+    ("node1", ["node1"]),
+    ("node1,node2", ["node1", "node2"]),
+    ("gpu[001-004,010],cpu7", ["gpu001", "gpu002", "gpu003", "gpu004", "gpu010", "cpu7"]),
+    ("a[1-2]-b[3-4]", ["a1-b3", "a1-b4", "a2-b3", "a2-b4"]),
+    ("n[8-11]", ["n8", "n9", "n10", "n11"]),
+    ("n[08-11]", ["n08", "n09", "n10", "n11"]),
+    ("n[7]", ["n7"]),
+    ("rack[1-2]n[01-02],login", ["rack1n01", "rack1n02", "rack2n01", "rack2n02", "login"]),
+    ("10.1.2.[3-4]", ["10.1.2.3", "10.1.2.4"]),
+    ("x[1,3-4]y,z[0-1]", ["x1y", "x3y", "x4y", "z0", "z1"]),
+    (" h1 , h2 ", ["h1", "h2"]),
+])
+def test_parse_hostlist(text, hosts):
+    assert ops._parse_hostlist(text) == hosts
+
+
+@pytest.mark.parametrize("text", ["n[1-2", "n1-2]", "n[[1]]", "n[a-b]", "n[4-2]", "a,,b", "n[]", "n[1-]"])
+def test_parse_hostlist_rejects(text):
+    with pytest.raises(ValueError, match="host list"):
+        ops._parse_hostlist(text)
+
+
+def srun_env(**extra):
+    env = {"SLURM_JOB_ID": "4242", "SLURM_STEP_ID": "0", "SLURM_NNODES": "2", "SLURM_STEP_NUM_NODES": "2",
+           "SLURM_NODEID": "1", "SLURM_JOB_NODELIST": "10.1.2.[3-4]", "SLURM_STEP_NODELIST": "10.1.2.[3-4]",
+           "SLURM_PROCID": "1"}
+    env.update(extra)
+    return {k: v for k, v in env.items() if v is not None}
+
+
+def test_two_node_srun():
+    assert ops._slurm_options(srun_env()) == {
+        "nnodes": "2", "node_rank": 1, "rdzv_endpoint": "10.1.2.3:29400", "rdzv_id": "4242.0",
+        "rdzv_backend": "c10d"}
+
+
+def test_step_values_win_over_job_values():
+    opts = ops._slurm_options(srun_env(SLURM_NNODES="8", SLURM_JOB_NODELIST="gpu[01-08]",
+                                       SLURM_STEP_NODELIST="gpu[05-06]", SLURM_STEP_ID="3"))
+    assert (opts["nnodes"], opts["rdzv_endpoint"], opts["rdzv_id"]) == ("2", "gpu05:29400", "4242.3")
+
+
+def test_job_values_when_step_values_missing():
+    opts = ops._slurm_options(srun_env(SLURM_STEP_NUM_NODES=None, SLURM_STEP_NODELIST=None,
+                                       SLURM_NNODES="3", SLURM_JOB_NODELIST="cn[7-9]", SLURM_NODEID="2"))
+    assert (opts["nnodes"], opts["node_rank"], opts["rdzv_endpoint"]) == ("3", 2, "cn7:29400")
+
+
+def test_single_node_batch_script_without_step():
+    opts = ops._slurm_options({"SLURM_JOB_ID": "7", "SLURM_NNODES": "1", "SLURM_NODEID": "0",
+                               "SLURM_JOB_NODELIST": "localhost"})
+    assert opts == {"nnodes": "1", "node_rank": 0, "rdzv_endpoint": "localhost:29400", "rdzv_id": "7",
+                    "rdzv_backend": "c10d"}
+
+
+@pytest.mark.parametrize("nodelist", ["127.0.0.[1-2]", "127.0.0.1,127.0.0.2", "localhost,node2", "::1"])
+def test_multi_node_loopback_endpoint_refused(nodelist):
+    env = srun_env(SLURM_STEP_NODELIST=nodelist, SLURM_JOB_NODELIST=nodelist)
+    with pytest.raises(ValueError, match="rendezvous with itself"):
+        ops._slurm_options(env)
+
+
+def test_single_node_on_loopback_is_fine():
+    opts = ops._slurm_options(srun_env(SLURM_STEP_NUM_NODES="1", SLURM_NODEID="0",
+                                       SLURM_STEP_NODELIST="127.0.0.1"))
+    assert opts["rdzv_endpoint"] == "127.0.0.1:29400"
+
+
+@pytest.mark.parametrize("env, words", [
+    ({}, "SLURM_JOB_ID is not set"),
+    ({"SLURM_JOB_ID": "1"}, "SLURM_STEP_NUM_NODES is not set"),
+    ({"SLURM_JOB_ID": "1", "SLURM_NNODES": "2", "SLURM_NODEID": "0", "SLURM_JOB_NODELIST": "n[1-2]"},
+     "not under srun"),
+    (srun_env(SLURM_NODEID="x"), "must be integers"),
+    (srun_env(SLURM_NODEID="2"), "inconsistent"),
+])
+def test_not_under_srun(env, words):
+    with pytest.raises(ValueError, match=words):
+        ops._slurm_options(env)
+
+
+def test_ipv6_first_host_is_bracketed():
+    opts = ops._slurm_options(srun_env(SLURM_STEP_NODELIST="fd00::3,fd00::4"))
+    assert opts["rdzv_endpoint"] == "[fd00::3]:29400"
