@@ -63,3 +63,36 @@ def test_store_vendored_in_a_package(tmp_path):
     (tmp_path / "vend" / "__init__.py").write_text("")
     out = _run_in(AS_PACKAGE, tmp_path)
     assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr
+
+
+STORE_AND_RENDEZVOUS = r"""
+import sys
+import rendezvous, store
+for module in (rendezvous, store):
+    assert module.__file__.startswith(sys.argv[1]), module.__file__
+params = rendezvous.RendezvousParameters("c10d", "127.0.0.1:0", "vendored", 1, 1, local_addr="127.0.0.1",
+                                         is_host=1, join_timeout=20)
+handler = rendezvous.get_rendezvous_handler(params)
+try:
+    info = handler.next_rendezvous()
+    assert (info.rank, info.world_size) == (0, 1), info
+    info.store.set("k", "v")
+    assert info.store.get("k") == b"v"
+finally:
+    handler.shutdown()
+print("ok")
+"""
+
+
+def test_store_and_rendezvous_alone(tmp_path):
+    _copy(["store.py", "rendezvous.py"], tmp_path)
+    out = _run_in(STORE_AND_RENDEZVOUS, tmp_path)
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr
+
+
+def test_store_and_rendezvous_vendored_in_a_package(tmp_path):
+    _copy(["store.py", "rendezvous.py"], tmp_path / "vend")
+    (tmp_path / "vend" / "__init__.py").write_text("")
+    code = STORE_AND_RENDEZVOUS.replace("import rendezvous, store", "from vend import rendezvous, store")
+    out = _run_in(code, tmp_path)
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr
