@@ -1,0 +1,191 @@
+"""Simulated hosts for multi-host tests: Linux network namespaces joined by veth pairs to a bridge.
+
+    from netns import Network, netns_problem
+    need(netns_problem() is None, netns_problem())
+    with Network(3) as net:                      # hosts 0..2, addresses net.addr(0) .. net.addr(2)
+        server = net.popen(0, [sys.executable, "store.py", "--host", net.addr(0)], stdout=PIPE)
+        out = net.run(1, [sys.executable, "-c", "..."])   # subprocess.run inside host 1
+        net.link_down(1)                         # host 1's cable is cut: packets vanish silently
+        net.link_up(1)
+
+Layout (all names carry a per-run tag, so concurrent runs never collide)::
+
+    netns <tag>h0  eth0 10.N.0.1/24 --veth-- p0 -+
+    netns <tag>h1  eth0 10.N.0.2/24 --veth-- p1 -+- br0   (in netns <tag>br: nothing else lives there)
+    netns <tag>h2  eth0 10.N.0.3/24 --veth-- p2 -+
+
+The bridge has a namespace of its own, so nothing touches the machine's real network and the test
+addresses can't clash with it. `link_down` takes the bridge-side end of the host's veth down: the
+host keeps its address and routes and its packets are simply lost, as with a pulled cable or a dead
+switch port (`side="host"` takes the host's own eth0 down instead: sends then fail at once).
+
+Every process started with `popen` runs in its own session; `close()` (also on leaving the block)
+SIGKILLs them and anything else still inside the namespaces, then deletes the namespaces (which
+destroys the veths and the bridge). Needs root and iproute2.
+"""
+import itertools
+import os
+import shutil
+import signal
+import subprocess
+import time
+
+_counter = itertools.count()
+
+
+def _ip(*args, check=True):
+    result = subprocess.run(["ip"] + list(args), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    if check and result.returncode != 0:
+        raise RuntimeError("ip %s: %s" % (" ".join(args), result.stderr.decode().strip()))
+    return result
+
+
+def netns_problem():
+    """None when this machine can build namespaces and veths, else why not (for need())."""
+    if not hasattr(os, "geteuid") or os.geteuid() != 0:
+        return "network namespaces need root"
+    if shutil.which("ip") is None:
+        return "iproute2 (`ip`) is not installed"
+    name = "elprobe%d" % os.getpid()
+    try:
+        made = _ip("netns", "add", name, check=False)
+        if made.returncode != 0:
+            return "`ip netns add` failed: %s" % made.stderr.decode().strip()
+        veth = _ip("-n", name, "link", "add", "a0", "type", "veth", "peer", "name", "b0", check=False)
+        if veth.returncode != 0:
+            return "cannot create veth pairs: %s" % veth.stderr.decode().strip()
+        return None
+    finally:
+        _ip("netns", "del", name, check=False)
+
+
+class Network:
+    """`hosts` namespaces on one bridge; see the module docstring."""
+
+    def __init__(self, hosts, subnet=None):
+        if hosts < 1 or hosts > 250:
+            raise ValueError("hosts must be 1..250, got %r" % hosts)
+        n = next(_counter)
+        self.tag = "el%d_%d" % (os.getpid() % 100000, n)
+        self.bridge_ns = self.tag + "br"
+        self.names = ["%sh%d" % (self.tag, i) for i in range(hosts)]
+        # the namespaces are private, so any 10.x net works; vary it anyway for readable logs
+        self.subnet = subnet or "10.%d.%d" % (100 + os.getpid() % 100, n % 250)
+        self.procs = []
+        self._made = []
+
+    def addr(self, i):
+        """Host i's address (10.N.M.i+1)."""
+        return "%s.%d" % (self.subnet, i + 1)
+
+    @property
+    def addrs(self):
+        return [self.addr(i) for i in range(len(self.names))]
+
+    def start(self):
+        try:
+            _ip("netns", "add", self.bridge_ns)
+            self._made.append(self.bridge_ns)
+            b = self.bridge_ns
+            _ip("-n", b, "link", "set", "lo", "up")
+            _ip("-n", b, "link", "add", "br0", "type", "bridge")
+            _ip("-n", b, "link", "set", "br0", "up")
+            for i, name in enumerate(self.names):
+                _ip("netns", "add", name)
+                self._made.append(name)
+                _ip("-n", b, "link", "add", "p%d" % i, "type", "veth", "peer", "name", "e%d" % i)
+                _ip("-n", b, "link", "set", "e%d" % i, "netns", name)
+                _ip("-n", b, "link", "set", "p%d" % i, "master", "br0")
+                _ip("-n", b, "link", "set", "p%d" % i, "up")
+                _ip("-n", name, "link", "set", "e%d" % i, "name", "eth0")
+                _ip("-n", name, "addr", "add", self.addr(i) + "/24", "dev", "eth0")
+                _ip("-n", name, "link", "set", "eth0", "up")
+                _ip("-n", name, "link", "set", "lo", "up")
+        except BaseException:
+            self.close()
+            raise
+        return self
+
+    def argv(self, i, argv):
+        """`argv` wrapped to run inside host i (also handy as EtcdCluster's per-member prefix)."""
+        return ["ip", "netns", "exec", self.names[i]] + list(argv)
+
+    def popen(self, i, argv, **kwargs):
+        """Start `argv` inside host i in its own session; killed on close()."""
+        kwargs.setdefault("start_new_session", True)
+        kwargs.setdefault("stdin", subprocess.DEVNULL)
+        proc = subprocess.Popen(self.argv(i, argv), **kwargs)
+        self.procs.append(proc)
+        return proc
+
+    def run(self, i, argv, timeout=60, **kwargs):
+        """subprocess.run inside host i (output captured); the hang guard kills it."""
+        kwargs.setdefault("stdout", subprocess.PIPE)
+        kwargs.setdefault("stderr", subprocess.PIPE)
+        proc = self.popen(i, argv, **kwargs)
+        try:
+            out, err = proc.communicate(timeout=timeout)
+        finally:
+            self._kill(proc)
+        return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+
+    def _link(self, i, state, side):
+        if side == "bridge":
+            _ip("-n", self.bridge_ns, "link", "set", "p%d" % i, state)
+        elif side == "host":
+            _ip("-n", self.names[i], "link", "set", "eth0", state)
+        else:
+            raise ValueError("side is 'bridge' or 'host', got %r" % side)
+
+    def link_down(self, i, side="bridge"):
+        """Cut host i off the network (see the module docstring for `side`)."""
+        self._link(i, "down", side)
+
+    def link_up(self, i, side="bridge"):
+        self._link(i, "up", side)
+
+    def pids(self, i):
+        """Every process currently inside host i's namespace."""
+        out = _ip("netns", "pids", self.names[i], check=False).stdout.decode().split()
+        return [int(p) for p in out]
+
+    @staticmethod
+    def _kill(proc):
+        if proc.poll() is None:
+            try:
+                os.killpg(proc.pid, signal.SIGKILL)
+            except OSError:
+                pass
+            try:
+                proc.kill()
+            except OSError:
+                pass
+        for stream in (proc.stdout, proc.stderr, proc.stdin):
+            if stream is not None:
+                stream.close()
+        proc.wait()
+
+    def close(self):
+        """Kill every process in the hosts, delete every namespace (and with them veths and bridge)."""
+        for proc in self.procs:
+            self._kill(proc)
+        for name in self._made:
+            for _ in range(50):  # processes we did not start ourselves (grandchildren, daemons)
+                pids = [int(p) for p in _ip("netns", "pids", name, check=False).stdout.decode().split()]
+                if not pids:
+                    break
+                for pid in pids:
+                    try:
+                        os.kill(pid, signal.SIGKILL)
+                    except OSError:
+                        pass
+                time.sleep(0.02)  # SIGKILL is asynchronous; the kernel reaps them in a moment
+        for name in reversed(self._made):
+            _ip("netns", "del", name, check=False)
+        self._made = []
+
+    def __enter__(self):
+        return self.start()
+
+    def __exit__(self, *exc):
+        self.close()
