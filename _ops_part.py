@@ -140,8 +140,13 @@ class expires:
         self.client.acquire(self.scope, time.time() + self.after)
         return self
 
-    def __exit__(self, *exc):
-        self.client.release(self.scope)
+    def __exit__(self, exc_type, exc, tb):
+        try:
+            self.client.release(self.scope)
+        except BrokenPipeError:
+            if exc_type is None:
+                raise
+            # the agent is already gone: let the block's own exception through, not ours
         return False
 
 
@@ -451,6 +456,21 @@ class FileTimerServer:
             return False
 
 
+def _file_timer_path(environ, directory):
+    """The FIFO the agent's file timer should serve, or None when the timer is off.
+
+    On when ``TORCHELASTIC_TIMER_FILE`` names a path (used as given) or when
+    ``TORCHELASTIC_ENABLE_FILE_TIMER=1`` (then ``directory/timer.fifo``; give it a local directory
+    such as the agent's temporary run folder: some network file systems refuse FIFOs).
+    """
+    path = environ.get("TORCHELASTIC_TIMER_FILE")
+    if path:
+        return path
+    if environ.get("TORCHELASTIC_ENABLE_FILE_TIMER") == "1":
+        return os.path.join(directory, "timer.fifo")
+    return None
+
+
 def _is_int(x):
     return isinstance(x, int) and not isinstance(x, bool)
 
@@ -517,6 +537,20 @@ class _HealthHTTPServer(http.server.ThreadingHTTPServer):
         # HTTPServer.server_bind calls socket.getfqdn(), a DNS lookup: bind without it.
         socketserver.TCPServer.server_bind(self)
         self.server_name, self.server_port = str(self.server_address[0]), self.server_address[1]
+
+
+def _health_status_fn(agent):
+    """``status_fn`` for ``_HealthServer`` reading an agent's public fields (no locks needed)."""
+    def status():
+        state = agent.state
+        return state in ("HEALTHY", "SUCCEEDED"), {
+            "state": state,
+            "restart_count": agent.restart_count,
+            "group_rank": agent.group_rank,
+            "world_size": agent.group_world_size,
+            "last_progress_time": agent.last_progress_time,
+        }
+    return status
 
 
 class _HealthServer:

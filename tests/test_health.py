@@ -118,3 +118,19 @@ def test_ipv6_loopback():
         conn.close()
     finally:
         srv.stop()
+
+
+def test_status_fn_for_an_agent():
+    class Agent:
+        state = "HEALTHY"
+        restart_count = 2
+        group_rank = 1
+        group_world_size = 4
+        last_progress_time = 123.0
+
+    agent = Agent()
+    status = ops._health_status_fn(agent)
+    assert status() == (True, {"state": "HEALTHY", "restart_count": 2, "group_rank": 1, "world_size": 4,
+                               "last_progress_time": 123.0})
+    agent.state = "UNHEALTHY"
+    assert status()[0] is False

@@ -280,3 +280,29 @@ def test_expires_needs_a_client(monkeypatch):
             pass
     with pytest.raises(ValueError):
         ops.expires(after=-1)
+
+
+def test_release_failure_does_not_hide_the_blocks_exception(tmp_path):
+    client = ops.FileTimerClient(str(tmp_path / "gone.fifo"))
+    with pytest.raises(KeyError):
+        with ops.expires(after=5, client=_AcquireOnly(client)):
+            raise KeyError("the real error")
+
+
+class _AcquireOnly:
+    """Acquire succeeds (as if the server were there), release meets the vanished server."""
+
+    def __init__(self, client):
+        self.client = client
+
+    def acquire(self, scope_id, expiration_time):
+        pass
+
+    def release(self, scope_id):
+        self.client.release(scope_id)
+
+
+def test_timer_path_from_environment(tmp_path):
+    assert ops._file_timer_path({}, str(tmp_path)) is None
+    assert ops._file_timer_path({"TORCHELASTIC_ENABLE_FILE_TIMER": "1"}, "/run/x") == "/run/x/timer.fifo"
+    assert ops._file_timer_path({"TORCHELASTIC_TIMER_FILE": "/tmp/t.fifo"}, "/run/x") == "/tmp/t.fifo"
