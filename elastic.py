@@ -1,12 +1,67 @@
 #!/usr/bin/env python3
 # SPDX-License-Identifier: BSD-3-Clause
-"""The elastic agent and the elasticrun launcher (placeholder: being written, see issue 4)."""
+"""The elastic agent and the ``elasticrun`` launcher: torchrun without PyTorch in the launcher.
+
+Standard library only, plus its siblings ``store`` and ``rendezvous`` (``store`` <- ``rendezvous`` <-
+``elastic``). Usage is torchrun's::
+
+    $ python3 elastic.py --standalone --nproc-per-node 2 train.py --lr 0.1
+    $ python3 -m elastic --nnodes 2 --rdzv-backend c10d --rdzv-endpoint host0:29400 -m pkg.train
+    $ elasticrun --nnodes 1:4 --max-restarts 3 --rdzv-backend c10d --rdzv-endpoint host0 train.py
+
+and from Python::
+
+    from elastic import LocalElasticAgent, WorkerSpec
+    result = LocalElasticAgent(WorkerSpec("trainer", 4, train_fn, args=(cfg,))).run()
+    result.return_values        # {global_rank: what train_fn returned}
+
+Data flow of one agent (one per node)::
+
+    main() -- parse options --> WorkerSpec + LocalElasticAgent.run()
+                                   |
+        +--------------------------+  one round per pass of the loop
+        v
+    handler.next_rendezvous() -> info (store, rank, world_size, master_addr, master_port)
+        |  every agent writes role/<group_rank> to info.store and reads all: global and role ranks
+        v
+    start workers: subprocesses (own session) or multiprocessing children (callables)
+        |  stdout/stderr -> console | log file | tee (pump thread adds the line prefix)
+        v
+    monitor (wakes on a worker's exit, at latest every monitor_interval):
+        all exited 0 ............ exit barrier on info.store, SUCCEEDED
+        a worker failed ......... publish failures to info.store; stop the group; restart while
+                                  max_restarts allows, else FAILED (every node gives up together)
+        a peer's failure ........ same as a local failure (restart counts stay equal job-wide)
+        nodes waiting / member
+        dead (round broken) ..... stop the group and re-rendezvous, budget untouched
+
+Failure policy in one sentence: the first worker to fail (earliest across the whole job, ties by
+global rank) is the root cause, its exit code is the launcher's (signal N gives 128+N), and workers
+the agent stopped itself are never reported as failures.
+
+Teardown, on every stop: the signal (SIGTERM, or the one the launcher received) to each worker's
+process group, ``shutdown_timeout`` seconds of grace, SIGKILL to the group, reap. Workers also die
+when the agent is SIGKILLed: each worker has PR_SET_PDEATHSIG, and a forked watchdog holding a pipe
+from the agent SIGKILLs every live worker group when that pipe reaches end-of-file.
+
+Error channel: each worker gets ``TORCHELASTIC_ERROR_FILE``; ``record`` (and, for Python script
+workers, an excepthook installed by a small bootstrap) writes torchelastic's JSON there atomically::
+
+    {"message": {"message": "<Type>: <text>",
+                 "extraInfo": {"py_callstack": "<traceback>", "timestamp": "<epoch s>"}}}
+"""
 
 __version__ = "0.1.0"
-__all__ = ["main"]
+__all__ = [
+    "WorkerSpec", "WorkerState", "Std", "DefaultLogsSpecs", "LocalElasticAgent", "RunResult",
+    "ProcessFailure", "ChildFailedError", "ElasticError", "record", "main",
+]
 
 import logging
+import os
+import signal
 import sys
+import time
 
 try:  # vendored inside a package
     from . import rendezvous as _rdzv
@@ -17,10 +72,1615 @@ except ImportError:  # top-level modules
 
 log = logging.getLogger(__name__)
 
+_DEFAULT_PREFIX_TEMPLATE = "[${role_name}${local_rank}]:"
+
+
+class ElasticError(Exception):
+    """Root of this module's errors."""
+
+
+class _SignalStop(ElasticError):
+    """The launcher received one of --signals-to-handle; carries the signal number."""
+
+    def __init__(self, signum):
+        ElasticError.__init__(self, "received signal %s" % _signal_name(signum))
+        self.signum = signum
+
+
+def _signal_name(signum):
+    try:
+        return signal.Signals(signum).name
+    except ValueError:
+        return "signal %d" % signum
+
+
+# --------------------------------------------------------------------------------------------------
+# States, streams, specs
+
+class WorkerState:
+    """Plain state names. A group goes INIT -> HEALTHY -> SUCCEEDED | FAILED | UNHEALTHY (restarting)
+    and STOPPED when the agent tears it down itself."""
+    UNKNOWN = "UNKNOWN"
+    INIT = "INIT"
+    HEALTHY = "HEALTHY"
+    UNHEALTHY = "UNHEALTHY"
+    STOPPED = "STOPPED"
+    SUCCEEDED = "SUCCEEDED"
+    FAILED = "FAILED"
+
+    @staticmethod
+    def is_running(state):
+        return state in (WorkerState.HEALTHY, WorkerState.UNHEALTHY)
+
+
+class Std:
+    """Which streams go to files (redirects) or to files and the console (tee): 0 none, 1 stdout,
+    2 stderr, 3 both. A map ``"0:3,1:1"`` (local rank: value, any number of digits) is per rank."""
+    NONE = 0
+    OUT = 1
+    ERR = 2
+    ALL = 3
+
+    @staticmethod
+    def from_str(text):
+        """``"3"`` -> 3; ``"0:3,12:1"`` -> {0: 3, 12: 1}. ValueError with a sentence otherwise."""
+        text = str(text).strip()
+
+        def value(v):
+            if v not in ("0", "1", "2", "3"):
+                raise ValueError("stream value %r is not one of 0, 1, 2, 3" % v)
+            return int(v)
+
+        if ":" not in text and "," not in text:
+            return value(text)
+        out = {}
+        for part in text.split(","):
+            rank, sep, v = part.strip().partition(":")
+            if not sep or not rank.strip().isdigit():
+                raise ValueError("%r is not a stream map such as 0:3,1:1" % text)
+            out[int(rank)] = value(v.strip())
+        return out
+
+
+def _std_for(setting, local_rank):
+    if isinstance(setting, dict):
+        return setting.get(local_rank, Std.NONE)
+    return int(setting or 0)
+
+
+class DefaultLogsSpecs:
+    """Where worker output goes. Files live in
+    ``<log_dir>/<run_id>_<random>/attempt_<n>/<local_rank>/{stdout.log,stderr.log,error.json}``."""
+
+    def __init__(self, log_dir=None, redirects=Std.NONE, tee=Std.NONE, local_ranks_filter=None,
+                 ranks_filter=None):
+        if isinstance(redirects, str):
+            redirects = Std.from_str(redirects)
+        if isinstance(tee, str):
+            tee = Std.from_str(tee)
+        self.log_dir = log_dir
+        self.redirects = redirects
+        self.tee = tee
+        self.local_ranks_filter = set(local_ranks_filter) if local_ranks_filter is not None else None
+        self.ranks_filter = set(ranks_filter) if ranks_filter is not None else None
+        self.root_log_dir = None  # set per run by the agent
+        self._own_dir = False
+
+    def _make_root(self, run_id):
+        import tempfile
+        base = self.log_dir
+        if base is None:
+            base = tempfile.mkdtemp(prefix="torchelastic_")
+            self._own_dir = True
+        else:
+            os.makedirs(base, exist_ok=True)
+        self.root_log_dir = tempfile.mkdtemp(prefix="%s_" % run_id, dir=base)
+        return self.root_log_dir
+
+    def _cleanup(self):
+        """Drop a temp log dir we made ourselves when nothing in it was asked for (kept on failure:
+        the report names its error files)."""
+        if self._own_dir and not self.redirects and not self.tee and self.root_log_dir:
+            import shutil
+            shutil.rmtree(os.path.dirname(self.root_log_dir), ignore_errors=True)
+
+    def streams(self, local_rank, global_rank):
+        """(stdout, stderr) destinations: 'console', 'file' or 'tee'."""
+        shown = ((self.local_ranks_filter is None or local_rank in self.local_ranks_filter)
+                 and (self.ranks_filter is None or global_rank in self.ranks_filter))
+        red = _std_for(self.redirects, local_rank)
+        tee = _std_for(self.tee, local_rank)
+        out = []
+        for bit in (Std.OUT, Std.ERR):
+            if tee & bit:
+                dest = "tee"
+            elif red & bit:
+                dest = "file"
+            else:
+                dest = "console"
+            if not shown and dest != "file":
+                dest = "file"
+            out.append(dest)
+        return tuple(out)
+
+
+class WorkerSpec:
+    """What to run on this node: `local_world_size` copies of `entrypoint` (a callable, or a program
+    path run as a process with `args`). ``${local_rank}`` in string args is replaced per worker."""
+
+    def __init__(self, role, local_world_size, entrypoint, args=(), rdzv_handler=None, max_restarts=3,
+                 monitor_interval=0.1, master_addr=None, master_port=None, local_addr=None):
+        if int(local_world_size) < 1:
+            raise ValueError("local_world_size must be at least 1, got %r" % (local_world_size,))
+        if not (callable(entrypoint) or isinstance(entrypoint, str)):
+            raise ValueError("entrypoint must be a callable or a program path, got %r" % (entrypoint,))
+        if int(max_restarts) < 0:
+            raise ValueError("max_restarts must be >= 0, got %r" % (max_restarts,))
+        if float(monitor_interval) <= 0:
+            raise ValueError("monitor_interval must be > 0, got %r" % (monitor_interval,))
+        self.role = role
+        self.local_world_size = int(local_world_size)
+        self.entrypoint = entrypoint
+        self.args = tuple(args)
+        self.rdzv_handler = rdzv_handler
+        self.max_restarts = int(max_restarts)
+        self.monitor_interval = float(monitor_interval)
+        self.master_addr = master_addr
+        self.master_port = master_port
+        self.local_addr = local_addr
+
+    def get_entrypoint_name(self):
+        if isinstance(self.entrypoint, str):
+            return os.path.basename(self.entrypoint)
+        return getattr(self.entrypoint, "__qualname__", repr(self.entrypoint))
+
+
+class RunResult:
+    """Outcome of `LocalElasticAgent.run`: return values and failures keyed by global rank."""
+
+    def __init__(self, state, return_values=None, failures=None, root_cause=None, signum=None):
+        self.state = state
+        self.return_values = return_values or {}
+        self.failures = failures or {}
+        self.root_cause = root_cause      # (global_rank, ProcessFailure) of the whole job, or None
+        self.signum = signum              # signal that stopped the launcher, or None
+
+    def is_failed(self):
+        return self.state == WorkerState.FAILED
+
+    def __repr__(self):
+        return "RunResult(state=%s, return_values=%r, failures=%r)" % (
+            self.state, self.return_values, self.failures)
+
+
+# --------------------------------------------------------------------------------------------------
+# Error channel
+
+def _error_payload(exc_type, exc, tb):
+    import traceback
+    return {"message": {
+        "message": "%s: %s" % (exc_type.__name__, exc),
+        "extraInfo": {"py_callstack": "".join(traceback.format_exception(exc_type, exc, tb)),
+                      "timestamp": str(int(time.time()))},
+    }}
+
+
+def _write_json_atomic(path, data):
+    import json
+    tmp = "%s.%d.tmp" % (path, os.getpid())
+    with open(tmp, "w") as f:
+        json.dump(data, f)
+    os.replace(tmp, path)
+
+
+def _write_error_file(exc, path=None):
+    path = path or os.environ.get("TORCHELASTIC_ERROR_FILE")
+    if not path:
+        return
+    try:
+        _write_json_atomic(path, _error_payload(type(exc), exc, exc.__traceback__))
+    except OSError as e:
+        log.warning("could not write the error file %s: %s", path, e)
+
+
+def record(fn=None):
+    """Decorator: an exception escaping `fn` is written to ``TORCHELASTIC_ERROR_FILE`` (atomically,
+    torchelastic's format) and re-raised. ``SystemExit`` is not an error and passes through."""
+    import functools
+
+    def wrap(f):
+        @functools.wraps(f)
+        def wrapper(*args, **kwargs):
+            try:
+                return f(*args, **kwargs)
+            except SystemExit:
+                raise
+            except ChildFailedError as e:
+                _copy_root_cause(e, os.environ.get("TORCHELASTIC_ERROR_FILE"))
+                raise
+            except BaseException as e:
+                _write_error_file(e)
+                raise
+        return wrapper
+
+    return wrap(fn) if fn is not None else wrap
+
+
+def _read_error_file(path):
+    """(message, traceback, timestamp, raw) from an error file; Nones when missing or unreadable."""
+    if not path:
+        return None, None, None, None
+    try:
+        import json
+        with open(path) as f:
+            data = json.load(f)
+    except (OSError, ValueError):
+        return None, None, None, None
+    msg = data.get("message") if isinstance(data, dict) else None
+    if isinstance(msg, dict):
+        extra = msg.get("extraInfo") or {}
+        ts = extra.get("timestamp")
+        try:
+            ts = int(ts) if ts is not None else None
+        except (TypeError, ValueError):
+            ts = None
+        return msg.get("message"), extra.get("py_callstack"), ts, data
+    if isinstance(msg, str):
+        return msg, None, None, data
+    return None, None, None, data
+
+
+class ProcessFailure:
+    """One failed worker: ranks, pid, exit code (negative: killed by that signal), its error file and
+    what the file said. `timestamp` is the error file's (epoch seconds) or when the exit was seen."""
+
+    def __init__(self, local_rank, pid, exitcode, error_file=None, message=None, timestamp=None,
+                 rank=None, role="default", host=None, exit_time=None, traceback=None):
+        self.local_rank = local_rank
+        self.pid = pid
+        self.exitcode = exitcode
+        self.error_file = error_file
+        self.rank = rank if rank is not None else local_rank
+        self.role = role
+        self.host = host or _hostname()
+        self.exit_time = exit_time if exit_time is not None else time.time()
+        file_msg, file_tb, file_ts, raw = _read_error_file(error_file)
+        self.error_file_data = raw
+        self.traceback = traceback if traceback is not None else file_tb
+        if message is None:
+            if file_msg:
+                message = file_msg
+            elif exitcode is not None and exitcode < 0:
+                message = "Signal %d (%s) received by PID %s" % (-exitcode, _signal_name(-exitcode), pid)
+            else:
+                message = "exited with code %s (no error file: see the worker's stderr)" % exitcode
+        self.message = message
+        if timestamp is None:
+            timestamp = file_ts if file_ts is not None else int(self.exit_time)
+        self.timestamp = timestamp
+
+    def signal_name(self):
+        return _signal_name(-self.exitcode) if self.exitcode is not None and self.exitcode < 0 else ""
+
+    def launcher_exit_code(self):
+        if self.exitcode is None:
+            return 1
+        return 128 - self.exitcode if self.exitcode < 0 else (self.exitcode or 1)
+
+    def _to_dict(self):
+        return {"local_rank": self.local_rank, "pid": self.pid, "exitcode": self.exitcode,
+                "error_file": self.error_file, "message": self.message, "timestamp": self.timestamp,
+                "rank": self.rank, "role": self.role, "host": self.host, "exit_time": self.exit_time,
+                "traceback": self.traceback, "error_file_data": self.error_file_data}
+
+    @classmethod
+    def _from_dict(cls, d):
+        f = cls(d["local_rank"], d["pid"], d["exitcode"], None, d["message"], d["timestamp"],
+                d["rank"], d["role"], d["host"], d["exit_time"], d["traceback"])
+        f.error_file = d.get("error_file")
+        f.error_file_data = d.get("error_file_data")
+        return f
+
+    def __repr__(self):
+        return "ProcessFailure(rank=%s, local_rank=%s, pid=%s, exitcode=%s)" % (
+            self.rank, self.local_rank, self.pid, self.exitcode)
+
+
+def _first(failures):
+    """(rank, failure) that came first: earliest exit, ties by global rank."""
+    return min(failures.items(), key=lambda kv: (kv[1].exit_time, kv[0]))
+
+
+class ChildFailedError(ElasticError):
+    """Workers of `name` failed; `failures` maps global rank to ProcessFailure."""
+
+    def __init__(self, name, failures):
+        if not failures:
+            raise ValueError("ChildFailedError needs at least one failure")
+        self.name = name
+        self.failures = failures
+        ElasticError.__init__(self, self.format_msg())
+
+    def get_first_failure(self):
+        return _first(self.failures)
+
+    def format_msg(self):
+        return _format_report(self.name, self.failures)
+
+
+def _fmt_time(t):
+    return time.strftime("%Y-%m-%d_%H:%M:%S", time.localtime(t))
+
+
+def _format_failure(rank, f):
+    code = "%s (%s)" % (f.exitcode, f.signal_name()) if f.signal_name() else str(f.exitcode)
+    lines = [
+        "  time       : %s" % _fmt_time(f.exit_time),
+        "  host       : %s" % f.host,
+        "  rank       : %s (local_rank: %s, role: %s)" % (rank, f.local_rank, f.role),
+        "  exitcode   : %s (pid: %s)" % (code, f.pid),
+        "  error_file : %s" % (f.error_file or "<none>"),
+        "  message    : %s" % f.message,
+    ]
+    if f.traceback:
+        lines.append("  traceback  :")
+        lines.extend("    " + line for line in f.traceback.rstrip("\n").split("\n"))
+    return lines
+
+
+def _format_report(name, failures):
+    root_rank, root = _first(failures)
+    bar = "=" * 72
+    lines = [bar, "%s FAILED" % name, bar, "Root cause (first failure):", "[rank %s]:" % root_rank]
+    lines += _format_failure(root_rank, root)
+    others = sorted((kv for kv in failures.items() if kv[0] != root_rank),
+                    key=lambda kv: (kv[1].exit_time, kv[0]))
+    if others:
+        lines.append("Other failures:")
+        for rank, f in others:
+            lines.append("[rank %s]:" % rank)
+            lines += _format_failure(rank, f)
+    lines.append(bar)
+    return "\n".join(lines)
+
+
+def _copy_root_cause(err, path):
+    """Write the root cause into the launcher's own error file, with its exit code as errorCode."""
+    if not path:
+        return
+    rank, f = err.get_first_failure()
+    data = f.error_file_data if isinstance(f.error_file_data, dict) else None
+    if data is None or not isinstance(data.get("message"), (dict, str)):
+        data = {"message": {"message": "%s (rank %s on %s)" % (f.message, rank, f.host),
+                            "extraInfo": {"py_callstack": f.traceback or "",
+                                          "timestamp": str(f.timestamp)}}}
+    else:
+        data = dict(data)
+    data["errorCode"] = f.exitcode
+    try:
+        _write_json_atomic(path, data)
+    except OSError as e:
+        log.warning("could not write the launcher's error file %s: %s", path, e)
+
+
+_HOSTNAME = []
+
+
+def _hostname():
+    if not _HOSTNAME:
+        import socket
+        _HOSTNAME.append(socket.gethostname())
+    return _HOSTNAME[0]
+
+
+# --------------------------------------------------------------------------------------------------
+# Process plumbing: parent-death signal, the watchdog, teardown
+
+def _prctl():
+    """libc's prctl, or None off Linux. Resolved once in the agent so forked children only call it."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        import ctypes
+        return ctypes.CDLL(None, use_errno=True).prctl
+    except (ImportError, OSError, AttributeError):
+        return None
+
+
+_PR_SET_PDEATHSIG = 1
+
+
+def _die_with_parent(prctl, parent_pid):
+    if prctl is not None:
+        prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+    if os.getppid() != parent_pid:  # the agent died before prctl took effect
+        os._exit(1)
+
+
+class _Reaper:
+    """A forked watchdog: the agent tells it (over a pipe) which worker process groups are live;
+    when the pipe reaches end-of-file because the agent died, even by SIGKILL, it SIGKILLs them."""
+
+    def __init__(self):
+        import warnings
+        r, w = os.pipe()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)  # multi-threaded fork: child only uses os
+            pid = os.fork()
+        if pid == 0:  # pragma: no cover - runs in the child
+            try:
+                self._serve(r)
+            finally:
+                os._exit(0)
+        os.close(r)
+        self.pid, self._w = pid, w
+
+    @staticmethod
+    def _serve(r):
+        for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT, signal.SIGUSR1,
+                  signal.SIGUSR2):
+            signal.signal(s, signal.SIG_IGN)
+        try:
+            os.setsid()
+        except OSError:
+            pass
+        null = os.open(os.devnull, os.O_RDWR)
+        for fd in (0, 1, 2):
+            os.dup2(null, fd)
+        keep = sorted((r, 0, 1, 2))
+        os.closerange(3, r)
+        os.closerange(r + 1, 65536)
+        del keep
+        groups, buf = set(), b""
+        while True:
+            try:
+                chunk = os.read(r, 4096)
+            except InterruptedError:
+                continue
+            if not chunk:
+                break
+            buf += chunk
+            *lines, buf = buf.split(b"\n")
+            for line in lines:
+                if line[:1] == b"+":
+                    groups.add(int(line[1:]))
+                elif line[:1] == b"-":
+                    groups.discard(int(line[1:]))
+        for pg in groups:
+            try:
+                os.killpg(pg, signal.SIGKILL)
+            except OSError:
+                pass
+
+    def _send(self, text):
+        if self._w is not None:
+            try:
+                os.write(self._w, text.encode())
+            except OSError:
+                pass
+
+    def watch(self, pgid):
+        self._send("+%d\n" % pgid)
+
+    def forget(self, pgid):
+        self._send("-%d\n" % pgid)
+
+    def close(self):
+        if self._w is not None:
+            os.close(self._w)
+            self._w = None
+            try:
+                os.waitpid(self.pid, 0)
+            except ChildProcessError:
+                pass
+
+
+def _pidfd(pid):
+    try:
+        return os.pidfd_open(pid)
+    except (AttributeError, OSError):
+        return None
+
+
+def _group_alive(pgid):
+    try:
+        os.killpg(pgid, 0)
+        return True
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+
+
+def _signal_group(pgid, pid, sig):
+    try:
+        os.killpg(pgid, sig)
+        return
+    except ProcessLookupError:
+        pass
+    except PermissionError:
+        pass
+    try:  # the child may not have called setsid yet
+        os.kill(pid, sig)
+    except OSError:
+        pass
+
+
+# --------------------------------------------------------------------------------------------------
+# Workers
+
+_BOOTSTRAP = r'''
+import sys
+def _b():
+    import os, sys
+    def hook(t, v, tb, prev=sys.excepthook):
+        try:
+            path = os.environ.get("TORCHELASTIC_ERROR_FILE")
+            if path and not os.path.exists(path):
+                import json, time, traceback
+                user_tb = tb
+                while user_tb is not None and user_tb.tb_frame.f_code.co_filename == "<string>":
+                    user_tb = user_tb.tb_next
+                data = {"message": {"message": "%s: %s" % (t.__name__, v), "extraInfo": {
+                    "py_callstack": "".join(traceback.format_exception(t, v, user_tb)),
+                    "timestamp": str(int(time.time()))}}}
+                tmp = "%s.%d.tmp" % (path, os.getpid())
+                with open(tmp, "w") as f:
+                    json.dump(data, f)
+                os.replace(tmp, path)
+        except Exception:
+            pass
+        while tb is not None and tb.tb_frame.f_code.co_filename == "<string>":
+            tb = tb.tb_next  # our own bootstrap frames
+        prev(t, v, tb)
+    sys.excepthook = hook
+    mode, target = sys.argv[1], sys.argv[2]
+    del sys.argv[:2]
+    g = globals()
+    del g["_b"], g["sys"]
+    if mode == "-m":
+        import runpy
+        sys.path[0] = os.getcwd()
+        return compile("__import__('runpy')._run_module_as_main(%r)" % target, "<elasticrun>", "exec")
+    sys.path[0] = os.path.dirname(os.path.abspath(target))
+    with open(target, "rb") as f:
+        source = f.read()
+    g["__file__"] = target
+    return compile(source, target, "exec")
+exec(_b())
+'''
+
+
+def python_command(script, args=(), module=False):
+    """argv that runs a Python script (or ``-m`` module) the way ``python -u`` does, with an excepthook
+    that records an uncaught exception in ``TORCHELASTIC_ERROR_FILE``."""
+    return [sys.executable, "-u", "-c", _BOOTSTRAP, "-m" if module else "-s", script] + list(args)
+
+
+def _function_worker(fn, args, env, conn, out_path, err_path, parent_pid):
+    """Body of a callable worker (a multiprocessing child)."""
+    try:
+        os.setsid()
+    except OSError:
+        pass
+    _die_with_parent(_prctl(), parent_pid)
+    os.environ.update(env)
+    for path, fd in ((out_path, 1), (err_path, 2)):
+        if path:
+            sys.stdout.flush() if fd == 1 else sys.stderr.flush()
+            f = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+            os.dup2(f, fd)
+            os.close(f)
+    try:
+        ret = fn(*args)
+    except SystemExit:
+        raise
+    except BaseException as e:
+        _write_error_file(e, env.get("TORCHELASTIC_ERROR_FILE"))
+        raise
+    conn.send(ret)
+    conn.close()
+
+
+class _Worker:
+    """One running worker: its ranks, process handle, and how we wait on it."""
+
+    def __init__(self, local_rank, global_rank, role_rank, env, error_file, out_dest, err_dest):
+        self.local_rank = local_rank
+        self.global_rank = global_rank
+        self.role_rank = role_rank
+        self.env = env
+        self.error_file = error_file
+        self.dests = (out_dest, err_dest)
+        self.proc = None         # subprocess.Popen or multiprocessing.Process
+        self.conn = None         # result pipe of a callable worker
+        self.pid = None
+        self.pgid = None
+        self.pidfd = None
+        self.exitcode = None
+        self.exit_time = None
+        self.result = None
+        self.has_result = False
+
+    def poll(self):
+        """Exit code once exited (reaped), else None."""
+        if self.exitcode is not None:
+            return self.exitcode
+        p = self.proc
+        code = p.poll() if hasattr(p, "poll") else p.exitcode
+        if code is None and not hasattr(p, "poll"):
+            return None
+        if code is not None:
+            self.exitcode = code
+            self.exit_time = time.time()
+        return code
+
+    def wait_fds(self):
+        fds = []
+        if self.exitcode is None:
+            if self.pidfd is not None:
+                fds.append(self.pidfd)
+            elif not hasattr(self.proc, "poll"):
+                fds.append(self.proc.sentinel)
+        if self.conn is not None and not self.has_result:
+            fds.append(self.conn.fileno())
+        return fds
+
+    def close(self):
+        if self.pidfd is not None:
+            os.close(self.pidfd)
+            self.pidfd = None
+        if self.conn is not None:
+            self.conn.close()
+            self.conn = None
+
+
+class _LogPump:
+    """One thread copying tee'd worker output to the log file and, with the line prefix, to the
+    console. Sources are pipes (program workers) or files being tailed (callable workers)."""
+
+    def __init__(self):
+        import threading
+        self._pipes = {}   # fd -> [file, console_fd, prefix, partial]
+        self._tails = []   # [path, pos, console_fd, prefix, partial]
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="elastic-log-pump", daemon=True)
+
+    def add_pipe(self, fd, path, console_fd, prefix):
+        self._pipes[fd] = [open(path, "ab", buffering=0), console_fd, prefix.encode(), b""]
+
+    def add_tail(self, path, console_fd, prefix):
+        self._tails.append([path, 0, console_fd, prefix.encode(), b""])
+
+    def start(self):
+        if self._pipes or self._tails:
+            self._thread.start()
+
+    @staticmethod
+    def _emit(console_fd, prefix, data, final=False):
+        *lines, rest = data.split(b"\n")
+        out = b"".join(prefix + line + b"\n" for line in lines)
+        if final and rest:
+            out += prefix + rest + b"\n"
+            rest = b""
+        if out:
+            try:
+                os.write(console_fd, out)
+            except OSError:
+                pass
+        return rest
+
+    def _read_tails(self, final=False):
+        for t in self._tails:
+            try:
+                with open(t[0], "rb") as f:
+                    f.seek(t[1])
+                    data = f.read()
+            except OSError:
+                continue
+            t[1] += len(data)
+            t[4] = self._emit(t[2], t[3], t[4] + data, final)
+
+    def _run(self):
+        import select
+        while self._pipes or (self._tails and not self._stop.is_set()):
+            timeout = 0.1 if self._tails else 0.5
+            try:
+                ready = select.select(list(self._pipes), [], [], timeout)[0] if self._pipes else []
+            except (OSError, ValueError):
+                break
+            if not self._pipes:
+                self._stop.wait(timeout)
+            for fd in ready:
+                entry = self._pipes[fd]
+                try:
+                    data = os.read(fd, 65536)
+                except OSError:
+                    data = b""
+                if data:
+                    entry[0].write(data)
+                    entry[3] = self._emit(entry[1], entry[2], entry[3] + data)
+                else:
+                    self._emit(entry[1], entry[2], entry[3], final=True)
+                    entry[0].close()
+                    os.close(fd)
+                    del self._pipes[fd]
+            if self._stop.is_set() and not ready and self._pipes:
+                break  # a grandchild that escaped teardown holds the pipe: give up on it
+            self._read_tails()
+        self._read_tails(final=True)
+
+    def stop(self, timeout=2.0):
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join(timeout)
+        for fd, entry in list(self._pipes.items()):
+            entry[0].close()
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+        self._pipes.clear()
+
+
+# --------------------------------------------------------------------------------------------------
+# Single-node rendezvous used when a WorkerSpec has no handler
+
+class _LocalInfo:
+    def __init__(self, store, round_, master_port):
+        self.store = store
+        self.rank = 0
+        self.world_size = 1
+        self.master_addr = "127.0.0.1"
+        self.master_port = master_port
+        self.round = round_
+
+
+def _free_port(host="127.0.0.1"):
+    import socket
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+class _LocalRendezvous:
+    """One node, no peers: an in-process store and a fresh worker port per round."""
+
+    def __init__(self, run_id=None):
+        import uuid
+        self._run_id = run_id or uuid.uuid4().hex[:12]
+        self._store = None
+        self._round = -1
+        self._closed = False
+
+    def next_rendezvous(self):
+        if self._closed:
+            raise _rdzv.RendezvousClosedError("the run is closed")
+        if self._store is None:
+            self._store = _store.TCPStore("127.0.0.1", 0, is_master=True)
+        self._round += 1
+        return _LocalInfo(_store.PrefixStore("round/%d" % self._round, self._store), self._round,
+                          _free_port())
+
+    def is_closed(self):
+        return self._closed
+
+    def set_closed(self):
+        self._closed = True
+
+    def num_nodes_waiting(self):
+        return 0
+
+    def round_broken(self):
+        return False
+
+    def get_run_id(self):
+        return self._run_id
+
+    def shutdown(self):
+        if self._store is not None:
+            self._store.close()
+            self._store = None
+        return True
+
+
+# --------------------------------------------------------------------------------------------------
+# The agent
+
+_SUCCESS, _FAILURE, _PEER_FAILURE, _MEMBERSHIP, _BROKEN = (
+    "success", "failure", "peer failure", "nodes waiting", "member lost")
+
+
+class LocalElasticAgent:
+    """Runs a WorkerSpec's workers on this node through rendezvous rounds, restarts and teardown.
+
+    `run()` returns a RunResult; it raises only for a stop signal (the workers are torn down first)
+    or a rendezvous error (no workers left behind either)."""
+
+    def __init__(self, spec, *, logs_specs=None, start_method="spawn", exit_barrier_timeout=300,
+                 shutdown_timeout=30, log_line_prefix_template=None, popen=None, clock=None):
+        if start_method not in ("spawn", "fork", "forkserver"):
+            raise ValueError("start_method must be spawn, fork or forkserver, got %r" % (start_method,))
+        self._spec = spec
+        self._logs = logs_specs or DefaultLogsSpecs()
+        self._start_method = start_method
+        self._exit_barrier_timeout = float(exit_barrier_timeout)
+        self._shutdown_timeout = float(shutdown_timeout)
+        self._prefix_template = (log_line_prefix_template
+                                 or os.environ.get("TORCHELASTIC_LOG_LINE_PREFIX_TEMPLATE")
+                                 or _DEFAULT_PREFIX_TEMPLATE)
+        self._popen = popen
+        self._clock = clock or time.monotonic
+        self._handler = spec.rdzv_handler or _LocalRendezvous()
+        self._workers = []
+        self._pump = None
+        self._reaper = None
+        self._prctl = None
+        self._attempt = 0
+        self._restart_count = 0
+        self._info = None
+        self._mp_ctx = None
+        self.state = WorkerState.INIT
+        self.group_rank = None
+        self.group_world_size = None
+        self.last_progress_time = time.time()
+        # HOOK(health check): _HealthServer(port, status_fn) reads state, _restart_count, group_rank,
+        # group_world_size and last_progress_time from here; start it in run() before the loop.
+
+    # -- public ------------------------------------------------------------------------------------
+
+    @property
+    def restart_count(self):
+        return self._restart_count
+
+    def run(self):
+        spec = self._spec
+        self._prctl = _prctl()
+        self._reaper = _Reaper()
+        self._logs._make_root(self._run_id())
+        # HOOK(file timer): when TORCHELASTIC_ENABLE_FILE_TIMER=1 or TORCHELASTIC_TIMER_FILE is set,
+        # start FileTimerServer(path, run_id) here, put TORCHELASTIC_TIMER_FILE into _worker_env, and
+        # poll it in _monitor (expired pids are failures); stop it in the finally below.
+        try:
+            return self._run_loop(spec)
+        except _SignalStop as e:
+            self._stop_workers(e.signum)
+            raise
+        finally:
+            self._stop_workers(signal.SIGTERM)
+            self._reaper.close()
+            try:
+                self._handler.shutdown()
+            except Exception as e:  # never let a leaving-the-run error hide the outcome
+                log.debug("rendezvous shutdown: %s", e)
+            if self.state == WorkerState.SUCCEEDED:
+                self._logs._cleanup()
+
+    # -- the loop ----------------------------------------------------------------------------------
+
+    def _run_id(self):
+        try:
+            return self._handler.get_run_id()
+        except Exception:
+            return "none"
+
+    def _run_loop(self, spec):
+        while True:
+            try:
+                self._rendezvous()
+            except _rdzv.RendezvousClosedError:
+                log.info("the run was closed by another node; nothing left to do here")
+                self.state = WorkerState.SUCCEEDED
+                return RunResult(WorkerState.SUCCEEDED)
+            self._start_workers()
+            outcome, failures = self._monitor()
+            if outcome == _SUCCESS:
+                values = {w.global_rank: w.result for w in self._workers}
+                self._reap_all()
+                self.state = WorkerState.SUCCEEDED
+                log.info("all %d workers succeeded", len(values))
+                self._exit_barrier()
+                return RunResult(WorkerState.SUCCEEDED, return_values=values)
+            if outcome in (_MEMBERSHIP, _BROKEN):
+                log.info("%s: restarting the worker group (restart budget untouched)", outcome)
+                self.state = WorkerState.UNHEALTHY
+                self._stop_workers(signal.SIGTERM)
+                continue
+            # a failure here or on a peer
+            self.state = WorkerState.UNHEALTHY
+            self._stop_workers(signal.SIGTERM)
+            job = self._job_failures(failures)
+            root_rank, root = _first(job)
+            if self._restart_count < spec.max_restarts:
+                self._restart_count += 1
+                log.info("%s (rank %s: %s); restarting the worker group (%d/%d)", outcome, root_rank,
+                         root.message, self._restart_count, spec.max_restarts)
+                continue
+            self.state = WorkerState.FAILED
+            self._give_up()
+            log.info("worker group failed; restart budget (%d) spent", spec.max_restarts)
+            return RunResult(WorkerState.FAILED, failures=job, root_cause=(root_rank, root))
+
+    def _rendezvous(self):
+        spec = self._spec
+        self.state = WorkerState.INIT
+        info = self._handler.next_rendezvous()
+        self._info = info
+        store = info.store
+        self.group_rank, self.group_world_size = info.rank, info.world_size
+        lws = spec.local_world_size
+        if info.world_size > 1:
+            store.set("role/%d" % info.rank, "%s\n%d" % (spec.role, lws))
+            peers = [v.decode().split("\n") for v in
+                     store.multi_get(["role/%d" % r for r in range(info.world_size)])]
+        else:
+            peers = [[spec.role, str(lws)]]
+        peers = [(role, int(n)) for role, n in peers]
+        self._base_rank = sum(n for _, n in peers[:info.rank])
+        self._world_size = sum(n for _, n in peers)
+        self._role_base = sum(n for role, n in peers[:info.rank] if role == spec.role)
+        self._role_world_size = sum(n for role, n in peers if role == spec.role)
+        self._master_addr = spec.master_addr or info.master_addr
+        self._master_port = spec.master_port or info.master_port
+        log.info("rendezvous round %s done: %d node(s), world size %d; this node is group rank %d "
+                 "with ranks %d-%d (master %s:%s)", getattr(info, "round", "?"), info.world_size,
+                 self._world_size, info.rank, self._base_rank, self._base_rank + lws - 1,
+                 self._master_addr, self._master_port)
+
+    def _worker_env(self, local_rank):
+        spec = self._spec
+        lws = spec.local_world_size
+        env = {
+            "LOCAL_RANK": str(local_rank),
+            "RANK": str(self._base_rank + local_rank),
+            "GROUP_RANK": str(self.group_rank),
+            "ROLE_RANK": str(self._role_base + local_rank),
+            "ROLE_NAME": spec.role,
+            "LOCAL_WORLD_SIZE": str(lws),
+            "WORLD_SIZE": str(self._world_size),
+            "GROUP_WORLD_SIZE": str(self.group_world_size),
+            "ROLE_WORLD_SIZE": str(self._role_world_size),
+            "MASTER_ADDR": str(self._master_addr),
+            "MASTER_PORT": str(self._master_port),
+            "TORCHELASTIC_RESTART_COUNT": str(self._restart_count),
+            "TORCHELASTIC_MAX_RESTARTS": str(spec.max_restarts),
+            "TORCHELASTIC_RUN_ID": self._run_id(),
+            "TORCHELASTIC_USE_AGENT_STORE": str(False),
+            "TORCH_NCCL_ASYNC_ERROR_HANDLING": os.environ.get("TORCH_NCCL_ASYNC_ERROR_HANDLING", "1"),
+        }
+        if lws > 1 and "OMP_NUM_THREADS" not in os.environ:
+            env["OMP_NUM_THREADS"] = "1"
+        return env
+
+    def _start_workers(self):
+        spec = self._spec
+        self._attempt += 1
+        attempt_dir = os.path.join(self._logs.root_log_dir, "attempt_%d" % (self._attempt - 1))
+        self._workers = []
+        self._pump = _LogPump()
+        is_program = isinstance(spec.entrypoint, str)
+        for local_rank in range(spec.local_world_size):
+            rank_dir = os.path.join(attempt_dir, str(local_rank))
+            os.makedirs(rank_dir)
+            env = self._worker_env(local_rank)
+            error_file = os.path.join(rank_dir, "error.json")
+            env["TORCHELASTIC_ERROR_FILE"] = error_file
+            out_dest, err_dest = self._logs.streams(local_rank, self._base_rank + local_rank)
+            w = _Worker(local_rank, self._base_rank + local_rank, self._role_base + local_rank, env,
+                        error_file, out_dest, err_dest)
+            w.prefix = self._prefix(w)
+            w.log_paths = (os.path.join(rank_dir, "stdout.log"), os.path.join(rank_dir, "stderr.log"))
+            if is_program:
+                self._start_program(w)
+            else:
+                self._start_function(w)
+            self._workers.append(w)
+            self._reaper.watch(w.pgid)
+        self._pump.start()
+        self.state = WorkerState.HEALTHY
+        self.last_progress_time = time.time()
+        log.debug("started %d workers (attempt %d): pids %s", len(self._workers), self._attempt - 1,
+                  [w.pid for w in self._workers])
+
+    def _prefix(self, w):
+        from string import Template
+        return Template(self._prefix_template).safe_substitute(
+            role_name=self._spec.role, local_rank=w.local_rank, rank=w.global_rank)
+
+    def _start_program(self, w):
+        import subprocess
+        spec = self._spec
+        args = [str(a).replace("${local_rank}", str(w.local_rank)) for a in spec.args]
+        env = dict(os.environ)
+        env.update(w.env)
+        files, fds = [], []
+        for dest, path, console in zip(w.dests, w.log_paths, (1, 2)):
+            if dest == "console":
+                fds.append(None)
+            elif dest == "file":
+                f = open(path, "ab", buffering=0)
+                files.append(f)
+                fds.append(f)
+            else:
+                r, wfd = os.pipe()
+                self._pump.add_pipe(r, path, console, w.prefix)
+                files.append(wfd)
+                fds.append(wfd)
+        prctl, parent = self._prctl, os.getpid()
+        popen = self._popen or subprocess.Popen
+        try:
+            w.proc = popen([spec.entrypoint] + args, env=env, stdout=fds[0], stderr=fds[1],
+                           start_new_session=True,
+                           preexec_fn=lambda: _die_with_parent(prctl, parent))
+        finally:
+            for f in files:
+                if isinstance(f, int):
+                    os.close(f)
+                else:
+                    f.close()
+        w.pid = w.pgid = w.proc.pid
+        w.pidfd = _pidfd(w.pid)
+
+    def _start_function(self, w):
+        if self._mp_ctx is None:
+            import multiprocessing
+            self._mp_ctx = multiprocessing.get_context(self._start_method)
+        ctx = self._mp_ctx
+        reader, writer = ctx.Pipe(duplex=False)
+        paths = []
+        for dest, path, console in zip(w.dests, w.log_paths, (1, 2)):
+            if dest == "console":
+                paths.append(None)
+            else:
+                paths.append(path)
+                if dest == "tee":
+                    self._pump.add_tail(path, console, w.prefix)
+        proc = ctx.Process(target=_function_worker, name="%s-%d" % (self._spec.role, w.local_rank),
+                           args=(self._spec.entrypoint, self._spec.args, w.env, writer, paths[0],
+                                 paths[1], os.getpid()))
+        proc.start()
+        writer.close()
+        w.proc, w.conn = proc, reader
+        w.pid = w.pgid = proc.pid
+        w.pidfd = _pidfd(w.pid)
+
+    def _monitor(self):
+        """Wait until the group succeeds or something calls for a stop; returns (outcome, failures)."""
+        import select
+        spec = self._spec
+        interval = spec.monitor_interval
+        multi = self._info is not None and self._info.world_size > 1
+        self._ignore_broken = False
+        next_check = self._clock() + interval
+        while True:
+            fds = [fd for w in self._workers for fd in w.wait_fds()]
+            pollable = all(w.pidfd is not None or w.exitcode is not None or not hasattr(w.proc, "poll")
+                           for w in self._workers)
+            timeout = max(0.0, next_check - self._clock())
+            if not pollable:
+                timeout = min(timeout, 0.01)
+            if fds:
+                poller = select.poll()
+                for fd in fds:
+                    poller.register(fd, select.POLLIN)
+                ready = [fd for fd, _ in poller.poll(timeout * 1000.0)]
+            else:
+                time.sleep(timeout)
+                ready = []
+            self._collect_results(ready)
+            failures = {}
+            done = 0
+            for w in self._workers:
+                code = w.poll()
+                if code is None:
+                    continue
+                if code == 0:
+                    if w.conn is not None and not w.has_result:
+                        self._take_result(w, block=True)
+                    done += 1
+                else:
+                    failures[w.global_rank] = ProcessFailure(
+                        w.local_rank, w.pid, code, w.error_file, rank=w.global_rank, role=spec.role,
+                        exit_time=w.exit_time)
+            if failures:
+                return _FAILURE, failures
+            if done == len(self._workers):
+                return _SUCCESS, {}
+            if self._clock() >= next_check:
+                next_check = self._clock() + interval
+                self.last_progress_time = time.time()
+                if multi:
+                    try:
+                        outcome = self._check_peers()
+                    except Exception as e:  # store gone: keep watching our own workers
+                        log.warning("lost contact with the other nodes (%s); watching local workers", e)
+                        multi = False
+                        outcome = None
+                    if outcome is not None:
+                        return outcome, {}
+
+    def _check_peers(self):
+        """One look at the rest of the job: a peer's failure, nodes waiting, a member lost."""
+        store = self._info.store
+        if store.check(["failed"]):
+            return _PEER_FAILURE
+        if self._handler.num_nodes_waiting() > 0:
+            return _MEMBERSHIP
+        broken = getattr(self._handler, "round_broken", None)
+        if broken is not None and broken() and not self._ignore_broken:
+            if store.check(["exit/count"]):
+                # a member finished successfully and left (exit barrier timed out): not a reason
+                # to rerun our workers
+                log.debug("a member left after finishing; carrying on")
+                self._ignore_broken = True
+                return None
+            return _BROKEN
+        return None
+
+    def _collect_results(self, ready):
+        for w in self._workers:
+            if w.conn is not None and not w.has_result and w.conn.fileno() in ready:
+                self._take_result(w, block=False)
+
+    @staticmethod
+    def _take_result(w, block):
+        try:
+            if block or w.conn.poll():
+                w.result = w.conn.recv()
+                w.has_result = True
+        except (EOFError, OSError):
+            w.has_result = True  # the child exited without sending: no value
+
+    def _job_failures(self, local):
+        """Failures of the whole job for this round: ours published, then everyone's read back."""
+        info = self._info
+        if info is None or info.world_size <= 1:
+            return local
+        store = info.store
+        try:
+            if local:
+                import json
+                store.set("failure/%d" % info.rank, json.dumps(
+                    {str(r): f._to_dict() for r, f in local.items()}))
+                store.add("failed", 1)
+            keys = ["failure/%d" % r for r in range(info.world_size)]
+            job = dict(local)
+            import json
+            for key in keys:
+                if key != "failure/%d" % info.rank and store.check([key]):
+                    for r, d in json.loads(store.get(key).decode()).items():
+                        job[int(r)] = ProcessFailure._from_dict(d)
+        except Exception as e:  # the store may be gone with its host: report what we know
+            log.warning("could not exchange failures with the other nodes: %s", e)
+            return local or {-1: ProcessFailure(-1, None, 1, message="a peer failed: %s" % e)}
+        if not job:
+            job = {-1: ProcessFailure(-1, None, 1, message="another node reported a failure")}
+        self._last_job_failures = job
+        return job
+
+    def _give_up(self):
+        """Final failure: release the exit barrier of nodes that finished and close the run."""
+        info = self._info
+        if info is not None and info.world_size > 1:
+            try:
+                info.store.set("exit/release", "failed")
+            except Exception as e:
+                log.debug("could not release the exit barrier: %s", e)
+        try:
+            self._handler.set_closed()
+        except Exception as e:
+            log.debug("could not close the run: %s", e)
+
+    def _exit_barrier(self):
+        info = self._info
+        if info is None or info.world_size <= 1:
+            return
+        store = info.store
+        start = self._clock()
+        try:
+            if store.add("exit/count", 1) >= info.world_size:
+                store.set("exit/release", "done")
+            store.wait(["exit/release"], self._exit_barrier_timeout)
+            if store.get("exit/release") == b"done":
+                self._handler.set_closed()
+            log.debug("exit barrier passed in %.3f s", self._clock() - start)
+        except Exception as e:  # a barrier problem never fails a successful node
+            log.warning("exit barrier: %s (the workers of this node succeeded)", e)
+
+    # -- teardown ----------------------------------------------------------------------------------
+
+    def _reap_all(self):
+        self._stop_workers(signal.SIGTERM)
+
+    def _stop_workers(self, sig):
+        """Signal each group, wait up to shutdown_timeout, SIGKILL what is left, reap. Idempotent."""
+        workers = self._workers
+        if not workers:
+            self._stop_pump()
+            return
+        for w in workers:
+            _signal_group(w.pgid, w.pid, sig)
+        deadline = self._clock() + self._shutdown_timeout
+        pending = list(workers)
+        while pending:
+            pending = [w for w in pending
+                       if (w.poll() is None) or _group_alive(w.pgid)]
+            if not pending or self._clock() >= deadline:
+                break
+            time.sleep(0.005)
+        for w in pending:
+            _signal_group(w.pgid, w.pid, signal.SIGKILL)
+        for w in workers:
+            if w.exitcode is None:
+                p = w.proc
+                if hasattr(p, "poll"):
+                    p.wait()
+                else:
+                    p.join()
+                w.poll()
+            elif not hasattr(w.proc, "poll"):
+                w.proc.join(0)
+            self._reaper.forget(w.pgid)
+            w.close()
+        self._workers = []
+        self._stop_pump()
+
+    def _stop_pump(self):
+        if self._pump is not None:
+            self._pump.stop()
+            self._pump = None
+
+
+# --------------------------------------------------------------------------------------------------
+# Launcher command line
+
+_ENV_TRUE = ("1", "true", "yes", "on")
+
+# (names, dest, kind, default, help). kind: "str", "int", "float", "flag".
+_OPTIONS = [
+    (("--nnodes",), "nnodes", "str", "1", "node count N or MIN:MAX (elastic when MIN<MAX)"),
+    (("--nproc-per-node", "--nproc_per_node"), "nproc_per_node", "str", "1",
+     "workers per node: N, auto, cpu or gpu"),
+    (("--rdzv-backend", "--rdzv_backend"), "rdzv_backend", "str", "static", "c10d (alias store), etcd, static"),
+    (("--rdzv-endpoint", "--rdzv_endpoint"), "rdzv_endpoint", "str", "", "HOST[:PORT] of the rendezvous"),
+    (("--rdzv-id", "--rdzv_id"), "rdzv_id", "str", "none", "run id; jobs with different ids never mix"),
+    (("--rdzv-conf", "--rdzv_conf"), "rdzv_conf", "str", "", "k=v,... rendezvous settings"),
+    (("--standalone",), "standalone", "flag", False, "one node, store on a free local port"),
+    (("--max-restarts", "--max_restarts"), "max_restarts", "int", 0, "failure restarts of the group"),
+    (("--monitor-interval", "--monitor_interval"), "monitor_interval", "float", 0.1,
+     "seconds between health polls"),
+    (("--start-method", "--start_method"), "start_method", "str", "spawn",
+     "spawn, fork or forkserver (for --run-path)"),
+    (("--role",), "role", "str", "default", "role name"),
+    (("-m", "--module"), "module", "flag", False, "run the script as a module (python -m)"),
+    (("--no-python", "--no_python"), "no_python", "flag", False, "run the script as a program"),
+    (("--run-path", "--run_path"), "run_path", "flag", False,
+     "run the script with runpy in multiprocessing workers"),
+    (("--node-rank", "--node_rank"), "node_rank", "int", 0, "this node's rank (static backend)"),
+    (("--master-addr", "--master_addr"), "master_addr", "str", None, "static: node 0's address"),
+    (("--master-port", "--master_port"), "master_port", "int", None, "static: the store's port"),
+    (("--local-addr", "--local_addr"), "local_addr", "str", None, "this node's address"),
+    (("--log-dir", "--log_dir"), "log_dir", "str", None, "directory for per-rank logs"),
+    (("-r", "--redirects"), "redirects", "str", "0", "0-3 or a map 0:3,1:1"),
+    (("-t", "--tee"), "tee", "str", "0", "0-3 or a map 0:3,1:1"),
+    (("--local-ranks-filter", "--local_ranks_filter"), "local_ranks_filter", "str", "",
+     "local ranks whose output reaches the console"),
+    (("--ranks-filter", "--ranks_filter"), "ranks_filter", "str", "",
+     "global ranks whose output reaches the console"),
+    (("--log-line-prefix-template", "--log_line_prefix_template"), "log_line_prefix_template", "str",
+     None, "tee line prefix, default [${role_name}${local_rank}]:"),
+    (("--shutdown-timeout", "--shutdown_timeout"), "shutdown_timeout", "float", 30.0,
+     "seconds from the termination signal to SIGKILL"),
+    (("--signals-to-handle", "--signals_to_handle"), "signals_to_handle", "str",
+     "SIGTERM,SIGINT,SIGHUP,SIGQUIT", "signals forwarded to the workers"),
+    (("--exit-barrier-timeout", "--exit_barrier_timeout"), "exit_barrier_timeout", "float", 300.0,
+     "seconds a finished node waits for the others"),
+    (("--health-check-port", "--health_check_port"), "health_check_port", "int", None,
+     "serve GET /healthz on this port"),
+    (("--slurm",), "slurm", "flag", False, "take nnodes, endpoint and run id from srun"),
+]
+
+
+class _UsageError(ElasticError):
+    """Bad arguments or an unusable environment: one line, exit status 2."""
+
+
+def _parse_args(argv, environ):
+    import argparse
+
+    class Parser(argparse.ArgumentParser):
+        def error(self, message):
+            raise _UsageError(message)
+
+    p = Parser(prog="elasticrun", allow_abbrev=False,
+               description="Launch a (multi-node) elastic job: torchrun without PyTorch.")
+    p.add_argument("--version", action="version", version="elasticrun " + __version__)
+    for names, dest, kind, default, text in _OPTIONS:
+        env_name = "PET_" + dest.upper()
+        env_value = environ.get(env_name)
+        if kind == "flag":
+            d = env_value.strip().lower() in _ENV_TRUE if env_value is not None else default
+            p.add_argument(*names, dest=dest, action="store_true", default=d, help=text)
+            continue
+        conv = {"str": str, "int": int, "float": float}[kind]
+        if env_value is not None:
+            try:
+                default = conv(env_value)
+            except ValueError:
+                raise _UsageError("%s=%r is not a valid %s" % (env_name, env_value, kind))
+        p.add_argument(*names, dest=dest, type=conv, default=default, help=text,
+                       metavar=dest.upper())
+    p.add_argument("training_script", help="the script (or module, or program) to run")
+    p.add_argument("training_script_args", nargs=argparse.REMAINDER)
+    args = p.parse_args(argv)
+    args._explicit = set()
+    options = argv[:len(argv) - len(args.training_script_args) - 1]
+    for names, dest, _, _, _ in _OPTIONS:
+        if "PET_" + dest.upper() in environ or any(
+                a == n or a.startswith(n + "=") for a in options for n in names):
+            args._explicit.add(dest)
+    return args
+
+
+def _parse_nnodes(text):
+    lo, sep, hi = str(text).partition(":")
+    try:
+        lo = int(lo)
+        hi = int(hi) if sep else lo
+    except ValueError:
+        raise _UsageError("--nnodes %r is not N or MIN:MAX" % text)
+    if lo < 1 or hi < lo:
+        raise _UsageError("--nnodes %r needs 1 <= MIN <= MAX" % text)
+    return lo, hi
+
+
+def _gpu_count():
+    import shutil
+    import subprocess
+    exe = shutil.which("nvidia-smi")
+    if not exe:
+        return 0
+    try:
+        out = subprocess.run([exe, "-L"], capture_output=True, timeout=10).stdout.decode()
+    except (OSError, subprocess.SubprocessError):
+        return 0
+    return sum(1 for line in out.splitlines() if line.startswith("GPU "))
+
+
+def _parse_nproc(text):
+    text = str(text).strip()
+    if text == "cpu":
+        return os.cpu_count() or 1
+    if text in ("gpu", "auto"):
+        n = _gpu_count()
+        if n:
+            return n
+        if text == "gpu":
+            raise _UsageError("--nproc-per-node gpu: nvidia-smi -L lists no GPU")
+        return os.cpu_count() or 1
+    try:
+        n = int(text)
+    except ValueError:
+        raise _UsageError("--nproc-per-node %r is not a number, auto, cpu or gpu" % text)
+    if n < 1:
+        raise _UsageError("--nproc-per-node must be at least 1, got %d" % n)
+    return n
+
+
+def _parse_rank_set(text, option):
+    if not text:
+        return None
+    try:
+        ranks = {int(x) for x in text.split(",") if x.strip()}
+    except ValueError:
+        raise _UsageError("%s %r is not a comma-separated list of ranks" % (option, text))
+    if not ranks or min(ranks) < 0:
+        raise _UsageError("%s %r is not a comma-separated list of ranks" % (option, text))
+    return ranks
+
+
+def _parse_signals(text):
+    sigs = []
+    for name in text.split(","):
+        name = name.strip().upper()
+        if not name:
+            continue
+        if not name.startswith("SIG"):
+            name = "SIG" + name
+        sig = getattr(signal, name, None)
+        if not isinstance(sig, int) or name in ("SIGKILL", "SIGSTOP"):
+            raise _UsageError("--signals-to-handle: %r is not a signal that can be handled" % name)
+        sigs.append(sig)
+    return sigs
+
+
+def _parse_conf(text):
+    conf = {}
+    for part in text.split(","):
+        if not part.strip():
+            continue
+        k, sep, v = part.partition("=")
+        if not sep or not k.strip():
+            raise _UsageError("--rdzv-conf %r: %r is not key=value" % (text, part))
+        conf[k.strip()] = v.strip()
+    return conf
+
+
+class _Config:
+    """Everything main() derived from the command line, ready to build the agent."""
+
+
+def _config_from_args(args, environ):
+    c = _Config()
+    # HOOK(slurm): when args.slurm, merge _slurm_options(environ) into args here for every option
+    # not in args._explicit (nnodes, rdzv_endpoint, rdzv_id, rdzv_backend="c10d").
+    c.min_nodes, c.max_nodes = _parse_nnodes(args.nnodes)
+    c.nproc = _parse_nproc(args.nproc_per_node)
+    backend = args.rdzv_backend
+    if backend == "store":
+        backend = "c10d"
+    conf = _parse_conf(args.rdzv_conf)
+    c.run_id = args.rdzv_id
+    endpoint = args.rdzv_endpoint
+    if args.standalone:
+        if c.max_nodes != 1:
+            log.warning("--standalone runs one node; ignoring --nnodes %s", args.nnodes)
+        c.min_nodes = c.max_nodes = 1
+        backend, endpoint = "c10d", "127.0.0.1:0"
+        conf["is_host"] = "1"
+        import uuid
+        c.run_id = str(uuid.uuid4())
+    if backend not in ("c10d", "etcd", "static"):
+        raise _UsageError("--rdzv-backend %r is not c10d, store, etcd or static" % args.rdzv_backend)
+    master_addr = args.master_addr
+    master_port = args.master_port
+    if master_port is not None and not 0 < master_port < 65536:
+        raise _UsageError("--master-port %d is not a TCP port" % master_port)
+    if backend == "static":
+        if c.min_nodes != c.max_nodes:
+            raise _UsageError("the static backend needs a fixed --nnodes, got %s" % args.nnodes)
+        endpoint = "%s:%d" % (master_addr or "127.0.0.1", master_port or 29500)
+        conf["rank"] = args.node_rank
+        c.master_addr, c.master_port = None, None   # workers get a fresh port from node 0
+    else:
+        c.master_addr = master_addr if "master_addr" in args._explicit else None
+        c.master_port = master_port if "master_port" in args._explicit else None
+        if not endpoint:
+            raise _UsageError("--rdzv-backend %s needs --rdzv-endpoint" % backend)
+    if args.max_restarts < 0:
+        raise _UsageError("--max-restarts must be >= 0")
+    if args.monitor_interval <= 0:
+        raise _UsageError("--monitor-interval must be > 0")
+    if args.shutdown_timeout < 0:
+        raise _UsageError("--shutdown-timeout must be >= 0")
+    if args.start_method not in ("spawn", "fork", "forkserver"):
+        raise _UsageError("--start-method %r is not spawn, fork or forkserver" % args.start_method)
+    if sum((args.module, args.no_python, args.run_path)) > 1:
+        raise _UsageError("choose at most one of -m/--module, --no-python, --run-path")
+    try:
+        redirects = Std.from_str(args.redirects)
+    except ValueError as e:
+        raise _UsageError("--redirects: %s" % e)
+    try:
+        tee = Std.from_str(args.tee)
+    except ValueError as e:
+        raise _UsageError("--tee: %s" % e)
+    c.logs = DefaultLogsSpecs(args.log_dir, redirects, tee,
+                              _parse_rank_set(args.local_ranks_filter, "--local-ranks-filter"),
+                              _parse_rank_set(args.ranks_filter, "--ranks-filter"))
+    c.signals = _parse_signals(args.signals_to_handle)
+    c.backend, c.endpoint, c.conf = backend, endpoint, conf
+    c.args = args
+    return c
+
+
+def _make_handler(c):
+    params = _rdzv.RendezvousParameters(c.backend, c.endpoint, c.run_id, c.min_nodes, c.max_nodes,
+                                        local_addr=c.args.local_addr, **c.conf)
+    return _rdzv.get_rendezvous_handler(params)
+
+
+def _run_path_worker(script, args):
+    """Callable worker of --run-path: run the script in this (multiprocessing) process."""
+    import runpy
+    sys.argv = [script] + list(args)
+    sys.path.insert(0, os.path.dirname(os.path.abspath(script)))
+    runpy.run_path(script, run_name="__main__")
+
+
+def _entrypoint(args):
+    script, rest = args.training_script, list(args.training_script_args)
+    if args.run_path:
+        return _run_path_worker, (script, rest)
+    if args.no_python:
+        return script, rest
+    cmd = python_command(script, rest, module=args.module)
+    return cmd[0], cmd[1:]
+
+
+_LOG_HANDLERS = []
+
+
+def _configure_logging(environ):
+    level = environ.get("LOGLEVEL", "INFO").upper()
+    for old in _LOG_HANDLERS:
+        log.removeHandler(old)
+        logging.getLogger(_rdzv.__name__).removeHandler(old)
+    del _LOG_HANDLERS[:]
+    handler = logging.StreamHandler(sys.stderr)
+    _LOG_HANDLERS.append(handler)
+    handler.setFormatter(logging.Formatter("[elasticrun] %(message)s"))
+    log.addHandler(handler)
+    log.setLevel(getattr(logging, level, logging.INFO) if not level.isdigit() else int(level))
+    log.propagate = False
+    rlog = logging.getLogger(_rdzv.__name__)
+    rlog.addHandler(handler)
+    rlog.setLevel(log.level if log.level <= logging.DEBUG else logging.WARNING)
+    rlog.propagate = False
+
 
 def main(argv=None):
-    sys.stderr.write("elasticrun: not implemented yet\n")
-    return 2
+    """The launcher: parse, run the agent, report. Returns the exit status."""
+    environ = os.environ
+    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        args = _parse_args(argv, environ)
+        c = _config_from_args(args, environ)
+    except _UsageError as e:
+        sys.stderr.write("elasticrun: error: %s\n" % e)
+        return 2
+    _configure_logging(environ)
+    stopped = []
+
+    def on_signal(signum, frame):
+        if not stopped:
+            stopped.append(signum)
+            raise _SignalStop(signum)
+
+    previous = {}
+    for sig in c.signals:
+        try:
+            previous[sig] = signal.signal(sig, on_signal)
+        except (ValueError, OSError):
+            pass
+    try:
+        try:
+            handler = _make_handler(c)
+        except (ValueError, _rdzv.RendezvousError) as e:
+            sys.stderr.write("elasticrun: error: %s\n" % e)
+            return 2
+        entry, entry_args = _entrypoint(c.args)
+        spec = WorkerSpec(c.args.role, c.nproc, entry, entry_args, rdzv_handler=handler,
+                          max_restarts=c.args.max_restarts, monitor_interval=c.args.monitor_interval,
+                          master_addr=c.master_addr, master_port=c.master_port,
+                          local_addr=c.args.local_addr)
+        agent = LocalElasticAgent(spec, logs_specs=c.logs, start_method=c.args.start_method,
+                                  exit_barrier_timeout=c.args.exit_barrier_timeout,
+                                  shutdown_timeout=c.args.shutdown_timeout,
+                                  log_line_prefix_template=c.args.log_line_prefix_template)
+        try:
+            result = agent.run()
+        except _rdzv.RendezvousError as e:
+            log.error("rendezvous failed: %s", e)
+            return 1
+        if not result.is_failed():
+            return 0
+        root_rank, root = result.root_cause
+        failures = dict(getattr(agent, "_last_job_failures", None) or result.failures)
+        failures.setdefault(root_rank, root)
+        err = ChildFailedError(c.args.training_script, failures)
+        sys.stderr.write(err.format_msg() + "\n")
+        _copy_root_cause(err, environ.get("TORCHELASTIC_ERROR_FILE"))
+        return root.launcher_exit_code()
+    except _SignalStop as e:
+        log.info("stopped by %s; workers torn down", _signal_name(e.signum))
+        return 128 + e.signum
+    finally:
+        for sig, old in previous.items():
+            try:
+                signal.signal(sig, old)
+            except (ValueError, OSError):
+                pass
 
 
 if __name__ == "__main__":

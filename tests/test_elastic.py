@@ -1,0 +1,252 @@
+"""LocalElasticAgent through its Python API: callable and program workers on one node (no rendezvous
+handler: the agent's own single-node round), the error channel, and the pieces of the CLI that need
+no processes. Multi-agent runs are in test_launcher.py, process-tree cleanup in test_teardown.py."""
+import json
+import os
+import signal
+import sys
+
+import pytest
+
+import elastic
+from elastic import (ChildFailedError, DefaultLogsSpecs, LocalElasticAgent, ProcessFailure, Std,
+                     WorkerSpec, WorkerState)
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+from agent_scripts import funcs  # noqa: E402
+
+SCRIPTS = os.path.join(HERE, "agent_scripts")
+
+
+def run_agent(fn, nproc=2, args=(), max_restarts=0, start_method="spawn", **spec_kw):
+    spec = WorkerSpec("trainer", nproc, fn, args=args, max_restarts=max_restarts,
+                      monitor_interval=0.05, **spec_kw)
+    agent = LocalElasticAgent(spec, start_method=start_method, shutdown_timeout=2)
+    return agent, agent.run()
+
+
+def test_happy_function():
+    agent, result = run_agent(funcs.happy)
+    assert result.state == WorkerState.SUCCEEDED
+    assert not result.is_failed()
+    assert result.return_values == {0: None, 1: None}
+    assert result.failures == {}
+
+
+def test_return_values_by_global_rank():
+    _, result = run_agent(funcs.rank_times, nproc=3, args=(10,))
+    assert result.return_values == {0: 0, 1: 10, 2: 20}
+
+
+def test_large_return_values_do_not_deadlock():
+    size = 10 * 1024 * 1024
+    _, result = run_agent(funcs.big_value, nproc=2, args=(size,))
+    assert sorted(result.return_values) == [0, 1]
+    for rank, value in result.return_values.items():
+        assert len(value) == size and value[:1] == str(rank).encode()
+
+
+def test_env_present_and_correct(monkeypatch):
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.delenv("TORCH_NCCL_ASYNC_ERROR_HANDLING", raising=False)
+    _, result = run_agent(funcs.env_dump, nproc=2, max_restarts=3)
+    envs = result.return_values
+    for rank in (0, 1):
+        e = envs[rank]
+        assert e["LOCAL_RANK"] == str(rank) and e["RANK"] == str(rank)
+        assert e["ROLE_RANK"] == str(rank) and e["ROLE_NAME"] == "trainer"
+        assert e["GROUP_RANK"] == "0" and e["GROUP_WORLD_SIZE"] == "1"
+        assert e["LOCAL_WORLD_SIZE"] == "2" and e["WORLD_SIZE"] == "2" and e["ROLE_WORLD_SIZE"] == "2"
+        assert e["TORCHELASTIC_RESTART_COUNT"] == "0" and e["TORCHELASTIC_MAX_RESTARTS"] == "3"
+        assert e["TORCHELASTIC_USE_AGENT_STORE"] == "False"
+        assert e["TORCH_NCCL_ASYNC_ERROR_HANDLING"] == "1"
+        assert e["OMP_NUM_THREADS"] == "1"
+        assert e["TORCHELASTIC_RUN_ID"]
+        assert e["TORCHELASTIC_ERROR_FILE"].endswith(os.path.join(str(rank), "error.json"))
+        assert e["MASTER_ADDR"] and int(e["MASTER_PORT"]) > 0
+    assert envs[0]["MASTER_PORT"] == envs[1]["MASTER_PORT"]
+    assert envs[0]["TORCHELASTIC_ERROR_FILE"] != envs[1]["TORCHELASTIC_ERROR_FILE"]
+
+
+def test_nccl_async_error_handling_passes_through(monkeypatch):
+    monkeypatch.setenv("TORCH_NCCL_ASYNC_ERROR_HANDLING", "0")
+    monkeypatch.setenv("OMP_NUM_THREADS", "7")
+    _, result = run_agent(funcs.env_dump, nproc=1)
+    assert result.return_values[0]["TORCH_NCCL_ASYNC_ERROR_HANDLING"] == "0"
+    assert result.return_values[0]["OMP_NUM_THREADS"] == "7"
+
+
+def test_master_addr_and_port_override():
+    _, result = run_agent(funcs.env_dump, nproc=2, master_addr="10.9.8.7", master_port=12345)
+    for e in result.return_values.values():
+        assert e["MASTER_ADDR"] == "10.9.8.7" and e["MASTER_PORT"] == "12345"
+
+
+def test_sad_function_reports_error_file_and_root_cause():
+    _, result = run_agent(funcs.sad, nproc=2)
+    assert result.is_failed() and result.state == WorkerState.FAILED
+    assert result.return_values == {}
+    assert set(result.failures) <= {0, 1} and result.failures
+    rank, root = result.root_cause
+    assert root.exitcode == 1 and root.launcher_exit_code() == 1
+    assert "RuntimeError: sad worker %d" % rank == root.message
+    assert "raise RuntimeError" in root.traceback
+    with open(root.error_file) as f:
+        data = json.load(f)
+    assert data["message"]["message"] == root.message
+    assert int(data["message"]["extraInfo"]["timestamp"]) > 0
+
+
+def test_bipolar_function_restarts_until_budget_spent():
+    agent, result = run_agent(funcs.bipolar, nproc=2, max_restarts=2)
+    assert result.is_failed()
+    assert agent.restart_count == 2
+    assert 0 in result.failures and 1 not in result.failures
+
+
+def test_rank_restart_after_sigkilled_worker():
+    agent, result = run_agent(funcs.kill_self_first_attempt, nproc=2, max_restarts=1)
+    assert result.state == WorkerState.SUCCEEDED
+    assert agent.restart_count == 1
+    assert result.return_values == {0: (0, 1), 1: (1, 1)}
+
+
+def test_program_worker_failure_captured_without_record(tmp_path):
+    env_err = tmp_path / "launcher_error.json"
+    cmd = elastic.python_command(os.path.join(SCRIPTS, "fail.py"))
+    spec = WorkerSpec("default", 2, cmd[0], args=cmd[1:], max_restarts=0, monitor_interval=0.05)
+    result = LocalElasticAgent(spec, shutdown_timeout=2,
+                               logs_specs=DefaultLogsSpecs(log_dir=str(tmp_path))).run()
+    assert result.is_failed()
+    rank, root = result.root_cause
+    assert rank == 0 and root.exitcode == 1
+    assert root.message == "ValueError: bad value on rank 0"
+    assert "compute()" in root.traceback and "<string>" not in root.traceback
+    err = ChildFailedError("fail.py", result.failures)
+    assert err.get_first_failure()[0] == 0
+    elastic._copy_root_cause(err, str(env_err))
+    data = json.loads(env_err.read_text())
+    assert data["errorCode"] == 1 and data["message"]["message"] == root.message
+
+
+def test_logs_redirect_and_tee(tmp_path, capfd):
+    cmd = elastic.python_command(os.path.join(SCRIPTS, "printer.py"))
+    logs = DefaultLogsSpecs(log_dir=str(tmp_path), redirects=Std.ERR, tee={0: Std.OUT})
+    spec = WorkerSpec("w", 2, cmd[0], args=cmd[1:], monitor_interval=0.05)
+    result = LocalElasticAgent(spec, logs_specs=logs, shutdown_timeout=2,
+                               log_line_prefix_template="<${role_name}|${rank}>").run()
+    assert result.state == WorkerState.SUCCEEDED
+    out, err = capfd.readouterr()
+    assert "<w|0>out of rank 0" in out.splitlines()
+    assert "out of rank 1" in out and "<w|1>" not in out       # rank 1 stdout: plain console
+    assert "err of rank" not in err                             # stderr: files only
+    attempt = os.path.join(logs.root_log_dir, "attempt_0")
+    with open(os.path.join(attempt, "0", "stdout.log")) as f:
+        assert f.read() == "out of rank 0\n"
+    with open(os.path.join(attempt, "1", "stderr.log")) as f:
+        assert f.read() == "err of rank 1\n"
+
+
+def test_local_ranks_filter_hides_other_ranks(tmp_path, capfd):
+    cmd = elastic.python_command(os.path.join(SCRIPTS, "printer.py"))
+    logs = DefaultLogsSpecs(log_dir=str(tmp_path), tee=Std.ALL, local_ranks_filter={1})
+    spec = WorkerSpec("default", 2, cmd[0], args=cmd[1:], monitor_interval=0.05)
+    LocalElasticAgent(spec, logs_specs=logs, shutdown_timeout=2).run()
+    out, err = capfd.readouterr()
+    assert "[default1]:out of rank 1" in out and "[default1]:err of rank 1" in err
+    assert "rank 0" not in out and "rank 0" not in err
+    with open(os.path.join(logs.root_log_dir, "attempt_0", "0", "stdout.log")) as f:
+        assert f.read() == "out of rank 0\n"
+
+
+def test_std_maps_take_any_number_of_digits():
+    assert Std.from_str("3") == Std.ALL
+    assert Std.from_str("0:3,12:1,123:2") == {0: 3, 12: 1, 123: 2}
+    for bad in ("4", "x", "0:5", "a:1", "1:"):
+        with pytest.raises(ValueError):
+            Std.from_str(bad)
+
+
+def test_first_failure_is_earliest_then_lowest_rank():
+    a = ProcessFailure(0, 10, 1, exit_time=100.5, rank=3)
+    b = ProcessFailure(1, 11, -9, exit_time=100.2, rank=7)
+    c = ProcessFailure(2, 12, 2, exit_time=100.2, rank=5)
+    err = ChildFailedError("job", {3: a, 7: b, 5: c})
+    assert err.get_first_failure() == (5, c)
+    assert b.launcher_exit_code() == 128 + 9 and "SIGKILL" in b.message
+    report = err.format_msg()
+    assert report.index("[rank 5]") < report.index("[rank 7]") < report.index("[rank 3]")
+
+
+def test_record_writes_error_file_atomically(tmp_path, monkeypatch):
+    path = tmp_path / "err.json"
+    monkeypatch.setenv("TORCHELASTIC_ERROR_FILE", str(path))
+
+    @elastic.record
+    def boom():
+        raise KeyError("k")
+
+    with pytest.raises(KeyError):
+        boom()
+    data = json.loads(path.read_text())
+    assert data["message"]["message"] == "KeyError: 'k'"
+    assert "boom" in data["message"]["extraInfo"]["py_callstack"]
+    assert os.listdir(str(tmp_path)) == ["err.json"]
+
+
+def test_spec_validation():
+    with pytest.raises(ValueError):
+        WorkerSpec("r", 0, funcs.happy)
+    with pytest.raises(ValueError):
+        WorkerSpec("r", 1, 42)
+    with pytest.raises(ValueError):
+        LocalElasticAgent(WorkerSpec("r", 1, funcs.happy), start_method="thread")
+
+
+@pytest.mark.parametrize("argv, needle", [
+    (["--nnodes", "x", "s.py"], "--nnodes"),
+    (["--nproc-per-node", "zero", "s.py"], "--nproc-per-node"),
+    (["--redirects", "9", "s.py"], "--redirects"),
+    (["--tee", "0:7", "s.py"], "--tee"),
+    (["--bogus", "s.py"], "--bogus"),
+    (["--rdzv-backend", "zk", "s.py"], "--rdzv-backend"),
+    (["--signals-to-handle", "SIGNOPE", "s.py"], "--signals-to-handle"),
+    (["--start-method", "thread", "s.py"], "--start-method"),
+    (["--max-restarts", "many", "s.py"], "--max-restarts"),
+    ([], "training_script"),
+])
+def test_cli_errors_exit_2_with_one_line(argv, needle, capsys):
+    assert elastic.main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and needle in err and err.startswith("elasticrun: error:")
+
+
+def test_cli_reads_pet_environment_and_both_spellings():
+    env = {"PET_NPROC_PER_NODE": "3", "PET_MAX_RESTARTS": "2", "PET_STANDALONE": "1"}
+    args = elastic._parse_args(["--monitor_interval", "0.5", "--rdzv-id=abc", "s.py", "-x"], env)
+    c = elastic._config_from_args(args, env)
+    assert c.nproc == 3 and args.max_restarts == 2 and args.standalone
+    assert args.monitor_interval == 0.5 and c.backend == "c10d" and c.conf["is_host"] == "1"
+    assert args.training_script_args == ["-x"]
+    assert elastic._parse_nproc("cpu") == os.cpu_count()
+    assert elastic._parse_nproc("auto") >= 1
+    assert elastic._config_from_args(elastic._parse_args(["s.py"], {}), {}).backend == "static"
+
+
+def test_cli_error_for_bad_pet_value(capsys):
+    old = os.environ.get("PET_MAX_RESTARTS")
+    os.environ["PET_MAX_RESTARTS"] = "lots"
+    try:
+        assert elastic.main(["s.py"]) == 2
+    finally:
+        if old is None:
+            del os.environ["PET_MAX_RESTARTS"]
+        else:
+            os.environ["PET_MAX_RESTARTS"] = old
+    assert "PET_MAX_RESTARTS" in capsys.readouterr().err
+
+
+def test_signal_names_in_failures():
+    f = ProcessFailure(0, 5, -signal.SIGTERM)
+    assert f.signal_name() == "SIGTERM" and f.launcher_exit_code() == 143
