@@ -433,12 +433,16 @@ class FileTimerServer:
                             "not signalled", pid, scope)
                 self._drop_pid(pid, poller)
                 continue
+            record = (pid, scope, exp)
+            with self._cond:  # recorded first: the agent may see the death before we return
+                self._expired.append(record)
             sent = self._signal(pid, sig)
+            if not sent:
+                with self._cond:
+                    if record in self._expired:
+                        self._expired.remove(record)
             log.warning("file timer: pid %d overran scope %s by %.3fs; %s %s", pid, scope, now - exp,
                         "sent" if sent else "could not send", _signal_name(sig))
-            if sent:
-                with self._cond:
-                    self._expired.append((pid, scope, exp))
             self._drop_pid(pid, poller)
 
     def _signal(self, pid, sig):
