@@ -64,7 +64,7 @@ ETCD_DEFAULT_PORT = 2379
 ETCD_DEFAULT_LEASE_TTL = 10.0
 _ETCD_API_PATHS = ("/v3", "/v3beta", "/v3alpha")
 _ETCD_CONNECT_TIMEOUT = 3.0     # a member that does not accept within this is skipped for now
-_ETCD_REQUEST_TIMEOUT = 10.0    # etcd itself gives up on a proposal after ~7 s ("request timed out")
+_ETCD_REQUEST_TIMEOUT = 5.0     # no answer by then: the member is cut off or stuck; ask another one
 _ETCD_MAX_TXN_OPS = 128         # etcd's default --max-txn-ops
 _ETCD_FAILOVER_CODES = (4, 14)  # gRPC DeadlineExceeded, Unavailable: try another member
 _ETCD_NOT_FOUND = 5             # gRPC NotFound: e.g. "requested lease not found"
@@ -121,10 +121,11 @@ def _etcd_describe(error):
     return str(error) or type(error).__name__
 
 
-def _etcd_keepalive(sock):
-    """Notice a member that vanished without closing (cut link, power loss) in about 15 s."""
+def _etcd_keepalive(sock, idle=5, interval=2, count=5):
+    """Notice a member that vanished without closing (cut link, power loss): after about
+    idle + interval * count seconds of silence the kernel fails our reads."""
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
-    for name, value in (("TCP_KEEPIDLE", 5), ("TCP_KEEPINTVL", 2), ("TCP_KEEPCNT", 5)):
+    for name, value in (("TCP_KEEPIDLE", idle), ("TCP_KEEPINTVL", interval), ("TCP_KEEPCNT", count)):
         if hasattr(socket, name):
             sock.setsockopt(socket.IPPROTO_TCP, getattr(socket, name), value)
 
@@ -438,7 +439,9 @@ class EtcdStore:
         try:
             try:
                 conn.connect()
-                _etcd_keepalive(conn.sock)
+                # a watch is silent until its event comes: let the kernel probe the member meanwhile,
+                # so a cut link ends the stream in ~5 s and we resume on another member (no polling)
+                _etcd_keepalive(conn.sock, idle=2, interval=1, count=3)
             except OSError as e:
                 members.skip(index)
                 raise _EtcdStreamBroken("%s: %s" % (member[0], _etcd_describe(e))) from None

@@ -14,6 +14,9 @@ Layout (all names carry a per-run tag, so concurrent runs never collide)::
     netns <tag>h1  eth0 10.N.0.2/24 --veth-- p1 -+- br0   (in netns <tag>br: nothing else lives there)
     netns <tag>h2  eth0 10.N.0.3/24 --veth-- p2 -+
 
+With ``Network(n, root_link=True)`` the test process itself is also on the bridge, at 10.N.M.254
+(an extra veth in the current namespace, removed on close).
+
 The bridge has a namespace of its own, so nothing touches the machine's real network and the test
 addresses can't clash with it. `link_down` takes the bridge-side end of the host's veth down: the
 host keeps its address and routes and its packets are simply lost, as with a pulled cable or a dead
@@ -62,7 +65,7 @@ def netns_problem():
 class Network:
     """`hosts` namespaces on one bridge; see the module docstring."""
 
-    def __init__(self, hosts, subnet=None):
+    def __init__(self, hosts, subnet=None, root_link=False):
         if hosts < 1 or hosts > 250:
             raise ValueError("hosts must be 1..250, got %r" % hosts)
         n = next(_counter)
@@ -73,6 +76,10 @@ class Network:
         self.subnet = subnet or "10.%d.%d" % (100 + os.getpid() % 100, n % 250)
         self.procs = []
         self._made = []
+        # root_link: one more veth from the test process's own namespace to the bridge (address .254),
+        # so the test itself can reach every host (health checks, a client outside the hosts)
+        self.root_link = self.tag + "r" if root_link else None
+        self.root_addr = self.subnet + ".254" if root_link else None
 
     def addr(self, i):
         """Host i's address (10.N.M.i+1)."""
@@ -101,6 +108,14 @@ class Network:
                 _ip("-n", name, "addr", "add", self.addr(i) + "/24", "dev", "eth0")
                 _ip("-n", name, "link", "set", "eth0", "up")
                 _ip("-n", name, "link", "set", "lo", "up")
+            if self.root_link:
+                _ip("-n", b, "link", "add", "pr", "type", "veth", "peer", "name", "er")
+                _ip("-n", b, "link", "set", "er", "netns", str(os.getpid()))  # the test's own namespace
+                _ip("link", "set", "er", "name", self.root_link)
+                _ip("-n", b, "link", "set", "pr", "master", "br0")
+                _ip("-n", b, "link", "set", "pr", "up")
+                _ip("addr", "add", self.root_addr + "/24", "dev", self.root_link)
+                _ip("link", "set", self.root_link, "up")
         except BaseException:
             self.close()
             raise
@@ -180,6 +195,8 @@ class Network:
                     except OSError:
                         pass
                 time.sleep(0.02)  # SIGKILL is asynchronous; the kernel reaps them in a moment
+        if self.root_link:  # deleting one end of a veth deletes both
+            _ip("link", "del", self.root_link, check=False)
         for name in reversed(self._made):
             _ip("netns", "del", name, check=False)
         self._made = []

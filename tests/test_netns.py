@@ -1,6 +1,7 @@
 """Multi-host scenarios on simulated hosts (network namespaces, veth, a bridge): see tests/netns.py."""
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -80,3 +81,51 @@ def test_store_across_hosts_and_a_cut_link_times_out_cleanly(netns_ok):
         assert client.stdout.readline() == b"again 1\n", client.stderr.read().decode()
         client.stdin.close()
         assert client.wait(HANG_GUARD) == 0
+
+
+ETCD_CLIENT = r"""
+import sys, threading, time
+from _etcd_part import EtcdStore
+s = EtcdStore(sys.argv[1], prefix="nx", timeout=60)
+s.set("a", "1")
+def blocked():
+    print("late", s.get("late").decode(), flush=True)
+waiter = threading.Thread(target=blocked)
+waiter.start()
+print("ready", flush=True)
+sys.stdin.readline()                 # the test cuts off the member we talk to meanwhile
+started = time.monotonic()
+s.set("b", "2")
+print("set", round(time.monotonic() - started, 1), flush=True)
+print("add", s.add("n", 1), s.get("a").decode(), flush=True)
+waiter.join()
+s.close()
+"""
+
+
+def test_etcd_client_fails_over_when_its_members_host_is_cut_off(netns_ok, etcd_binary, tmp_path):
+    from etcd_cluster import EtcdCluster
+    from _etcd_part import EtcdStore
+    with Network(4, root_link=True) as net:
+        members = EtcdCluster(etcd_binary, tmp_path, size=3, hosts=net.addrs[:3],
+                              prefixes=[net.argv(i, []) for i in range(3)], ports=[(2379, 2380)] * 3)
+        with members:
+            client = net.popen(3, [sys.executable, "-c", ETCD_CLIENT, ",".join(members.endpoints)], cwd=ROOT,
+                               stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+            assert client.stdout.readline() == b"ready\n", client.stderr.read().decode()
+            # the client's blocked get watches on member 0 (its first endpoint): cut that host off
+            deadline = time.monotonic() + HANG_GUARD
+            while members.metric("etcd_debugging_mvcc_watcher_total", 0) < 1:
+                assert time.monotonic() < deadline, "no watch on member 0"
+                time.sleep(0.05)
+            net.link_down(0)
+            client.stdin.write(b"go\n")
+            client.stdin.flush()
+            with EtcdStore(members.endpoints[1:], prefix="nx", timeout=60) as other:
+                other.set("late", "after-the-cut")
+            lines = sorted(client.stdout.readline().decode().split() for _ in range(3))
+            assert [line[0] for line in lines] == ["add", "late", "set"], (lines, client.stderr.read().decode())
+            assert lines[0][1:] == ["1", "1"] and lines[1][1:] == ["after-the-cut"]
+            print("write failover after the cut took %s s" % lines[2][1])
+            client.stdin.close()
+            assert client.wait(HANG_GUARD) == 0, client.stderr.read().decode()
