@@ -1,4 +1,5 @@
-"""Writes its environment (the agent's variables) to OUTDIR/<role>_<rank>.json, then sleeps ARG2 s."""
+"""Writes its environment (the agent's variables, plus PID) to OUTDIR/<role>_<rank>_<restart>_<world>.json.
+Optional second argument: seconds to sleep afterwards, or `hold>N` to sleep for good while WORLD_SIZE > N."""
 import json
 import os
 import sys
@@ -10,10 +11,18 @@ keys = [k for k in os.environ if k in (
     "TORCHELASTIC_MAX_RESTARTS", "TORCHELASTIC_RUN_ID", "TORCHELASTIC_USE_AGENT_STORE",
     "TORCHELASTIC_ERROR_FILE", "TORCH_NCCL_ASYNC_ERROR_HANDLING", "OMP_NUM_THREADS")]
 out = sys.argv[1]
-name = "%s_%s_%s" % (os.environ["ROLE_NAME"], os.environ["RANK"], os.environ["TORCHELASTIC_RESTART_COUNT"])
+env = {k: os.environ[k] for k in keys}
+env["PID"] = os.getpid()
+name = "%s_%s_%s_%s" % (os.environ["ROLE_NAME"], os.environ["RANK"], os.environ["TORCHELASTIC_RESTART_COUNT"],
+                        os.environ["WORLD_SIZE"])
 tmp = os.path.join(out, name + ".tmp")
 with open(tmp, "w") as f:
-    json.dump({k: os.environ[k] for k in keys}, f)
+    json.dump(env, f)
 os.replace(tmp, os.path.join(out, name + ".json"))
 if len(sys.argv) > 2:
-    time.sleep(float(sys.argv[2]))
+    arg = sys.argv[2]
+    if arg.startswith("hold>"):
+        while int(os.environ["WORLD_SIZE"]) > int(arg[5:]):
+            time.sleep(1000)
+    else:
+        time.sleep(float(arg))

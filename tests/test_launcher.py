@@ -1,0 +1,214 @@
+"""The elasticrun launcher as users run it: real launcher processes, real workers, several agents on
+one machine meeting through c10d rendezvous on a store process (so any agent may die)."""
+import json
+import os
+import signal
+import sys
+
+import pytest
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+from agent_scripts.harness import (ELASTIC, ROOT, SCRIPTS, Launcher, StoreProcess, alive, dumps, env,  # noqa: E402
+                                   kill_all, wait_for)
+
+ENVDUMP = os.path.join(SCRIPTS, "envdump.py")
+FAIL = os.path.join(SCRIPTS, "fail.py")
+FAST = ["--monitor-interval", "0.05", "--shutdown-timeout", "2"]
+
+
+def c10d(store, nnodes, run_id, *extra):
+    conf = "last_call_timeout=1,heartbeat_interval=0.2,heartbeat_timeout=1.5,join_timeout=60"
+    return ["--nnodes", nnodes, "--rdzv-backend", "c10d", "--rdzv-endpoint", store.endpoint,
+            "--rdzv-id", run_id, "--rdzv-conf", conf] + FAST + list(extra)
+
+
+def test_standalone_runs_script_module_and_program(tmp_path):
+    out = tmp_path / "env"
+    out.mkdir()
+    procs = []
+    try:
+        a = Launcher(["--standalone", "--nproc-per-node", "2"] + FAST + [ENVDUMP, str(out)], tmp_path, "a")
+        procs.append(a)
+        assert a.wait() == 0, a.err()
+        d = dumps(out)
+        assert sorted(d) == ["default_0_0_2", "default_1_0_2"]
+        assert "world size 2" in a.err() and "succeeded" in a.err()
+        b = Launcher(["--standalone", "-m", "agent_scripts.envdump", str(out)], tmp_path, "b",
+                     cmd=[sys.executable, "-m", "elastic"], environ=env(PYTHONPATH=ROOT + os.pathsep + HERE))
+        procs.append(b)
+        assert b.wait() == 0, b.err()
+        c = Launcher(["--standalone", "--no-python", "--role", "prog", "/bin/sh", "-c", "exit 5"], tmp_path, "c")
+        procs.append(c)
+        assert c.wait() == 5, c.err()
+        assert "exitcode   : 5" in c.err()
+    finally:
+        for p in procs:
+            p.stop()
+
+
+def test_failure_exit_code_report_and_launcher_error_file(tmp_path):
+    err_file = tmp_path / "launcher_error.json"
+    procs = []
+    try:
+        a = Launcher(["--standalone", "--nproc-per-node", "2"] + FAST + [FAIL], tmp_path, "a",
+                     environ=env(FAIL_RANK=1, TORCHELASTIC_ERROR_FILE=err_file))
+        procs.append(a)
+        assert a.wait() == 1
+        report = a.err()
+        report = report[report.index("Root cause"):]
+        assert "message    : ValueError: bad value on rank 1" in report
+        assert "rank       : 1 (local_rank: 1" in report
+        data = json.loads(err_file.read_text())
+        assert data["errorCode"] == 1
+        assert data["message"]["message"] == "ValueError: bad value on rank 1"
+        assert "compute()" in data["message"]["extraInfo"]["py_callstack"]
+        b = Launcher(["--standalone"] + FAST + [FAIL, "exit", "7"], tmp_path, "b")
+        procs.append(b)
+        assert b.wait() == 7
+        c = Launcher(["--standalone", "--no-python"] + FAST + ["/bin/sh", "-c", "kill -9 $$"], tmp_path, "c")
+        procs.append(c)
+        assert c.wait() == 128 + 9
+        assert "SIGKILL" in c.err()
+        d = Launcher(["--standalone"] + FAST + [os.path.join(SCRIPTS, "recorded.py")], tmp_path, "d")
+        procs.append(d)
+        assert d.wait() == 1
+        assert "KeyError: 'recorded failure on rank 0'" in d.err()
+    finally:
+        for p in procs:
+            p.stop()
+
+
+def test_restarts_counted_then_budget_spent(tmp_path):
+    out = tmp_path / "env"
+    out.mkdir()
+    a = Launcher(["--standalone", "--nproc-per-node", "2", "--max-restarts", "2"] + FAST
+                 + [os.path.join(SCRIPTS, "stamp.py"), "fail"], tmp_path, "a")
+    try:
+        assert a.wait() == 1
+        starts = [line.split() for line in a.out().splitlines() if line.startswith("start")]
+        assert sorted(s[3] for s in starts if s[2] == "0") == ["0", "1", "2"]
+        assert a.err().count("restarting the worker group") == 2
+    finally:
+        a.stop()
+
+
+def _ranks_test(tmp_path, roles, nprocs):
+    out = tmp_path / "env"
+    out.mkdir()
+    store = StoreProcess()
+    agents = []
+    try:
+        n = str(len(nprocs))
+        for i, (role, nproc) in enumerate(zip(roles, nprocs)):
+            agents.append(Launcher(c10d(store, n, "ranks", "--role", role, "--nproc-per-node", str(nproc),
+                                        "--local-addr", "127.0.0.1") + [ENVDUMP, str(out)],
+                                   tmp_path, "agent%d" % i))
+        for a in agents:
+            assert a.wait(120) == 0, a.err()
+        envs = list(dumps(out).values())
+        total = sum(nprocs)
+        assert len(envs) == total
+        assert sorted(int(e["RANK"]) for e in envs) == list(range(total))
+        by_group = {}
+        for e in envs:
+            assert e["WORLD_SIZE"] == str(total) and e["GROUP_WORLD_SIZE"] == n
+            by_group.setdefault(int(e["GROUP_RANK"]), []).append(e)
+        assert sorted(by_group) == list(range(len(nprocs)))
+        for group, members in by_group.items():
+            ranks = sorted(int(e["RANK"]) for e in members)
+            assert ranks == list(range(ranks[0], ranks[0] + len(members)))   # consecutive per node
+            assert all(e["LOCAL_WORLD_SIZE"] == str(len(members)) for e in members)
+            for e in members:
+                assert int(e["RANK"]) - ranks[0] == int(e["LOCAL_RANK"])
+        for role in set(roles):
+            members = [e for e in envs if e["ROLE_NAME"] == role]
+            want = sum(p for r, p in zip(roles, nprocs) if r == role)
+            assert sorted(int(e["ROLE_RANK"]) for e in members) == list(range(want))
+            assert all(e["ROLE_WORLD_SIZE"] == str(want) for e in members)
+            for group, group_members in by_group.items():   # role ranks contiguous per node
+                mine = sorted(int(e["ROLE_RANK"]) for e in group_members if e["ROLE_NAME"] == role)
+                assert mine == list(range(mine[0], mine[0] + len(mine))) if mine else True
+        assert len({e["MASTER_PORT"] for e in envs}) == 1
+    finally:
+        for a in agents:
+            a.stop()
+        store.stop()
+
+
+def test_rank_assignment_heterogeneous_roles(tmp_path):
+    _ranks_test(tmp_path, ["trainer", "ps", "trainer", "ps", "trainer", "reader", "ps"], [1, 2, 3, 4, 5, 6, 4])
+
+
+def test_rank_assignment_homogeneous_roles(tmp_path):
+    _ranks_test(tmp_path, ["trainer"] * 7, [4, 3, 5, 1, 2, 6, 4])
+
+
+@pytest.mark.parametrize("barrier_timeout", [60, 0.3])
+def test_workers_drift(tmp_path, barrier_timeout):
+    """One node finishes early: it waits in the exit barrier (or gives up on it), and the slow node's
+    workers run once, undisturbed, and succeed."""
+    out = tmp_path / "env"
+    out.mkdir()
+    store = StoreProcess()
+    agents = []
+    try:
+        for i, sleep in enumerate(("0", "1.5")):
+            agents.append(Launcher(c10d(store, "2", "drift", "--exit-barrier-timeout", str(barrier_timeout))
+                                   + [ENVDUMP, str(out), sleep], tmp_path, "agent%d" % i))
+        for a in agents:
+            assert a.wait(60) == 0, a.err()
+            assert a.err().count("rendezvous round") == 1, a.err()
+        assert sorted(dumps(out)) == ["default_0_0_2", "default_1_0_2"]
+    finally:
+        for a in agents:
+            a.stop()
+        store.stop()
+
+
+def test_no_exit_barrier_on_failure_and_job_wide_root_cause(tmp_path):
+    """A fails for good: B (one worker finished, one still running) stops at once, not after the 60 s
+    barrier, and reports A's worker as the root cause with its exit code."""
+    store = StoreProcess()
+    agents = []
+    try:
+        agents.append(Launcher(c10d(store, "2", "nobarrier", "--exit-barrier-timeout", "60",
+                                    "--local-addr", "127.0.0.1") + [FAIL, "exit", "9"],
+                               tmp_path, "a", environ=env(FAIL_RANK=0)))
+        agents.append(Launcher(c10d(store, "2", "nobarrier", "--exit-barrier-timeout", "60",
+                                    "--nproc-per-node", "2", "--local-addr", "127.0.0.2")
+                               + [os.path.join(SCRIPTS, "stamp.py"), "fail"],
+                               tmp_path, "b", environ=env(FAIL_RANK=0)))
+        # stamp.py fail: rank 0 (on a) never runs it; ranks 1, 2 on b sleep 60 s
+        assert agents[0].wait(40) == 9
+        assert agents[1].wait(40) == 9, agents[1].err()
+        report = agents[1].err()
+        assert "Root cause" in report and "rank       : 0 (local_rank: 0" in report
+    finally:
+        for a in agents:
+            a.stop()
+        store.stop()
+
+
+def test_scale_down_when_an_agent_is_sigkilled(tmp_path):
+    out = tmp_path / "env"
+    out.mkdir()
+    store = StoreProcess()
+    agents = []
+    try:
+        for i in range(2):
+            agents.append(Launcher(c10d(store, "1:2", "scaledown", "--nproc-per-node", "2",
+                                        "--local-addr", "127.0.0.%d" % (i + 1))
+                                   + [ENVDUMP, str(out), "hold>2"], tmp_path, "agent%d" % i))
+        wait_for(lambda: len([k for k in dumps(out) if k.endswith("_4")]) == 4, what="4 workers of 2 nodes")
+        doomed = [e["PID"] for e in dumps(out).values() if e["GROUP_RANK"] == "1"]
+        os.kill(agents[1].pid, signal.SIGKILL)
+        assert agents[0].wait(60) == 0, agents[0].err()
+        assert sorted(k for k in dumps(out) if k.endswith("_2")) == ["default_0_0_2", "default_1_0_2"]
+        assert "member" in agents[0].err()
+        wait_for(lambda: not any(alive(p) for p in doomed), 10, "the killed agent's workers to die")
+    finally:
+        for a in agents:
+            a.stop()
+        store.stop()
+        kill_all(e["PID"] for e in dumps(out).values())
