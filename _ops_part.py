@@ -226,6 +226,8 @@ class FileTimerServer:
             except OSError:
                 pass
         self._pidfds.clear()
+        with self._cond:
+            self._timers.clear()
         self._fifo = self._wake_r = self._wake_w = None
         try:
             if stat.S_ISFIFO(os.lstat(self.file_path).st_mode):
@@ -346,21 +348,21 @@ class FileTimerServer:
         if not _is_int(pid) or not isinstance(scope, str) or not _is_int(sig) \
                 or not isinstance(exp, (int, float)) or isinstance(exp, bool) or exp != exp:
             return self._malformed(line, "missing or mistyped field")
-        self._request_count += 1
+        with self._cond:  # one step for observers: counted and applied together
+            self._request_count += 1
+            self._apply(pid, scope, float(exp), sig, poller)
+
+    def _apply(self, pid, scope, exp, sig, poller):
         if exp < 0:
-            with self._cond:
-                self._timers.pop((pid, scope), None)
-                if not any(p == pid for p, _ in self._timers):
-                    self._unwatch(pid, poller)
-            return
-        if pid <= 1 or pid == os.getpid():
+            self._timers.pop((pid, scope), None)
+            if not any(p == pid for p, _ in self._timers):
+                self._unwatch(pid, poller)
+        elif pid <= 1 or pid == os.getpid():
             log.warning("file timer: refused a timer for pid %d (scope %s): never signalled", pid, scope)
-            return
-        if not self._watch(pid, poller):
+        elif not self._watch(pid, poller):
             log.debug("file timer: pid %d is gone, ignored its timer %s", pid, scope)
-            return
-        with self._cond:
-            self._timers[(pid, scope)] = (float(exp), sig)
+        else:
+            self._timers[(pid, scope)] = (exp, sig)
 
     def _watch(self, pid, poller):
         """Start watching pid's exit; False when it is already dead."""
