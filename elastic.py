@@ -497,6 +497,9 @@ def _die_with_parent(prctl, parent_pid):
         os._exit(1)
 
 
+_REAPER_FDS = set()   # write ends of live reapers' pipes: a forked worker must not keep them open
+
+
 class _Reaper:
     """A forked watchdog: the agent tells it (over a pipe) which worker process groups are live;
     when the pipe reaches end-of-file because the agent died, even by SIGKILL, it SIGKILLs them."""
@@ -514,6 +517,7 @@ class _Reaper:
                 os._exit(0)
         os.close(r)
         self.pid, self._w = pid, w
+        _REAPER_FDS.add(w)
 
     @staticmethod
     def _serve(r):
@@ -567,6 +571,7 @@ class _Reaper:
 
     def close(self):
         if self._w is not None:
+            _REAPER_FDS.discard(self._w)
             os.close(self._w)
             self._w = None
             try:
@@ -659,6 +664,12 @@ def python_command(script, args=(), module=False):
 
 def _function_worker(fn, args, env, conn, out_path, err_path, parent_pid):
     """Body of a callable worker (a multiprocessing child)."""
+    for fd in list(_REAPER_FDS):  # inherited through fork: the reaper must see EOF when the agent dies
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+    _REAPER_FDS.clear()
     try:
         os.setsid()
     except OSError:

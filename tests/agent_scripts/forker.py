@@ -1,6 +1,8 @@
-"""Forks CHILDREN grandchildren that sleep, writes every pid to OUTDIR/pids_<rank>, then behaves:
-`sleep` (forever), `fail` (exit 3 once the pids are written)."""
+"""Forks two grandchildren that ignore SIGTERM, writes every pid to OUTDIR/pids_<rank>, then:
+mode `sleep`: sleeps for good; mode `fail`: rank 0 exits 3 once every rank wrote its pids."""
+import glob
 import os
+import signal
 import sys
 import time
 
@@ -9,9 +11,7 @@ pids = [os.getpid()]
 for _ in range(2):
     pid = os.fork()
     if pid == 0:
-        # a grandchild that ignores SIGTERM: only SIGKILL of the group removes it
-        import signal
-        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)   # only SIGKILL of the group removes it
         while True:
             time.sleep(1000)
     pids.append(pid)
@@ -20,7 +20,9 @@ tmp = os.path.join(out, "pids_%s.tmp" % rank)
 with open(tmp, "w") as f:
     f.write(" ".join(map(str, pids)))
 os.replace(tmp, os.path.join(out, "pids_%s" % rank))
-if mode == "fail":
+if mode == "fail" and rank == "0":
+    while len(glob.glob(os.path.join(out, "pids_*[0-9]"))) < int(os.environ["WORLD_SIZE"]):
+        time.sleep(0.01)
     sys.exit(3)
 while True:
     time.sleep(1000)
