@@ -1,0 +1,172 @@
+#!/usr/bin/env python3
+# SPDX-License-Identifier: BSD-3-Clause
+"""elasticrun against torchrun, same scripts, same machine, one run.
+
+    python3 bench/bench_launcher.py [--torch-python PATH] [--runs N]
+
+Measures, for both launchers (`--standalone --nproc-per-node 2`):
+  launch   wall time of a whole run of a trivial 2-worker script (median of N)
+  restart  a worker's last act (it prints a timestamp, then exits 1) to the first line of its
+           restarted copy (--max-restarts 1)
+  exit     a worker's last act before failing to the launcher's exit (the other worker sleeps and
+           must be torn down)
+  rss      the launcher process's peak RSS (VmHWM) while its workers run
+Targets (issue 4): launch >= 20x faster, restart < 100 ms, exit < 100 ms, rss < 20 MiB.
+"""
+import argparse
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+TRIVIAL = "import os\nos.environ['RANK']\n"
+STAMP = r'''
+import os, sys, time
+rank, restart = os.environ["RANK"], os.environ["TORCHELASTIC_RESTART_COUNT"]
+print("start %.6f %s %s" % (time.time(), rank, restart), flush=True)
+mode = sys.argv[1]
+if rank == "0" and (mode == "fail" or (mode == "fail-once" and restart == "0")):
+    print("fail %.6f" % time.time(), flush=True)
+    os._exit(1)
+if mode in ("fail", "sleep"):
+    time.sleep(float(sys.argv[2]) if len(sys.argv) > 2 else 60)
+'''
+
+
+def launchers(torch_python):
+    # `python3 -m elastic` is what the `elasticrun` console script runs: the module from its .pyc
+    # (a script path would be compiled from source on every start)
+    ours = [sys.executable, "-m", "elastic"]
+    theirs = [torch_python, "-m", "torch.distributed.run"] if torch_python else None
+    return {"elasticrun": ours, "torchrun": theirs}
+
+
+def run(cmd, args, env=None):
+    t0 = time.time()
+    p = subprocess.run(cmd + ["--standalone", "--nproc-per-node", "2"] + args, stdout=subprocess.PIPE,
+                       stderr=subprocess.PIPE, env=env, timeout=120)
+    return time.time() - t0, p
+
+
+def _timed(cmd):
+    t0 = time.time()
+    subprocess.run(cmd, check=True)
+    return time.time() - t0
+
+
+def bench_launch(cmd, script, runs):
+    times = []
+    for _ in range(runs):
+        dt, p = run(cmd, [script])
+        if p.returncode != 0:
+            raise RuntimeError("launch failed: %s" % p.stderr.decode()[-2000:])
+        times.append(dt)
+    return statistics.median(times)
+
+
+def stamps(out):
+    fail, starts = None, []
+    for line in out.decode().splitlines():
+        parts = line.split()
+        if parts[:1] == ["fail"]:
+            fail = float(parts[1])
+        elif parts[:1] == ["start"]:
+            starts.append((float(parts[1]), parts[2], parts[3]))
+    return fail, starts
+
+
+def bench_restart(cmd, script, runs):
+    times = []
+    for _ in range(runs):
+        _, p = run(cmd, ["--max-restarts", "1", script, "fail-once"])
+        fail, starts = stamps(p.stdout)
+        again = [t for t, rank, restart in starts if rank == "0" and restart == "1"]
+        if fail is None or not again:
+            raise RuntimeError("no restart seen: %s" % p.stderr.decode()[-2000:])
+        times.append(again[0] - fail)
+    return statistics.median(times)
+
+
+def bench_exit(cmd, script, runs):
+    times = []
+    for _ in range(runs):
+        t0 = time.time()
+        p = subprocess.Popen(cmd + ["--standalone", "--nproc-per-node", "2", script, "fail"],
+                             stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+        out, _ = p.communicate(timeout=120)
+        end = time.time()
+        fail, _ = stamps(out)
+        if fail is None:
+            raise RuntimeError("no failure seen")
+        times.append(end - fail)
+        del t0
+    return statistics.median(times)
+
+
+def bench_rss(cmd, script):
+    p = subprocess.Popen(cmd + ["--standalone", "--nproc-per-node", "2", script, "sleep", "3"],
+                         stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+    try:
+        p.stdout.readline()
+        p.stdout.readline()   # both workers started: the launcher is at its working size
+        time.sleep(0.5)
+        with open("/proc/%d/status" % p.pid) as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024.0
+    finally:
+        p.terminate()   # both launchers tear their workers down on SIGTERM
+        p.wait()
+    return float("nan")
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--torch-python", default=os.path.join(ROOT, ".venv-torch", "bin", "python"))
+    ap.add_argument("--runs", type=int, default=5)
+    args = ap.parse_args()
+    torch_python = args.torch_python if os.path.exists(args.torch_python) else None
+    import compileall   # what `pip install` does for us; torch's venv has its .pyc files already
+    for name in ("store.py", "rendezvous.py", "elastic.py"):
+        compileall.compile_file(os.path.join(ROOT, name), quiet=1)
+    os.environ["PYTHONPATH"] = ROOT + os.pathsep + os.environ.get("PYTHONPATH", "")
+    print("bare `python3 -c pass` on this machine: %.1f ms" % (1e3 * statistics.median(
+        _timed([sys.executable, "-c", "pass"]) for _ in range(5))))
+    tmp = tempfile.mkdtemp(prefix="bench_launcher_")
+    trivial, stamp = os.path.join(tmp, "trivial.py"), os.path.join(tmp, "stamp.py")
+    with open(trivial, "w") as f:
+        f.write(TRIVIAL)
+    with open(stamp, "w") as f:
+        f.write(STAMP)
+    results = {}
+    for name, cmd in launchers(torch_python).items():
+        if cmd is None:
+            print("%s: not available" % name)
+            continue
+        runs = args.runs if name == "elasticrun" else max(2, args.runs // 2)
+        results[name] = {
+            "launch": bench_launch(cmd, trivial, runs),
+            "restart": bench_restart(cmd, stamp, runs),
+            "exit": bench_exit(cmd, stamp, runs),
+            "rss": bench_rss(cmd, stamp),
+        }
+        print("%-10s launch %7.1f ms  restart %7.1f ms  exit %7.1f ms  rss %6.1f MiB" % (
+            name, results[name]["launch"] * 1e3, results[name]["restart"] * 1e3,
+            results[name]["exit"] * 1e3, results[name]["rss"]), flush=True)
+    if len(results) == 2:
+        ours, theirs = results["elasticrun"], results["torchrun"]
+        print("ratios (torchrun / elasticrun): launch %.1fx  restart %.1fx  exit %.1fx  rss %.1fx" % (
+            theirs["launch"] / ours["launch"], theirs["restart"] / ours["restart"],
+            theirs["exit"] / ours["exit"], theirs["rss"] / ours["rss"]))
+    ours = results["elasticrun"]
+    print("targets: launch >= 20x torchrun, restart < 100 ms (%s), exit < 100 ms (%s), rss < 20 MiB (%s)" % (
+        "ok" if ours["restart"] < 0.1 else "MISSED", "ok" if ours["exit"] < 0.1 else "MISSED",
+        "ok" if ours["rss"] < 20 else "MISSED"))
+
+
+if __name__ == "__main__":
+    main()
