@@ -1,4 +1,5 @@
 """Multi-host scenarios on simulated hosts (network namespaces, veth, a bridge): see tests/netns.py."""
+import contextlib
 import os
 import signal
 import subprocess
@@ -241,10 +242,25 @@ def agent_ok(netns_ok):
     need(os.path.exists(os.path.join(ROOT, "elastic.py")), "elastic.py is not there yet")
 
 
+def _etcd_in_rendezvous():
+    import rendezvous
+    if "EtcdStore" not in vars(rendezvous) and not hasattr(rendezvous, "_etcd_store_class"):
+        pytest.skip("rendezvous.py does not use EtcdStore yet (_etcd_part.py not merged)")
+
+
+@pytest.mark.parametrize("backend", ["c10d", "etcd"])
 @pytest.mark.parametrize("fault", ["sigkill", "link-down"])
-def test_survivors_reform_without_a_lost_node(agent_ok, tmp_path, fault):
-    with Network(3) as net:
-        job = _Job(net, tmp_path, "c10d", net.addr(0) + ":29400", "2:3", finish_at=2)
+def test_survivors_reform_without_a_lost_node(agent_ok, request, tmp_path, fault, backend):
+    from etcd_cluster import EtcdCluster
+    with Network(3, root_link=True) as net, contextlib.ExitStack() as stack:
+        if backend == "etcd":  # one member, on host 0: the node we lose is host 2
+            etcd_binary = request.getfixturevalue("etcd_binary")
+            _etcd_in_rendezvous()
+            etcd = stack.enter_context(EtcdCluster(etcd_binary, tmp_path, hosts=net.addrs[:1],
+                                                   prefixes=[net.argv(0, [])], ports=[(2379, 2380)]))
+            job = _Job(net, tmp_path, "etcd", etcd.endpoints[0], "2:3", finish_at=2)
+        else:
+            job = _Job(net, tmp_path, "c10d", net.addr(0) + ":29400", "2:3", finish_at=2)
         for i in range(3):
             job.start(i)
         first = job.wait_starts(3, 3)
@@ -257,8 +273,8 @@ def test_survivors_reform_without_a_lost_node(agent_ok, tmp_path, fault):
         again = job.wait_starts(2, 2)
         assert sorted(s[0] for s in again) == ["h0", "h1"] and sorted(s[1] for s in again) == [0, 1]
         assert job.wait(0) == 0 and job.wait(1) == 0, job.outputs()
-        print("%s: fault to survivors running at world size 2: %.2f s"
-              % (fault, min(s[5] for s in again) - fault_at))
+        print("%s %s: fault to survivors running at world size 2: %.2f s"
+              % (backend, fault, min(s[5] for s in again) - fault_at))
         if fault == "sigkill":  # the killed agent's worker must not outlive it
             _until(lambda: not _pid_alive(lost_worker), "the SIGKILLed agent's worker to die", 20)
 
@@ -279,9 +295,7 @@ def test_a_late_node_scales_the_job_up(agent_ok, tmp_path):
 
 def test_job_rides_out_the_death_of_one_etcd_member(agent_ok, etcd_binary, tmp_path):
     from etcd_cluster import EtcdCluster
-    import rendezvous
-    if "EtcdStore" not in vars(rendezvous) and not hasattr(rendezvous, "_etcd_store_class"):
-        pytest.skip("rendezvous.py does not use EtcdStore yet (_etcd_part.py not merged)")
+    _etcd_in_rendezvous()
     with Network(3, root_link=True) as net:
         etcd = EtcdCluster(etcd_binary, tmp_path, size=3, hosts=net.addrs,
                            prefixes=[net.argv(i, []) for i in range(3)], ports=[(2379, 2380)] * 3)
