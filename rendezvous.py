@@ -246,6 +246,8 @@ class RendezvousParameters:
         token_file = self.config.get("token_file")
         if token_file is not None and (not isinstance(token_file, str) or not token_file):
             raise ValueError("rdzv conf token_file=%r is not a path" % (token_file,))
+        if token_file and not os.access(token_file, os.R_OK):
+            raise ValueError("rdzv conf token_file=%r cannot be read" % (token_file,))
         self.token_file = token_file or None
         self.rank = None
         if backend == "static":
@@ -763,9 +765,30 @@ def get_rendezvous_handler(params):
         handler.local_addr = local_addr or handler.local_addr
         return handler
     if params.backend == "etcd":
-        etcd_store = globals().get("EtcdStore")    # merged in from _etcd_part.py
+        etcd_store = _etcd_store_class()
         if etcd_store is None:
             raise RendezvousError("etcd backend not available yet")
-        store = etcd_store(params.endpoints, timeout=params.read_timeout)
+        try:
+            store = etcd_store(params.endpoints, timeout=params.join_timeout,
+                               lease_ttl=max(1.0, params.heartbeat_timeout))
+        except _store.StoreError as e:
+            raise RendezvousConnectionError("cannot reach etcd at %s: %s" % (", ".join(params.endpoints), e)) from e
+        store.set_timeout(params.read_timeout)
         return RendezvousHandler(store, params, hosts_store=False)
     raise ValueError("rdzv backend %r is unknown" % params.backend)
+
+
+def _etcd_store_class():
+    """EtcdStore: defined in this module once _etcd_part.py is merged in; until then that sibling file
+    (standard library only), found by name so this module still works copied without it."""
+    cls = globals().get("EtcdStore")
+    if cls is not None:
+        return cls
+    import importlib
+    for name in ((__package__ + "._etcd_part") if __package__ else None, "_etcd_part"):
+        if name:
+            try:
+                return getattr(importlib.import_module(name), "EtcdStore", None)
+            except ImportError:
+                continue
+    return None

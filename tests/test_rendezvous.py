@@ -147,11 +147,10 @@ def test_error_classes():
     assert issubclass(R.RendezvousClosedError, R.RendezvousError)
 
 
-def test_etcd_without_store_is_a_clear_error():
-    params = R.RendezvousParameters("etcd", "http://127.0.0.1:2379", "job", 1, 1)
-    if "EtcdStore" not in vars(R):
-        with pytest.raises(R.RendezvousError, match="etcd"):
-            R.get_rendezvous_handler(params)
+def test_etcd_unreachable_is_a_clear_error():
+    params = R.RendezvousParameters("etcd", "http://127.0.0.1:%d" % free_port(), "job", 1, 1, join_timeout=1)
+    with pytest.raises((R.RendezvousConnectionError, R.RendezvousError), match="etcd"):
+        R.get_rendezvous_handler(params)
 
 
 # ------------------------------------------------------------------------------------- processes
@@ -202,3 +201,168 @@ def test_closing_wakes_a_waiting_node(spawn):
     nodes[0].send("next")                 # waits: 1 of 3
     nodes[1].ask("close", "closed")
     assert nodes[0].expect("error")["type"] == "RendezvousClosedError"
+
+
+# ------------------------------------------------------------------------------------- elasticity, liveness
+
+@pytest.fixture
+def server():
+    """A store server in this process: nodes in other processes use it, so any node may die."""
+    srv = S.StoreServer("127.0.0.1", 0).start()
+    try:
+        yield srv
+    finally:
+        srv.stop()
+
+
+def clients(spawn, port, count, min_nodes, max_nodes, run_id="job", conf=()):
+    nodes = [spawn("c10d", "127.0.0.1:%d" % port, run_id, min_nodes, max_nodes, conf=["is_host=0"] + list(conf))
+             for _ in range(count)]
+    for node in nodes:
+        node.ready = node.expect("ready")
+    return nodes
+
+
+def test_late_joiner_is_counted_and_gets_in_on_restart(spawn):
+    conf = FAST + ["last_call_timeout=0.5"]
+    nodes, port = host_and_nodes(spawn, 2, 2, 3, conf=conf)
+    check_round(join(nodes), 2)
+    late = clients(spawn, port, 1, 2, 3, conf=conf)[0]
+    late.send("next")
+    assert nodes[1].ask("until_waiting", "waiting")["n"] == 1
+    rounds = join(nodes) + [late.expect("round")]
+    check_round(rounds, 3)
+    assert rounds[0]["round"] == 1
+
+
+def test_node_killed_after_the_round_survivors_reform(spawn, server):
+    conf = FAST + ["last_call_timeout=0.3"]
+    nodes = clients(spawn, server.port, 3, 2, 3, conf=conf)
+    check_round(join(nodes), 3)
+    nodes[1].kill()
+    for node in (nodes[0], nodes[2]):
+        node.ask("broken", "broken")
+    rounds = join([nodes[0], nodes[2]])
+    check_round(rounds, 2)
+
+
+def test_node_killed_mid_round_is_detected_after_it(spawn, server):
+    conf = FAST + ["last_call_timeout=1.5"]
+    nodes = clients(spawn, server.port, 3, 2, 3, conf=conf)
+    for node in nodes[:2]:
+        node.send("next")
+    with S.TCPStore("127.0.0.1", server.port, timeout=HANG) as probe:
+        probe.wait(["elastic/job/0/node/2"], HANG)        # two joined: the last call is open
+        nodes[2].send("next")
+        probe.wait(["elastic/job/0/node/3"], HANG)        # the third joined ...
+        nodes[2].kill()                                   # ... and dies before the round closes
+    first = [node.expect("round") for node in nodes[:2]]
+    assert {r["world_size"] for r in first} == {3}
+    for node in nodes[:2]:
+        node.ask("broken", "broken")
+    check_round(join(nodes[:2]), 2)
+
+
+def test_member_leaving_breaks_the_round_for_the_others(spawn, server):
+    nodes = clients(spawn, server.port, 2, 2, 2, conf=FAST)
+    check_round(join(nodes), 2)
+    nodes[1].ask("shutdown", "shutdown")
+    nodes[0].ask("broken", "broken")
+
+
+def test_store_host_dying_gives_connection_errors_not_hangs(spawn):
+    conf = FAST + ["last_call_timeout=0.3"]
+    host = spawn("c10d", "127.0.0.1:0", "job", 2, 3, conf=["is_host=1"] + conf)   # serves, never joins
+    port = host.expect("ready")["port"]
+    members = clients(spawn, port, 2, 2, 3, conf=conf)
+    check_round(join(members), 2)
+    waiting = clients(spawn, port, 1, 2, 3, conf=conf)[0]
+    waiting.send("next")
+    assert members[0].ask("until_waiting", "waiting")["n"] == 1
+    host.kill()
+    members[0].ask("broken", "broken")
+    assert members[0].ask("next", "error")["type"] == "RendezvousConnectionError"
+    assert waiting.expect("error")["type"] == "RendezvousConnectionError"
+
+
+# ------------------------------------------------------------------------------------- in-process nodes
+
+def make_handlers(port, run_id, count, min_nodes, max_nodes, **conf):
+    return [R.RendezvousHandler(S.TCPStore("127.0.0.1", port, timeout=HANG),
+                                R.RendezvousParameters("c10d", "127.0.0.1:%d" % port, run_id, min_nodes, max_nodes,
+                                                       local_addr="127.0.0.1", **conf))
+            for _ in range(count)]
+
+
+def join_threads(handlers):
+    results = [None] * len(handlers)
+
+    def run(i):
+        try:
+            results[i] = handlers[i].next_rendezvous()
+        except Exception as e:  # handed to the test thread
+            results[i] = e
+
+    threads = [threading.Thread(target=run, args=(i,), daemon=True) for i in range(len(handlers))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(HANG)
+    return results
+
+
+@pytest.fixture
+def closing():
+    handlers = []
+    try:
+        yield handlers
+    finally:
+        for h in handlers:
+            h.close()
+
+
+def test_sixty_four_nodes(server, closing):
+    closing.extend(make_handlers(server.port, "big", 64, 64, 64))
+    infos = join_threads(closing)
+    assert sorted(i.rank for i in infos) == list(range(64))
+    assert {(i.world_size, i.master_port, i.round) for i in infos} == {(64, infos[0].master_port, 0)}
+    infos[5].store.set("hello", "x")                  # the round's store is shared by its members
+    assert infos[40].store.get("hello") == b"x"
+
+
+def test_run_ids_on_one_store_never_mix(server, closing):
+    runs = ["a", "b", "a/0", "a%2F0"]                 # "a/0" must not collide with round keys of "a"
+    by_run = {run: make_handlers(server.port, run, 2, 2, 2) for run in runs}
+    for hs in by_run.values():
+        closing.extend(hs)
+    infos = join_threads(closing)
+    for k, run in enumerate(runs):
+        mine = infos[2 * k:2 * k + 2]
+        assert sorted(i.rank for i in mine) == [0, 1], run
+        assert {m[1] for m in mine[0].members} == {h.node_id for h in by_run[run]}
+
+
+def test_timeout_names_joined_and_needed(server, closing):
+    closing.extend(make_handlers(server.port, "short", 1, 2, 3, join_timeout=0.5))
+    with pytest.raises(R.RendezvousTimeoutError, match="joined 1 of 2 needed"):
+        closing[0].next_rendezvous()
+
+
+def test_token_file_reaches_the_store(tmp_path):
+    token = tmp_path / "token"
+    token.write_text("s3cret\n")
+    params = R.RendezvousParameters("c10d", "127.0.0.1:0", "tok", 1, 1, is_host=1, token_file=str(token))
+    host = R.get_rendezvous_handler(params)
+    try:
+        assert host.next_rendezvous().world_size == 1
+        port = host.store.port
+        bad = R.RendezvousParameters("c10d", "127.0.0.1:%d" % port, "tok", 1, 1, is_host=0, join_timeout=5)
+        with pytest.raises(R.RendezvousError, match="token"):
+            R.get_rendezvous_handler(bad)
+        good = R.RendezvousParameters("c10d", "127.0.0.1:%d" % port, "tok", 1, 1, is_host=0,
+                                      token_file=str(token))
+        R.get_rendezvous_handler(good).close()
+    finally:
+        host.close()
+    with pytest.raises(ValueError, match="token_file"):
+        R.RendezvousParameters("c10d", "127.0.0.1:1", "tok", 1, 1, token_file=str(tmp_path / "missing"))
