@@ -108,6 +108,8 @@ _U32 = struct.Struct(">I")
 _I64 = struct.Struct(">q")
 _HEAD = struct.Struct(">IBI")      # frame length, op or status, request id
 _HEAD_SIZE = _HEAD.size - 4        # bytes of op/status + id inside the frame
+_OP_ID = struct.Struct(">BI")
+_ADD_REPLY = struct.Struct(">IBIq")
 
 
 class StoreError(Exception):
@@ -260,6 +262,7 @@ class _Waiter:
         self.done = False
 
 
+_WAKE = "wake"                    # the poller's object for the server's own wake-up socket
 _READ, _WRITE = 1, 4              # select.EPOLLIN, select.EPOLLOUT
 _READABLE = _READ | 0x8 | 0x10    # with EPOLLERR and EPOLLHUP: recv then tells what happened
 
@@ -346,7 +349,7 @@ class StoreServer:
         self._poller.register(self._listener, _READ, None)
         self._wake_r, self._wake_w = socket.socketpair()
         self._wake_r.setblocking(False)
-        self._poller.register(self._wake_r, _READ, "wake")
+        self._poller.register(self._wake_r, _READ, _WAKE)
         self._spare_fd = os.open(os.devnull, os.O_RDONLY)   # released to turn away clients at EMFILE
         self._data = {}
         self._waiters = {}          # key -> {waiter: None}, an insertion-ordered set
@@ -398,7 +401,7 @@ class StoreServer:
                 for conn, mask in self._poller.poll(self._next_timeout()):
                     if conn is None:
                         self._accept()
-                    elif conn == "wake":
+                    elif conn is _WAKE:
                         try:
                             self._wake_r.recv(4096)
                         except OSError:
@@ -599,12 +602,11 @@ class StoreServer:
     def _request(self, conn, payload):
         if len(payload) < _HEAD_SIZE:
             raise _Malformed("request of %d bytes has no header" % len(payload))
-        op = payload[0]
-        (rid,) = _U32.unpack_from(payload, 1)
+        op, rid = _OP_ID.unpack_from(payload)
         handler = self._ops.get(op)
         if handler is None:
             raise _Malformed("unknown op %d" % op)
-        handler(conn, rid, _Reader(payload, _HEAD_SIZE))
+        handler(conn, rid, payload)
 
     def _reply(self, conn, rid, status=_OK, body=b""):
         conn.wbuf += _HEAD.pack(_HEAD_SIZE + len(body), status, rid) + body
@@ -617,20 +619,32 @@ class StoreServer:
         if key in self._waiters:
             self._wake(key)
 
-    def _op_set(self, conn, rid, r):
-        key, value = r.key(), r.value()
-        r.end()
-        self._store(key, value)
-        self._reply(conn, rid)
+    # SET, ADD and a one-key GET are most of the traffic: they parse their few fields inline
 
-    def _op_mset(self, conn, rid, r):
+    def _op_set(self, conn, rid, payload):
+        size = len(payload)
+        if size < 9:
+            raise _Malformed("truncated set")
+        (klen,) = _U32.unpack_from(payload, 5)
+        vpos = 13 + klen
+        if klen > MAX_KEY_SIZE or vpos > size:
+            raise _Malformed("truncated set")
+        (vlen,) = _U32.unpack_from(payload, vpos - 4)
+        if vlen > MAX_VALUE_SIZE or vpos + vlen != size:
+            raise _Malformed("set fields do not fill the frame")
+        self._store(payload[9:vpos - 4], payload[vpos:])
+        conn.wbuf += _HEAD.pack(_HEAD_SIZE, _OK, rid)
+
+    def _op_mset(self, conn, rid, payload):
+        r = _Reader(payload, _HEAD_SIZE)
         pairs = [(r.key(), r.value()) for _ in range(r.count())]
         r.end()
         for key, value in pairs:
             self._store(key, value)
         self._reply(conn, rid)
 
-    def _op_append(self, conn, rid, r):
+    def _op_append(self, conn, rid, payload):
+        r = _Reader(payload, _HEAD_SIZE)
         key, value = r.key(), r.value()
         r.end()
         current = self._data.get(key, b"")
@@ -641,9 +655,15 @@ class StoreServer:
         self._store(key, current + value)
         self._reply(conn, rid)
 
-    def _op_add(self, conn, rid, r):
-        key, delta = r.key(), r.i64()
-        r.end()
+    def _op_add(self, conn, rid, payload):
+        if len(payload) < 9:
+            raise _Malformed("truncated add")
+        (klen,) = _U32.unpack_from(payload, 5)
+        end = 9 + klen
+        if klen > MAX_KEY_SIZE or end + 8 != len(payload):
+            raise _Malformed("add fields do not fill the frame")
+        key = payload[9:end]
+        (delta,) = _I64.unpack_from(payload, end)
         current = self._data.get(key)
         try:
             value = delta + (int(current) if current is not None else 0)
@@ -654,10 +674,11 @@ class StoreServer:
         if not -2 ** 63 <= value < 2 ** 63:
             self._error(conn, rid, "add: key %r would overflow a 64-bit integer" % _key_text(key))
             return
-        self._store(key, str(value).encode())
-        self._reply(conn, rid, body=_I64.pack(value))
+        self._store(key, b"%d" % value)
+        conn.wbuf += _ADD_REPLY.pack(_HEAD_SIZE + 8, _OK, rid, value)
 
-    def _op_cas(self, conn, rid, r):
+    def _op_cas(self, conn, rid, payload):
+        r = _Reader(payload, _HEAD_SIZE)
         key, expected, desired = r.key(), r.value(), r.value()
         r.end()
         current = self._data.get(key)
@@ -669,26 +690,37 @@ class StoreServer:
             current = desired
         self._reply(conn, rid, body=_field(current))
 
-    def _op_check(self, conn, rid, r):
+    def _op_check(self, conn, rid, payload):
+        r = _Reader(payload, _HEAD_SIZE)
         keys = r.keys()
         r.end()
         data = self._data
         self._reply(conn, rid, body=b"\x01" if all(k in data for k in keys) else b"\x00")
 
-    def _op_delete(self, conn, rid, r):
+    def _op_delete(self, conn, rid, payload):
+        r = _Reader(payload, _HEAD_SIZE)
         key = r.key()
         r.end()
         self._reply(conn, rid, body=b"\x01" if self._data.pop(key, None) is not None else b"\x00")
 
-    def _op_count(self, conn, rid, r):
+    def _op_count(self, conn, rid, payload):
+        r = _Reader(payload, _HEAD_SIZE)
         r.end()
         self._reply(conn, rid, body=_I64.pack(len(self._data)))
 
-    def _op_get(self, conn, rid, r):
-        self._park(conn, rid, r, want_values=True)
+    def _op_get(self, conn, rid, payload):
+        # the common case, one key that exists, answered without parking
+        if len(payload) >= 21 and payload[13:17] == b"\x00\x00\x00\x01":
+            (klen,) = _U32.unpack_from(payload, 17)
+            if klen <= MAX_KEY_SIZE and 21 + klen == len(payload):
+                value = self._data.get(payload[21:])
+                if value is not None:
+                    conn.wbuf += _HEAD.pack(_HEAD_SIZE + 4 + len(value), _OK, rid) + _U32.pack(len(value)) + value
+                    return
+        self._park(conn, rid, _Reader(payload, _HEAD_SIZE), want_values=True)
 
-    def _op_wait(self, conn, rid, r):
-        self._park(conn, rid, r, want_values=False)
+    def _op_wait(self, conn, rid, payload):
+        self._park(conn, rid, _Reader(payload, _HEAD_SIZE), want_values=False)
 
     def _park(self, conn, rid, r, want_values):
         timeout_ms = r.i64()
