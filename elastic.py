@@ -662,6 +662,257 @@ def python_command(script, args=(), module=False):
     return [sys.executable, "-u", "-c", _BOOTSTRAP, "-m" if module else "-s", script] + list(args)
 
 
+class _ForkServer:
+    """A copy of the launcher, forked before it starts anything, that forks Python-script workers on
+    request. A worker so made starts in about a millisecond instead of paying for a new interpreter
+    (site, imports) at every launch and restart; it runs the script in a fresh ``__main__`` module,
+    line-buffered, with the same excepthook as the bootstrap. Set ``ELASTICRUN_FORKSERVER=0`` for a new
+    interpreter per worker (one difference: forked workers share the launcher's str hash seed).
+
+    The server is a child of the agent (PR_SET_PDEATHSIG), workers are its children (the same), so
+    a SIGKILLed agent takes all of them along. Over a socketpair::
+
+        agent -> server   frame: u32 length, u8 flags (1: stdout fd, 2: stderr fd; the fds ride along
+                          as SCM_RIGHTS), then NUL-separated: mode, script, argc, args..., KEY=VALUE...
+        server -> agent   "P <pid>\\n" after each fork;  "X <pid> <exitcode>\\n" when it is reaped
+    """
+
+    def __init__(self):
+        import socket
+        ours, theirs = socket.socketpair()
+        agent = os.getpid()
+        pid = os.fork()
+        if pid == 0:
+            ours.close()
+            # ctypes is imported here, in the server, so the agent's memory never holds it
+            self.worker_request = _fork_server_loop(theirs, _prctl(), agent)  # returns in workers only
+            return
+        theirs.close()
+        self.pid, self.sock, self.worker_request = pid, ours, None
+        self._buf, self._forked, self.exits = b"", [], {}
+
+    def spawn(self, mode, script, args, env, out_fd=None, err_fd=None):
+        import array
+        import socket
+        import struct
+        fields = [mode, script, str(len(args))] + list(args) + ["%s=%s" % kv for kv in env.items()]
+        body = b"\0".join(f.encode("utf-8", "surrogateescape") for f in fields)
+        fds = [fd for fd in (out_fd, err_fd) if fd is not None]
+        flags = (1 if out_fd is not None else 0) | (2 if err_fd is not None else 0)
+        ancillary = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))] if fds else []
+        self.sock.sendmsg([struct.pack("!IB", len(body), flags)], ancillary)
+        self.sock.sendall(body)
+        while not self._forked:
+            self.read(None)
+        return self._forked.pop(0)
+
+    def read(self, timeout=0.0):
+        """Take in what the server said; waits up to `timeout` (None: until something arrives)."""
+        import select
+        if timeout is None or timeout > 0:
+            if not select.select([self.sock], [], [], timeout)[0]:
+                return
+        else:
+            if not select.select([self.sock], [], [], 0)[0]:
+                return
+        data = self.sock.recv(65536)
+        if not data:
+            raise ElasticError("the worker fork server died")
+        self._buf += data
+        *lines, self._buf = self._buf.split(b"\n")
+        for line in lines:
+            parts = line.split()
+            if parts[0] == b"P":
+                self._forked.append(int(parts[1]))
+            elif parts[0] == b"X":
+                self.exits[int(parts[1])] = int(parts[2])
+
+    def close(self):
+        if self.worker_request is None and self.sock is not None:
+            self.sock.close()
+            self.sock = None
+            try:
+                os.waitpid(self.pid, 0)
+            except ChildProcessError:
+                pass
+
+
+def _recv_exact(sock, n):
+    data = b""
+    while len(data) < n:
+        chunk = sock.recv(n - len(data))
+        if not chunk:
+            return None
+        data += chunk
+    return data
+
+
+def _fork_server_loop(sock, prctl, agent_pid):
+    """The server's life: fork on request, report births and deaths. Returns only in a new worker."""
+    import array
+    import select
+    import socket
+    import struct
+    try:
+        os.setsid()
+    except OSError:
+        pass
+    _die_with_parent(prctl, agent_pid)
+    handled = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT)
+    for s in handled:
+        signal.signal(s, signal.SIG_IGN)
+    wake_r, wake_w = os.pipe()
+    os.set_blocking(wake_r, False)
+    os.set_blocking(wake_w, False)
+    signal.set_wakeup_fd(wake_w)
+    signal.signal(signal.SIGCHLD, lambda *a: None)
+    me = os.getpid()
+    int_size = array.array("i").itemsize
+    while True:
+        ready = select.select([sock, wake_r], [], [])[0]
+        if wake_r in ready:
+            try:
+                os.read(wake_r, 4096)
+            except BlockingIOError:
+                pass
+        while True:
+            try:
+                pid, status = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                break
+            if pid == 0:
+                break
+            code = -os.WTERMSIG(status) if os.WIFSIGNALED(status) else os.WEXITSTATUS(status)
+            sock.sendall(b"X %d %d\n" % (pid, code))
+        if sock not in ready:
+            continue
+        head, anc, _, _ = sock.recvmsg(5, socket.CMSG_SPACE(2 * int_size))
+        if not head:
+            os._exit(0)
+        if len(head) < 5:
+            head += _recv_exact(sock, 5 - len(head)) or b""
+        fds = array.array("i")
+        for level, kind, data in anc:
+            if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+                fds.frombytes(data[:len(data) - (len(data) % int_size)])
+        size, flags = struct.unpack("!IB", head)
+        body = _recv_exact(sock, size)
+        if body is None:
+            os._exit(0)
+        fields = [f.decode("utf-8", "surrogateescape") for f in body.split(b"\0")]
+        mode, script, argc = fields[0], fields[1], int(fields[2])
+        args, env = fields[3:3 + argc], dict(f.split("=", 1) for f in fields[3 + argc:])
+        fds = list(fds)
+        pid = os.fork()
+        if pid == 0:
+            sock.close()
+            signal.set_wakeup_fd(-1)
+            os.close(wake_r)
+            os.close(wake_w)
+            signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+            for s in handled:
+                signal.signal(s, signal.SIG_DFL)
+            signal.signal(signal.SIGINT, signal.default_int_handler)
+            os.setsid()
+            _die_with_parent(prctl, me)
+            targets = [t for t, bit in ((1, 1), (2, 2)) if flags & bit]
+            for fd, target in zip(fds, targets):
+                os.dup2(fd, target)
+                os.close(fd)
+            return mode, script, args, env
+        for fd in fds:
+            os.close(fd)
+        sock.sendall(b"P %d\n" % pid)
+
+
+def _run_forked_worker(request):
+    """In a worker forked by the server: become ``python -u SCRIPT ARGS`` (or ``-m``) and exit the way
+    the interpreter would (non-daemon threads joined, atexit run, streams flushed, exit status from
+    SystemExit or 1 after an uncaught exception), minus tearing down the launcher's modules."""
+    code = 0
+    try:
+        _exec_script(request)
+    except SystemExit as e:
+        code = e.code
+    except KeyboardInterrupt:
+        sys.excepthook(*sys.exc_info())
+        code = -signal.SIGINT
+    except BaseException:
+        sys.excepthook(*sys.exc_info())
+        code = 1
+    if code is None:
+        code = 0
+    elif not isinstance(code, int):
+        sys.stderr.write("%s\n" % (code,))
+        code = 1
+    try:
+        threading = sys.modules.get("threading")
+        if threading is not None:
+            threading._shutdown()
+        import atexit
+        atexit._run_exitfuncs()
+        for stream in (sys.stdout, sys.stderr):
+            stream.flush()
+    except BaseException:
+        pass
+    if code == -signal.SIGINT:  # as CPython does: die by the signal
+        signal.signal(signal.SIGINT, signal.SIG_DFL)
+        os.kill(os.getpid(), signal.SIGINT)
+    os._exit(code & 0xFF)
+
+
+def _exec_script(request):
+    import io
+    import types
+    mode, script, args, env = request
+    os.environ.update(env)
+    for name, fd in (("stdout", 1), ("stderr", 2)):
+        old = getattr(sys, name)
+        # line buffered: a whole line per write, so ranks sharing a console never split each
+        # other's lines (python -u writes text and newline separately); flush() works as usual
+        new = io.TextIOWrapper(io.BufferedWriter(io.FileIO(fd, "w", closefd=False)),
+                               encoding=old.encoding, errors=old.errors, line_buffering=True)
+        setattr(sys, name, new)
+        setattr(sys, "__%s__" % name, new)
+    module = types.ModuleType("__main__")
+    module.__dict__["__builtins__"] = __builtins__
+    sys.modules["__main__"] = module
+    sys.excepthook = _worker_excepthook(module.__dict__)
+    sys.argv = [script] + list(args)
+    if mode == "-m":
+        import runpy
+        sys.path[0] = os.getcwd()
+        runpy._run_module_as_main(script)
+        return
+    sys.path[0] = os.path.dirname(os.path.abspath(script))
+    with open(script, "rb") as f:
+        code = compile(f.read(), script, "exec")
+    module.__file__ = script
+    module.__spec__ = None
+    exec(code, module.__dict__)
+
+
+def _worker_excepthook(main_globals):
+    """Record an uncaught exception in TORCHELASTIC_ERROR_FILE (unless @record did), then print it;
+    tracebacks start at the script's own module frame."""
+    previous = sys.excepthook
+
+    def hook(kind, value, tb):
+        start = tb
+        while start is not None and start.tb_frame.f_globals is not main_globals:
+            start = start.tb_next
+        tb = start or tb
+        try:
+            path = os.environ.get("TORCHELASTIC_ERROR_FILE")
+            if path and not os.path.exists(path):
+                _write_json_atomic(path, _error_payload(kind, value, tb))
+        except Exception:
+            pass
+        previous(kind, value, tb)
+
+    return hook
+
+
 def _function_worker(fn, args, env, conn, out_path, err_path, parent_pid):
     """Body of a callable worker (a multiprocessing child)."""
     for fd in list(_REAPER_FDS):  # inherited through fork: the reaper must see EOF when the agent dies
@@ -691,6 +942,23 @@ def _function_worker(fn, args, env, conn, out_path, err_path, parent_pid):
         raise
     conn.send(ret)
     conn.close()
+
+
+class _ForkedProc:
+    """The Popen-like handle of a worker the fork server made."""
+
+    def __init__(self, server, pid):
+        self._server, self.pid = server, pid
+        self.wait_fd = server.sock.fileno()
+
+    def poll(self):
+        self._server.read(0)
+        return self._server.exits.get(self.pid)
+
+    def wait(self):
+        while self.pid not in self._server.exits:
+            self._server.read(None)
+        return self._server.exits[self.pid]
 
 
 class _Worker:
@@ -729,7 +997,9 @@ class _Worker:
     def wait_fds(self):
         fds = []
         if self.exitcode is None:
-            if self.pidfd is not None:
+            if getattr(self.proc, "wait_fd", None) is not None:
+                fds.append(self.proc.wait_fd)
+            elif self.pidfd is not None:
                 fds.append(self.pidfd)
             elif not hasattr(self.proc, "poll"):
                 fds.append(self.proc.sentinel)
@@ -858,8 +1128,7 @@ class _LocalRendezvous:
     """One node, no peers: an in-process store and a fresh worker port per round."""
 
     def __init__(self, run_id=None):
-        import uuid
-        self._run_id = run_id or uuid.uuid4().hex[:12]
+        self._run_id = run_id or os.urandom(6).hex()
         self._store = None
         self._round = -1
         self._closed = False
@@ -931,6 +1200,8 @@ class LocalElasticAgent:
         self._restart_count = 0
         self._info = None
         self._mp_ctx = None
+        self._fork_server = None   # main() sets it (and _script) for Python-script workers
+        self._script = None
         self.state = WorkerState.INIT
         self.group_rank = None
         self.group_world_size = None
@@ -946,7 +1217,7 @@ class LocalElasticAgent:
 
     def run(self):
         spec = self._spec
-        self._prctl = _prctl()
+        self._prctl = None   # resolved on first use: the fork-server path never needs ctypes here
         self._reaper = _Reaper()
         self._logs._make_root(self._run_id())
         # HOOK(file timer): when TORCHELASTIC_ENABLE_FILE_TIMER=1 or TORCHELASTIC_TIMER_FILE is set,
@@ -1099,7 +1370,6 @@ class LocalElasticAgent:
             role_name=self._spec.role, local_rank=w.local_rank, rank=w.global_rank)
 
     def _start_program(self, w):
-        import subprocess
         spec = self._spec
         args = [str(a).replace("${local_rank}", str(w.local_rank)) for a in spec.args]
         env = dict(os.environ)
@@ -1117,10 +1387,22 @@ class LocalElasticAgent:
                 self._pump.add_pipe(r, path, console, w.prefix)
                 files.append(wfd)
                 fds.append(wfd)
-        prctl, parent = self._prctl, os.getpid()
-        popen = self._popen or subprocess.Popen
+        parent = os.getpid()
         try:
-            w.proc = popen([spec.entrypoint] + args, env=env, stdout=fds[0], stderr=fds[1],
+            if self._fork_server is not None:
+                mode, script, script_args = self._script
+                ints = [None if f is None else (f if isinstance(f, int) else f.fileno()) for f in fds]
+                pid = self._fork_server.spawn(mode, script, script_args, w.env, ints[0], ints[1])
+                w.proc = _ForkedProc(self._fork_server, pid)
+                w.pid = w.pgid = pid
+                return
+            if self._prctl is None:
+                self._prctl = _prctl() or False
+            prctl = self._prctl or None
+            if self._popen is None:
+                import subprocess
+                self._popen = subprocess.Popen
+            w.proc = self._popen([spec.entrypoint] + args, env=env, stdout=fds[0], stderr=fds[1],
                            start_new_session=True,
                            preexec_fn=lambda: _die_with_parent(prctl, parent))
         finally:
@@ -1166,7 +1448,7 @@ class LocalElasticAgent:
         while True:
             fds = [fd for w in self._workers for fd in w.wait_fds()]
             pollable = all(w.pidfd is not None or w.exitcode is not None or not hasattr(w.proc, "poll")
-                           for w in self._workers)
+                           or hasattr(w.proc, "wait_fd") for w in self._workers)
             timeout = max(0.0, next_check - self._clock())
             if not pollable:
                 timeout = min(timeout, 0.01)
@@ -1396,41 +1678,104 @@ class _UsageError(ElasticError):
     """Bad arguments or an unusable environment: one line, exit status 2."""
 
 
-def _parse_args(argv, environ):
-    import argparse
+class _Exit(Exception):
+    """--help or --version was answered: leave with this status."""
 
-    class Parser(argparse.ArgumentParser):
-        def error(self, message):
-            raise _UsageError(message)
+    def __init__(self, code):
+        Exception.__init__(self, code)
+        self.code = code
 
-    p = Parser(prog="elasticrun", allow_abbrev=False,
-               description="Launch a (multi-node) elastic job: torchrun without PyTorch.")
-    p.add_argument("--version", action="version", version="elasticrun " + __version__)
+
+class _Args:
+    """The parsed command line: one attribute per option, plus the script and its arguments."""
+
+
+def _usage():
+    lines = ["usage: elasticrun [OPTIONS] SCRIPT [ARGS...]   (also: python3 -m elastic, python3 elastic.py)",
+             "", "Launch a (multi-node) elastic job: torchrun without PyTorch. Every option also reads",
+             "PET_<NAME> from the environment (PET_NPROC_PER_NODE=4).", ""]
     for names, dest, kind, default, text in _OPTIONS:
-        env_name = "PET_" + dest.upper()
-        env_value = environ.get(env_name)
-        if kind == "flag":
-            d = env_value.strip().lower() in _ENV_TRUE if env_value is not None else default
-            p.add_argument(*names, dest=dest, action="store_true", default=d, help=text)
-            continue
-        conv = {"str": str, "int": int, "float": float}[kind]
-        if env_value is not None:
-            try:
-                default = conv(env_value)
-            except ValueError:
-                raise _UsageError("%s=%r is not a valid %s" % (env_name, env_value, kind))
-        p.add_argument(*names, dest=dest, type=conv, default=default, help=text,
-                       metavar=dest.upper())
-    p.add_argument("training_script", help="the script (or module, or program) to run")
-    p.add_argument("training_script_args", nargs=argparse.REMAINDER)
-    args = p.parse_args(argv)
+        flag = ", ".join(names) + ("" if kind == "flag" else " " + dest.upper())
+        lines.append("  %-44s %s%s" % (flag, text, "" if kind == "flag" or default in (None, "")
+                                        else " (default %s)" % default))
+    lines.append("  %-44s %s" % ("-h, --help / --version", "this text / the version"))
+    return "\n".join(lines) + "\n"
+
+
+def _parse_args(argv, environ):
+    """torchrun's command line, parsed by hand (argparse would cost the launcher memory and start-up
+    time): `--opt value`, `--opt=value`, `-r3`; the first other word is the script, the rest its args."""
+    by_name = {}
+    args = _Args()
     args._explicit = set()
-    options = argv[:len(argv) - len(args.training_script_args) - 1]
-    for names, dest, _, _, _ in _OPTIONS:
-        if "PET_" + dest.upper() in environ or any(
-                a == n or a.startswith(n + "=") for a in options for n in names):
+    for option in _OPTIONS:
+        names, dest, kind, default, _ = option
+        for n in names:
+            by_name[n] = option
+        env_name = "PET_" + dest.upper()
+        value = environ.get(env_name)
+        if value is not None:
             args._explicit.add(dest)
+            if kind == "flag":
+                default = value.strip().lower() in _ENV_TRUE
+            else:
+                default = _convert(value, kind, env_name)
+        setattr(args, dest, default)
+    i = 0
+    while i < len(argv):
+        word = argv[i]
+        if word == "--":
+            i += 1
+            break
+        if not word.startswith("-") or word == "-":
+            break
+        if word in ("-h", "--help"):
+            sys.stdout.write(_usage())
+            raise _Exit(0)
+        if word == "--version":
+            sys.stdout.write("elasticrun %s\n" % __version__)
+            raise _Exit(0)
+        name, eq, value = word.partition("=")
+        if name not in by_name and not word.startswith("--") and word[:2] in by_name and len(word) > 2:
+            name, eq, value = word[:2], "=", word[2:]      # -r3
+        option = by_name.get(name)
+        if option is None:
+            raise _UsageError("unrecognized option %s" % name)
+        _, dest, kind, _, _ = option
+        if kind == "flag":
+            if eq:
+                raise _UsageError("option %s takes no value" % name)
+            setattr(args, dest, True)
+        else:
+            if not eq:
+                i += 1
+                if i >= len(argv):
+                    raise _UsageError("option %s needs a value" % name)
+                value = argv[i]
+            setattr(args, dest, _convert(value, kind, name))
+        args._explicit.add(dest)
+        i += 1
+    if i >= len(argv):
+        raise _UsageError("the following arguments are required: training_script")
+    args.training_script = argv[i]
+    args.training_script_args = list(argv[i + 1:])
     return args
+
+
+def _convert(value, kind, name):
+    try:
+        return {"str": str, "int": int, "float": float}[kind](value)
+    except ValueError:
+        raise _UsageError("%s: invalid %s value %r" % (name, kind, value))
+
+
+def _random_uuid():
+    """A random (version 4) UUID string, without importing uuid."""
+    b = bytearray(os.urandom(16))
+    b[6] = (b[6] & 0x0F) | 0x40
+    b[8] = (b[8] & 0x3F) | 0x80
+    h = b.hex()
+    return "%s-%s-%s-%s-%s" % (h[:8], h[8:12], h[12:16], h[16:20], h[20:])
 
 
 def _parse_nnodes(text):
@@ -1539,8 +1884,7 @@ def _config_from_args(args, environ):
         c.min_nodes = c.max_nodes = 1
         backend, endpoint = "c10d", "127.0.0.1:0"
         conf["is_host"] = "1"
-        import uuid
-        c.run_id = str(uuid.uuid4())
+        c.run_id = _random_uuid()
     if backend not in ("c10d", "etcd", "static"):
         raise _UsageError("--rdzv-backend %r is not c10d, store, etcd or static" % args.rdzv_backend)
     master_addr = args.master_addr
@@ -1631,8 +1975,23 @@ def _configure_logging(environ):
 
 
 def main(argv=None):
-    """The launcher: parse, run the agent, report. Returns the exit status."""
+    """The launcher: parse, run the agent, report. Returns the exit status. Run as the program
+    (`argv` None), it leaves with os._exit once everything is torn down and flushed: tearing down
+    the interpreter's modules would only add to the launch time."""
+    code = _main(argv)
+    if argv is None:
+        for stream in (sys.stdout, sys.stderr):
+            try:
+                stream.flush()
+            except (OSError, ValueError):
+                pass
+        os._exit(code)
+    return code
+
+
+def _main(argv):
     environ = os.environ
+    from_command_line = argv is None
     argv = list(sys.argv[1:] if argv is None else argv)
     try:
         args = _parse_args(argv, environ)
@@ -1640,6 +1999,15 @@ def main(argv=None):
     except _UsageError as e:
         sys.stderr.write("elasticrun: error: %s\n" % e)
         return 2
+    except _Exit as e:
+        return e.code
+    server = None
+    if (from_command_line and not (c.args.no_python or c.args.run_path) and hasattr(os, "fork")
+            and environ.get("ELASTICRUN_FORKSERVER", "1") != "0"):
+        # forked now, before logging, signal handlers, threads or sockets exist in this process
+        server = _ForkServer()
+        if server.worker_request is not None:  # we are a worker: run the script, never the agent
+            return _run_forked_worker(server.worker_request)
     _configure_logging(environ)
     stopped = []
 
@@ -1669,6 +2037,10 @@ def main(argv=None):
                                   exit_barrier_timeout=c.args.exit_barrier_timeout,
                                   shutdown_timeout=c.args.shutdown_timeout,
                                   log_line_prefix_template=c.args.log_line_prefix_template)
+        if server is not None:
+            agent._fork_server = server
+            agent._script = ("-m" if c.args.module else "-s", c.args.training_script,
+                             list(c.args.training_script_args))
         try:
             result = agent.run()
         except _rdzv.RendezvousError as e:
@@ -1687,6 +2059,8 @@ def main(argv=None):
         log.info("stopped by %s; workers torn down", _signal_name(e.signum))
         return 128 + e.signum
     finally:
+        if server is not None:
+            server.close()
         for sig, old in previous.items():
             try:
                 signal.signal(sig, old)
