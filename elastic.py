@@ -1442,7 +1442,8 @@ class LocalElasticAgent:
         import select
         spec = self._spec
         interval = spec.monitor_interval
-        multi = self._info is not None and self._info.world_size > 1
+        # a one-node round still watches for joiners (scale-up); only our own local round has none
+        multi = self._info is not None and not isinstance(self._handler, _LocalRendezvous)
         self._ignore_broken = False
         next_check = self._clock() + interval
         while True:
@@ -1495,7 +1496,7 @@ class LocalElasticAgent:
     def _check_peers(self):
         """One look at the rest of the job: a peer's failure, nodes waiting, a member lost."""
         store = self._info.store
-        if store.check(["failed"]):
+        if self._info.world_size > 1 and store.check(["failed"]):
             return _PEER_FAILURE
         if self._handler.num_nodes_waiting() > 0:
             return _MEMBERSHIP

@@ -212,3 +212,89 @@ def test_scale_down_when_an_agent_is_sigkilled(tmp_path):
             a.stop()
         store.stop()
         kill_all(e["PID"] for e in dumps(out).values())
+
+
+def test_console_logs_tee_filters_and_fresh_interpreters(tmp_path):
+    """--tee with the prefix, --ranks-filter, --log-dir files; the same with ELASTICRUN_FORKSERVER=0
+    (a new interpreter per worker) and with --run-path (multiprocessing, spawn)."""
+    printer = os.path.join(SCRIPTS, "printer.py")
+    procs = []
+    try:
+        for i, (extra, environ) in enumerate([([], None), ([], env(ELASTICRUN_FORKSERVER=0)),
+                                              (["--run-path"], None)]):
+            logs = tmp_path / ("logs%d" % i)
+            a = Launcher(["--standalone", "--nproc-per-node", "3", "--tee", "3", "--ranks-filter", "0,2",
+                          "--log-dir", str(logs), "--log-line-prefix-template", "<${rank}>"] + FAST + extra
+                         + [printer], tmp_path, "a%d" % i, environ=environ)
+            procs.append(a)
+            assert a.wait() == 0, a.err()
+            assert sorted(a.out().splitlines()) == ["<0>out of rank 0", "<2>out of rank 2"]
+            assert "<2>err of rank 2" in a.err() and "rank 1" not in a.err()
+            (run_dir,) = os.listdir(str(logs))
+            with open(os.path.join(str(logs), run_dir, "attempt_0", "1", "stdout.log")) as f:
+                assert f.read() == "out of rank 1\n"
+    finally:
+        for p in procs:
+            p.stop()
+
+
+def test_run_path_failure_reports_root_cause(tmp_path):
+    a = Launcher(["--standalone", "--nproc-per-node", "2", "--run-path"] + FAST + [FAIL], tmp_path,
+                 environ=env(FAIL_RANK=1))
+    try:
+        assert a.wait() == 1
+        report = a.err()[a.err().index("Root cause"):]
+        assert "rank       : 1 (local_rank: 1" in report and "ValueError: bad value on rank 1" in report
+    finally:
+        a.stop()
+
+
+def test_static_backend_two_nodes(tmp_path):
+    out = tmp_path / "env"
+    out.mkdir()
+    import socket
+    with socket.socket() as s:   # a free port for node 0's store (static needs it up front)
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    agents = []
+    try:
+        for rank in (1, 0):
+            agents.append(Launcher(["--nnodes", "2", "--node-rank", str(rank), "--nproc-per-node", "2",
+                                    "--master-addr", "127.0.0.1", "--master-port", str(port)] + FAST
+                                   + [ENVDUMP, str(out)], tmp_path, "node%d" % rank))
+        for a in agents:
+            assert a.wait(60) == 0, a.err()
+        envs = dumps(out)
+        assert sorted(envs) == ["default_%d_0_4" % r for r in range(4)]
+        for e in envs.values():
+            assert int(e["RANK"]) // 2 == int(e["GROUP_RANK"])
+            assert e["MASTER_PORT"] != str(port)          # workers get a fresh port
+    finally:
+        for a in agents:
+            a.stop()
+
+
+def test_scale_up_when_a_node_joins(tmp_path):
+    """A 1:2 job runs on one node; a second agent arrives: the group restarts at world size 4
+    without using the restart budget (--max-restarts 0)."""
+    out = tmp_path / "env"
+    out.mkdir()
+    store = StoreProcess()
+    agents = []
+    try:
+        agents.append(Launcher(c10d(store, "1:2", "scaleup", "--nproc-per-node", "2",
+                                    "--local-addr", "127.0.0.1") + [ENVDUMP, str(out), "hold<4"],
+                               tmp_path, "first"))
+        wait_for(lambda: len([k for k in dumps(out) if k.endswith("_2")]) == 2, what="the 1-node round")
+        agents.append(Launcher(c10d(store, "1:2", "scaleup", "--nproc-per-node", "2",
+                                    "--local-addr", "127.0.0.2") + [ENVDUMP, str(out), "hold<4"],
+                               tmp_path, "second"))
+        for a in agents:
+            assert a.wait(60) == 0, a.err()
+        assert sorted(k for k in dumps(out) if k.endswith("_4")) == ["default_%d_0_4" % r for r in range(4)]
+        assert "nodes waiting" in agents[0].err()
+    finally:
+        for a in agents:
+            a.stop()
+        store.stop()
+        kill_all(e["PID"] for e in dumps(out).values())

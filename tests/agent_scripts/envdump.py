@@ -1,5 +1,5 @@
 """Writes its environment (the agent's variables, plus PID) to OUTDIR/<role>_<rank>_<restart>_<world>.json.
-Optional second argument: seconds to sleep afterwards, or `hold>N` to sleep for good while WORLD_SIZE > N."""
+Optional second argument: seconds to sleep afterwards, or `hold>N` / `hold<N` to sleep for good while WORLD_SIZE > N / < N."""
 import json
 import os
 import sys
@@ -23,6 +23,9 @@ if len(sys.argv) > 2:
     arg = sys.argv[2]
     if arg.startswith("hold>"):
         while int(os.environ["WORLD_SIZE"]) > int(arg[5:]):
+            time.sleep(1000)
+    elif arg.startswith("hold<"):
+        while int(os.environ["WORLD_SIZE"]) < int(arg[5:]):
             time.sleep(1000)
     else:
         time.sleep(float(arg))
