@@ -531,10 +531,8 @@ class _Reaper:
         null = os.open(os.devnull, os.O_RDWR)
         for fd in (0, 1, 2):
             os.dup2(null, fd)
-        keep = sorted((r, 0, 1, 2))
         os.closerange(3, r)
         os.closerange(r + 1, 65536)
-        del keep
         groups, buf = set(), b""
         while True:
             try:
@@ -915,6 +913,9 @@ def _worker_excepthook(main_globals):
 
 def _function_worker(fn, args, env, conn, out_path, err_path, parent_pid):
     """Body of a callable worker (a multiprocessing child)."""
+    for s in (signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT):  # forked children inherit the launcher's
+        signal.signal(s, signal.SIG_DFL)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     for fd in list(_REAPER_FDS):  # inherited through fork: the reaper must see EOF when the agent dies
         try:
             os.close(fd)
@@ -1205,9 +1206,11 @@ class LocalElasticAgent:
         self.state = WorkerState.INIT
         self.group_rank = None
         self.group_world_size = None
+        self.world_size = None
         self.last_progress_time = time.time()
-        # HOOK(health check): _HealthServer(port, status_fn) reads state, _restart_count, group_rank,
-        # group_world_size and last_progress_time from here; start it in run() before the loop.
+        # HOOK(health check): _HealthServer(port, status_fn) reads state, restart_count, group_rank,
+        # world_size and last_progress_time from here (WorkerState.is_running(state) means healthy);
+        # start it in run() before the loop and stop it in run()'s finally.
 
     # -- public ------------------------------------------------------------------------------------
 
@@ -1300,6 +1303,7 @@ class LocalElasticAgent:
         peers = [(role, int(n)) for role, n in peers]
         self._base_rank = sum(n for _, n in peers[:info.rank])
         self._world_size = sum(n for _, n in peers)
+        self.world_size = self._world_size
         self._role_base = sum(n for role, n in peers[:info.rank] if role == spec.role)
         self._role_world_size = sum(n for role, n in peers if role == spec.role)
         self._master_addr = spec.master_addr or info.master_addr
@@ -2038,6 +2042,8 @@ def _main(argv):
                                   exit_barrier_timeout=c.args.exit_barrier_timeout,
                                   shutdown_timeout=c.args.shutdown_timeout,
                                   log_line_prefix_template=c.args.log_line_prefix_template)
+        # HOOK(health check): port = c.args.health_check_port or TORCHELASTIC_HEALTH_CHECK_PORT;
+        # when set, hand it to the agent so run() serves /healthz (see LocalElasticAgent.__init__).
         if server is not None:
             agent._fork_server = server
             agent._script = ("-m" if c.args.module else "-s", c.args.training_script,
