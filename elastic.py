@@ -24,7 +24,12 @@ Data flow of one agent (one per node)::
     handler.next_rendezvous() -> info (store, rank, world_size, master_addr, master_port)
         |  every agent writes role/<group_rank> to info.store and reads all: global and role ranks
         v
-    start workers: subprocesses (own session) or multiprocessing children (callables)
+    start workers, each in its own session:
+        |  Python scripts (CLI) .. forked by the fork server, a copy of the launcher made before it
+        |                          started anything (about 1 ms a worker; ELASTICRUN_FORKSERVER=0
+        |                          runs `python -u` with a bootstrap instead, as the API does)
+        |  programs .............. subprocesses (--no-python, WorkerSpec(entrypoint="path"))
+        |  callables ............. multiprocessing children (spawn/fork/forkserver, --run-path)
         |  stdout/stderr -> console | log file | tee (pump thread adds the line prefix)
         v
     monitor (wakes on a worker's exit, at latest every monitor_interval):
