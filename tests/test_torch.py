@@ -196,14 +196,14 @@ def test_recovery_from_sigkill_matches_uninterrupted_run(torch_python, launchers
     need_launcher()
     steps = ["--steps", 6]
     ref_out, ref_ckpt = tmp_path / "ref", tmp_path / "ref.pt"
+    out, ckpt, marker = tmp_path / "out", tmp_path / "ckpt.pt", tmp_path / "killed"
+    # both runs at once: they share nothing but the CPU
     ref = launchers.start(tmp_path, "ref", ["--standalone", "--nproc-per-node", "2"]
                           + _worker(torch_python, "ddp_train.py", "--out", ref_out, "--ckpt", ref_ckpt, *steps))
-    assert ref.wait() == 0, ref.stderr
-
-    out, ckpt, marker = tmp_path / "out", tmp_path / "ckpt.pt", tmp_path / "killed"
     run = launchers.start(tmp_path, "run", ["--standalone", "--nproc-per-node", "2", "--max-restarts", "1"]
                           + _worker(torch_python, "ddp_train.py", "--out", out, "--ckpt", ckpt, *steps,
                                     "--die-at", 3, "--die-rank", 1, "--marker", marker))
+    assert ref.wait() == 0, ref.stderr
     assert run.wait() == 0, run.stderr
     assert marker.exists(), "rank 1 never killed itself"
 
@@ -262,13 +262,19 @@ def test_scale_up_second_agent_joins_running_job(torch_python, launchers, tmp_pa
 
 def test_torch_record_error_file_in_our_report(torch_python, launchers, tmp_path):
     need_launcher()
-    launcher = launchers.start(tmp_path, "agent", ["--standalone", "--nproc-per-node", "2"]
+    # workers' own output goes to log files (--redirects 3): what the report shows came from the
+    # error file torch's @record wrote
+    launcher = launchers.start(tmp_path, "agent", ["--standalone", "--nproc-per-node", "2", "--redirects", "3",
+                                                   "--log-dir", tmp_path / "logs"]
                                + _worker(torch_python, "record_fail.py", "--fail-rank", 1))
-    assert launcher.wait() == 1  # the worker's own exit code (the re-raised exception)
+    assert launcher.wait() == 1, launcher.stderr  # the worker's own exit code (the re-raised exception)
     report = launcher.stderr
-    assert "ValueError: torch-record worker 1 gave up on purpose" in report
-    assert "in explode" in report  # the traceback from torch's error file
-    assert "raise ValueError" in report
+    assert "Root cause" in report, report
+    root = report[report.index("Root cause"):]
+    assert "rank 1" in root.splitlines()[1], root
+    assert "ValueError: torch-record worker 1 gave up on purpose" in root
+    assert "in explode" in root  # the traceback from torch's error file
+    assert 'raise ValueError("torch-record worker %d gave up on purpose" % rank)' in root
 
 
 def test_torch_file_timer_client_killed_by_our_server(torch_python, tmp_path):
