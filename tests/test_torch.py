@@ -220,21 +220,8 @@ def test_recovery_from_sigkill_matches_uninterrupted_run(torch_python, launchers
 # ------------------------------------------------------------------------------ scale-up
 
 
-def _one_node_round_ignores_waiting_nodes():
-    """elastic.py (as of fd5e2f5) only looks at the other nodes when its round has more than one
-    node, so a 1-node job never sees a joiner. Detected from the source so the test comes back by
-    itself once the agent is fixed."""
-    import inspect
-    agent = importlib.import_module("elastic").LocalElasticAgent
-    monitor = getattr(agent, "_monitor", None)
-    return monitor is not None and "self._info.world_size > 1" in inspect.getsource(monitor)
-
-
 def test_scale_up_second_agent_joins_running_job(torch_python, launchers, tmp_path):
     need_launcher()
-    if _one_node_round_ignores_waiting_nodes():
-        pytest.skip("elastic.py defect: a 1-node round never polls num_nodes_waiting(), so scale-up "
-                    "from one node cannot happen yet")
     out = tmp_path / "out"
     port = _free_port()
     args = (_c10d_args(port, "grow", "1:2", "last_call_timeout=1", "heartbeat_interval=0.5",
