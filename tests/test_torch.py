@@ -225,7 +225,7 @@ def test_scale_up_second_agent_joins_running_job(torch_python, launchers, tmp_pa
     out = tmp_path / "out"
     port = _free_port()
     args = (_c10d_args(port, "grow", "1:2", "last_call_timeout=1", "heartbeat_interval=0.5",
-                       "heartbeat_timeout=10")
+                       "heartbeat_timeout=30")
             + ["--max-restarts", "0"]
             + _worker(torch_python, "ddp_train.py", "--out", out, "--steps", 2, "--hold-below-world", 4,
                               "--hold-timeout", 60))
@@ -294,11 +294,11 @@ def test_torch_file_timer_client_under_launcher(torch_python, launchers, tmp_pat
         pytest.skip("file timer not in elastic.py yet")
     out = tmp_path / "out"
     out.mkdir()
-    launcher = launchers.start(tmp_path, "agent", ["--standalone", "--nproc-per-node", "2"]
+    # one worker: a sibling could still be importing torch when the agent stops the group
+    launcher = launchers.start(tmp_path, "agent", ["--standalone", "--nproc-per-node", "1"]
                                + _worker(torch_python, "timer_hang.py", "--out", out, "--hang-rank", 0,
                                          "--after", 1),
                                env=_env(TORCHELASTIC_ENABLE_FILE_TIMER="1"))
     assert launcher.wait() == 128 + signal.SIGKILL, launcher.stderr
     assert "SIGKILL" in launcher.stderr
     assert (out / "rank0.entered").exists() and not (out / "rank0.woke").exists()
-    assert (out / "rank1.done").exists()
