@@ -184,6 +184,7 @@ def test_no_exit_barrier_on_failure_and_job_wide_root_cause(tmp_path):
         assert agents[1].wait(40) == 9, agents[1].err()
         report = agents[1].err()
         assert "Root cause" in report and "rank       : 0 (local_rank: 0" in report
+        assert "Other failures" not in report   # b's own workers were stopped, they did not fail
     finally:
         for a in agents:
             a.stop()
