@@ -927,13 +927,22 @@ class TCPStore:
             self._rid = rid = (self._rid + 1) & 0xFFFFFFFF
             with self._lock:   # registered before sending, so whoever reads the reply keeps it for us
                 self._waiting[rid] = None
+                reader = not self._reading   # nobody reading: we will, without a second lock trip
+                if reader:
+                    self._reading = True
             try:
                 sock.sendall(_HEAD.pack(_HEAD_SIZE + len(body), op, rid) + body)
             except OSError as e:
-                with self._lock:
-                    self._waiting.pop(rid, None)
+                if reader:
+                    self._pass_reading(rid)
+                else:
+                    with self._lock:
+                        self._waiting.pop(rid, None)
                 raise StoreConnectionError("lost the store at %s: %s" % (self._where(), _describe(e))) from e
-        status, result = self._await(rid, deadline)
+        if reader:
+            status, result = self._read_own(rid, deadline)
+        else:
+            status, result = self._await(rid, deadline)
         if status == _OK:
             return result
         if status == _TIMEOUT:
@@ -969,25 +978,34 @@ class TCPStore:
                 if reply is not None:
                     return reply
                 raise StoreTimeout("no answer from the store at %s" % self._where())
+        return self._read_own(rid, deadline)
+
+    def _read_own(self, rid, deadline):
+        """As the reading thread: read replies, handing out others', until ours arrives."""
         try:
             while True:
-                frid, status, body = self._read_reply(deadline, rid)
+                frid, status, body = self._read_reply(deadline)
                 if frid == rid:
                     return status, body
-                with lock:
-                    if frid in waiting:   # a reply nobody waits for any more (timed out) is dropped
-                        replies[frid] = (status, body)
-                        _wake(waiting[frid])
+                with self._lock:
+                    if frid in self._waiting:   # a reply nobody waits for any more (timed out) is dropped
+                        self._replies[frid] = (status, body)
+                        _wake(self._waiting[frid])
         finally:
-            with lock:
-                waiting.pop(rid, None)
-                self._reading = False
-                for other, sleeper in waiting.items():
-                    if other not in replies and sleeper is not None and sleeper.locked():
-                        sleeper.release()   # the next reader
-                        break
+            self._pass_reading(rid)
 
-    def _read_reply(self, deadline, rid):
+    def _pass_reading(self, rid):
+        """Give up the reading, waking one thread that still waits for its reply to take it over."""
+        with self._lock:
+            waiting, replies = self._waiting, self._replies
+            waiting.pop(rid, None)
+            self._reading = False
+            for other, sleeper in waiting.items():
+                if other not in replies and sleeper is not None and sleeper.locked():
+                    sleeper.release()
+                    break
+
+    def _read_reply(self, deadline):
         buf, sock = self._rbuf, self._sock
         while True:
             if len(buf) >= _HEAD.size:
@@ -1014,6 +1032,10 @@ class TCPStore:
                 self._broken(_describe(e))
             if not chunk:
                 self._broken("it closed the connection")
+            if not buf and len(chunk) >= _HEAD.size:  # the common case: exactly one whole reply
+                length, status, frid = _HEAD.unpack_from(chunk)
+                if length + 4 == len(chunk) and length >= _HEAD_SIZE:
+                    return frid, status, chunk[_HEAD.size:]
             buf += chunk
 
     def _broken(self, why):
