@@ -1986,10 +1986,11 @@ def _configure_logging(environ):
 
 def main(argv=None):
     """The launcher: parse, run the agent, report. Returns the exit status. Run as the program
-    (`argv` None), it leaves with os._exit once everything is torn down and flushed: tearing down
-    the interpreter's modules would only add to the launch time."""
+    (``python3 elastic.py``, ``-m elastic``, the ``elasticrun`` script), it leaves with os._exit once
+    everything is torn down and flushed: tearing down the interpreter's modules only adds exit time."""
     code = _main(argv)
-    if argv is None:
+    if argv is None and (__name__ == "__main__"
+                         or os.path.basename(sys.argv[0] or "").startswith("elasticrun")):
         for stream in (sys.stdout, sys.stderr):
             try:
                 stream.flush()
