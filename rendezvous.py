@@ -418,13 +418,7 @@ class RendezvousHandler:
                 r += 1
 
     def _read_open(self):
-        store, key = self._store, self._keys.open
-        if not store.check([key]):
-            return 0
-        try:
-            return int(store.get(key))
-        except ValueError:
-            return 0
+        return self._store.add(self._keys.open, 0)     # a missing key reads as round 0
 
     def _try_round(self, r, deadline, rejoin):
         """One attempt at round r: the RendezvousInfo, or None when this node must try round r + 1."""
@@ -554,6 +548,9 @@ class RendezvousHandler:
         their = keys.round(r, "hb/%d" % neighbour) if neighbour is not None else None
         broken = keys.round(r, "broken")
         beats, seen, changed = 0, None, time.monotonic()
+        # the first beat at a random point of the interval spreads a large round's beats over time
+        if stop.wait(random.uniform(0, min(params.heartbeat_interval, params.heartbeat_timeout / 4))):
+            return
         while True:
             try:
                 beats += 1
