@@ -695,6 +695,12 @@ class _ForkServer:
         self._buf, self._forked, self.exits = b"", [], {}
 
     def spawn(self, mode, script, args, env, out_fd=None, err_fd=None):
+        self.request(mode, script, args, env, out_fd, err_fd)
+        return self.next_pid()
+
+    def request(self, mode, script, args, env, out_fd=None, err_fd=None):
+        """Ask for a worker; the fds are duplicated in flight (close yours when this returns).
+        Requests are answered in order: take each pid with next_pid()."""
         import array
         import socket
         import struct
@@ -705,6 +711,8 @@ class _ForkServer:
         ancillary = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))] if fds else []
         self.sock.sendmsg([struct.pack("!IB", len(body), flags)], ancillary)
         self.sock.sendall(body)
+
+    def next_pid(self):
         while not self._forked:
             self.read(None)
         return self._forked.pop(0)
@@ -730,14 +738,16 @@ class _ForkServer:
             elif parts[0] == b"X":
                 self.exits[int(parts[1])] = int(parts[2])
 
-    def close(self):
+    def close(self, wait=True):
+        """Stop the server (it leaves when its socket closes); `wait` reaps it."""
         if self.worker_request is None and self.sock is not None:
             self.sock.close()
             self.sock = None
-            try:
-                os.waitpid(self.pid, 0)
-            except ChildProcessError:
-                pass
+            if wait:
+                try:
+                    os.waitpid(self.pid, 0)
+                except ChildProcessError:
+                    pass
 
 
 def _recv_exact(sock, n):
@@ -761,6 +771,8 @@ def _fork_server_loop(sock, prctl, agent_pid):
     except OSError:
         pass
     _die_with_parent(prctl, agent_pid)
+    import gc
+    gc.freeze()  # workers' collections skip what they inherit: fewer copy-on-write page copies
     handled = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT)
     for s in handled:
         signal.signal(s, signal.SIG_IGN)
@@ -1366,6 +1378,10 @@ class LocalElasticAgent:
             else:
                 self._start_function(w)
             self._workers.append(w)
+        for w in self._workers:
+            if w.proc is None:   # asked of the fork server
+                w.pid = w.pgid = self._fork_server.next_pid()
+                w.proc = _ForkedProc(self._fork_server, w.pid)
             self._reaper.watch(w.pgid)
         self._pump.start()
         self.state = WorkerState.HEALTHY
@@ -1401,9 +1417,9 @@ class LocalElasticAgent:
             if self._fork_server is not None:
                 mode, script, script_args = self._script
                 ints = [None if f is None else (f if isinstance(f, int) else f.fileno()) for f in fds]
-                pid = self._fork_server.spawn(mode, script, script_args, w.env, ints[0], ints[1])
-                w.proc = _ForkedProc(self._fork_server, pid)
-                w.pid = w.pgid = pid
+                # sent now, pid collected in _start_workers: the server forks while we prepare
+                # the next worker
+                self._fork_server.request(mode, script, script_args, w.env, ints[0], ints[1])
                 return
             if self._prctl is None:
                 self._prctl = _prctl() or False
@@ -1988,9 +2004,10 @@ def main(argv=None):
     """The launcher: parse, run the agent, report. Returns the exit status. Run as the program
     (``python3 elastic.py``, ``-m elastic``, the ``elasticrun`` script), it leaves with os._exit once
     everything is torn down and flushed: tearing down the interpreter's modules only adds exit time."""
-    code = _main(argv)
-    if argv is None and (__name__ == "__main__"
-                         or os.path.basename(sys.argv[0] or "").startswith("elasticrun")):
+    program = argv is None and (__name__ == "__main__"
+                                or os.path.basename(sys.argv[0] or "").startswith("elasticrun"))
+    code = _main(argv, program)
+    if program:
         for stream in (sys.stdout, sys.stderr):
             try:
                 stream.flush()
@@ -2000,7 +2017,7 @@ def main(argv=None):
     return code
 
 
-def _main(argv):
+def _main(argv, program=False):
     environ = os.environ
     from_command_line = argv is None
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -2073,7 +2090,7 @@ def _main(argv):
         return 128 + e.signum
     finally:
         if server is not None:
-            server.close()
+            server.close(wait=not program)   # a program about to exit need not reap it
         for sig, old in previous.items():
             try:
                 signal.signal(sig, old)
