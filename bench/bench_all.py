@@ -1,15 +1,20 @@
 #!/usr/bin/env python3
 """Every benchmark in one command, one table of ratios against torch.
 
-    python3 bench/bench_all.py [--quick] [--only store,rendezvous,launcher]
+    python3 bench/bench_all.py [--quick] [--only store,rendezvous,launcher] [--timeout SECONDS]
 
 Runs bench/bench_store.py, bench/bench_rendezvous.py and bench/bench_launcher.py (those present),
-each as its own process with the same Python and `--quick` passed through, and collects the rows
-of their tables: a row is a line whose last column is a ratio such as `1.73x`. Ratios are ours
-over torch's as each benchmark defines them (above 1 is better for rates, below 1 for times and
-memory); the row name carries the unit. Each benchmark's own progress goes to stderr as it runs.
-A benchmark that fails or overruns `--timeout` is reported and the others still run; the exit
-status is 1 if any failed.
+one after the other, each as its own process under this Python, `--quick` passed to those that take
+it. Their own progress goes to stderr as they run; their tables are read back and printed as one:
+
+    bench       measurement                      ours       torch   ours better by
+    store       get ops/s, 1 client           14000.0      7600.0   1.84x
+    rendezvous  64 nodes, ms                     12.0        95.0   7.92x
+    launcher    launch, ms                      160.0      1750.0  10.94x
+
+"ours better by" is always above 1 when ours wins: torch/ours for times, sizes and memory,
+ours/torch for rates (a measurement named with "/s"). A benchmark that fails or overruns
+`--timeout` is reported, the others still run, and the exit status is 1.
 """
 import argparse
 import os
@@ -21,57 +26,89 @@ import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 BENCHES = ("store", "rendezvous", "launcher")
-_RATIO = re.compile(r"^-?\d+(\.\d+)?x$")
-_NUMBER = re.compile(r"^-?[\d.,]+$|^-$")
+_VALUE = r"(-?\d+(?:\.\d+)?|-|n/a)"
 
 
-def parse_rows(text):
-    """(name, ours, torch, ratio) for every line of `text` that ends in a ratio column."""
+def _number(text):
+    try:
+        return float(text)
+    except ValueError:
+        return None
+
+
+def parse_store(text):
+    """Rows `NAME  OURS  TORCH  RATIO` of bench_store.py (the unit is part of NAME)."""
     rows = []
     for line in text.splitlines():
-        cols = line.split()
-        if len(cols) < 2 or not _RATIO.match(cols[-1]):
-            continue
-        values = []
-        rest = cols[:-1]
-        while rest and _NUMBER.match(rest[-1]) and len(values) < 2:
-            values.insert(0, rest.pop())
-        values = [""] * (2 - len(values)) + values
-        rows.append((" ".join(rest), values[0], values[1], cols[-1]))
+        m = re.match(r"^(.*?\S)\s+%s\s+%s(\s+\S+)?\s*$" % (_VALUE, _VALUE), line)
+        if m:
+            rows.append((m.group(1), _number(m.group(2)), _number(m.group(3))))
     return rows
 
 
+def parse_rendezvous(text):
+    """Rows `NODES  OURSms  TORCHms  RATIO` of bench_rendezvous.py."""
+    rows = []
+    for line in text.splitlines():
+        m = re.match(r"^\s*(\d+)\s+%sms\s+(?:%sms|n/a)" % (_VALUE, _VALUE), line)
+        if m:
+            rows.append(("%s nodes, ms" % m.group(1), _number(m.group(2)), _number(m.group(3) or "")))
+    return rows
+
+
+def parse_launcher(text):
+    """Lines `elasticrun launch 160.0 ms  restart ...` and `torchrun launch ...` of bench_launcher.py."""
+    found = {}
+    for line in text.splitlines():
+        m = re.match(r"^(elasticrun|torchrun)\s+(.*)$", line)
+        if m:
+            found[m.group(1)] = dict((k, (float(v), unit)) for k, v, unit in
+                                     re.findall(r"(\w+)\s+(-?\d+(?:\.\d+)?)\s*(ms|MiB|s)\b", m.group(2)))
+    ours, theirs = found.get("elasticrun", {}), found.get("torchrun", {})
+    return [("%s, %s" % (k, unit), value, theirs.get(k, (None,))[0]) for k, (value, unit) in ours.items()]
+
+
+PARSERS = {"store": parse_store, "rendezvous": parse_rendezvous, "launcher": parse_launcher}
+
+
+def advantage(name, ours, theirs):
+    """How many times better ours is (above 1: ours wins), or None when it can't be said."""
+    if not ours or not theirs or "error" in name:
+        return None
+    return ours / theirs if "/s" in name else theirs / ours
+
+
 def run_bench(name, quick, timeout):
-    """Run one benchmark (its stderr goes straight through); returns (rows, error or None, seconds)."""
+    """Run one benchmark (its stderr goes straight through); returns (stdout text, error or None, seconds)."""
     path = os.path.join(HERE, "bench_%s.py" % name)
-    cmd = [sys.executable, path] + (["--quick"] if quick else [])
+    cmd = [sys.executable, path]
+    with open(path) as f:
+        if quick and "--quick" in f.read():
+            cmd.append("--quick")
     started = time.monotonic()
     # its own session, so a timeout takes the benchmark's helper processes down with it
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, cwd=os.path.dirname(HERE), start_new_session=True)
+    error = None
     try:
         out, _ = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
         os.killpg(proc.pid, signal.SIGKILL)
         out, _ = proc.communicate()
-        return parse_rows(out.decode(errors="replace")), "no result after %d s" % timeout, timeout
+        error = "no result after %d s" % timeout
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
-    seconds = time.monotonic() - started
-    rows = parse_rows(out.decode(errors="replace"))
-    if proc.returncode != 0:
-        return rows, "exit %d" % proc.returncode, seconds
-    if not rows:
-        return rows, "printed no ratio rows", seconds
-    return rows, None, seconds
+    if error is None and proc.returncode != 0:
+        error = "exit %d" % proc.returncode
+    return out.decode(errors="replace"), error, time.monotonic() - started
 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="passed to every benchmark")
-    parser.add_argument("--timeout", type=float, default=1800, help="seconds per benchmark (default 1800)")
+    parser.add_argument("--quick", action="store_true", help="passed to every benchmark that takes it")
     parser.add_argument("--only", help="comma-separated subset of: " + ",".join(BENCHES))
+    parser.add_argument("--timeout", type=float, default=1800, help="seconds per benchmark (default 1800)")
     args = parser.parse_args(argv)
     wanted = args.only.split(",") if args.only else list(BENCHES)
     unknown = sorted(set(wanted) - set(BENCHES))
@@ -83,19 +120,27 @@ def main(argv=None):
         if not os.path.exists(os.path.join(HERE, "bench_%s.py" % name)):
             print("bench_%s.py: not present, skipped" % name, file=sys.stderr)
             continue
-        print("running bench_%s.py%s ..." % (name, " --quick" if args.quick else ""), file=sys.stderr, flush=True)
-        rows, error, seconds = run_bench(name, args.quick, args.timeout)
-        print("  done in %.0f s%s" % (seconds, "" if error is None else " (FAILED: %s)" % error),
+        print("== bench_%s.py" % name, file=sys.stderr, flush=True)
+        out, error, seconds = run_bench(name, args.quick, args.timeout)
+        rows = PARSERS[name](out)
+        if error is None and not rows:
+            error = "no figures found in its output"
+        print("== bench_%s.py: %.0f s%s" % (name, seconds, "" if error is None else ", FAILED: " + error),
               file=sys.stderr, flush=True)
         if error is not None:
             failed.append(name)
+            sys.stderr.write(out)
         table.extend((name,) + row for row in rows)
 
     if table:
         width = max(len(r[1]) for r in table)
-        print("%-10s %-*s %14s %14s %8s" % ("bench", width, "measurement", "ours", "torch", "ratio"))
-        for bench, what, ours, theirs, ratio in table:
-            print("%-10s %-*s %14s %14s %8s" % (bench, width, what, ours, theirs, ratio))
+        fmt = "%-11s %-*s %12s %12s   %s"
+        print(fmt % ("bench", width, "measurement", "ours", "torch", "ours better by"))
+        for bench, what, ours, theirs in table:
+            better = advantage(what, ours, theirs)
+            print(fmt % (bench, width, what, "-" if ours is None else "%.1f" % ours,
+                         "-" if theirs is None else "%.1f" % theirs,
+                         "-" if better is None else "%.2fx" % better))
     if failed:
         print("failed: %s" % ", ".join(failed), file=sys.stderr)
         return 1
