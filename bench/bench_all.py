@@ -46,13 +46,26 @@ def parse_store(text):
     return rows
 
 
+def _ms_value(text):
+    """'12.3ms' -> 12.3; '>90s' (ran past the benchmark's cap) -> 90000.0; anything else -> None."""
+    m = re.match(r"^(>?)(\d+(?:\.\d+)?)(ms|s)$", text)
+    if not m:
+        return None
+    value = float(m.group(2)) * (1000.0 if m.group(3) == "s" else 1.0)
+    return _AtLeast(value) if m.group(1) else value
+
+
+class _AtLeast(float):
+    """A figure the benchmark only bounds from below (it gave up waiting)."""
+
+
 def parse_rendezvous(text):
-    """Rows `NODES  OURSms  TORCHms  RATIO` of bench_rendezvous.py."""
+    """Rows `NODES  OURS  TORCH  SPEEDUP` of bench_rendezvous.py (times as 12.3ms or >90s)."""
     rows = []
     for line in text.splitlines():
-        m = re.match(r"^\s*(\d+)\s+%sms\s+(?:%sms|n/a)" % (_VALUE, _VALUE), line)
-        if m:
-            rows.append(("%s nodes, ms" % m.group(1), _number(m.group(2)), _number(m.group(3) or "")))
+        m = re.match(r"^\s*(\d+)\s+(\S+)\s+(\S+)\s+\S+\s*$", line)
+        if m and _ms_value(m.group(2)) is not None:
+            rows.append(("%s nodes, ms" % m.group(1), _ms_value(m.group(2)), _ms_value(m.group(3))))
     return rows
 
 
@@ -72,10 +85,15 @@ PARSERS = {"store": parse_store, "rendezvous": parse_rendezvous, "launcher": par
 
 
 def advantage(name, ours, theirs):
-    """How many times better ours is (above 1: ours wins), or None when it can't be said."""
-    if not ours or not theirs or "error" in name:
-        return None
-    return ours / theirs if "/s" in name else theirs / ours
+    """How many times better ours is (above 1: ours wins) as text, or "-" when it can't be said."""
+    if not ours or not theirs or "error" in name or isinstance(ours, _AtLeast):
+        return "-"
+    ratio = ours / theirs if "/s" in name else theirs / ours
+    return "%s%.2fx" % (">" if isinstance(theirs, _AtLeast) else "", ratio)
+
+
+def _fmt(value):
+    return "-" if value is None else "%s%.1f" % (">" if isinstance(value, _AtLeast) else "", value)
 
 
 def run_bench(name, quick, timeout):
@@ -137,10 +155,7 @@ def main(argv=None):
         fmt = "%-11s %-*s %12s %12s   %s"
         print(fmt % ("bench", width, "measurement", "ours", "torch", "ours better by"))
         for bench, what, ours, theirs in table:
-            better = advantage(what, ours, theirs)
-            print(fmt % (bench, width, what, "-" if ours is None else "%.1f" % ours,
-                         "-" if theirs is None else "%.1f" % theirs,
-                         "-" if better is None else "%.2fx" % better))
+            print(fmt % (bench, width, what, _fmt(ours), _fmt(theirs), advantage(what, ours, theirs)))
     if failed:
         print("failed: %s" % ", ".join(failed), file=sys.stderr)
         return 1
