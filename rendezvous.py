@@ -48,12 +48,18 @@ a free port) under that slot and then blocks on the round's ``done`` key with on
     late   ----[FREEZE+4]  -> round closed: join the next round and wait there
 
 Exactly one node (the one whose ``add`` returned ``min_nodes``) closes a round, so there is no
-compare-and-set loop: per round each node does about five store operations and the closer one
+compare-and-set loop: per round each node does about six store operations and the closer one
 ``multi_get``, O(nodes) in all. The ``FREEZE`` add both counts the members exactly and turns every
 later ``add`` into a "too late" answer, with no lock. ``done`` is written with ``compare_set`` so that
 ``set_closed()`` can race the closer and exactly one outcome wins. Ranks: members sorted by (address,
 node id) (static: by node rank), so a node keeps its rank across rounds when membership allows; when
 more than ``max_nodes`` arrived, members of the previous round are kept first.
+
+The closer beats the round's ``closer_hb`` counter every ``heartbeat_interval`` while it waits, and the
+waiting nodes peek at it once per interval. When it stays unchanged for ``heartbeat_timeout`` (the
+closer died in the last call), the first waiter to ``compare_set`` the ``closer`` key to its own id
+takes over: it leaves the dead closer out and closes at once. A round frozen by a closer that died
+before writing ``done`` is finished from ``frozen`` and the records that exist.
 
 Rounds follow each other. A node that arrives while a round runs waits in the next round; that round's
 closer first waits for its ``gate``, which a member of the running round opens when it comes back
@@ -80,6 +86,9 @@ Key layout (``R`` = the run id, percent-quoted so run ids never overlap; ``r`` =
     elastic/R/r/node/<slot>     JSON record of the node in that slot
     elastic/R/r/gate            the previous round has ended (or there was none)
     elastic/R/r/full            slot max_nodes has arrived: close without waiting out the last call
+    elastic/R/r/closer          id of the node closing the round (changed only by a takeover)
+    elastic/R/r/closer_hb       the closer's heartbeat counter while it waits
+    elastic/R/r/frozen          the member count the FREEZE add returned
     elastic/R/r/done            outcome: JSON members and master address, or "closed", or "retry"
     elastic/R/r/hb/<rank>       heartbeat counter of the member with that rank
     elastic/R/r/broken          > 0 once a member died or left; reason in broken_why
@@ -437,7 +446,7 @@ class RendezvousHandler:
             store.set(keys.round(r, "full"), "1")
         if slot == params.min_nodes:
             self._close_round(r, deadline)
-        outcome = self._await(r, keys.round(r, "done"), deadline, slot)
+        outcome = self._await(r, keys.round(r, "done"), deadline, slot, watch_closer=True)
         if outcome == _CLOSED:
             self._closed_seen = True
             raise RendezvousClosedError("rendezvous of run %r is closed" % params.run_id)
@@ -461,17 +470,44 @@ class RendezvousHandler:
         return RendezvousInfo(_store.PrefixStore(prefix, store), rank, len(members),
                               result["master_addr"], result["master_port"], r, members)
 
-    def _await(self, r, key, deadline, slot):
-        """The value of `key`, waiting until `deadline`; a timeout names the join count."""
-        store = self._store
-        remaining = deadline - time.monotonic()
-        try:
+    def _await(self, r, key, deadline, slot, watch_closer=False):
+        """The value of `key`, waiting until `deadline`; a timeout names the join count.
+
+        `watch_closer`: while waiting, check every heartbeat_interval that round r's closer still
+        beats; when it has been silent for heartbeat_timeout, take its place (one node wins).
+        """
+        store, params, keys = self._store, self._params, self._keys
+        seen, changed = None, time.monotonic()
+        while True:
+            remaining = deadline - time.monotonic()
             if remaining <= 0:
-                raise _store.StoreTimeout("deadline passed")
-            store.wait([key], remaining)
-        except _store.StoreTimeout:
-            raise self._timeout(r, slot) from None
-        return store.get(key).decode("utf-8")
+                raise self._timeout(r, slot)
+            try:
+                store.wait([key], min(remaining, params.heartbeat_interval) if watch_closer else remaining)
+                return store.get(key).decode("utf-8")
+            except _store.StoreTimeout:
+                if not watch_closer:
+                    continue
+            value, now = store.add(keys.round(r, "closer_hb"), 0), time.monotonic()
+            if value != seen:
+                seen, changed = value, now
+            elif value == 0 and store.add(keys.round(r, "arrive"), 0) & _SLOT_MASK < params.min_nodes:
+                changed = now                  # no closer yet: min_nodes have not arrived
+            elif now - changed > params.heartbeat_timeout:
+                dead = self._take_over(r, now - changed)
+                if dead is not None:
+                    self._close_round(r, deadline, dead=dead)
+                seen, changed = None, time.monotonic()
+
+    def _take_over(self, r, silence):
+        """Claim round r's closing from a silent closer; its id when we won, else None."""
+        store, key = self._store, self._keys.round(r, "closer")
+        current = store.get(key).decode("utf-8") if store.check([key]) else ""
+        if store.compare_set(key, current, self.node_id).decode("utf-8") != self.node_id:
+            return None
+        log.warning("round %d of run %r: the closer %s was silent for %.1f s; %s closes the round",
+                    r, self._params.run_id, current or "(unknown)", silence, self.node_id)
+        return current
 
     def _timeout(self, r, slot):
         """Withdraw from round r (so a later closer skips us) and describe the shortfall."""
@@ -488,27 +524,55 @@ class RendezvousHandler:
         return RendezvousTimeoutError("rendezvous of run %r timed out after %g s: %s"
                                       % (params.run_id, params.join_timeout, what))
 
-    def _close_round(self, r, deadline):
-        """This node is the round's closer: wait for the gate and the last call, then decide."""
+    def _close_round(self, r, deadline, dead=None):
+        """This node is the round's closer: wait for the gate and the last call, then decide.
+
+        `dead`: we took over from that silent closer; it is left out, and the last call (which
+        began before it died and lasted at least heartbeat_timeout since) is not waited again.
+        """
         store, params, keys = self._store, self._params, self._keys
-        if r > 0:
-            previous = self._await(r, keys.round(r - 1, "done"), deadline, None)
-            if previous.startswith("{"):     # a round ran before this one: wait for it to end
-                self._await(r, keys.round(r, "gate"), deadline, None)
-        if params.min_nodes < params.max_nodes:
-            remaining = min(params.last_call_timeout, deadline - time.monotonic())
-            if remaining > 0:
+        beat = keys.round(r, "closer_hb")
+        if dead is None:
+            store.set(keys.round(r, "closer"), self.node_id)
+        store.add(beat, 1)
+
+        def wait_beating(key, until):
+            while True:
+                left = until - time.monotonic()
+                if left <= 0:
+                    return False
                 try:
-                    store.wait([keys.round(r, "full")], remaining)
+                    store.wait([key], min(left, params.heartbeat_interval))
+                    return True
                 except _store.StoreTimeout:
-                    pass
-        joined = (store.add(keys.round(r, "arrive"), _FREEZE) - _FREEZE) & _SLOT_MASK
-        raw = store.multi_get([keys.round(r, "node/%d" % slot) for slot in range(1, joined + 1)])
+                    store.add(beat, 1)
+
+        if r > 0:
+            if not wait_beating(keys.round(r - 1, "done"), deadline):
+                raise self._timeout(r, None)
+            if store.get(keys.round(r - 1, "done")).startswith(b"{"):   # a round ran before: wait for its end
+                if not wait_beating(keys.round(r, "gate"), deadline):
+                    raise self._timeout(r, None)
+        if params.min_nodes < params.max_nodes and dead is None:
+            wait_beating(keys.round(r, "full"), min(deadline, time.monotonic() + params.last_call_timeout))
+        value = store.add(keys.round(r, "arrive"), _FREEZE)
+        frozen = keys.round(r, "frozen")
+        if value < 2 * _FREEZE:                       # we froze it: the count is exact
+            joined = (value - _FREEZE) & _SLOT_MASK
+            store.set(frozen, str(joined))
+        else:                                         # a closer before us froze it, then went silent
+            joined = int(store.get(frozen)) if store.check([frozen]) else value & _SLOT_MASK
+        names = [keys.round(r, "node/%d" % slot) for slot in range(1, joined + 1)]
+        if not store.check(names):
+            try:   # a joiner is between its add and its record; one that died there is left out
+                store.wait(names, params.heartbeat_timeout)
+            except _store.StoreTimeout:
+                names = [name for name in names if store.check([name])]
         entries = []
-        for slot, data in enumerate(raw, 1):
+        for name, data in zip(names, store.multi_get(names) if names else []):
             record = json.loads(data.decode("utf-8"))
-            if "withdrawn" not in record:
-                record["slot"] = slot
+            if "withdrawn" not in record and record["id"] != dead:
+                record["slot"] = int(name.rsplit("/", 1)[1])
                 entries.append(record)
         chosen = sorted(entries, key=lambda e: (not e["rejoin"], e["slot"]))[:params.max_nodes]
         members = sorted(chosen, key=lambda e: (e["order"], e["id"]))

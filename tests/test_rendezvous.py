@@ -366,3 +366,22 @@ def test_token_file_reaches_the_store(tmp_path):
         host.close()
     with pytest.raises(ValueError, match="token_file"):
         R.RendezvousParameters("c10d", "127.0.0.1:1", "tok", 1, 1, token_file=str(tmp_path / "missing"))
+
+
+def test_closer_killed_during_the_last_call_another_node_closes(spawn, server):
+    conf = FAST + ["last_call_timeout=3"]
+    nodes = clients(spawn, server.port, 3, 2, 4, conf=conf)
+    for node in nodes:
+        node.send("next")
+    with S.TCPStore("127.0.0.1", server.port, timeout=HANG) as probe:
+        probe.wait(["elastic/job/0/node/3", "elastic/job/0/closer"], HANG)
+        closer = probe.get("elastic/job/0/closer").decode()
+    victim = [n for n in nodes if n.ready["id"] == closer][0]
+    victim.kill()
+    survivors = [n for n in nodes if n is not victim]
+    rounds = [n.expect("round") for n in survivors]
+    if rounds[0]["world_size"] == 3:      # loaded machine: the round closed before the kill landed
+        for node in survivors:
+            node.ask("broken", "broken")
+        rounds = join(survivors)
+    check_round(rounds, 2)
