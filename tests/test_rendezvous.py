@@ -385,3 +385,23 @@ def test_closer_killed_during_the_last_call_another_node_closes(spawn, server):
             node.ask("broken", "broken")
         rounds = join(survivors)
     check_round(rounds, 2)
+
+
+# ------------------------------------------------------------------------------------- etcd backend
+
+def test_etcd_backend_forms_rounds_and_sees_a_killed_member(spawn, etcd_binary, tmp_path):
+    sys.path.insert(0, HERE)
+    from etcd_cluster import EtcdCluster
+    with EtcdCluster(etcd_binary, tmp_path, size=1) as cluster:
+        endpoint = ",".join(cluster.endpoints)
+        conf = FAST + ["last_call_timeout=0.3"]
+        nodes = [spawn("etcd", endpoint, "job", 2, 3, conf=conf) for _ in range(3)]
+        for node in nodes:
+            node.expect("ready")
+        check_round(join(nodes), 3)
+        nodes[2].kill()
+        for node in nodes[:2]:
+            node.ask("broken", "broken")
+        check_round(join(nodes[:2]), 2)
+        nodes[0].ask("close", "closed")
+        assert nodes[1].ask("next", "error")["type"] == "RendezvousClosedError"
