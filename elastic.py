@@ -670,7 +670,10 @@ class _ForkServer:
     request. A worker so made starts in about a millisecond instead of paying for a new interpreter
     (site, imports) at every launch and restart; it runs the script in a fresh ``__main__`` module,
     line-buffered, with the same excepthook as the bootstrap. Set ``ELASTICRUN_FORKSERVER=0`` for a new
-    interpreter per worker (one difference: forked workers share the launcher's str hash seed).
+    interpreter per worker. What a forked worker inherits that a new interpreter would not: the
+    launcher's str hash seed and interpreter flags, and the standard-library modules the launcher
+    had imported (a script-local ``json.py`` will not shadow ``json``; our own ``store``,
+    ``rendezvous`` and ``elastic`` are dropped from ``sys.modules``, so those names stay free).
 
     The server is a child of the agent (PR_SET_PDEATHSIG), workers are its children (the same), so
     a SIGKILLed agent takes all of them along. Over a socketpair::
@@ -889,8 +892,13 @@ def _exec_script(request):
                                encoding=old.encoding, errors=old.errors, line_buffering=True)
         setattr(sys, name, new)
         setattr(sys, "__%s__" % name, new)
+    # the launcher's own modules must not answer the script's `import store` (or rendezvous,
+    # elastic): the script's directory may hold modules of those names
+    for name in {__name__, "elastic", _store.__name__, _rdzv.__name__}:
+        sys.modules.pop(name, None)
+    import builtins
     module = types.ModuleType("__main__")
-    module.__dict__["__builtins__"] = __builtins__
+    module.__dict__["__builtins__"] = builtins
     sys.modules["__main__"] = module
     sys.excepthook = _worker_excepthook(module.__dict__)
     sys.argv = [script] + list(args)
@@ -902,8 +910,10 @@ def _exec_script(request):
     sys.path[0] = os.path.dirname(os.path.abspath(script))
     with open(script, "rb") as f:
         code = compile(f.read(), script, "exec")
+    import importlib.machinery
     module.__file__ = script
     module.__spec__ = None
+    module.__loader__ = importlib.machinery.SourceFileLoader("__main__", script)
     exec(code, module.__dict__)
 
 
