@@ -299,3 +299,30 @@ def test_scale_up_when_a_node_joins(tmp_path):
             a.stop()
         store.stop()
         kill_all(e["PID"] for e in dumps(out).values())
+
+
+def test_script_worker_sees_a_plain_python_run(tmp_path):
+    """Whichever way workers start (fork server or new interpreter), the script sees what
+    `python -u script.py args` gives it: its own `store` module, __main__, argv, exit codes."""
+    (tmp_path / "store.py").write_text("WHO = 'user store'\n")
+    (tmp_path / "main.py").write_text(
+        "import os, sys, store\n"
+        "print(store.WHO, __name__, sys.argv[1:], os.path.basename(__file__))\n"
+        "if sys.argv[1] == 'bye':\n"
+        "    sys.exit('bye now')\n")
+    procs = []
+    try:
+        for i, environ in enumerate([None, env(ELASTICRUN_FORKSERVER=0)]):
+            a = Launcher(["--standalone"] + FAST + [str(tmp_path / "main.py"), "ok"], tmp_path, "ok%d" % i,
+                         environ=environ)
+            procs.append(a)
+            assert a.wait() == 0, a.err()
+            assert a.out() == "user store __main__ ['ok'] main.py\n"
+            b = Launcher(["--standalone"] + FAST + [str(tmp_path / "main.py"), "bye"], tmp_path, "bye%d" % i,
+                         environ=environ)
+            procs.append(b)
+            assert b.wait() == 1
+            assert "bye now" in b.err()
+    finally:
+        for p in procs:
+            p.stop()
