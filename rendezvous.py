@@ -63,7 +63,9 @@ before writing ``done`` is finished from ``frozen`` and the records that exist.
 
 Rounds follow each other. A node that arrives while a round runs waits in the next round; that round's
 closer first waits for its ``gate``, which a member of the running round opens when it comes back
-(failure restart, scale-up restart, a dead member, a member leaving). Members see the waiting node
+(failure restart, scale-up restart, a dead member, a member leaving). While it waits, the closer also
+reads the running round's heartbeat counters (one ``multi_get`` per interval): if none moved for
+``heartbeat_timeout``, every member is gone and it opens the round itself. Members see the waiting node
 through ``num_nodes_waiting()`` (one ``add(..., 0)`` on the next round's counter; when the running
 round is already at ``max_nodes`` only returning members count, so a node that cannot fit does not
 cause restarts). Returning members are counted in the counter's high bits (``REJOIN``).
@@ -536,7 +538,7 @@ class RendezvousHandler:
             store.set(keys.round(r, "closer"), self.node_id)
         store.add(beat, 1)
 
-        def wait_beating(key, until):
+        def wait_beating(key, until, all_silent=None):
             while True:
                 left = until - time.monotonic()
                 if left <= 0:
@@ -546,13 +548,22 @@ class RendezvousHandler:
                     return True
                 except _store.StoreTimeout:
                     store.add(beat, 1)
+                    if all_silent is not None and all_silent():
+                        return True
 
         if r > 0:
             if not wait_beating(keys.round(r - 1, "done"), deadline):
                 raise self._timeout(r, None)
-            if store.get(keys.round(r - 1, "done")).startswith(b"{"):   # a round ran before: wait for its end
-                if not wait_beating(keys.round(r, "gate"), deadline):
+            previous = store.get(keys.round(r - 1, "done"))
+            if previous.startswith(b"{"):   # a round ran before this one: wait for it to end
+                world = len(json.loads(previous.decode("utf-8"))["members"])
+                silent = _Silence([keys.round(r - 1, "hb/%d" % i) for i in range(world)], self._peek_all,
+                                  params.heartbeat_timeout)
+                if not wait_beating(keys.round(r, "gate"), deadline, silent):
                     raise self._timeout(r, None)
+                if silent.fired:
+                    log.warning("round %d of run %r: every member of round %d is silent; forming round %d",
+                                r, params.run_id, r - 1, r)
         if params.min_nodes < params.max_nodes and dead is None:
             wait_beating(keys.round(r, "full"), min(deadline, time.monotonic() + params.last_call_timeout))
         value = store.add(keys.round(r, "arrive"), _FREEZE)
@@ -651,6 +662,13 @@ class RendezvousHandler:
             return self._store.get(key)
         return self._store.add(key, 0)
 
+    def _peek_all(self, names):
+        """The heartbeat values of `names` (one operation when every key exists)."""
+        store = self._store
+        if store.check(names):
+            return tuple(store.multi_get(names))
+        return tuple(self._peek(name) if self._ephemeral or store.check([name]) else None for name in names)
+
     def _why(self, r):
         try:
             key = self._keys.round(r, "broken_why")
@@ -737,6 +755,22 @@ class RendezvousHandler:
 
     def _mapped_errors(self):
         return _MappedErrors(self)
+
+
+class _Silence:
+    """Callable: True once the values read from `names` have not changed for `timeout` seconds."""
+
+    def __init__(self, names, peek, timeout):
+        self.names, self.peek, self.timeout = names, peek, timeout
+        self.seen, self.changed, self.fired = None, time.monotonic(), False
+
+    def __call__(self):
+        values, now = self.peek(self.names), time.monotonic()
+        if values != self.seen:
+            self.seen, self.changed = values, now
+        elif now - self.changed > self.timeout:
+            self.fired = True
+        return self.fired
 
 
 class _MappedErrors:

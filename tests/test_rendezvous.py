@@ -405,3 +405,17 @@ def test_etcd_backend_forms_rounds_and_sees_a_killed_member(spawn, etcd_binary, 
         check_round(join(nodes[:2]), 2)
         nodes[0].ask("close", "closed")
         assert nodes[1].ask("next", "error")["type"] == "RendezvousClosedError"
+
+
+def test_waiting_node_forms_a_round_when_every_running_member_died(spawn, server):
+    members = clients(spawn, server.port, 2, 2, 2, conf=FAST)
+    check_round(join(members), 2)
+    late = clients(spawn, server.port, 1, 1, 2, conf=FAST + ["last_call_timeout=0.3"])[0]
+    late.send("next")
+    with S.TCPStore("127.0.0.1", server.port, timeout=HANG) as probe:
+        probe.wait(["elastic/job/1/closer"], HANG)     # it closes round 1, once round 0 has ended
+    assert members[0].ask("waiting", "waiting")["n"] == 0   # round 0 is full: no reason to restart
+    for node in members:
+        node.kill()
+    alone = late.expect("round")
+    assert (alone["world_size"], alone["rank"], alone["round"]) == (1, 0, 1)
