@@ -1214,9 +1214,7 @@ class LocalElasticAgent:
         self._start_method = start_method
         self._exit_barrier_timeout = float(exit_barrier_timeout)
         self._shutdown_timeout = float(shutdown_timeout)
-        self._prefix_template = (log_line_prefix_template
-                                 or os.environ.get("TORCHELASTIC_LOG_LINE_PREFIX_TEMPLATE")
-                                 or _DEFAULT_PREFIX_TEMPLATE)
+        self._prefix_template = log_line_prefix_template or _DEFAULT_PREFIX_TEMPLATE
         self._popen = popen
         self._clock = clock or time.monotonic
         self._handler = spec.rdzv_handler or _LocalRendezvous()
@@ -1960,6 +1958,15 @@ def _config_from_args(args, environ):
                               _parse_rank_set(args.local_ranks_filter, "--local-ranks-filter"),
                               _parse_rank_set(args.ranks_filter, "--ranks-filter"))
     c.signals = _parse_signals(args.signals_to_handle)
+    if args.log_dir:
+        try:
+            os.makedirs(args.log_dir, exist_ok=True)
+        except OSError as e:
+            raise _UsageError("--log-dir %s: %s" % (args.log_dir, e.strerror or e))
+        if not os.access(args.log_dir, os.W_OK | os.X_OK):
+            raise _UsageError("--log-dir %s is not writable" % args.log_dir)
+    if not (args.module or args.no_python) and not os.path.isfile(args.training_script):
+        raise _UsageError("no such script: %s" % args.training_script)
     c.backend, c.endpoint, c.conf = backend, endpoint, conf
     c.args = args
     return c
@@ -2074,7 +2081,9 @@ def _main(argv, program=False):
         agent = LocalElasticAgent(spec, logs_specs=c.logs, start_method=c.args.start_method,
                                   exit_barrier_timeout=c.args.exit_barrier_timeout,
                                   shutdown_timeout=c.args.shutdown_timeout,
-                                  log_line_prefix_template=c.args.log_line_prefix_template)
+                                  log_line_prefix_template=(
+                                      c.args.log_line_prefix_template
+                                      or environ.get("TORCHELASTIC_LOG_LINE_PREFIX_TEMPLATE")))
         # HOOK(health check): port = c.args.health_check_port or TORCHELASTIC_HEALTH_CHECK_PORT;
         # when set, hand it to the agent so run() serves /healthz (see LocalElasticAgent.__init__).
         if server is not None:

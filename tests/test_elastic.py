@@ -215,6 +215,8 @@ def test_spec_validation():
     (["--start-method", "thread", "s.py"], "--start-method"),
     (["--max-restarts", "many", "s.py"], "--max-restarts"),
     ([], "training_script"),
+    (["no/such/script.py"], "no such script"),
+    (["--log-dir", "/proc/nope", os.path.join(SCRIPTS, "printer.py")], "--log-dir"),
 ])
 def test_cli_errors_exit_2_with_one_line(argv, needle, capsys):
     assert elastic.main(argv) == 2
@@ -224,14 +226,15 @@ def test_cli_errors_exit_2_with_one_line(argv, needle, capsys):
 
 def test_cli_reads_pet_environment_and_both_spellings():
     env = {"PET_NPROC_PER_NODE": "3", "PET_MAX_RESTARTS": "2", "PET_STANDALONE": "1"}
-    args = elastic._parse_args(["--monitor_interval", "0.5", "--rdzv-id=abc", "s.py", "-x"], env)
+    script = os.path.join(SCRIPTS, "printer.py")
+    args = elastic._parse_args(["--monitor_interval", "0.5", "--rdzv-id=abc", script, "-x"], env)
     c = elastic._config_from_args(args, env)
     assert c.nproc == 3 and args.max_restarts == 2 and args.standalone
     assert args.monitor_interval == 0.5 and c.backend == "c10d" and c.conf["is_host"] == "1"
     assert args.training_script_args == ["-x"]
     assert elastic._parse_nproc("cpu") == os.cpu_count()
     assert elastic._parse_nproc("auto") >= 1
-    assert elastic._config_from_args(elastic._parse_args(["s.py"], {}), {}).backend == "static"
+    assert elastic._config_from_args(elastic._parse_args([script], {}), {}).backend == "static"
 
 
 def test_cli_error_for_bad_pet_value(capsys):
