@@ -31,7 +31,8 @@ any object with the store API (``set get add compare_set wait check multi_get``)
 Configuration (``--rdzv-conf``; every value checked, a bad one raises a one-line ``ValueError``):
 ``join_timeout`` 600, ``last_call_timeout`` 30, ``close_timeout`` 30, ``heartbeat_interval`` 5,
 ``heartbeat_timeout`` 15, ``read_timeout`` 60 (seconds), ``is_host`` (bool), ``token_file`` (shared
-secret for the store), ``rank`` (static only).
+secret for the store), ``rank`` (static only). ``close_timeout`` is accepted for torchrun compatibility
+and checked, but nothing waits on it: closing here is a single store write.
 
 The algorithm: one round is an atomic counter plus one wake-up key. Every joiner does one ``add`` on
 the round's counter; the value returned is its slot (1, 2, 3, ...). It writes its record (id, address,
