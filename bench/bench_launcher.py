@@ -134,8 +134,11 @@ def main():
     for name in ("store.py", "rendezvous.py", "elastic.py"):
         compileall.compile_file(os.path.join(ROOT, name), quiet=1)
     os.environ["PYTHONPATH"] = ROOT + os.pathsep + os.environ.get("PYTHONPATH", "")
-    print("bare `python3 -c pass` on this machine: %.1f ms" % (1e3 * statistics.median(
-        _timed([sys.executable, "-c", "pass"]) for _ in range(5))))
+    bare = subprocess.run([sys.executable, "-c", "print([l.split()[1] for l in open('/proc/self/status')"
+                           " if l.startswith('VmHWM')][0])"], stdout=subprocess.PIPE).stdout.decode()
+    print("bare `python3 -c pass` on this machine: %.1f ms, %.1f MiB RSS (every Python pays these)" % (
+        1e3 * statistics.median(_timed([sys.executable, "-c", "pass"]) for _ in range(5)),
+        int(bare) / 1024.0))
     tmp = tempfile.mkdtemp(prefix="bench_launcher_")
     trivial, stamp = os.path.join(tmp, "trivial.py"), os.path.join(tmp, "stamp.py")
     with open(trivial, "w") as f:
