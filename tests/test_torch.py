@@ -27,20 +27,6 @@ HANG_GUARD = 150  # seconds; only catches hangs, never times anything
 TIMER_MODULE = "_ops_part"
 
 
-def _launcher_ready():
-    try:
-        elastic = importlib.import_module("elastic")
-    except ImportError:
-        return False
-    return hasattr(elastic, "LocalElasticAgent")
-
-
-def need_launcher():
-    # A feature still being written is a plain skip (not need(), which fails in CI): a stated reason.
-    if not _launcher_ready():
-        pytest.skip("elastic.py launcher not landed yet")
-
-
 def _timer_module():
     try:
         module = importlib.import_module(TIMER_MODULE)
@@ -157,7 +143,6 @@ def _assert_same_training(results, world):
 
 
 def test_ddp_one_node_four_workers(torch_python, launchers, tmp_path):
-    need_launcher()
     out = tmp_path / "out"
     launcher = launchers.start(tmp_path, "agent", ["--standalone", "--nproc-per-node", "4"]
                                + _worker(torch_python, "ddp_train.py", "--out", out, "--steps", 4))
@@ -176,7 +161,6 @@ def _c10d_args(port, run_id, nnodes, *conf):
 
 
 def test_ddp_two_agents_two_workers_c10d(torch_python, launchers, tmp_path):
-    need_launcher()
     out = tmp_path / "out"
     port = _free_port()
     args = _c10d_args(port, "ddp-2x2", "2") + _worker(torch_python, "ddp_train.py", "--out", out, "--steps", 4)
@@ -193,7 +177,6 @@ def test_ddp_two_agents_two_workers_c10d(torch_python, launchers, tmp_path):
 
 
 def test_recovery_from_sigkill_matches_uninterrupted_run(torch_python, launchers, tmp_path):
-    need_launcher()
     steps = ["--steps", 6]
     ref_out, ref_ckpt = tmp_path / "ref", tmp_path / "ref.pt"
     out, ckpt, marker = tmp_path / "out", tmp_path / "ckpt.pt", tmp_path / "killed"
@@ -221,7 +204,6 @@ def test_recovery_from_sigkill_matches_uninterrupted_run(torch_python, launchers
 
 
 def test_scale_up_second_agent_joins_running_job(torch_python, launchers, tmp_path):
-    need_launcher()
     out = tmp_path / "out"
     port = _free_port()
     args = (_c10d_args(port, "grow", "1:2", "last_call_timeout=1", "heartbeat_interval=0.5",
@@ -248,7 +230,6 @@ def test_scale_up_second_agent_joins_running_job(torch_python, launchers, tmp_pa
 
 
 def test_torch_record_error_file_in_our_report(torch_python, launchers, tmp_path):
-    need_launcher()
     # workers' own output goes to log files (--redirects 3): what the report shows came from the
     # error file torch's @record wrote
     launcher = launchers.start(tmp_path, "agent", ["--standalone", "--nproc-per-node", "2", "--redirects", "3",
@@ -289,7 +270,6 @@ def test_torch_file_timer_client_killed_by_our_server(torch_python, tmp_path):
 
 
 def test_torch_file_timer_client_under_launcher(torch_python, launchers, tmp_path):
-    need_launcher()
     if not hasattr(importlib.import_module("elastic"), "FileTimerServer"):
         pytest.skip("file timer not in elastic.py yet")
     out = tmp_path / "out"
