@@ -92,6 +92,49 @@ class _SignalStop(ElasticError):
         self.signum = signum
 
 
+class _StopFlag:
+    """What the launcher's signal handler does: note the first signal, and raise _SignalStop only
+    while the agent is in a wait that is safe to abandon (armed). Elsewhere (reading the fork
+    server, tearing down) an exception could lose data mid-read, so the agent checks the note at
+    its next safe point instead."""
+
+    def __init__(self):
+        self.signum = None
+        self.armed = 0
+
+    def handler(self, signum, frame):
+        if self.signum is None:
+            self.signum = signum
+            if self.armed:
+                raise _SignalStop(signum)
+
+    def check(self):
+        if self.signum is not None:
+            raise _SignalStop(self.signum)
+
+    def __enter__(self):
+        self.check()
+        self.armed += 1
+        return self
+
+    def __exit__(self, *exc):
+        self.armed -= 1
+
+
+class _NoStop:
+    """The stop flag of an agent run from Python: signals are the caller's business."""
+    armed = 0
+
+    def check(self):
+        pass
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        pass
+
+
 def _signal_name(signum):
     try:
         return signal.Signals(signum).name
@@ -498,7 +541,7 @@ _PR_SET_PDEATHSIG = 1
 def _die_with_parent(prctl, parent_pid):
     if prctl is not None:
         prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
-    if os.getppid() != parent_pid:  # the agent died before prctl took effect
+    if parent_pid is not None and os.getppid() != parent_pid:  # it died before prctl took effect
         os._exit(1)
 
 
@@ -1226,6 +1269,7 @@ class LocalElasticAgent:
         self._restart_count = 0
         self._info = None
         self._mp_ctx = None
+        self._stop = _NoStop()     # main() sets a _StopFlag
         self._fork_server = None   # main() sets it (and _script) for Python-script workers
         self._script = None
         self.state = WorkerState.INIT
@@ -1282,6 +1326,7 @@ class LocalElasticAgent:
                 log.info("the run was closed by another node; nothing left to do here")
                 self.state = WorkerState.SUCCEEDED
                 return RunResult(WorkerState.SUCCEEDED)
+            self._stop.check()
             self._start_workers()
             outcome, failures = self._monitor()
             if outcome == _SUCCESS:
@@ -1314,7 +1359,8 @@ class LocalElasticAgent:
     def _rendezvous(self):
         spec = self._spec
         self.state = WorkerState.INIT
-        info = self._handler.next_rendezvous()
+        with self._stop:
+            info = self._handler.next_rendezvous()
         self._info = info
         store = info.store
         self.group_rank, self.group_world_size = info.rank, info.world_size
@@ -1462,8 +1508,9 @@ class LocalElasticAgent:
                 if dest == "tee":
                     self._pump.add_tail(path, console, w.prefix)
         proc = ctx.Process(target=_function_worker, name="%s-%d" % (self._spec.role, w.local_rank),
+                           # forkserver children have the forkserver for a parent, not us
                            args=(self._spec.entrypoint, self._spec.args, w.env, writer, paths[0],
-                                 paths[1], os.getpid()))
+                                 paths[1], None if self._start_method == "forkserver" else os.getpid()))
         proc.start()
         writer.close()
         w.proc, w.conn = proc, reader
@@ -1480,6 +1527,7 @@ class LocalElasticAgent:
         self._ignore_broken = False
         next_check = self._clock() + interval
         while True:
+            self._stop.check()
             fds = [fd for w in self._workers for fd in w.wait_fds()]
             pollable = all(w.pidfd is not None or w.exitcode is not None or not hasattr(w.proc, "poll")
                            or hasattr(w.proc, "wait_fd") for w in self._workers)
@@ -1490,9 +1538,11 @@ class LocalElasticAgent:
                 poller = select.poll()
                 for fd in fds:
                     poller.register(fd, select.POLLIN)
-                ready = [fd for fd, _ in poller.poll(timeout * 1000.0)]
+                with self._stop:
+                    ready = [fd for fd, _ in poller.poll(timeout * 1000.0)]
             else:
-                time.sleep(timeout)
+                with self._stop:
+                    time.sleep(timeout)
                 ready = []
             self._collect_results(ready)
             failures = {}
@@ -1607,10 +1657,13 @@ class LocalElasticAgent:
         try:
             if store.add("exit/count", 1) >= info.world_size:
                 store.set("exit/release", "done")
-            store.wait(["exit/release"], self._exit_barrier_timeout)
+            with self._stop:
+                store.wait(["exit/release"], self._exit_barrier_timeout)
             if store.get("exit/release") == b"done":
                 self._handler.set_closed()
             log.debug("exit barrier passed in %.3f s", self._clock() - start)
+        except _SignalStop:
+            raise
         except Exception as e:  # a barrier problem never fails a successful node
             log.warning("exit barrier: %s (the workers of this node succeeded)", e)
 
@@ -2054,22 +2107,17 @@ def _main(argv, program=False):
         if server.worker_request is not None:  # we are a worker: run the script, never the agent
             return _run_forked_worker(server.worker_request)
     _configure_logging(environ)
-    stopped = []
-
-    def on_signal(signum, frame):
-        if not stopped:
-            stopped.append(signum)
-            raise _SignalStop(signum)
-
+    stop = _StopFlag()
     previous = {}
     for sig in c.signals:
         try:
-            previous[sig] = signal.signal(sig, on_signal)
+            previous[sig] = signal.signal(sig, stop.handler)
         except (ValueError, OSError):
             pass
     try:
         try:
-            handler = _make_handler(c)
+            with stop:   # nothing to lose yet: a signal may interrupt joining the store
+                handler = _make_handler(c)
         except (ValueError, _rdzv.RendezvousError) as e:
             sys.stderr.write("elasticrun: error: %s\n" % e)
             return 2
@@ -2086,6 +2134,7 @@ def _main(argv, program=False):
                                       or environ.get("TORCHELASTIC_LOG_LINE_PREFIX_TEMPLATE")))
         # HOOK(health check): port = c.args.health_check_port or TORCHELASTIC_HEALTH_CHECK_PORT;
         # when set, hand it to the agent so run() serves /healthz (see LocalElasticAgent.__init__).
+        agent._stop = stop
         if server is not None:
             agent._fork_server = server
             agent._script = ("-m" if c.args.module else "-s", c.args.training_script,
@@ -2095,6 +2144,7 @@ def _main(argv, program=False):
         except _rdzv.RendezvousError as e:
             log.error("rendezvous failed: %s", e)
             return 1
+        stop.check()   # a signal that came while the agent could not be interrupted
         if not result.is_failed():
             return 0
         root_rank, root = result.root_cause

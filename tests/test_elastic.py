@@ -34,8 +34,9 @@ def test_happy_function():
     assert result.failures == {}
 
 
-def test_return_values_by_global_rank():
-    _, result = run_agent(funcs.rank_times, nproc=3, args=(10,))
+@pytest.mark.parametrize("start_method", ["spawn", "forkserver"])
+def test_return_values_by_global_rank(start_method):
+    _, result = run_agent(funcs.rank_times, nproc=3, args=(10,), start_method=start_method)
     assert result.return_values == {0: 0, 1: 10, 2: 20}
 
 
