@@ -34,6 +34,7 @@ def test_standalone_runs_script_module_and_program(tmp_path):
         d = dumps(out)
         assert sorted(d) == ["default_0_0_2", "default_1_0_2"]
         assert "world size 2" in a.err() and "succeeded" in a.err()
+        assert "started 2 workers" not in a.err()      # quiet by default
         b = Launcher(["--standalone", "-m", "agent_scripts.envdump", str(out)], tmp_path, "b",
                      cmd=[sys.executable, "-m", "elastic"], environ=env(PYTHONPATH=ROOT + os.pathsep + HERE))
         procs.append(b)
@@ -82,13 +83,17 @@ def test_failure_exit_code_report_and_launcher_error_file(tmp_path):
 def test_restarts_counted_then_budget_spent(tmp_path):
     out = tmp_path / "env"
     out.mkdir()
-    a = Launcher(["--standalone", "--nproc-per-node", "2", "--max-restarts", "2"] + FAST
-                 + [os.path.join(SCRIPTS, "stamp.py"), "fail"], tmp_path, "a")
+    logs = tmp_path / "logs"
+    a = Launcher(["--standalone", "--nproc-per-node", "2", "--max-restarts", "2", "--log-dir", str(logs)]
+                 + FAST + [os.path.join(SCRIPTS, "stamp.py"), "fail"], tmp_path, "a", environ=env(LOGLEVEL="DEBUG"))
     try:
         assert a.wait() == 1
         starts = [line.split() for line in a.out().splitlines() if line.startswith("start")]
         assert sorted(s[3] for s in starts if s[2] == "0") == ["0", "1", "2"]
         assert a.err().count("restarting the worker group") == 2
+        assert "started 2 workers" in a.err()          # LOGLEVEL=DEBUG adds detail
+        (run_dir,) = os.listdir(str(logs))
+        assert sorted(os.listdir(os.path.join(str(logs), run_dir))) == ["attempt_0", "attempt_1", "attempt_2"]
     finally:
         a.stop()
 
