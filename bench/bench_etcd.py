@@ -24,7 +24,7 @@ sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.join(ROOT, "tests"))
 
 import store  # noqa: E402
-from _etcd_part import EtcdStore  # noqa: E402
+from rendezvous import EtcdStore  # noqa: E402
 from etcd_cluster import EtcdCluster  # noqa: E402
 
 

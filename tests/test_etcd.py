@@ -12,7 +12,7 @@ from conftest import ROOT
 from etcd_cluster import EtcdCluster, free_port
 
 import store
-from _etcd_part import EtcdStore, _etcd_parse_endpoints
+from rendezvous import EtcdStore, _etcd_parse_endpoints
 
 HANG_GUARD = 60.0
 
@@ -139,7 +139,7 @@ def test_timeouts_name_the_keys_and_leave_the_client_usable(etcd):
 
 GETTER = """
 import sys
-from _etcd_part import EtcdStore
+from rendezvous import EtcdStore
 with EtcdStore(sys.argv[1], prefix="w", timeout=60) as s:
     print(s.get("late").decode(), flush=True)
     s.wait(["a", "b"])
@@ -166,7 +166,7 @@ def test_get_blocks_on_a_watch_until_another_process_sets_the_key(etcd):
 
 ADDER = """
 import sys
-from _etcd_part import EtcdStore
+from rendezvous import EtcdStore
 with EtcdStore(sys.argv[1], prefix="race", timeout=60) as s:
     s.get("go")
     print(" ".join(str(s.add("counter", 1)) for _ in range(int(sys.argv[2]))), flush=True)
@@ -192,7 +192,7 @@ def test_concurrent_adds_from_processes_sum_exactly(etcd):
 
 CLAIMER = """
 import sys
-from _etcd_part import EtcdStore
+from rendezvous import EtcdStore
 with EtcdStore(sys.argv[1], prefix="cas", timeout=60) as s:
     s.get("go")
     print(s.compare_set("owner", "", sys.argv[2]).decode(), flush=True)
@@ -214,7 +214,7 @@ def test_compare_set_race_is_decided_once(etcd):
 
 EPHEMERAL = """
 import sys, time
-from _etcd_part import EtcdStore
+from rendezvous import EtcdStore
 s = EtcdStore(sys.argv[1], prefix="eph", timeout=60, lease_ttl=2)
 s.set_ephemeral("alive", "1")
 s.set("plain", "1")
@@ -255,7 +255,7 @@ def test_close_revokes_the_lease_at_once(etcd):
 
 FAILOVER_ADDER = """
 import sys
-from _etcd_part import EtcdStore
+from rendezvous import EtcdStore
 with EtcdStore(sys.argv[1], prefix="fo", timeout=60) as s:
     s.get("go")
     for _ in range(int(sys.argv[2])):

@@ -88,7 +88,7 @@ def test_store_across_hosts_and_a_cut_link_times_out_cleanly(netns_ok):
 
 ETCD_CLIENT = r"""
 import sys, threading, time
-from _etcd_part import EtcdStore
+from rendezvous import EtcdStore
 s = EtcdStore(sys.argv[1], prefix="nx", timeout=60)
 s.set("a", "1")
 def blocked():
@@ -108,7 +108,7 @@ s.close()
 
 def test_etcd_client_fails_over_when_its_members_host_is_cut_off(netns_ok, etcd_binary, tmp_path):
     from etcd_cluster import EtcdCluster
-    from _etcd_part import EtcdStore
+    from rendezvous import EtcdStore
     with Network(4, root_link=True) as net:
         members = EtcdCluster(etcd_binary, tmp_path, size=3, hosts=net.addrs[:3],
                               prefixes=[net.argv(i, []) for i in range(3)], ports=[(2379, 2380)] * 3)
@@ -242,12 +242,6 @@ def agent_ok(netns_ok):
     need(os.path.exists(os.path.join(ROOT, "elastic.py")), "elastic.py is not there yet")
 
 
-def _etcd_in_rendezvous():
-    import rendezvous
-    if "EtcdStore" not in vars(rendezvous) and not hasattr(rendezvous, "_etcd_store_class"):
-        pytest.skip("rendezvous.py does not use EtcdStore yet (_etcd_part.py not merged)")
-
-
 @pytest.mark.parametrize("backend", ["c10d", "etcd"])
 @pytest.mark.parametrize("fault", ["sigkill", "link-down"])
 def test_survivors_reform_without_a_lost_node(agent_ok, request, tmp_path, fault, backend):
@@ -255,7 +249,6 @@ def test_survivors_reform_without_a_lost_node(agent_ok, request, tmp_path, fault
     with Network(3, root_link=True) as net, contextlib.ExitStack() as stack:
         if backend == "etcd":  # one member, on host 0: the node we lose is host 2
             etcd_binary = request.getfixturevalue("etcd_binary")
-            _etcd_in_rendezvous()
             etcd = stack.enter_context(EtcdCluster(etcd_binary, tmp_path, hosts=net.addrs[:1],
                                                    prefixes=[net.argv(0, [])], ports=[(2379, 2380)]))
             job = _Job(net, tmp_path, "etcd", etcd.endpoints[0], "2:3", finish_at=2)
@@ -295,7 +288,6 @@ def test_a_late_node_scales_the_job_up(agent_ok, tmp_path):
 
 def test_job_rides_out_the_death_of_one_etcd_member(agent_ok, etcd_binary, tmp_path):
     from etcd_cluster import EtcdCluster
-    _etcd_in_rendezvous()
     with Network(3, root_link=True) as net:
         etcd = EtcdCluster(etcd_binary, tmp_path, size=3, hosts=net.addrs,
                            prefixes=[net.argv(i, []) for i in range(3)], ports=[(2379, 2380)] * 3)
