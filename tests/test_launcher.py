@@ -9,7 +9,7 @@ import pytest
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
-from agent_scripts.harness import (ELASTIC, ROOT, SCRIPTS, Launcher, StoreProcess, alive, dumps, env,  # noqa: E402
+from agent_scripts.harness import (ROOT, SCRIPTS, Launcher, StoreProcess, alive, dumps, env,  # noqa: E402
                                    kill_all, wait_for)
 
 ENVDUMP = os.path.join(SCRIPTS, "envdump.py")
