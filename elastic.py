@@ -739,6 +739,7 @@ class _ForkServer:
         theirs.close()
         self.pid, self.sock, self.worker_request = pid, ours, None
         self._buf, self._forked, self.exits = b"", [], {}
+        self._pids, self._asked, self._dead = [], 0, False
 
     def spawn(self, mode, script, args, env, out_fd=None, err_fd=None):
         self.request(mode, script, args, env, out_fd, err_fd)
@@ -755,6 +756,9 @@ class _ForkServer:
         fds = [fd for fd in (out_fd, err_fd) if fd is not None]
         flags = (1 if out_fd is not None else 0) | (2 if err_fd is not None else 0)
         ancillary = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))] if fds else []
+        if self._dead:
+            raise ElasticError("the worker fork server died")
+        self._asked += 1
         self.sock.sendmsg([struct.pack("!IB", len(body), flags)], ancillary)
         self.sock.sendall(body)
 
@@ -774,13 +778,22 @@ class _ForkServer:
                 return
         data = self.sock.recv(65536)
         if not data:
-            raise ElasticError("the worker fork server died")
+            # its workers died with it (PR_SET_PDEATHSIG): report them killed, never hang on them
+            if self.sock is not None and not self._dead:
+                log.error("the worker fork server (pid %d) died", self.pid)
+            self._dead = True
+            for pid in self._pids:
+                self.exits.setdefault(pid, -signal.SIGKILL)
+            if self._asked > len(self._pids):
+                raise ElasticError("the worker fork server died")
+            return
         self._buf += data
         *lines, self._buf = self._buf.split(b"\n")
         for line in lines:
             parts = line.split()
             if parts[0] == b"P":
                 self._forked.append(int(parts[1]))
+                self._pids.append(int(parts[1]))
             elif parts[0] == b"X":
                 self.exits[int(parts[1])] = int(parts[2])
 
@@ -2143,6 +2156,11 @@ def _main(argv, program=False):
             result = agent.run()
         except _rdzv.RendezvousError as e:
             log.error("rendezvous failed: %s", e)
+            return 1
+        except (ElasticError, OSError) as e:
+            if isinstance(e, _SignalStop):
+                raise
+            log.error("the agent failed: %s", e)
             return 1
         stop.check()   # a signal that came while the agent could not be interrupted
         if not result.is_failed():
