@@ -32,13 +32,13 @@ def check_no_orphans(pids):
     wait_for(lambda: not any(alive(p) for p in pids), 15, "every job process to be gone")
 
 
-def test_no_orphans_after_worker_failure(tmp_path):
+def test_no_orphans_after_worker_failure_and_restart(tmp_path):
     pids = []
-    a = Launcher(BASE + [FORKER, str(tmp_path), "fail"], tmp_path)
+    a = Launcher(BASE + ["--max-restarts", "1", FORKER, str(tmp_path), "fail"], tmp_path)
     try:
         assert a.wait() == 3, a.err()
-        pids = job_pids(tmp_path)()
-        assert len(pids) == 6
+        pids = job_pids(tmp_path, 4)()
+        assert len(pids) == 12                     # 2 attempts x 2 workers x (worker + 2 grandchildren)
         assert not [p for p in pids if alive(p)]   # the launcher reaped and killed before exiting
     finally:
         a.stop()

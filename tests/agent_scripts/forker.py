@@ -1,4 +1,4 @@
-"""Forks two grandchildren that ignore SIGTERM, writes every pid to OUTDIR/pids_<rank>, then:
+"""Forks two grandchildren that ignore SIGTERM, writes every pid to OUTDIR/pids_<rank>_<restart>, then:
 mode `sleep`: sleeps for good; mode `fail`: rank 0 exits 3 once every rank wrote its pids."""
 import glob
 import os
@@ -15,13 +15,13 @@ for _ in range(2):
         while True:
             time.sleep(1000)
     pids.append(pid)
-rank = os.environ["RANK"]
-tmp = os.path.join(out, "pids_%s.tmp" % rank)
+rank, restart = os.environ["RANK"], os.environ["TORCHELASTIC_RESTART_COUNT"]
+tmp = os.path.join(out, "pids_%s_%s.tmp" % (rank, restart))
 with open(tmp, "w") as f:
     f.write(" ".join(map(str, pids)))
-os.replace(tmp, os.path.join(out, "pids_%s" % rank))
+os.replace(tmp, os.path.join(out, "pids_%s_%s" % (rank, restart)))
 if mode == "fail" and rank == "0":
-    while len(glob.glob(os.path.join(out, "pids_*[0-9]"))) < int(os.environ["WORLD_SIZE"]):
+    while len(glob.glob(os.path.join(out, "pids_*_%s" % restart))) < int(os.environ["WORLD_SIZE"]):
         time.sleep(0.01)
     sys.exit(3)
 while True:
