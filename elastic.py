@@ -634,13 +634,30 @@ def _pidfd(pid):
 
 
 def _group_alive(pgid):
+    """True while a process of the group is still running. Zombies don't count: where PID 1 does
+    not reap orphans (some containers), a dead grandchild would otherwise hold every teardown for
+    its whole grace period."""
     try:
         os.killpg(pgid, 0)
-        return True
     except ProcessLookupError:
         return False
     except PermissionError:
         return True
+    try:
+        names = os.listdir("/proc")
+    except OSError:
+        return True
+    for name in names:
+        if not name.isdigit():
+            continue
+        try:
+            with open("/proc/%s/stat" % name, "rb") as f:
+                fields = f.read().rsplit(b")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        if len(fields) > 2 and int(fields[2]) == pgid and fields[0] != b"Z":
+            return True
+    return False
 
 
 def _signal_group(pgid, pid, sig):
