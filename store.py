@@ -77,7 +77,6 @@ __all__ = [
 
 import errno
 import heapq
-import hmac
 import logging
 import os
 import random
@@ -174,7 +173,13 @@ def _token_bytes(token):
 
 
 def _proof(token, challenge):
+    import hmac   # here, not at the top: hashlib's OpenSSL costs every launcher ~4 MiB it rarely needs
     return hmac.new(token, b"elasticrun-store-v1" + challenge, "sha256").digest()
+
+
+def _same(a, b):
+    import hmac
+    return hmac.compare_digest(a, b)
 
 
 def _read_token_file(path):
@@ -558,7 +563,7 @@ class StoreServer:
                 conn.challenge = os.urandom(_CHALLENGE_SIZE)
                 conn.wbuf += _U32.pack(2 + _CHALLENGE_SIZE) + bytes([_PROOF, PROTOCOL_VERSION]) + conn.challenge
         elif conn.state == "proof":
-            if hmac.compare_digest(payload, _proof(self._token, conn.challenge)):
+            if _same(payload, _proof(self._token, conn.challenge)):
                 conn.state = "ready"
                 conn.wbuf += _U32.pack(1) + bytes([_READY])
             else:
