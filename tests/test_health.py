@@ -5,7 +5,7 @@ import threading
 
 import pytest
 
-import _ops_part as ops
+import elastic as ops
 
 GUARD = 30  # seconds, a hang guard only
 

@@ -1,7 +1,7 @@
 """--slurm: Slurm's compressed host lists and srun's environment turned into launcher options."""
 import pytest
 
-import _ops_part as ops
+import elastic as ops
 
 
 @pytest.mark.parametrize("text, hosts", [

@@ -12,7 +12,7 @@ import pytest
 
 from conftest import ROOT, need
 
-import _ops_part as ops
+import elastic as ops
 
 MODULE = ops.__name__
 HANG_GUARD = 30  # seconds; only a guard against a hung test, never an assertion about speed
