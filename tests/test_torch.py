@@ -23,18 +23,8 @@ ELASTIC = os.path.join(ROOT, "elastic.py")
 SCRIPTS = os.path.join(ROOT, "tests", "torch_scripts")
 HANG_GUARD = 150  # seconds; only catches hangs, never times anything
 
-# Where FileTimerServer lives: _ops_part until it is merged, then elastic (a one-line change).
-TIMER_MODULE = "_ops_part"
-
-
-def _timer_module():
-    try:
-        module = importlib.import_module(TIMER_MODULE)
-    except ImportError:
-        module = None
-    if module is None or not hasattr(module, "FileTimerServer"):
-        pytest.skip("FileTimerServer not available from %s yet" % TIMER_MODULE)
-    return module
+# Where FileTimerServer lives (it was in _ops_part.py before the merge into elastic.py).
+TIMER_MODULE = "elastic"
 
 
 def _free_port():
@@ -246,7 +236,7 @@ def test_torch_record_error_file_in_our_report(torch_python, launchers, tmp_path
 
 
 def test_torch_file_timer_client_killed_by_our_server(torch_python, tmp_path):
-    timer = _timer_module()
+    timer = importlib.import_module(TIMER_MODULE)
     pipe = str(tmp_path / "timer.pipe")
     server = timer.FileTimerServer(pipe, run_id="torch-interop", max_interval=0.1)
     server.start()
@@ -270,8 +260,6 @@ def test_torch_file_timer_client_killed_by_our_server(torch_python, tmp_path):
 
 
 def test_torch_file_timer_client_under_launcher(torch_python, launchers, tmp_path):
-    if not hasattr(importlib.import_module("elastic"), "FileTimerServer"):
-        pytest.skip("file timer not in elastic.py yet")
     out = tmp_path / "out"
     out.mkdir()
     # one worker: a sibling could still be importing torch when the agent stops the group
@@ -281,4 +269,5 @@ def test_torch_file_timer_client_under_launcher(torch_python, launchers, tmp_pat
                                env=_env(TORCHELASTIC_ENABLE_FILE_TIMER="1"))
     assert launcher.wait() == 128 + signal.SIGKILL, launcher.stderr
     assert "SIGKILL" in launcher.stderr
+    assert "scope step" in launcher.stderr  # the report names the scope that overran
     assert (out / "rank0.entered").exists() and not (out / "rank0.woke").exists()
