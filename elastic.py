@@ -73,7 +73,8 @@ processes are dropped; malformed lines are logged and skipped; the agent never s
 Health check: with ``--health-check-port P`` (or ``TORCHELASTIC_HEALTH_CHECK_PORT``; 0 picks a free
 port, logged at start) the agent answers ``GET /healthz`` from a thread: 200 while the group is
 HEALTHY (or SUCCEEDED), 503 during rendezvous and restarts, with a JSON body ``{"state",
-"restart_count", "group_rank", "world_size", "last_progress_time", "healthy"}``.
+"restart_count", "group_rank", "group_world_size", "world_size" (workers, as WORLD_SIZE),
+"last_progress_time", "healthy"}``.
 
 Slurm: ``srun --ntasks-per-node=1 elasticrun --slurm --nproc-per-node 4 train.py`` takes nnodes,
 the node rank, the c10d endpoint (first host of SLURM_STEP_NODELIST / SLURM_JOB_NODELIST, port
@@ -2334,7 +2335,8 @@ def _health_status_fn(agent):
             "state": state,
             "restart_count": agent.restart_count,
             "group_rank": agent.group_rank,
-            "world_size": agent.group_world_size,
+            "group_world_size": agent.group_world_size,   # nodes
+            "world_size": agent.world_size,               # workers (WORLD_SIZE)
             "last_progress_time": agent.last_progress_time,
         }
     return status

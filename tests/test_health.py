@@ -126,11 +126,12 @@ def test_status_fn_for_an_agent():
         restart_count = 2
         group_rank = 1
         group_world_size = 4
+        world_size = 16
         last_progress_time = 123.0
 
     agent = Agent()
     status = ops._health_status_fn(agent)
-    assert status() == (True, {"state": "HEALTHY", "restart_count": 2, "group_rank": 1, "world_size": 4,
-                               "last_progress_time": 123.0})
+    assert status() == (True, {"state": "HEALTHY", "restart_count": 2, "group_rank": 1, "group_world_size": 4,
+                               "world_size": 16, "last_progress_time": 123.0})
     agent.state = "UNHEALTHY"
     assert status()[0] is False

@@ -148,7 +148,7 @@ def test_healthz_200_while_running_503_while_restarting(tmp_path):
         code, ctype, body = health_until(port, 200)
         assert ctype == "application/json"
         assert body["state"] == "HEALTHY" and body["restart_count"] == 0 and body["healthy"] is True
-        assert body["group_rank"] == 0 and body["world_size"] == 1
+        assert body["group_rank"] == 0 and body["group_world_size"] == 1 and body["world_size"] == 2
         assert isinstance(body["last_progress_time"], float)
 
         (folder / "fail").touch()     # rank 0 exits 3; rank 1 holds the teardown open
