@@ -108,6 +108,7 @@ _I64 = struct.Struct(">q")
 _HEAD = struct.Struct(">IBI")      # frame length, op or status, request id
 _HEAD_SIZE = _HEAD.size - 4        # bytes of op/status + id inside the frame
 _OP_ID = struct.Struct(">BI")
+_TIMEVAL = struct.Struct("@ll")    # struct timeval, for SO_RCVTIMEO / SO_SNDTIMEO
 _ADD_REPLY = struct.Struct(">IBIq")
 
 
@@ -356,6 +357,10 @@ class StoreServer:
         self._wake_r.setblocking(False)
         self._poller.register(self._wake_r, _READ, _WAKE)
         self._spare_fd = os.open(os.devnull, os.O_RDONLY)   # released to turn away clients at EMFILE
+        # one receive buffer for every connection: recv(n) would malloc n bytes per call, and at
+        # 256 KiB that is an mmap, an mremap and an munmap per request
+        self._inbuf = bytearray(262144)
+        self._inview = memoryview(self._inbuf)
         self._data = {}
         self._waiters = {}          # key -> {waiter: None}, an insertion-ordered set
         self._deadlines = []        # heap of (deadline, seq, waiter)
@@ -500,15 +505,16 @@ class StoreServer:
 
     def _on_readable(self, conn):
         try:
-            chunk = conn.sock.recv(262144)
+            size = conn.sock.recv_into(self._inbuf)
         except (BlockingIOError, InterruptedError):
             return
         except OSError:
             self._close(conn)
             return
-        if not chunk:
+        if not size:
             self._close(conn)
             return
+        chunk = self._inview[:size].tobytes()
         if conn.rbuf:
             buf = conn.rbuf
             buf += chunk
@@ -881,6 +887,7 @@ class TCPStore:
                     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
                     _keepalive(sock)
                     self._handshake(sock, deadline)
+                    self._blocking(sock)
                     return sock
                 except (StoreAuthError, StoreConnectionError):
                     sock.close()
@@ -938,6 +945,8 @@ class TCPStore:
             try:
                 sock.sendall(_HEAD.pack(_HEAD_SIZE + len(body), op, rid) + body)
             except OSError as e:
+                self._sock = None   # part of a frame may be on the wire: this connection is done
+                sock.close()
                 if reader:
                     self._pass_reading(rid)
                 else:
@@ -1028,9 +1037,9 @@ class TCPStore:
             if sock is None:
                 raise StoreConnectionError("this store client is closed")
             try:
-                sock.settimeout(remaining)
+                self._arm(sock, remaining)
                 chunk = sock.recv(max(65536, end - len(buf)) if len(buf) >= _HEAD.size else 65536)
-            except socket.timeout:
+            except (socket.timeout, BlockingIOError):   # BlockingIOError: SO_RCVTIMEO ran out
                 raise StoreTimeout("no answer from the store at %s within %.1f s"
                                    % (self._where(), remaining)) from None
             except OSError as e:
@@ -1042,6 +1051,37 @@ class TCPStore:
                 if length + 4 == len(chunk) and length >= _HEAD_SIZE:
                     return frid, status, chunk[_HEAD.size:]
             buf += chunk
+
+    def _blocking(self, sock):
+        """Put the socket in blocking mode with kernel send/receive timeouts.
+
+        A Python socket with a timeout polls before every send and receive, and setting the timeout
+        is an ioctl: three system calls a request on top of the two it needs. With SO_RCVTIMEO and
+        SO_SNDTIMEO the kernel keeps the deadline instead; where they can't be set, we keep
+        Python's timeouts.
+        """
+        self._armed = None
+        try:
+            sock.settimeout(None)
+            self._arm(sock, max(self.timeout, 1.0))
+        except OSError:
+            sock.settimeout(max(self.timeout, 1.0))
+            self._armed = False
+
+    def _arm(self, sock, seconds):
+        """Make the next blocking receive give up after about `seconds` (within 10%)."""
+        armed = self._armed
+        if armed is False:
+            sock.settimeout(seconds)
+        elif armed is None or not seconds * 0.9 <= armed <= seconds * 1.1:
+            whole = int(seconds)
+            micros = int((seconds - whole) * 1e6)
+            if not whole and micros < 1000:   # an all-zero timeval would mean "wait forever"
+                micros = 1000
+            timeval = _TIMEVAL.pack(whole, micros)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, timeval)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, timeval)
+            self._armed = seconds
 
     def _broken(self, why):
         raise StoreConnectionError("lost the store at %s: %s" % (self._where(), why))
