@@ -887,13 +887,6 @@ def _etcd_range_end(prefix):
     return b"\x00"  # empty prefix: the whole keyspace
 
 
-def _etcd_seconds(timeout):
-    seconds = timeout.total_seconds() if hasattr(timeout, "total_seconds") else float(timeout)
-    if seconds < 0:
-        raise ValueError("timeout must be >= 0 seconds, got %r" % (timeout,))
-    return seconds
-
-
 def _etcd_value(value):
     if isinstance(value, str):
         return value.encode("utf-8")
@@ -1106,8 +1099,8 @@ class EtcdStore:
     """
 
     def __init__(self, endpoints, prefix="", *, timeout=300.0, lease_ttl=None):
-        self.timeout = _etcd_seconds(timeout)
-        self.lease_ttl = ETCD_DEFAULT_LEASE_TTL if lease_ttl is None else _etcd_seconds(lease_ttl)
+        self.timeout = _store._seconds(timeout)
+        self.lease_ttl = ETCD_DEFAULT_LEASE_TTL if lease_ttl is None else _store._seconds(lease_ttl)
         if self.lease_ttl < 1:
             raise ValueError("lease_ttl must be at least 1 second, got %r" % (lease_ttl,))
         if not isinstance(prefix, str):
@@ -1369,7 +1362,7 @@ class EtcdStore:
     def wait(self, keys, timeout=None):
         """Wait until every key exists; StoreTimeout names them if `timeout` passes first."""
         keys = _etcd_keys(keys)
-        self._wait_for(keys, self.timeout if timeout is None else _etcd_seconds(timeout))
+        self._wait_for(keys, self.timeout if timeout is None else _store._seconds(timeout))
 
     def check(self, keys):
         keys = _etcd_keys(keys)
@@ -1417,7 +1410,7 @@ class EtcdStore:
         self._update(key, lambda current: (current or b"") + value, mark=True)
 
     def set_timeout(self, timeout):
-        self.timeout = _etcd_seconds(timeout)
+        self.timeout = _store._seconds(timeout)
 
     # -- leases: keys that vanish when this client dies
 
