@@ -521,6 +521,7 @@ class StoreServer:
         else:  # the common case: parse the chunk itself, keep only a partial frame's tail
             buf = chunk
         pos, size = 0, len(buf)
+        ops = self._ops
         try:
             while size - pos >= 4 and not conn.closed:
                 (length,) = _U32.unpack_from(buf, pos)
@@ -532,10 +533,16 @@ class StoreServer:
                     break
                 payload = buf[pos + 4:end] if buf is chunk else bytes(buf[pos + 4:end])
                 pos = end
-                if conn.state == "ready":
-                    self._request(conn, payload)
-                else:
+                if conn.state != "ready":
                     self._handshake(conn, payload)
+                elif len(payload) < _HEAD_SIZE:
+                    raise _Malformed("request of %d bytes has no header" % len(payload))
+                else:
+                    op, rid = _OP_ID.unpack_from(payload)
+                    handler = ops.get(op)
+                    if handler is None:
+                        raise _Malformed("unknown op %d" % op)
+                    handler(conn, rid, payload)
         except _Malformed as e:
             self._drop(conn, e)
             return
@@ -585,15 +592,19 @@ class StoreServer:
         self._flush(conn)
 
     def _flush(self, conn):
-        if conn.wbuf:
+        wbuf = conn.wbuf
+        if wbuf:
             try:
-                sent = conn.sock.send(conn.wbuf)
+                sent = conn.sock.send(wbuf)
             except (BlockingIOError, InterruptedError):
                 sent = 0
             except OSError:
                 self._close(conn)
                 return
-            del conn.wbuf[:sent]
+            if sent == len(wbuf) and conn.events == _READ and conn.state == "ready":
+                wbuf.clear()   # the usual case: all out, nothing to change
+                return
+            del wbuf[:sent]
         if not conn.wbuf and conn.state == "closing":
             self._close(conn)
             return
@@ -609,15 +620,6 @@ class StoreServer:
             self._poller.modify(conn.sock, events)
 
     # -- requests
-
-    def _request(self, conn, payload):
-        if len(payload) < _HEAD_SIZE:
-            raise _Malformed("request of %d bytes has no header" % len(payload))
-        op, rid = _OP_ID.unpack_from(payload)
-        handler = self._ops.get(op)
-        if handler is None:
-            raise _Malformed("unknown op %d" % op)
-        handler(conn, rid, payload)
 
     def _reply(self, conn, rid, status=_OK, body=b""):
         conn.wbuf += _HEAD.pack(_HEAD_SIZE + len(body), status, rid) + body
