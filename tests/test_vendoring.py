@@ -96,3 +96,38 @@ def test_store_and_rendezvous_vendored_in_a_package(tmp_path):
     code = STORE_AND_RENDEZVOUS.replace("import rendezvous, store", "from vend import rendezvous, store")
     out = _run_in(code, tmp_path)
     assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr
+
+
+WORKER = r"""
+import os
+print("rank %s of %s" % (os.environ["RANK"], os.environ["WORLD_SIZE"]), flush=True)
+"""
+
+
+def _launch(cwd, argv):
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONHOME")}
+    # -E -s rather than -I: a user runs `python3 elastic.py`, whose folder is on sys.path
+    return subprocess.run([sys.executable, "-E", "-s"] + argv, cwd=str(cwd), env=env, capture_output=True,
+                          text=True, timeout=120)
+
+
+def test_all_three_alone_run_a_two_worker_job(tmp_path):
+    _copy(["store.py", "rendezvous.py", "elastic.py"], tmp_path)
+    (tmp_path / "worker.py").write_text(WORKER)
+    out = _launch(tmp_path, ["elastic.py", "--standalone", "--nproc-per-node", "2", "worker.py"])
+    assert out.returncode == 0, out.stderr
+    assert sorted(line for line in out.stdout.splitlines() if line.startswith("rank")) == [
+        "rank 0 of 2", "rank 1 of 2"]
+
+
+def test_all_three_vendored_in_a_package_run_a_two_worker_job(tmp_path):
+    _copy(["store.py", "rendezvous.py", "elastic.py"], tmp_path / "vend")
+    (tmp_path / "vend" / "__init__.py").write_text("")
+    (tmp_path / "worker.py").write_text(WORKER)
+    code = ("import sys; sys.path.insert(0, sys.argv[1]); from vend import elastic\n"
+            "assert elastic.__name__ == 'vend.elastic'\n"
+            "sys.exit(elastic.main(['--standalone', '--nproc-per-node', '2', 'worker.py']))\n")
+    out = _launch(tmp_path, ["-c", code, str(tmp_path)])
+    assert out.returncode == 0, out.stderr
+    assert sorted(line for line in out.stdout.splitlines() if line.startswith("rank")) == [
+        "rank 0 of 2", "rank 1 of 2"]
