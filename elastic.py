@@ -2836,6 +2836,10 @@ def _config_from_args(args, environ):
         c.master_port = master_port if "master_port" in args._explicit else None
         if not endpoint:
             raise _UsageError("--rdzv-backend %s needs --rdzv-endpoint" % backend)
+    if args.local_addr is None and backend != "etcd" and _loopback_endpoint(endpoint):
+        # every node is on this machine; the host name would make each worker resolve it (slow
+        # resolvers stall init_process_group for seconds)
+        args.local_addr = "127.0.0.1"
     if args.max_restarts < 0:
         raise _UsageError("--max-restarts must be >= 0")
     if args.monitor_interval <= 0:
@@ -2871,6 +2875,16 @@ def _config_from_args(args, environ):
     c.backend, c.endpoint, c.conf = backend, endpoint, conf
     c.args = args
     return c
+
+
+def _loopback_endpoint(endpoint):
+    if not endpoint:
+        return False
+    try:
+        host = _rdzv._parse_endpoint(endpoint, 29400)[0]
+    except ValueError:
+        return False   # reported with the other rendezvous parameters
+    return host == "localhost" or host == "::1" or host.startswith("127.")
 
 
 def _make_handler(c):

@@ -33,6 +33,8 @@ def test_standalone_runs_script_module_and_program(tmp_path):
         assert a.wait() == 0, a.err()
         d = dumps(out)
         assert sorted(d) == ["default_0_0_2", "default_1_0_2"]
+        # one machine: workers meet on 127.0.0.1, never on a host name they would have to resolve
+        assert {e["MASTER_ADDR"] for e in d.values()} == {"127.0.0.1"}
         assert "world size 2" in a.err() and "succeeded" in a.err()
         assert "started 2 workers" not in a.err()      # quiet by default
         b = Launcher(["--standalone", "-m", "agent_scripts.envdump", str(out)], tmp_path, "b",
