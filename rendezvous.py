@@ -862,6 +862,9 @@ ETCD_DEFAULT_LEASE_TTL = 10.0
 _ETCD_API_PATHS = ("/v3", "/v3beta", "/v3alpha")
 _ETCD_CONNECT_TIMEOUT = 3.0     # a member that does not accept within this is skipped for now
 _ETCD_REQUEST_TIMEOUT = 5.0     # no answer by then: the member is cut off or stuck; ask another one
+_ETCD_FIRST_TRY = 1.5           # ...but the first try gives up sooner: a request caught in a leader
+                                # election hangs until etcd's own timeout, while the election itself
+                                # takes about one election timeout (1 s by default); tries double
 _ETCD_MAX_TXN_OPS = 128         # etcd's default --max-txn-ops
 _ETCD_FAILOVER_CODES = (4, 14)  # gRPC DeadlineExceeded, Unavailable: try another member
 _ETCD_NOT_FOUND = 5             # gRPC NotFound: e.g. "requested lease not found"
@@ -1001,11 +1004,11 @@ class _EtcdLink:
         self.conn, self.conn_index = conn, index
         return conn
 
-    def _post(self, index, member, path, body, remaining, idempotent):
+    def _post(self, index, member, path, body, remaining, idempotent, limit=_ETCD_REQUEST_TIMEOUT):
         """One attempt on one member: the decoded JSON answer, or _EtcdUnreachable/_EtcdAmbiguous."""
         conn = self._connect(index, member, remaining)
         try:
-            conn.sock.settimeout(max(0.05, min(remaining, _ETCD_REQUEST_TIMEOUT)))
+            conn.sock.settimeout(max(0.05, min(remaining, limit)))
             conn.request("POST", path, body, {"Content-Type": "application/json"})
             resp = conn.getresponse()
             data = resp.read()
@@ -1034,7 +1037,7 @@ class _EtcdLink:
         """POST `payload` to the gateway's `path` (e.g. "/kv/range") on some member, failing over."""
         members = self.members
         body = json.dumps(payload).encode("utf-8")
-        failures, delay, attempts = {}, 0.05, 0
+        failures, delay, attempts, limit = {}, 0.05, 0, _ETCD_FIRST_TRY
         while True:
             remaining = deadline - time.monotonic()
             if remaining <= 0 and attempts:
@@ -1046,7 +1049,8 @@ class _EtcdLink:
             try:
                 if members.api is None:
                     self._probe(index, member, max(remaining, 0.05))
-                answer = self._post(index, member, members.api + path, body, max(remaining, 0.05), idempotent)
+                answer = self._post(index, member, members.api + path, body, max(remaining, 0.05), idempotent,
+                                    limit)
                 if answer is None:
                     raise _store.StoreError("etcd at %s has no JSON gateway path %s%s"
                                             % (member[0], members.api, path))
@@ -1054,6 +1058,7 @@ class _EtcdLink:
             except _EtcdUnreachable as e:
                 failures[member[0]] = str(e)
                 members.skip(index)
+                limit = min(limit * 2, _ETCD_REQUEST_TIMEOUT)
             except _EtcdAmbiguous as e:
                 members.skip(index)
                 raise _EtcdAmbiguous("%s: %s" % (member[0], e)) from None

@@ -162,8 +162,8 @@ RDZV_CONF = ("heartbeat_interval=0.5,heartbeat_timeout=2,last_call_timeout=1,joi
 class _Job:
     """Agents on the hosts of `net`, all running WORKER; their output goes to files in `tmp`."""
 
-    def __init__(self, net, tmp, backend, endpoint, nnodes, finish_at=-1, max_restarts=0):
-        self.max_restarts = max_restarts
+    def __init__(self, net, tmp, backend, endpoint, nnodes, finish_at=-1, max_restarts=0, conf=RDZV_CONF):
+        self.max_restarts, self.conf = max_restarts, conf
         self.net, self.tmp = net, tmp
         self.log, self.release = str(tmp / "starts.log"), str(tmp / "release")
         self.worker = str(tmp / "worker.py")
@@ -175,7 +175,7 @@ class _Job:
     def start(self, i):
         argv = [sys.executable, ROOT + "/elastic.py", "--nnodes", self.nnodes, "--nproc-per-node", "1",
                 "--rdzv-backend", self.backend, "--rdzv-endpoint", self.endpoint, "--rdzv-id", "netjob",
-                "--rdzv-conf", RDZV_CONF, "--local-addr", self.net.addr(i), "--monitor-interval", "0.1",
+                "--rdzv-conf", self.conf, "--local-addr", self.net.addr(i), "--monitor-interval", "0.1",
                 "--shutdown-timeout", "2", "--exit-barrier-timeout", "20", "--max-restarts", str(self.max_restarts),
                 self.worker, self.log, str(self.finish_at), self.release]
         out = open(str(self.tmp / ("agent%d.log" % i)), "wb")
@@ -292,13 +292,16 @@ def test_job_rides_out_the_death_of_one_etcd_member(agent_ok, etcd_binary, tmp_p
         etcd = EtcdCluster(etcd_binary, tmp_path, size=3, hosts=net.addrs,
                            prefixes=[net.argv(i, []) for i in range(3)], ports=[(2379, 2380)] * 3)
         with etcd:
-            job = _Job(net, tmp_path, "etcd", ",".join(etcd.endpoints), "3")
+            # the heartbeat timeout must outlast etcd's failover (a leader election, then a retry on
+            # another member: about 2 s here), as it does with the default of 15 s; 2 s would not
+            job = _Job(net, tmp_path, "etcd", ",".join(etcd.endpoints), "3",
+                       conf=RDZV_CONF.replace("heartbeat_timeout=2", "heartbeat_timeout=5"))
             for i in range(3):
                 job.start(i)
             job.wait_starts(3, 3)
             etcd.kill(0)  # every client talks to member 0 first: the worst one to lose
             # nothing to wait on: the job must simply go on for longer than a heartbeat timeout
-            time.sleep(3)
+            time.sleep(6)
             job.release_workers()
             assert [job.wait(i) for i in range(3)] == [0, 0, 0], job.outputs()
             assert len(job.starts()) == 3, job.outputs()  # no restart, no re-rendezvous
