@@ -33,7 +33,11 @@ def test_network_has_private_addresses_and_cleans_up(netns_ok):
         out = net.run(0, ["ip", "-o", "-4", "addr", "show", "dev", "eth0"])
         assert net.addr(0) + "/24" in out.stdout.decode()
         sleeper = net.popen(1, ["sleep", "600"])
-        assert sleeper.pid in net.pids(1)
+        # `ip netns exec` enters the namespace, then execs: until then the pid is not listed there
+        deadline = time.monotonic() + 30
+        while sleeper.pid not in net.pids(1):
+            assert time.monotonic() < deadline, "the sleeper never showed up in host 1"
+            time.sleep(0.05)
     listed = subprocess.run(["ip", "netns", "list"], stdout=subprocess.PIPE).stdout.decode()
     assert not any(name in listed for name in names)
     assert sleeper.poll() is not None
