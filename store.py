@@ -756,7 +756,7 @@ class StoreServer:
         """Park `waiter` on each of its missing keys; returns how many are missing."""
         data, waiters = self._data, self._waiters
         missing = 0
-        for key in waiter.keys:
+        for key in dict.fromkeys(waiter.keys):   # a key named twice is still one key to wait for
             if key not in data:
                 missing += 1
                 waiters.setdefault(key, {})[waiter] = None
@@ -797,7 +797,8 @@ class StoreServer:
     def _next_timeout(self):
         if not self._deadlines:
             return None
-        return max(0.0, self._deadlines[0][0] - time.monotonic())
+        # capped: a client may ask to wait for centuries, which epoll's millisecond int can't hold
+        return min(max(0.0, self._deadlines[0][0] - time.monotonic()), 3600.0)
 
     def _expire(self):
         now = time.monotonic()

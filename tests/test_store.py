@@ -687,3 +687,17 @@ def test_operations_match_torchs_tcpstore(torch_python):
     assert result["torch"][:20] == result["ours"][:20]
     assert result["ours"][19] == "error"
     assert result["ours"][20] == "hi"
+
+
+def test_a_wait_of_centuries_and_a_key_named_twice(server, client):
+    """Found by the fuzzer: a huge timeout_ms once overflowed the server's poll and stopped it."""
+    sock = raw_connect(server.port)
+    try:
+        sock.sendall(request(2, 1, struct.pack(">qI", 2 ** 62, 2) + field(b"twice") + field(b"twice")))
+        client.set("other", "x")      # the server took another turn after parking the century-long get
+        assert client.get("other") == b"x"
+        client.set("twice", "here")   # one set answers a get that names its key twice
+        reply = recv_frame(sock)
+        assert struct.unpack_from(">BI", reply) == (0, 1) and reply[5:] == field(b"here") * 2
+    finally:
+        sock.close()
