@@ -56,27 +56,9 @@ from etcd_cluster import EtcdCluster  # noqa: E402
 
 HANG_GUARD = 60.0
 
-# The tests' worker and rendezvous conf, so the figures are those of the scenarios the tests prove.
-# test_netns imports pytest (through conftest); without it, these copies stand in.
-try:
-    from test_netns import RDZV_CONF, WORKER  # noqa: E402
-except Exception:  # pytest missing, or the test module moved on
-    WORKER = r"""
-import os, sys, time
-log, finish_at, release = sys.argv[1], int(sys.argv[2]), sys.argv[3]
-e = os.environ
-with open(log, "a") as f:
-    f.write("start %s %s %s %s %d %.3f\n" % (e["TEST_HOST"], e["RANK"], e["WORLD_SIZE"],
-                                           e["TORCHELASTIC_RESTART_COUNT"], os.getpid(), time.time()))
-if int(e["WORLD_SIZE"]) == finish_at:
-    sys.exit(0)
-while not os.path.exists(release):
-    time.sleep(0.05)
-with open(release) as f:
-    sys.exit(3 if f.read() == "fail" else 0)
-"""
-    RDZV_CONF = ("heartbeat_interval=0.5,heartbeat_timeout=2,last_call_timeout=1,join_timeout=60,"
-                 "read_timeout=10,close_timeout=5")
+# The tests' worker and rendezvous conf, so the figures are those of the scenarios the tests prove
+# (test_netns needs pytest, as the tests do).
+from test_netns import RDZV_CONF, WORKER  # noqa: E402
 
 AGENT_OPTIONS = ["--monitor-interval", "0.1", "--shutdown-timeout", "2", "--exit-barrier-timeout", "20"]
 
