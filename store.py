@@ -165,6 +165,19 @@ def _field(data):
     return _U32.pack(len(data)) + data
 
 
+_KEY_FIELDS = {}   # key -> its encoded field: clients name the same few keys over and over
+
+
+def _key_field(key):
+    field = _KEY_FIELDS.get(key) if key.__class__ is str else None
+    if field is None:
+        field = _field(_key_bytes(key))
+        if len(_KEY_FIELDS) >= 4096:
+            _KEY_FIELDS.clear()
+        _KEY_FIELDS[key] = field
+    return field
+
+
 def _keys_field(keys):
     return _U32.pack(len(keys)) + b"".join(_field(k) for k in keys)
 
@@ -268,7 +281,8 @@ class _Waiter:
         self.done = False
 
 
-_WAKE = "wake"                    # the poller's object for the server's own wake-up socket
+_LISTEN = "listen"                # the poller's objects for the listening socket
+_WAKE = "wake"                    # and for the server's own wake-up socket
 _READ, _WRITE = 1, 4              # select.EPOLLIN, select.EPOLLOUT
 _READABLE = _READ | 0x8 | 0x10    # with EPOLLERR and EPOLLHUP: recv then tells what happened
 
@@ -306,16 +320,14 @@ class _Poller:
             self._selector.unregister(fd)
 
     def poll(self, timeout):
-        objects = self._objects
+        """(fd, events) pairs; objects_by_fd() maps an fd to its object while it is registered."""
         if self._epoll:
-            return [(objects[fd], mask) for fd, mask in self._epoll.poll(-1 if timeout is None else timeout)
-                    if fd in objects]
-        return [(objects[key.fd], (_READ if mask & selectors.EVENT_READ else 0)
-                 | (_WRITE if mask & selectors.EVENT_WRITE else 0))
-                for key, mask in self._selector.select(timeout) if key.fd in objects]
+            return self._epoll.poll(-1 if timeout is None else timeout)
+        return [(key.fd, (_READ if mask & selectors.EVENT_READ else 0) | (_WRITE if mask & selectors.EVENT_WRITE else 0))
+                for key, mask in self._selector.select(timeout)]
 
-    def objects(self):
-        return list(self._objects.values())
+    def objects_by_fd(self):
+        return self._objects
 
     def close(self):
         (self._epoll or self._selector).close()
@@ -352,7 +364,7 @@ class StoreServer:
         self._listener.setblocking(False)
         self.port = self._listener.getsockname()[1]
         self._poller = _Poller()
-        self._poller.register(self._listener, _READ, None)
+        self._poller.register(self._listener, _READ, _LISTEN)
         self._wake_r, self._wake_w = socket.socketpair()
         self._wake_r.setblocking(False)
         self._poller.register(self._wake_r, _READ, _WAKE)
@@ -406,21 +418,23 @@ class StoreServer:
 
     def serve_forever(self):
         self._serving = threading.current_thread()
+        poll, objects = self._poller.poll, self._poller.objects_by_fd()
         try:
             while not self._stopping:
-                for conn, mask in self._poller.poll(self._next_timeout()):
-                    if conn is None:
+                for fd, mask in poll(self._next_timeout() if self._deadlines else None):
+                    conn = objects.get(fd)   # None: closed earlier in this turn
+                    if conn.__class__ is _Conn:
+                        if mask & _READABLE:
+                            self._on_readable(conn)
+                        if mask & _WRITE and not conn.closed:
+                            self._flush(conn)
+                    elif conn is _LISTEN:
                         self._accept()
                     elif conn is _WAKE:
                         try:
                             self._wake_r.recv(4096)
                         except OSError:
                             pass
-                    else:
-                        if mask & _READABLE and not conn.closed:
-                            self._on_readable(conn)
-                        if mask & _WRITE and not conn.closed:
-                            self._flush(conn)
                 if self._deadlines:
                     self._expire()
                 if self._dirty:
@@ -432,7 +446,7 @@ class StoreServer:
             self._shutdown()
 
     def _shutdown(self):
-        for conn in self._poller.objects():
+        for conn in list(self._poller.objects_by_fd().values()):
             if isinstance(conn, _Conn):
                 self._close(conn)
         for sock in (self._listener, self._wake_r, self._wake_w):
@@ -514,11 +528,39 @@ class StoreServer:
         if not size:
             self._close(conn)
             return
+        if size >= 9 and not conn.rbuf and conn.state == "ready":
+            length, op, rid = _HEAD.unpack_from(self._inbuf)
+            if length + 4 == size:   # the usual case: one whole request
+                handler = self._ops.get(op)
+                try:
+                    if handler is None:
+                        raise _Malformed("unknown op %d" % op)
+                    reply = handler(conn, rid, self._inview[4:size].tobytes())
+                except _Malformed as e:
+                    self._drop(conn, e)
+                    return
+                if reply is None:
+                    return
+                if conn.wbuf:   # earlier replies still queued: keep the order
+                    conn.wbuf += reply
+                    self._flush(conn)
+                    return
+                try:
+                    sent = conn.sock.send(reply)
+                except (BlockingIOError, InterruptedError):
+                    sent = 0
+                except OSError:
+                    self._close(conn)
+                    return
+                if sent != len(reply):
+                    conn.wbuf += reply[sent:]
+                    self._flush(conn)
+                return
         chunk = self._inview[:size].tobytes()
         if conn.rbuf:
             buf = conn.rbuf
             buf += chunk
-        else:  # the common case: parse the chunk itself, keep only a partial frame's tail
+        else:  # parse the chunk itself, keep only a partial frame's tail
             buf = chunk
         pos, size = 0, len(buf)
         ops = self._ops
@@ -542,7 +584,9 @@ class StoreServer:
                     handler = ops.get(op)
                     if handler is None:
                         raise _Malformed("unknown op %d" % op)
-                    handler(conn, rid, payload)
+                    reply = handler(conn, rid, payload)
+                    if reply is not None:
+                        conn.wbuf += reply
         except _Malformed as e:
             self._drop(conn, e)
             return
@@ -620,12 +664,13 @@ class StoreServer:
             self._poller.modify(conn.sock, events)
 
     # -- requests
+    #
+    # Each handler parses a request's payload (op, id, then its fields) in full before it changes
+    # anything, and returns the reply frame, or None when the reply comes later (a parked get).
 
-    def _reply(self, conn, rid, status=_OK, body=b""):
-        conn.wbuf += _HEAD.pack(_HEAD_SIZE + len(body), status, rid) + body
-
-    def _error(self, conn, rid, message):
-        self._reply(conn, rid, _ERROR, message.encode("utf-8"))
+    def _error(self, rid, message):
+        body = message.encode("utf-8")
+        return _HEAD.pack(_HEAD_SIZE + len(body), _ERROR, rid) + body
 
     def _store(self, key, value):
         self._data[key] = value
@@ -645,8 +690,11 @@ class StoreServer:
         (vlen,) = _U32.unpack_from(payload, vpos - 4)
         if vlen > MAX_VALUE_SIZE or vpos + vlen != size:
             raise _Malformed("set fields do not fill the frame")
-        self._store(payload[9:vpos - 4], payload[vpos:])
-        conn.wbuf += _HEAD.pack(_HEAD_SIZE, _OK, rid)
+        key = payload[9:vpos - 4]
+        self._data[key] = payload[vpos:]
+        if key in self._waiters:
+            self._wake(key)
+        return _HEAD.pack(_HEAD_SIZE, _OK, rid)
 
     def _op_mset(self, conn, rid, payload):
         r = _Reader(payload, _HEAD_SIZE)
@@ -654,7 +702,7 @@ class StoreServer:
         r.end()
         for key, value in pairs:
             self._store(key, value)
-        self._reply(conn, rid)
+        return _HEAD.pack(_HEAD_SIZE, _OK, rid)
 
     def _op_append(self, conn, rid, payload):
         r = _Reader(payload, _HEAD_SIZE)
@@ -662,33 +710,29 @@ class StoreServer:
         r.end()
         current = self._data.get(key, b"")
         if len(current) + len(value) > MAX_VALUE_SIZE:
-            self._error(conn, rid, "append to %r would exceed the value limit of %d bytes"
-                        % (_key_text(key), MAX_VALUE_SIZE))
-            return
+            return self._error(rid, "append to %r would exceed the value limit of %d bytes"
+                               % (_key_text(key), MAX_VALUE_SIZE))
         self._store(key, current + value)
-        self._reply(conn, rid)
+        return _HEAD.pack(_HEAD_SIZE, _OK, rid)
 
     def _op_add(self, conn, rid, payload):
-        if len(payload) < 9:
-            raise _Malformed("truncated add")
-        (klen,) = _U32.unpack_from(payload, 5)
-        end = 9 + klen
-        if klen > MAX_KEY_SIZE or end + 8 != len(payload):
+        fields = _ADD_FIELDS.get(len(payload)) or _add_fields(len(payload))
+        klen, key, value = fields.unpack_from(payload, 5)
+        if klen + 17 != len(payload):
             raise _Malformed("add fields do not fill the frame")
-        key = payload[9:end]
-        (delta,) = _I64.unpack_from(payload, end)
         current = self._data.get(key)
-        try:
-            value = delta + (int(current) if current is not None else 0)
-        except ValueError:
-            self._error(conn, rid, "add: the value of key %r is not an integer: %r"
-                        % (_key_text(key), current[:64]))
-            return
-        if not -2 ** 63 <= value < 2 ** 63:
-            self._error(conn, rid, "add: key %r would overflow a 64-bit integer" % _key_text(key))
-            return
-        self._store(key, b"%d" % value)
-        conn.wbuf += _ADD_REPLY.pack(_HEAD_SIZE + 8, _OK, rid, value)
+        if current is not None:
+            try:
+                value += int(current)
+            except ValueError:
+                return self._error(rid, "add: the value of key %r is not an integer: %r"
+                                   % (_key_text(key), current[:64]))
+            if not -0x8000000000000000 <= value <= 0x7FFFFFFFFFFFFFFF:
+                return self._error(rid, "add: key %r would overflow a 64-bit integer" % _key_text(key))
+        self._data[key] = b"%d" % value
+        if key in self._waiters:
+            self._wake(key)
+        return _ADD_REPLY.pack(_HEAD_SIZE + 8, _OK, rid, value)
 
     def _op_cas(self, conn, rid, payload):
         r = _Reader(payload, _HEAD_SIZE)
@@ -696,30 +740,29 @@ class StoreServer:
         r.end()
         current = self._data.get(key)
         if current is None and expected:  # torch answers a missing key with `expected` itself
-            self._reply(conn, rid, body=_field(expected))
-            return
-        if current is None or current == expected:
+            current = expected
+        elif current is None or current == expected:
             self._store(key, desired)
             current = desired
-        self._reply(conn, rid, body=_field(current))
+        return _HEAD.pack(_HEAD_SIZE + 4 + len(current), _OK, rid) + _field(current)
 
     def _op_check(self, conn, rid, payload):
         r = _Reader(payload, _HEAD_SIZE)
         keys = r.keys()
         r.end()
         data = self._data
-        self._reply(conn, rid, body=b"\x01" if all(k in data for k in keys) else b"\x00")
+        return _HEAD.pack(_HEAD_SIZE + 1, _OK, rid) + (b"\x01" if all(k in data for k in keys) else b"\x00")
 
     def _op_delete(self, conn, rid, payload):
         r = _Reader(payload, _HEAD_SIZE)
         key = r.key()
         r.end()
-        self._reply(conn, rid, body=b"\x01" if self._data.pop(key, None) is not None else b"\x00")
+        return _HEAD.pack(_HEAD_SIZE + 1, _OK, rid) + (b"\x01" if self._data.pop(key, None) is not None else b"\x00")
 
     def _op_count(self, conn, rid, payload):
         r = _Reader(payload, _HEAD_SIZE)
         r.end()
-        self._reply(conn, rid, body=_I64.pack(len(self._data)))
+        return _ADD_REPLY.pack(_HEAD_SIZE + 8, _OK, rid, len(self._data))
 
     def _op_get(self, conn, rid, payload):
         # the common case, one key that exists, answered without parking
@@ -728,12 +771,11 @@ class StoreServer:
             if klen <= MAX_KEY_SIZE and 21 + klen == len(payload):
                 value = self._data.get(payload[21:])
                 if value is not None:
-                    conn.wbuf += _HEAD.pack(_HEAD_SIZE + 4 + len(value), _OK, rid) + _U32.pack(len(value)) + value
-                    return
-        self._park(conn, rid, _Reader(payload, _HEAD_SIZE), want_values=True)
+                    return _HEAD.pack(_HEAD_SIZE + 4 + len(value), _OK, rid) + _U32.pack(len(value)) + value
+        return self._park(conn, rid, _Reader(payload, _HEAD_SIZE), want_values=True)
 
     def _op_wait(self, conn, rid, payload):
-        self._park(conn, rid, _Reader(payload, _HEAD_SIZE), want_values=False)
+        return self._park(conn, rid, _Reader(payload, _HEAD_SIZE), want_values=False)
 
     def _park(self, conn, rid, r, want_values):
         timeout_ms = r.i64()
@@ -741,16 +783,16 @@ class StoreServer:
         r.end()
         waiter = _Waiter(conn, rid, keys, want_values)
         if not self._register(waiter):
-            self._answer(waiter)
-        elif timeout_ms == 0:
+            return self._answer(waiter)
+        if timeout_ms == 0:
             waiter.done = True
             self._unpark(waiter)
-            self._reply(conn, rid, _TIMEOUT)
-        else:
-            conn.waiters.add(waiter)
-            if timeout_ms > 0:
-                self._seq += 1
-                heapq.heappush(self._deadlines, (time.monotonic() + timeout_ms / 1000.0, self._seq, waiter))
+            return _HEAD.pack(_HEAD_SIZE, _TIMEOUT, rid)
+        conn.waiters.add(waiter)
+        if timeout_ms > 0:
+            self._seq += 1
+            heapq.heappush(self._deadlines, (time.monotonic() + timeout_ms / 1000.0, self._seq, waiter))
+        return None
 
     def _register(self, waiter):
         """Park `waiter` on each of its missing keys; returns how many are missing."""
@@ -781,22 +823,20 @@ class StoreServer:
                 self._unpark(waiter)
                 if self._register(waiter) == 0:
                     waiter.done = True
-                    waiter.conn.waiters.discard(waiter)
-                    self._answer(waiter)
+                    conn = waiter.conn
+                    conn.waiters.discard(waiter)
+                    conn.wbuf += self._answer(waiter)
+                    self._dirty.append(conn)
 
     def _answer(self, waiter):
-        conn = waiter.conn
         if waiter.want_values:
             data = self._data
             body = b"".join(_field(data[k]) for k in waiter.keys)
         else:
             body = b""
-        self._reply(conn, waiter.rid, body=body)
-        self._dirty.append(conn)
+        return _HEAD.pack(_HEAD_SIZE + len(body), _OK, waiter.rid) + body
 
     def _next_timeout(self):
-        if not self._deadlines:
-            return None
         # capped: a client may ask to wait for centuries, which epoll's millisecond int can't hold
         return min(max(0.0, self._deadlines[0][0] - time.monotonic()), 3600.0)
 
@@ -810,8 +850,21 @@ class StoreServer:
             waiter.done = True
             self._unpark(waiter)
             waiter.conn.waiters.discard(waiter)
-            self._reply(waiter.conn, waiter.rid, _TIMEOUT)
+            waiter.conn.wbuf += _HEAD.pack(_HEAD_SIZE, _TIMEOUT, waiter.rid)
             self._dirty.append(waiter.conn)
+
+
+_ADD_FIELDS = {}   # size of an ADD payload -> the Struct of its klen, key and delta, for one unpack
+
+
+def _add_fields(size):
+    """An ADD payload is op, id, klen, key, delta: 17 bytes and the key."""
+    if not 17 <= size <= 17 + MAX_KEY_SIZE:
+        raise _Malformed("add of %d bytes cannot hold its fields" % size)
+    if len(_ADD_FIELDS) >= 256:
+        _ADD_FIELDS.clear()
+    fields = _ADD_FIELDS[size] = struct.Struct(">I%dsq" % (size - 17))
+    return fields
 
 
 def _peer_text(peer):
@@ -849,7 +902,7 @@ class TCPStore:
     """
 
     def __init__(self, host, port, *, is_master=False, timeout=300.0, token=None):
-        self.timeout = _seconds(timeout)
+        self.timeout = timeout
         self._server = None
         if is_master:
             self._server = StoreServer("::" if ":" in host else "0.0.0.0", port, token=token).start()
@@ -931,6 +984,65 @@ class TCPStore:
 
     def _call(self, op, body, wait=None, keys=()):
         """Send one request and return the reply body. `wait`: seconds the server may park it."""
+        send_lock = self._send_lock
+        status = None
+        if wait is None and send_lock.acquire(False):
+            try:
+                if not self._waiting and not self._reading:
+                    status, result = self._alone(op, body)
+            finally:
+                send_lock.release()
+        if status is None:
+            status, result = self._shared(op, body, wait)
+        if status == _OK:
+            return result
+        if status == _TIMEOUT:
+            raise StoreTimeout("timed out after %.3g s waiting for key(s) %s in the store at %s"
+                               % (wait, ", ".join(repr(k) for k in keys), self._where()))
+        raise StoreError(result.decode("utf-8", "replace"))
+
+    def _alone(self, op, body):
+        """The round trip when no other request is in flight: the caller holds the send lock, so the
+        next reply on the socket is ours, and none of the hand-over between threads is needed. Only
+        for requests the server answers at once (the send lock stays held until the answer)."""
+        sock = self._sock
+        if sock is None:
+            raise StoreConnectionError("this store client is closed")
+        self._rid = rid = (self._rid + 1) & 0xFFFFFFFF
+        try:
+            sock.sendall(_HEAD.pack(_HEAD_SIZE + len(body), op, rid) + body)
+        except OSError as e:
+            self._sock = None
+            sock.close()
+            raise StoreConnectionError("lost the store at %s: %s" % (self._where(), _describe(e))) from e
+        seconds = self._armed_default
+        if self._armed == seconds and not self._rbuf:   # the usual case: one recv, one whole reply
+            try:
+                chunk = sock.recv(65536)
+            except (socket.timeout, BlockingIOError):
+                raise StoreTimeout("no answer from the store at %s within %.1f s"
+                                   % (self._where(), seconds)) from None
+            except OSError as e:
+                self._broken(_describe(e))
+            size = len(chunk)
+            if size >= 9:
+                length, status, frid = _HEAD.unpack_from(chunk)
+                if frid == rid and length + 4 == size:
+                    return status, chunk[9:]
+            elif not size:
+                self._broken("it closed the connection")
+            self._rbuf += chunk
+        elif self._armed != seconds:   # a parked get armed its own deadline: back to the default
+            self._arm(sock, seconds, exact=True)
+        deadline = time.monotonic() + seconds
+        while True:
+            frid, status, result = self._read_reply(deadline)
+            if frid == rid:   # other ids are late replies to requests that timed out
+                return status, result
+
+    def _shared(self, op, body, wait):
+        """The round trip beside other threads' requests: register, send, then read or be handed the
+        reply."""
         if wait is None:
             deadline = time.monotonic() + max(self.timeout, 1.0)
         else:  # the server answers TIMEOUT itself; our own deadline only guards against a dead server
@@ -957,15 +1069,8 @@ class TCPStore:
                         self._waiting.pop(rid, None)
                 raise StoreConnectionError("lost the store at %s: %s" % (self._where(), _describe(e))) from e
         if reader:
-            status, result = self._read_own(rid, deadline)
-        else:
-            status, result = self._await(rid, deadline)
-        if status == _OK:
-            return result
-        if status == _TIMEOUT:
-            raise StoreTimeout("timed out after %.3g s waiting for key(s) %s in the store at %s"
-                               % (wait, ", ".join(repr(k) for k in keys), self._where()))
-        raise StoreError(result.decode("utf-8", "replace"))
+            return self._read_own(rid, deadline)
+        return self._await(rid, deadline)
 
     def _await(self, rid, deadline):
         """Wait for the reply to `rid`: read the socket ourselves, or sleep while another thread does.
@@ -1066,17 +1171,17 @@ class TCPStore:
         self._armed = None
         try:
             sock.settimeout(None)
-            self._arm(sock, max(self.timeout, 1.0))
+            self._arm(sock, self._armed_default)
         except OSError:
-            sock.settimeout(max(self.timeout, 1.0))
+            sock.settimeout(self._armed_default)
             self._armed = False
 
-    def _arm(self, sock, seconds):
-        """Make the next blocking receive give up after about `seconds` (within 10%)."""
+    def _arm(self, sock, seconds, exact=False):
+        """Make the next blocking receive give up after about `seconds` (within 10%, or `exact`)."""
         armed = self._armed
         if armed is False:
             sock.settimeout(seconds)
-        elif armed is None or not seconds * 0.9 <= armed <= seconds * 1.1:
+        elif exact or armed is None or not seconds * 0.9 <= armed <= seconds * 1.1:
             whole = int(seconds)
             micros = int((seconds - whole) * 1e6)
             if not whole and micros < 1000:   # an all-zero timeval would mean "wait forever"
@@ -1096,19 +1201,19 @@ class TCPStore:
     # -- the API
 
     def set(self, key, value):
-        self._call(_SET, _field(_key_bytes(key)) + _field(_value_bytes(value)))
+        self._call(_SET, _key_field(key) + _field(_value_bytes(value)))
 
     def get(self, key):
         """The value of `key`, waiting up to the store timeout for it to exist."""
         seconds, ms = self._wait_ms(None)
-        body = self._call(_GET, _I64.pack(ms) + _keys_field([_key_bytes(key)]), seconds, (key,))
+        body = self._call(_GET, _I64.pack(ms) + b"\x00\x00\x00\x01" + _key_field(key), seconds, (key,))
         return body[4:]
 
     def add(self, key, amount):
         """Add `amount` to the integer at `key` (missing counts as 0); returns the new value."""
-        if not isinstance(amount, int):
+        if amount.__class__ is not int and not isinstance(amount, int):
             raise TypeError("add takes an int, got %s" % type(amount).__name__)
-        return _I64.unpack(self._call(_ADD, _field(_key_bytes(key)) + _I64.pack(amount)))[0]
+        return _I64.unpack(self._call(_ADD, _key_field(key) + _I64.pack(amount)))[0]
 
     def compare_set(self, key, expected, desired):
         body = self._call(_CAS, _field(_key_bytes(key)) + _field(_value_bytes(expected))
@@ -1153,12 +1258,22 @@ class TCPStore:
     def append(self, key, value):
         self._call(_APPEND, _field(_key_bytes(key)) + _field(_value_bytes(value)))
 
+    @property
+    def timeout(self):
+        """Seconds a request waits for its answer (and `get`/`wait` for their keys) by default."""
+        return self._timeout
+
+    @timeout.setter
+    def timeout(self, timeout):
+        self._timeout = _seconds(timeout)
+        self._armed_default = max(self._timeout, 1.0)   # what the socket's receive timeout is kept at
+
     def set_timeout(self, timeout):
-        self.timeout = _seconds(timeout)
+        self.timeout = timeout
 
     def close(self):
         """Close the connection (and stop the in-process server when this client hosts it)."""
-        with self._send_lock:
+        with self._lock:   # not the send lock: a request holds that until its answer comes
             sock, self._sock = self._sock, None
         if sock is not None:
             try:
