@@ -305,3 +305,95 @@ def test_all_members_down_gives_connection_error_then_recovers(etcd):
         etcd.start(0)  # same data dir: the member comes back with its data
         s.set_timeout(20)
         assert s.get("k") == b"v"
+
+
+# ------------------------------------------------------------------------- older gateway paths
+
+class _GatewayFilter:
+    """An HTTP front for a real etcd member that serves only the paths under `allowed` and answers
+    every other path as etcd 3.3 answers /v3 (404, a text body): an etcd of another generation."""
+
+    def __init__(self, member_port, allowed):
+        import http.client
+        import http.server
+        self.paths = []
+        front = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def do_POST(self):
+                body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
+                front.paths.append(self.path)
+                if not self.path.startswith(allowed):
+                    self._send(404, b"404 page not found\n")
+                    return
+                conn = http.client.HTTPConnection("127.0.0.1", member_port, timeout=HANG_GUARD)
+                try:
+                    headers = {k: v for k, v in self.headers.items() if k.lower().startswith(("content-type", "grpc-"))}
+                    conn.request("POST", self.path, body, headers)
+                    resp = conn.getresponse()
+                    if not self.path.endswith("/watch"):
+                        self._send(resp.status, resp.read())
+                        return
+                    self.send_response(resp.status)   # a watch streams: pass each line on as it comes
+                    self.send_header("Transfer-Encoding", "chunked")
+                    self.end_headers()
+                    for line in iter(resp.readline, b""):
+                        self.wfile.write(b"%x\r\n%s\r\n" % (len(line), line))
+                        self.wfile.flush()
+                    self.wfile.write(b"0\r\n\r\n")
+                except OSError:
+                    self.close_connection = True
+                finally:
+                    conn.close()
+
+            def _send(self, status, data):
+                self.send_response(status)
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            def log_message(self, *args):
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        self.endpoint = "http://127.0.0.1:%d" % self.server.server_address[1]
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self):
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def test_a_gateway_under_v3beta_is_found_and_used_for_everything(etcd):
+    # etcd 3.3 serves the JSON gateway under /v3beta only; 3.4 still serves it there too, so a real
+    # 3.4 member behind a filter that refuses /v3 plays the older member
+    front = _GatewayFilter(int(etcd.endpoints[0].rsplit(":", 1)[1]), allowed="/v3beta/")
+    try:
+        with EtcdStore([front.endpoint], prefix="old", timeout=10) as s:
+            s.set("a", "1")
+            assert s.add("n", 2) == 2 and s.get("a") == b"1"
+            got = []
+            t = threading.Thread(target=lambda: got.append(s.get("late")))
+            t.start()
+            _until(lambda: "/v3beta/watch" in front.paths, "the get to watch")
+            with EtcdStore([front.endpoint], prefix="old", timeout=10) as other:
+                other.set("late", "here")
+            t.join(HANG_GUARD)
+            assert got == [b"here"]
+        assert front.paths[:2] == ["/v3/kv/range", "/v3beta/kv/range"]   # /v3 probed first, refused
+        assert {p for p in front.paths if not p.startswith("/v3beta/")} == {"/v3/kv/range"}   # only probes
+    finally:
+        front.close()
+
+
+def test_an_http_server_without_the_gateway_is_named_clearly(etcd):
+    front = _GatewayFilter(int(etcd.endpoints[0].rsplit(":", 1)[1]), allowed="/nothing/")
+    try:
+        with pytest.raises(store.StoreError, match="does not serve etcd's v3 JSON gateway"):
+            EtcdStore([front.endpoint], prefix="none", timeout=5).set("a", "1")
+        assert front.paths[:3] == ["/v3/kv/range", "/v3beta/kv/range", "/v3alpha/kv/range"]
+    finally:
+        front.close()
