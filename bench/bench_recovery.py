@@ -56,11 +56,9 @@ from etcd_cluster import EtcdCluster  # noqa: E402
 
 HANG_GUARD = 60.0
 
-# The tests' worker and rendezvous conf, so the figures are those of the scenarios the tests prove
-# (test_netns needs pytest, as the tests do).
-from test_netns import RDZV_CONF, WORKER  # noqa: E402
-
-AGENT_OPTIONS = ["--monitor-interval", "0.1", "--shutdown-timeout", "2", "--exit-barrier-timeout", "20"]
+# The tests' job (worker, rendezvous conf, agent options), so the figures are those of the scenarios
+# the tests prove (test_netns needs pytest, as the tests do).
+from test_netns import AGENT_OPTIONS, RDZV_CONF, Job  # noqa: E402
 
 
 class ScenarioFailed(Exception):
@@ -115,48 +113,21 @@ class _Agent:
             pass
 
 
-class _Job:
-    """Agents on the hosts of `net`, as in tests/test_netns.py, all running WORKER."""
+class _Job(Job):
+    """The tests' job, with each agent's output lines timed as they arrive."""
 
     def __init__(self, net, tmp, backend, endpoint, nnodes="2:3", max_restarts=0):
-        self.net, self.tmp = net, tmp
-        self.backend, self.endpoint, self.nnodes, self.max_restarts = backend, endpoint, nnodes, max_restarts
-        self.log, self.release = os.path.join(tmp, "starts.log"), os.path.join(tmp, "release")
-        self.worker = os.path.join(tmp, "worker.py")
-        with open(self.worker, "w") as f:
-            f.write(WORKER)
-        self.agents = {}
+        super().__init__(net, tmp, backend, endpoint, nnodes, max_restarts=max_restarts, job_id="benchjob")
 
     def start(self, i):
-        argv = [sys.executable, os.path.join(ROOT, "elastic.py"), "--nnodes", self.nnodes,
-                "--nproc-per-node", "1", "--rdzv-backend", self.backend, "--rdzv-endpoint", self.endpoint,
-                "--rdzv-id", "benchjob", "--rdzv-conf", RDZV_CONF, "--local-addr", self.net.addr(i)]
-        argv += AGENT_OPTIONS + ["--max-restarts", str(self.max_restarts),
-                                 self.worker, self.log, "-1", self.release]
-        env = dict(os.environ, TEST_HOST="h%d" % i, PYTHONUNBUFFERED="1")
-        self.agents[i] = _Agent(self.net, i, argv, env)
+        self.agents[i] = _Agent(self.net, i, self.argv(i), self.env(i))
         return self.agents[i]
-
-    def release_workers(self, content=""):
-        tmp = self.release + ".tmp"
-        with open(tmp, "w") as f:
-            f.write(content)
-        os.replace(tmp, self.release)
-
-    def starts(self):
-        """[(host index, rank, world, restart count, pid, wall time)] in start order."""
-        try:
-            with open(self.log) as f:
-                rows = [line.split() for line in f if line.startswith("start ")]
-        except FileNotFoundError:
-            return []
-        return [(int(r[1][1:]), int(r[2]), int(r[3]), int(r[4]), int(r[5]), float(r[6]))
-                for r in rows if len(r) == 7]
 
     def running_at(self, hosts, world, after=0.0):
         """{host: first start time at `world` after `after`} once every host in `hosts` has one."""
         first = {}
         for host, _, w, _, _, ts in self.starts():
+            host = int(host[1:])   # "h2" -> 2
             if host in hosts and w == world and ts > after and host not in first:
                 first[host] = ts
         return first if len(first) == len(hosts) else None

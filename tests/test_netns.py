@@ -163,29 +163,39 @@ RDZV_CONF = ("heartbeat_interval=0.5,heartbeat_timeout=2,last_call_timeout=1,joi
              "read_timeout=10,close_timeout=5")
 
 
-class _Job:
-    """Agents on the hosts of `net`, all running WORKER; their output goes to files in `tmp`."""
+AGENT_OPTIONS = ["--monitor-interval", "0.1", "--shutdown-timeout", "2", "--exit-barrier-timeout", "20"]
 
-    def __init__(self, net, tmp, backend, endpoint, nnodes, finish_at=-1, max_restarts=0, conf=RDZV_CONF):
-        self.max_restarts, self.conf = max_restarts, conf
-        self.net, self.tmp = net, tmp
-        self.log, self.release = str(tmp / "starts.log"), str(tmp / "release")
-        self.worker = str(tmp / "worker.py")
+
+class Job:
+    """Agents on the hosts of `net`, all running WORKER; their output goes to files in `tmp`.
+
+    bench/bench_recovery.py runs the same jobs, starting the agents its own way (start()).
+    """
+
+    def __init__(self, net, tmp, backend, endpoint, nnodes, finish_at=-1, max_restarts=0, conf=RDZV_CONF,
+                 job_id="netjob"):
+        self.max_restarts, self.conf, self.job_id = max_restarts, conf, job_id
+        self.net, self.tmp = net, str(tmp)
+        self.log, self.release = os.path.join(self.tmp, "starts.log"), os.path.join(self.tmp, "release")
+        self.worker = os.path.join(self.tmp, "worker.py")
         with open(self.worker, "w") as f:
             f.write(WORKER)
         self.backend, self.endpoint, self.nnodes, self.finish_at = backend, endpoint, nnodes, finish_at
         self.agents = {}
 
+    def argv(self, i):
+        return ([sys.executable, os.path.join(ROOT, "elastic.py"), "--nnodes", self.nnodes, "--nproc-per-node", "1",
+                 "--rdzv-backend", self.backend, "--rdzv-endpoint", self.endpoint, "--rdzv-id", self.job_id,
+                 "--rdzv-conf", self.conf, "--local-addr", self.net.addr(i), "--max-restarts", str(self.max_restarts)]
+                + AGENT_OPTIONS + [self.worker, self.log, str(self.finish_at), self.release])
+
+    def env(self, i):
+        return dict(os.environ, TEST_HOST="h%d" % i, PYTHONUNBUFFERED="1")
+
     def start(self, i):
-        argv = [sys.executable, ROOT + "/elastic.py", "--nnodes", self.nnodes, "--nproc-per-node", "1",
-                "--rdzv-backend", self.backend, "--rdzv-endpoint", self.endpoint, "--rdzv-id", "netjob",
-                "--rdzv-conf", self.conf, "--local-addr", self.net.addr(i), "--monitor-interval", "0.1",
-                "--shutdown-timeout", "2", "--exit-barrier-timeout", "20", "--max-restarts", str(self.max_restarts),
-                self.worker, self.log, str(self.finish_at), self.release]
-        out = open(str(self.tmp / ("agent%d.log" % i)), "wb")
+        out = open(os.path.join(self.tmp, "agent%d.log" % i), "wb")
         try:
-            self.agents[i] = self.net.popen(i, argv, stdout=out, stderr=subprocess.STDOUT,
-                                            env=dict(os.environ, TEST_HOST="h%d" % i, PYTHONUNBUFFERED="1"))
+            self.agents[i] = self.net.popen(i, self.argv(i), stdout=out, stderr=subprocess.STDOUT, env=self.env(i))
         finally:
             out.close()
         return self.agents[i]
@@ -197,7 +207,7 @@ class _Job:
         os.replace(tmp, self.release)
 
     def output(self, i):
-        with open(str(self.tmp / ("agent%d.log" % i)), "rb") as f:
+        with open(os.path.join(self.tmp, "agent%d.log" % i), "rb") as f:
             return f.read().decode("utf-8", "replace")
 
     def starts(self):
@@ -255,9 +265,9 @@ def test_survivors_reform_without_a_lost_node(agent_ok, request, tmp_path, fault
             etcd_binary = request.getfixturevalue("etcd_binary")
             etcd = stack.enter_context(EtcdCluster(etcd_binary, tmp_path, hosts=net.addrs[:1],
                                                    prefixes=[net.argv(0, [])], ports=[(2379, 2380)]))
-            job = _Job(net, tmp_path, "etcd", etcd.endpoints[0], "2:3", finish_at=2)
+            job = Job(net, tmp_path, "etcd", etcd.endpoints[0], "2:3", finish_at=2)
         else:
-            job = _Job(net, tmp_path, "c10d", net.addr(0) + ":29400", "2:3", finish_at=2)
+            job = Job(net, tmp_path, "c10d", net.addr(0) + ":29400", "2:3", finish_at=2)
         for i in range(3):
             job.start(i)
         first = job.wait_starts(3, 3)
@@ -278,7 +288,7 @@ def test_survivors_reform_without_a_lost_node(agent_ok, request, tmp_path, fault
 
 def test_a_late_node_scales_the_job_up(agent_ok, tmp_path):
     with Network(3) as net:
-        job = _Job(net, tmp_path, "c10d", net.addr(0) + ":29400", "2:3", finish_at=3)
+        job = Job(net, tmp_path, "c10d", net.addr(0) + ":29400", "2:3", finish_at=3)
         job.start(0)
         job.start(1)
         job.wait_starts(2, 2)
@@ -298,7 +308,7 @@ def test_job_rides_out_the_death_of_one_etcd_member(agent_ok, etcd_binary, tmp_p
         with etcd:
             # the heartbeat timeout must outlast etcd's failover (a leader election, then a retry on
             # another member: about 2 s here), as it does with the default of 15 s; 2 s would not
-            job = _Job(net, tmp_path, "etcd", ",".join(etcd.endpoints), "3",
+            job = Job(net, tmp_path, "etcd", ",".join(etcd.endpoints), "3",
                        conf=RDZV_CONF.replace("heartbeat_timeout=2", "heartbeat_timeout=5"))
             for i in range(3):
                 job.start(i)
@@ -313,7 +323,7 @@ def test_job_rides_out_the_death_of_one_etcd_member(agent_ok, etcd_binary, tmp_p
 
 def test_losing_the_c10d_store_host_fails_fast_with_a_clear_error(agent_ok, tmp_path):
     with Network(3) as net:
-        job = _Job(net, tmp_path, "c10d", net.addr(0) + ":29400", "2:3", max_restarts=3)
+        job = Job(net, tmp_path, "c10d", net.addr(0) + ":29400", "2:3", max_restarts=3)
         for i in range(3):
             job.start(i)
         job.wait_starts(3, 3)
