@@ -7,11 +7,17 @@ Each measurement runs the same harness code twice, once per implementation: the 
 process, clients in their own processes. The torch half runs this very script under an interpreter
 that has torch (default: .venv-torch/bin/python, else /work/.torchvenv/bin/python). Prints a table of
 ratios (ours / torch; above 1 is better for ops/s, below 1 is better for times).
+
+For get and add it also measures the floor for any pure-Python store on this machine: a bare epoll
+loop that only knows those frames, driven by clients that send a prebuilt frame and read one reply.
+A ratio to torch that the floor itself cannot reach says how much is the language, not our code.
 """
 import argparse
 import json
 import multiprocessing
 import os
+import socket
+import struct
 import subprocess
 import sys
 import time
@@ -20,6 +26,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _client_class(impl):
+    if impl == "floor":
+        return _BareClient
     if impl == "torch":
         import datetime
 
@@ -36,9 +44,82 @@ def _client_class(impl):
     return make
 
 
+class _BareClient:
+    """The floor of a Python client: one prebuilt frame out, one recv in, no checks, no threads."""
+
+    def __init__(self, port):
+        self.sock = socket.create_connection(("127.0.0.1", port))
+        self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.frames = {}
+
+    def _ask(self, op, key, tail=b""):
+        frame = self.frames.get((op, key, tail))
+        if frame is None:
+            body = struct.pack(">BII", op, 0, len(key)) + key.encode() + tail
+            frame = self.frames[op, key, tail] = struct.pack(">I", len(body)) + body
+        self.sock.send(frame)
+        return self.sock.recv(65536)
+
+    def set(self, key, value):
+        return self._ask(1, key, struct.pack(">I", len(value)) + value.encode())
+
+    def get(self, key):
+        return self._ask(2, key)[13:]
+
+    def add(self, key, amount):
+        return struct.unpack_from(">q", self._ask(3, key, struct.pack(">q", amount)), 9)[0]
+
+
+def _serve_floor(port_pipe, stop_event):
+    """The floor of a Python server: a bare epoll loop that knows SET, GET of an existing key and
+    ADD, trusts every frame to arrive whole, and does nothing else (no handshake, limits, parking)."""
+    import select
+    import threading
+    listener = socket.create_server(("127.0.0.1", 0))
+    listener.setblocking(False)
+    wake_r, wake_w = socket.socketpair()
+    threading.Thread(target=lambda: (stop_event.wait(), wake_w.send(b"x")), daemon=True).start()
+    epoll = select.epoll()
+    epoll.register(listener.fileno(), select.EPOLLIN)
+    epoll.register(wake_r.fileno(), select.EPOLLIN)
+    port_pipe.send(listener.getsockname()[1])
+    socks, data = {}, {}
+    while True:
+        for fd, _ in epoll.poll():
+            sock = socks.get(fd)
+            if sock is None:
+                if fd == wake_r.fileno():
+                    return
+                conn, _ = listener.accept()
+                conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                socks[conn.fileno()] = conn
+                epoll.register(conn.fileno(), select.EPOLLIN)
+                continue
+            frame = sock.recv(65536)
+            if not frame:
+                epoll.unregister(fd)
+                del socks[fd]
+                sock.close()
+                continue
+            op, rid, klen = struct.unpack_from(">BII", frame, 4)
+            key = frame[13:13 + klen]
+            if op == 3:
+                value = int(data.get(key, 0)) + struct.unpack_from(">q", frame, 13 + klen)[0]
+                data[key] = b"%d" % value
+                sock.send(struct.pack(">IBIq", 13, 0, rid, value))
+            elif op == 2:
+                value = data[key]
+                sock.send(struct.pack(">IBII", 9 + len(value), 0, rid, len(value)) + value)
+            else:
+                data[key] = frame[17 + klen:]
+                sock.send(struct.pack(">IBI", 5, 0, rid))
+
+
 def _serve(impl, port_pipe, stop_event):
     """Host the implementation's server in this process until told to stop."""
-    if impl == "torch":
+    if impl == "floor":
+        _serve_floor(port_pipe, stop_event)
+    elif impl == "torch":
         import datetime
 
         import torch.distributed as dist
@@ -125,8 +206,14 @@ class _Server:
 
 def _run_all(impl, quick):
     ctx = multiprocessing.get_context("fork")
+    results = _run_ops(ctx, impl, 1.0 if quick else 3.0)
+    if impl != "floor":
+        _run_crowds(ctx, impl, quick, results)
+    return results
+
+
+def _run_ops(ctx, impl, seconds):
     results = {}
-    seconds = 1.0 if quick else 3.0
     for op in ("get", "add"):
         for nproc in (1, 8):
             server = _Server(ctx, impl)
@@ -144,7 +231,10 @@ def _run_all(impl, quick):
                 results["%s ops/s, %d client%s" % (op, nproc, "s" if nproc > 1 else "")] = total / seconds
             finally:
                 server.close()
+    return results
 
+
+def _run_crowds(ctx, impl, quick, results):
     nprocs, total = 8, 1024
     server = _Server(ctx, impl)
     try:
@@ -183,7 +273,6 @@ def _run_all(impl, quick):
         results["%d connections: errors" % (nprocs * per)] = errors
     finally:
         server.close()
-    return results
 
 
 def _torch_python(explicit):
@@ -195,7 +284,7 @@ def _torch_python(explicit):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--impl", choices=("ours", "torch", "both"), default="both")
+    parser.add_argument("--impl", choices=("ours", "torch", "floor", "both"), default="both")
     parser.add_argument("--torch-python")
     parser.add_argument("--quick", action="store_true", help="shorter runs, 2,000 connections instead of 16,000")
     parser.add_argument("--json", action="store_true", help=argparse.SUPPRESS)
@@ -205,6 +294,7 @@ def main():
         print(json.dumps(results) if args.json else results)
         return 0
     ours = _run_all("ours", args.quick)
+    floor = _run_all("floor", args.quick)
     torch_py = _torch_python(args.torch_python)
     if torch_py is None:
         sys.exit("no interpreter with torch found; pass --torch-python")
@@ -215,6 +305,10 @@ def main():
         other = theirs.get(name)
         ratio = "" if not other else "%.2fx" % (value / other)
         print("%-34s %14.1f %14s %8s" % (name, value, "%.1f" % other if other is not None else "-", ratio))
+    print("\nthe floor for pure Python: a bare epoll loop and raw-socket clients, run the same way")
+    for name, value in floor.items():
+        other = theirs.get(name)
+        print("  %-32s %14.1f ops/s = %.2fx torch, ours %.2fx of it" % (name, value, value / other, ours[name] / value))
     return 0
 
 
