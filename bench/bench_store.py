@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Our store against torch's TCPStore (libuv server), side by side in one run, same client counts.
 
-    python3 bench/bench_store.py [--torch-python PATH] [--quick]
+    python3 bench/bench_store.py [--torch-python PATH] [--quick] [--rounds N]
 
 Each measurement runs the same harness code twice, once per implementation: the server in its own
 process, clients in their own processes. The torch half runs this very script under an interpreter
@@ -17,6 +17,7 @@ import json
 import multiprocessing
 import os
 import socket
+import statistics
 import struct
 import subprocess
 import sys
@@ -188,6 +189,27 @@ def _connections_worker(impl, port, nclients, start, out):
     out.put((errors, len(clients)))
 
 
+def _barrier(ctx, impl, nprocs=8, total=1024):
+    """Milliseconds from the start signal until every one of `total` clients saw the barrier open."""
+    server = _Server(ctx, impl)
+    try:
+        start, ready, out = ctx.Event(), ctx.Queue(), ctx.Queue()
+        procs = [ctx.Process(target=_barrier_worker,
+                             args=(impl, server.port, total // nprocs, total, start, ready, out))
+                 for _ in range(nprocs)]
+        for p in procs:
+            p.start()
+        for _ in procs:
+            ready.get(timeout=300)
+        start.set()
+        elapsed = 1000 * max(out.get(timeout=300) for _ in procs)
+        for p in procs:
+            p.join()
+        return elapsed
+    finally:
+        server.close()
+
+
 class _Server:
     def __init__(self, ctx, impl):
         self.stop = ctx.Event()
@@ -204,11 +226,12 @@ class _Server:
             self.proc.join()
 
 
-def _run_all(impl, quick):
+def _run_part(impl, part, quick):
     ctx = multiprocessing.get_context("fork")
-    results = _run_ops(ctx, impl, 1.0 if quick else 3.0)
-    if impl != "floor":
-        _run_crowds(ctx, impl, quick, results)
+    if part == "ops":
+        return _run_ops(ctx, impl, 1.0 if quick else 3.0)
+    results = {}
+    _run_crowds(ctx, impl, quick, results)
     return results
 
 
@@ -235,23 +258,7 @@ def _run_ops(ctx, impl, seconds):
 
 
 def _run_crowds(ctx, impl, quick, results):
-    nprocs, total = 8, 1024
-    server = _Server(ctx, impl)
-    try:
-        start, ready, out = ctx.Event(), ctx.Queue(), ctx.Queue()
-        procs = [ctx.Process(target=_barrier_worker,
-                             args=(impl, server.port, total // nprocs, total, start, ready, out))
-                 for _ in range(nprocs)]
-        for p in procs:
-            p.start()
-        for _ in procs:
-            ready.get(timeout=300)
-        start.set()
-        results["1024-client barrier, ms"] = 1000 * max(out.get(timeout=300) for _ in procs)
-        for p in procs:
-            p.join()
-    finally:
-        server.close()
+    results["1024-client barrier, ms"] = statistics.median(_barrier(ctx, impl) for _ in range(3))
 
     nprocs, per = 8, (250 if quick else 2000)
     server = _Server(ctx, impl)
@@ -282,24 +289,45 @@ def _torch_python(explicit):
     return None
 
 
+def _median_of(runs):
+    return {name: statistics.median(run[name] for run in runs) for name in runs[0]}
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--impl", choices=("ours", "torch", "floor", "both"), default="both")
+    parser.add_argument("--part", choices=("ops", "crowds"), help=argparse.SUPPRESS)
+    parser.add_argument("--rounds", type=int, default=3, help="alternating rounds of the ops/s figures (median)")
     parser.add_argument("--torch-python")
     parser.add_argument("--quick", action="store_true", help="shorter runs, 2,000 connections instead of 16,000")
     parser.add_argument("--json", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.impl != "both":
-        results = _run_all(args.impl, args.quick)
+        results = {}
+        for part in ([args.part] if args.part else ["ops"] if args.impl == "floor" else ["ops", "crowds"]):
+            results.update(_run_part(args.impl, part, args.quick))
         print(json.dumps(results) if args.json else results)
         return 0
-    ours = _run_all("ours", args.quick)
-    floor = _run_all("floor", args.quick)
     torch_py = _torch_python(args.torch_python)
     if torch_py is None:
         sys.exit("no interpreter with torch found; pass --torch-python")
-    cmd = [torch_py, os.path.abspath(__file__), "--impl", "torch", "--json"] + (["--quick"] if args.quick else [])
-    theirs = json.loads(subprocess.run(cmd, check=True, stdout=subprocess.PIPE).stdout.decode().splitlines()[-1])
+
+    def torch_part(part):
+        cmd = [torch_py, os.path.abspath(__file__), "--impl", "torch", "--part", part, "--json"]
+        out = subprocess.run(cmd + (["--quick"] if args.quick else []), check=True, stdout=subprocess.PIPE)
+        return json.loads(out.stdout.decode().splitlines()[-1])
+
+    # ops/s from one client depend on where the scheduler puts the two processes, which changes
+    # from run to run: the three implementations take turns, and each figure is a median
+    runs = {"ours": [], "floor": [], "torch": []}
+    for _ in range(max(1, args.rounds)):
+        runs["ours"].append(_run_part("ours", "ops", args.quick))
+        runs["floor"].append(_run_part("floor", "ops", args.quick))
+        runs["torch"].append(torch_part("ops"))
+    ours, floor, theirs = (_median_of(runs[impl]) for impl in ("ours", "floor", "torch"))
+    ours.update(_run_part("ours", "crowds", args.quick))
+    theirs.update(torch_part("crowds"))
+
     print("%-34s %14s %14s %8s" % ("store benchmark", "ours", "torch", "ratio"))
     for name, value in ours.items():
         other = theirs.get(name)
@@ -309,6 +337,7 @@ def main():
     for name, value in floor.items():
         other = theirs.get(name)
         print("  %-32s %14.1f ops/s = %.2fx torch, ours %.2fx of it" % (name, value, value / other, ours[name] / value))
+    print("(ops/s: median of %d alternating rounds; barrier: median of 3)" % max(1, args.rounds))
     return 0
 
 
