@@ -985,15 +985,13 @@ class TCPStore:
     def _call(self, op, body, wait=None, keys=()):
         """Send one request and return the reply body. `wait`: seconds the server may park it."""
         send_lock = self._send_lock
-        status = None
-        if wait is None and send_lock.acquire(False):
-            try:
-                if not self._waiting and not self._reading:
-                    status, result = self._alone(op, body)
-            finally:
-                send_lock.release()
-        if status is None:
+        if not send_lock.acquire(False):
             status, result = self._shared(op, body, wait)
+        elif self._waiting or self._reading:   # other threads' requests are in flight: join them
+            send_lock.release()
+            status, result = self._shared(op, body, wait)
+        else:
+            status, result = self._alone(op, body, wait)   # releases the send lock once sent
         if status == _OK:
             return result
         if status == _TIMEOUT:
@@ -1001,44 +999,54 @@ class TCPStore:
                                % (wait, ", ".join(repr(k) for k in keys), self._where()))
         raise StoreError(result.decode("utf-8", "replace"))
 
-    def _alone(self, op, body):
-        """The round trip when no other request is in flight: the caller holds the send lock, so the
-        next reply on the socket is ours, and none of the hand-over between threads is needed. Only
-        for requests the server answers at once (the send lock stays held until the answer)."""
-        sock = self._sock
-        if sock is None:
-            raise StoreConnectionError("this store client is closed")
-        self._rid = rid = (self._rid + 1) & 0xFFFFFFFF
+    def _alone(self, op, body, wait):
+        """The round trip when no other request is in flight.
+
+        The caller holds the send lock and nothing is registered or being read, so we become the
+        reading thread without the registration the shared path needs. Threads that send while we
+        wait register as usual and are handed their replies. For a request the server answers at
+        once, the usual reply is one whole frame in one recv, checked and returned right here.
+        """
         try:
-            sock.sendall(_HEAD.pack(_HEAD_SIZE + len(body), op, rid) + body)
-        except OSError as e:
-            self._sock = None
-            sock.close()
-            raise StoreConnectionError("lost the store at %s: %s" % (self._where(), _describe(e))) from e
-        seconds = self._armed_default
-        if self._armed == seconds and not self._rbuf:   # the usual case: one recv, one whole reply
+            sock = self._sock
+            if sock is None:
+                raise StoreConnectionError("this store client is closed")
+            self._rid = rid = (self._rid + 1) & 0xFFFFFFFF
+            self._reading = True
             try:
-                chunk = sock.recv(65536)
-            except (socket.timeout, BlockingIOError):
-                raise StoreTimeout("no answer from the store at %s within %.1f s"
-                                   % (self._where(), seconds)) from None
+                sock.sendall(_HEAD.pack(_HEAD_SIZE + len(body), op, rid) + body)
             except OSError as e:
-                self._broken(_describe(e))
-            size = len(chunk)
-            if size >= 9:
-                length, status, frid = _HEAD.unpack_from(chunk)
-                if frid == rid and length + 4 == size:
-                    return status, chunk[9:]
-            elif not size:
-                self._broken("it closed the connection")
-            self._rbuf += chunk
-        elif self._armed != seconds:   # a parked get armed its own deadline: back to the default
-            self._arm(sock, seconds, exact=True)
-        deadline = time.monotonic() + seconds
-        while True:
-            frid, status, result = self._read_reply(deadline)
-            if frid == rid:   # other ids are late replies to requests that timed out
-                return status, result
+                self._sock = None   # part of a frame may be on the wire: this connection is done
+                sock.close()
+                self._pass_reading(rid)
+                raise StoreConnectionError("lost the store at %s: %s" % (self._where(), _describe(e))) from e
+        finally:
+            self._send_lock.release()
+        try:
+            if wait is not None:  # the server answers TIMEOUT itself; this only guards against a dead server
+                return self._read_until(rid, time.monotonic() + wait + max(5.0, 0.1 * wait))
+            seconds = self._armed_default
+            if self._armed == seconds and not self._rbuf:
+                try:
+                    chunk = sock.recv(65536)
+                except (socket.timeout, BlockingIOError):
+                    raise StoreTimeout("no answer from the store at %s within %.1f s"
+                                       % (self._where(), seconds)) from None
+                except OSError as e:
+                    self._broken(_describe(e))
+                size = len(chunk)
+                if size >= 9:
+                    length, status, frid = _HEAD.unpack_from(chunk)
+                    if frid == rid and length + 4 == size:
+                        return status, chunk[9:]
+                elif not size:
+                    self._broken("it closed the connection")
+                self._rbuf += chunk
+            elif self._armed != seconds:   # a parked get armed its own deadline: back to the default
+                self._arm(sock, seconds, exact=True)
+            return self._read_until(rid, time.monotonic() + seconds)
+        finally:
+            self._pass_reading(rid)
 
     def _shared(self, op, body, wait):
         """The round trip beside other threads' requests: register, send, then read or be handed the
@@ -1103,29 +1111,35 @@ class TCPStore:
         return self._read_own(rid, deadline)
 
     def _read_own(self, rid, deadline):
-        """As the reading thread: read replies, handing out others', until ours arrives."""
+        """As the reading thread: read until our reply comes, then pass the reading on."""
         try:
-            while True:
-                frid, status, body = self._read_reply(deadline)
-                if frid == rid:
-                    return status, body
-                with self._lock:
-                    if frid in self._waiting:   # a reply nobody waits for any more (timed out) is dropped
-                        self._replies[frid] = (status, body)
-                        _wake(self._waiting[frid])
+            return self._read_until(rid, deadline)
         finally:
             self._pass_reading(rid)
+
+    def _read_until(self, rid, deadline):
+        """Read replies, handing out other threads', until the one to `rid` arrives."""
+        while True:
+            frid, status, body = self._read_reply(deadline)
+            if frid == rid:
+                return status, body
+            with self._lock:
+                if frid in self._waiting:   # a reply nobody waits for any more (timed out) is dropped
+                    self._replies[frid] = (status, body)
+                    _wake(self._waiting[frid])
 
     def _pass_reading(self, rid):
         """Give up the reading, waking one thread that still waits for its reply to take it over."""
         with self._lock:
-            waiting, replies = self._waiting, self._replies
-            waiting.pop(rid, None)
             self._reading = False
-            for other, sleeper in waiting.items():
-                if other not in replies and sleeper is not None and sleeper.locked():
-                    sleeper.release()
-                    break
+            waiting = self._waiting
+            if waiting:   # empty when we were alone
+                waiting.pop(rid, None)
+                replies = self._replies
+                for other, sleeper in waiting.items():
+                    if other not in replies and sleeper is not None and sleeper.locked():
+                        sleeper.release()
+                        break
 
     def _read_reply(self, deadline):
         buf, sock = self._rbuf, self._sock
