@@ -493,7 +493,7 @@ class RendezvousHandler:
         beats; when it has been silent for heartbeat_timeout, take its place (one node wins).
         """
         store, params, keys = self._store, self._params, self._keys
-        seen, changed = None, time.monotonic()
+        seen, changed, suspect = None, time.monotonic(), ""
         while True:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
@@ -506,24 +506,31 @@ class RendezvousHandler:
                     continue
             value, now = store.add(keys.round(r, "closer_hb"), 0), time.monotonic()
             if value != seen:
+                # whose beat this is: a closer names itself before its first beat (a failed claim
+                # below resets `seen`, so a closer named after this read is read on the next turn)
                 seen, changed = value, now
+                closer = keys.round(r, "closer")
+                suspect = store.get(closer).decode("utf-8") if value or store.check([closer]) else ""
             elif value == 0 and store.add(keys.round(r, "arrive"), 0) & _SLOT_MASK < params.min_nodes:
                 changed = now                  # no closer yet: min_nodes have not arrived
             elif now - changed > params.heartbeat_timeout:
-                dead = self._take_over(r, now - changed)
+                dead = self._take_over(r, suspect, now - changed)
                 if dead is not None:
                     self._close_round(r, deadline, dead=dead)
                 seen, changed = None, time.monotonic()
 
-    def _take_over(self, r, silence):
-        """Claim round r's closing from a silent closer; its id when we won, else None."""
-        store, key = self._store, self._keys.round(r, "closer")
-        current = store.get(key).decode("utf-8") if store.check([key]) else ""
-        if store.compare_set(key, current, self.node_id).decode("utf-8") != self.node_id:
+    def _take_over(self, r, suspect, silence):
+        """Claim round r's closing from `suspect`, the closer we saw silent; its id when we won.
+
+        Only from that closer: when another node noticed the same silence and took over first,
+        the closer is now that live node, and the claim fails instead of unseating it.
+        """
+        key = self._keys.round(r, "closer")
+        if self._store.compare_set(key, suspect, self.node_id).decode("utf-8") != self.node_id:
             return None
         log.warning("round %d of run %r: the closer %s was silent for %.1f s; %s closes the round",
-                    r, self._params.run_id, current or "(unknown)", silence, self.node_id)
-        return current
+                    r, self._params.run_id, suspect or "(unknown)", silence, self.node_id)
+        return suspect
 
     def _timeout(self, r, slot):
         """Withdraw from round r (so a later closer skips us) and describe the shortfall."""
