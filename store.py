@@ -179,7 +179,7 @@ def _key_field(key):
 
 
 def _keys_field(keys):
-    return _U32.pack(len(keys)) + b"".join(_field(k) for k in keys)
+    return _U32.pack(len(keys)) + b"".join(map(_key_field, keys))
 
 
 def _token_bytes(token):
@@ -539,22 +539,8 @@ class StoreServer:
                 except _Malformed as e:
                     self._drop(conn, e)
                     return
-                if reply is None:
-                    return
-                if conn.wbuf:   # earlier replies still queued: keep the order
-                    conn.wbuf += reply
-                    self._flush(conn)
-                    return
-                try:
-                    sent = conn.sock.send(reply)
-                except (BlockingIOError, InterruptedError):
-                    sent = 0
-                except OSError:
-                    self._close(conn)
-                    return
-                if sent != len(reply):
-                    conn.wbuf += reply[sent:]
-                    self._flush(conn)
+                if reply is not None:
+                    self._flush(conn, reply)
                 return
         chunk = self._inview[:size].tobytes()
         if conn.rbuf:
@@ -635,20 +621,29 @@ class StoreServer:
         conn.state = "closing"
         self._flush(conn)
 
-    def _flush(self, conn):
+    def _flush(self, conn, reply=b""):
+        """Send what is queued, then `reply`; a lone reply goes out without passing the buffer."""
         wbuf = conn.wbuf
-        if wbuf:
+        if reply and wbuf:   # earlier replies still queued: keep the order
+            wbuf += reply
+            reply = b""
+        data = reply or wbuf
+        if data:
             try:
-                sent = conn.sock.send(wbuf)
+                sent = conn.sock.send(data)
             except (BlockingIOError, InterruptedError):
                 sent = 0
             except OSError:
                 self._close(conn)
                 return
-            if sent == len(wbuf) and conn.events == _READ and conn.state == "ready":
-                wbuf.clear()   # the usual case: all out, nothing to change
+            if sent == len(data) and conn.events == _READ and conn.state == "ready":
+                if data is wbuf:
+                    wbuf.clear()   # the usual case: all out, nothing to change
                 return
-            del wbuf[:sent]
+            if data is wbuf:
+                del wbuf[:sent]
+            else:
+                wbuf += data[sent:]
         if not conn.wbuf and conn.state == "closing":
             self._close(conn)
             return
@@ -690,10 +685,7 @@ class StoreServer:
         (vlen,) = _U32.unpack_from(payload, vpos - 4)
         if vlen > MAX_VALUE_SIZE or vpos + vlen != size:
             raise _Malformed("set fields do not fill the frame")
-        key = payload[9:vpos - 4]
-        self._data[key] = payload[vpos:]
-        if key in self._waiters:
-            self._wake(key)
+        self._store(payload[9:vpos - 4], payload[vpos:])
         return _HEAD.pack(_HEAD_SIZE, _OK, rid)
 
     def _op_mset(self, conn, rid, payload):
@@ -729,9 +721,7 @@ class StoreServer:
                                    % (_key_text(key), current[:64]))
             if not -0x8000000000000000 <= value <= 0x7FFFFFFFFFFFFFFF:
                 return self._error(rid, "add: key %r would overflow a 64-bit integer" % _key_text(key))
-        self._data[key] = b"%d" % value
-        if key in self._waiters:
-            self._wake(key)
+        self._store(key, b"%d" % value)
         return _ADD_REPLY.pack(_HEAD_SIZE + 8, _OK, rid, value)
 
     def _op_cas(self, conn, rid, payload):
@@ -1008,23 +998,18 @@ class TCPStore:
         once, the usual reply is one whole frame in one recv, checked and returned right here.
         """
         try:
-            sock = self._sock
-            if sock is None:
-                raise StoreConnectionError("this store client is closed")
             self._rid = rid = (self._rid + 1) & 0xFFFFFFFF
             self._reading = True
             try:
-                sock.sendall(_HEAD.pack(_HEAD_SIZE + len(body), op, rid) + body)
-            except OSError as e:
-                self._sock = None   # part of a frame may be on the wire: this connection is done
-                sock.close()
+                sock = self._send(op, rid, body)
+            except StoreConnectionError:
                 self._pass_reading(rid)
-                raise StoreConnectionError("lost the store at %s: %s" % (self._where(), _describe(e))) from e
+                raise
         finally:
             self._send_lock.release()
         try:
-            if wait is not None:  # the server answers TIMEOUT itself; this only guards against a dead server
-                return self._read_until(rid, time.monotonic() + wait + max(5.0, 0.1 * wait))
+            if wait is not None:
+                return self._read_until(rid, self._deadline(wait))
             seconds = self._armed_default
             if self._armed == seconds and not self._rbuf:
                 try:
@@ -1044,21 +1029,35 @@ class TCPStore:
                 self._rbuf += chunk
             elif self._armed != seconds:   # a parked get armed its own deadline: back to the default
                 self._arm(sock, seconds, exact=True)
-            return self._read_until(rid, time.monotonic() + seconds)
+            return self._read_until(rid, self._deadline(None))
         finally:
             self._pass_reading(rid)
+
+    def _send(self, op, rid, body):
+        """Put one request on the wire (the caller holds the send lock); returns the socket."""
+        sock = self._sock
+        if sock is None:
+            raise StoreConnectionError("this store client is closed")
+        try:
+            sock.sendall(_HEAD.pack(_HEAD_SIZE + len(body), op, rid) + body)
+        except OSError as e:
+            self._sock = None   # part of a frame may be on the wire: this connection is done
+            sock.close()
+            raise StoreConnectionError("lost the store at %s: %s" % (self._where(), _describe(e))) from e
+        return sock
+
+    def _deadline(self, wait):
+        """When to stop waiting for a reply. A parked request (`wait` seconds) is answered with
+        TIMEOUT by the server itself; its deadline only guards against a dead server."""
+        if wait is None:
+            return time.monotonic() + self._armed_default
+        return time.monotonic() + wait + max(5.0, 0.1 * wait)
 
     def _shared(self, op, body, wait):
         """The round trip beside other threads' requests: register, send, then read or be handed the
         reply."""
-        if wait is None:
-            deadline = time.monotonic() + max(self.timeout, 1.0)
-        else:  # the server answers TIMEOUT itself; our own deadline only guards against a dead server
-            deadline = time.monotonic() + wait + max(5.0, 0.1 * wait)
+        deadline = self._deadline(wait)
         with self._send_lock:
-            sock = self._sock
-            if sock is None:
-                raise StoreConnectionError("this store client is closed")
             self._rid = rid = (self._rid + 1) & 0xFFFFFFFF
             with self._lock:   # registered before sending, so whoever reads the reply keeps it for us
                 self._waiting[rid] = None
@@ -1066,16 +1065,14 @@ class TCPStore:
                 if reader:
                     self._reading = True
             try:
-                sock.sendall(_HEAD.pack(_HEAD_SIZE + len(body), op, rid) + body)
-            except OSError as e:
-                self._sock = None   # part of a frame may be on the wire: this connection is done
-                sock.close()
+                self._send(op, rid, body)
+            except StoreConnectionError:
                 if reader:
                     self._pass_reading(rid)
                 else:
                     with self._lock:
                         self._waiting.pop(rid, None)
-                raise StoreConnectionError("lost the store at %s: %s" % (self._where(), _describe(e))) from e
+                raise
         if reader:
             return self._read_own(rid, deadline)
         return self._await(rid, deadline)
@@ -1220,7 +1217,7 @@ class TCPStore:
     def get(self, key):
         """The value of `key`, waiting up to the store timeout for it to exist."""
         seconds, ms = self._wait_ms(None)
-        body = self._call(_GET, _I64.pack(ms) + b"\x00\x00\x00\x01" + _key_field(key), seconds, (key,))
+        body = self._call(_GET, _I64.pack(ms) + _keys_field((key,)), seconds, (key,))
         return body[4:]
 
     def add(self, key, amount):
@@ -1230,7 +1227,7 @@ class TCPStore:
         return _I64.unpack(self._call(_ADD, _key_field(key) + _I64.pack(amount)))[0]
 
     def compare_set(self, key, expected, desired):
-        body = self._call(_CAS, _field(_key_bytes(key)) + _field(_value_bytes(expected))
+        body = self._call(_CAS, _key_field(key) + _field(_value_bytes(expected))
                           + _field(_value_bytes(desired)))
         return body[4:]
 
@@ -1238,14 +1235,14 @@ class TCPStore:
         """Wait until every key exists; StoreTimeout names them if `timeout` passes first."""
         keys = _as_keys(keys)
         seconds, ms = self._wait_ms(timeout)
-        self._call(_WAIT, _I64.pack(ms) + _keys_field([_key_bytes(k) for k in keys]), seconds, keys)
+        self._call(_WAIT, _I64.pack(ms) + _keys_field(keys), seconds, keys)
 
     def check(self, keys):
         keys = _as_keys(keys)
-        return self._call(_CHECK, _keys_field([_key_bytes(k) for k in keys])) == b"\x01"
+        return self._call(_CHECK, _keys_field(keys)) == b"\x01"
 
     def delete_key(self, key):
-        return self._call(_DELETE, _field(_key_bytes(key))) == b"\x01"
+        return self._call(_DELETE, _key_field(key)) == b"\x01"
 
     def num_keys(self):
         return _I64.unpack(self._call(_COUNT, b""))[0]
@@ -1254,7 +1251,7 @@ class TCPStore:
         """The values of all `keys`, waiting up to the store timeout for every one to exist."""
         keys = _as_keys(keys)
         seconds, ms = self._wait_ms(None)
-        body = self._call(_GET, _I64.pack(ms) + _keys_field([_key_bytes(k) for k in keys]), seconds, keys)
+        body = self._call(_GET, _I64.pack(ms) + _keys_field(keys), seconds, keys)
         values, pos = [], 0
         for _ in keys:
             (size,) = _U32.unpack_from(body, pos)
@@ -1266,11 +1263,11 @@ class TCPStore:
         keys, values = list(keys), list(values)
         if len(keys) != len(values):
             raise ValueError("multi_set got %d keys and %d values" % (len(keys), len(values)))
-        body = b"".join(_field(_key_bytes(k)) + _field(_value_bytes(v)) for k, v in zip(keys, values))
+        body = b"".join(_key_field(k) + _field(_value_bytes(v)) for k, v in zip(keys, values))
         self._call(_MSET, _U32.pack(len(keys)) + body)
 
     def append(self, key, value):
-        self._call(_APPEND, _field(_key_bytes(key)) + _field(_value_bytes(value)))
+        self._call(_APPEND, _key_field(key) + _field(_value_bytes(value)))
 
     @property
     def timeout(self):
