@@ -1406,7 +1406,6 @@ class PrefixStore:
 def _main(argv=None):
     import argparse
     import signal
-    import sys
 
     parser = argparse.ArgumentParser(prog="store.py", description="Serve a key-value store in the foreground.")
     parser.add_argument("--host", default="0.0.0.0", help="address to listen on (default 0.0.0.0)")

@@ -13,16 +13,10 @@ import http.client
 import json
 import os
 import signal
-import socket
 import subprocess
 import time
 
-
-def free_port(host="127.0.0.1"):
-    """A port that was free a moment ago (etcd takes its ports by number, so there is a tiny race)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind((host, 0))
-        return sock.getsockname()[1]
+from ports import free_port
 
 
 class EtcdCluster:

@@ -9,7 +9,8 @@ import time
 import pytest
 
 from conftest import ROOT
-from etcd_cluster import EtcdCluster, free_port
+from etcd_cluster import EtcdCluster
+from ports import free_port
 
 import store
 from rendezvous import EtcdStore, _etcd_parse_endpoints

@@ -3,13 +3,13 @@ import http.client
 import json
 import os
 import re
-import socket
 import sys
 import textwrap
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 from agent_scripts.harness import Launcher, env, wait_for  # noqa: E402
+from ports import free_port  # noqa: E402
 
 GUARD = 30  # seconds: hang guards only, never a claim about speed
 FAST = ["--monitor-interval", "0.05"]
@@ -170,12 +170,6 @@ def srun_env(node_id, nodelist, **extra):
     return no_ops_env(SLURM_JOB_ID="4242", SLURM_STEP_ID="7", SLURM_NNODES="2", SLURM_STEP_NUM_NODES="2",
                       SLURM_NODEID=node_id, SLURM_JOB_NODELIST=nodelist, SLURM_STEP_NODELIST=nodelist,
                       SLURM_PROCID=node_id, **extra)
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_slurm_two_nodes_explicit_endpoint_wins(tmp_path):

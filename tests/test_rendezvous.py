@@ -2,8 +2,6 @@
 import json
 import os
 import queue
-import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -12,6 +10,7 @@ import pytest
 
 import rendezvous as R
 import store as S
+from ports import free_port
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 NODE = os.path.join(HERE, "rdzv_node.py")
@@ -67,12 +66,6 @@ def spawn():
     finally:
         for node in started:
             node.kill()
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def host_and_nodes(spawn, count, min_nodes, max_nodes, run_id="job", conf=(), addrs=None):

@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from conftest import ROOT, need
+from conftest import ROOT
 
 import elastic as ops
 

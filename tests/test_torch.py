@@ -10,7 +10,6 @@ import importlib
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -18,6 +17,7 @@ import time
 import pytest
 
 from conftest import ROOT
+from ports import free_port
 
 ELASTIC = os.path.join(ROOT, "elastic.py")
 SCRIPTS = os.path.join(ROOT, "tests", "torch_scripts")
@@ -27,16 +27,10 @@ HANG_GUARD = 150  # seconds; only catches hangs, never times anything
 TIMER_MODULE = "elastic"
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _env(**extra):
     env = {k: v for k, v in os.environ.items()
            if not k.startswith(("PET_", "TORCHELASTIC_", "MASTER_", "RANK", "LOCAL_RANK", "WORLD_SIZE"))}
-    env.update(OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    env.update(OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", PYTHONFAULTHANDLER="1")  # a crash shows its stack
     env.update(extra)
     return env
 
@@ -152,7 +146,7 @@ def _c10d_args(port, run_id, nnodes, *conf):
 
 def test_ddp_two_agents_two_workers_c10d(torch_python, launchers, tmp_path):
     out = tmp_path / "out"
-    port = _free_port()
+    port = free_port()
     # one restart allowed: once in CI a gloo worker aborted while connecting ("terminate called
     # without an active exception", SIGABRT) on a loaded 2-core machine; the job must still finish
     # with identical results, which is what a restart gives a real user too
@@ -199,7 +193,7 @@ def test_recovery_from_sigkill_matches_uninterrupted_run(torch_python, launchers
 
 def test_scale_up_second_agent_joins_running_job(torch_python, launchers, tmp_path):
     out = tmp_path / "out"
-    port = _free_port()
+    port = free_port()
     args = (_c10d_args(port, "grow", "1:2", "last_call_timeout=1", "heartbeat_interval=0.5",
                        "heartbeat_timeout=30")
             + ["--max-restarts", "0"]
