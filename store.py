@@ -178,6 +178,9 @@ def _key_field(key):
     return field
 
 
+_ONE_KEY = _U32.pack(1)
+
+
 def _keys_field(keys):
     return _U32.pack(len(keys)) + b"".join(map(_key_field, keys))
 
@@ -1008,28 +1011,27 @@ class TCPStore:
         finally:
             self._send_lock.release()
         try:
-            if wait is not None:
-                return self._read_until(rid, self._deadline(wait))
-            seconds = self._armed_default
-            if self._armed == seconds and not self._rbuf:
-                try:
-                    chunk = sock.recv(65536)
-                except (socket.timeout, BlockingIOError):
-                    raise StoreTimeout("no answer from the store at %s within %.1f s"
-                                       % (self._where(), seconds)) from None
-                except OSError as e:
-                    self._broken(_describe(e))
-                size = len(chunk)
-                if size >= 9:
-                    length, status, frid = _HEAD.unpack_from(chunk)
-                    if frid == rid and length + 4 == size:
-                        return status, chunk[9:]
-                elif not size:
-                    self._broken("it closed the connection")
-                self._rbuf += chunk
-            elif self._armed != seconds:   # a parked get armed its own deadline: back to the default
-                self._arm(sock, seconds, exact=True)
-            return self._read_until(rid, self._deadline(None))
+            seconds = self._patience(wait)
+            if self._rbuf:   # part of another reply is already here: the careful path
+                return self._read_until(rid, time.monotonic() + seconds)
+            if self._armed != seconds:
+                self._arm(sock, seconds)
+            try:
+                chunk = sock.recv(65536)
+            except (socket.timeout, BlockingIOError):
+                raise StoreTimeout("no answer from the store at %s within %.1f s"
+                                   % (self._where(), seconds)) from None
+            except OSError as e:
+                self._broken(_describe(e))
+            size = len(chunk)
+            if size >= 9:
+                length, status, frid = _HEAD.unpack_from(chunk)
+                if frid == rid and length + 4 == size:
+                    return status, chunk[9:]
+            elif not size:
+                self._broken("it closed the connection")
+            self._rbuf += chunk
+            return self._read_until(rid, time.monotonic() + seconds)
         finally:
             self._pass_reading(rid)
 
@@ -1046,17 +1048,16 @@ class TCPStore:
             raise StoreConnectionError("lost the store at %s: %s" % (self._where(), _describe(e))) from e
         return sock
 
-    def _deadline(self, wait):
-        """When to stop waiting for a reply. A parked request (`wait` seconds) is answered with
-        TIMEOUT by the server itself; its deadline only guards against a dead server."""
-        if wait is None:
-            return time.monotonic() + self._armed_default
-        return time.monotonic() + wait + max(5.0, 0.1 * wait)
+    def _patience(self, wait):
+        """How long to wait for a reply. A parked request (`wait` seconds) is answered with TIMEOUT
+        by the server itself; waiting longer only guards against a dead server, and lets that
+        TIMEOUT, which names the keys, arrive first."""
+        return self._armed_default if wait is None else wait + max(5.0, 0.1 * wait)
 
     def _shared(self, op, body, wait):
         """The round trip beside other threads' requests: register, send, then read or be handed the
         reply."""
-        deadline = self._deadline(wait)
+        deadline = time.monotonic() + self._patience(wait)
         with self._send_lock:
             self._rid = rid = (self._rid + 1) & 0xFFFFFFFF
             with self._lock:   # registered before sending, so whoever reads the reply keeps it for us
@@ -1187,12 +1188,16 @@ class TCPStore:
             sock.settimeout(self._armed_default)
             self._armed = False
 
-    def _arm(self, sock, seconds, exact=False):
-        """Make the next blocking receive give up after about `seconds` (within 10%, or `exact`)."""
+    def _arm(self, sock, seconds):
+        """Make the next blocking receive give up after `seconds`, or at most 10% later.
+
+        Never sooner: a parked get's receive must outlast the server's own TIMEOUT reply. Within
+        that slack the kernel's setting stays, so alternating gets and adds make no system call.
+        """
         armed = self._armed
         if armed is False:
             sock.settimeout(seconds)
-        elif exact or armed is None or not seconds * 0.9 <= armed <= seconds * 1.1:
+        elif armed is None or not seconds <= armed <= seconds * 1.1:
             whole = int(seconds)
             micros = int((seconds - whole) * 1e6)
             if not whole and micros < 1000:   # an all-zero timeval would mean "wait forever"
@@ -1216,8 +1221,8 @@ class TCPStore:
 
     def get(self, key):
         """The value of `key`, waiting up to the store timeout for it to exist."""
-        seconds, ms = self._wait_ms(None)
-        body = self._call(_GET, _I64.pack(ms) + _keys_field((key,)), seconds, (key,))
+        seconds = self.timeout
+        body = self._call(_GET, _I64.pack(int(seconds * 1000)) + _ONE_KEY + _key_field(key), seconds, (key,))
         return body[4:]
 
     def add(self, key, amount):

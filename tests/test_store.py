@@ -182,6 +182,27 @@ def test_get_timeout_names_the_key_and_leaves_the_client_usable(client):
     assert client.get("after") == b"ok"
 
 
+def test_a_long_get_waits_on_the_socket_longer_than_the_server_does(server):
+    """The server answers a get that runs out of time with a TIMEOUT naming the keys. The client's
+    own receive timeout must run out later: it used to be left at the store timeout whenever that
+    was within 10% of what the get needed (timeouts of 45 s and more, the default 300 s among
+    them), so the client gave up first and reported a silent store instead of the missing key.
+    Waiting a minute here would be slow; the kernel's SO_RCVTIMEO on the socket tells the same."""
+    def receive_timeout(c):
+        sec, usec = store._TIMEVAL.unpack(c._sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO,
+                                                             store._TIMEVAL.size))
+        return sec + usec / 1e6
+
+    with TCPStore("127.0.0.1", server.port, timeout=60) as c:
+        c.set("k", "v")
+        assert receive_timeout(c) >= 60
+        assert c.get("k") == b"v"
+        assert receive_timeout(c) >= 66
+        c.wait(["k"], timeout=300)
+        assert receive_timeout(c) >= 330
+        assert c.add("n", 1) == 1   # back to about the store timeout, never below it
+        assert 60 <= receive_timeout(c) <= 66
+
 def test_wait_with_zero_timeout_answers_at_once(client):
     with pytest.raises(StoreTimeout):
         client.wait(["nothing"], timeout=0)
