@@ -1221,8 +1221,8 @@ class TCPStore:
 
     def get(self, key):
         """The value of `key`, waiting up to the store timeout for it to exist."""
-        seconds = self.timeout
-        body = self._call(_GET, _I64.pack(int(seconds * 1000)) + _ONE_KEY + _key_field(key), seconds, (key,))
+        seconds, ms = self._wait_ms(None)
+        body = self._call(_GET, _I64.pack(ms) + _ONE_KEY + _key_field(key), seconds, (key,))
         return body[4:]
 
     def add(self, key, amount):

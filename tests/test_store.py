@@ -203,6 +203,7 @@ def test_a_long_get_waits_on_the_socket_longer_than_the_server_does(server):
         assert c.add("n", 1) == 1   # back to about the store timeout, never below it
         assert 60 <= receive_timeout(c) <= 66
 
+
 def test_wait_with_zero_timeout_answers_at_once(client):
     with pytest.raises(StoreTimeout):
         client.wait(["nothing"], timeout=0)

@@ -147,8 +147,8 @@ def _c10d_args(port, run_id, nnodes, *conf):
 def test_ddp_two_agents_two_workers_c10d(torch_python, launchers, tmp_path):
     out = tmp_path / "out"
     port = free_port()
-    # one restart allowed: once in CI a gloo worker aborted while connecting ("terminate called
-    # without an active exception", SIGABRT) on a loaded 2-core machine; the job must still finish
+    # one restart allowed: once in CI a gloo worker aborted ("terminate called without an active
+    # exception", SIGABRT) on a loaded 2-core machine; the job must still finish
     # with identical results, which is what a restart gives a real user too
     args = (_c10d_args(port, "ddp-2x2", "2") + ["--max-restarts", "1"]
             + _worker(torch_python, "ddp_train.py", "--out", out, "--steps", 4))
