@@ -542,8 +542,20 @@ class StoreServer:
                 except _Malformed as e:
                     self._drop(conn, e)
                     return
-                if reply is not None:
-                    self._flush(conn, reply)
+                if reply is None:
+                    return
+                if not conn.wbuf and conn.events == _READ:   # _flush's usual case, inline
+                    try:
+                        sent = conn.sock.send(reply)
+                    except (BlockingIOError, InterruptedError):
+                        sent = 0
+                    except OSError:
+                        self._close(conn)
+                        return
+                    if sent == len(reply):
+                        return
+                    reply = reply[sent:]
+                self._flush(conn, reply)
                 return
         chunk = self._inview[:size].tobytes()
         if conn.rbuf:
@@ -724,7 +736,9 @@ class StoreServer:
                                    % (_key_text(key), current[:64]))
             if not -0x8000000000000000 <= value <= 0x7FFFFFFFFFFFFFFF:
                 return self._error(rid, "add: key %r would overflow a 64-bit integer" % _key_text(key))
-        self._store(key, b"%d" % value)
+        self._data[key] = b"%d" % value   # what _store does, inline: counters are the hottest path
+        if key in self._waiters:
+            self._wake(key)
         return _ADD_REPLY.pack(_HEAD_SIZE + 8, _OK, rid, value)
 
     def _op_cas(self, conn, rid, payload):
@@ -768,6 +782,11 @@ class StoreServer:
         return self._park(conn, rid, _Reader(payload, _HEAD_SIZE), want_values=True)
 
     def _op_wait(self, conn, rid, payload):
+        # the common case at a barrier's end, one key that exists, answered without parking
+        if len(payload) >= 21 and payload[13:17] == b"\x00\x00\x00\x01":
+            (klen,) = _U32.unpack_from(payload, 17)
+            if klen <= MAX_KEY_SIZE and 21 + klen == len(payload) and payload[21:] in self._data:
+                return _HEAD.pack(_HEAD_SIZE, _OK, rid)
         return self._park(conn, rid, _Reader(payload, _HEAD_SIZE), want_values=False)
 
     def _park(self, conn, rid, r, want_values):
@@ -980,9 +999,11 @@ class TCPStore:
         send_lock = self._send_lock
         if not send_lock.acquire(False):
             status, result = self._shared(op, body, wait)
-        elif self._waiting or self._reading:   # other threads' requests are in flight: join them
+        elif self._waiting or self._reading or self._rbuf:   # other requests are in flight: join them
             send_lock.release()
             status, result = self._shared(op, body, wait)
+        elif wait is None:
+            status, result = self._exchange(op, body)   # releases the send lock
         else:
             status, result = self._alone(op, body, wait)   # releases the send lock once sent
         if status == _OK:
@@ -992,13 +1013,27 @@ class TCPStore:
                                % (wait, ", ".join(repr(k) for k in keys), self._where()))
         raise StoreError(result.decode("utf-8", "replace"))
 
+    def _exchange(self, op, body):
+        """The round trip of a request the server answers at once, when no other is in flight.
+
+        The caller holds the send lock, and we keep it until the reply is in: nobody else is
+        registered or reading, and nobody can register while we hold it, so the socket is ours
+        alone and the round trip needs no other lock. Threads that send meanwhile wait one round
+        trip for the lock.
+        """
+        try:
+            self._rid = rid = (self._rid + 1) & 0xFFFFFFFF
+            return self._receive(self._send(op, rid, body), rid, self._armed_default)
+        finally:
+            self._send_lock.release()
+
     def _alone(self, op, body, wait):
-        """The round trip when no other request is in flight.
+        """The round trip of a request the server may park, when no other is in flight.
 
         The caller holds the send lock and nothing is registered or being read, so we become the
-        reading thread without the registration the shared path needs. Threads that send while we
-        wait register as usual and are handed their replies. For a request the server answers at
-        once, the usual reply is one whole frame in one recv, checked and returned right here.
+        reading thread without the registration the shared path needs, and let go of the send lock
+        once the request is out: other threads send while the server holds ours, register as usual,
+        and are handed their replies.
         """
         try:
             self._rid = rid = (self._rid + 1) & 0xFFFFFFFF
@@ -1011,29 +1046,31 @@ class TCPStore:
         finally:
             self._send_lock.release()
         try:
-            seconds = self._patience(wait)
-            if self._rbuf:   # part of another reply is already here: the careful path
-                return self._read_until(rid, time.monotonic() + seconds)
-            if self._armed != seconds:
-                self._arm(sock, seconds)
-            try:
-                chunk = sock.recv(65536)
-            except (socket.timeout, BlockingIOError):
-                raise StoreTimeout("no answer from the store at %s within %.1f s"
-                                   % (self._where(), seconds)) from None
-            except OSError as e:
-                self._broken(_describe(e))
-            size = len(chunk)
-            if size >= 9:
-                length, status, frid = _HEAD.unpack_from(chunk)
-                if frid == rid and length + 4 == size:
-                    return status, chunk[9:]
-            elif not size:
-                self._broken("it closed the connection")
-            self._rbuf += chunk
-            return self._read_until(rid, time.monotonic() + seconds)
+            return self._receive(sock, rid, self._patience(wait))
         finally:
             self._pass_reading(rid)
+
+    def _receive(self, sock, rid, seconds):
+        """As the only reader: the reply to `rid`. Usually it is one whole frame in one recv, checked
+        and returned right here."""
+        if self._armed != seconds:
+            self._arm(sock, seconds)
+        try:
+            chunk = sock.recv(65536)
+        except (socket.timeout, BlockingIOError):
+            raise StoreTimeout("no answer from the store at %s within %.1f s"
+                               % (self._where(), seconds)) from None
+        except OSError as e:
+            self._broken(_describe(e))
+        size = len(chunk)
+        if size >= 9:
+            length, status, frid = _HEAD.unpack_from(chunk)
+            if frid == rid and length + 4 == size:
+                return status, chunk[9:]
+        elif not size:
+            self._broken("it closed the connection")
+        self._rbuf += chunk
+        return self._read_until(rid, time.monotonic() + seconds)
 
     def _send(self, op, rid, body):
         """Put one request on the wire (the caller holds the send lock); returns the socket."""
@@ -1057,8 +1094,12 @@ class TCPStore:
     def _shared(self, op, body, wait):
         """The round trip beside other threads' requests: register, send, then read or be handed the
         reply."""
-        deadline = time.monotonic() + self._patience(wait)
-        with self._send_lock:
+        patience = self._patience(wait)
+        deadline = time.monotonic() + patience
+        if not self._send_lock.acquire(timeout=patience):   # held through another thread's round trip
+            raise StoreTimeout("the store at %s left another request unanswered for %.1f s"
+                               % (self._where(), patience))
+        try:
             self._rid = rid = (self._rid + 1) & 0xFFFFFFFF
             with self._lock:   # registered before sending, so whoever reads the reply keeps it for us
                 self._waiting[rid] = None
@@ -1074,6 +1115,8 @@ class TCPStore:
                     with self._lock:
                         self._waiting.pop(rid, None)
                 raise
+        finally:
+            self._send_lock.release()
         if reader:
             return self._read_own(rid, deadline)
         return self._await(rid, deadline)

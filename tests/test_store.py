@@ -343,6 +343,35 @@ def test_a_late_reply_from_a_stalled_server_is_not_taken_for_the_next_one(tmp_pa
         proc.wait()
 
 
+def test_a_request_stuck_on_a_stalled_server_holds_other_threads_no_longer_than_they_wait():
+    # an add keeps the socket to itself for its round trip; a thread that comes meanwhile with a
+    # shorter wait must give up in its own time, not in the add's
+    proc = _start_program("--host", "127.0.0.1", "--port", "0")
+    try:
+        port = int(proc.stdout.readline().rsplit(":", 1)[1])
+        with TCPStore("127.0.0.1", port, timeout=60) as c:
+            assert c.add("n", 1) == 1
+            proc.send_signal(signal.SIGSTOP)
+            added, waited = [], []
+            try:
+                adder = threading.Thread(target=lambda: added.append(c.add("n", 1)))
+                adder.start()
+                time.sleep(0.2)   # the add is out and unanswered
+                t0 = time.monotonic()
+                with pytest.raises(StoreTimeout):
+                    c.wait(["never"], timeout=0.1)   # its patience: 0.1 s, then 5 s for the server
+                waited.append(time.monotonic() - t0)
+            finally:
+                proc.send_signal(signal.SIGCONT)
+            adder.join(10)
+            assert added == [2]
+            assert waited[0] < 10
+            assert c.add("n", 1) == 3
+    finally:
+        proc.kill()
+        proc.wait()
+
+
 def test_a_blocked_get_and_other_threads_share_one_socket(server, client):
     got = []
     t = threading.Thread(target=lambda: got.append(client.get("gate")))
