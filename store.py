@@ -773,20 +773,15 @@ class StoreServer:
 
     def _op_get(self, conn, rid, payload):
         # the common case, one key that exists, answered without parking
-        if len(payload) >= 21 and payload[13:17] == b"\x00\x00\x00\x01":
-            (klen,) = _U32.unpack_from(payload, 17)
-            if klen <= MAX_KEY_SIZE and 21 + klen == len(payload):
-                value = self._data.get(payload[21:])
-                if value is not None:
-                    return _HEAD.pack(_HEAD_SIZE + 4 + len(value), _OK, rid) + _U32.pack(len(value)) + value
+        value = self._data.get(_lone_key(payload))
+        if value is not None:
+            return _HEAD.pack(_HEAD_SIZE + 4 + len(value), _OK, rid) + _U32.pack(len(value)) + value
         return self._park(conn, rid, _Reader(payload, _HEAD_SIZE), want_values=True)
 
     def _op_wait(self, conn, rid, payload):
         # the common case at a barrier's end, one key that exists, answered without parking
-        if len(payload) >= 21 and payload[13:17] == b"\x00\x00\x00\x01":
-            (klen,) = _U32.unpack_from(payload, 17)
-            if klen <= MAX_KEY_SIZE and 21 + klen == len(payload) and payload[21:] in self._data:
-                return _HEAD.pack(_HEAD_SIZE, _OK, rid)
+        if _lone_key(payload) in self._data:
+            return _HEAD.pack(_HEAD_SIZE, _OK, rid)
         return self._park(conn, rid, _Reader(payload, _HEAD_SIZE), want_values=False)
 
     def _park(self, conn, rid, r, want_values):
@@ -877,6 +872,16 @@ def _add_fields(size):
         _ADD_FIELDS.clear()
     fields = _ADD_FIELDS[size] = struct.Struct(">I%dsq" % (size - 17))
     return fields
+
+
+def _lone_key(payload):
+    """The key of a GET or WAIT payload naming exactly one, well formed; else None (never a key),
+    and the general parser decides."""
+    if len(payload) >= 21 and payload[13:17] == _ONE_KEY:
+        (klen,) = _U32.unpack_from(payload, 17)
+        if klen <= MAX_KEY_SIZE and 21 + klen == len(payload):
+            return payload[21:]
+    return None
 
 
 def _peer_text(peer):
