@@ -875,8 +875,8 @@ def _add_fields(size):
 
 
 def _lone_key(payload):
-    """The key of a GET or WAIT payload naming exactly one, well formed; else None (never a key),
-    and the general parser decides."""
+    """The one key a GET or WAIT payload names, if it names exactly one in well-formed fields;
+    else None, and the general parser takes the payload."""
     if len(payload) >= 21 and payload[13:17] == _ONE_KEY:
         (klen,) = _U32.unpack_from(payload, 17)
         if klen <= MAX_KEY_SIZE and 21 + klen == len(payload):
