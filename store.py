@@ -109,6 +109,7 @@ _HEAD = struct.Struct(">IBI")      # frame length, op or status, request id
 _HEAD_SIZE = _HEAD.size - 4        # bytes of op/status + id inside the frame
 _OP_ID = struct.Struct(">BI")
 _TIMEVAL = struct.Struct("@ll")    # struct timeval, for SO_RCVTIMEO / SO_SNDTIMEO
+_LONGEST = 365 * 86400.0           # the longest a client waits for a reply, however long its timeout
 _ADD_REPLY = struct.Struct(">IBIq")
 
 
@@ -1093,8 +1094,9 @@ class TCPStore:
     def _patience(self, wait):
         """How long to wait for a reply. A parked request (`wait` seconds) is answered with TIMEOUT
         by the server itself; waiting longer only guards against a dead server, and lets that
-        TIMEOUT, which names the keys, arrive first."""
-        return self._armed_default if wait is None else wait + max(5.0, 0.1 * wait)
+        TIMEOUT, which names the keys, arrive first. At most a year: a thread's lock and the
+        kernel's timeouts take no more."""
+        return self._armed_default if wait is None else min(wait + max(5.0, 0.1 * wait), _LONGEST)
 
     def _shared(self, op, body, wait):
         """The round trip beside other threads' requests: register, send, then read or be handed the
@@ -1330,7 +1332,7 @@ class TCPStore:
     @timeout.setter
     def timeout(self, timeout):
         self._timeout = _seconds(timeout)
-        self._armed_default = max(self._timeout, 1.0)   # what the socket's receive timeout is kept at
+        self._armed_default = min(max(self._timeout, 1.0), _LONGEST)   # the socket's usual receive timeout
 
     def set_timeout(self, timeout):
         self.timeout = timeout

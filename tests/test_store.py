@@ -4,6 +4,7 @@ Servers are real (in a thread of this process or a separate process), clients us
 127.0.0.1. Raw-socket tests encode frames by hand from the protocol in store.py's docstring, so they
 check the documented protocol rather than the client's idea of it.
 """
+import datetime
 import os
 import signal
 import socket
@@ -370,6 +371,23 @@ def test_a_request_stuck_on_a_stalled_server_holds_other_threads_no_longer_than_
     finally:
         proc.kill()
         proc.wait()
+
+
+def test_a_wait_of_centuries_beside_another_threads_parked_get(client):
+    # the shared path waits on thread locks, whose timeouts overflow past about 292 years
+    got = []
+    parked = threading.Thread(target=lambda: got.append(client.get("gate")))
+    parked.start()
+    time.sleep(0.2)
+    opener = threading.Timer(0.3, lambda: client.set("later", "x"))
+    opener.start()
+    try:
+        client.wait(["later"], timeout=datetime.timedelta(days=150000))   # 410 years
+    finally:
+        opener.join()
+        client.set("gate", "open")
+        parked.join(10)
+    assert got == [b"open"]
 
 
 def test_a_blocked_get_and_other_threads_share_one_socket(server, client):
