@@ -543,20 +543,8 @@ class StoreServer:
                 except _Malformed as e:
                     self._drop(conn, e)
                     return
-                if reply is None:
-                    return
-                if not conn.wbuf and conn.events == _READ:   # _flush's usual case, inline
-                    try:
-                        sent = conn.sock.send(reply)
-                    except (BlockingIOError, InterruptedError):
-                        sent = 0
-                    except OSError:
-                        self._close(conn)
-                        return
-                    if sent == len(reply):
-                        return
-                    reply = reply[sent:]
-                self._flush(conn, reply)
+                if reply is not None:
+                    self._flush(conn, reply)
                 return
         chunk = self._inview[:size].tobytes()
         if conn.rbuf:
