@@ -322,55 +322,57 @@ def test_threads_mixing_quick_and_parked_requests_each_get_their_own_reply(clien
     assert sorted(counts) == list(range(1, 8 * 150 + 1))
 
 
-def test_a_late_reply_from_a_stalled_server_is_not_taken_for_the_next_one(tmp_path):
+@pytest.fixture
+def program():
+    """The store program on a port of its choosing, as (process, port); killed after the test,
+    stopped or not."""
     proc = _start_program("--host", "127.0.0.1", "--port", "0")
     try:
-        port = int(proc.stdout.readline().rsplit(":", 1)[1])
-        with TCPStore("127.0.0.1", port, timeout=1) as c:
-            assert c.add("n", 1) == 1
-            proc.send_signal(signal.SIGSTOP)
-            try:
-                t0 = time.monotonic()
-                with pytest.raises(StoreTimeout, match="no answer"):
-                    c.add("n", 10)
-                assert time.monotonic() - t0 < 5
-            finally:
-                proc.send_signal(signal.SIGCONT)
-            time.sleep(0.5)   # the answer to the abandoned add (11) is now waiting on the socket
-            assert c.add("n", 100) == 111
-            assert c.get("n") == b"111"
+        yield proc, int(proc.stdout.readline().rsplit(":", 1)[1])
     finally:
         proc.kill()
         proc.wait()
 
 
-def test_a_request_stuck_on_a_stalled_server_holds_other_threads_no_longer_than_they_wait():
+def test_a_late_reply_from_a_stalled_server_is_not_taken_for_the_next_one(program):
+    proc, port = program
+    with TCPStore("127.0.0.1", port, timeout=1) as c:
+        assert c.add("n", 1) == 1
+        proc.send_signal(signal.SIGSTOP)
+        try:
+            t0 = time.monotonic()
+            with pytest.raises(StoreTimeout, match="no answer"):
+                c.add("n", 10)
+            assert time.monotonic() - t0 < 5
+        finally:
+            proc.send_signal(signal.SIGCONT)
+        time.sleep(0.5)   # the answer to the abandoned add (11) is now waiting on the socket
+        assert c.add("n", 100) == 111
+        assert c.get("n") == b"111"
+
+
+def test_a_request_stuck_on_a_stalled_server_holds_other_threads_no_longer_than_they_wait(program):
     # an add keeps the socket to itself for its round trip; a thread that comes meanwhile with a
     # shorter wait must give up in its own time, not in the add's
-    proc = _start_program("--host", "127.0.0.1", "--port", "0")
-    try:
-        port = int(proc.stdout.readline().rsplit(":", 1)[1])
-        with TCPStore("127.0.0.1", port, timeout=60) as c:
-            assert c.add("n", 1) == 1
-            proc.send_signal(signal.SIGSTOP)
-            added, waited = [], []
-            try:
-                adder = threading.Thread(target=lambda: added.append(c.add("n", 1)))
-                adder.start()
-                time.sleep(0.2)   # the add is out and unanswered
-                t0 = time.monotonic()
-                with pytest.raises(StoreTimeout):
-                    c.wait(["never"], timeout=0.1)   # its patience: 0.1 s, then 5 s for the server
-                waited.append(time.monotonic() - t0)
-            finally:
-                proc.send_signal(signal.SIGCONT)
-            adder.join(10)
-            assert added == [2]
-            assert waited[0] < 10
-            assert c.add("n", 1) == 3
-    finally:
-        proc.kill()
-        proc.wait()
+    proc, port = program
+    with TCPStore("127.0.0.1", port, timeout=60) as c:
+        assert c.add("n", 1) == 1
+        proc.send_signal(signal.SIGSTOP)
+        added, waited = [], []
+        try:
+            adder = threading.Thread(target=lambda: added.append(c.add("n", 1)))
+            adder.start()
+            time.sleep(0.2)   # the add is out and unanswered
+            t0 = time.monotonic()
+            with pytest.raises(StoreTimeout):
+                c.wait(["never"], timeout=0.1)   # its patience: 0.1 s, then 5 s for the server
+            waited.append(time.monotonic() - t0)
+        finally:
+            proc.send_signal(signal.SIGCONT)
+        adder.join(10)
+        assert added == [2]
+        assert waited[0] < 10
+        assert c.add("n", 1) == 3
 
 
 def test_a_wait_of_centuries_beside_another_threads_parked_get(client):
