@@ -725,9 +725,7 @@ class StoreServer:
                                    % (_key_text(key), current[:64]))
             if not -0x8000000000000000 <= value <= 0x7FFFFFFFFFFFFFFF:
                 return self._error(rid, "add: key %r would overflow a 64-bit integer" % _key_text(key))
-        self._data[key] = b"%d" % value   # what _store does, inline: counters are the hottest path
-        if key in self._waiters:
-            self._wake(key)
+        self._store(key, b"%d" % value)
         return _ADD_REPLY.pack(_HEAD_SIZE + 8, _OK, rid, value)
 
     def _op_cas(self, conn, rid, payload):
