@@ -20,9 +20,10 @@ Usage::
     handler.shutdown()                     # leave (the others see the round as broken)
 
 Backends. ``c10d`` (alias ``store``): endpoint ``host[:port]`` (default port 29400, ``[v6addr]:port``
-for IPv6). The node whose address matches the host, or that has ``is_host=1``, serves the store in
-its own process; with no explicit ``is_host`` a node that cannot bind the port (someone else on this
-machine already serves it) becomes a client. Clients connect with jittered backoff until
+for IPv6). The node the host names (its host name, an address of one of its interfaces, or a name
+that resolves to one), or that has ``is_host=1``, serves the store in its own process; with no
+explicit ``is_host`` a node that cannot bind the port (someone else on this machine already serves
+it) becomes a client. Clients connect with jittered backoff until
 ``join_timeout``. ``static``: endpoint ``master_addr:master_port`` (default 29500), conf ``rank``; node
 rank 0 serves the store, ranks are the given node ranks, ``min_nodes == max_nodes``. ``etcd`` runs the
 same algorithm on a store object that speaks etcd. ``RendezvousHandler(store, params)`` runs it over
@@ -31,7 +32,9 @@ any object with the store API (``set get add compare_set wait check multi_get``)
 Configuration (``--rdzv-conf``; every value checked, a bad one raises a one-line ``ValueError``):
 ``join_timeout`` 600, ``last_call_timeout`` 30, ``close_timeout`` 30, ``heartbeat_interval`` 5,
 ``heartbeat_timeout`` 15, ``read_timeout`` 60 (seconds), ``is_host`` (bool), ``token_file`` (shared
-secret for the store), ``rank`` (static only). ``close_timeout`` is accepted for torchrun compatibility
+secret for the store; c10d and static only), ``rank`` (static only); torch's ``keep_alive_interval``
+and ``keep_alive_max_attempt`` (default 3) set ``heartbeat_interval`` and ``heartbeat_timeout``
+(their product) when those are not given. ``close_timeout`` is accepted for torchrun compatibility
 and checked, but nothing waits on it: closing here is a single store write.
 
 The algorithm: one round is an atomic counter plus one wake-up key. Every joiner does one ``add`` on
@@ -110,10 +113,12 @@ __all__ = [
 ]
 
 import base64
+import ipaddress
 import json
 import logging
 import os
 import random
+import re
 import socket
 import threading
 import time
@@ -138,7 +143,7 @@ _TIMEOUTS = {
     "join_timeout": 600.0, "last_call_timeout": 30.0, "close_timeout": 30.0,
     "heartbeat_interval": 5.0, "heartbeat_timeout": 15.0, "read_timeout": 60.0,
 }
-_OTHER_KEYS = ("is_host", "token_file", "rank")
+_OTHER_KEYS = ("is_host", "token_file", "rank", "keep_alive_interval", "keep_alive_max_attempt")
 _TORCH_ONLY_KEYS = ("store_type", "use_libuv", "local_addr")   # accepted from torchrun users, unused
 _BACKENDS = ("c10d", "store", "static", "etcd")
 _CLOSED, _RETRY = "closed", "retry"
@@ -163,28 +168,39 @@ class RendezvousConnectionError(RendezvousError, ConnectionError):
 # ------------------------------------------------------------------------------------- parameters
 
 def _parse_endpoint(endpoint, default_port):
-    """``host``, ``host:port``, ``[v6]:port``, ``[v6]`` or a bare IPv6 address -> (host, port)."""
+    """``host``, ``host:port``, ``[v6]:port``, ``[v6]`` or a bare IPv6 address -> (host, port).
+
+    The host must be a name, an IPv4 or an IPv6 address: a URL, a list or a stray colon is an
+    error here rather than a failed lookup later.
+    """
     text = (endpoint or "").strip()
     if not text:
         return "127.0.0.1", default_port
+    port_text = None
     if text.startswith("["):
         end = text.find("]")
         if end < 0:
             raise ValueError("rdzv endpoint %r: missing ']' after the IPv6 address" % endpoint)
         host, rest = text[1:end], text[end + 1:]
-        if not rest:
-            return host or _bad_endpoint(endpoint), default_port
-        if not rest.startswith(":"):
-            raise ValueError("rdzv endpoint %r: expected ':PORT' after ']'" % endpoint)
-        port_text = rest[1:]
-    elif text.count(":") == 1:
-        host, port_text = text.split(":")
-    elif ":" in text:
-        return text, default_port             # a bare IPv6 address
-    else:
+        if rest:
+            if not rest.startswith(":"):
+                raise ValueError("rdzv endpoint %r: expected ':PORT' after ']'" % endpoint)
+            port_text = rest[1:]
+        if host and not _is_ipv6(host):
+            raise ValueError("rdzv endpoint %r: %r is not an IPv6 address" % (endpoint, host))
+    elif text.count(":") > 1:
+        if not _is_ipv6(text):
+            raise ValueError("rdzv endpoint %r is not HOST[:PORT] (write an IPv6 address with a port "
+                             "as [ADDRESS]:PORT)" % endpoint)
         return text, default_port
+    else:
+        host, _, port_text = text.partition(":") if ":" in text else (text, "", None)
+        if host and not _HOST_NAME.match(host):
+            raise ValueError("rdzv endpoint %r: host %r is not a host name or an address" % (endpoint, host))
     if not host:
         _bad_endpoint(endpoint)
+    if port_text is None:
+        return host, default_port
     try:
         port = int(port_text)
     except ValueError:
@@ -192,6 +208,17 @@ def _parse_endpoint(endpoint, default_port):
     if not 0 <= port <= 65535:
         raise ValueError("rdzv endpoint %r: port %d is outside 0..65535" % (endpoint, port))
     return host, port
+
+
+_HOST_NAME = re.compile(r"[A-Za-z0-9_]([A-Za-z0-9_.-]*[A-Za-z0-9_])?\.?$")
+
+
+def _is_ipv6(text):
+    try:
+        ipaddress.IPv6Address(text.split("%", 1)[0])
+        return True
+    except ValueError:
+        return False
 
 
 def _bad_endpoint(endpoint):
@@ -246,7 +273,7 @@ class RendezvousParameters:
                 raise ValueError("unknown rdzv conf key %r; known keys: %s"
                                  % (key, ", ".join(sorted(list(_TIMEOUTS) + list(_OTHER_KEYS)))))
         for key, default in _TIMEOUTS.items():
-            value = self.config.get(key, default)
+            value = self.config.get(key, default) if key in self.config else self._torch_keep_alive(key, default)
             try:
                 seconds = float(value)
             except (TypeError, ValueError):
@@ -280,11 +307,27 @@ class RendezvousParameters:
         elif "rank" in self.config:
             raise ValueError("rdzv conf rank is only for the static backend, not %r" % backend)
         if backend == "etcd":
+            for key in ("token_file", "is_host"):
+                if key in self.config:
+                    raise ValueError("rdzv conf %s is not for the etcd backend (etcd serves the "
+                                     "rendezvous; secure it with etcd's own access control)" % key)
             self.host, self.port = None, None
             self.endpoints = _parse_etcd_endpoints(self.endpoint)
         else:
             default = _DEFAULT_STATIC_PORT if backend == "static" else _DEFAULT_C10D_PORT
             self.host, self.port = _parse_endpoint(self.endpoint, default)
+
+    def _torch_keep_alive(self, key, default):
+        """torch's names for the heartbeat: a node is dead after keep_alive_max_attempt (3) silent intervals."""
+        torch_style = "keep_alive_interval" in self.config or "keep_alive_max_attempt" in self.config
+        if not torch_style:
+            return default
+        if key == "heartbeat_interval":
+            return self.config.get("keep_alive_interval", default)
+        if key == "heartbeat_timeout":
+            attempts = _as_int("rdzv conf keep_alive_max_attempt", self.config.get("keep_alive_max_attempt", 3), 2)
+            return self.heartbeat_interval * attempts
+        return default
 
     def get(self, key, default=None):
         """A raw ``--rdzv-conf`` value (torch's API)."""
@@ -1352,6 +1395,10 @@ class EtcdStore:
                 raise _store.StoreError("add: the value of key %r is not an integer: %r"
                                         % (key, current[:64])) from None
             return str(value).encode()
+        if amount == 0:   # a poll (num_nodes_waiting, heartbeats): read, and write only to create the key
+            current, _ = self._read_one(self._k(key))
+            if current is not None:
+                return int(change(current))
         return int(self._update(key, change, mark=True))
 
     def compare_set(self, key, expected, desired):
@@ -1528,11 +1575,36 @@ def _read_token(path):
 
 
 def _is_local_host(host, local_addr):
-    """Whether `host` names this machine, without any name lookup."""
+    """Whether `host` names this machine: its names, or an address of one of its interfaces.
+
+    An address is ours when a socket can bind to it. A name other than ours is looked up once, here
+    at startup (the store client would look it up anyway), so that a fully qualified name or an
+    alias of this machine also makes it the host.
+    """
     names = {"localhost", "127.0.0.1", "::1", "0.0.0.0", "::", socket.gethostname()}
     if local_addr:
         names.add(local_addr)
-    return host in names or host.startswith("127.")
+    if host in names or host.startswith("127."):
+        return True
+    try:
+        addresses = [ipaddress.ip_address(host.split("%", 1)[0])]
+    except ValueError:
+        try:
+            infos = socket.getaddrinfo(host, None, type=socket.SOCK_STREAM)
+        except (socket.gaierror, UnicodeError):
+            return False   # the client's own lookup reports it
+        addresses = [ipaddress.ip_address(info[4][0].split("%", 1)[0]) for info in infos]
+    return any(_bindable(address) for address in addresses)
+
+
+def _bindable(address):
+    family = socket.AF_INET6 if address.version == 6 else socket.AF_INET
+    try:
+        with socket.socket(family, socket.SOCK_STREAM) as s:
+            s.bind((str(address), 0))
+        return True
+    except OSError:
+        return False
 
 
 def _open_store(params, host, port, serve):

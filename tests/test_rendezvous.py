@@ -2,6 +2,7 @@
 import json
 import os
 import queue
+import socket
 import subprocess
 import sys
 import threading
@@ -113,6 +114,14 @@ def check_round(rounds, world_size):
     (dict(backend="static", min_nodes=2, max_nodes=2, rank=2), "rank=2 must be below"),
     (dict(backend="static", min_nodes=1, max_nodes=2, rank=0), "fixed node count"),
     (dict(rank=1), "only for the static backend"),
+    (dict(endpoint="tcp://127.0.0.1:1234"), "is not HOST[:PORT]"),
+    (dict(endpoint="127.0.0.1:1234,127.0.0.1:1235"), "is not HOST[:PORT]"),
+    (dict(endpoint="127.0.0.1:1234:"), "is not HOST[:PORT]"),
+    (dict(endpoint="[node1]:1234"), "'node1' is not an IPv6 address"),
+    (dict(endpoint="no de:1234"), "host 'no de' is not a host name"),
+    (dict(backend="etcd", endpoint="http://127.0.0.1:2379", token_file=__file__), "token_file is not for the etcd"),
+    (dict(backend="etcd", endpoint="http://127.0.0.1:2379", is_host=1), "is_host is not for the etcd"),
+    (dict(keep_alive_max_attempt=1), "keep_alive_max_attempt=1 must be an integer >= 2"),
 ])
 def test_bad_parameters_raise_one_line_value_errors(kwargs, message):
     args = dict(backend="c10d", endpoint="127.0.0.1:29400", run_id="job", min_nodes=1, max_nodes=2)
@@ -131,6 +140,34 @@ def test_endpoint_parsing(endpoint, host, port):
     params = R.RendezvousParameters("c10d", endpoint, "job", 1, 1, heartbeat_interval="1", join_timeout=3)
     assert (params.host, params.port) == (host, port)
     assert params.heartbeat_interval == 1.0 and params.join_timeout == 3.0
+
+
+def test_torch_keep_alive_settings_set_the_heartbeat():
+    params = R.RendezvousParameters("c10d", "127.0.0.1:1", "job", 1, 1, keep_alive_interval="2",
+                                    keep_alive_max_attempt="4")
+    assert (params.heartbeat_interval, params.heartbeat_timeout) == (2.0, 8.0)
+    params = R.RendezvousParameters("c10d", "127.0.0.1:1", "job", 1, 1, keep_alive_interval=20)
+    assert (params.heartbeat_interval, params.heartbeat_timeout) == (20.0, 60.0)   # torch's 3 attempts
+
+
+def _own_address():
+    """This machine's address on its default route (a UDP connect sends nothing), or None."""
+    try:
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+            s.connect(("192.0.2.1", 9))
+            address = s.getsockname()[0]
+    except OSError:
+        return None
+    return None if address.startswith("127.") else address
+
+
+def test_an_endpoint_naming_one_of_this_machines_addresses_is_served_here():
+    address = _own_address()
+    if address is None:
+        pytest.skip("this machine has no address besides loopback")
+    assert R._is_local_host(address, None)
+    assert not R._is_local_host("192.0.2.77", None)     # TEST-NET: nobody's interface
+    assert not R._is_local_host("2001:db8::77", None)
 
 
 def test_error_classes():
