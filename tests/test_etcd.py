@@ -123,6 +123,24 @@ def test_every_operation_with_torch_semantics(etcd):
             again.get("n")
 
 
+def _revision(s):
+    return s._call("/kv/range", {"key": "eA==", "count_only": True})["header"]["revision"]
+
+
+def test_add_of_zero_reads_without_writing_once_the_key_exists(etcd):
+    # agents poll num_nodes_waiting() and heartbeats with add(key, 0) every few tenths of a second:
+    # a write each time would grow etcd's history without end
+    with EtcdStore(etcd.endpoints, prefix="job", timeout=10) as s:
+        assert s.add("polled", 0) == 0 and s.check(["polled"])     # created, as torch's add does
+        before = _revision(s)
+        assert [s.add("polled", 0) for _ in range(20)] == [0] * 20
+        assert _revision(s) == before
+        assert s.add("polled", 3) == 3 and s.add("polled", 0) == 3
+        s.set("text", "x")
+        with pytest.raises(store.StoreError, match="not an integer"):
+            s.add("text", 0)
+
+
 def test_timeouts_name_the_keys_and_leave_the_client_usable(etcd):
     with EtcdStore(etcd.endpoints, prefix="t", timeout=0.3) as s:
         with pytest.raises(store.StoreTimeout, match="'never'"):
