@@ -1410,7 +1410,9 @@ class LocalElasticAgent:
         while True:
             try:
                 self._rendezvous()
-            except _rdzv.RendezvousClosedError:
+            except _rdzv.RendezvousClosedError as e:
+                if getattr(e, "late", False):
+                    raise    # not this job's end: a reused run id
                 log.info("the run was closed by another node; nothing left to do here")
                 self.state = WorkerState.SUCCEEDED
                 return RunResult(WorkerState.SUCCEEDED)

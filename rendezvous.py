@@ -158,7 +158,15 @@ class RendezvousTimeoutError(RendezvousError, TimeoutError):
 
 
 class RendezvousClosedError(RendezvousError):
-    """The run was closed (``set_closed()``); no further rounds will form."""
+    """The run was closed (``set_closed()``); no further rounds will form.
+
+    ``late`` is True when it was closed before this node ever joined: a finished run's id reused,
+    or a node started after its job ended.
+    """
+
+    def __init__(self, message, late=False):
+        super().__init__(message)
+        self.late = late
 
 
 class RendezvousConnectionError(RendezvousError, ConnectionError):
@@ -451,6 +459,7 @@ class RendezvousHandler:
         self._beat_stop = None
         self._beat_thread = None
         self._closed_seen = False
+        self._joined = False            # next_rendezvous has joined a round at least once
 
     @property
     def store(self):
@@ -470,7 +479,12 @@ class RendezvousHandler:
         with self._mapped_errors():
             if self._closed_seen or self._store.check([self._keys.closed]):
                 self._closed_seen = True
+                if not self._joined:
+                    raise RendezvousClosedError(
+                        "rendezvous of run %r was closed before this node joined: a job with this run id "
+                        "has finished (give each job its own run id)" % params.run_id, late=True)
                 raise RendezvousClosedError("rendezvous of run %r is closed" % params.run_id)
+            self._joined = True
             previous = self._round
             r = self._read_open()
             if previous is not None:

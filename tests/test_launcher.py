@@ -333,3 +333,26 @@ def test_script_worker_sees_a_plain_python_run(tmp_path):
     finally:
         for p in procs:
             p.stop()
+
+
+def test_a_finished_runs_id_reused_fails_loudly(tmp_path):
+    """A job that reuses the run id of one that finished on a long-lived store (or etcd) must not
+    exit 0 having run nothing: torchrun fails too, since the run is closed."""
+    out = tmp_path / "env"
+    out.mkdir()
+    store = StoreProcess()
+    procs = []
+    try:
+        for name in ("first0", "first1", "again"):
+            procs.append(Launcher(c10d(store, "2", "reused", "--local-addr", "127.0.0.%d" % (len(procs) + 1))
+                                  + [ENVDUMP, str(out)], tmp_path, name))
+            if name == "first1":
+                assert [p.wait(60) for p in procs] == [0, 0], procs[0].err() + procs[1].err()
+        again = procs[-1]
+        assert again.wait(60) == 1, again.err()
+        assert "closed before this node joined" in again.err() and "run id" in again.err()
+        assert sorted(dumps(out)) == ["default_0_0_2", "default_1_0_2"]   # the second job started nothing
+    finally:
+        for p in procs:
+            p.stop()
+        store.stop()

@@ -222,8 +222,10 @@ def test_closed_run(spawn):
     assert nodes[0].ask("closed", "is_closed")["value"] is True
     late = spawn("c10d", "127.0.0.1:%d" % port, "job", 2, 2, conf=["is_host=0"])
     late.expect("ready")
-    assert late.ask("next", "error")["type"] == "RendezvousClosedError"
-    assert nodes[0].ask("next", "error")["type"] == "RendezvousClosedError"
+    error = late.ask("next", "error")      # never joined: a reused run id, which must not pass silently
+    assert error["type"] == "RendezvousClosedError" and "closed before this node joined" in error["message"]
+    error = nodes[0].ask("next", "error")  # a member: the normal end of its run
+    assert error["type"] == "RendezvousClosedError" and "before this node joined" not in error["message"]
 
 
 def test_closing_wakes_a_waiting_node(spawn):
