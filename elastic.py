@@ -948,7 +948,8 @@ def _fork_server_loop(sock, prctl, agent_pid):
 def _run_forked_worker(request):
     """In a worker forked by the server: become ``python -u SCRIPT ARGS`` (or ``-m``) and exit the way
     the interpreter would (non-daemon threads joined, atexit run, streams flushed, exit status from
-    SystemExit or 1 after an uncaught exception), minus tearing down the launcher's modules."""
+    SystemExit or 1 after an uncaught exception, the script's objects finalized), minus tearing
+    down the launcher's modules."""
     code = 0
     try:
         _exec_script(request)
@@ -971,6 +972,7 @@ def _run_forked_worker(request):
             threading._shutdown()
         import atexit
         atexit._run_exitfuncs()
+        _finalize_script()
         for stream in (sys.stdout, sys.stderr):
             stream.flush()
     except BaseException:
@@ -979,6 +981,27 @@ def _run_forked_worker(request):
         signal.signal(signal.SIGINT, signal.SIG_DFL)
         os.kill(os.getpid(), signal.SIGINT)
     os._exit(code & 0xFF)
+
+
+def _finalize_script():
+    """Free the script's globals as interpreter shutdown does, so that its objects are finalized:
+    a file it never closed gets its buffer written, ``__del__`` methods run.
+
+    Like CPython's module clearing: names with one leading underscore first, then the rest, each
+    set to None so that every object is released by reference count, in a safe order (a garbage
+    collection of the module's cycles could close a file's descriptor before writing its buffer).
+    Modules the script imported are left alone, as CPython leaves most of them to its collector.
+    """
+    import gc
+    sys.excepthook = sys.__excepthook__     # ours holds the script's globals
+    main = sys.modules.pop("__main__", None)
+    namespace = getattr(main, "__dict__", {})
+    del main
+    for private in (True, False):
+        for name in list(namespace):
+            if (name.startswith("_") and not name.startswith("__")) == private and name != "__builtins__":
+                namespace[name] = None
+    gc.collect()
 
 
 def _exec_script(request):

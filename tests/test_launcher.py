@@ -356,3 +356,30 @@ def test_a_finished_runs_id_reused_fails_loudly(tmp_path):
         for p in procs:
             p.stop()
         store.stop()
+
+
+def test_script_workers_objects_are_finalized_at_exit(tmp_path):
+    """A file the script never closes is written, and its objects' __del__ run, as under python."""
+    (tmp_path / "main.py").write_text(
+        "import os, sys\n"
+        "f = open(os.path.join(sys.argv[1], 'out.txt'), 'w')\n"
+        "f.write('result\\n')          # never closed\n"
+        "class Final:\n"
+        "    def __init__(self, path):\n"
+        "        self.path, self.open = path, open\n"
+        "    def __del__(self):\n"
+        "        self.open(self.path, 'w').close()\n"
+        "keep = Final(os.path.join(sys.argv[1], 'finalized'))\n")
+    procs = []
+    try:
+        for i, environ in enumerate([None, env(ELASTICRUN_FORKSERVER=0)]):
+            out = tmp_path / ("run%d" % i)
+            out.mkdir()
+            procs.append(Launcher(["--standalone"] + FAST + [str(tmp_path / "main.py"), str(out)], tmp_path,
+                                  "run%d" % i, environ=environ))
+            assert procs[-1].wait() == 0, procs[-1].err()
+            assert (out / "out.txt").read_text() == "result\n"
+            assert (out / "finalized").exists()
+    finally:
+        for p in procs:
+            p.stop()
