@@ -522,7 +522,9 @@ def _format_report(name, failures):
 
 
 def _copy_root_cause(err, path):
-    """Write the root cause into the launcher's own error file, with its exit code as errorCode."""
+    """Write the root cause into the launcher's own error file, with its exit code as errorCode:
+    at the top level, and inside the message where torchelastic puts it (readers of torch's file
+    look there)."""
     if not path:
         return
     rank, f = err.get_first_failure()
@@ -533,6 +535,8 @@ def _copy_root_cause(err, path):
                                           "timestamp": str(f.timestamp)}}}
     else:
         data = dict(data)
+    if isinstance(data["message"], dict):
+        data["message"] = dict(data["message"], errorCode=f.exitcode)
     data["errorCode"] = f.exitcode
     try:
         _write_json_atomic(path, data)
@@ -729,7 +733,7 @@ def _b():
             pass
         while tb is not None and tb.tb_frame.f_code.co_filename == "<string>":
             tb = tb.tb_next  # our own bootstrap frames
-        prev(t, v, tb)
+        prev(t, v.with_traceback(tb) if tb is not None else v, tb)
     sys.excepthook = hook
     mode, target = sys.argv[1], sys.argv[2]
     del sys.argv[:2]
@@ -739,9 +743,11 @@ def _b():
         import runpy
         sys.path[0] = os.getcwd()
         return compile("__import__('runpy')._run_module_as_main(%r)" % target, "<elasticrun>", "exec")
-    sys.path[0] = os.path.dirname(os.path.abspath(target))
-    with open(target, "rb") as f:
-        source = f.read()
+    source = b"\0" if os.path.isdir(target) else open(target, "rb").read()
+    if b"\0" in source:   # a directory or a zipapp: run its __main__, as python does
+        sys.path[0] = target
+        return compile("__import__('runpy')._run_module_as_main('__main__', False)", "<elasticrun>", "exec")
+    sys.path[0] = os.path.dirname(os.path.realpath(target))
     g["__file__"] = target
     return compile(source, target, "exec")
 exec(_b())
@@ -1032,9 +1038,18 @@ def _exec_script(request):
         sys.path[0] = os.getcwd()
         runpy._run_module_as_main(script)
         return
-    sys.path[0] = os.path.dirname(os.path.abspath(script))
-    with open(script, "rb") as f:
-        code = compile(f.read(), script, "exec")
+    if os.path.isdir(script):
+        source = b"\0"
+    else:
+        with open(script, "rb") as f:
+            source = f.read()
+    if b"\0" in source:   # a directory or a zipapp (no script has a NUL byte): run its __main__, as python does
+        import runpy
+        sys.path[0] = script
+        runpy._run_module_as_main("__main__", alter_argv=False)
+        return
+    sys.path[0] = os.path.dirname(os.path.realpath(script))   # a symlink's target folder, as python does
+    code = compile(source, script, "exec")
     import importlib.machinery
     module.__file__ = script
     module.__spec__ = None
@@ -1058,7 +1073,8 @@ def _worker_excepthook(main_globals):
                 _write_json_atomic(path, _error_payload(kind, value, tb))
         except Exception:
             pass
-        previous(kind, value, tb)
+        # the default hook prints the exception's own __traceback__, not the one it is given
+        previous(kind, value.with_traceback(tb) if tb is not None else value, tb)
 
     return hook
 
@@ -2895,7 +2911,7 @@ def _config_from_args(args, environ):
             raise _UsageError("--log-dir %s: %s" % (args.log_dir, e.strerror or e))
         if not os.access(args.log_dir, os.W_OK | os.X_OK):
             raise _UsageError("--log-dir %s is not writable" % args.log_dir)
-    if not (args.module or args.no_python) and not os.path.isfile(args.training_script):
+    if not (args.module or args.no_python) and not os.path.exists(args.training_script):
         raise _UsageError("no such script: %s" % args.training_script)
     c.backend, c.endpoint, c.conf = backend, endpoint, conf
     c.args = args
@@ -2922,7 +2938,7 @@ def _run_path_worker(script, args):
     """Callable worker of --run-path: run the script in this (multiprocessing) process."""
     import runpy
     sys.argv = [script] + list(args)
-    sys.path.insert(0, os.path.dirname(os.path.abspath(script)))
+    sys.path.insert(0, os.path.dirname(os.path.realpath(script)))
     runpy.run_path(script, run_name="__main__")
 
 

@@ -129,6 +129,7 @@ def test_program_worker_failure_captured_without_record(tmp_path):
     elastic._copy_root_cause(err, str(env_err))
     data = json.loads(env_err.read_text())
     assert data["errorCode"] == 1 and data["message"]["message"] == root.message
+    assert data["message"]["errorCode"] == 1             # where torchelastic writes it
 
 
 def test_logs_redirect_and_tee(tmp_path, capfd):

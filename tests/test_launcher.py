@@ -63,7 +63,7 @@ def test_failure_exit_code_report_and_launcher_error_file(tmp_path):
         assert "message    : ValueError: bad value on rank 1" in report
         assert "rank       : 1 (local_rank: 1" in report
         data = json.loads(err_file.read_text())
-        assert data["errorCode"] == 1
+        assert data["errorCode"] == 1 and data["message"]["errorCode"] == 1
         assert data["message"]["message"] == "ValueError: bad value on rank 1"
         assert "compute()" in data["message"]["extraInfo"]["py_callstack"]
         b = Launcher(["--standalone"] + FAST + [FAIL, "exit", "7"], tmp_path, "b")
@@ -380,6 +380,42 @@ def test_script_workers_objects_are_finalized_at_exit(tmp_path):
             assert procs[-1].wait() == 0, procs[-1].err()
             assert (out / "out.txt").read_text() == "result\n"
             assert (out / "finalized").exists()
+    finally:
+        for p in procs:
+            p.stop()
+
+
+def test_zipapps_directories_symlinks_and_tracebacks_as_under_python(tmp_path):
+    """What `python PATH` accepts, a worker accepts: a zipapp, a directory with __main__.py, a
+    symlinked script importing from its real folder; a traceback starts at the script's frames."""
+    import zipapp
+    app = tmp_path / "app"
+    app.mkdir()
+    (app / "__main__.py").write_text("import sys\nprint('app', sys.argv[1:])\n")
+    zipapp.create_archive(str(app), str(tmp_path / "app.pyz"))
+    real = tmp_path / "real"
+    real.mkdir()
+    (real / "helper.py").write_text("WHO = 'helper'\n")
+    (real / "train.py").write_text("import helper\nprint(helper.WHO)\n")
+    links = tmp_path / "links"
+    links.mkdir()
+    (links / "train.py").symlink_to(real / "train.py")
+    (tmp_path / "boom.py").write_text("def boom():\n    raise ValueError('boom')\nboom()\n")
+    cases = [(app, "app ['x']\n"), (tmp_path / "app.pyz", "app ['x']\n"), (links / "train.py", "helper\n")]
+    procs = []
+    try:
+        for i, environ in enumerate([None, env(ELASTICRUN_FORKSERVER=0)]):
+            for j, (path, expected) in enumerate(cases):
+                procs.append(Launcher(["--standalone"] + FAST + [str(path), "x"], tmp_path, "c%d%d" % (i, j),
+                                      environ=environ))
+                assert procs[-1].wait() == 0, procs[-1].err()
+                assert procs[-1].out() == expected
+            procs.append(Launcher(["--standalone"] + FAST + [str(tmp_path / "boom.py")], tmp_path, "boom%d" % i,
+                                  environ=environ))
+            assert procs[-1].wait() == 1
+            lines = procs[-1].err().splitlines()
+            first = lines[lines.index("Traceback (most recent call last):") + 1]
+            assert "boom.py" in first, procs[-1].err()
     finally:
         for p in procs:
             p.stop()
