@@ -281,6 +281,11 @@ class DefaultLogsSpecs:
         return tuple(out)
 
 
+def _with_local_rank(args, local_rank):
+    """`args` with ``${local_rank}`` in each string replaced, for every kind of worker (torchrun's macro)."""
+    return tuple(a.replace("${local_rank}", str(local_rank)) if isinstance(a, str) else a for a in args)
+
+
 class WorkerSpec:
     """What to run on this node: `local_world_size` copies of `entrypoint` (a callable, or a program
     path run as a process with `args`). ``${local_rank}`` in string args is replaced per worker."""
@@ -1586,7 +1591,7 @@ class LocalElasticAgent:
 
     def _start_program(self, w):
         spec = self._spec
-        args = [str(a).replace("${local_rank}", str(w.local_rank)) for a in spec.args]
+        args = [str(a) for a in _with_local_rank(spec.args, w.local_rank)]
         env = dict(os.environ)
         env.update(w.env)
         files, fds = [], []
@@ -1609,7 +1614,8 @@ class LocalElasticAgent:
                 ints = [None if f is None else (f if isinstance(f, int) else f.fileno()) for f in fds]
                 # sent now, pid collected in _start_workers: the server forks while we prepare
                 # the next worker
-                self._fork_server.request(mode, script, script_args, w.env, ints[0], ints[1])
+                self._fork_server.request(mode, script, _with_local_rank(script_args, w.local_rank), w.env,
+                                          ints[0], ints[1])
                 return
             if self._prctl is None:
                 self._prctl = _prctl() or False
@@ -1645,7 +1651,8 @@ class LocalElasticAgent:
                     self._pump.add_tail(path, console, w.prefix)
         proc = ctx.Process(target=_function_worker, name="%s-%d" % (self._spec.role, w.local_rank),
                            # forkserver children have the forkserver for a parent, not us
-                           args=(self._spec.entrypoint, self._spec.args, w.env, writer, paths[0],
+                           args=(self._spec.entrypoint, _with_local_rank(self._spec.args, w.local_rank),
+                                 w.env, writer, paths[0],
                                  paths[1], None if self._start_method == "forkserver" else os.getpid()))
         proc.start()
         writer.close()
@@ -2934,7 +2941,7 @@ def _make_handler(c):
     return _rdzv.get_rendezvous_handler(params)
 
 
-def _run_path_worker(script, args):
+def _run_path_worker(script, *args):
     """Callable worker of --run-path: run the script in this (multiprocessing) process."""
     import runpy
     sys.argv = [script] + list(args)
@@ -2945,7 +2952,7 @@ def _run_path_worker(script, args):
 def _entrypoint(args):
     script, rest = args.training_script, list(args.training_script_args)
     if args.run_path:
-        return _run_path_worker, (script, rest)
+        return _run_path_worker, (script,) + tuple(rest)
     if args.no_python:
         return script, rest
     cmd = python_command(script, rest, module=args.module)

@@ -419,3 +419,19 @@ def test_zipapps_directories_symlinks_and_tracebacks_as_under_python(tmp_path):
     finally:
         for p in procs:
             p.stop()
+
+
+def test_local_rank_macro_in_script_args_for_every_kind_of_worker(tmp_path):
+    (tmp_path / "show.py").write_text("import os, sys\nprint(os.environ['LOCAL_RANK'], sys.argv[1:])\n")
+    procs = []
+    try:
+        for i, (extra, environ) in enumerate([([], None), ([], env(ELASTICRUN_FORKSERVER=0)),
+                                              (["--run-path"], None)]):
+            procs.append(Launcher(["--standalone", "--nproc-per-node", "2"] + FAST + extra
+                                  + [str(tmp_path / "show.py"), "--out=dir_${local_rank}", "$x"],
+                                  tmp_path, "m%d" % i, environ=environ))
+            assert procs[-1].wait() == 0, procs[-1].err()
+            assert sorted(procs[-1].out().splitlines()) == ["0 ['--out=dir_0', '$x']", "1 ['--out=dir_1', '$x']"]
+    finally:
+        for p in procs:
+            p.stop()
