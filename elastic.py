@@ -30,7 +30,8 @@ Data flow of one agent (one per node)::
         |                          runs `python -u` with a bootstrap instead, as the API does)
         |  programs .............. subprocesses (--no-python, WorkerSpec(entrypoint="path"))
         |  callables ............. multiprocessing children (spawn/fork/forkserver, --run-path)
-        |  stdout/stderr -> console | log file | tee (pump thread adds the line prefix)
+        |  stdout/stderr -> console | log file | tee (the worker writes its log file; a pump
+        |                          thread tails it to the console with the line prefix)
         v
     monitor (wakes on a worker's exit, at latest every monitor_interval):
         all exited 0 ............ exit barrier on info.store, SUCCEEDED
@@ -1190,92 +1191,138 @@ class _Worker:
             self.conn = None
 
 
-class _LogPump:
-    """One thread copying tee'd worker output to the log file and, with the line prefix, to the
-    console. Sources are pipes (program workers) or files being tailed (callable workers)."""
+class _Tail:
+    """One tee'd log file followed from its start: its new bytes, and its complete lines with the
+    worker's prefix. A partial line waits for its newline (the console interleaves whole lines
+    only), or for the final read, which ends it with one."""
 
-    def __init__(self):
+    _MAX_PARTIAL = 1 << 16  # a longer line (a progress bar redrawn with \r) is cut, not hoarded
+
+    def __init__(self, path, console_fd, prefix):
+        self.path = path
+        self.console_fd = console_fd
+        self.prefix = prefix.encode()
+        self.partial = b""
+        self._file = None
+
+    def read(self, size):
+        """Up to `size` new bytes; b"" while there are none (or the file does not exist yet: a
+        callable worker creates its own)."""
+        if self._file is None:
+            try:
+                self._file = open(self.path, "rb", buffering=0)
+            except OSError:
+                return b""
+        return self._file.read(size) or b""
+
+    def unread(self):
+        """Bytes written to the file that read() has not returned yet."""
+        self.read(0)  # opens the file if it exists by now
+        if self._file is None:
+            return 0
+        return os.fstat(self._file.fileno()).st_size - self._file.tell()
+
+    def lines(self, data, final=False):
+        """The complete lines of what was held back plus `data`, each prefixed; keeps the rest
+        (ends it with a newline instead when `final`, or when it outgrows _MAX_PARTIAL)."""
+        *lines, rest = (self.partial + data).split(b"\n")
+        out = b"".join(self.prefix + line + b"\n" for line in lines)
+        if rest and (final or len(rest) > self._MAX_PARTIAL):
+            out += self.prefix + rest + b"\n"
+            rest = b""
+        self.partial = rest
+        return out
+
+    def close(self):
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+
+
+class _LogPump:
+    """One thread copying tee'd worker output, line by line and with the line prefix, to the
+    console. As torchrun does, each tee'd worker writes its log file itself and this thread tails
+    the file, so a console nobody reads (a paused terminal, a slow log shipper, ``| less`` not
+    scrolled) blocks only this thread, never a worker's print().
+
+    A regular file cannot wake a reader, so the tails are polled every `interval` seconds (at once
+    again while they have more). stop() copies everything the files hold once the workers are gone,
+    and waits for the console as long as it takes some output every `stall_timeout` seconds: past
+    that the launcher gives up on it (the lines stay in the log files) rather than never exit."""
+
+    _CHUNK = 1 << 16  # bytes per read: a worker far ahead of the console costs no memory
+
+    def __init__(self, interval=0.1, stall_timeout=30.0):
         import threading
-        self._pipes = {}   # fd -> [file, console_fd, prefix, partial]
-        self._tails = []   # [path, pos, console_fd, prefix, partial]
+        self._tails = []
+        self._interval = interval
+        self._stall_timeout = stall_timeout
+        self._progress = time.monotonic()  # last time the console took output
         self._stop = threading.Event()
+        self._abandoned = False
         self._thread = threading.Thread(target=self._run, name="elastic-log-pump", daemon=True)
 
-    def add_pipe(self, fd, path, console_fd, prefix):
-        self._pipes[fd] = [open(path, "ab", buffering=0), console_fd, prefix.encode(), b""]
-
     def add_tail(self, path, console_fd, prefix):
-        self._tails.append([path, 0, console_fd, prefix.encode(), b""])
+        self._tails.append(_Tail(path, console_fd, prefix))
 
     def start(self):
-        if self._pipes or self._tails:
+        if self._tails:
             self._thread.start()
 
-    @staticmethod
-    def _emit(console_fd, prefix, data, final=False):
-        *lines, rest = data.split(b"\n")
-        out = b"".join(prefix + line + b"\n" for line in lines)
-        if final and rest:
-            out += prefix + rest + b"\n"
-            rest = b""
-        if out:
+    def _write(self, fd, data):
+        """All of `data` to the console fd: os.write may take part of it (a signal mid-write)."""
+        view = memoryview(data)
+        while view and not self._abandoned:
             try:
-                os.write(console_fd, out)
+                n = os.write(fd, view)
             except OSError:
-                pass
-        return rest
+                return  # a closed console (EPIPE): these lines are in the log file only
+            view = view[n:]
+            self._progress = time.monotonic()
 
-    def _read_tails(self, final=False):
+    def _copy_new(self):
+        """A chunk of each tail to the console; True when some tail may have more right away."""
+        more = False
         for t in self._tails:
-            try:
-                with open(t[0], "rb") as f:
-                    f.seek(t[1])
-                    data = f.read()
-            except OSError:
-                continue
-            t[1] += len(data)
-            t[4] = self._emit(t[2], t[3], t[4] + data, final)
+            data = t.read(self._CHUNK)
+            self._write(t.console_fd, t.lines(data))
+            more = more or len(data) == self._CHUNK
+        return more
+
+    def _copy_rest(self, t):
+        """What `t` holds now, to its end (bounded: an escaped grandchild may still be writing)."""
+        left = t.unread()
+        while left > 0 and not self._abandoned:
+            data = t.read(min(left, self._CHUNK))
+            if not data:
+                break
+            left -= len(data)
+            self._write(t.console_fd, t.lines(data))
+        self._write(t.console_fd, t.lines(b"", final=True))
 
     def _run(self):
-        import select
-        while self._pipes or (self._tails and not self._stop.is_set()):
-            timeout = 0.1 if self._tails else 0.5
-            try:
-                ready = select.select(list(self._pipes), [], [], timeout)[0] if self._pipes else []
-            except (OSError, ValueError):
-                break
-            if not self._pipes:
-                self._stop.wait(timeout)
-            for fd in ready:
-                entry = self._pipes[fd]
-                try:
-                    data = os.read(fd, 65536)
-                except OSError:
-                    data = b""
-                if data:
-                    entry[0].write(data)
-                    entry[3] = self._emit(entry[1], entry[2], entry[3] + data)
-                else:
-                    self._emit(entry[1], entry[2], entry[3], final=True)
-                    entry[0].close()
-                    os.close(fd)
-                    del self._pipes[fd]
-            if self._stop.is_set() and not ready and self._pipes:
-                break  # a grandchild that escaped teardown holds the pipe: give up on it
-            self._read_tails()
-        self._read_tails(final=True)
+        try:
+            while not self._stop.is_set():
+                if not self._copy_new():
+                    self._stop.wait(self._interval)
+            for t in self._tails:  # stop() comes after the workers exited: nothing more to wait for
+                self._copy_rest(t)
+        finally:
+            for t in self._tails:
+                t.close()
 
-    def stop(self, timeout=2.0):
+    def stop(self):
+        """Copy the rest to the console and end the thread (bounded by `stall_timeout`)."""
+        self._progress = max(self._progress, time.monotonic())  # a stall before now counts from now
         self._stop.set()
-        if self._thread.is_alive():
-            self._thread.join(timeout)
-        for fd, entry in list(self._pipes.items()):
-            entry[0].close()
-            try:
-                os.close(fd)
-            except OSError:
-                pass
-        self._pipes.clear()
+        while self._thread.is_alive():
+            left = self._progress + self._stall_timeout - time.monotonic()
+            if left <= 0:
+                self._abandoned = True
+                log.warning("the console took no output for %.0f s: the rest of the tee'd output "
+                            "is in the log files only", self._stall_timeout)
+                return
+            self._thread.join(left)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -1598,20 +1645,19 @@ class LocalElasticAgent:
         for dest, path, console in zip(w.dests, w.log_paths, (1, 2)):
             if dest == "console":
                 fds.append(None)
-            elif dest == "file":
-                f = open(path, "ab", buffering=0)
-                files.append(f)
-                fds.append(f)
-            else:
-                r, wfd = os.pipe()
-                self._pump.add_pipe(r, path, console, w.prefix)
-                files.append(wfd)
-                fds.append(wfd)
+                continue
+            # tee'd streams too: the worker writes its own file and the pump tails it, so a
+            # console nobody reads never blocks the worker
+            f = open(path, "ab", buffering=0)
+            files.append(f)
+            fds.append(f)
+            if dest == "tee":
+                self._pump.add_tail(path, console, w.prefix)
         parent = os.getpid()
         try:
             if self._fork_server is not None:
                 mode, script, script_args = self._script
-                ints = [None if f is None else (f if isinstance(f, int) else f.fileno()) for f in fds]
+                ints = [None if f is None else f.fileno() for f in fds]
                 # sent now, pid collected in _start_workers: the server forks while we prepare
                 # the next worker
                 self._fork_server.request(mode, script, _with_local_rank(script_args, w.local_rank), w.env,
@@ -1628,10 +1674,7 @@ class LocalElasticAgent:
                            preexec_fn=lambda: _die_with_parent(prctl, parent))
         finally:
             for f in files:
-                if isinstance(f, int):
-                    os.close(f)
-                else:
-                    f.close()
+                f.close()
         w.pid = w.pgid = w.proc.pid
         w.pidfd = _pidfd(w.pid)
 

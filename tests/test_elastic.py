@@ -162,6 +162,37 @@ def test_local_ranks_filter_hides_other_ranks(tmp_path, capfd):
         assert f.read() == "out of rank 0\n"
 
 
+def test_log_pump_gives_up_on_a_console_that_takes_nothing(tmp_path, caplog):
+    """A tee'd worker's output far beyond a full console pipe: stop() returns once the console has
+    taken nothing for stall_timeout seconds (the launcher must exit), and warns."""
+    import time
+    path = tmp_path / "stdout.log"
+    path.write_bytes(b"line\n" * 200000)  # 1 MB: many times a pipe buffer
+    r, w = os.pipe()
+    pump = elastic._LogPump(interval=0.01, stall_timeout=0.5)
+    try:
+        pump.add_tail(str(path), w, "<0>")
+        pump.start()
+        started = time.monotonic()
+        pump.stop()
+        assert time.monotonic() - started < 10
+        assert "took no output" in caplog.text
+    finally:
+        os.close(r)      # the abandoned write fails (EPIPE) and the thread ends
+        pump._thread.join(10)
+        os.close(w)
+    assert not pump._thread.is_alive()
+
+
+def test_tail_copies_whole_lines_only():
+    tail = elastic._Tail("unused", 1, "<1>")
+    assert tail.lines(b"a\nb") == b"<1>a\n"
+    assert tail.lines(b"c\nd") == b"<1>bc\n"
+    assert tail.lines(b"", final=True) == b"<1>d\n"
+    long = b"x" * (tail._MAX_PARTIAL + 1)
+    assert tail.lines(long) == b"<1>" + long + b"\n"   # cut, not hoarded
+
+
 def test_std_maps_take_any_number_of_digits():
     assert Std.from_str("3") == Std.ALL
     assert Std.from_str("0:3,12:1,123:2") == {0: 3, 12: 1, 123: 2}

@@ -1,5 +1,6 @@
 """The elasticrun launcher as users run it: real launcher processes, real workers, several agents on
 one machine meeting through c10d rendezvous on a store process (so any agent may die)."""
+import glob
 import json
 import os
 import signal
@@ -9,7 +10,7 @@ import pytest
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
-from agent_scripts.harness import (ROOT, SCRIPTS, Launcher, StoreProcess, alive, dumps, env,  # noqa: E402
+from agent_scripts.harness import (ELASTIC, ROOT, SCRIPTS, Launcher, StoreProcess, alive, dumps, env,  # noqa: E402
                                    kill_all, wait_for)
 
 ENVDUMP = os.path.join(SCRIPTS, "envdump.py")
@@ -244,6 +245,75 @@ def test_console_logs_tee_filters_and_fresh_interpreters(tmp_path):
     finally:
         for p in procs:
             p.stop()
+
+
+def _read_to_eof(fd, timeout):
+    """Everything from pipe `fd` until every writer has closed it, within `timeout` seconds."""
+    import select
+    import time
+    chunks, deadline = [], time.monotonic() + timeout
+    while True:
+        left = deadline - time.monotonic()
+        if left <= 0 or not select.select([fd], [], [], left)[0]:
+            raise AssertionError("the console pipe was still open after %s s" % timeout)
+        data = os.read(fd, 65536)
+        if not data:
+            return b"".join(chunks)
+        chunks.append(data)
+
+
+def _stdout_log_complete(logs, rank):
+    path = glob.glob(os.path.join(str(logs), "*", "attempt_0", str(rank), "stdout.log"))
+    if not path:
+        return False
+    with open(path[0], "rb") as f:
+        return f.read().endswith(b"last line, no newline")
+
+
+def test_tee_to_a_stalled_console_never_blocks_a_worker(tmp_path):
+    """--tee with a console nobody reads (its pipe full): the workers still write all their output
+    to their stdout.log; once the console is read again it gets every line, in order, prefixed and
+    whole, the last one without a newline too, before the launcher exits. For the fork server, a
+    new interpreter per worker (ELASTICRUN_FORKSERVER=0) and --run-path (multiprocessing)."""
+    import subprocess
+    lines = 20000   # about 1 MB a rank: many times what the console's pipe buffer holds
+    chatty = os.path.join(SCRIPTS, "chatty.py")
+    for i, (extra, environ) in enumerate([([], None), ([], env(ELASTICRUN_FORKSERVER=0)),
+                                          (["--run-path"], None)]):
+        logs = tmp_path / ("logs%d" % i)
+        r, w = os.pipe()   # the launcher's stdout; not read until the workers are done
+        proc = None
+        try:
+            args = ["--standalone", "--nproc-per-node", "2", "--tee", "3", "--log-dir", str(logs),
+                    "--log-line-prefix-template", "<${rank}>"] + FAST + extra + [chatty, str(lines)]
+            with open(str(tmp_path / ("a%d.err" % i)), "wb") as err:
+                proc = subprocess.Popen([sys.executable, ELASTIC] + args, stdout=w, stderr=err,
+                                        env=environ or env(), start_new_session=True)
+            os.close(w)
+            w = None
+            for rank in (0, 1):
+                wait_for(lambda rank=rank: _stdout_log_complete(logs, rank), timeout=30,
+                         what="rank %d's stdout.log with the console stalled" % rank)
+            console = _read_to_eof(r, timeout=60).decode().splitlines()
+            assert proc.wait(30) == 0
+            for rank in (0, 1):
+                expected = ["rank %d line %d %s" % (rank, n, "x" * 40) for n in range(lines)]
+                expected.append("rank %d last line, no newline" % rank)
+                assert [x[3:] for x in console if x.startswith("<%d>" % rank)] == expected
+            assert len(console) == 2 * (lines + 1)     # every line whole, with a prefix
+            with open(str(tmp_path / ("a%d.err" % i))) as f:
+                assert {"<0>err of rank 0", "<1>err of rank 1"} <= set(f.read().splitlines())
+        finally:
+            if proc is not None and proc.poll() is None:
+                try:
+                    os.killpg(proc.pid, signal.SIGKILL)
+                except OSError:
+                    pass
+            if proc is not None:
+                proc.wait()
+            os.close(r)
+            if w is not None:
+                os.close(w)
 
 
 def test_run_path_failure_reports_root_cause(tmp_path):
