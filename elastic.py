@@ -2757,9 +2757,12 @@ def _parse_args(argv, environ):
 
 def _convert(value, kind, name):
     try:
-        return {"str": str, "int": int, "float": float}[kind](value)
+        result = {"str": str, "int": int, "float": float}[kind](value)
     except ValueError:
         raise _UsageError("%s: invalid %s value %r" % (name, kind, value))
+    if result != result:   # nan compares false with every bound checked later
+        raise _UsageError("%s: invalid %s value %r" % (name, kind, value))
+    return result
 
 
 def _random_uuid():
@@ -2933,8 +2936,8 @@ def _config_from_args(args, environ):
         args.local_addr = "127.0.0.1"
     if args.max_restarts < 0:
         raise _UsageError("--max-restarts must be >= 0")
-    if args.monitor_interval <= 0:
-        raise _UsageError("--monitor-interval must be > 0")
+    if not 0 < args.monitor_interval < float("inf"):
+        raise _UsageError("--monitor-interval must be a number of seconds > 0")
     if args.shutdown_timeout < 0:
         raise _UsageError("--shutdown-timeout must be >= 0")
     if args.start_method not in ("spawn", "fork", "forkserver"):
