@@ -50,8 +50,8 @@ when the agent is SIGKILLed: each worker has PR_SET_PDEATHSIG, and a forked watc
 from the agent SIGKILLs every live worker group when that pipe reaches end-of-file. A worker's
 descendant that left its group (a daemon, ``setsid cmd &``) is found by its environment: workers
 get ``ELASTICRUN_TREE`` holding a token unique to the agent, every program they start inherits it,
-and teardown (same signal, same grace) also kills this user's processes whose /proc/<pid>/environ
-carries the token. Not found that way: a descendant that empties its
+and both teardown (same signal, same grace) and the watchdog also kill this user's processes whose
+/proc/<pid>/environ carries the token. Not found that way: a descendant that empties its
 environment, and one that a fork-server or ``--run-path`` worker forks *without exec* and that then
 leaves the group (/proc shows the environment a process was exec'd with, here the launcher's).
 
@@ -585,9 +585,12 @@ _REAPER_FDS = set()   # write ends of live reapers' pipes: a forked worker must 
 
 class _Reaper:
     """A forked watchdog: the agent tells it (over a pipe) which worker process groups are live;
-    when the pipe reaches end-of-file because the agent died, even by SIGKILL, it SIGKILLs them."""
+    when the pipe reaches end-of-file because the agent died, even by SIGKILL, it SIGKILLs them,
+    then every process that carries the agent's `token` (see _marked_processes): a worker's
+    descendant in a session of its own has no PR_SET_PDEATHSIG and is in no worker group. After
+    ``close(clean=True)`` it leaves without a look: the agent's teardown has done that already."""
 
-    def __init__(self):
+    def __init__(self, token=None):
         import warnings
         r, w = os.pipe()
         with warnings.catch_warnings():
@@ -595,7 +598,7 @@ class _Reaper:
             pid = os.fork()
         if pid == 0:  # pragma: no cover - runs in the child
             try:
-                self._serve(r)
+                self._serve(r, token)
             finally:
                 os._exit(0)
         os.close(r)
@@ -603,7 +606,7 @@ class _Reaper:
         _REAPER_FDS.add(w)
 
     @staticmethod
-    def _serve(r):
+    def _serve(r, token):
         for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT, signal.SIGUSR1,
                   signal.SIGUSR2):
             signal.signal(s, signal.SIG_IGN)
@@ -616,7 +619,7 @@ class _Reaper:
             os.dup2(null, fd)
         os.closerange(3, r)
         os.closerange(r + 1, 65536)
-        groups, buf = set(), b""
+        groups, buf, clean = set(), b"", False
         while True:
             try:
                 chunk = os.read(r, 4096)
@@ -631,11 +634,15 @@ class _Reaper:
                     groups.add(int(line[1:]))
                 elif line[:1] == b"-":
                     groups.discard(int(line[1:]))
+                elif line == b".":
+                    clean = True
         for pg in groups:
             try:
                 os.killpg(pg, signal.SIGKILL)
             except OSError:
                 pass
+        if token is not None and not clean:
+            _kill_marked(token)
 
     def _send(self, text):
         if self._w is not None:
@@ -650,7 +657,10 @@ class _Reaper:
     def forget(self, pgid):
         self._send("-%d\n" % pgid)
 
-    def close(self):
+    def close(self, clean=False):
+        """Stop the watchdog; `clean` says every worker's tree is gone, so it need not look."""
+        if clean:
+            self._send(".\n")
         if self._w is not None:
             _REAPER_FDS.discard(self._w)
             os.close(self._w)
@@ -1440,7 +1450,7 @@ class LocalElasticAgent:
         spec = self._spec
         self._prctl = None   # resolved on first use: the fork-server path never needs ctypes here
         self._tree_token = _new_tree_token()
-        self._reaper = _Reaper()
+        self._reaper = _Reaper(self._tree_token)
         self._logs._make_root(self._run_id())
         try:
             self._start_servers()
@@ -1451,7 +1461,7 @@ class LocalElasticAgent:
         finally:
             self._stop_workers(signal.SIGTERM)
             self._stop_servers()
-            self._reaper.close()
+            self._reaper.close(clean=True)
             try:
                 self._handler.shutdown()
             except Exception as e:  # never let a leaving-the-run error hide the outcome
