@@ -157,3 +157,22 @@ def test_environment_mark_matches_whole_tokens_only():
     assert not elastic._carries_mark(block, b"inner-")     # a prefix of a token
     assert not elastic._carries_mark(b"X=1", b"inner-2")
     assert elastic._tree_mark("me", None) == "me" and elastic._tree_mark("me", "up") == "up:me"
+
+
+def test_launcher_sigkill_kills_the_daemons_of_a_launcher_it_runs(tmp_path):
+    # the inner launcher's workers carry both tokens: the outer reaper finds them even if it kills
+    # the inner reaper first
+    from agent_scripts.harness import ELASTIC
+    pids = []
+    out = tmp_path / "inner"
+    out.mkdir()
+    a = Launcher(["--standalone", "--no-python", sys.executable, ELASTIC] + BASE + [DAEMONISER, str(out)],
+                 tmp_path)
+    try:
+        pids = wait_for(job_pids(out), what="the inner launcher's workers and daemons to start")
+        os.kill(a.pid, signal.SIGKILL)
+        a.wait()
+        check_no_orphans(pids)
+    finally:
+        a.stop()
+        kill_all(pids)
