@@ -48,7 +48,13 @@ the agent stopped itself are never reported as failures.
 Teardown, on every stop: the signal (SIGTERM, or the one the launcher received) to each worker's
 process group, ``shutdown_timeout`` seconds of grace, SIGKILL to the group, reap. Workers also die
 when the agent is SIGKILLed: each worker has PR_SET_PDEATHSIG, and a forked watchdog holding a pipe
-from the agent SIGKILLs every live worker group when that pipe reaches end-of-file.
+from the agent SIGKILLs every live worker group when that pipe reaches end-of-file. A worker's
+descendant that left its group (a daemon, ``setsid cmd &``) is found by its environment: workers
+get ``ELASTICRUN_TREE`` holding a token unique to the agent, every program they start inherits it,
+and both teardown (same signal, same grace) and the watchdog also kill this user's processes whose
+/proc/<pid>/environ carries the token. Not found that way: a descendant that empties its
+environment, and one that a fork-server or ``--run-path`` worker forks *without exec* and that then
+leaves the group (/proc shows the environment a process was exec'd with, here the launcher's).
 
 Error channel: each worker gets ``TORCHELASTIC_ERROR_FILE``; ``record`` (and, for Python script
 workers, an excepthook installed by a small bootstrap) writes torchelastic's JSON there atomically::
@@ -589,9 +595,12 @@ _REAPER_FDS = set()   # write ends of live reapers' pipes: a forked worker must 
 
 class _Reaper:
     """A forked watchdog: the agent tells it (over a pipe) which worker process groups are live;
-    when the pipe reaches end-of-file because the agent died, even by SIGKILL, it SIGKILLs them."""
+    when the pipe reaches end-of-file because the agent died, even by SIGKILL, it SIGKILLs them,
+    then every process that carries the agent's `token` (see _marked_processes): a worker's
+    descendant in a session of its own has no PR_SET_PDEATHSIG and is in no worker group. After
+    ``close(clean=True)`` it leaves without a look: the agent's teardown has done that already."""
 
-    def __init__(self):
+    def __init__(self, token=None):
         import warnings
         r, w = os.pipe()
         with warnings.catch_warnings():
@@ -599,7 +608,7 @@ class _Reaper:
             pid = os.fork()
         if pid == 0:  # pragma: no cover - runs in the child
             try:
-                self._serve(r)
+                self._serve(r, token)
             finally:
                 os._exit(0)
         os.close(r)
@@ -607,7 +616,7 @@ class _Reaper:
         _REAPER_FDS.add(w)
 
     @staticmethod
-    def _serve(r):
+    def _serve(r, token):
         for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT, signal.SIGUSR1,
                   signal.SIGUSR2):
             signal.signal(s, signal.SIG_IGN)
@@ -620,7 +629,7 @@ class _Reaper:
             os.dup2(null, fd)
         os.closerange(3, r)
         os.closerange(r + 1, 65536)
-        groups, buf = set(), b""
+        groups, buf, clean = set(), b"", False
         while True:
             try:
                 chunk = os.read(r, 4096)
@@ -635,11 +644,15 @@ class _Reaper:
                     groups.add(int(line[1:]))
                 elif line[:1] == b"-":
                     groups.discard(int(line[1:]))
+                elif line == b".":
+                    clean = True
         for pg in groups:
             try:
                 os.killpg(pg, signal.SIGKILL)
             except OSError:
                 pass
+        if token is not None and not clean:
+            _kill_marked(token)
 
     def _send(self, text):
         if self._w is not None:
@@ -654,7 +667,10 @@ class _Reaper:
     def forget(self, pgid):
         self._send("-%d\n" % pgid)
 
-    def close(self):
+    def close(self, clean=False):
+        """Stop the watchdog; `clean` says every worker's tree is gone, so it need not look."""
+        if clean:
+            self._send(".\n")
         if self._w is not None:
             _REAPER_FDS.discard(self._w)
             os.close(self._w)
@@ -697,6 +713,88 @@ def _group_alive(pgid):
         if len(fields) > 2 and int(fields[2]) == pgid and fields[0] != b"Z":
             return True
     return False
+
+
+# A worker's descendant can leave the worker's process group (``setsid cmd &``, a daemon, Popen with
+# start_new_session=True), and then no group signal reaches it. What it keeps is its environment:
+# each worker gets ELASTICRUN_TREE holding a token unique to this agent's run, every program it
+# starts inherits it, and teardown finds them all in /proc/<pid>/environ (Jenkins' ProcessTreeKiller
+# works the same way). It needs no privileges and sees only our own user's processes. The value is
+# a colon-separated list: a launcher run by another launcher's worker passes on the outer tokens too,
+# so the outer teardown still finds the inner workers.
+_TREE_VAR = "ELASTICRUN_TREE"
+
+
+def _new_tree_token():
+    """A token no other agent on this machine holds: pids get reused, so random bits come along."""
+    return "%d-%s" % (os.getpid(), os.urandom(6).hex())
+
+
+def _tree_mark(token, inherited):
+    """ELASTICRUN_TREE for a worker: the marks the launcher inherited, then this agent's token."""
+    return "%s:%s" % (inherited, token) if inherited else token
+
+
+def _carries_mark(environ, token):
+    """True when an environment block (NUL-separated, as in /proc) has `token` in ELASTICRUN_TREE."""
+    if token not in environ:   # the cheap test first: almost every process fails it
+        return False
+    prefix = _TREE_VAR.encode() + b"="
+    for entry in environ.split(b"\0"):
+        if entry.startswith(prefix):
+            return token in entry[len(prefix):].split(b":")
+    return False
+
+
+def _marked_processes(token):
+    """{pid: pgid} of the live processes (zombies aside) that carry this agent's `token`, never our
+    own. /proc/<pid>/environ is the environment a process was exec'd with: what a program started
+    by a worker inherits, but not what a worker forked without exec shows (that is the launcher's);
+    such a worker is reached through its group instead. Reads every process's environment once,
+    so call it at teardown, never in a polling loop."""
+    needle, me, found = token.encode(), os.getpid(), {}
+    try:
+        names = os.listdir("/proc")
+    except OSError:
+        return found
+    for name in names:
+        if not name.isdigit() or int(name) == me:
+            continue
+        try:
+            with open("/proc/%s/environ" % name, "rb") as f:
+                if not _carries_mark(f.read(), needle):
+                    continue
+            with open("/proc/%s/stat" % name, "rb") as f:
+                fields = f.read().rsplit(b")", 1)[1].split()
+        except (OSError, IndexError):   # another user's, or gone meanwhile
+            continue
+        if len(fields) > 2 and fields[0] != b"Z":
+            found[int(name)] = int(fields[2])
+    return found
+
+
+def _signal_marked(token, sig, skip_groups=()):
+    """Send `sig` to the processes that carry `token`, except members of `skip_groups` (those had
+    the group's signal: a second SIGINT would cut a graceful shutdown short). Returns their pids."""
+    sent = []
+    for pid, pgid in _marked_processes(token).items():
+        if pgid in skip_groups:
+            continue
+        try:
+            os.kill(pid, sig)
+            sent.append(pid)
+        except OSError:
+            pass
+    return sent
+
+
+def _kill_marked(token, timeout=2.0):
+    """SIGKILL every process that carries `token`, again until none is left: one may fork between
+    our look and its death, and its child carries the token too. Gives up after `timeout` seconds
+    (a process in uninterruptible sleep dies only when its I/O ends)."""
+    deadline = time.monotonic() + timeout
+    while _signal_marked(token, signal.SIGKILL) and time.monotonic() < deadline:
+        time.sleep(0.005)   # SIGKILL takes effect when the process is next scheduled
 
 
 def _signal_group(pgid, pid, sig):
@@ -1415,6 +1513,7 @@ class LocalElasticAgent:
         self._workers = []
         self._pump = None
         self._reaper = None
+        self._tree_token = None    # marks every worker's tree in its environment (run() sets it)
         self._prctl = None
         self._attempt = 0
         self._restart_count = 0
@@ -1441,7 +1540,8 @@ class LocalElasticAgent:
     def run(self):
         spec = self._spec
         self._prctl = None   # resolved on first use: the fork-server path never needs ctypes here
-        self._reaper = _Reaper()
+        self._tree_token = _new_tree_token()
+        self._reaper = _Reaper(self._tree_token)
         self._logs._make_root(self._run_id())
         try:
             self._start_servers()
@@ -1452,7 +1552,7 @@ class LocalElasticAgent:
         finally:
             self._stop_workers(signal.SIGTERM)
             self._stop_servers()
-            self._reaper.close()
+            self._reaper.close(clean=True)
             try:
                 self._handler.shutdown()
             except Exception as e:  # never let a leaving-the-run error hide the outcome
@@ -1585,6 +1685,7 @@ class LocalElasticAgent:
             "TORCHELASTIC_RUN_ID": self._run_id(),
             "TORCHELASTIC_USE_AGENT_STORE": str(False),
             "TORCH_NCCL_ASYNC_ERROR_HANDLING": os.environ.get("TORCH_NCCL_ASYNC_ERROR_HANDLING", "1"),
+            _TREE_VAR: _tree_mark(self._tree_token, os.environ.get(_TREE_VAR)),
         }
         if lws > 1 and "OMP_NUM_THREADS" not in os.environ:
             env["OMP_NUM_THREADS"] = "1"
@@ -1871,19 +1972,23 @@ class LocalElasticAgent:
         self._stop_workers(signal.SIGTERM)
 
     def _stop_workers(self, sig):
-        """Signal each group, wait up to shutdown_timeout, SIGKILL what is left, reap. Idempotent."""
+        """Signal each group and each process outside them that carries this agent's token (a
+        worker's descendant in a session of its own), wait up to shutdown_timeout, SIGKILL what is
+        left, reap; then SIGKILL whatever still carries the token. Idempotent."""
         workers = self._workers
         if not workers:
             self._stop_pump()
             return
         for w in workers:
             _signal_group(w.pgid, w.pid, sig)
+        strays = _signal_marked(self._tree_token, sig, {w.pgid for w in workers})
         deadline = self._clock() + self._shutdown_timeout
         pending = list(workers)
-        while pending:
+        while pending or strays:
             pending = [w for w in pending
                        if (w.poll() is None) or _group_alive(w.pgid)]
-            if not pending or self._clock() >= deadline:
+            strays = [pid for pid in strays if _alive(pid)]
+            if not (pending or strays) or self._clock() >= deadline:
                 break
             time.sleep(0.005)
         for w in pending:
@@ -1901,6 +2006,8 @@ class LocalElasticAgent:
             self._reaper.forget(w.pgid)
             w.close()
         self._workers = []
+        # after the reap: no worker is left to start another one meanwhile
+        _kill_marked(self._tree_token)
         self._stop_pump()
 
     def _stop_pump(self):

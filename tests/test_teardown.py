@@ -73,3 +73,106 @@ def test_no_orphans_after_launcher_sigkill(tmp_path, mode):
     finally:
         a.stop()
         kill_all(pids)
+
+
+# A worker's descendant that left the worker's session (a daemon, `setsid cmd &`, start_new_session)
+# gets no group signal; the agent finds it by the mark in its environment.
+
+DAEMONISER = os.path.join(SCRIPTS, "daemoniser.py")
+WORKER_KINDS = {   # the options before the script that start each kind of worker
+    "fork-server": [],
+    "program": ["--no-python", sys.executable],
+    "run-path": ["--run-path", "--start-method", "fork"],
+}
+
+
+def daemonising_job(tmp_path, name="agent", kind="fork-server"):
+    out = tmp_path / name
+    out.mkdir()
+    launcher = Launcher(BASE + WORKER_KINDS[kind] + [DAEMONISER, str(out)], tmp_path, name)
+    return launcher, out
+
+
+def test_stop_signal_kills_workers_descendants_in_their_own_sessions(tmp_path):
+    pids = []
+    a, out = daemonising_job(tmp_path)
+    try:
+        pids = wait_for(job_pids(out), what="workers and their daemons to start")
+        os.kill(a.pid, signal.SIGTERM)
+        assert a.wait() == 128 + signal.SIGTERM, a.err()
+        assert not [p for p in pids if alive(p)]
+        # the grace period holds for them too: SIGTERM first (the daemon ignores it: then SIGKILL)
+        assert len(glob.glob(os.path.join(str(out), "session_*.term"))) == 2
+    finally:
+        a.stop()
+        kill_all(pids)
+
+
+@pytest.mark.parametrize("kind", sorted(WORKER_KINDS))
+def test_launcher_sigkill_kills_workers_descendants_in_their_own_sessions(tmp_path, kind):
+    pids = []
+    a, out = daemonising_job(tmp_path, kind=kind)
+    try:
+        pids = wait_for(job_pids(out), what="workers and their daemons to start")
+        os.kill(a.pid, signal.SIGKILL)
+        a.wait()
+        check_no_orphans(pids)
+    finally:
+        a.stop()
+        kill_all(pids)
+
+
+def test_teardown_spares_other_launchers_workers_and_unrelated_processes(tmp_path):
+    import subprocess
+    pids_a, pids_b, bystander = [], [], None
+    a, out_a = daemonising_job(tmp_path, "a")
+    b, out_b = daemonising_job(tmp_path, "b")
+    try:
+        bystander = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(1000)"],
+                                     start_new_session=True)
+        pids_a = wait_for(job_pids(out_a), what="a's workers and daemons to start")
+        pids_b = wait_for(job_pids(out_b), what="b's workers and daemons to start")
+        os.kill(a.pid, signal.SIGTERM)
+        assert a.wait() == 128 + signal.SIGTERM, a.err()
+        assert not [p for p in pids_a if alive(p)]
+        assert all(alive(p) for p in pids_b) and bystander.poll() is None
+        os.kill(b.pid, signal.SIGKILL)   # and the other one's reaper spares the bystander too
+        b.wait()
+        check_no_orphans(pids_b)
+        assert bystander.poll() is None
+    finally:
+        a.stop()
+        b.stop()
+        kill_all(pids_a + pids_b)
+        if bystander is not None:
+            bystander.kill()
+            bystander.wait()
+
+
+def test_environment_mark_matches_whole_tokens_only():
+    import elastic
+    block = b"A=1\0ELASTICRUN_TREE=outer-1:inner-2\0B=inner-3"
+    assert elastic._carries_mark(block, b"outer-1") and elastic._carries_mark(block, b"inner-2")
+    assert not elastic._carries_mark(block, b"inner-3")    # elsewhere in the environment
+    assert not elastic._carries_mark(block, b"inner-")     # a prefix of a token
+    assert not elastic._carries_mark(b"X=1", b"inner-2")
+    assert elastic._tree_mark("me", None) == "me" and elastic._tree_mark("me", "up") == "up:me"
+
+
+def test_launcher_sigkill_kills_the_daemons_of_a_launcher_it_runs(tmp_path):
+    # the inner launcher's workers carry both tokens: the outer reaper finds them even if it kills
+    # the inner reaper first
+    from agent_scripts.harness import ELASTIC
+    pids = []
+    out = tmp_path / "inner"
+    out.mkdir()
+    a = Launcher(["--standalone", "--no-python", sys.executable, ELASTIC] + BASE + [DAEMONISER, str(out)],
+                 tmp_path)
+    try:
+        pids = wait_for(job_pids(out), what="the inner launcher's workers and daemons to start")
+        os.kill(a.pid, signal.SIGKILL)
+        a.wait()
+        check_no_orphans(pids)
+    finally:
+        a.stop()
+        kill_all(pids)
