@@ -47,7 +47,8 @@ a free port) under that slot and then blocks on the round's ``done`` key with on
                                      wait(gate)   previous round released? (r > 0)     |
                                      wait(full, last_call_timeout)  slot max sets full |
                                      add(arrive, FREEZE) -> exact member count, atomic |
-                                     multi_get(node/1..n), sort, compare_set(done) ----+
+                                     multi_get(node/1..n), drop the dead, sort,        |
+                                     compare_set(done) --------------------------------+
     slot 3 ----[3]------------[rec]  (arrived during the last call: a member)
     late   ----[FREEZE+4]  -> round closed: join the next round and wait there
 
@@ -58,6 +59,18 @@ later ``add`` into a "too late" answer, with no lock. ``done`` is written with `
 ``set_closed()`` can race the closer and exactly one outcome wins. Ranks: members sorted by (address,
 node id) (static: by node rank), so a node keeps its rank across rounds when membership allows; when
 more than ``max_nodes`` arrived, members of the previous round are kept first.
+
+Dead joiners are left out: torch drops them too, and a round formed with one breaks a
+``heartbeat_timeout`` after it starts, only to be formed again. Each waiting node beats its slot's
+``alive`` key every ``heartbeat_interval``; the closer reads those keys each time it wakes during the
+gate and last-call waits, and at the freeze, after reading the records, it leaves out every joiner
+whose key it saw unchanged for ``heartbeat_timeout`` (by its own clock) or whose ephemeral key has
+vanished. In rounds after the first, joiners (spares, returning members) write their ephemeral
+``alive`` key before their record, so a dead one is known at once even to a closer that does not
+wait; in the first round that is not done (one more operation per node, where nodes usually arrive
+together), and a joiner that dies before its first beat is known by its silence only. When leaving
+out the dead leaves fewer than ``min_nodes``, the outcome is "retry" and everyone moves to the next
+round.
 
 The closer beats the round's ``closer_hb`` counter every ``heartbeat_interval`` while it waits, and the
 waiting nodes peek at it once per interval. When it stays unchanged for ``heartbeat_timeout`` (the
@@ -80,8 +93,11 @@ round's ``broken`` counter: three operations per member per interval. The observ
 with its own ``time.monotonic()``: a counter unchanged for ``heartbeat_timeout`` means that neighbour
 is dead, and the observer marks the round broken. Every dead member has a live predecessor in the ring
 unless all are dead, so one death is always seen. ``round_broken()`` reads a local flag (free to poll).
-A store whose object has ``set_ephemeral`` (etcd leases) gets heartbeat keys that vanish with their
-writer; a vanished key counts as dead at once. Losing the store connection marks the round broken and
+A store whose object has ``set_ephemeral`` (etcd leases; the TCP store, whose server deletes such a
+key when its client's connection closes) gets heartbeat and ``alive`` keys that vanish with their
+writer; a vanished key counts as dead at once. Peeks at such keys never block: a ``compare_set``
+that expects a value no beat writes returns the value, or the expected value itself when the key is
+gone. Losing the store connection marks the round broken and
 the next call raises ``RendezvousConnectionError`` instead of hanging.
 
 Key layout (``R`` = the run id, percent-quoted so run ids never overlap; ``r`` = round number)::
@@ -90,6 +106,7 @@ Key layout (``R`` = the run id, percent-quoted so run ids never overlap; ``r`` =
     elastic/R/open              hint: the lowest round that may still take joiners
     elastic/R/r/arrive          joins + REJOIN * returning members (+ FREEZE once closed)
     elastic/R/r/node/<slot>     JSON record of the node in that slot
+    elastic/R/r/alive/<slot>    beats of that node while it waits (ephemeral when the store can)
     elastic/R/r/gate            the previous round has ended (or there was none)
     elastic/R/r/full            slot max_nodes has arrived: close without waiting out the last call
     elastic/R/r/closer          id of the node closing the round (changed only by a takeover)
@@ -147,6 +164,7 @@ _OTHER_KEYS = ("is_host", "token_file", "rank", "keep_alive_interval", "keep_ali
 _TORCH_ONLY_KEYS = ("store_type", "use_libuv", "local_addr")   # accepted from torchrun users, unused
 _BACKENDS = ("c10d", "store", "static", "etcd")
 _CLOSED, _RETRY = "closed", "retry"
+_NO_BEAT = b"\x00no beat"                   # a value no heartbeat key ever holds (see _peek)
 
 
 class RendezvousError(Exception):
@@ -450,7 +468,9 @@ class RendezvousHandler:
         self.local_addr = params.local_addr or socket.gethostname()
         self.node_id = node_id or _node_id()
         self._order = list(order) if order is not None else [self.local_addr, self.node_id]
-        self._ephemeral = callable(getattr(store, "set_ephemeral", None))
+        # etcd leases, or a TCP store server that knows EPHEMERAL: keys that vanish with their writer
+        self._ephemeral = (callable(getattr(store, "set_ephemeral", None))
+                           and getattr(store, "supports_ephemeral", True))
         self._round = None              # last completed round this node is a member of
         self._rank = None
         self._world_size = 0
@@ -514,11 +534,16 @@ class RendezvousHandler:
         slot = value & _SLOT_MASK
         record = {"id": self.node_id, "addr": self.local_addr, "order": self._order,
                   "port": _free_port(), "rejoin": rejoin}
+        if self._ephemeral and r > 0:
+            # a spare or a returning member, likely to wait for the running round to end: the alive
+            # key before the record, so a record whose key is missing tells the closer that its
+            # writer is gone, not that it has yet to write the key (see _Joiners)
+            self._beat(keys.round(r, "alive/%d" % slot), 1)
         store.set(keys.round(r, "node/%d" % slot), json.dumps(record))
         if slot == params.max_nodes:
             store.set(keys.round(r, "full"), "1")
         if slot == params.min_nodes:
-            self._close_round(r, deadline)
+            self._close_round(r, deadline, slot=slot)
         outcome = self._await(r, keys.round(r, "done"), deadline, slot, watch_closer=True)
         if outcome == _CLOSED:
             self._closed_seen = True
@@ -546,11 +571,13 @@ class RendezvousHandler:
     def _await(self, r, key, deadline, slot, watch_closer=False):
         """The value of `key`, waiting until `deadline`; a timeout names the join count.
 
-        `watch_closer`: while waiting, check every heartbeat_interval that round r's closer still
-        beats; when it has been silent for heartbeat_timeout, take its place (one node wins).
+        `watch_closer`: while waiting, beat our slot's alive key (see _Joiners) and check every
+        heartbeat_interval that round r's closer still beats; when it has been silent for
+        heartbeat_timeout, take its place (one node wins).
         """
         store, params, keys = self._store, self._params, self._keys
         seen, changed, suspect = None, time.monotonic(), ""
+        alive, beats = keys.round(r, "alive/%d" % slot) if watch_closer else None, 1
         while True:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
@@ -561,6 +588,9 @@ class RendezvousHandler:
             except _store.StoreTimeout:
                 if not watch_closer:
                     continue
+            if alive is not None:
+                beats += 1
+                self._beat(alive, beats)
             value, now = store.add(keys.round(r, "closer_hb"), 0), time.monotonic()
             if value != seen:
                 # whose beat this is: a closer names itself before its first beat (a failed claim
@@ -573,7 +603,7 @@ class RendezvousHandler:
             elif now - changed > params.heartbeat_timeout:
                 dead = self._take_over(r, suspect, now - changed)
                 if dead is not None:
-                    self._close_round(r, deadline, dead=dead)
+                    self._close_round(r, deadline, dead=dead, slot=slot)
                 seen, changed = None, time.monotonic()
 
     def _take_over(self, r, suspect, silence):
@@ -604,8 +634,9 @@ class RendezvousHandler:
         return RendezvousTimeoutError("rendezvous of run %r timed out after %g s: %s"
                                       % (params.run_id, params.join_timeout, what))
 
-    def _close_round(self, r, deadline, dead=None):
-        """This node is the round's closer: wait for the gate and the last call, then decide.
+    def _close_round(self, r, deadline, dead=None, slot=None):
+        """This node (in `slot`) is the round's closer: wait for the gate and the last call, then
+        decide, leaving out the joiners known to be dead.
 
         `dead`: we took over from that silent closer; it is left out, and the last call (which
         began before it died and lasted at least heartbeat_timeout since) is not waited again.
@@ -615,6 +646,7 @@ class RendezvousHandler:
         if dead is None:
             store.set(keys.round(r, "closer"), self.node_id)
         store.add(beat, 1)
+        joiners = _Joiners(self, r, slot)
 
         def wait_beating(key, until, all_silent=None):
             while True:
@@ -626,6 +658,7 @@ class RendezvousHandler:
                     return True
                 except _store.StoreTimeout:
                     store.add(beat, 1)
+                    joiners.watch()
                     if all_silent is not None and all_silent():
                         return True
 
@@ -651,7 +684,7 @@ class RendezvousHandler:
             store.set(frozen, str(joined))
         else:                                         # a closer before us froze it, then went silent
             joined = int(store.get(frozen)) if store.check([frozen]) else value & _SLOT_MASK
-        names = [keys.round(r, "node/%d" % slot) for slot in range(1, joined + 1)]
+        names = [keys.round(r, "node/%d" % s) for s in range(1, joined + 1)]
         if not store.check(names):
             try:   # a joiner is between its add and its record; one that died there is left out
                 store.wait(names, params.heartbeat_timeout)
@@ -663,6 +696,11 @@ class RendezvousHandler:
             if "withdrawn" not in record and record["id"] != dead:
                 record["slot"] = int(name.rsplit("/", 1)[1])
                 entries.append(record)
+        gone = joiners.dead(entries)       # read after the records (see _Joiners)
+        if gone:
+            log.warning("round %d of run %r: leaving out %d dead joiner(s): %s", r, params.run_id, len(gone),
+                        ", ".join(e["id"] for e in entries if e["slot"] in gone))
+            entries = [e for e in entries if e["slot"] not in gone]
         chosen = sorted(entries, key=lambda e: (not e["rejoin"], e["slot"]))[:params.max_nodes]
         members = sorted(chosen, key=lambda e: (e["order"], e["id"]))
         orders = [tuple(e["order"]) for e in members]
@@ -678,6 +716,13 @@ class RendezvousHandler:
         store.compare_set(keys.round(r, "done"), "", outcome)
 
     # -- liveness
+
+    def _beat(self, key, beats):
+        """Show that we live: `key` takes a new value (ephemeral when the store has them)."""
+        if self._ephemeral:
+            self._store.set_ephemeral(key, str(beats))
+        else:
+            self._store.add(key, 1)
 
     def _start_heartbeat(self, r, rank, world_size):
         stop = threading.Event()
@@ -707,10 +752,7 @@ class RendezvousHandler:
         while True:
             try:
                 beats += 1
-                if self._ephemeral:
-                    store.set_ephemeral(mine, str(beats))
-                else:
-                    store.add(mine, 1)
+                self._beat(mine, beats)
                 if their is not None and not self._broken.is_set():
                     value = self._peek(their)
                     now = time.monotonic()
@@ -734,18 +776,23 @@ class RendezvousHandler:
                 return
 
     def _peek(self, key):
+        """The heartbeat value at `key`; None when an ephemeral key is missing (vanished)."""
         if self._ephemeral:
-            if not self._store.check([key]):
-                return None
-            return self._store.get(key)
+            # not check() then get(): a key vanishing in between would park the get for
+            # read_timeout. A compare_set that expects a value no beat writes answers at once, with
+            # the value, or with `expected` itself when the key is missing, and changes nothing
+            value = self._store.compare_set(key, _NO_BEAT, _NO_BEAT)
+            return None if value == _NO_BEAT else value
         return self._store.add(key, 0)
 
     def _peek_all(self, names):
-        """The heartbeat values of `names` (one operation when every key exists)."""
+        """The heartbeat values of `names` (one operation when every key exists and none can vanish)."""
         store = self._store
+        if self._ephemeral:
+            return tuple(self._peek(name) for name in names)
         if store.check(names):
             return tuple(store.multi_get(names))
-        return tuple(self._peek(name) if self._ephemeral or store.check([name]) else None for name in names)
+        return tuple(self._peek(name) if store.check([name]) else None for name in names)
 
     def _why(self, r):
         try:
@@ -849,6 +896,62 @@ class _Silence:
         elif now - self.changed > self.timeout:
             self.fired = True
         return self.fired
+
+
+class _Joiners:
+    """The closer's watch on the nodes waiting in its round: which of them are known to be dead.
+
+    A waiter beats its slot's ``alive`` key every heartbeat_interval while it waits. A joiner is
+    dead when its key kept one value (or stayed missing) for heartbeat_timeout by our own clock
+    while we waited, or when its ephemeral key is missing although it must exist: we saw it
+    earlier, or the round is not the first, where joiners write the key before their record (and
+    we read the record before looking). In the first round, where nodes usually arrive together
+    and the round closes as soon as they have, writing it up front would cost every node one
+    more store operation for little; a first-round joiner that dies before its first beat is
+    caught only by its silence. A joiner we never watched is never suspected of silence, so a
+    closer that did not wait closes as soon as before (in a later round, after one ``check``).
+    """
+
+    def __init__(self, handler, r, mine):
+        self.handler, self.r, self.mine = handler, r, mine
+        self.seen = {}          # slot -> (value of its alive key, when we first read that value)
+
+    def _name(self, slot):
+        return self.handler._keys.round(self.r, "alive/%d" % slot)
+
+    def watch(self):
+        """One look, while the closer waits, at every joiner's alive key."""
+        handler = self.handler
+        joined = handler._store.add(handler._keys.round(self.r, "arrive"), 0) & _SLOT_MASK
+        self._note([s for s in range(1, joined + 1) if s != self.mine])
+
+    def _note(self, slots):
+        values = self.handler._peek_all([self._name(s) for s in slots]) if slots else ()
+        now = time.monotonic()
+        for slot, value in zip(slots, values):
+            first = self.seen.get(slot)
+            if first is None or first[0] != value:
+                self.seen[slot] = (value, now)
+
+    def _silent(self, slot):
+        first = self.seen.get(slot)
+        return first is not None and time.monotonic() - first[1] > self.handler._params.heartbeat_timeout
+
+    def dead(self, entries):
+        """The slots of `entries` (records just read, with their "slot") whose joiner is dead."""
+        handler = self.handler
+        others = [e for e in entries if e["slot"] != self.mine]
+        suspects = [e["slot"] for e in others if self._silent(e["slot"])]
+        if suspects:
+            self._note(suspects)            # a last chance to show life
+        dead = {slot for slot in suspects if self._silent(slot)}
+        if handler._ephemeral:
+            written = [e["slot"] for e in others if e["slot"] not in dead
+                       and (self.r > 0 or self.seen.get(e["slot"], (None,))[0] is not None)]
+            names = [self._name(slot) for slot in written]
+            if names and not handler._store.check(names):
+                dead.update(slot for slot, name in zip(written, names) if not handler._store.check([name]))
+        return dead
 
 
 class _MappedErrors:

@@ -36,9 +36,9 @@ that many ``bytes`` fields::
 
     client                                   server
       | -- hello   "EKVS" version:u8 -------->  |
-      | <- welcome status:u8 version:u8 [challenge:32]
+      | <- welcome status:u8 version:u8 [features:u8 | challenge:32]
       | -- proof   HMAC-SHA256(token, challenge) ->   (only when status is PROOF)
-      | <- verdict status:u8 ----------------  |     (READY, or REFUSED and the server closes)
+      | <- verdict status:u8 [features:u8] ---  |     (READY, or REFUSED and the server closes)
       | -- request op:u8 id:u32 args ------->  |  } any number, pipelined; replies may come out of
       | <- reply   status:u8 id:u32 result --  |  } order (a parked get answers later)
 
@@ -53,9 +53,19 @@ that many ``bytes`` fields::
     COUNT  8   -                                      number of keys:i64
     MSET   9   count:u32 (key value)*                 -
     APPEND 10  key value                              -
+    EPHEMERAL 11 key value                            -   (only when features has bit 0)
 
     reply status: OK 0 (result follows), TIMEOUT 1, ERROR 2 (a UTF-8 message follows)
     welcome/verdict status: READY 0, PROOF 1, VERSION 2 (mismatch), BUSY 3 (connection limit), REFUSED 4
+
+``features`` follows READY (in the welcome, or in the verdict after a proof); bit 0 says the server
+knows EPHEMERAL. A server older than EPHEMERAL sends no features byte (and closes a connection that
+sends it an unknown op), so the client checks the bit and refuses ``set_ephemeral`` with a clear
+``StoreError`` instead of sending it. EPHEMERAL is SET with the key bound to the sending connection:
+the server deletes the key when that connection closes (``close()``, or the client process dies and
+its kernel closes the socket), unless a later write by anyone (SET, ADD, CAS, APPEND, MSET) made it
+an ordinary key first, or another connection's EPHEMERAL took it over. Liveness for free: a key that
+vanishes with its writer (as etcd's leases do, and the rendezvous relies on that when it can).
 
 ``timeout_ms`` < 0 waits forever. Limits: keys up to ``MAX_KEY_SIZE`` bytes, values up to
 ``MAX_VALUE_SIZE``, frames up to ``MAX_FRAME_SIZE`` (256 bytes before the handshake completes).
@@ -99,7 +109,9 @@ _MAGIC = b"EKVS"
 _HANDSHAKE_FRAME_LIMIT = 256
 _CHALLENGE_SIZE = 32
 
-_SET, _GET, _ADD, _CAS, _WAIT, _CHECK, _DELETE, _COUNT, _MSET, _APPEND = range(1, 11)
+_SET, _GET, _ADD, _CAS, _WAIT, _CHECK, _DELETE, _COUNT, _MSET, _APPEND, _EPHEMERAL = range(1, 12)
+_F_EPHEMERAL = 1                  # features bit: the server knows EPHEMERAL
+_FEATURES = _F_EPHEMERAL          # what this server sends after READY
 _OK, _TIMEOUT, _ERROR = 0, 1, 2
 _READY, _PROOF, _VERSION, _BUSY, _REFUSED = 0, 1, 2, 3, 4
 
@@ -261,7 +273,7 @@ class _Reader:
 
 
 class _Conn:
-    __slots__ = ("sock", "peer", "rbuf", "wbuf", "state", "challenge", "waiters", "events", "closed")
+    __slots__ = ("sock", "peer", "rbuf", "wbuf", "state", "challenge", "waiters", "events", "closed", "owned")
 
     def __init__(self, sock, peer):
         self.sock, self.peer = sock, peer
@@ -272,6 +284,7 @@ class _Conn:
         self.waiters = set()
         self.events = _READ
         self.closed = False
+        self.owned = None               # keys set with EPHEMERAL: deleted when we close
 
 
 class _Waiter:
@@ -379,6 +392,7 @@ class StoreServer:
         self._inview = memoryview(self._inbuf)
         self._data = {}
         self._waiters = {}          # key -> {waiter: None}, an insertion-ordered set
+        self._owners = {}           # ephemeral key -> the connection whose closing deletes it
         self._deadlines = []        # heap of (deadline, seq, waiter)
         self._seq = 0
         self._conns = 0
@@ -390,6 +404,7 @@ class StoreServer:
             _SET: self._op_set, _GET: self._op_get, _ADD: self._op_add, _CAS: self._op_cas,
             _WAIT: self._op_wait, _CHECK: self._op_check, _DELETE: self._op_delete,
             _COUNT: self._op_count, _MSET: self._op_mset, _APPEND: self._op_append,
+            _EPHEMERAL: self._op_ephemeral,
         }
 
     @staticmethod
@@ -514,6 +529,11 @@ class StoreServer:
             waiter.done = True
             self._unpark(waiter)
         conn.waiters.clear()
+        if conn.owned:
+            for key in conn.owned:
+                del self._owners[key]
+                self._data.pop(key, None)
+            conn.owned = None
         self._poller.unregister(conn.sock)
         conn.sock.close()
 
@@ -604,7 +624,7 @@ class StoreServer:
                 self._final(conn, bytes([_BUSY, PROTOCOL_VERSION]))
             elif self._token is None:
                 conn.state = "ready"
-                conn.wbuf += _U32.pack(2) + bytes([_READY, PROTOCOL_VERSION])
+                conn.wbuf += _U32.pack(3) + bytes([_READY, PROTOCOL_VERSION, _FEATURES])
             else:
                 conn.state = "proof"
                 conn.challenge = os.urandom(_CHALLENGE_SIZE)
@@ -612,7 +632,7 @@ class StoreServer:
         elif conn.state == "proof":
             if _same(payload, _proof(self._token, conn.challenge)):
                 conn.state = "ready"
-                conn.wbuf += _U32.pack(1) + bytes([_READY])
+                conn.wbuf += _U32.pack(2) + bytes([_READY, _FEATURES])
             else:
                 log.warning("store: client %s failed authentication", _peer_text(conn.peer))
                 self._final(conn, bytes([_REFUSED]))
@@ -673,8 +693,15 @@ class StoreServer:
 
     def _store(self, key, value):
         self._data[key] = value
+        owners = self._owners
+        if owners and key in owners:   # an ordinary write makes an ephemeral key an ordinary one
+            self._disown(key)
         if key in self._waiters:
             self._wake(key)
+
+    def _disown(self, key):
+        owner = self._owners.pop(key)
+        owner.owned.discard(key)
 
     # SET, ADD and a one-key GET are most of the traffic: they parse their few fields inline
 
@@ -709,6 +736,17 @@ class StoreServer:
             return self._error(rid, "append to %r would exceed the value limit of %d bytes"
                                % (_key_text(key), MAX_VALUE_SIZE))
         self._store(key, current + value)
+        return _HEAD.pack(_HEAD_SIZE, _OK, rid)
+
+    def _op_ephemeral(self, conn, rid, payload):
+        r = _Reader(payload, _HEAD_SIZE)
+        key, value = r.key(), r.value()
+        r.end()
+        self._store(key, value)
+        if conn.owned is None:
+            conn.owned = set()
+        conn.owned.add(key)
+        self._owners[key] = conn
         return _HEAD.pack(_HEAD_SIZE, _OK, rid)
 
     def _op_add(self, conn, rid, payload):
@@ -751,6 +789,8 @@ class StoreServer:
         r = _Reader(payload, _HEAD_SIZE)
         key = r.key()
         r.end()
+        if key in self._owners:
+            self._disown(key)
         return _HEAD.pack(_HEAD_SIZE + 1, _OK, rid) + (b"\x01" if self._data.pop(key, None) is not None else b"\x00")
 
     def _op_count(self, conn, rid, payload):
@@ -920,6 +960,7 @@ class TCPStore:
         self._replies = {}                   # request id -> (status, body), read by another thread
         self._rid = 0
         self._rbuf = bytearray()
+        self._features = 0                   # what the server said it knows (bits _F_*)
         try:
             self._sock = self._connect(time.monotonic() + self.timeout)
         except BaseException:
@@ -968,6 +1009,7 @@ class TCPStore:
         if len(welcome) < 2:
             raise EOFError("short welcome")
         status, version = welcome[0], welcome[1]
+        features = welcome[2:3]
         if status == _VERSION:
             raise StoreConnectionError("the store at %s speaks protocol version %d; this client speaks %d"
                                        % (self._where(), version, PROTOCOL_VERSION))
@@ -981,8 +1023,10 @@ class TCPStore:
             verdict = _recv_frame(sock, _HANDSHAKE_FRAME_LIMIT)
             if verdict[:1] != bytes([_READY]):
                 raise StoreAuthError("the store at %s refused our token" % self._where())
+            features = verdict[1:2]
         elif status != _READY:
             raise EOFError("unexpected welcome status %d" % status)
+        self._features = features[0] if features else 0   # an older server sends none
 
     # -- request plumbing
 
@@ -1309,6 +1353,19 @@ class TCPStore:
 
     def append(self, key, value):
         self._call(_APPEND, _key_field(key) + _field(_value_bytes(value)))
+
+    def set_ephemeral(self, key, value):
+        """Set `key` for as long as this client is connected: the server deletes it when this
+        connection closes (``close()``, or this process dies), unless an ordinary write replaced it."""
+        if not self.supports_ephemeral:
+            raise StoreError("the store at %s does not know set_ephemeral: it runs an older store.py"
+                             % self._where())
+        self._call(_EPHEMERAL, _key_field(key) + _field(_value_bytes(value)))
+
+    @property
+    def supports_ephemeral(self):
+        """Whether the server knows ``set_ephemeral`` (an older one does not)."""
+        return bool(self._features & _F_EPHEMERAL)
 
     @property
     def timeout(self):

@@ -2,10 +2,12 @@
 import json
 import os
 import queue
+import signal
 import socket
 import subprocess
 import sys
 import threading
+import time
 
 import pytest
 
@@ -278,21 +280,60 @@ def test_node_killed_after_the_round_survivors_reform(spawn, server):
     check_round(rounds, 2)
 
 
-def test_node_killed_mid_round_is_detected_after_it(spawn, server):
-    conf = FAST + ["last_call_timeout=1.5"]
-    nodes = clients(spawn, server.port, 3, 2, 3, conf=conf)
-    for node in nodes[:2]:
-        node.send("next")
+def test_joiner_killed_during_the_last_call_is_left_out(spawn, server):
+    """A node that joins and dies while the closer's last call runs is not made a member (torch
+    drops it too): the round forms with the live nodes instead of breaking as soon as it starts.
+    (In the first round its alive key may not exist yet: the closer goes by its silence.)"""
+    conf = FAST + ["last_call_timeout=3"]
+    nodes = clients(spawn, server.port, 3, 1, 4, conf=conf)
+    nodes[0].send("next")
     with S.TCPStore("127.0.0.1", server.port, timeout=HANG) as probe:
-        probe.wait(["elastic/job/0/node/2"], HANG)        # two joined: the last call is open
+        probe.wait(["elastic/job/0/closer"], HANG)          # slot 1 = min_nodes: the last call is open
+        nodes[1].send("next")
+        probe.wait(["elastic/job/0/node/2"], HANG)          # the second joined ...
+        nodes[1].kill()                                     # ... and dies before the round closes
         nodes[2].send("next")
-        probe.wait(["elastic/job/0/node/3"], HANG)        # the third joined ...
-        nodes[2].kill()                                   # ... and dies before the round closes
-    first = [node.expect("round") for node in nodes[:2]]
-    assert {r["world_size"] for r in first} == {3}
-    for node in nodes[:2]:
-        node.ask("broken", "broken")
-    check_round(join(nodes[:2]), 2)
+        probe.wait(["elastic/job/0/node/3"], HANG)
+        rounds = [node.expect("round") for node in (nodes[0], nodes[2])]
+        check_round(rounds, 2)
+        done = json.loads(probe.get("elastic/job/0/done"))
+    assert nodes[1].ready["id"] not in [m[1] for m in done["members"]]
+
+
+def test_joiner_hung_during_the_last_call_is_left_out(spawn, server):
+    """A joiner that stops beating (stopped, cut off) is left out once the closer has watched it
+    stay silent for heartbeat_timeout, measured by the closer's own clock."""
+    conf = FAST + ["last_call_timeout=4"]
+    nodes = clients(spawn, server.port, 2, 1, 3, conf=conf)
+    nodes[0].send("next")
+    with S.TCPStore("127.0.0.1", server.port, timeout=HANG) as probe:
+        probe.wait(["elastic/job/0/closer"], HANG)
+        nodes[1].send("next")
+        probe.wait(["elastic/job/0/node/2"], HANG)
+        os.kill(nodes[1].proc.pid, signal.SIGSTOP)          # alive, connected, silent
+        alone = nodes[0].expect("round")
+    assert (alone["world_size"], alone["rank"]) == (1, 0)
+
+
+def test_dead_spare_does_not_displace_a_live_member(spawn, server):
+    """min == max: a spare that waited for the next round and died is not taken into it in place
+    of a live member that comes back a moment after the closer."""
+    members = clients(spawn, server.port, 2, 2, 2, conf=FAST)
+    check_round(join(members), 2)
+    spare = clients(spawn, server.port, 1, 2, 2, conf=FAST)[0]
+    spare.send("next")
+    with S.TCPStore("127.0.0.1", server.port, timeout=HANG) as probe:
+        probe.wait(["elastic/job/1/node/1"], HANG)          # the spare waits in round 1
+        spare.kill()
+        while probe.check(["elastic/job/1/alive/1"]):       # gone with its connection, at once
+            time.sleep(0.01)
+        members[0].send("next")                             # its workers failed: it comes back first
+        probe.wait(["elastic/job/1/closer"], HANG)          # and closes round 1
+        members[1].send("next")                             # the other saw the round break
+        first = members[0].expect("round")
+        done = json.loads(probe.get("elastic/job/%d/done" % first["round"]))
+        assert sorted(m[1] for m in done["members"]) == sorted(node.ready["id"] for node in members)
+        check_round([first, members[1].expect("round")], 2)
 
 
 def test_member_leaving_breaks_the_round_for_the_others(spawn, server):
@@ -437,6 +478,33 @@ def test_etcd_backend_forms_rounds_and_sees_a_killed_member(spawn, etcd_binary, 
         check_round(join(nodes[:2]), 2)
         nodes[0].ask("close", "closed")
         assert nodes[1].ask("next", "error")["type"] == "RendezvousClosedError"
+
+
+def test_etcd_dead_spare_does_not_displace_a_live_member(spawn, etcd_binary, tmp_path):
+    """The dead-spare case on etcd: the spare's alive key is under its lease, gone a TTL after it."""
+    sys.path.insert(0, HERE)
+    from etcd_cluster import EtcdCluster
+    with EtcdCluster(etcd_binary, tmp_path, size=1) as cluster:
+        endpoint = ",".join(cluster.endpoints)
+        members = [spawn("etcd", endpoint, "job", 2, 2, conf=FAST) for _ in range(2)]
+        for node in members:
+            node.ready = node.expect("ready")
+        check_round(join(members), 2)
+        spare = spawn("etcd", endpoint, "job", 2, 2, conf=FAST)
+        spare.expect("ready")
+        spare.send("next")
+        with R.EtcdStore(cluster.endpoints, timeout=HANG) as probe:
+            probe.wait(["elastic/job/1/node/1"], HANG)
+            spare.kill()
+            while probe.check(["elastic/job/1/alive/1"]):   # the lease expires (ttl 1 s)
+                time.sleep(0.05)
+            members[0].send("next")
+            probe.wait(["elastic/job/1/closer"], HANG)
+            members[1].send("next")
+            first = members[0].expect("round")
+            done = json.loads(probe.get("elastic/job/%d/done" % first["round"]))
+            assert sorted(m[1] for m in done["members"]) == sorted(node.ready["id"] for node in members)
+            check_round([first, members[1].expect("round")], 2)
 
 
 def test_waiting_node_forms_a_round_when_every_running_member_died(spawn, server):

@@ -523,6 +523,115 @@ def test_connection_limit_turns_clients_away_with_a_clear_error():
         srv.stop()
 
 
+# -------------------------------------------------------------------------------- ephemeral keys
+
+def test_an_ephemeral_key_vanishes_when_its_clients_connection_closes(server, client):
+    owner = TCPStore("127.0.0.1", server.port, timeout=10)
+    try:
+        assert owner.supports_ephemeral
+        owner.set_ephemeral("alive", "1")
+        owner.set_ephemeral("alive", "2")          # rewriting keeps it ephemeral
+        owner.set_ephemeral("kept", "1")
+        client.set("kept", "mine now")             # an ordinary write makes it lasting
+        owner.set_ephemeral("deleted", "1")
+        assert client.delete_key("deleted")
+        client.set("deleted", "later")             # a new key of that name is not the owner's
+        assert client.get("alive") == b"2"
+    finally:
+        owner.close()
+    client.wait(["kept"])
+    deadline = time.monotonic() + 10
+    while client.check(["alive"]):                 # the server sees the close on its next turn
+        assert time.monotonic() < deadline, "the ephemeral key outlived its client"
+        time.sleep(0.01)
+    assert client.get("kept") == b"mine now"
+    assert client.get("deleted") == b"later"
+
+
+def test_an_ephemeral_key_vanishes_when_its_client_process_is_killed(server, client):
+    code = ("import sys; sys.path.insert(0, sys.argv[1]); import store\n"
+            "s = store.TCPStore('127.0.0.1', int(sys.argv[2]), timeout=10)\n"
+            "s.set_ephemeral('alive', 'x'); s.set('ready', '1'); sys.stdin.read()\n")
+    proc = subprocess.Popen([sys.executable, "-c", code, ROOT, str(server.port)], stdin=subprocess.PIPE)
+    try:
+        client.wait(["ready"], 30)
+        assert client.get("alive") == b"x"
+        proc.kill()
+        proc.wait(10)
+        deadline = time.monotonic() + 10
+        while client.check(["alive"]):
+            assert time.monotonic() < deadline, "the killed client's ephemeral key is still there"
+            time.sleep(0.01)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait()
+
+
+def test_another_connections_ephemeral_write_takes_the_key_over(server, client):
+    first = TCPStore("127.0.0.1", server.port, timeout=10)
+    try:
+        first.set_ephemeral("k", "first")
+        first.set_ephemeral("marker", "1")
+        client.set_ephemeral("k", "second")
+    finally:
+        first.close()
+    deadline = time.monotonic() + 10
+    while client.check(["marker"]):   # gone: the server has handled the close
+        assert time.monotonic() < deadline, "the closed client's marker key is still there"
+        time.sleep(0.01)
+    assert client.get("k") == b"second"
+
+
+def test_ephemeral_on_a_server_without_it_is_refused_clearly():
+    """A server older than EPHEMERAL sends no features byte; the client refuses without sending
+    the op (which such a server would answer by closing the connection)."""
+    lst = socket.socket()
+    lst.bind(("127.0.0.1", 0))
+    lst.listen(1)
+    seen = []
+
+    def old_server():
+        conn, _ = lst.accept()
+        with conn:
+            recv_frame(conn)
+            conn.sendall(frame(bytes([0, 1])))      # READY, version 1, and nothing else
+            conn.settimeout(5)
+            try:
+                while True:
+                    seen.append(recv_frame(conn))
+            except (EOFError, OSError):
+                pass
+
+    t = threading.Thread(target=old_server)
+    t.start()
+    try:
+        with TCPStore("127.0.0.1", lst.getsockname()[1], timeout=5) as c:
+            assert not c.supports_ephemeral
+            with pytest.raises(StoreError, match="does not know set_ephemeral"):
+                c.set_ephemeral("k", "v")
+    finally:
+        t.join(10)
+        lst.close()
+    assert seen == []
+
+
+def test_welcome_and_verdict_carry_the_features_byte():
+    srv = StoreServer("127.0.0.1", 0).start()
+    tsrv = StoreServer("127.0.0.1", 0, token="s3cret").start()
+    try:
+        with socket.create_connection(("127.0.0.1", srv.port), timeout=10) as sock:
+            sock.sendall(frame(b"EKVS\x01"))
+            assert recv_frame(sock) == bytes([0, 1, 1])   # READY, version 1, features: EPHEMERAL
+            sock.sendall(request(11, 7, field(b"e") + field(b"v")))
+            assert recv_frame(sock) == struct.pack(">BI", 0, 7)
+        with TCPStore("127.0.0.1", tsrv.port, token="s3cret", timeout=5) as c:
+            assert c.supports_ephemeral                  # the verdict carried the features
+    finally:
+        srv.stop()
+        tsrv.stop()
+
+
 # -------------------------------------------------------------------------------- protocol defences
 
 def test_protocol_version_mismatch_is_refused_clearly(server):
