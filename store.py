@@ -200,6 +200,16 @@ def _same(a, b):
     return hmac.compare_digest(a, b)
 
 
+def _check_port(port):
+    """A TCP port number, or ValueError: the socket module would wrap 70000 around to 4464, or raise
+    OverflowError."""
+    if port.__class__ is not int and not isinstance(port, int):
+        raise TypeError("port must be an int, got %s" % type(port).__name__)
+    if not 0 <= port <= 65535:
+        raise ValueError("port must be between 0 and 65535, got %d" % port)
+    return port
+
+
 def _read_token_file(path):
     with open(path, "rb") as f:
         token = f.read().strip()
@@ -352,6 +362,7 @@ class StoreServer:
                  backlog=65535):
         if max_connections < 1:
             raise ValueError("max_connections must be at least 1, got %r" % (max_connections,))
+        _check_port(port)
         self.host = host
         self.max_connections = max_connections
         self._token = _token_bytes(token) if token else None
@@ -906,6 +917,7 @@ class TCPStore:
     """
 
     def __init__(self, host, port, *, is_master=False, timeout=300.0, token=None):
+        _check_port(port)
         self.timeout = timeout
         self._server = None
         if is_master:
@@ -1456,6 +1468,8 @@ def _main(argv=None):
     args = parser.parse_args(argv)
     logging.basicConfig(level=os.environ.get("LOGLEVEL", "WARNING").upper(),
                         format="%(asctime)s %(name)s %(levelname)s: %(message)s")
+    if not 0 <= args.port <= 65535:
+        parser.exit(2, "store.py: error: --port must be from 0 to 65535, got %d\n" % args.port)
     try:
         token = _read_token_file(args.token_file) if args.token_file else None
         server = StoreServer(args.host, args.port, token=token, max_connections=args.max_connections)

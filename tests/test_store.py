@@ -750,6 +750,22 @@ def test_program_rejects_bad_arguments_with_one_line(tmp_path):
         assert needle in err and len(err.strip().splitlines()[-1]) < 200
 
 
+def test_ports_out_of_range_are_refused_clearly():
+    for port in ("70000", "-1"):
+        proc = _start_program("--host", "127.0.0.1", "--port", port)
+        try:
+            out, err = proc.communicate(timeout=20)
+        finally:
+            proc.kill()
+        assert proc.returncode == 2, err
+        assert err.strip().splitlines() == ["store.py: error: --port must be from 0 to 65535, got %s" % port]
+    for make in (lambda: StoreServer("127.0.0.1", 70000), lambda: StoreServer("127.0.0.1", -1),
+                 lambda: TCPStore("127.0.0.1", 70000, is_master=True),
+                 lambda: TCPStore("127.0.0.1", 70000, timeout=0.3)):   # would dial 70000 % 65536
+        with pytest.raises(ValueError, match="port must be between 0 and 65535"):
+            make()
+
+
 # -------------------------------------------------------------------------------- against torch
 
 TORCH_SEMANTICS = r"""
