@@ -395,7 +395,8 @@ class StoreServer:
         self._conns = 0
         self._dirty = []            # connections with replies queued during this turn
         self._stopping = False
-        self._serving = None        # the thread inside serve_forever
+        self._life = threading.Lock()   # orders start, serve_forever and stop
+        self._serving = None        # the thread that serves (or will: start() sets it)
         self._stopped = threading.Event()
         self._ops = {
             _SET: self._op_set, _GET: self._op_get, _ADD: self._op_add, _CAS: self._op_cas,
@@ -418,21 +419,37 @@ class StoreServer:
 
     def start(self):
         """Serve in a daemon thread; returns self."""
-        threading.Thread(target=self.serve_forever, name="store-server", daemon=True).start()
+        thread = threading.Thread(target=self.serve_forever, name="store-server", daemon=True)
+        with self._life:
+            self._serving = thread   # from now on stop() waits for this thread to close everything
+        thread.start()
         return self
 
     def stop(self, timeout=5.0):
-        """Stop serving and close every connection (safe from any thread, and more than once)."""
-        self._stopping = True
+        """Stop serving and close every connection (safe from any thread, and more than once).
+
+        Returns once the listening socket is closed (or after `timeout` seconds of waiting for the
+        serving thread); a server that never served is closed right here.
+        """
+        with self._life:
+            self._stopping = True
+            serving = self._serving
+            if serving is None:
+                if not self._stopped.is_set():
+                    self._shutdown()
+                return
         try:
             self._wake_w.send(b"x")
         except OSError:
             pass
-        if self._serving is not None and self._serving is not threading.current_thread():
+        if serving is not threading.current_thread():
             self._stopped.wait(timeout)
 
     def serve_forever(self):
-        self._serving = threading.current_thread()
+        with self._life:
+            if self._stopped.is_set():   # stopped before it ever served
+                return
+            self._serving = threading.current_thread()
         poll, objects = self._poller.poll, self._poller.objects_by_fd()
         try:
             while not self._stopping:

@@ -463,6 +463,50 @@ def test_server_going_away_fails_a_blocked_get_instead_of_hanging():
         srv.stop()
 
 
+def _open_fds():
+    return len(os.listdir("/proc/self/fd"))
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="counts descriptors in /proc")
+def test_stop_closes_a_server_that_never_served():
+    before = _open_fds()
+    srv = StoreServer("127.0.0.1", 0)
+    srv.stop()
+    assert _open_fds() == before   # listener, poller, wake-up pair, spare descriptor
+    StoreServer("127.0.0.1", srv.port).stop()   # the port is free again
+    srv.serve_forever()                          # returns at once: it was stopped
+
+
+class _LateServer(StoreServer):
+    """A server whose thread begins serving only once stop() wakes it: the moment stop() missed."""
+
+    def __init__(self, *args):
+        super().__init__(*args)
+        self.woken = threading.Event()
+        wake, woken = self._wake_w, self.woken
+
+        class Wake:
+            def send(self, data):
+                woken.set()
+                return wake.send(data)
+
+            def close(self):
+                wake.close()
+
+        self._wake_w = Wake()
+
+    def serve_forever(self):
+        self.woken.wait(10)
+        super().serve_forever()
+
+
+def test_stop_right_after_start_returns_with_the_port_closed():
+    srv = _LateServer("127.0.0.1", 0).start()
+    srv.stop()
+    assert srv._listener.fileno() == -1
+    StoreServer("127.0.0.1", srv.port).stop()   # the port is free again
+
+
 # -------------------------------------------------------------------------------- scale
 
 def test_a_thousand_parked_waiters_released_by_one_set(server):
