@@ -86,6 +86,7 @@ import socket
 import struct
 import threading
 import time
+import weakref
 
 log = logging.getLogger(__name__)
 
@@ -940,6 +941,10 @@ class TCPStore:
         if is_master:
             self._server = StoreServer("::" if ":" in host else "0.0.0.0", port, token=token).start()
             port = self._server.port
+            # a master dropped without close() stops its server and frees its port, as torch's does;
+            # the finalizer and the server thread hold the server only, never this client
+            self._stop_server = weakref.finalize(self, self._server.stop)
+            self._stop_server.atexit = False
         self.host, self.port = host, port
         self._token = _token_bytes(token) if token else None
         self._send_lock = threading.Lock()   # one frame on the wire at a time
@@ -953,7 +958,7 @@ class TCPStore:
             self._sock = self._connect(time.monotonic() + self.timeout)
         except BaseException:
             if self._server is not None:
-                self._server.stop()
+                self._stop_server()
             raise
 
     @property
@@ -1363,7 +1368,7 @@ class TCPStore:
                 pass
             sock.close()
         if self._server is not None:
-            self._server.stop()
+            self._stop_server()
 
     def __enter__(self):
         return self

@@ -5,6 +5,7 @@ Servers are real (in a thread of this process or a separate process), clients us
 check the documented protocol rather than the client's idea of it.
 """
 import datetime
+import gc
 import os
 import signal
 import socket
@@ -279,6 +280,15 @@ def test_is_master_hosts_the_server_and_port_zero_picks_one():
             assert master.get("from") == b"client"
     with pytest.raises(StoreConnectionError):
         TCPStore("127.0.0.1", master.port, timeout=0.3)
+
+
+def test_a_master_dropped_without_close_stops_its_server_and_frees_the_port():
+    s = TCPStore("127.0.0.1", 0, is_master=True, timeout=5)
+    port, server = s.port, s.server
+    del s
+    gc.collect()
+    assert server._stopped.is_set()
+    TCPStore("127.0.0.1", port, is_master=True, timeout=5).close()   # as torch's master allows
 
 
 def test_one_client_shared_by_many_threads(client):
