@@ -58,7 +58,11 @@ that many ``bytes`` fields::
     welcome/verdict status: READY 0, PROOF 1, VERSION 2 (mismatch), BUSY 3 (connection limit), REFUSED 4
 
 ``timeout_ms`` < 0 waits forever. Limits: keys up to ``MAX_KEY_SIZE`` bytes, values up to
-``MAX_VALUE_SIZE``, frames up to ``MAX_FRAME_SIZE`` (256 bytes before the handshake completes).
+``MAX_VALUE_SIZE``, frames up to ``MAX_FRAME_SIZE`` (256 bytes before the handshake completes). Every
+single value fits in a frame, but several need not: the client refuses a ``multi_set``,
+``compare_set`` or list of keys that would exceed the frame with ``ValueError`` before sending
+anything, and the server answers a ``GET`` whose values would exceed it with ERROR (``StoreError``
+in the client, which stays connected).
 Anything malformed (unknown op, lengths that don't add up, oversized frame, a request before the
 handshake) closes that one connection, is logged in one line, and changes nothing stored: a request is
 fully parsed before it is applied. Values are never pickled.
@@ -184,7 +188,16 @@ _ONE_KEY = _U32.pack(1)
 
 
 def _keys_field(keys):
-    return _U32.pack(len(keys)) + b"".join(map(_key_field, keys))
+    field = _U32.pack(len(keys)) + b"".join(map(_key_field, keys))
+    _check_request(len(field) + 8, "%d keys" % len(keys))   # room for a timeout_ms field
+    return field
+
+
+def _check_request(size, what):
+    """A request whose arguments take `size` bytes fits in one frame, or ValueError."""
+    if _HEAD_SIZE + size > MAX_FRAME_SIZE:
+        raise ValueError("a request with %s takes %d bytes, over the frame limit of %d bytes (MAX_FRAME_SIZE); "
+                         "split it" % (what, _HEAD_SIZE + size, MAX_FRAME_SIZE))
 
 
 def _token_bytes(token):
@@ -854,7 +867,13 @@ class StoreServer:
     def _answer(self, waiter):
         if waiter.want_values:
             data = self._data
-            body = b"".join(_field(data[k]) for k in waiter.keys)
+            values = [data[k] for k in waiter.keys]
+            size = _HEAD_SIZE + 4 * len(values) + sum(map(len, values))
+            if size > MAX_FRAME_SIZE:   # each value fits, but not all of them in one reply
+                return self._error(waiter.rid, "the values of these %d keys take %d bytes, over the frame "
+                                   "limit of %d bytes (MAX_FRAME_SIZE); get them in smaller groups"
+                                   % (len(values), size, MAX_FRAME_SIZE))
+            body = b"".join(map(_field, values))
         else:
             body = b""
         return _HEAD.pack(_HEAD_SIZE + len(body), _OK, waiter.rid) + body
@@ -1302,9 +1321,9 @@ class TCPStore:
         return _I64.unpack(self._call(_ADD, _key_field(key) + _I64.pack(amount)))[0]
 
     def compare_set(self, key, expected, desired):
-        body = self._call(_CAS, _key_field(key) + _field(_value_bytes(expected))
-                          + _field(_value_bytes(desired)))
-        return body[4:]
+        fields = (_key_field(key), _field(_value_bytes(expected)), _field(_value_bytes(desired)))
+        _check_request(sum(map(len, fields)), "an expected and a desired value")
+        return self._call(_CAS, b"".join(fields))[4:]
 
     def wait(self, keys, timeout=None):
         """Wait until every key exists; StoreTimeout names them if `timeout` passes first."""
@@ -1338,8 +1357,9 @@ class TCPStore:
         keys, values = list(keys), list(values)
         if len(keys) != len(values):
             raise ValueError("multi_set got %d keys and %d values" % (len(keys), len(values)))
-        body = b"".join(_key_field(k) + _field(_value_bytes(v)) for k, v in zip(keys, values))
-        self._call(_MSET, _U32.pack(len(keys)) + body)
+        fields = [_key_field(k) + _field(_value_bytes(v)) for k, v in zip(keys, values)]
+        _check_request(4 + sum(map(len, fields)), "%d keys and values" % len(keys))
+        self._call(_MSET, _U32.pack(len(keys)) + b"".join(fields))
 
     def append(self, key, value):
         self._call(_APPEND, _key_field(key) + _field(_value_bytes(value)))

@@ -719,6 +719,22 @@ def test_keys_and_frames_over_the_limits_are_refused(server, client):
     assert client.num_keys() == 1
 
 
+def test_requests_and_replies_over_the_frame_limit_fail_clearly_and_keep_the_connection(client):
+    half = b"x" * (store.MAX_FRAME_SIZE // 2 + 1)   # each value is legal, two are not one frame
+    assert len(half) <= store.MAX_VALUE_SIZE
+    with pytest.raises(ValueError, match="over the frame limit of %d bytes" % store.MAX_FRAME_SIZE):
+        client.multi_set(["a", "b"], [half, half])
+    with pytest.raises(ValueError, match="over the frame limit"):
+        client.compare_set("a", half, half)
+    assert client.num_keys() == 0
+    client.set("a", half)
+    client.set("b", half)
+    with pytest.raises(StoreError, match="over the frame limit of %d bytes" % store.MAX_FRAME_SIZE):
+        client.multi_get(["a", "b"])
+    assert client.num_keys() == 2
+    assert client.multi_get(["a"]) == [half]
+
+
 def test_pipelined_raw_requests_are_answered_by_id(server):
     sock = raw_connect(server.port)
     try:
