@@ -63,8 +63,13 @@ single value fits in a frame, but several need not: the client refuses a ``multi
 ``compare_set`` or list of keys that would exceed the frame with ``ValueError`` before sending
 anything, and the server answers a ``GET`` whose values would exceed it with ERROR (``StoreError``
 in the client, which stays connected).
-Anything malformed (unknown op, lengths that don't add up, oversized frame, a request before the
-handshake) closes that one connection, is logged in one line, and changes nothing stored: a request is
+A connection has ``HANDSHAKE_TIMEOUT`` (10 s) from being accepted to finish its handshake, or the
+server closes it: otherwise peers that connect and say nothing would hold connection slots for good
+and lock real clients out. The clock starts at accept, and a client sends its hello as soon as it is
+connected, so the time counted is mostly the server working through a burst of connections (16,000
+clients connecting at once take it about a second) and a loaded client host scheduling the client;
+10 s leaves a wide margin for both. Anything malformed (unknown op, lengths that don't add up,
+oversized frame, a request before the handshake) closes that one connection, is logged in one line, and changes nothing stored: a request is
 fully parsed before it is applied. Values are never pickled.
 
 Authentication is optional: a server given a token sends a random challenge and accepts only the HMAC
@@ -76,7 +81,7 @@ __version__ = "0.1.0"
 __all__ = [
     "TCPStore", "PrefixStore", "StoreServer",
     "StoreError", "StoreTimeout", "StoreConnectionError", "StoreAuthError",
-    "MAX_KEY_SIZE", "MAX_VALUE_SIZE", "MAX_FRAME_SIZE", "PROTOCOL_VERSION",
+    "MAX_KEY_SIZE", "MAX_VALUE_SIZE", "MAX_FRAME_SIZE", "PROTOCOL_VERSION", "HANDSHAKE_TIMEOUT",
 ]
 
 import errno
@@ -99,6 +104,7 @@ MAX_KEY_SIZE = 64 * 1024
 MAX_VALUE_SIZE = 256 * 1024 * 1024
 MAX_FRAME_SIZE = MAX_VALUE_SIZE + 2 * MAX_KEY_SIZE + 64
 DEFAULT_MAX_CONNECTIONS = 100000
+HANDSHAKE_TIMEOUT = 10.0
 
 _MAGIC = b"EKVS"
 _HANDSHAKE_FRAME_LIMIT = 256
@@ -285,7 +291,7 @@ class _Reader:
 
 
 class _Conn:
-    __slots__ = ("sock", "peer", "rbuf", "wbuf", "state", "challenge", "waiters", "events", "closed")
+    __slots__ = ("sock", "peer", "rbuf", "wbuf", "state", "challenge", "waiters", "events", "closed", "done")
 
     def __init__(self, sock, peer):
         self.sock, self.peer = sock, peer
@@ -296,6 +302,7 @@ class _Conn:
         self.waiters = set()
         self.events = _READ
         self.closed = False
+        self.done = False               # past the handshake (or closed): its deadline no longer applies
 
 
 class _Waiter:
@@ -373,12 +380,13 @@ class StoreServer:
     """
 
     def __init__(self, host="0.0.0.0", port=0, *, token=None, max_connections=DEFAULT_MAX_CONNECTIONS,
-                 backlog=65535):
+                 backlog=65535, handshake_timeout=HANDSHAKE_TIMEOUT):
         if max_connections < 1:
             raise ValueError("max_connections must be at least 1, got %r" % (max_connections,))
         _check_port(port)
         self.host = host
         self.max_connections = max_connections
+        self.handshake_timeout = _seconds(handshake_timeout)
         self._token = _token_bytes(token) if token else None
         self._raise_fd_limit(max_connections)
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
@@ -404,7 +412,7 @@ class StoreServer:
         self._inview = memoryview(self._inbuf)
         self._data = {}
         self._waiters = {}          # key -> {waiter: None}, an insertion-ordered set
-        self._deadlines = []        # heap of (deadline, seq, waiter)
+        self._deadlines = []        # heap of (deadline, seq, parked waiter or connection in its handshake)
         self._seq = 0
         self._conns = 0
         self._dirty = []            # connections with replies queued during this turn
@@ -523,6 +531,8 @@ class StoreServer:
             conn = _Conn(sock, peer)
             self._conns += 1
             self._poller.register(sock, _READ, conn)
+            self._seq += 1
+            heapq.heappush(self._deadlines, (time.monotonic() + self.handshake_timeout, self._seq, conn))
 
     def _turn_away_one(self):
         """Out of descriptors: free the spare one to accept a client just to tell it why we can't."""
@@ -550,7 +560,7 @@ class StoreServer:
     def _close(self, conn):
         if conn.closed:
             return
-        conn.closed = True
+        conn.closed = conn.done = True
         self._conns -= 1
         for waiter in conn.waiters:
             waiter.done = True
@@ -646,6 +656,7 @@ class StoreServer:
                 self._final(conn, bytes([_BUSY, PROTOCOL_VERSION]))
             elif self._token is None:
                 conn.state = "ready"
+                conn.done = True
                 conn.wbuf += _U32.pack(2) + bytes([_READY, PROTOCOL_VERSION])
             else:
                 conn.state = "proof"
@@ -654,6 +665,7 @@ class StoreServer:
         elif conn.state == "proof":
             if _same(payload, _proof(self._token, conn.challenge)):
                 conn.state = "ready"
+                conn.done = True
                 conn.wbuf += _U32.pack(1) + bytes([_READY])
             else:
                 log.warning("store: client %s failed authentication", _peer_text(conn.peer))
@@ -888,6 +900,9 @@ class StoreServer:
         while heap and (heap[0][2].done or heap[0][0] <= now):
             waiter = heapq.heappop(heap)[2]
             if waiter.done:
+                continue
+            if waiter.__class__ is _Conn:   # a connection still in its handshake: it holds a slot for nothing
+                self._drop(waiter, "no handshake within %g s" % self.handshake_timeout)
                 continue
             waiter.done = True
             self._unpark(waiter)

@@ -780,6 +780,23 @@ def test_token_accepted_and_refused():
         srv.stop()
 
 
+def test_connections_that_never_finish_the_handshake_are_closed_at_its_deadline():
+    srv = StoreServer("127.0.0.1", 0, token="s3cret", max_connections=2, handshake_timeout=0.5).start()
+    silent = socket.create_connection(("127.0.0.1", srv.port), timeout=10)   # never says hello
+    unproven = socket.create_connection(("127.0.0.1", srv.port), timeout=10)
+    try:
+        unproven.sendall(frame(b"EKVS\x01"))
+        assert recv_frame(unproven)[0] == 1   # PROOF: then it never proves anything
+        assert closed_by_peer(silent) and closed_by_peer(unproven)
+        with TCPStore("127.0.0.1", srv.port, token="s3cret", timeout=5) as c:   # not locked out
+            c.set("k", "v")
+            assert c.get("k") == b"v"
+    finally:
+        silent.close()
+        unproven.close()
+        srv.stop()
+
+
 # -------------------------------------------------------------------------------- the program
 
 def _start_program(*args):
