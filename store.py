@@ -988,6 +988,7 @@ class TCPStore:
         self._replies = {}                   # request id -> (status, body), read by another thread
         self._rid = 0
         self._rbuf = bytearray()
+        self._gone = None                    # why the connection ended, for every later message
         try:
             self._sock = self._connect(time.monotonic() + self.timeout)
         except BaseException:
@@ -1136,13 +1137,12 @@ class TCPStore:
         """Put one request on the wire (the caller holds the send lock); returns the socket."""
         sock = self._sock
         if sock is None:
-            raise StoreConnectionError("this store client is closed")
+            raise StoreConnectionError(self._gone)
         try:
             sock.sendall(_HEAD.pack(_HEAD_SIZE + len(body), op, rid) + body)
-        except OSError as e:
-            self._sock = None   # part of a frame may be on the wire: this connection is done
-            sock.close()
-            raise StoreConnectionError("lost the store at %s: %s" % (self._where(), _describe(e))) from e
+        except OSError as e:   # part of a frame may be on the wire: this connection is done
+            self._end("lost the store at %s: %s" % (self._where(), _describe(e)))
+            raise StoreConnectionError(self._gone) from e
         return sock
 
     def _patience(self, wait):
@@ -1195,6 +1195,9 @@ class TCPStore:
                 if reply is not None:
                     waiting.pop(rid, None)
                     return reply
+                if self._sock is None:
+                    waiting.pop(rid, None)
+                    raise StoreConnectionError(self._gone)
                 if not self._reading:
                     self._reading = True
                     break
@@ -1259,7 +1262,7 @@ class TCPStore:
             if remaining <= 0:
                 raise StoreTimeout("no answer from the store at %s" % self._where())
             if sock is None:
-                raise StoreConnectionError("this store client is closed")
+                raise StoreConnectionError(self._gone)
             try:
                 self._arm(sock, remaining)
                 chunk = sock.recv(max(65536, end - len(buf)) if len(buf) >= _HEAD.size else 65536)
@@ -1312,7 +1315,25 @@ class TCPStore:
             self._armed = seconds
 
     def _broken(self, why):
-        raise StoreConnectionError("lost the store at %s: %s" % (self._where(), why))
+        self._end("lost the store at %s: %s" % (self._where(), why))
+        raise StoreConnectionError(self._gone)
+
+    def _end(self, why):
+        """Close the connection for good. The first reason given is the one every later call reports:
+        a read that fails because close() shut the socket says the client was closed, and a call
+        after the server went away says so rather than blaming a close() nobody made."""
+        with self._lock:
+            if self._gone is None:
+                self._gone = why
+            sock, self._sock = self._sock, None
+            for sleeper in self._waiting.values():   # threads waiting for replies learn it at once
+                _wake(sleeper)
+        if sock is not None:
+            try:
+                sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+            sock.close()
 
     def _wait_ms(self, timeout):
         seconds = self.timeout if timeout is None else _seconds(timeout)
@@ -1394,14 +1415,7 @@ class TCPStore:
 
     def close(self):
         """Close the connection (and stop the in-process server when this client hosts it)."""
-        with self._lock:   # not the send lock: a request holds that until its answer comes
-            sock, self._sock = self._sock, None
-        if sock is not None:
-            try:
-                sock.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
-            sock.close()
+        self._end("this client of the store at %s was closed" % self._where())
         if self._server is not None:
             self._stop_server()
 

@@ -517,6 +517,48 @@ def test_stop_right_after_start_returns_with_the_port_closed():
     StoreServer("127.0.0.1", srv.port).stop()   # the port is free again
 
 
+def test_every_later_error_tells_why_the_connection_ended(program):
+    proc, port = program
+    c = TCPStore("127.0.0.1", port, timeout=10)
+    try:
+        c.set("a", "1")
+        proc.kill()
+        proc.wait()
+        for _ in range(3):   # the server went away: no call blames a close() nobody made
+            with pytest.raises(StoreConnectionError, match="lost the store at 127.0.0.1:%d: it closed" % port):
+                c.set("a", "2")
+    finally:
+        c.close()
+    with pytest.raises(StoreConnectionError, match="lost the store"):
+        c.set("a", "3")
+
+
+def test_a_blocked_get_is_told_its_client_was_closed(server):
+    c = TCPStore("127.0.0.1", server.port, timeout=10)
+    errors = []
+
+    def blocked(key):
+        try:
+            c.get(key)
+        except StoreError as e:
+            errors.append(e)
+
+    threads = [threading.Thread(target=blocked, args=("never%d" % i,)) for i in range(2)]
+    for t in threads:   # one reads the socket, the other sleeps until its reply is handed over
+        t.start()
+    while len(c._waiting) < 1 or not c._reading:
+        time.sleep(0.01)   # both parked: nothing to wait on from outside the client
+    c.close()
+    for t in threads:
+        t.join(5)
+    assert len(errors) == 2
+    for e in errors:
+        assert isinstance(e, StoreConnectionError)
+        assert str(e) == "this client of the store at 127.0.0.1:%d was closed" % server.port
+    with pytest.raises(StoreConnectionError, match="was closed"):
+        c.set("k", "v")
+
+
 # -------------------------------------------------------------------------------- scale
 
 def test_a_thousand_parked_waiters_released_by_one_set(server):
