@@ -1138,11 +1138,16 @@ class TCPStore:
         sock = self._sock
         if sock is None:
             raise StoreConnectionError(self._gone)
+        frame = _HEAD.pack(_HEAD_SIZE + len(body), op, rid) + body
         try:
-            sock.sendall(_HEAD.pack(_HEAD_SIZE + len(body), op, rid) + body)
+            sock.sendall(frame)
         except OSError as e:   # part of a frame may be on the wire: this connection is done
             self._end("lost the store at %s: %s" % (self._where(), _describe(e)))
             raise StoreConnectionError(self._gone) from e
+        except BaseException as e:   # interrupted (Ctrl-C): the next frame would complete this one
+            self._end("this client of the store at %s was closed because a request was interrupted (%s) "
+                      "while being sent" % (self._where(), type(e).__name__))
+            raise
         return sock
 
     def _patience(self, wait):

@@ -361,6 +361,45 @@ def test_a_late_reply_from_a_stalled_server_is_not_taken_for_the_next_one(progra
         assert c.get("n") == b"111"
 
 
+def _interrupt_inside(name):
+    """Start a thread that sends this (main) thread SIGINT once it calls the C function `name`;
+    returns the profile function that notices the call."""
+    calling = threading.Event()
+
+    def profile(frame, event, arg):
+        if event == "c_call" and getattr(arg, "__name__", None) == name:
+            sys.setprofile(None)
+            calling.set()
+
+    def interrupt():
+        if calling.wait(30):
+            signal.pthread_kill(threading.main_thread().ident, signal.SIGINT)
+
+    threading.Thread(target=interrupt, daemon=True).start()
+    return profile
+
+
+def test_a_set_interrupted_while_sending_closes_the_client_rather_than_corrupt_the_value(program):
+    proc, port = program
+    size = 32 * 1024 * 1024   # more than the socket buffers hold: sendall waits for the server
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    with TCPStore("127.0.0.1", port, timeout=10) as c, TCPStore("127.0.0.1", port, timeout=10) as other:
+        proc.send_signal(signal.SIGSTOP)
+        os.waitpid(proc.pid, os.WUNTRACED)
+        try:
+            sys.setprofile(_interrupt_inside("sendall"))
+            with pytest.raises(KeyboardInterrupt):
+                c.set("big", b"A" * size)
+        finally:
+            sys.setprofile(None)
+            signal.signal(signal.SIGINT, previous)
+            proc.send_signal(signal.SIGCONT)
+        # the next request's bytes used to complete the interrupted frame and be stored as its value
+        with pytest.raises(StoreConnectionError, match="interrupted \\(KeyboardInterrupt\\) while being sent"):
+            c.set("victim", b"V" * size)
+        assert not other.check(["big"]) and not other.check(["victim"])
+
+
 def test_a_request_stuck_on_a_stalled_server_holds_other_threads_no_longer_than_they_wait(program):
     # an add keeps the socket to itself for its round trip; a thread that comes meanwhile with a
     # shorter wait must give up in its own time, not in the add's
