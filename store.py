@@ -24,6 +24,11 @@ desired)`` sets ``desired`` when the current value equals ``expected`` (or when 
 ``expected`` is empty) and returns the value the key now has (``expected`` itself when the key is
 missing and ``expected`` is not empty).
 
+A client is one socket shared by all the threads that use it. When its connection ends (the server
+went away, ``close()``, or a request interrupted by Ctrl-C while part of a frame may have been sent
+or a reply lost), every later call raises ``StoreConnectionError`` saying which; a request
+interrupted anywhere else leaves the client usable.
+
 The server is one thread around ``selectors`` (epoll on Linux). A blocked ``get`` or ``wait`` is parked
 on the server beside the keys it needs and answered by the ``set``/``add`` that completes it: nothing
 polls, and an idle or waiting client costs one socket and a few hundred bytes, never a thread. We chose
@@ -981,9 +986,11 @@ class TCPStore:
             self._stop_server.atexit = False
         self.host, self.port = host, port
         self._token = _token_bytes(token) if token else None
-        self._send_lock = threading.Lock()   # one frame on the wire at a time
+        # one frame on the wire at a time. An RLock because it knows its owner: a request interrupted
+        # just after acquiring it (Ctrl-C) can tell that it holds it and let go, which a Lock can't
+        self._send_lock = threading.RLock()
         self._lock = threading.Lock()        # guards the three fields below
-        self._reading = False                # some thread is reading replies off the socket
+        self._reading = 0                    # the id of the thread reading replies off the socket, or 0
         self._waiting = {}                   # request id -> the lock its thread sleeps on, or None
         self._replies = {}                   # request id -> (status, body), read by another thread
         self._rid = 0
@@ -1056,17 +1063,30 @@ class TCPStore:
     # -- request plumbing
 
     def _call(self, op, body, wait=None, keys=()):
-        """Send one request and return the reply body. `wait`: seconds the server may park it."""
+        """Send one request and return the reply body. `wait`: seconds the server may park it.
+
+        Interrupted anywhere (Ctrl-C), a request leaves the client usable, or closed with a reason
+        when part of a frame may have been sent or a reply lost: never holding a lock or a role
+        another thread waits for.
+        """
         send_lock = self._send_lock
-        if not send_lock.acquire(False):
-            status, result = self._shared(op, body, wait)
-        elif self._waiting or self._reading or self._rbuf:   # other requests are in flight: join them
-            send_lock.release()
-            status, result = self._shared(op, body, wait)
-        elif wait is None:
-            status, result = self._exchange(op, body)   # releases the send lock
-        else:
-            status, result = self._alone(op, body, wait)   # releases the send lock once sent
+        if send_lock._is_owned():   # only a signal handler can call in the middle of a request
+            raise StoreError("a store request was made (from a signal handler?) while this thread's "
+                             "previous request is unfinished; it would wait for itself")
+        try:
+            if not send_lock.acquire(False):
+                status, result = self._shared(op, body, wait)
+            elif self._waiting or self._reading or self._rbuf:   # other requests are in flight: join them
+                send_lock.release()
+                status, result = self._shared(op, body, wait)
+            elif wait is None:
+                status, result = self._exchange(op, body)   # releases the send lock
+            else:
+                status, result = self._alone(op, body, wait)   # releases the send lock once sent
+        except BaseException:
+            if send_lock._is_owned():   # interrupted before the callee's own finally could release it
+                send_lock.release()
+            raise
         if status == _OK:
             return result
         if status == _TIMEOUT:
@@ -1096,42 +1116,45 @@ class TCPStore:
         once the request is out: other threads send while the server holds ours, register as usual,
         and are handed their replies.
         """
+        me, rid = _get_ident(), None
         try:
+            self._reading = me
             self._rid = rid = (self._rid + 1) & 0xFFFFFFFF
-            self._reading = True
             try:
                 sock = self._send(op, rid, body)
-            except StoreConnectionError:
-                self._pass_reading(rid)
-                raise
-        finally:
-            self._send_lock.release()
-        try:
+            finally:
+                self._send_lock.release()
             return self._receive(sock, rid, self._patience(wait))
         finally:
-            self._pass_reading(rid)
+            self._pass_reading(rid, me)
 
     def _receive(self, sock, rid, seconds):
         """As the only reader: the reply to `rid`. Usually it is one whole frame in one recv, checked
         and returned right here."""
-        if self._armed != seconds:
-            self._arm(sock, seconds)
         try:
-            chunk = sock.recv(65536)
-        except (socket.timeout, BlockingIOError):
-            raise StoreTimeout("no answer from the store at %s within %.1f s"
-                               % (self._where(), seconds)) from None
-        except OSError as e:
-            self._broken(_describe(e))
-        size = len(chunk)
-        if size >= 9:
-            length, status, frid = _HEAD.unpack_from(chunk)
-            if frid == rid and length + 4 == size:
-                return status, chunk[9:]
-        elif not size:
-            self._broken("it closed the connection")
-        self._rbuf += chunk
-        return self._read_until(rid, time.monotonic() + seconds)
+            if self._armed != seconds:
+                self._arm(sock, seconds)
+            try:
+                chunk = sock.recv(65536)
+            except (socket.timeout, BlockingIOError):
+                raise StoreTimeout("no answer from the store at %s within %.1f s"
+                                   % (self._where(), seconds)) from None
+            except OSError as e:
+                self._broken(_describe(e))
+            size = len(chunk)
+            if size >= 9:
+                length, status, frid = _HEAD.unpack_from(chunk)
+                if frid == rid and length + 4 == size:
+                    return status, chunk[9:]
+            elif not size:
+                self._broken("it closed the connection")
+            self._rbuf += chunk
+            return self._read_until(rid, time.monotonic() + seconds)
+        except StoreError:
+            raise
+        except BaseException as e:
+            self._interrupted_reading(e)
+            raise
 
     def _send(self, op, rid, body):
         """Put one request on the wire (the caller holds the send lock); returns the socket."""
@@ -1160,34 +1183,33 @@ class TCPStore:
     def _shared(self, op, body, wait):
         """The round trip beside other threads' requests: register, send, then read or be handed the
         reply."""
+        if self._sock is None:
+            raise StoreConnectionError(self._gone)
         patience = self._patience(wait)
         deadline = time.monotonic() + patience
         if not self._send_lock.acquire(timeout=patience):   # held through another thread's round trip
             raise StoreTimeout("the store at %s left another request unanswered for %.1f s"
                                % (self._where(), patience))
+        me, rid = _get_ident(), None
         try:
-            self._rid = rid = (self._rid + 1) & 0xFFFFFFFF
-            with self._lock:   # registered before sending, so whoever reads the reply keeps it for us
-                self._waiting[rid] = None
-                reader = not self._reading   # nobody reading: we will, without a second lock trip
-                if reader:
-                    self._reading = True
             try:
+                self._rid = rid = (self._rid + 1) & 0xFFFFFFFF
+                with self._lock:   # registered before sending, so whoever reads the reply keeps it for us
+                    self._waiting[rid] = None
+                    reader = not self._reading   # nobody reading: we will, without a second lock trip
+                    if reader:
+                        self._reading = me
                 self._send(op, rid, body)
-            except StoreConnectionError:
-                if reader:
-                    self._pass_reading(rid)
-                else:
-                    with self._lock:
-                        self._waiting.pop(rid, None)
-                raise
-        finally:
-            self._send_lock.release()
-        if reader:
-            return self._read_own(rid, deadline)
-        return self._await(rid, deadline)
+            finally:
+                self._send_lock.release()
+            if reader:
+                return self._read_own(rid, deadline, me)
+            return self._await(rid, deadline, me)
+        except BaseException:   # a failed send, a timeout, or an interruption at any point
+            self._pass_reading(rid, me)
+            raise
 
-    def _await(self, rid, deadline):
+    def _await(self, rid, deadline, me):
         """Wait for the reply to `rid`: read the socket ourselves, or sleep while another thread does.
 
         Whichever thread reads hands every other thread its reply and, when it has its own, passes
@@ -1204,7 +1226,7 @@ class TCPStore:
                     waiting.pop(rid, None)
                     raise StoreConnectionError(self._gone)
                 if not self._reading:
-                    self._reading = True
+                    self._reading = me
                     break
                 sleeper = waiting.get(rid)
                 if sleeper is None:
@@ -1218,38 +1240,56 @@ class TCPStore:
                 if reply is not None:
                     return reply
                 raise StoreTimeout("no answer from the store at %s" % self._where())
-        return self._read_own(rid, deadline)
+        return self._read_own(rid, deadline, me)
 
-    def _read_own(self, rid, deadline):
+    def _read_own(self, rid, deadline, me):
         """As the reading thread: read until our reply comes, then pass the reading on."""
         try:
             return self._read_until(rid, deadline)
         finally:
-            self._pass_reading(rid)
+            self._pass_reading(rid, me)
 
     def _read_until(self, rid, deadline):
         """Read replies, handing out other threads', until the one to `rid` arrives."""
-        while True:
-            frid, status, body = self._read_reply(deadline)
-            if frid == rid:
-                return status, body
-            with self._lock:
-                if frid in self._waiting:   # a reply nobody waits for any more (timed out) is dropped
-                    self._replies[frid] = (status, body)
-                    _wake(self._waiting[frid])
+        try:
+            while True:
+                frid, status, body = self._read_reply(deadline)
+                if frid == rid:
+                    return status, body
+                with self._lock:
+                    if frid in self._waiting:   # a reply nobody waits for any more (timed out) is dropped
+                        self._replies[frid] = (status, body)
+                        _wake(self._waiting[frid])
+        except StoreError:
+            raise
+        except BaseException as e:
+            self._interrupted_reading(e)
+            raise
 
-    def _pass_reading(self, rid):
-        """Give up the reading, waking one thread that still waits for its reply to take it over."""
+    def _interrupted_reading(self, error):
+        """Reading was interrupted (Ctrl-C), perhaps just after bytes left the socket and before they
+        were kept: we can't tell where the next frame starts any more, so the connection ends."""
+        self._end("this client of the store at %s was closed because a request was interrupted (%s) "
+                  "while reading replies" % (self._where(), type(error).__name__))
+
+    def _pass_reading(self, rid, me):
+        """Withdraw the request `rid` and give up the reading if thread `me` has it, waking one thread
+        that still waits for its reply to take it over. Also after an interruption: then `rid` may
+        be None (nothing sent), and the reading may be another thread's, or ours by a hand-over we
+        never saw."""
         with self._lock:
-            self._reading = False
+            if self._reading == me:
+                self._reading = 0
             waiting = self._waiting
             if waiting:   # empty when we were alone
-                waiting.pop(rid, None)
                 replies = self._replies
-                for other, sleeper in waiting.items():
-                    if other not in replies and sleeper is not None and sleeper.locked():
-                        sleeper.release()
-                        break
+                waiting.pop(rid, None)
+                replies.pop(rid, None)
+                if not self._reading:
+                    for other, sleeper in waiting.items():
+                        if other not in replies and sleeper is not None and sleeper.locked():
+                            sleeper.release()
+                            break
 
     def _read_reply(self, deadline):
         buf, sock = self._rbuf, self._sock
@@ -1432,6 +1472,9 @@ class TCPStore:
 
     def __repr__(self):
         return "TCPStore(%r, %r%s)" % (self.host, self.port, ", is_master=True" if self._server else "")
+
+
+_get_ident = threading.get_ident
 
 
 def _wake(sleeper):

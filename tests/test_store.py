@@ -400,6 +400,117 @@ def test_a_set_interrupted_while_sending_closes_the_client_rather_than_corrupt_t
         assert not other.check(["big"]) and not other.check(["victim"])
 
 
+def _interrupt_at(n):
+    """A profile function that raises KeyboardInterrupt at the n-th call, return, C call or C return
+    this thread makes outside the test: where a real Ctrl-C can land, one point at a time."""
+    seen = [0]
+
+    def profile(frame, event, arg):
+        if frame.f_code.co_filename == __file__:   # the test's own calls
+            return
+        if event == "c_call" and getattr(arg, "__name__", None) == "__exit__":
+            return   # a with-statement's exit: Python handles no signal between its block and this call
+        seen[0] += 1
+        if seen[0] == n:
+            sys.setprofile(None)
+            raise KeyboardInterrupt
+    return profile, seen
+
+
+def test_a_request_from_inside_a_request_of_the_same_thread_is_refused_at_once(client):
+    # as from a signal handler that runs while its thread is in the middle of a request; the send
+    # lock can't be a plain Lock (whose owner an interrupted request could not tell), and the RLock
+    # must not let the inner request write into the outer one's frame
+    inner = []
+
+    def profile(frame, event, arg):
+        if event == "c_call" and getattr(arg, "__name__", None) == "sendall":
+            sys.setprofile(None)
+            try:
+                client.set("inner", "x")
+            except StoreError as e:
+                inner.append(e)
+
+    try:
+        sys.setprofile(profile)
+        client.set("outer", "y")
+    finally:
+        sys.setprofile(None)
+    assert "previous request is unfinished" in str(inner[0])
+    assert client.get("outer") == b"y" and not client.check(["inner"])
+
+
+def _parked_get(c, key, out):
+    """Start a thread whose get of `key` is parked, the thread reading the socket for everyone."""
+    def get():
+        try:
+            out.append(c.get(key))
+        except StoreError as e:
+            out.append(e)
+    t = threading.Thread(target=get)
+    t.start()
+    while not c._reading and not out:
+        time.sleep(0.001)   # the get is sent once it holds the reading: no event to wait on
+    return t
+
+
+@pytest.mark.parametrize("path", ["exchange", "alone", "shared"])
+def test_an_interrupt_anywhere_in_a_request_leaves_the_client_usable_or_closed_never_wedged(server, path):
+    """exchange: a set alone on the socket; alone: a get that reads for itself; shared: an add
+    beside another thread's parked get, which reads and hands the add its reply."""
+    other = TCPStore("127.0.0.1", server.port, timeout=10)
+    other.set("k", "v")
+    c, closed, n = None, 0, 0
+    try:
+        while True:
+            n += 1
+            if c is None:
+                c = TCPStore("127.0.0.1", server.port, timeout=5)
+            parked, got = None, []
+            if path == "shared":
+                parked = _parked_get(c, "gate%d" % n, got)
+            profile, seen = _interrupt_at(n)
+            try:
+                sys.setprofile(profile)
+                if path == "exchange":
+                    c.set("k", "v")
+                elif path == "alone":
+                    assert c.get("k") == b"v"
+                else:
+                    assert c.add("n", 0) == 0
+            except KeyboardInterrupt:
+                pass
+            finally:
+                sys.setprofile(None)
+            done = seen[0] < n   # the request ran to its end without reaching the n-th point
+            t0 = time.monotonic()
+            try:   # the next request: served, or refused at once because the connection was closed
+                assert c.add("n", 0) == 0
+                assert c.get("k") == b"v"
+                usable = True
+            except StoreConnectionError as e:
+                assert "was closed because a request was interrupted (KeyboardInterrupt)" in str(e)
+                usable = False
+            assert time.monotonic() - t0 < 2, "wedged after an interrupt at point %d" % n
+            if parked is not None:
+                other.set("gate%d" % n, "open")
+                parked.join(5)
+                assert not parked.is_alive()
+                assert got == [b"open"] if usable else (got == [b"open"] or isinstance(got[0], StoreConnectionError))
+            if not usable:
+                closed += 1
+                c.close()
+                c = None
+            if done:
+                break
+        print("%s: interrupted at %d points, %d of them closed the client" % (path, n - 1, closed))
+        assert n > 20 and other.get("k") == b"v"
+    finally:
+        if c is not None:
+            c.close()
+        other.close()
+
+
 def test_a_request_stuck_on_a_stalled_server_holds_other_threads_no_longer_than_they_wait(program):
     # an add keeps the socket to itself for its round trip; a thread that comes meanwhile with a
     # shorter wait must give up in its own time, not in the add's
