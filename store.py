@@ -24,6 +24,11 @@ desired)`` sets ``desired`` when the current value equals ``expected`` (or when 
 ``expected`` is empty) and returns the value the key now has (``expected`` itself when the key is
 missing and ``expected`` is not empty).
 
+A client is one socket shared by all the threads that use it. When its connection ends (the server
+went away, ``close()``, or a request interrupted by Ctrl-C while part of a frame may have been sent
+or a reply lost), every later call raises ``StoreConnectionError`` saying which; a request
+interrupted anywhere else leaves the client usable.
+
 The server is one thread around ``selectors`` (epoll on Linux). A blocked ``get`` or ``wait`` is parked
 on the server beside the keys it needs and answered by the ``set``/``add`` that completes it: nothing
 polls, and an idle or waiting client costs one socket and a few hundred bytes, never a thread. We chose
@@ -68,9 +73,18 @@ an ordinary key first, or another connection's EPHEMERAL took it over. Liveness 
 vanishes with its writer (as etcd's leases do, and the rendezvous relies on that when it can).
 
 ``timeout_ms`` < 0 waits forever. Limits: keys up to ``MAX_KEY_SIZE`` bytes, values up to
-``MAX_VALUE_SIZE``, frames up to ``MAX_FRAME_SIZE`` (256 bytes before the handshake completes).
-Anything malformed (unknown op, lengths that don't add up, oversized frame, a request before the
-handshake) closes that one connection, is logged in one line, and changes nothing stored: a request is
+``MAX_VALUE_SIZE``, frames up to ``MAX_FRAME_SIZE`` (256 bytes before the handshake completes). Every
+single value fits in a frame, but several need not: the client refuses a ``multi_set``,
+``compare_set`` or list of keys that would exceed the frame with ``ValueError`` before sending
+anything, and the server answers a ``GET`` whose values would exceed it with ERROR (``StoreError``
+in the client, which stays connected).
+A connection has ``HANDSHAKE_TIMEOUT`` (10 s) from being accepted to finish its handshake, or the
+server closes it: otherwise peers that connect and say nothing would hold connection slots for good
+and lock real clients out. The clock starts at accept, and a client sends its hello as soon as it is
+connected, so the time counted is mostly the server working through a burst of connections (16,000
+clients connecting at once take it about a second) and a loaded client host scheduling the client;
+10 s leaves a wide margin for both. Anything malformed (unknown op, lengths that don't add up,
+oversized frame, a request before the handshake) closes that one connection, is logged in one line, and changes nothing stored: a request is
 fully parsed before it is applied. Values are never pickled.
 
 Authentication is optional: a server given a token sends a random challenge and accepts only the HMAC
@@ -82,7 +96,7 @@ __version__ = "0.1.0"
 __all__ = [
     "TCPStore", "PrefixStore", "StoreServer",
     "StoreError", "StoreTimeout", "StoreConnectionError", "StoreAuthError",
-    "MAX_KEY_SIZE", "MAX_VALUE_SIZE", "MAX_FRAME_SIZE", "PROTOCOL_VERSION",
+    "MAX_KEY_SIZE", "MAX_VALUE_SIZE", "MAX_FRAME_SIZE", "PROTOCOL_VERSION", "HANDSHAKE_TIMEOUT",
 ]
 
 import errno
@@ -96,6 +110,7 @@ import socket
 import struct
 import threading
 import time
+import weakref
 
 log = logging.getLogger(__name__)
 
@@ -104,6 +119,7 @@ MAX_KEY_SIZE = 64 * 1024
 MAX_VALUE_SIZE = 256 * 1024 * 1024
 MAX_FRAME_SIZE = MAX_VALUE_SIZE + 2 * MAX_KEY_SIZE + 64
 DEFAULT_MAX_CONNECTIONS = 100000
+HANDSHAKE_TIMEOUT = 10.0
 
 _MAGIC = b"EKVS"
 _HANDSHAKE_FRAME_LIMIT = 256
@@ -195,7 +211,16 @@ _ONE_KEY = _U32.pack(1)
 
 
 def _keys_field(keys):
-    return _U32.pack(len(keys)) + b"".join(map(_key_field, keys))
+    field = _U32.pack(len(keys)) + b"".join(map(_key_field, keys))
+    _check_request(len(field) + 8, "%d keys" % len(keys))   # room for a timeout_ms field
+    return field
+
+
+def _check_request(size, what):
+    """A request whose arguments take `size` bytes fits in one frame, or ValueError."""
+    if _HEAD_SIZE + size > MAX_FRAME_SIZE:
+        raise ValueError("a request with %s takes %d bytes, over the frame limit of %d bytes (MAX_FRAME_SIZE); "
+                         "split it" % (what, _HEAD_SIZE + size, MAX_FRAME_SIZE))
 
 
 def _token_bytes(token):
@@ -210,6 +235,16 @@ def _proof(token, challenge):
 def _same(a, b):
     import hmac
     return hmac.compare_digest(a, b)
+
+
+def _check_port(port):
+    """A TCP port number, or ValueError: the socket module would wrap 70000 around to 4464, or raise
+    OverflowError."""
+    if port.__class__ is not int and not isinstance(port, int):
+        raise TypeError("port must be an int, got %s" % type(port).__name__)
+    if not 0 <= port <= 65535:
+        raise ValueError("port must be between 0 and 65535, got %d" % port)
+    return port
 
 
 def _read_token_file(path):
@@ -273,7 +308,8 @@ class _Reader:
 
 
 class _Conn:
-    __slots__ = ("sock", "peer", "rbuf", "wbuf", "state", "challenge", "waiters", "events", "closed", "owned")
+    __slots__ = ("sock", "peer", "rbuf", "wbuf", "state", "challenge", "waiters", "events", "closed", "owned",
+                 "done")
 
     def __init__(self, sock, peer):
         self.sock, self.peer = sock, peer
@@ -285,6 +321,7 @@ class _Conn:
         self.events = _READ
         self.closed = False
         self.owned = None               # keys set with EPHEMERAL: deleted when we close
+        self.done = False               # past the handshake (or closed): its deadline no longer applies
 
 
 class _Waiter:
@@ -362,11 +399,13 @@ class StoreServer:
     """
 
     def __init__(self, host="0.0.0.0", port=0, *, token=None, max_connections=DEFAULT_MAX_CONNECTIONS,
-                 backlog=65535):
+                 backlog=65535, handshake_timeout=HANDSHAKE_TIMEOUT):
         if max_connections < 1:
             raise ValueError("max_connections must be at least 1, got %r" % (max_connections,))
+        _check_port(port)
         self.host = host
         self.max_connections = max_connections
+        self.handshake_timeout = _seconds(handshake_timeout)
         self._token = _token_bytes(token) if token else None
         self._raise_fd_limit(max_connections)
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
@@ -393,12 +432,13 @@ class StoreServer:
         self._data = {}
         self._waiters = {}          # key -> {waiter: None}, an insertion-ordered set
         self._owners = {}           # ephemeral key -> the connection whose closing deletes it
-        self._deadlines = []        # heap of (deadline, seq, waiter)
+        self._deadlines = []        # heap of (deadline, seq, parked waiter or connection in its handshake)
         self._seq = 0
         self._conns = 0
         self._dirty = []            # connections with replies queued during this turn
         self._stopping = False
-        self._serving = None        # the thread inside serve_forever
+        self._life = threading.Lock()   # orders start, serve_forever and stop
+        self._serving = None        # the thread that serves (or will: start() sets it)
         self._stopped = threading.Event()
         self._ops = {
             _SET: self._op_set, _GET: self._op_get, _ADD: self._op_add, _CAS: self._op_cas,
@@ -422,21 +462,37 @@ class StoreServer:
 
     def start(self):
         """Serve in a daemon thread; returns self."""
-        threading.Thread(target=self.serve_forever, name="store-server", daemon=True).start()
+        thread = threading.Thread(target=self.serve_forever, name="store-server", daemon=True)
+        with self._life:
+            self._serving = thread   # from now on stop() waits for this thread to close everything
+        thread.start()
         return self
 
     def stop(self, timeout=5.0):
-        """Stop serving and close every connection (safe from any thread, and more than once)."""
-        self._stopping = True
+        """Stop serving and close every connection (safe from any thread, and more than once).
+
+        Returns once the listening socket is closed (or after `timeout` seconds of waiting for the
+        serving thread); a server that never served is closed right here.
+        """
+        with self._life:
+            self._stopping = True
+            serving = self._serving
+            if serving is None:
+                if not self._stopped.is_set():
+                    self._shutdown()
+                return
         try:
             self._wake_w.send(b"x")
         except OSError:
             pass
-        if self._serving is not None and self._serving is not threading.current_thread():
+        if serving is not threading.current_thread():
             self._stopped.wait(timeout)
 
     def serve_forever(self):
-        self._serving = threading.current_thread()
+        with self._life:
+            if self._stopped.is_set():   # stopped before it ever served
+                return
+            self._serving = threading.current_thread()
         poll, objects = self._poller.poll, self._poller.objects_by_fd()
         try:
             while not self._stopping:
@@ -496,6 +552,8 @@ class StoreServer:
             conn = _Conn(sock, peer)
             self._conns += 1
             self._poller.register(sock, _READ, conn)
+            self._seq += 1
+            heapq.heappush(self._deadlines, (time.monotonic() + self.handshake_timeout, self._seq, conn))
 
     def _turn_away_one(self):
         """Out of descriptors: free the spare one to accept a client just to tell it why we can't."""
@@ -523,7 +581,7 @@ class StoreServer:
     def _close(self, conn):
         if conn.closed:
             return
-        conn.closed = True
+        conn.closed = conn.done = True
         self._conns -= 1
         for waiter in conn.waiters:
             waiter.done = True
@@ -624,6 +682,7 @@ class StoreServer:
                 self._final(conn, bytes([_BUSY, PROTOCOL_VERSION]))
             elif self._token is None:
                 conn.state = "ready"
+                conn.done = True
                 conn.wbuf += _U32.pack(3) + bytes([_READY, PROTOCOL_VERSION, _FEATURES])
             else:
                 conn.state = "proof"
@@ -632,6 +691,7 @@ class StoreServer:
         elif conn.state == "proof":
             if _same(payload, _proof(self._token, conn.challenge)):
                 conn.state = "ready"
+                conn.done = True
                 conn.wbuf += _U32.pack(2) + bytes([_READY, _FEATURES])
             else:
                 log.warning("store: client %s failed authentication", _peer_text(conn.peer))
@@ -865,7 +925,13 @@ class StoreServer:
     def _answer(self, waiter):
         if waiter.want_values:
             data = self._data
-            body = b"".join(_field(data[k]) for k in waiter.keys)
+            values = [data[k] for k in waiter.keys]
+            size = _HEAD_SIZE + 4 * len(values) + sum(map(len, values))
+            if size > MAX_FRAME_SIZE:   # each value fits, but not all of them in one reply
+                return self._error(waiter.rid, "the values of these %d keys take %d bytes, over the frame "
+                                   "limit of %d bytes (MAX_FRAME_SIZE); get them in smaller groups"
+                                   % (len(values), size, MAX_FRAME_SIZE))
+            body = b"".join(map(_field, values))
         else:
             body = b""
         return _HEAD.pack(_HEAD_SIZE + len(body), _OK, waiter.rid) + body
@@ -880,6 +946,9 @@ class StoreServer:
         while heap and (heap[0][2].done or heap[0][0] <= now):
             waiter = heapq.heappop(heap)[2]
             if waiter.done:
+                continue
+            if waiter.__class__ is _Conn:   # a connection still in its handshake: it holds a slot for nothing
+                self._drop(waiter, "no handshake within %g s" % self.handshake_timeout)
                 continue
             waiter.done = True
             self._unpark(waiter)
@@ -946,26 +1015,34 @@ class TCPStore:
     """
 
     def __init__(self, host, port, *, is_master=False, timeout=300.0, token=None):
+        _check_port(port)
         self.timeout = timeout
         self._server = None
         if is_master:
             self._server = StoreServer("::" if ":" in host else "0.0.0.0", port, token=token).start()
             port = self._server.port
+            # a master dropped without close() stops its server and frees its port, as torch's does;
+            # the finalizer and the server thread hold the server only, never this client
+            self._stop_server = weakref.finalize(self, self._server.stop)
+            self._stop_server.atexit = False
         self.host, self.port = host, port
         self._token = _token_bytes(token) if token else None
-        self._send_lock = threading.Lock()   # one frame on the wire at a time
+        # one frame on the wire at a time. An RLock because it knows its owner: a request interrupted
+        # just after acquiring it (Ctrl-C) can tell that it holds it and let go, which a Lock can't
+        self._send_lock = threading.RLock()
         self._lock = threading.Lock()        # guards the three fields below
-        self._reading = False                # some thread is reading replies off the socket
+        self._reading = 0                    # the id of the thread reading replies off the socket, or 0
         self._waiting = {}                   # request id -> the lock its thread sleeps on, or None
         self._replies = {}                   # request id -> (status, body), read by another thread
         self._rid = 0
         self._rbuf = bytearray()
         self._features = 0                   # what the server said it knows (bits _F_*)
+        self._gone = None                    # why the connection ended, for every later message
         try:
             self._sock = self._connect(time.monotonic() + self.timeout)
         except BaseException:
             if self._server is not None:
-                self._server.stop()
+                self._stop_server()
             raise
 
     @property
@@ -1031,17 +1108,30 @@ class TCPStore:
     # -- request plumbing
 
     def _call(self, op, body, wait=None, keys=()):
-        """Send one request and return the reply body. `wait`: seconds the server may park it."""
+        """Send one request and return the reply body. `wait`: seconds the server may park it.
+
+        Interrupted anywhere (Ctrl-C), a request leaves the client usable, or closed with a reason
+        when part of a frame may have been sent or a reply lost: never holding a lock or a role
+        another thread waits for.
+        """
         send_lock = self._send_lock
-        if not send_lock.acquire(False):
-            status, result = self._shared(op, body, wait)
-        elif self._waiting or self._reading or self._rbuf:   # other requests are in flight: join them
-            send_lock.release()
-            status, result = self._shared(op, body, wait)
-        elif wait is None:
-            status, result = self._exchange(op, body)   # releases the send lock
-        else:
-            status, result = self._alone(op, body, wait)   # releases the send lock once sent
+        if send_lock._is_owned():   # only a signal handler can call in the middle of a request
+            raise StoreError("a store request was made (from a signal handler?) while this thread's "
+                             "previous request is unfinished; it would wait for itself")
+        try:
+            if not send_lock.acquire(False):
+                status, result = self._shared(op, body, wait)
+            elif self._waiting or self._reading or self._rbuf:   # other requests are in flight: join them
+                send_lock.release()
+                status, result = self._shared(op, body, wait)
+            elif wait is None:
+                status, result = self._exchange(op, body)   # releases the send lock
+            else:
+                status, result = self._alone(op, body, wait)   # releases the send lock once sent
+        except BaseException:
+            if send_lock._is_owned():   # interrupted before the callee's own finally could release it
+                send_lock.release()
+            raise
         if status == _OK:
             return result
         if status == _TIMEOUT:
@@ -1071,54 +1161,61 @@ class TCPStore:
         once the request is out: other threads send while the server holds ours, register as usual,
         and are handed their replies.
         """
+        me, rid = _get_ident(), None
         try:
+            self._reading = me
             self._rid = rid = (self._rid + 1) & 0xFFFFFFFF
-            self._reading = True
             try:
                 sock = self._send(op, rid, body)
-            except StoreConnectionError:
-                self._pass_reading(rid)
-                raise
-        finally:
-            self._send_lock.release()
-        try:
+            finally:
+                self._send_lock.release()
             return self._receive(sock, rid, self._patience(wait))
         finally:
-            self._pass_reading(rid)
+            self._pass_reading(rid, me)
 
     def _receive(self, sock, rid, seconds):
         """As the only reader: the reply to `rid`. Usually it is one whole frame in one recv, checked
         and returned right here."""
-        if self._armed != seconds:
-            self._arm(sock, seconds)
         try:
-            chunk = sock.recv(65536)
-        except (socket.timeout, BlockingIOError):
-            raise StoreTimeout("no answer from the store at %s within %.1f s"
-                               % (self._where(), seconds)) from None
-        except OSError as e:
-            self._broken(_describe(e))
-        size = len(chunk)
-        if size >= 9:
-            length, status, frid = _HEAD.unpack_from(chunk)
-            if frid == rid and length + 4 == size:
-                return status, chunk[9:]
-        elif not size:
-            self._broken("it closed the connection")
-        self._rbuf += chunk
-        return self._read_until(rid, time.monotonic() + seconds)
+            if self._armed != seconds:
+                self._arm(sock, seconds)
+            try:
+                chunk = sock.recv(65536)
+            except (socket.timeout, BlockingIOError):
+                raise StoreTimeout("no answer from the store at %s within %.1f s"
+                                   % (self._where(), seconds)) from None
+            except OSError as e:
+                self._broken(_describe(e))
+            size = len(chunk)
+            if size >= 9:
+                length, status, frid = _HEAD.unpack_from(chunk)
+                if frid == rid and length + 4 == size:
+                    return status, chunk[9:]
+            elif not size:
+                self._broken("it closed the connection")
+            self._rbuf += chunk
+            return self._read_until(rid, time.monotonic() + seconds)
+        except StoreError:
+            raise
+        except BaseException as e:
+            self._interrupted_reading(e)
+            raise
 
     def _send(self, op, rid, body):
         """Put one request on the wire (the caller holds the send lock); returns the socket."""
         sock = self._sock
         if sock is None:
-            raise StoreConnectionError("this store client is closed")
+            raise StoreConnectionError(self._gone)
+        frame = _HEAD.pack(_HEAD_SIZE + len(body), op, rid) + body
         try:
-            sock.sendall(_HEAD.pack(_HEAD_SIZE + len(body), op, rid) + body)
-        except OSError as e:
-            self._sock = None   # part of a frame may be on the wire: this connection is done
-            sock.close()
-            raise StoreConnectionError("lost the store at %s: %s" % (self._where(), _describe(e))) from e
+            sock.sendall(frame)
+        except OSError as e:   # part of a frame may be on the wire: this connection is done
+            self._end("lost the store at %s: %s" % (self._where(), _describe(e)))
+            raise StoreConnectionError(self._gone) from e
+        except BaseException as e:   # interrupted (Ctrl-C): the next frame would complete this one
+            self._end("this client of the store at %s was closed because a request was interrupted (%s) "
+                      "while being sent" % (self._where(), type(e).__name__))
+            raise
         return sock
 
     def _patience(self, wait):
@@ -1131,34 +1228,33 @@ class TCPStore:
     def _shared(self, op, body, wait):
         """The round trip beside other threads' requests: register, send, then read or be handed the
         reply."""
+        if self._sock is None:
+            raise StoreConnectionError(self._gone)
         patience = self._patience(wait)
         deadline = time.monotonic() + patience
         if not self._send_lock.acquire(timeout=patience):   # held through another thread's round trip
             raise StoreTimeout("the store at %s left another request unanswered for %.1f s"
                                % (self._where(), patience))
+        me, rid = _get_ident(), None
         try:
-            self._rid = rid = (self._rid + 1) & 0xFFFFFFFF
-            with self._lock:   # registered before sending, so whoever reads the reply keeps it for us
-                self._waiting[rid] = None
-                reader = not self._reading   # nobody reading: we will, without a second lock trip
-                if reader:
-                    self._reading = True
             try:
+                self._rid = rid = (self._rid + 1) & 0xFFFFFFFF
+                with self._lock:   # registered before sending, so whoever reads the reply keeps it for us
+                    self._waiting[rid] = None
+                    reader = not self._reading   # nobody reading: we will, without a second lock trip
+                    if reader:
+                        self._reading = me
                 self._send(op, rid, body)
-            except StoreConnectionError:
-                if reader:
-                    self._pass_reading(rid)
-                else:
-                    with self._lock:
-                        self._waiting.pop(rid, None)
-                raise
-        finally:
-            self._send_lock.release()
-        if reader:
-            return self._read_own(rid, deadline)
-        return self._await(rid, deadline)
+            finally:
+                self._send_lock.release()
+            if reader:
+                return self._read_own(rid, deadline, me)
+            return self._await(rid, deadline, me)
+        except BaseException:   # a failed send, a timeout, or an interruption at any point
+            self._pass_reading(rid, me)
+            raise
 
-    def _await(self, rid, deadline):
+    def _await(self, rid, deadline, me):
         """Wait for the reply to `rid`: read the socket ourselves, or sleep while another thread does.
 
         Whichever thread reads hands every other thread its reply and, when it has its own, passes
@@ -1171,8 +1267,11 @@ class TCPStore:
                 if reply is not None:
                     waiting.pop(rid, None)
                     return reply
+                if self._sock is None:
+                    waiting.pop(rid, None)
+                    raise StoreConnectionError(self._gone)
                 if not self._reading:
-                    self._reading = True
+                    self._reading = me
                     break
                 sleeper = waiting.get(rid)
                 if sleeper is None:
@@ -1186,38 +1285,56 @@ class TCPStore:
                 if reply is not None:
                     return reply
                 raise StoreTimeout("no answer from the store at %s" % self._where())
-        return self._read_own(rid, deadline)
+        return self._read_own(rid, deadline, me)
 
-    def _read_own(self, rid, deadline):
+    def _read_own(self, rid, deadline, me):
         """As the reading thread: read until our reply comes, then pass the reading on."""
         try:
             return self._read_until(rid, deadline)
         finally:
-            self._pass_reading(rid)
+            self._pass_reading(rid, me)
 
     def _read_until(self, rid, deadline):
         """Read replies, handing out other threads', until the one to `rid` arrives."""
-        while True:
-            frid, status, body = self._read_reply(deadline)
-            if frid == rid:
-                return status, body
-            with self._lock:
-                if frid in self._waiting:   # a reply nobody waits for any more (timed out) is dropped
-                    self._replies[frid] = (status, body)
-                    _wake(self._waiting[frid])
+        try:
+            while True:
+                frid, status, body = self._read_reply(deadline)
+                if frid == rid:
+                    return status, body
+                with self._lock:
+                    if frid in self._waiting:   # a reply nobody waits for any more (timed out) is dropped
+                        self._replies[frid] = (status, body)
+                        _wake(self._waiting[frid])
+        except StoreError:
+            raise
+        except BaseException as e:
+            self._interrupted_reading(e)
+            raise
 
-    def _pass_reading(self, rid):
-        """Give up the reading, waking one thread that still waits for its reply to take it over."""
+    def _interrupted_reading(self, error):
+        """Reading was interrupted (Ctrl-C), perhaps just after bytes left the socket and before they
+        were kept: we can't tell where the next frame starts any more, so the connection ends."""
+        self._end("this client of the store at %s was closed because a request was interrupted (%s) "
+                  "while reading replies" % (self._where(), type(error).__name__))
+
+    def _pass_reading(self, rid, me):
+        """Withdraw the request `rid` and give up the reading if thread `me` has it, waking one thread
+        that still waits for its reply to take it over. Also after an interruption: then `rid` may
+        be None (nothing sent), and the reading may be another thread's, or ours by a hand-over we
+        never saw."""
         with self._lock:
-            self._reading = False
+            if self._reading == me:
+                self._reading = 0
             waiting = self._waiting
             if waiting:   # empty when we were alone
-                waiting.pop(rid, None)
                 replies = self._replies
-                for other, sleeper in waiting.items():
-                    if other not in replies and sleeper is not None and sleeper.locked():
-                        sleeper.release()
-                        break
+                waiting.pop(rid, None)
+                replies.pop(rid, None)
+                if not self._reading:
+                    for other, sleeper in waiting.items():
+                        if other not in replies and sleeper is not None and sleeper.locked():
+                            sleeper.release()
+                            break
 
     def _read_reply(self, deadline):
         buf, sock = self._rbuf, self._sock
@@ -1235,7 +1352,7 @@ class TCPStore:
             if remaining <= 0:
                 raise StoreTimeout("no answer from the store at %s" % self._where())
             if sock is None:
-                raise StoreConnectionError("this store client is closed")
+                raise StoreConnectionError(self._gone)
             try:
                 self._arm(sock, remaining)
                 chunk = sock.recv(max(65536, end - len(buf)) if len(buf) >= _HEAD.size else 65536)
@@ -1288,7 +1405,25 @@ class TCPStore:
             self._armed = seconds
 
     def _broken(self, why):
-        raise StoreConnectionError("lost the store at %s: %s" % (self._where(), why))
+        self._end("lost the store at %s: %s" % (self._where(), why))
+        raise StoreConnectionError(self._gone)
+
+    def _end(self, why):
+        """Close the connection for good. The first reason given is the one every later call reports:
+        a read that fails because close() shut the socket says the client was closed, and a call
+        after the server went away says so rather than blaming a close() nobody made."""
+        with self._lock:
+            if self._gone is None:
+                self._gone = why
+            sock, self._sock = self._sock, None
+            for sleeper in self._waiting.values():   # threads waiting for replies learn it at once
+                _wake(sleeper)
+        if sock is not None:
+            try:
+                sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+            sock.close()
 
     def _wait_ms(self, timeout):
         seconds = self.timeout if timeout is None else _seconds(timeout)
@@ -1312,9 +1447,9 @@ class TCPStore:
         return _I64.unpack(self._call(_ADD, _key_field(key) + _I64.pack(amount)))[0]
 
     def compare_set(self, key, expected, desired):
-        body = self._call(_CAS, _key_field(key) + _field(_value_bytes(expected))
-                          + _field(_value_bytes(desired)))
-        return body[4:]
+        fields = (_key_field(key), _field(_value_bytes(expected)), _field(_value_bytes(desired)))
+        _check_request(sum(map(len, fields)), "an expected and a desired value")
+        return self._call(_CAS, b"".join(fields))[4:]
 
     def wait(self, keys, timeout=None):
         """Wait until every key exists; StoreTimeout names them if `timeout` passes first."""
@@ -1348,8 +1483,9 @@ class TCPStore:
         keys, values = list(keys), list(values)
         if len(keys) != len(values):
             raise ValueError("multi_set got %d keys and %d values" % (len(keys), len(values)))
-        body = b"".join(_key_field(k) + _field(_value_bytes(v)) for k, v in zip(keys, values))
-        self._call(_MSET, _U32.pack(len(keys)) + body)
+        fields = [_key_field(k) + _field(_value_bytes(v)) for k, v in zip(keys, values)]
+        _check_request(4 + sum(map(len, fields)), "%d keys and values" % len(keys))
+        self._call(_MSET, _U32.pack(len(keys)) + b"".join(fields))
 
     def append(self, key, value):
         self._call(_APPEND, _key_field(key) + _field(_value_bytes(value)))
@@ -1382,16 +1518,9 @@ class TCPStore:
 
     def close(self):
         """Close the connection (and stop the in-process server when this client hosts it)."""
-        with self._lock:   # not the send lock: a request holds that until its answer comes
-            sock, self._sock = self._sock, None
-        if sock is not None:
-            try:
-                sock.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
-            sock.close()
+        self._end("this client of the store at %s was closed" % self._where())
         if self._server is not None:
-            self._server.stop()
+            self._stop_server()
 
     def __enter__(self):
         return self
@@ -1401,6 +1530,9 @@ class TCPStore:
 
     def __repr__(self):
         return "TCPStore(%r, %r%s)" % (self.host, self.port, ", is_master=True" if self._server else "")
+
+
+_get_ident = threading.get_ident
 
 
 def _wake(sleeper):
@@ -1513,6 +1645,8 @@ def _main(argv=None):
     args = parser.parse_args(argv)
     logging.basicConfig(level=os.environ.get("LOGLEVEL", "WARNING").upper(),
                         format="%(asctime)s %(name)s %(levelname)s: %(message)s")
+    if not 0 <= args.port <= 65535:
+        parser.exit(2, "store.py: error: --port must be from 0 to 65535, got %d\n" % args.port)
     try:
         token = _read_token_file(args.token_file) if args.token_file else None
         server = StoreServer(args.host, args.port, token=token, max_connections=args.max_connections)

@@ -5,6 +5,7 @@ Servers are real (in a thread of this process or a separate process), clients us
 check the documented protocol rather than the client's idea of it.
 """
 import datetime
+import gc
 import os
 import signal
 import socket
@@ -281,6 +282,15 @@ def test_is_master_hosts_the_server_and_port_zero_picks_one():
         TCPStore("127.0.0.1", master.port, timeout=0.3)
 
 
+def test_a_master_dropped_without_close_stops_its_server_and_frees_the_port():
+    s = TCPStore("127.0.0.1", 0, is_master=True, timeout=5)
+    port, server = s.port, s.server
+    del s
+    gc.collect()
+    assert server._stopped.is_set()
+    TCPStore("127.0.0.1", port, is_master=True, timeout=5).close()   # as torch's master allows
+
+
 def test_one_client_shared_by_many_threads(client):
     def work(i):
         for _ in range(200):
@@ -349,6 +359,156 @@ def test_a_late_reply_from_a_stalled_server_is_not_taken_for_the_next_one(progra
         time.sleep(0.5)   # the answer to the abandoned add (11) is now waiting on the socket
         assert c.add("n", 100) == 111
         assert c.get("n") == b"111"
+
+
+def _interrupt_inside(name):
+    """Start a thread that sends this (main) thread SIGINT once it calls the C function `name`;
+    returns the profile function that notices the call."""
+    calling = threading.Event()
+
+    def profile(frame, event, arg):
+        if event == "c_call" and getattr(arg, "__name__", None) == name:
+            sys.setprofile(None)
+            calling.set()
+
+    def interrupt():
+        if calling.wait(30):
+            signal.pthread_kill(threading.main_thread().ident, signal.SIGINT)
+
+    threading.Thread(target=interrupt, daemon=True).start()
+    return profile
+
+
+def test_a_set_interrupted_while_sending_closes_the_client_rather_than_corrupt_the_value(program):
+    proc, port = program
+    size = 32 * 1024 * 1024   # more than the socket buffers hold: sendall waits for the server
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    with TCPStore("127.0.0.1", port, timeout=10) as c, TCPStore("127.0.0.1", port, timeout=10) as other:
+        proc.send_signal(signal.SIGSTOP)
+        os.waitpid(proc.pid, os.WUNTRACED)
+        try:
+            sys.setprofile(_interrupt_inside("sendall"))
+            with pytest.raises(KeyboardInterrupt):
+                c.set("big", b"A" * size)
+        finally:
+            sys.setprofile(None)
+            signal.signal(signal.SIGINT, previous)
+            proc.send_signal(signal.SIGCONT)
+        # the next request's bytes used to complete the interrupted frame and be stored as its value
+        with pytest.raises(StoreConnectionError, match="interrupted \\(KeyboardInterrupt\\) while being sent"):
+            c.set("victim", b"V" * size)
+        assert not other.check(["big"]) and not other.check(["victim"])
+
+
+def _interrupt_at(n):
+    """A profile function that raises KeyboardInterrupt at the n-th call, return, C call or C return
+    this thread makes outside the test: where a real Ctrl-C can land, one point at a time."""
+    seen = [0]
+
+    def profile(frame, event, arg):
+        if frame.f_code.co_filename == __file__:   # the test's own calls
+            return
+        if event == "c_call" and getattr(arg, "__name__", None) == "__exit__":
+            return   # a with-statement's exit: Python handles no signal between its block and this call
+        seen[0] += 1
+        if seen[0] == n:
+            sys.setprofile(None)
+            raise KeyboardInterrupt
+    return profile, seen
+
+
+def test_a_request_from_inside_a_request_of_the_same_thread_is_refused_at_once(client):
+    # as from a signal handler that runs while its thread is in the middle of a request; the send
+    # lock can't be a plain Lock (whose owner an interrupted request could not tell), and the RLock
+    # must not let the inner request write into the outer one's frame
+    inner = []
+
+    def profile(frame, event, arg):
+        if event == "c_call" and getattr(arg, "__name__", None) == "sendall":
+            sys.setprofile(None)
+            try:
+                client.set("inner", "x")
+            except StoreError as e:
+                inner.append(e)
+
+    try:
+        sys.setprofile(profile)
+        client.set("outer", "y")
+    finally:
+        sys.setprofile(None)
+    assert "previous request is unfinished" in str(inner[0])
+    assert client.get("outer") == b"y" and not client.check(["inner"])
+
+
+def _parked_get(c, key, out):
+    """Start a thread whose get of `key` is parked, the thread reading the socket for everyone."""
+    def get():
+        try:
+            out.append(c.get(key))
+        except StoreError as e:
+            out.append(e)
+    t = threading.Thread(target=get)
+    t.start()
+    while not c._reading and not out:
+        time.sleep(0.001)   # the get is sent once it holds the reading: no event to wait on
+    return t
+
+
+@pytest.mark.parametrize("path", ["exchange", "alone", "shared"])
+def test_an_interrupt_anywhere_in_a_request_leaves_the_client_usable_or_closed_never_wedged(server, path):
+    """exchange: a set alone on the socket; alone: a get that reads for itself; shared: an add
+    beside another thread's parked get, which reads and hands the add its reply."""
+    other = TCPStore("127.0.0.1", server.port, timeout=10)
+    other.set("k", "v")
+    c, closed, n = None, 0, 0
+    try:
+        while True:
+            n += 1
+            if c is None:
+                c = TCPStore("127.0.0.1", server.port, timeout=5)
+            parked, got = None, []
+            if path == "shared":
+                parked = _parked_get(c, "gate%d" % n, got)
+            profile, seen = _interrupt_at(n)
+            try:
+                sys.setprofile(profile)
+                if path == "exchange":
+                    c.set("k", "v")
+                elif path == "alone":
+                    assert c.get("k") == b"v"
+                else:
+                    assert c.add("n", 0) == 0
+            except KeyboardInterrupt:
+                pass
+            finally:
+                sys.setprofile(None)
+            done = seen[0] < n   # the request ran to its end without reaching the n-th point
+            t0 = time.monotonic()
+            try:   # the next request: served, or refused at once because the connection was closed
+                assert c.add("n", 0) == 0
+                assert c.get("k") == b"v"
+                usable = True
+            except StoreConnectionError as e:
+                assert "was closed because a request was interrupted (KeyboardInterrupt)" in str(e)
+                usable = False
+            assert time.monotonic() - t0 < 2, "wedged after an interrupt at point %d" % n
+            if parked is not None:
+                other.set("gate%d" % n, "open")
+                parked.join(5)
+                assert not parked.is_alive()
+                assert got == [b"open"] if usable else (got == [b"open"] or isinstance(got[0], StoreConnectionError))
+            if not usable:
+                closed += 1
+                c.close()
+                c = None
+            if done:
+                break
+        print("%s: interrupted at %d points, %d of them closed the client" % (path, n - 1, closed))
+        assert n > 20 and other.get("k") == b"v"
+    finally:
+        if c is not None:
+            c.close()
+        other.close()
 
 
 def test_a_request_stuck_on_a_stalled_server_holds_other_threads_no_longer_than_they_wait(program):
@@ -461,6 +621,92 @@ def test_server_going_away_fails_a_blocked_get_instead_of_hanging():
     finally:
         c.close()
         srv.stop()
+
+
+def _open_fds():
+    return len(os.listdir("/proc/self/fd"))
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="counts descriptors in /proc")
+def test_stop_closes_a_server_that_never_served():
+    before = _open_fds()
+    srv = StoreServer("127.0.0.1", 0)
+    srv.stop()
+    assert _open_fds() == before   # listener, poller, wake-up pair, spare descriptor
+    StoreServer("127.0.0.1", srv.port).stop()   # the port is free again
+    srv.serve_forever()                          # returns at once: it was stopped
+
+
+class _LateServer(StoreServer):
+    """A server whose thread begins serving only once stop() wakes it: the moment stop() missed."""
+
+    def __init__(self, *args):
+        super().__init__(*args)
+        self.woken = threading.Event()
+        wake, woken = self._wake_w, self.woken
+
+        class Wake:
+            def send(self, data):
+                woken.set()
+                return wake.send(data)
+
+            def close(self):
+                wake.close()
+
+        self._wake_w = Wake()
+
+    def serve_forever(self):
+        self.woken.wait(10)
+        super().serve_forever()
+
+
+def test_stop_right_after_start_returns_with_the_port_closed():
+    srv = _LateServer("127.0.0.1", 0).start()
+    srv.stop()
+    assert srv._listener.fileno() == -1
+    StoreServer("127.0.0.1", srv.port).stop()   # the port is free again
+
+
+def test_every_later_error_tells_why_the_connection_ended(program):
+    proc, port = program
+    c = TCPStore("127.0.0.1", port, timeout=10)
+    try:
+        c.set("a", "1")
+        proc.kill()
+        proc.wait()
+        for _ in range(3):   # the server went away: no call blames a close() nobody made
+            with pytest.raises(StoreConnectionError, match="lost the store at 127.0.0.1:%d: it closed" % port):
+                c.set("a", "2")
+    finally:
+        c.close()
+    with pytest.raises(StoreConnectionError, match="lost the store"):
+        c.set("a", "3")
+
+
+def test_a_blocked_get_is_told_its_client_was_closed(server):
+    c = TCPStore("127.0.0.1", server.port, timeout=10)
+    errors = []
+
+    def blocked(key):
+        try:
+            c.get(key)
+        except StoreError as e:
+            errors.append(e)
+
+    threads = [threading.Thread(target=blocked, args=("never%d" % i,)) for i in range(2)]
+    for t in threads:   # one reads the socket, the other sleeps until its reply is handed over
+        t.start()
+    while len(c._waiting) < 1 or not c._reading:
+        time.sleep(0.01)   # both parked: nothing to wait on from outside the client
+    c.close()
+    for t in threads:
+        t.join(5)
+    assert len(errors) == 2
+    for e in errors:
+        assert isinstance(e, StoreConnectionError)
+        assert str(e) == "this client of the store at 127.0.0.1:%d was closed" % server.port
+    with pytest.raises(StoreConnectionError, match="was closed"):
+        c.set("k", "v")
 
 
 # -------------------------------------------------------------------------------- scale
@@ -774,6 +1020,22 @@ def test_keys_and_frames_over_the_limits_are_refused(server, client):
     assert client.num_keys() == 1
 
 
+def test_requests_and_replies_over_the_frame_limit_fail_clearly_and_keep_the_connection(client):
+    half = b"x" * (store.MAX_FRAME_SIZE // 2 + 1)   # each value is legal, two are not one frame
+    assert len(half) <= store.MAX_VALUE_SIZE
+    with pytest.raises(ValueError, match="over the frame limit of %d bytes" % store.MAX_FRAME_SIZE):
+        client.multi_set(["a", "b"], [half, half])
+    with pytest.raises(ValueError, match="over the frame limit"):
+        client.compare_set("a", half, half)
+    assert client.num_keys() == 0
+    client.set("a", half)
+    client.set("b", half)
+    with pytest.raises(StoreError, match="over the frame limit of %d bytes" % store.MAX_FRAME_SIZE):
+        client.multi_get(["a", "b"])
+    assert client.num_keys() == 2
+    assert client.multi_get(["a"]) == [half]
+
+
 def test_pipelined_raw_requests_are_answered_by_id(server):
     sock = raw_connect(server.port)
     try:
@@ -819,6 +1081,23 @@ def test_token_accepted_and_refused():
         srv.stop()
 
 
+def test_connections_that_never_finish_the_handshake_are_closed_at_its_deadline():
+    srv = StoreServer("127.0.0.1", 0, token="s3cret", max_connections=2, handshake_timeout=0.5).start()
+    silent = socket.create_connection(("127.0.0.1", srv.port), timeout=10)   # never says hello
+    unproven = socket.create_connection(("127.0.0.1", srv.port), timeout=10)
+    try:
+        unproven.sendall(frame(b"EKVS\x01"))
+        assert recv_frame(unproven)[0] == 1   # PROOF: then it never proves anything
+        assert closed_by_peer(silent) and closed_by_peer(unproven)
+        with TCPStore("127.0.0.1", srv.port, token="s3cret", timeout=5) as c:   # not locked out
+            c.set("k", "v")
+            assert c.get("k") == b"v"
+    finally:
+        silent.close()
+        unproven.close()
+        srv.stop()
+
+
 # -------------------------------------------------------------------------------- the program
 
 def _start_program(*args):
@@ -857,6 +1136,22 @@ def test_program_rejects_bad_arguments_with_one_line(tmp_path):
             proc.kill()
         assert proc.returncode == 2, err
         assert needle in err and len(err.strip().splitlines()[-1]) < 200
+
+
+def test_ports_out_of_range_are_refused_clearly():
+    for port in ("70000", "-1"):
+        proc = _start_program("--host", "127.0.0.1", "--port", port)
+        try:
+            out, err = proc.communicate(timeout=20)
+        finally:
+            proc.kill()
+        assert proc.returncode == 2, err
+        assert err.strip().splitlines() == ["store.py: error: --port must be from 0 to 65535, got %s" % port]
+    for make in (lambda: StoreServer("127.0.0.1", 70000), lambda: StoreServer("127.0.0.1", -1),
+                 lambda: TCPStore("127.0.0.1", 70000, is_master=True),
+                 lambda: TCPStore("127.0.0.1", 70000, timeout=0.3)):   # would dial 70000 % 65536
+        with pytest.raises(ValueError, match="port must be between 0 and 65535"):
+            make()
 
 
 # -------------------------------------------------------------------------------- against torch
