@@ -84,8 +84,8 @@ and lock real clients out. The clock starts at accept, and a client sends its he
 connected, so the time counted is mostly the server working through a burst of connections (16,000
 clients connecting at once take it about a second) and a loaded client host scheduling the client;
 10 s leaves a wide margin for both. Anything malformed (unknown op, lengths that don't add up,
-oversized frame, a request before the handshake) closes that one connection, is logged in one line, and changes nothing stored: a request is
-fully parsed before it is applied. Values are never pickled.
+oversized frame, a request before the handshake) closes that one connection, is logged in one line,
+and changes nothing stored: a request is fully parsed before it is applied. Values are never pickled.
 
 Authentication is optional: a server given a token sends a random challenge and accepts only the HMAC
 of it under the same token (compared with ``hmac.compare_digest``); a client without the right token
