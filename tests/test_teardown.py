@@ -62,11 +62,15 @@ def test_stop_signal_tears_down_and_exits_128_plus_n(tmp_path, sig):
 
 @pytest.mark.parametrize("mode", ["program", "run-path"])
 def test_no_orphans_after_launcher_sigkill(tmp_path, mode):
-    pids = []
     extra = ["--run-path", "--start-method", "fork"] if mode == "run-path" else []
-    a = Launcher(BASE + extra + [FORKER, str(tmp_path), "sleep"], tmp_path)
+    sigkill_launcher_then_check(Launcher(BASE + extra + [FORKER, str(tmp_path), "sleep"], tmp_path), tmp_path)
+
+
+def sigkill_launcher_then_check(a, out):
+    """SIGKILL launcher `a` once the processes its workers record in `out` run: none may survive."""
+    pids = []
     try:
-        pids = wait_for(job_pids(tmp_path), what="workers to start")
+        pids = wait_for(job_pids(out), what="workers (and what they start) to run")
         os.kill(a.pid, signal.SIGKILL)
         a.wait()
         check_no_orphans(pids)
@@ -110,16 +114,7 @@ def test_stop_signal_kills_workers_descendants_in_their_own_sessions(tmp_path):
 
 @pytest.mark.parametrize("kind", sorted(WORKER_KINDS))
 def test_launcher_sigkill_kills_workers_descendants_in_their_own_sessions(tmp_path, kind):
-    pids = []
-    a, out = daemonising_job(tmp_path, kind=kind)
-    try:
-        pids = wait_for(job_pids(out), what="workers and their daemons to start")
-        os.kill(a.pid, signal.SIGKILL)
-        a.wait()
-        check_no_orphans(pids)
-    finally:
-        a.stop()
-        kill_all(pids)
+    sigkill_launcher_then_check(*daemonising_job(tmp_path, kind=kind))
 
 
 def test_teardown_spares_other_launchers_workers_and_unrelated_processes(tmp_path):
