@@ -492,7 +492,10 @@ def test_zipapps_directories_symlinks_and_tracebacks_as_under_python(tmp_path):
 
 
 def test_local_rank_macro_in_script_args_for_every_kind_of_worker(tmp_path):
-    (tmp_path / "show.py").write_text("import os, sys\nprint(os.environ['LOCAL_RANK'], sys.argv[1:])\n")
+    # one write per line: the two workers share the console, and print() under python -u writes
+    # its parts separately
+    (tmp_path / "show.py").write_text("import os, sys\n"
+                                      "sys.stdout.write('%s %s\\n' % (os.environ['LOCAL_RANK'], sys.argv[1:]))\n")
     procs = []
     try:
         for i, (extra, environ) in enumerate([([], None), ([], env(ELASTICRUN_FORKSERVER=0)),
