@@ -158,16 +158,8 @@ def test_launcher_sigkill_kills_the_daemons_of_a_launcher_it_runs(tmp_path):
     # the inner launcher's workers carry both tokens: the outer reaper finds them even if it kills
     # the inner reaper first
     from agent_scripts.harness import ELASTIC
-    pids = []
     out = tmp_path / "inner"
     out.mkdir()
-    a = Launcher(["--standalone", "--no-python", sys.executable, ELASTIC] + BASE + [DAEMONISER, str(out)],
-                 tmp_path)
-    try:
-        pids = wait_for(job_pids(out), what="the inner launcher's workers and daemons to start")
-        os.kill(a.pid, signal.SIGKILL)
-        a.wait()
-        check_no_orphans(pids)
-    finally:
-        a.stop()
-        kill_all(pids)
+    sigkill_launcher_then_check(
+        Launcher(["--standalone", "--no-python", sys.executable, ELASTIC] + BASE + [DAEMONISER, str(out)],
+                 tmp_path), out)
