@@ -1198,7 +1198,7 @@ class TCPStore:
         except StoreError:
             raise
         except BaseException as e:
-            self._interrupted_reading(e)
+            self._interrupted(e, "reading replies")
             raise
 
     def _send(self, op, rid, body):
@@ -1213,8 +1213,7 @@ class TCPStore:
             self._end("lost the store at %s: %s" % (self._where(), _describe(e)))
             raise StoreConnectionError(self._gone) from e
         except BaseException as e:   # interrupted (Ctrl-C): the next frame would complete this one
-            self._end("this client of the store at %s was closed because a request was interrupted (%s) "
-                      "while being sent" % (self._where(), type(e).__name__))
+            self._interrupted(e, "being sent")
             raise
         return sock
 
@@ -1308,14 +1307,15 @@ class TCPStore:
         except StoreError:
             raise
         except BaseException as e:
-            self._interrupted_reading(e)
+            self._interrupted(e, "reading replies")
             raise
 
-    def _interrupted_reading(self, error):
-        """Reading was interrupted (Ctrl-C), perhaps just after bytes left the socket and before they
-        were kept: we can't tell where the next frame starts any more, so the connection ends."""
+    def _interrupted(self, error, doing):
+        """A request was interrupted (Ctrl-C) while `doing` ("being sent": part of a frame may be on
+        the wire; "reading replies": bytes may have left the socket before they were kept). Either
+        way the next frame's start is lost, so the connection ends."""
         self._end("this client of the store at %s was closed because a request was interrupted (%s) "
-                  "while reading replies" % (self._where(), type(error).__name__))
+                  "while %s" % (self._where(), type(error).__name__, doing))
 
     def _pass_reading(self, rid, me):
         """Withdraw the request `rid` and give up the reading if thread `me` has it, waking one thread
