@@ -2865,9 +2865,9 @@ def _parse_args(argv, environ):
 def _convert(value, kind, name):
     try:
         result = {"str": str, "int": int, "float": float}[kind](value)
+        if result != result:   # nan compares false with every bound checked later
+            raise ValueError(value)
     except ValueError:
-        raise _UsageError("%s: invalid %s value %r" % (name, kind, value))
-    if result != result:   # nan compares false with every bound checked later
         raise _UsageError("%s: invalid %s value %r" % (name, kind, value))
     return result
 
