@@ -41,9 +41,9 @@ that many ``bytes`` fields::
 
     client                                   server
       | -- hello   "EKVS" version:u8 -------->  |
-      | <- welcome status:u8 version:u8 [features:u8 | challenge:32]
+      | <- welcome status:u8 version:u8 [features:u8 [offer] | challenge:32]
       | -- proof   HMAC-SHA256(token, challenge) ->   (only when status is PROOF)
-      | <- verdict status:u8 [features:u8] ---  |     (READY, or REFUSED and the server closes)
+      | <- verdict status:u8 [features:u8 [offer]]    (READY, or REFUSED and the server closes)
       | -- request op:u8 id:u32 args ------->  |  } any number, pipelined; replies may come out of
       | <- reply   status:u8 id:u32 result --  |  } order (a parked get answers later)
 
@@ -64,13 +64,25 @@ that many ``bytes`` fields::
     welcome/verdict status: READY 0, PROOF 1, VERSION 2 (mismatch), BUSY 3 (connection limit), REFUSED 4
 
 ``features`` follows READY (in the welcome, or in the verdict after a proof); bit 0 says the server
-knows EPHEMERAL. A server older than EPHEMERAL sends no features byte (and closes a connection that
-sends it an unknown op), so the client checks the bit and refuses ``set_ephemeral`` with a clear
-``StoreError`` instead of sending it. EPHEMERAL is SET with the key bound to the sending connection:
+knows EPHEMERAL, bit 1 that an offer of the same-host socket follows (below). A server older than
+EPHEMERAL sends no features byte (and closes a connection that sends it an unknown op), so the client
+checks the bit and refuses ``set_ephemeral`` with a clear ``StoreError`` instead of sending it. EPHEMERAL is SET with the key bound to the sending connection:
 the server deletes the key when that connection closes (``close()``, or the client process dies and
 its kernel closes the socket), unless a later write by anyone (SET, ADD, CAS, APPEND, MSET) made it
 an ordinary key first, or another connection's EPHEMERAL took it over. Liveness for free: a key that
 vanishes with its writer (as etcd's leases do, and the rendezvous relies on that when it can).
+
+The same-host socket. A request over TCP through the loopback costs the kernel nearly twice what it
+costs over a Unix socket, and on a busy host the kernel's share is most of a request's cost. So a Linux server also listens on an abstract
+Unix socket with a random name, and offers it to each TCP client on its own host (one that came over
+loopback, or from the address it reached us at) once the handshake is done: ``offer`` is
+``size:u8 name ticket:16``, the ticket random and good once, while that TCP connection is open. The
+client connects to the name and sends ``"EKVL" version:u8 ticket`` as its hello; the server answers
+READY version features (then this is the client's connection, and the server closes the TCP one) or
+REFUSED. A client that can't connect (another network namespace, no Unix sockets) or is refused
+stays on TCP, as does every client of an older server or of ``StoreServer(local_socket=False)``.
+Nothing but a ticket gets in: the name is visible to every local user, the ticket went only to a
+client that passed the TCP handshake (and its proof, when there is a token).
 
 ``timeout_ms`` < 0 waits forever. Limits: keys up to ``MAX_KEY_SIZE`` bytes, values up to
 ``MAX_VALUE_SIZE``, frames up to ``MAX_FRAME_SIZE`` (256 bytes before the handshake completes). Every
@@ -108,6 +120,7 @@ import select
 import selectors
 import socket
 import struct
+import sys
 import threading
 import time
 import weakref
@@ -127,7 +140,10 @@ _CHALLENGE_SIZE = 32
 
 _SET, _GET, _ADD, _CAS, _WAIT, _CHECK, _DELETE, _COUNT, _MSET, _APPEND, _EPHEMERAL = range(1, 12)
 _F_EPHEMERAL = 1                  # features bit: the server knows EPHEMERAL
+_F_LOCAL = 2                      # features bit: an offer of the same-host socket follows
 _FEATURES = _F_EPHEMERAL          # what this server sends after READY
+_LOCAL_MAGIC = b"EKVL"            # the hello on the same-host socket
+_TICKET_SIZE = 16                 # random bytes that let one same-host connection in, once
 _OK, _TIMEOUT, _ERROR = 0, 1, 2
 _READY, _PROOF, _VERSION, _BUSY, _REFUSED = 0, 1, 2, 3, 4
 
@@ -309,10 +325,10 @@ class _Reader:
 
 class _Conn:
     __slots__ = ("sock", "peer", "rbuf", "wbuf", "state", "challenge", "waiters", "events", "closed", "owned",
-                 "done")
+                 "done", "local", "ticket")
 
-    def __init__(self, sock, peer):
-        self.sock, self.peer = sock, peer
+    def __init__(self, sock, peer, local):
+        self.sock, self.peer, self.local = sock, peer, local   # local: came in on the same-host socket
         self.rbuf = bytearray()
         self.wbuf = bytearray()
         self.state = "hello"            # hello -> (proof ->) ready; or "closing" after a final answer
@@ -322,6 +338,7 @@ class _Conn:
         self.closed = False
         self.owned = None               # keys set with EPHEMERAL: deleted when we close
         self.done = False               # past the handshake (or closed): its deadline no longer applies
+        self.ticket = None              # the same-host ticket it was offered, until redeemed
 
 
 class _Waiter:
@@ -335,8 +352,7 @@ class _Waiter:
         self.done = False
 
 
-_LISTEN = "listen"                # the poller's objects for the listening socket
-_WAKE = "wake"                    # and for the server's own wake-up socket
+_WAKE = "wake"                    # the poller's object for the server's own wake-up socket
 _READ, _WRITE = 1, 4              # select.EPOLLIN, select.EPOLLOUT
 _READABLE = _READ | 0x8 | 0x10    # with EPOLLERR and EPOLLHUP: recv then tells what happened
 
@@ -396,10 +412,11 @@ class StoreServer:
 
     ``start()`` runs it in a daemon thread, ``serve_forever()`` in the calling thread, ``stop()`` ends
     either from any thread. ``port=0`` picks a free port; read it back from ``.port``.
+    ``local_socket=False`` keeps every client on TCP (see "The same-host socket" above).
     """
 
     def __init__(self, host="0.0.0.0", port=0, *, token=None, max_connections=DEFAULT_MAX_CONNECTIONS,
-                 backlog=65535, handshake_timeout=HANDSHAKE_TIMEOUT):
+                 backlog=65535, handshake_timeout=HANDSHAKE_TIMEOUT, local_socket=True):
         if max_connections < 1:
             raise ValueError("max_connections must be at least 1, got %r" % (max_connections,))
         _check_port(port)
@@ -419,8 +436,13 @@ class StoreServer:
             raise StoreError("cannot listen on %s:%s: %s" % (host, port, e.strerror or e)) from e
         self._listener.setblocking(False)
         self.port = self._listener.getsockname()[1]
+        self._local = self._open_local(backlog) if local_socket else None
+        self._local_name = self._local.getsockname() if self._local else None
+        self._tickets = {}          # ticket -> the TCP connection it was offered to
         self._poller = _Poller()
-        self._poller.register(self._listener, _READ, _LISTEN)
+        self._poller.register(self._listener, _READ, self._listener)
+        if self._local:
+            self._poller.register(self._local, _READ, self._local)
         self._wake_r, self._wake_w = socket.socketpair()
         self._wake_r.setblocking(False)
         self._poller.register(self._wake_r, _READ, _WAKE)
@@ -446,6 +468,23 @@ class StoreServer:
             _COUNT: self._op_count, _MSET: self._op_mset, _APPEND: self._op_append,
             _EPHEMERAL: self._op_ephemeral,
         }
+
+    @staticmethod
+    def _open_local(backlog):
+        """The same-host socket: an abstract Unix socket with a random name, or None where there are
+        none (outside Linux) or it can't be had."""
+        if not sys.platform.startswith("linux"):
+            return None
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            sock.bind(b"\0elasticrun-store-" + os.urandom(16).hex().encode())
+            sock.listen(backlog)
+        except OSError as e:
+            sock.close()
+            log.debug("store: no same-host socket: %s", e)
+            return None
+        sock.setblocking(False)
+        return sock
 
     @staticmethod
     def _raise_fd_limit(max_connections):
@@ -503,13 +542,13 @@ class StoreServer:
                             self._on_readable(conn)
                         if mask & _WRITE and not conn.closed:
                             self._flush(conn)
-                    elif conn is _LISTEN:
-                        self._accept()
                     elif conn is _WAKE:
                         try:
                             self._wake_r.recv(4096)
                         except OSError:
                             pass
+                    elif conn is not None:   # a listening socket
+                        self._accept(conn)
                 if self._deadlines:
                     self._expire()
                 if self._dirty:
@@ -524,8 +563,9 @@ class StoreServer:
         for conn in list(self._poller.objects_by_fd().values()):
             if isinstance(conn, _Conn):
                 self._close(conn)
-        for sock in (self._listener, self._wake_r, self._wake_w):
-            sock.close()
+        for sock in (self._listener, self._local, self._wake_r, self._wake_w):
+            if sock is not None:
+                sock.close()
         self._poller.close()
         if self._spare_fd is not None:
             os.close(self._spare_fd)
@@ -534,35 +574,39 @@ class StoreServer:
 
     # -- connections
 
-    def _accept(self):
+    def _accept(self, listener):
+        local = listener is self._local
         while True:
             try:
-                sock, peer = self._listener.accept()
+                sock, peer = listener.accept()
             except (BlockingIOError, InterruptedError):
                 return
             except OSError as e:
                 if e.errno in (errno.EMFILE, errno.ENFILE):
-                    self._turn_away_one()
+                    self._turn_away_one(listener)
                     return
                 if e.errno in (errno.ECONNABORTED, errno.EPROTO):
                     continue
                 raise
             sock.setblocking(False)
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            conn = _Conn(sock, peer)
+            if local:
+                peer = "a client on this host"   # until its ticket says which
+            else:
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            conn = _Conn(sock, peer, local)
             self._conns += 1
             self._poller.register(sock, _READ, conn)
             self._seq += 1
             heapq.heappush(self._deadlines, (time.monotonic() + self.handshake_timeout, self._seq, conn))
 
-    def _turn_away_one(self):
+    def _turn_away_one(self, listener):
         """Out of descriptors: free the spare one to accept a client just to tell it why we can't."""
         if self._spare_fd is None:
             return
         os.close(self._spare_fd)
         self._spare_fd = None
         try:
-            sock, _ = self._listener.accept()
+            sock, _ = listener.accept()
             try:
                 sock.setblocking(False)
                 sock.recv(_HANDSHAKE_FRAME_LIMIT)          # read the hello so close sends FIN, not RST
@@ -592,6 +636,9 @@ class StoreServer:
                 del self._owners[key]
                 self._data.pop(key, None)
             conn.owned = None
+        if conn.ticket is not None:
+            del self._tickets[conn.ticket]
+            conn.ticket = None
         self._poller.unregister(conn.sock)
         conn.sock.close()
 
@@ -669,7 +716,9 @@ class StoreServer:
             self._flush(conn)
 
     def _handshake(self, conn, payload):
-        if conn.state == "hello":
+        if conn.state == "hello" and conn.local:
+            self._redeem(conn, payload)
+        elif conn.state == "hello":
             if len(payload) != 5 or payload[:4] != _MAGIC:
                 raise _Malformed("not a store client (bad hello)")
             if payload[4] != PROTOCOL_VERSION:
@@ -681,23 +730,70 @@ class StoreServer:
                             _peer_text(conn.peer), self.max_connections)
                 self._final(conn, bytes([_BUSY, PROTOCOL_VERSION]))
             elif self._token is None:
-                conn.state = "ready"
-                conn.done = True
-                conn.wbuf += _U32.pack(3) + bytes([_READY, PROTOCOL_VERSION, _FEATURES])
+                self._ready(conn, bytes([_READY, PROTOCOL_VERSION]))
             else:
                 conn.state = "proof"
                 conn.challenge = os.urandom(_CHALLENGE_SIZE)
                 conn.wbuf += _U32.pack(2 + _CHALLENGE_SIZE) + bytes([_PROOF, PROTOCOL_VERSION]) + conn.challenge
         elif conn.state == "proof":
             if _same(payload, _proof(self._token, conn.challenge)):
-                conn.state = "ready"
-                conn.done = True
-                conn.wbuf += _U32.pack(2) + bytes([_READY, _FEATURES])
+                self._ready(conn, bytes([_READY]))
             else:
                 log.warning("store: client %s failed authentication", _peer_text(conn.peer))
                 self._final(conn, bytes([_REFUSED]))
         else:
             raise _Malformed("data after the final answer")
+
+    def _ready(self, conn, head):
+        """Let a TCP client in: `head`, the features byte, and for a client on this host the offer of
+        the same-host socket with a ticket for it."""
+        conn.state = "ready"
+        conn.done = True
+        if self._local is None or not self._on_this_host(conn):
+            body = head + bytes([_FEATURES])
+        else:
+            conn.ticket = os.urandom(_TICKET_SIZE)
+            self._tickets[conn.ticket] = conn
+            name = self._local_name
+            body = head + bytes([_FEATURES | _F_LOCAL, len(name)]) + name + conn.ticket
+        conn.wbuf += _U32.pack(len(body)) + body
+
+    @staticmethod
+    def _on_this_host(conn):
+        """Whether a TCP client runs on this host, in this network namespace: it came over loopback,
+        or from the very address it reached us at. Others are never offered the same-host socket,
+        which they could not reach."""
+        there = conn.peer[0]
+        if there.startswith(("127.", "::ffff:127.")) or there == "::1":
+            return True
+        try:
+            return conn.sock.getsockname()[0] == there
+        except OSError:
+            return False
+
+    def _redeem(self, conn, payload):
+        """The hello on the same-host socket: a ticket offered to a TCP connection that is still open.
+
+        The ticket is looked up in a dict, whose keyed hash never lets a guess be compared byte by
+        byte with a real ticket, and a ticket works once. Redeeming it closes the TCP connection:
+        the client moves here, and the connection count stays the same.
+        """
+        if len(payload) != 5 + _TICKET_SIZE or payload[:4] != _LOCAL_MAGIC:
+            raise _Malformed("not a store client (bad hello on the same-host socket)")
+        if payload[4] != PROTOCOL_VERSION:
+            self._final(conn, bytes([_VERSION, PROTOCOL_VERSION]))
+            return
+        owner = self._tickets.pop(payload[5:], None)
+        if owner is None:
+            log.warning("store: refused a same-host connection with an unknown ticket")
+            self._final(conn, bytes([_REFUSED, PROTOCOL_VERSION]))
+            return
+        owner.ticket = None
+        conn.peer = owner.peer
+        self._close(owner)
+        conn.state = "ready"
+        conn.done = True
+        conn.wbuf += _U32.pack(3) + bytes([_READY, PROTOCOL_VERSION, _FEATURES])
 
     def _final(self, conn, payload):
         """Send a last answer, then close once it is out."""
@@ -1064,7 +1160,9 @@ class TCPStore:
                     sock.connect(sockaddr)
                     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
                     _keepalive(sock)
-                    self._handshake(sock, deadline)
+                    offer = self._handshake(sock, deadline)
+                    if offer:
+                        sock = self._go_local(sock, offer, deadline)
                     self._blocking(sock)
                     return sock
                 except (StoreAuthError, StoreConnectionError):
@@ -1080,13 +1178,15 @@ class TCPStore:
             delay = min(delay * 2, 1.0)
 
     def _handshake(self, sock, deadline):
+        """Hello, and the proof when the server asks for one; returns the server's offer of its
+        same-host socket (empty when it made none)."""
         sock.settimeout(max(0.05, deadline - time.monotonic()))
         sock.sendall(_U32.pack(5) + _MAGIC + bytes([PROTOCOL_VERSION]))
         welcome = _recv_frame(sock, _HANDSHAKE_FRAME_LIMIT)
         if len(welcome) < 2:
             raise EOFError("short welcome")
         status, version = welcome[0], welcome[1]
-        features = welcome[2:3]
+        features, offer = welcome[2:3], welcome[3:]
         if status == _VERSION:
             raise StoreConnectionError("the store at %s speaks protocol version %d; this client speaks %d"
                                        % (self._where(), version, PROTOCOL_VERSION))
@@ -1100,10 +1200,37 @@ class TCPStore:
             verdict = _recv_frame(sock, _HANDSHAKE_FRAME_LIMIT)
             if verdict[:1] != bytes([_READY]):
                 raise StoreAuthError("the store at %s refused our token" % self._where())
-            features = verdict[1:2]
+            features, offer = verdict[1:2], verdict[2:]
         elif status != _READY:
             raise EOFError("unexpected welcome status %d" % status)
         self._features = features[0] if features else 0   # an older server sends none
+        return offer if self._features & _F_LOCAL else b""
+
+    def _go_local(self, sock, offer, deadline):
+        """Move from TCP to the server's same-host socket with the ticket it offered; on any failure
+        (another network namespace, no Unix sockets, a refusal) stay on `sock`."""
+        size = offer[0]
+        name, ticket = offer[1:1 + size], offer[1 + size:]
+        if size == 0 or len(ticket) != _TICKET_SIZE:
+            return sock
+        local = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            local.settimeout(max(0.05, min(5.0, deadline - time.monotonic())))
+            local.connect(name)
+            local.sendall(_field(_LOCAL_MAGIC + bytes([PROTOCOL_VERSION]) + ticket))
+            verdict = _recv_frame(local, _HANDSHAKE_FRAME_LIMIT)
+            if len(verdict) < 3 or verdict[0] != _READY:
+                raise EOFError("the same-host socket refused our ticket")
+        except (OSError, EOFError) as e:
+            local.close()
+            log.debug("store: staying on TCP to %s: %s", self._where(), _describe(e))
+            return sock
+        except BaseException:
+            local.close()
+            raise
+        self._features = verdict[2]
+        sock.close()
+        return local
 
     # -- request plumbing
 
@@ -1548,6 +1675,8 @@ def _as_keys(keys):
 
 
 def _describe(error):
+    if isinstance(error, BrokenPipeError):   # a send after the server closed (at once on a Unix socket)
+        return "it closed the connection"
     if isinstance(error, OSError) and error.strerror:
         return error.strerror
     return str(error) or type(error).__name__

@@ -48,7 +48,7 @@ import sys, time
 import store
 c = store.TCPStore(sys.argv[1], int(sys.argv[2]), timeout=10)
 c.set("from-host2", "hello")
-print("ok", c.get("from-host1").decode(), flush=True)
+print("ok", c.get("from-host1").decode(), c._sock.family.name, flush=True)   # another host: TCP
 sys.stdin.readline()                 # the test takes our link down meanwhile
 started = time.monotonic()
 try:
@@ -71,11 +71,13 @@ def test_store_across_hosts_and_a_cut_link_times_out_cleanly(netns_ok):
         port = _listening(server)
         client = net.popen(1, [sys.executable, "-c", CLIENT, net.addr(0), str(port)], cwd=ROOT,
                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-        # host 1's own client, on host 1's address
-        net.run(0, [sys.executable, "-c",
-                    "import store, sys; store.TCPStore(sys.argv[1], int(sys.argv[2])).set('from-host1', 'hi')",
-                    net.addr(0), str(port)], cwd=ROOT)
-        assert client.stdout.readline() == b"ok hi\n", client.stderr.read().decode()
+        # host 0's own client, on host 0's address: it moves to the same-host socket
+        local = net.run(0, [sys.executable, "-c",
+                            "import store, sys; c = store.TCPStore(sys.argv[1], int(sys.argv[2])); "
+                            "c.set('from-host1', 'hi'); print(c._sock.family.name)",
+                            net.addr(0), str(port)], cwd=ROOT, stdout=subprocess.PIPE)
+        assert local.stdout == b"AF_UNIX\n"
+        assert client.stdout.readline() == b"ok hi AF_INET\n", client.stderr.read().decode()
         net.link_down(1)
         client.stdin.write(b"go\n")
         client.stdin.flush()

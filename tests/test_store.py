@@ -25,9 +25,10 @@ from store import (PrefixStore, StoreAuthError, StoreConnectionError, StoreError
 from conftest import ROOT
 
 
-@pytest.fixture
-def server():
-    srv = StoreServer("127.0.0.1", 0).start()
+@pytest.fixture(params=["same-host", "tcp"])
+def server(request):
+    """A server in this process; its clients move to the same-host socket, or (tcp) stay on TCP."""
+    srv = StoreServer("127.0.0.1", 0, local_socket=request.param == "same-host").start()
     try:
         yield srv
     finally:
@@ -863,7 +864,7 @@ def test_ephemeral_on_a_server_without_it_is_refused_clearly():
 
 
 def test_welcome_and_verdict_carry_the_features_byte():
-    srv = StoreServer("127.0.0.1", 0).start()
+    srv = StoreServer("127.0.0.1", 0, local_socket=False).start()
     tsrv = StoreServer("127.0.0.1", 0, token="s3cret").start()
     try:
         with socket.create_connection(("127.0.0.1", srv.port), timeout=10) as sock:
@@ -873,9 +874,110 @@ def test_welcome_and_verdict_carry_the_features_byte():
             assert recv_frame(sock) == struct.pack(">BI", 0, 7)
         with TCPStore("127.0.0.1", tsrv.port, token="s3cret", timeout=5) as c:
             assert c.supports_ephemeral                  # the verdict carried the features
+            assert c._sock.family == socket.AF_UNIX      # and the offer of the same-host socket
     finally:
         srv.stop()
         tsrv.stop()
+
+
+def same_host_offer(sock):
+    """Hello on a raw TCP socket; returns the offered (name, ticket) of the same-host socket."""
+    sock.sendall(frame(b"EKVS\x01"))
+    welcome = recv_frame(sock)
+    assert welcome[:3] == bytes([0, 1, 1 | 2]), welcome   # READY, version, EPHEMERAL | offer
+    size = welcome[3]
+    name, ticket = welcome[4:4 + size], welcome[4 + size:]
+    assert name.startswith(b"\0") and len(ticket) == 16
+    return name, ticket
+
+
+def redeem(name, hello):
+    """Connect to the same-host socket and say `hello`; returns (socket, answer or None if closed)."""
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.settimeout(10)
+    sock.connect(name)
+    sock.sendall(frame(hello))
+    try:
+        return sock, recv_frame(sock)
+    except (EOFError, ConnectionResetError):
+        return sock, None
+
+
+def test_a_client_on_this_host_moves_to_the_same_host_socket():
+    srv = StoreServer("127.0.0.1", 0).start()
+    tcp_only = StoreServer("127.0.0.1", 0, local_socket=False).start()
+    try:
+        with TCPStore("127.0.0.1", srv.port, timeout=5) as c, TCPStore("127.0.0.1", srv.port, timeout=5) as d:
+            assert c._sock.family == d._sock.family == socket.AF_UNIX
+            assert srv._conns == 2      # their TCP connections were closed when they moved
+            c.set("k", "v")
+            assert d.get("k") == b"v" and d.add("n", 2) == 2
+        with TCPStore("127.0.0.1", tcp_only.port, timeout=5) as c:
+            assert c._sock.family == socket.AF_INET
+            assert c.add("n", 1) == 1
+    finally:
+        srv.stop()
+        tcp_only.stop()
+
+
+def test_the_same_host_socket_lets_in_only_a_live_ticket_and_only_once():
+    srv = StoreServer("127.0.0.1", 0).start()
+    opened = []
+    try:
+        with TCPStore("127.0.0.1", srv.port, timeout=5) as bystander:
+            bystander.set("mine", "intact")
+            tcp = socket.create_connection(("127.0.0.1", srv.port), timeout=10)
+            opened.append(tcp)
+            name, ticket = same_host_offer(tcp)
+            for hello in (b"EKVL\x01" + bytes(16), b"EKVL\x01" + ticket[::-1]):   # wrong tickets
+                sock, answer = redeem(name, hello)
+                opened.append(sock)
+                assert answer == bytes([4, 1]) and closed_by_peer(sock)   # REFUSED
+            sock, answer = redeem(name, b"EKVS\x01")    # a plain hello: no way around the ticket
+            opened.append(sock)
+            assert answer is None
+            sock, answer = redeem(name, b"EKVL\x01" + ticket)
+            opened.append(sock)
+            assert answer == bytes([0, 1, 1])            # READY, version, EPHEMERAL
+            assert closed_by_peer(tcp)                   # the TCP connection it came from is closed
+            sock.sendall(request(1, 5, field(b"k") + field(b"v")))
+            assert recv_frame(sock) == struct.pack(">BI", 0, 5)
+            again, answer = redeem(name, b"EKVL\x01" + ticket)   # used once already
+            opened.append(again)
+            assert answer == bytes([4, 1])
+            late = socket.create_connection(("127.0.0.1", srv.port), timeout=10)
+            opened.append(late)
+            _, late_ticket = same_host_offer(late)
+            late.close()                                 # its ticket dies with the connection
+            time.sleep(0.2)
+            gone, answer = redeem(name, b"EKVL\x01" + late_ticket)
+            opened.append(gone)
+            assert answer == bytes([4, 1])
+            assert bystander.get("mine") == b"intact" and bystander.get("k") == b"v"
+            assert srv._tickets == {}
+    finally:
+        for sock in opened:
+            sock.close()
+        srv.stop()
+
+
+def test_a_client_that_cannot_reach_the_same_host_socket_stays_on_tcp():
+    """As from another network namespace that shares the address: the offer fails, TCP carries on."""
+    srv = StoreServer("127.0.0.1", 0)
+    srv._local_name = b"\0elasticrun-store-nobody-listens-here"
+    srv.start()
+    try:
+        with TCPStore("127.0.0.1", srv.port, timeout=5) as c:
+            assert c._sock.family == socket.AF_INET
+            c.set_ephemeral("e", "1")
+            assert c.add("n", 1) == 1 and c.get("e") == b"1"
+            assert len(srv._tickets) == 1               # unredeemed: held while the connection lives
+        deadline = time.monotonic() + 10
+        while srv._tickets and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert srv._tickets == {}
+    finally:
+        srv.stop()
 
 
 # -------------------------------------------------------------------------------- protocol defences
