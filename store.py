@@ -66,23 +66,25 @@ that many ``bytes`` fields::
 ``features`` follows READY (in the welcome, or in the verdict after a proof); bit 0 says the server
 knows EPHEMERAL, bit 1 that an offer of the same-host socket follows (below). A server older than
 EPHEMERAL sends no features byte (and closes a connection that sends it an unknown op), so the client
-checks the bit and refuses ``set_ephemeral`` with a clear ``StoreError`` instead of sending it. EPHEMERAL is SET with the key bound to the sending connection:
-the server deletes the key when that connection closes (``close()``, or the client process dies and
-its kernel closes the socket), unless a later write by anyone (SET, ADD, CAS, APPEND, MSET) made it
-an ordinary key first, or another connection's EPHEMERAL took it over. Liveness for free: a key that
-vanishes with its writer (as etcd's leases do, and the rendezvous relies on that when it can).
+checks the bit and refuses ``set_ephemeral`` with a clear ``StoreError`` instead of sending it.
+EPHEMERAL is SET with the key bound to the sending connection: the server deletes the key when that
+connection closes (``close()``, or the client process dies and its kernel closes the socket), unless
+a later write by anyone (SET, ADD, CAS, APPEND, MSET) made it an ordinary key first, or another
+connection's EPHEMERAL took it over. Liveness for free: a key that vanishes with its writer (as
+etcd's leases do, and the rendezvous relies on that when it can).
 
 The same-host socket. A request over TCP through the loopback costs the kernel nearly twice what it
-costs over a Unix socket, and on a busy host the kernel's share is most of a request's cost. So a Linux server also listens on an abstract
-Unix socket with a random name, and offers it to each TCP client on its own host (one that came over
-loopback, or from the address it reached us at) once the handshake is done: ``offer`` is
-``size:u8 name ticket:16``, the ticket random and good once, while that TCP connection is open. The
-client connects to the name and sends ``"EKVL" version:u8 ticket`` as its hello; the server answers
-READY version features (then this is the client's connection, and the server closes the TCP one) or
-REFUSED. A client that can't connect (another network namespace, no Unix sockets) or is refused
-stays on TCP, as does every client of an older server or of ``StoreServer(local_socket=False)``.
-Nothing but a ticket gets in: the name is visible to every local user, the ticket went only to a
-client that passed the TCP handshake (and its proof, when there is a token).
+costs over a Unix socket, and on a busy host the kernel's share is most of a request's cost. So a
+Linux server also listens on an abstract Unix socket with a random name, and offers it to each TCP
+client on its own host (one that came over loopback, or from the address it reached us at) once the
+handshake is done: ``offer`` is ``size:u8 name ticket:16``, the ticket random and good once, while
+that TCP connection is open. The client connects to the name and sends ``"EKVL" version:u8 ticket``
+as its hello; the server answers READY version features (then this is the client's connection, and
+the server closes the TCP one) or REFUSED. A client that can't connect (another network namespace,
+no Unix sockets) or is refused stays on TCP, as does every client of an older server or of
+``StoreServer(local_socket=False)``. Nothing but a ticket gets in: the name is visible to every local
+user, the ticket went only to a client that passed the TCP handshake (and its proof, when there is a
+token).
 
 ``timeout_ms`` < 0 waits forever. Limits: keys up to ``MAX_KEY_SIZE`` bytes, values up to
 ``MAX_VALUE_SIZE``, frames up to ``MAX_FRAME_SIZE`` (256 bytes before the handshake completes). Every

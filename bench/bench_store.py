@@ -8,9 +8,14 @@ process, clients in their own processes. The torch half runs this very script un
 that has torch (default: .venv-torch/bin/python, else /work/.torchvenv/bin/python). Prints a table of
 ratios (ours / torch; above 1 is better for ops/s, below 1 is better for times).
 
+Our clients on this host move from TCP to the server's same-host Unix socket (see store.py), which
+torch's TCPStore has no equivalent of; "ours, TCP only" runs our get and add figures again with
+``StoreServer(local_socket=False)``, so that both the default and the plain TCP ratios are printed.
+
 For get and add it also measures the floor for any pure-Python store on this machine: a bare epoll
-loop that only knows those frames, driven by clients that send a prebuilt frame and read one reply.
-A ratio to torch that the floor itself cannot reach says how much is the language, not our code.
+loop that only knows those frames, driven by clients that send a prebuilt frame and read one reply,
+over TCP. A ratio to torch that the floor itself cannot reach says how much is the language, not our
+code.
 """
 import argparse
 import json
@@ -131,7 +136,7 @@ def _serve(impl, port_pipe, stop_event):
     else:
         sys.path.insert(0, ROOT)
         import store
-        server = store.StoreServer("127.0.0.1", 0)
+        server = store.StoreServer("127.0.0.1", 0, local_socket=impl != "ours-tcp")
         port_pipe.send(server.port)
         import threading
         threading.Thread(target=lambda: (stop_event.wait(), server.stop()), daemon=True).start()
@@ -295,7 +300,7 @@ def _median_of(runs):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--impl", choices=("ours", "torch", "floor", "both"), default="both")
+    parser.add_argument("--impl", choices=("ours", "ours-tcp", "torch", "floor", "both"), default="both")
     parser.add_argument("--part", choices=("ops", "crowds"), help=argparse.SUPPRESS)
     parser.add_argument("--rounds", type=int, default=3, help="alternating rounds of the ops/s figures (median)")
     parser.add_argument("--torch-python")
@@ -304,7 +309,8 @@ def main():
     args = parser.parse_args()
     if args.impl != "both":
         results = {}
-        for part in ([args.part] if args.part else ["ops"] if args.impl == "floor" else ["ops", "crowds"]):
+        ops_only = args.impl in ("floor", "ours-tcp")
+        for part in ([args.part] if args.part else ["ops"] if ops_only else ["ops", "crowds"]):
             results.update(_run_part(args.impl, part, args.quick))
         print(json.dumps(results) if args.json else results)
         return 0
@@ -319,12 +325,13 @@ def main():
 
     # ops/s from one client depend on where the scheduler puts the two processes, which changes
     # from run to run: the three implementations take turns, and each figure is a median
-    runs = {"ours": [], "floor": [], "torch": []}
+    runs = {"ours": [], "ours-tcp": [], "floor": [], "torch": []}
     for _ in range(max(1, args.rounds)):
         runs["ours"].append(_run_part("ours", "ops", args.quick))
+        runs["ours-tcp"].append(_run_part("ours-tcp", "ops", args.quick))
         runs["floor"].append(_run_part("floor", "ops", args.quick))
         runs["torch"].append(torch_part("ops"))
-    ours, floor, theirs = (_median_of(runs[impl]) for impl in ("ours", "floor", "torch"))
+    ours, tcp, floor, theirs = (_median_of(runs[impl]) for impl in ("ours", "ours-tcp", "floor", "torch"))
     ours.update(_run_part("ours", "crowds", args.quick))
     theirs.update(torch_part("crowds"))
 
@@ -333,10 +340,15 @@ def main():
         other = theirs.get(name)
         ratio = "" if not other else "%.2fx" % (value / other)
         print("%-34s %14.1f %14s %8s" % (name, value, "%.1f" % other if other is not None else "-", ratio))
-    print("\nthe floor for pure Python: a bare epoll loop and raw-socket clients, run the same way")
+    print("\nours, TCP only (no same-host socket), run the same way")
+    for name, value in tcp.items():
+        print("  %-32s %14.1f ops/s = %.2fx torch" % (name, value, value / theirs[name]))
+    print("\nthe floor for pure Python over TCP: a bare epoll loop and raw-socket clients, "
+          "run the same way")
     for name, value in floor.items():
         other = theirs.get(name)
-        print("  %-32s %14.1f ops/s = %.2fx torch, ours %.2fx of it" % (name, value, value / other, ours[name] / value))
+        print("  %-32s %14.1f ops/s = %.2fx torch, ours over TCP %.2fx of it"
+              % (name, value, value / other, tcp[name] / value))
     print("(ops/s: median of %d alternating rounds; barrier: median of 3)" % max(1, args.rounds))
     return 0
 

@@ -907,7 +907,8 @@ def test_a_client_on_this_host_moves_to_the_same_host_socket():
     srv = StoreServer("127.0.0.1", 0).start()
     tcp_only = StoreServer("127.0.0.1", 0, local_socket=False).start()
     try:
-        with TCPStore("127.0.0.1", srv.port, timeout=5) as c, TCPStore("127.0.0.1", srv.port, timeout=5) as d:
+        with TCPStore("127.0.0.1", srv.port, timeout=5) as c, \
+                TCPStore("127.0.0.1", srv.port, timeout=5) as d:
             assert c._sock.family == d._sock.family == socket.AF_UNIX
             assert srv._conns == 2      # their TCP connections were closed when they moved
             c.set("k", "v")
