@@ -747,11 +747,11 @@ class StoreServer:
             raise _Malformed("data after the final answer")
 
     def _ready(self, conn, head):
-        """Let a TCP client in: `head`, the features byte, and for a client on this host the offer of
+        """Let a client in: `head`, the features byte, and for a TCP client on this host the offer of
         the same-host socket with a ticket for it."""
         conn.state = "ready"
         conn.done = True
-        if self._local is None or not self._on_this_host(conn):
+        if self._local is None or conn.local or not self._on_this_host(conn):
             body = head + bytes([_FEATURES])
         else:
             conn.ticket = os.urandom(_TICKET_SIZE)
@@ -793,9 +793,7 @@ class StoreServer:
         owner.ticket = None
         conn.peer = owner.peer
         self._close(owner)
-        conn.state = "ready"
-        conn.done = True
-        conn.wbuf += _U32.pack(3) + bytes([_READY, PROTOCOL_VERSION, _FEATURES])
+        self._ready(conn, bytes([_READY, PROTOCOL_VERSION]))
 
     def _final(self, conn, payload):
         """Send a last answer, then close once it is out."""
