@@ -324,7 +324,7 @@ def main():
         return json.loads(out.stdout.decode().splitlines()[-1])
 
     # ops/s from one client depend on where the scheduler puts the two processes, which changes
-    # from run to run: the three implementations take turns, and each figure is a median
+    # from run to run: the implementations take turns, and each figure is a median
     runs = {"ours": [], "ours-tcp": [], "floor": [], "torch": []}
     for _ in range(max(1, args.rounds)):
         runs["ours"].append(_run_part("ours", "ops", args.quick))

@@ -75,7 +75,7 @@ def test_store_across_hosts_and_a_cut_link_times_out_cleanly(netns_ok):
         local = net.run(0, [sys.executable, "-c",
                             "import store, sys; c = store.TCPStore(sys.argv[1], int(sys.argv[2])); "
                             "c.set('from-host1', 'hi'); print(c._sock.family.name)",
-                            net.addr(0), str(port)], cwd=ROOT, stdout=subprocess.PIPE)
+                            net.addr(0), str(port)], cwd=ROOT)
         assert local.stdout == b"AF_UNIX\n"
         assert client.stdout.readline() == b"ok hi AF_INET\n", client.stderr.read().decode()
         net.link_down(1)
