@@ -6,7 +6,8 @@
 Each measurement runs the same harness code twice, once per implementation: the server in its own
 process, clients in their own processes. The torch half runs this very script under an interpreter
 that has torch (default: .venv-torch/bin/python, else /work/.torchvenv/bin/python). Prints a table of
-ratios (ours / torch; above 1 is better for ops/s, below 1 is better for times).
+ratios (ours / torch; above 1 is better for ops/s, below 1 is better for times), and for ops/s the
+range of the ratios within single rounds.
 
 Our clients on this host move from TCP to the server's same-host Unix socket (see store.py), which
 torch's TCPStore has no equivalent of; "ours, TCP only" runs our get and add figures again with
@@ -335,14 +336,20 @@ def main():
     ours.update(_run_part("ours", "crowds", args.quick))
     theirs.update(torch_part("crowds"))
 
+    def spread(impl, name):
+        """The lowest and highest ratio to torch's figure of the same round: how much one run can say."""
+        ratios = [mine[name] / other[name] for mine, other in zip(runs[impl], runs["torch"])]
+        return "rounds %.2f-%.2fx" % (min(ratios), max(ratios))
+
     print("%-34s %14s %14s %8s" % ("store benchmark", "ours", "torch", "ratio"))
     for name, value in ours.items():
         other = theirs.get(name)
         ratio = "" if not other else "%.2fx" % (value / other)
-        print("%-34s %14.1f %14s %8s" % (name, value, "%.1f" % other if other is not None else "-", ratio))
+        print("%-34s %14.1f %14s %8s  %s" % (name, value, "%.1f" % other if other is not None else "-", ratio,
+                                             spread("ours", name) if name in runs["ours"][0] else ""))
     print("\nours, TCP only (no same-host socket), run the same way")
     for name, value in tcp.items():
-        print("  %-32s %14.1f ops/s = %.2fx torch" % (name, value, value / theirs[name]))
+        print("  %-32s %14.1f ops/s = %.2fx torch  %s" % (name, value, value / theirs[name], spread("ours-tcp", name)))
     print("\nthe floor for pure Python over TCP: a bare epoll loop and raw-socket clients, "
           "run the same way")
     for name, value in floor.items():
