@@ -37,10 +37,11 @@ def _number(text):
 
 
 def parse_store(text):
-    """Rows `NAME  OURS  TORCH  RATIO` of bench_store.py (the unit is part of NAME)."""
+    """Rows `NAME  OURS  TORCH  RATIO [range of single rounds]` of bench_store.py (the unit is part
+    of NAME)."""
     rows = []
     for line in text.splitlines():
-        m = re.match(r"^(.*?\S)\s+%s\s+%s(\s+\S+)?\s*$" % (_VALUE, _VALUE), line)
+        m = re.match(r"^(.*?\S)\s+%s\s+%s(\s+\S+)?(\s+rounds \S+)?\s*$" % (_VALUE, _VALUE), line)
         if m:
             rows.append((m.group(1), _number(m.group(2)), _number(m.group(3))))
     return rows
