@@ -839,6 +839,14 @@ def _b():
             tb = tb.tb_next  # our own bootstrap frames
         prev(t, v.with_traceback(tb) if tb is not None else v, tb)
     sys.excepthook = hook
+    import io
+    for name, fd in (("stdout", 1), ("stderr", 2)):   # elastic._whole_line_stdio
+        old = getattr(sys, name)
+        if old is not None:
+            new = io.TextIOWrapper(io.BufferedWriter(io.FileIO(fd, "w", closefd=False)),
+                                   encoding=old.encoding, errors=old.errors, line_buffering=True)
+            setattr(sys, name, new)
+            setattr(sys, "__%s__" % name, new)
     mode, target = sys.argv[1], sys.argv[2]
     del sys.argv[:2]
     g = globals()
@@ -1114,19 +1122,28 @@ def _finalize_script():
     gc.collect()
 
 
-def _exec_script(request):
+def _whole_line_stdio():
+    """sys.stdout and sys.stderr line buffered: one write per whole line, so ranks sharing a console
+    never split each other's lines (``python -u`` writes a print's text and its newline apart, a
+    block-buffered stream cuts lines at 8 KiB); flush() works as usual. Every kind of Python worker
+    calls this (the bootstrap carries its own copy: it runs where this module may not import)."""
     import io
-    import types
-    mode, script, args, env = request
-    os.environ.update(env)
     for name, fd in (("stdout", 1), ("stderr", 2)):
         old = getattr(sys, name)
-        # line buffered: a whole line per write, so ranks sharing a console never split each
-        # other's lines (python -u writes text and newline separately); flush() works as usual
+        if old is None:
+            continue
+        old.flush()
         new = io.TextIOWrapper(io.BufferedWriter(io.FileIO(fd, "w", closefd=False)),
                                encoding=old.encoding, errors=old.errors, line_buffering=True)
         setattr(sys, name, new)
         setattr(sys, "__%s__" % name, new)
+
+
+def _exec_script(request):
+    import types
+    mode, script, args, env = request
+    os.environ.update(env)
+    _whole_line_stdio()
     # the launcher's own modules must not answer the script's `import store` (or rendezvous,
     # elastic): the script's directory may hold modules of those names
     for name in {__name__, "elastic", _store.__name__, _rdzv.__name__}:
@@ -1206,6 +1223,7 @@ def _function_worker(fn, args, env, conn, out_path, err_path, parent_pid):
             f = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
             os.dup2(f, fd)
             os.close(f)
+    _whole_line_stdio()
     try:
         ret = fn(*args)
     except SystemExit:
