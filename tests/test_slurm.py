@@ -1,7 +1,18 @@
 """--slurm: Slurm's compressed host lists and srun's environment turned into launcher options."""
+import os
+import re
+import sys
+
 import pytest
 
 import elastic as ops
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from agent_scripts.harness import Launcher, clean_env, write_script  # noqa: E402
+from ports import free_port  # noqa: E402
+
+GUARD = 30  # seconds: hang guards only, never a claim about speed
+FAST = ["--monitor-interval", "0.05"]
 
 
 @pytest.mark.parametrize("text, hosts", [
@@ -118,3 +129,47 @@ def test_slurm_environment_errors_are_usage_errors():
     with pytest.raises(ops._UsageError, match="rendezvous with itself"):
         slurm_args(["--slurm"], env)
     assert slurm_args(["--slurm", "--rdzv-endpoint", "127.0.0.1:5000"], env).rdzv_endpoint == "127.0.0.1:5000"
+
+
+# --slurm through real launchers.
+RANKS = "import os\nprint('RANK=%s WORLD=%s RUN=%s' % (os.environ['RANK'], os.environ['WORLD_SIZE'], " \
+        "os.environ['TORCHELASTIC_RUN_ID']), flush=True)\n"
+
+
+
+def srun_node_env(node_id, nodelist, **extra):
+    return clean_env(SLURM_JOB_ID="4242", SLURM_STEP_ID="7", SLURM_NNODES="2", SLURM_STEP_NUM_NODES="2",
+                      SLURM_NODEID=node_id, SLURM_JOB_NODELIST=nodelist, SLURM_STEP_NODELIST=nodelist,
+                      SLURM_PROCID=node_id, **extra)
+
+
+def test_slurm_two_nodes_explicit_endpoint_wins(tmp_path):
+    ranks = write_script(tmp_path, "ranks.py", RANKS)
+    # Slurm's own endpoint would be node1:29400; the explicit one wins, so no name is looked up
+    args = ["--slurm", "--nproc-per-node", "2", "--rdzv-endpoint", "127.0.0.1:%d" % free_port(),
+            "--rdzv-conf", "last_call_timeout=1,join_timeout=%d" % GUARD] + FAST + [ranks]
+    nodes = []
+    try:
+        for node_id in ("0", "1"):
+            nodes.append(Launcher(args, tmp_path, "node%s" % node_id, environ=srun_node_env(node_id, "node[1-2]")))
+        seen = []
+        for node in nodes:
+            assert node.wait(GUARD) == 0, node.err()
+            seen += re.findall(r"RANK=(\d) WORLD=(\d) RUN=(\S+)", node.out())
+        assert sorted(seen) == [(str(r), "4", "4242.7") for r in range(4)]
+    finally:
+        for node in nodes:
+            node.stop()
+
+
+def test_slurm_multi_node_loopback_endpoint_refused(tmp_path):
+    ranks = write_script(tmp_path, "ranks.py", RANKS)
+    a = Launcher(["--slurm", ranks], tmp_path, environ=srun_node_env("0", "127.0.0.[1-2]"))
+    try:
+        assert a.wait(GUARD) == 2
+        lines = a.err().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("elasticrun: error: --slurm:"), lines
+        assert "127.0.0.1" in lines[0] and "rendezvous with itself" in lines[0]
+        assert a.out() == ""
+    finally:
+        a.stop()

@@ -21,6 +21,23 @@ def env(**extra):
     return e
 
 
+def clean_env(**extra):
+    """env() without the SLURM_*, PET_* and TORCHELASTIC_* variables the developer's shell may hold."""
+    e = env()
+    for k in list(e):
+        if k.startswith(("SLURM_", "PET_", "TORCHELASTIC_")):
+            del e[k]
+    e.update({k: str(v) for k, v in extra.items()})
+    return e
+
+
+def write_script(folder, name, text):
+    path = os.path.join(str(folder), name)
+    with open(path, "w") as f:
+        f.write(text)
+    return path
+
+
 class Launcher:
     """One `python3 elastic.py ...` in its own session, output in files; always killed in stop()."""
 
