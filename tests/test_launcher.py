@@ -508,3 +508,47 @@ def test_local_rank_macro_in_script_args_for_every_kind_of_worker(tmp_path):
     finally:
         for p in procs:
             p.stop()
+
+
+TWO_ROUNDS = """
+import os, sys, time
+folder, node = sys.argv[1], os.environ["NODE"]
+attempt = os.environ["TORCHELASTIC_RESTART_COUNT"]
+open(os.path.join(folder, "%s-%s" % (node, attempt)), "w").close()
+if attempt == "0":
+    if node == "b":
+        raise RuntimeError("round zero's failure")
+    time.sleep(60)          # stopped by the agent: b failed
+deadline = time.monotonic() + 60
+while not os.path.exists(os.path.join(folder, "go")) and time.monotonic() < deadline:
+    time.sleep(0.01)
+if node == "b":
+    raise RuntimeError("round one's failure")
+"""
+
+
+def test_report_is_the_last_rounds_even_when_the_store_is_gone(tmp_path):
+    """Round 0's failures were exchanged through the store; round 1's cannot be (the store died):
+    the report shows round 1's failure, never round 0's."""
+    folder = tmp_path / "io"
+    folder.mkdir()
+    script = str(tmp_path / "two_rounds.py")
+    with open(script, "w") as f:
+        f.write(TWO_ROUNDS)
+    store = StoreProcess()
+    agents = []
+    try:
+        for node in ("a", "b"):
+            agents.append(Launcher(c10d(store, "2", "stale", "--max-restarts", "1") + [script, str(folder)],
+                                   tmp_path, node, environ=env(NODE=node)))
+        wait_for(lambda: (folder / "a-1").exists() and (folder / "b-1").exists(), what="round 1 on both")
+        store.stop()
+        (folder / "go").touch()
+        assert agents[1].wait(60) == 1, agents[1].err()
+        report = agents[1].err().split("=" * 72, 1)[1]   # after the workers' own tracebacks
+        assert "RuntimeError: round one's failure" in report
+        assert "round zero" not in report
+    finally:
+        for a in agents:
+            a.stop()
+        store.stop()
