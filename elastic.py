@@ -688,6 +688,29 @@ def _pidfd(pid):
         return None
 
 
+def _proc_stat(pid):
+    """(state, pgid) of a process from /proc/<pid>/stat (state b"Z" for a zombie), or None when it
+    is gone or unreadable. The command name may hold spaces and parentheses: split after the last ")"."""
+    try:
+        with open("/proc/%s/stat" % pid, "rb") as f:
+            fields = f.read().rsplit(b")", 1)[1].split()
+        return fields[0], int(fields[2])
+    except (OSError, IndexError, ValueError):
+        return None
+
+
+def _alive(pid):
+    """True while `pid` runs. A zombie still answers kill(0), but it is dead for us."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    stat = _proc_stat(pid)
+    return stat is None or stat[0] != b"Z"
+
+
 def _group_alive(pgid):
     """True while a process of the group is still running. Zombies don't count: where PID 1 does
     not reap orphans (some containers), a dead grandchild would otherwise hold every teardown for
@@ -703,14 +726,8 @@ def _group_alive(pgid):
     except OSError:
         return True
     for name in names:
-        if not name.isdigit():
-            continue
-        try:
-            with open("/proc/%s/stat" % name, "rb") as f:
-                fields = f.read().rsplit(b")", 1)[1].split()
-        except (OSError, IndexError):
-            continue
-        if len(fields) > 2 and int(fields[2]) == pgid and fields[0] != b"Z":
+        stat = _proc_stat(name) if name.isdigit() else None
+        if stat is not None and stat[1] == pgid and stat[0] != b"Z":
             return True
     return False
 
@@ -764,12 +781,11 @@ def _marked_processes(token):
             with open("/proc/%s/environ" % name, "rb") as f:
                 if not _carries_mark(f.read(), needle):
                     continue
-            with open("/proc/%s/stat" % name, "rb") as f:
-                fields = f.read().rsplit(b")", 1)[1].split()
-        except (OSError, IndexError):   # another user's, or gone meanwhile
+        except OSError:   # another user's, or gone meanwhile
             continue
-        if len(fields) > 2 and fields[0] != b"Z":
-            found[int(name)] = int(fields[2])
+        stat = _proc_stat(name)
+        if stat is not None and stat[0] != b"Z":
+            found[int(name)] = stat[1]
     return found
 
 
@@ -2469,20 +2485,6 @@ def _file_timer_path(environ, directory):
 
 def _is_int(x):
     return isinstance(x, int) and not isinstance(x, bool)
-
-
-def _alive(pid):
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    try:  # a zombie still answers kill(0), but it is dead for us
-        with open("/proc/%d/stat" % pid, "rb") as f:
-            return f.read().rsplit(b")", 1)[1].split()[0] != b"Z"
-    except (OSError, IndexError):
-        return True
 
 
 # --------------------------------------------------------------------------------------------------
