@@ -120,57 +120,6 @@ class ElasticError(Exception):
     """Root of this module's errors."""
 
 
-class _SignalStop(ElasticError):
-    """The launcher received one of --signals-to-handle; carries the signal number."""
-
-    def __init__(self, signum):
-        ElasticError.__init__(self, "received signal %s" % _signal_name(signum))
-        self.signum = signum
-
-
-class _StopFlag:
-    """What the launcher's signal handler does: note the first signal, and raise _SignalStop only
-    while the agent is in a wait that is safe to abandon (armed). Elsewhere (reading the fork
-    server, tearing down) an exception could lose data mid-read, so the agent checks the note at
-    its next safe point instead."""
-
-    def __init__(self):
-        self.signum = None
-        self.armed = 0
-
-    def handler(self, signum, frame):
-        if self.signum is None:
-            self.signum = signum
-            if self.armed:
-                raise _SignalStop(signum)
-
-    def check(self):
-        if self.signum is not None:
-            raise _SignalStop(self.signum)
-
-    def __enter__(self):
-        self.check()
-        self.armed += 1
-        return self
-
-    def __exit__(self, *exc):
-        self.armed -= 1
-
-
-class _NoStop:
-    """The stop flag of an agent run from Python: signals are the caller's business."""
-    armed = 0
-
-    def check(self):
-        pass
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        pass
-
-
 def _signal_name(signum):
     try:
         return signal.Signals(signum).name
@@ -191,10 +140,6 @@ class WorkerState:
     STOPPED = "STOPPED"
     SUCCEEDED = "SUCCEEDED"
     FAILED = "FAILED"
-
-    @staticmethod
-    def is_running(state):
-        return state in (WorkerState.HEALTHY, WorkerState.UNHEALTHY)
 
 
 class Std:
@@ -813,20 +758,6 @@ def _kill_marked(token, timeout=2.0):
         time.sleep(0.005)   # SIGKILL takes effect when the process is next scheduled
 
 
-def _signal_group(pgid, pid, sig):
-    try:
-        os.killpg(pgid, sig)
-        return
-    except ProcessLookupError:
-        pass
-    except PermissionError:
-        pass
-    try:  # the child may not have called setsid yet
-        os.kill(pid, sig)
-    except OSError:
-        pass
-
-
 # --------------------------------------------------------------------------------------------------
 # Workers
 
@@ -989,16 +920,6 @@ class _ForkServer:
                     pass
 
 
-def _recv_exact(sock, n):
-    data = b""
-    while len(data) < n:
-        chunk = sock.recv(n - len(data))
-        if not chunk:
-            return None
-        data += chunk
-    return data
-
-
 def _fork_server_loop(sock, prctl, agent_pid):
     """The server's life: fork on request, report births and deaths. Returns only in a new worker."""
     import array
@@ -1043,15 +964,15 @@ def _fork_server_loop(sock, prctl, agent_pid):
         head, anc, _, _ = sock.recvmsg(5, socket.CMSG_SPACE(2 * int_size))
         if not head:
             os._exit(0)
-        if len(head) < 5:
-            head += _recv_exact(sock, 5 - len(head)) or b""
         fds = array.array("i")
         for level, kind, data in anc:
             if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
                 fds.frombytes(data[:len(data) - (len(data) % int_size)])
-        size, flags = struct.unpack("!IB", head)
-        body = _recv_exact(sock, size)
-        if body is None:
+        try:
+            head += _store._recv_exactly(sock, 5 - len(head))
+            size, flags = struct.unpack("!IB", head)
+            body = _store._recv_exactly(sock, size)
+        except EOFError:   # the agent is gone mid-request
             os._exit(0)
         fields = [f.decode("utf-8", "surrogateescape") for f in body.split(b"\0")]
         mode, script, argc = fields[0], fields[1], int(fields[2])
@@ -1251,8 +1172,82 @@ def _function_worker(fn, args, env, conn, out_path, err_path, parent_pid):
     conn.close()
 
 
-class _ForkedProc:
-    """The Popen-like handle of a worker the fork server made."""
+# -------------------------------------------------------------------------------------- Worker processes
+#
+# Three kinds of worker process, one handle interface: ``pid`` (also its process group: every worker
+# leads its own session), ``wait_fd`` (readable when it may have exited; None: poll it), ``poll()``
+# (exit code once reaped, negative for a signal, else None), ``wait()``, ``signal(sig)`` (to its
+# group) and ``close()``.
+
+def _signal_group(pid, sig):
+    """`sig` to the process group `pid` leads, or to `pid` alone before it has called setsid."""
+    try:
+        os.killpg(pid, sig)
+        return
+    except (ProcessLookupError, PermissionError):
+        pass
+    try:
+        os.kill(pid, sig)
+    except OSError:
+        pass
+
+
+class _ProgramHandle:
+    """A program run as a subprocess (``--no-python``, ``WorkerSpec(entrypoint="path")``)."""
+
+    def __init__(self, popen):
+        self._popen, self.pid = popen, popen.pid
+        self.wait_fd = _pidfd(self.pid)   # None before Linux 5.3: polled instead
+
+    def poll(self):
+        return self._popen.poll()
+
+    def wait(self):
+        return self._popen.wait()
+
+    def signal(self, sig):
+        _signal_group(self.pid, sig)
+
+    def close(self):
+        if self.wait_fd is not None:
+            os.close(self.wait_fd)
+            self.wait_fd = None
+
+
+class _ChildHandle:
+    """A callable run in a multiprocessing child; its return value comes back over `conn`."""
+
+    def __init__(self, process, conn):
+        self._process, self.conn, self.pid = process, conn, process.pid
+        self.wait_fd = process.sentinel
+        self.result, self.has_result = None, False
+
+    def poll(self):
+        return self._process.exitcode
+
+    def wait(self):
+        self._process.join()
+        return self._process.exitcode
+
+    def signal(self, sig):
+        _signal_group(self.pid, sig)
+
+    def take_result(self, block):
+        """Read the return value if it is there (or, `block`ing, once the child has exited)."""
+        try:
+            if block or self.conn.poll():
+                self.result = self.conn.recv()
+                self.has_result = True
+        except (EOFError, OSError):
+            self.has_result = True  # the child exited without sending: no value
+
+    def close(self):
+        self._process.join(0)
+        self.conn.close()
+
+
+class _ForkedHandle:
+    """A Python-script worker the fork server made: its exit arrives as a line on the server's socket."""
 
     def __init__(self, server, pid):
         self._server, self.pid = server, pid
@@ -1267,61 +1262,144 @@ class _ForkedProc:
             self._server.read(None)
         return self._server.exits[self.pid]
 
+    def signal(self, sig):
+        _signal_group(self.pid, sig)
+
+    def close(self):
+        pass
+
 
 class _Worker:
-    """One running worker: its ranks, process handle, and how we wait on it."""
+    """One worker of an attempt: its ranks, environment, where its output goes, and its handle."""
 
-    def __init__(self, local_rank, global_rank, role_rank, env, error_file, out_dest, err_dest):
+    def __init__(self, local_rank, global_rank, env, dests, rank_dir, prefix):
         self.local_rank = local_rank
         self.global_rank = global_rank
-        self.role_rank = role_rank
         self.env = env
-        self.error_file = error_file
-        self.dests = (out_dest, err_dest)
-        self.proc = None         # subprocess.Popen or multiprocessing.Process
-        self.conn = None         # result pipe of a callable worker
-        self.pid = None
-        self.pgid = None
-        self.pidfd = None
+        self.error_file = env["TORCHELASTIC_ERROR_FILE"]
+        self.dests = dests                 # (stdout, stderr): "console", "file" or "tee"
+        self.log_paths = (os.path.join(rank_dir, "stdout.log"), os.path.join(rank_dir, "stderr.log"))
+        self.prefix = prefix
+        self.handle = None
         self.exitcode = None
         self.exit_time = None
-        self.result = None
-        self.has_result = False
+
+    @property
+    def pid(self):
+        return self.handle.pid
 
     def poll(self):
-        """Exit code once exited (reaped), else None."""
-        if self.exitcode is not None:
-            return self.exitcode
-        p = self.proc
-        code = p.poll() if hasattr(p, "poll") else p.exitcode
-        if code is None and not hasattr(p, "poll"):
-            return None
-        if code is not None:
-            self.exitcode = code
-            self.exit_time = time.time()
-        return code
+        """Exit code once exited (reaped), else None; notes when the exit was first seen."""
+        if self.exitcode is None:
+            self.exitcode = self.handle.poll()
+            if self.exitcode is not None:
+                self.exit_time = time.time()
+        return self.exitcode
 
     def wait_fds(self):
         fds = []
-        if self.exitcode is None:
-            if getattr(self.proc, "wait_fd", None) is not None:
-                fds.append(self.proc.wait_fd)
-            elif self.pidfd is not None:
-                fds.append(self.pidfd)
-            elif not hasattr(self.proc, "poll"):
-                fds.append(self.proc.sentinel)
-        if self.conn is not None and not self.has_result:
-            fds.append(self.conn.fileno())
+        if self.exitcode is None and self.handle.wait_fd is not None:
+            fds.append(self.handle.wait_fd)
+        if getattr(self.handle, "conn", None) is not None and not self.handle.has_result:
+            fds.append(self.handle.conn.fileno())
         return fds
 
-    def close(self):
-        if self.pidfd is not None:
-            os.close(self.pidfd)
-            self.pidfd = None
-        if self.conn is not None:
-            self.conn.close()
-            self.conn = None
+    def tee_tails(self):
+        """(path, console fd) of each stream that is tee'd: a log pump copies it to the console."""
+        return [(path, fd) for dest, path, fd in zip(self.dests, self.log_paths, (1, 2)) if dest == "tee"]
 
+
+# How each kind is started. A starter's start(w) gives the worker its handle, or leaves it None and
+# hands it out in finish(workers) (the fork server forks while we prepare the next worker).
+
+class _ProgramStarter:
+    def __init__(self, entrypoint, args):
+        self._argv = [entrypoint] + [str(a) for a in args]
+        self._prctl = None   # resolved on first use: the fork-server path never needs ctypes here
+
+    def start(self, w):
+        import subprocess
+        if self._prctl is None:
+            self._prctl = _prctl() or False
+        prctl, parent = self._prctl or None, os.getpid()
+        env = dict(os.environ)
+        env.update(w.env)
+        files = []
+        try:
+            for dest, path in zip(w.dests, w.log_paths):
+                # tee'd streams too: the worker writes its own file and the pump tails it, so a
+                # console nobody reads never blocks the worker
+                files.append(None if dest == "console" else open(path, "ab", buffering=0))
+            popen = subprocess.Popen(list(_with_local_rank(self._argv, w.local_rank)), env=env,
+                                     stdout=files[0], stderr=files[1], start_new_session=True,
+                                     preexec_fn=lambda: _die_with_parent(prctl, parent))
+        finally:
+            for f in files:
+                if f is not None:
+                    f.close()
+        w.handle = _ProgramHandle(popen)
+
+    def finish(self, workers):
+        pass
+
+
+class _ForkServerStarter:
+    """Python-script workers (an entrypoint from ``python_command``) forked by the fork server."""
+
+    def __init__(self, server, mode, script, args):
+        self._server, self._mode, self._script, self._args = server, mode, script, list(args)
+
+    def start(self, w):
+        files = []
+        try:
+            for dest, path in zip(w.dests, w.log_paths):
+                files.append(None if dest == "console" else open(path, "ab", buffering=0))
+            fds = [None if f is None else f.fileno() for f in files]
+            self._server.request(self._mode, self._script, _with_local_rank(self._args, w.local_rank),
+                                 w.env, fds[0], fds[1])
+        finally:
+            for f in files:
+                if f is not None:
+                    f.close()
+
+    def finish(self, workers):
+        for w in workers:
+            w.handle = _ForkedHandle(self._server, self._server.next_pid())
+
+
+class _FunctionStarter:
+    """Callables in multiprocessing children (spawn, fork or forkserver)."""
+
+    def __init__(self, fn, args, start_method, role):
+        import multiprocessing
+        self._ctx = multiprocessing.get_context(start_method)
+        self._fn, self._args, self._method, self._role = fn, tuple(args), start_method, role
+
+    def start(self, w):
+        paths = [None if dest == "console" else path for dest, path in zip(w.dests, w.log_paths)]
+        reader, writer = self._ctx.Pipe(duplex=False)
+        # forkserver children have the forkserver for a parent, not us
+        parent = None if self._method == "forkserver" else os.getpid()
+        process = self._ctx.Process(target=_function_worker, name="%s-%d" % (self._role, w.local_rank),
+                                    args=(self._fn, _with_local_rank(self._args, w.local_rank), w.env,
+                                          writer, paths[0], paths[1], parent))
+        process.start()
+        writer.close()
+        w.handle = _ChildHandle(process, reader)
+
+    def finish(self, workers):
+        pass
+
+
+def _python_script(entrypoint, args):
+    """(mode, script, args) when `entrypoint` + `args` come from python_command(), else None."""
+    args = list(args)
+    if entrypoint == sys.executable and args[:3] == ["-u", "-c", _BOOTSTRAP] and len(args) >= 5:
+        return args[3], args[4], args[5:]
+    return None
+
+
+# -------------------------------------------------------------------------------------- Worker group
 
 class _Tail:
     """One tee'd log file followed from its start: its new bytes, and its complete lines with the
@@ -1457,31 +1535,125 @@ class _LogPump:
             self._thread.join(left)
 
 
-# --------------------------------------------------------------------------------------------------
-# Single-node rendezvous used when a WorkerSpec has no handler
+class _WorkerGroup:
+    """The workers of one attempt, their log pump, and their teardown.
+
+    ``start()`` starts every worker through a starter and tells the reaper their groups;
+    ``poll()`` reports exits; ``stop(sig, grace)`` is the one teardown, on every path (success,
+    restart, failure, stop signal). The grace policy lives here and nowhere else: `sig` to each
+    worker's group and to the marked processes outside them, ``grace`` seconds for all of them to
+    end, SIGKILL to what is left, reap; then SIGKILL to whatever still carries the agent's mark,
+    again for up to KILL_WAIT seconds (a process in uninterruptible sleep dies when its I/O ends);
+    finally the tee'd output is copied to the console, for as long as the console takes some of it
+    every CONSOLE_STALL seconds."""
+
+    KILL_WAIT = 2.0
+    CONSOLE_STALL = 30.0
+
+    def __init__(self, workers, starter, reaper, tree_token):
+        self.workers = workers
+        self._starter, self._reaper, self._token = starter, reaper, tree_token
+        self._pump = _LogPump(stall_timeout=self.CONSOLE_STALL)
+        self._stopped = False
+
+    def start(self):
+        for w in self.workers:
+            self._starter.start(w)
+            for path, console_fd in w.tee_tails():
+                self._pump.add_tail(path, console_fd, w.prefix)
+        self._starter.finish(self.workers)
+        for w in self.workers:
+            self._reaper.watch(w.pid)
+        self._pump.start()
+
+    def wait_fds(self):
+        """(fds to wait on, True when every live worker has one: else poll at a short interval)."""
+        fds = [fd for w in self.workers for fd in w.wait_fds()]
+        pollable = all(w.exitcode is not None or w.handle.wait_fd is not None for w in self.workers)
+        return fds, pollable
+
+    def poll(self, ready=()):
+        """(workers done, {global rank: failed worker}); takes in return values that are `ready`."""
+        done, failed = 0, {}
+        for w in self.workers:
+            take = getattr(w.handle, "take_result", None)
+            if take is not None and not w.handle.has_result and w.handle.conn.fileno() in ready:
+                take(block=False)
+            code = w.poll()
+            if code == 0:
+                if take is not None and not w.handle.has_result:
+                    take(block=True)
+                done += 1
+            elif code is not None:
+                failed[w.global_rank] = w
+        return done, failed
+
+    def return_values(self):
+        return {w.global_rank: getattr(w.handle, "result", None) for w in self.workers}
+
+    def stop(self, sig, grace):
+        """Tear the attempt down (see the class); the second call does nothing."""
+        if self._stopped:
+            return
+        self._stopped = True
+        for w in self.workers:
+            w.handle.signal(sig)
+        strays = _signal_marked(self._token, sig, {w.pid for w in self.workers})
+        self._wait_gone(self.workers, strays, time.monotonic() + grace)
+        for w in self.workers:
+            if w.poll() is None:
+                w.handle.wait()
+                w.poll()
+            self._reaper.forget(w.pid)
+            w.handle.close()
+        # after the reap: no worker is left to start another one meanwhile
+        _kill_marked(self._token, self.KILL_WAIT)
+        self._pump.stop()
+
+    @staticmethod
+    def _wait_gone(workers, strays, deadline):
+        """Wait until every worker's group and every stray is gone, or `deadline`; then SIGKILL the
+        groups that are left. It sleeps on the workers' own descriptors while they run; a group's
+        other members and the strays have none, so those are looked at every 5 ms."""
+        import select
+        pending = list(workers)
+        while True:
+            pending = [w for w in pending if w.poll() is None or _group_alive(w.pid)]
+            strays = [pid for pid in strays if _alive(pid)]
+            left = deadline - time.monotonic()
+            if not (pending or strays) or left <= 0:
+                break
+            fds = [w.handle.wait_fd for w in pending if w.exitcode is None]
+            if fds and None not in fds:
+                poller = select.poll()
+                for fd in set(fds):
+                    poller.register(fd, select.POLLIN)
+                poller.poll(left * 1000.0)
+            else:
+                time.sleep(min(0.005, left))
+        for w in pending:
+            w.handle.signal(signal.SIGKILL)
+
+
+# -------------------------------------------------------------------------------------- Local rendezvous
+# used when a WorkerSpec has no handler
 
 class _LocalInfo:
-    def __init__(self, store, round_, master_port):
+    def __init__(self, store, round_, master_addr, master_port):
         self.store = store
         self.rank = 0
         self.world_size = 1
-        self.master_addr = "127.0.0.1"
+        self.master_addr = master_addr
         self.master_port = master_port
         self.round = round_
-
-
-def _free_port(host="127.0.0.1"):
-    import socket
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
 
 
 class _LocalRendezvous:
     """One node, no peers: an in-process store and a fresh worker port per round."""
 
-    def __init__(self, run_id=None):
+    def __init__(self, run_id=None, addr=None):
         self._run_id = run_id or os.urandom(6).hex()
+        self._addr = addr or "127.0.0.1"
         self._store = None
         self._round = -1
         self._closed = False
@@ -1493,7 +1665,7 @@ class _LocalRendezvous:
             self._store = _store.TCPStore("127.0.0.1", 0, is_master=True)
         self._round += 1
         return _LocalInfo(_store.PrefixStore("round/%d" % self._round, self._store), self._round,
-                          _free_port())
+                          self._addr, _rdzv._free_port())
 
     def is_closed(self):
         return self._closed
@@ -1517,22 +1689,127 @@ class _LocalRendezvous:
         return True
 
 
-# --------------------------------------------------------------------------------------------------
-# The agent
+# -------------------------------------------------------------------------------------- Agent
+
+class _SignalStop(ElasticError):
+    """The launcher received one of --signals-to-handle; carries the signal number."""
+
+    def __init__(self, signum):
+        ElasticError.__init__(self, "received signal %s" % _signal_name(signum))
+        self.signum = signum
+
+
+class _StopFlag:
+    """What the launcher's signal handler does: note the first signal, and raise _SignalStop only
+    while the agent is in a wait that is safe to abandon (armed). Elsewhere (reading the fork
+    server, tearing down) an exception could lose data mid-read, so the agent checks the note at
+    its next safe point instead."""
+
+    def __init__(self):
+        self.signum = None
+        self.armed = 0
+
+    def handler(self, signum, frame):
+        if self.signum is None:
+            self.signum = signum
+            if self.armed:
+                raise _SignalStop(signum)
+
+    def check(self):
+        if self.signum is not None:
+            raise _SignalStop(self.signum)
+
+    def __enter__(self):
+        self.check()
+        self.armed += 1
+        return self
+
+    def __exit__(self, *exc):
+        self.armed -= 1
+
+
+class _NoStop:
+    """The stop flag of an agent run from Python: signals are the caller's business."""
+    armed = 0
+
+    def check(self):
+        pass
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        pass
+
+
+class _RankAssignment:
+    """Where this node's workers sit in the job for one round: a value, made once per round from
+    every node's (role, local world size) in group-rank order."""
+
+    def __init__(self, peers, group_rank, role, master_addr, master_port):
+        before = peers[:group_rank]
+        self.group_rank, self.group_world_size = group_rank, len(peers)
+        self.local_world_size = peers[group_rank][1]
+        self.base_rank = sum(n for _, n in before)
+        self.world_size = sum(n for _, n in peers)
+        self.role_base = sum(n for r, n in before if r == role)
+        self.role_world_size = sum(n for r, n in peers if r == role)
+        self.master_addr, self.master_port = master_addr, master_port
+
+    def env(self, local_rank, role):
+        """The rank variables of one worker."""
+        return {
+            "LOCAL_RANK": str(local_rank),
+            "RANK": str(self.base_rank + local_rank),
+            "GROUP_RANK": str(self.group_rank),
+            "ROLE_RANK": str(self.role_base + local_rank),
+            "ROLE_NAME": role,
+            "LOCAL_WORLD_SIZE": str(self.local_world_size),
+            "WORLD_SIZE": str(self.world_size),
+            "GROUP_WORLD_SIZE": str(self.group_world_size),
+            "ROLE_WORLD_SIZE": str(self.role_world_size),
+            "MASTER_ADDR": str(self.master_addr),
+            "MASTER_PORT": str(self.master_port),
+        }
+
 
 _SUCCESS, _FAILURE, _PEER_FAILURE, _MEMBERSHIP, _BROKEN = (
     "success", "failure", "peer failure", "nodes waiting", "member lost")
+
+# The agent's states and the only moves between them (see LocalElasticAgent._set_state).
+_TRANSITIONS = {
+    WorkerState.UNKNOWN: (WorkerState.INIT,),                          # run() begins
+    WorkerState.INIT: (WorkerState.HEALTHY,                            # workers started
+                       WorkerState.SUCCEEDED,                          # the run was closed: done
+                       WorkerState.STOPPED, WorkerState.FAILED),
+    WorkerState.HEALTHY: (WorkerState.SUCCEEDED,                       # every worker exited 0
+                          WorkerState.UNHEALTHY,                       # a failure or a membership change
+                          WorkerState.STOPPED, WorkerState.FAILED),
+    WorkerState.UNHEALTHY: (WorkerState.INIT,                          # restart: rendezvous again
+                            WorkerState.FAILED,                        # restart budget spent
+                            WorkerState.STOPPED),
+    WorkerState.SUCCEEDED: (WorkerState.INIT,),                        # run() again
+    WorkerState.FAILED: (WorkerState.INIT,),
+    WorkerState.STOPPED: (WorkerState.INIT,),
+}
 
 
 class LocalElasticAgent:
     """Runs a WorkerSpec's workers on this node through rendezvous rounds, restarts and teardown.
 
-    `run()` returns a RunResult; it raises only for a stop signal (the workers are torn down first)
-    or a rendezvous error (no workers left behind either)."""
+    It keeps only the policy loop: rendezvous, start a worker group, monitor it, then restart, stop
+    or finish. `run()` returns a RunResult (the whole outcome: state, return values, every failure
+    of the last attempt across the job, the root cause); it raises only for a stop signal (the
+    workers are torn down first) or a rendezvous error (no workers left behind either).
+
+    ``fork_server``: a ``_ForkServer`` forked before the caller started threads; Python-script workers
+    (an entrypoint from ``python_command``) are then forked from it. ``stop_flag``: a ``_StopFlag``
+    whose handler the caller installed for the signals it wants to end the run; None leaves signals
+    to the caller."""
 
     def __init__(self, spec, *, logs_specs=None, start_method="spawn", exit_barrier_timeout=300,
                  shutdown_timeout=30, log_line_prefix_template=None, health_check_port=None,
-                 popen=None, clock=None):
+                 fork_server=None, stop_flag=None):
         if start_method not in ("spawn", "fork", "forkserver"):
             raise ValueError("start_method must be spawn, fork or forkserver, got %r" % (start_method,))
         self._spec = spec
@@ -1541,57 +1818,87 @@ class LocalElasticAgent:
         self._exit_barrier_timeout = float(exit_barrier_timeout)
         self._shutdown_timeout = float(shutdown_timeout)
         self._prefix_template = log_line_prefix_template or _DEFAULT_PREFIX_TEMPLATE
-        self._popen = popen
-        self._clock = clock or time.monotonic
-        self._handler = spec.rdzv_handler or _LocalRendezvous()
-        self._workers = []
-        self._pump = None
+        self._handler = spec.rdzv_handler or _LocalRendezvous(addr=spec.local_addr)
+        self._starter = self._make_starter(fork_server)
+        self._stop = stop_flag or _NoStop()
+        self._health_check_port = health_check_port
+        self._state = WorkerState.UNKNOWN
+        self._group = None         # _WorkerGroup of the running attempt
+        self._ranks = None         # _RankAssignment of the current round
+        self._info = None          # the current round's RendezvousInfo
         self._reaper = None
         self._tree_token = None    # marks every worker's tree in its environment (run() sets it)
-        self._prctl = None
         self._attempt = 0
         self._restart_count = 0
-        self._info = None
-        self._mp_ctx = None
-        self._stop = _NoStop()     # main() sets a _StopFlag
-        self._fork_server = None   # main() sets it (and _script) for Python-script workers
-        self._script = None
-        self.state = WorkerState.INIT
-        self.group_rank = None
-        self.group_world_size = None
-        self.world_size = None
-        self.last_progress_time = time.time()
-        self._health_check_port = health_check_port
         self._health = None        # _HealthServer while run() runs with a health-check port
         self._timer = None         # FileTimerServer while run() runs with the file timer on
+        self.last_progress_time = time.time()
 
-    # -- public ------------------------------------------------------------------------------------
+    def _make_starter(self, fork_server):
+        spec = self._spec
+        if not isinstance(spec.entrypoint, str):
+            return _FunctionStarter(spec.entrypoint, spec.args, self._start_method, spec.role)
+        script = _python_script(spec.entrypoint, spec.args) if fork_server is not None else None
+        if script is not None:
+            return _ForkServerStarter(fork_server, *script)
+        return _ProgramStarter(spec.entrypoint, spec.args)
+
+    # -- what /healthz and callers read --------------------------------------------------------------
+
+    @property
+    def state(self):
+        return self._state
 
     @property
     def restart_count(self):
         return self._restart_count
 
+    @property
+    def group_rank(self):
+        return None if self._ranks is None else self._ranks.group_rank
+
+    @property
+    def group_world_size(self):
+        return None if self._ranks is None else self._ranks.group_world_size
+
+    @property
+    def world_size(self):
+        return None if self._ranks is None else self._ranks.world_size
+
+    def _set_state(self, new):
+        """The one place the state changes; a move not in _TRANSITIONS is a bug, said loudly."""
+        if new not in _TRANSITIONS[self._state]:
+            raise RuntimeError("agent state %s -> %s is not a documented transition" % (self._state, new))
+        log.debug("state %s -> %s", self._state, new)
+        self._state = new
+
+    # -- run -----------------------------------------------------------------------------------------
+
     def run(self):
-        spec = self._spec
-        self._prctl = None   # resolved on first use: the fork-server path never needs ctypes here
+        self._set_state(WorkerState.INIT)
         self._tree_token = _new_tree_token()
         self._reaper = _Reaper(self._tree_token)
         self._logs._make_root(self._run_id())
         try:
             self._start_servers()
-            return self._run_loop(spec)
+            return self._run_loop()
         except _SignalStop as e:
-            self._stop_workers(e.signum)
+            self._set_state(WorkerState.STOPPED)
+            self._stop_group(e.signum)
+            raise
+        except BaseException:
+            if self._state not in (WorkerState.SUCCEEDED, WorkerState.FAILED, WorkerState.STOPPED):
+                self._set_state(WorkerState.FAILED)
             raise
         finally:
-            self._stop_workers(signal.SIGTERM)
+            self._stop_group(signal.SIGTERM)
             self._stop_servers()
             self._reaper.close(clean=True)
             try:
                 self._handler.shutdown()
             except Exception as e:  # never let a leaving-the-run error hide the outcome
                 log.debug("rendezvous shutdown: %s", e)
-            if self.state == WorkerState.SUCCEEDED:
+            if self._state == WorkerState.SUCCEEDED:
                 self._logs._cleanup()
 
     def _start_servers(self):
@@ -1623,15 +1930,14 @@ class LocalElasticAgent:
                 except Exception as e:  # never let a server's stop hide the run's outcome
                     log.debug("stopping %s: %s", name[1:], e)
 
-    # -- the loop ----------------------------------------------------------------------------------
-
     def _run_id(self):
         try:
             return self._handler.get_run_id()
         except Exception:
             return "none"
 
-    def _run_loop(self, spec):
+    def _run_loop(self):
+        spec = self._spec
         while True:
             try:
                 self._rendezvous()
@@ -1639,26 +1945,24 @@ class LocalElasticAgent:
                 if getattr(e, "late", False):
                     raise    # not this job's end: a reused run id
                 log.info("the run was closed by another node; nothing left to do here")
-                self.state = WorkerState.SUCCEEDED
+                self._set_state(WorkerState.SUCCEEDED)
                 return RunResult(WorkerState.SUCCEEDED)
             self._stop.check()
-            self._start_workers()
+            self._start_group()
             outcome, failures = self._monitor()
             if outcome == _SUCCESS:
-                values = {w.global_rank: w.result for w in self._workers}
-                self._reap_all()
-                self.state = WorkerState.SUCCEEDED
+                values = self._group.return_values()
+                self._set_state(WorkerState.SUCCEEDED)
+                self._stop_group(signal.SIGTERM)
                 log.info("all %d workers succeeded", len(values))
                 self._exit_barrier()
                 return RunResult(WorkerState.SUCCEEDED, return_values=values)
+            self._set_state(WorkerState.UNHEALTHY)
+            self._stop_group(signal.SIGTERM)
             if outcome in (_MEMBERSHIP, _BROKEN):
                 log.info("%s: restarting the worker group (restart budget untouched)", outcome)
-                self.state = WorkerState.UNHEALTHY
-                self._stop_workers(signal.SIGTERM)
                 continue
             # a failure here or on a peer
-            self.state = WorkerState.UNHEALTHY
-            self._stop_workers(signal.SIGTERM)
             job = self._job_failures(failures)
             root_rank, root = _first(job)
             if self._restart_count < spec.max_restarts:
@@ -1666,227 +1970,109 @@ class LocalElasticAgent:
                 log.info("%s (rank %s: %s); restarting the worker group (%d/%d)", outcome, root_rank,
                          root.message, self._restart_count, spec.max_restarts)
                 continue
-            self.state = WorkerState.FAILED
+            self._set_state(WorkerState.FAILED)
             self._give_up()
             log.info("worker group failed; restart budget (%d) spent", spec.max_restarts)
             return RunResult(WorkerState.FAILED, failures=job, root_cause=(root_rank, root))
 
     def _rendezvous(self):
         spec = self._spec
-        self.state = WorkerState.INIT
+        if self._state != WorkerState.INIT:
+            self._set_state(WorkerState.INIT)
         with self._stop:
             info = self._handler.next_rendezvous()
         self._info = info
-        store = info.store
-        self.group_rank, self.group_world_size = info.rank, info.world_size
         lws = spec.local_world_size
         if info.world_size > 1:
-            store.set("role/%d" % info.rank, "%s\n%d" % (spec.role, lws))
+            info.store.set("role/%d" % info.rank, "%s\n%d" % (spec.role, lws))
             peers = [v.decode().split("\n") for v in
-                     store.multi_get(["role/%d" % r for r in range(info.world_size)])]
+                     info.store.multi_get(["role/%d" % r for r in range(info.world_size)])]
         else:
             peers = [[spec.role, str(lws)]]
-        peers = [(role, int(n)) for role, n in peers]
-        self._base_rank = sum(n for _, n in peers[:info.rank])
-        self._world_size = sum(n for _, n in peers)
-        self.world_size = self._world_size
-        self._role_base = sum(n for role, n in peers[:info.rank] if role == spec.role)
-        self._role_world_size = sum(n for role, n in peers if role == spec.role)
-        self._master_addr = spec.master_addr or info.master_addr
-        self._master_port = spec.master_port or info.master_port
+        r = self._ranks = _RankAssignment([(role, int(n)) for role, n in peers], info.rank, spec.role,
+                                          spec.master_addr or info.master_addr,
+                                          spec.master_port or info.master_port)
         log.info("rendezvous round %s done: %d node(s), world size %d; this node is group rank %d "
                  "with ranks %d-%d (master %s:%s)", getattr(info, "round", "?"), info.world_size,
-                 self._world_size, info.rank, self._base_rank, self._base_rank + lws - 1,
-                 self._master_addr, self._master_port)
+                 r.world_size, info.rank, r.base_rank, r.base_rank + lws - 1, r.master_addr, r.master_port)
 
-    def _worker_env(self, local_rank):
+    def _worker_env(self, local_rank, error_file):
         spec = self._spec
-        lws = spec.local_world_size
-        env = {
-            "LOCAL_RANK": str(local_rank),
-            "RANK": str(self._base_rank + local_rank),
-            "GROUP_RANK": str(self.group_rank),
-            "ROLE_RANK": str(self._role_base + local_rank),
-            "ROLE_NAME": spec.role,
-            "LOCAL_WORLD_SIZE": str(lws),
-            "WORLD_SIZE": str(self._world_size),
-            "GROUP_WORLD_SIZE": str(self.group_world_size),
-            "ROLE_WORLD_SIZE": str(self._role_world_size),
-            "MASTER_ADDR": str(self._master_addr),
-            "MASTER_PORT": str(self._master_port),
+        env = self._ranks.env(local_rank, spec.role)
+        env.update({
             "TORCHELASTIC_RESTART_COUNT": str(self._restart_count),
             "TORCHELASTIC_MAX_RESTARTS": str(spec.max_restarts),
             "TORCHELASTIC_RUN_ID": self._run_id(),
             "TORCHELASTIC_USE_AGENT_STORE": str(False),
+            "TORCHELASTIC_ERROR_FILE": error_file,
             "TORCH_NCCL_ASYNC_ERROR_HANDLING": os.environ.get("TORCH_NCCL_ASYNC_ERROR_HANDLING", "1"),
             _TREE_VAR: _tree_mark(self._tree_token, os.environ.get(_TREE_VAR)),
-        }
-        if lws > 1 and "OMP_NUM_THREADS" not in os.environ:
+        })
+        if spec.local_world_size > 1 and "OMP_NUM_THREADS" not in os.environ:
             env["OMP_NUM_THREADS"] = "1"
         if self._timer is not None:
             env["TORCHELASTIC_TIMER_FILE"] = self._timer.file_path
         return env
 
-    def _start_workers(self):
-        spec = self._spec
+    def _start_group(self):
+        from string import Template
+        spec, ranks = self._spec, self._ranks
+        attempt_dir = os.path.join(self._logs.root_log_dir, "attempt_%d" % self._attempt)
         self._attempt += 1
-        attempt_dir = os.path.join(self._logs.root_log_dir, "attempt_%d" % (self._attempt - 1))
-        self._workers = []
-        self._pump = _LogPump()
-        if self._timer is not None:
-            self._timer.pop_expired()          # the last attempt's expiries are reported already
-            self._timer.set_worker_pids(None)  # until the new pids are known: never miss a kill
-        is_program = isinstance(spec.entrypoint, str)
+        prefix = Template(self._prefix_template)
+        workers = []
         for local_rank in range(spec.local_world_size):
             rank_dir = os.path.join(attempt_dir, str(local_rank))
             os.makedirs(rank_dir)
-            env = self._worker_env(local_rank)
-            error_file = os.path.join(rank_dir, "error.json")
-            env["TORCHELASTIC_ERROR_FILE"] = error_file
-            out_dest, err_dest = self._logs.streams(local_rank, self._base_rank + local_rank)
-            w = _Worker(local_rank, self._base_rank + local_rank, self._role_base + local_rank, env,
-                        error_file, out_dest, err_dest)
-            w.prefix = self._prefix(w)
-            w.log_paths = (os.path.join(rank_dir, "stdout.log"), os.path.join(rank_dir, "stderr.log"))
-            if is_program:
-                self._start_program(w)
-            else:
-                self._start_function(w)
-            self._workers.append(w)
-        for w in self._workers:
-            if w.proc is None:   # asked of the fork server
-                w.pid = w.pgid = self._fork_server.next_pid()
-                w.proc = _ForkedProc(self._fork_server, w.pid)
-            self._reaper.watch(w.pgid)
+            rank = ranks.base_rank + local_rank
+            workers.append(_Worker(
+                local_rank, rank, self._worker_env(local_rank, os.path.join(rank_dir, "error.json")),
+                self._logs.streams(local_rank, rank), rank_dir,
+                prefix.safe_substitute(role_name=spec.role, local_rank=local_rank, rank=rank)))
         if self._timer is not None:
-            self._timer.set_worker_pids([w.pid for w in self._workers])
-        self._pump.start()
-        self.state = WorkerState.HEALTHY
+            self._timer.pop_expired()          # the last attempt's expiries are reported already
+            self._timer.set_worker_pids(None)  # until the new pids are known: never miss a kill
+        self._group = _WorkerGroup(workers, self._starter, self._reaper, self._tree_token)
+        self._group.start()
+        if self._timer is not None:
+            self._timer.set_worker_pids([w.pid for w in workers])
+        self._set_state(WorkerState.HEALTHY)
         self.last_progress_time = time.time()
-        log.debug("started %d workers (attempt %d): pids %s", len(self._workers), self._attempt - 1,
-                  [w.pid for w in self._workers])
+        log.debug("started %d workers (attempt %d): pids %s", len(workers), self._attempt - 1,
+                  [w.pid for w in workers])
 
-    def _prefix(self, w):
-        from string import Template
-        return Template(self._prefix_template).safe_substitute(
-            role_name=self._spec.role, local_rank=w.local_rank, rank=w.global_rank)
+    def _stop_group(self, sig):
+        if self._group is not None:
+            self._group.stop(sig, self._shutdown_timeout)
 
-    def _start_program(self, w):
-        spec = self._spec
-        args = [str(a) for a in _with_local_rank(spec.args, w.local_rank)]
-        env = dict(os.environ)
-        env.update(w.env)
-        files, fds = [], []
-        for dest, path, console in zip(w.dests, w.log_paths, (1, 2)):
-            if dest == "console":
-                fds.append(None)
-                continue
-            # tee'd streams too: the worker writes its own file and the pump tails it, so a
-            # console nobody reads never blocks the worker
-            f = open(path, "ab", buffering=0)
-            files.append(f)
-            fds.append(f)
-            if dest == "tee":
-                self._pump.add_tail(path, console, w.prefix)
-        parent = os.getpid()
-        try:
-            if self._fork_server is not None:
-                mode, script, script_args = self._script
-                ints = [None if f is None else f.fileno() for f in fds]
-                # sent now, pid collected in _start_workers: the server forks while we prepare
-                # the next worker
-                self._fork_server.request(mode, script, _with_local_rank(script_args, w.local_rank), w.env,
-                                          ints[0], ints[1])
-                return
-            if self._prctl is None:
-                self._prctl = _prctl() or False
-            prctl = self._prctl or None
-            if self._popen is None:
-                import subprocess
-                self._popen = subprocess.Popen
-            w.proc = self._popen([spec.entrypoint] + args, env=env, stdout=fds[0], stderr=fds[1],
-                           start_new_session=True,
-                           preexec_fn=lambda: _die_with_parent(prctl, parent))
-        finally:
-            for f in files:
-                f.close()
-        w.pid = w.pgid = w.proc.pid
-        w.pidfd = _pidfd(w.pid)
-
-    def _start_function(self, w):
-        if self._mp_ctx is None:
-            import multiprocessing
-            self._mp_ctx = multiprocessing.get_context(self._start_method)
-        ctx = self._mp_ctx
-        reader, writer = ctx.Pipe(duplex=False)
-        paths = []
-        for dest, path, console in zip(w.dests, w.log_paths, (1, 2)):
-            if dest == "console":
-                paths.append(None)
-            else:
-                paths.append(path)
-                if dest == "tee":
-                    self._pump.add_tail(path, console, w.prefix)
-        proc = ctx.Process(target=_function_worker, name="%s-%d" % (self._spec.role, w.local_rank),
-                           # forkserver children have the forkserver for a parent, not us
-                           args=(self._spec.entrypoint, _with_local_rank(self._spec.args, w.local_rank),
-                                 w.env, writer, paths[0],
-                                 paths[1], None if self._start_method == "forkserver" else os.getpid()))
-        proc.start()
-        writer.close()
-        w.proc, w.conn = proc, reader
-        w.pid = w.pgid = proc.pid
-        w.pidfd = _pidfd(w.pid)
+    # -- monitor -------------------------------------------------------------------------------------
 
     def _monitor(self):
         """Wait until the group succeeds or something calls for a stop; returns (outcome, failures)."""
         import select
-        spec = self._spec
-        interval = spec.monitor_interval
+        interval = self._spec.monitor_interval
         # a one-node round still watches for joiners (scale-up); only our own local round has none
-        multi = self._info is not None and not isinstance(self._handler, _LocalRendezvous)
+        multi = not isinstance(self._handler, _LocalRendezvous)
         self._ignore_broken = False
-        next_check = self._clock() + interval
+        next_check = time.monotonic() + interval
         while True:
             self._stop.check()
-            fds = [fd for w in self._workers for fd in w.wait_fds()]
-            pollable = all(w.pidfd is not None or w.exitcode is not None or not hasattr(w.proc, "poll")
-                           or hasattr(w.proc, "wait_fd") for w in self._workers)
-            timeout = max(0.0, next_check - self._clock())
+            fds, pollable = self._group.wait_fds()
+            timeout = max(0.0, next_check - time.monotonic())
             if not pollable:
                 timeout = min(timeout, 0.01)
-            if fds:
-                poller = select.poll()
-                for fd in fds:
-                    poller.register(fd, select.POLLIN)
-                with self._stop:
-                    ready = [fd for fd, _ in poller.poll(timeout * 1000.0)]
-            else:
-                with self._stop:
-                    time.sleep(timeout)
-                ready = []
-            self._collect_results(ready)
-            failures = {}
-            done = 0
-            for w in self._workers:
-                code = w.poll()
-                if code is None:
-                    continue
-                if code == 0:
-                    if w.conn is not None and not w.has_result:
-                        self._take_result(w, block=True)
-                    done += 1
-                else:
-                    failures[w.global_rank] = ProcessFailure(
-                        w.local_rank, w.pid, code, w.error_file, rank=w.global_rank, role=spec.role,
-                        exit_time=w.exit_time)
-            if failures:
-                self._name_expired_scopes(failures)
-                return _FAILURE, failures
-            if done == len(self._workers):
+            poller = select.poll()
+            for fd in fds:
+                poller.register(fd, select.POLLIN)
+            with self._stop:
+                ready = [fd for fd, _ in poller.poll(timeout * 1000.0)]
+            done, failed = self._group.poll(ready)
+            if failed:
+                return _FAILURE, self._failures(failed)
+            if done == len(self._group.workers):
                 return _SUCCESS, {}
-            if self._clock() >= next_check:
-                next_check = self._clock() + interval
+            if time.monotonic() >= next_check:
+                next_check = time.monotonic() + interval
                 self.last_progress_time = time.time()
                 if multi:
                     try:
@@ -1898,16 +2084,19 @@ class LocalElasticAgent:
                     if outcome is not None:
                         return outcome, {}
 
-    def _name_expired_scopes(self, failures):
-        """Say in the report which file-timer scope a worker overran, when that is why it died."""
-        if self._timer is None:
-            return
-        # the server records an expiry before it signals, so a death we see here is on the list
-        scopes = {pid: scope for pid, scope, _ in self._timer.pop_expired()}
-        for f in failures.values():
-            scope = scopes.get(f.pid)
-            if scope is not None:
-                f.message = "%s (overran file-timer scope %s)" % (f.message, scope)
+    def _failures(self, failed):
+        """{global rank: ProcessFailure} of failed workers, naming the file-timer scope a worker
+        overran when that is why it died."""
+        # the timer server records an expiry before it signals, so a death we see here is on the list
+        scopes = {} if self._timer is None else {pid: s for pid, s, _ in self._timer.pop_expired()}
+        failures = {}
+        for rank, w in failed.items():
+            f = ProcessFailure(w.local_rank, w.pid, w.exitcode, w.error_file, rank=rank,
+                               role=self._spec.role, exit_time=w.exit_time)
+            if w.pid in scopes:
+                f.message = "%s (overran file-timer scope %s)" % (f.message, scopes[w.pid])
+            failures[rank] = f
+        return failures
 
     def _check_peers(self):
         """One look at the rest of the job: a peer's failure, nodes waiting, a member lost."""
@@ -1927,46 +2116,31 @@ class LocalElasticAgent:
             return _BROKEN
         return None
 
-    def _collect_results(self, ready):
-        for w in self._workers:
-            if w.conn is not None and not w.has_result and w.conn.fileno() in ready:
-                self._take_result(w, block=False)
-
-    @staticmethod
-    def _take_result(w, block):
-        try:
-            if block or w.conn.poll():
-                w.result = w.conn.recv()
-                w.has_result = True
-        except (EOFError, OSError):
-            w.has_result = True  # the child exited without sending: no value
+    # -- the rest of the job -------------------------------------------------------------------------
 
     def _job_failures(self, local):
-        """Failures of the whole job for this round: ours published, then everyone's read back."""
+        """Failures of the whole job for this round: ours published, then everyone's read back.
+        Without the store, what this node knows."""
+        import json
         info = self._info
-        if info is None or info.world_size <= 1:
+        if info.world_size <= 1:
             return local
         store = info.store
         try:
             if local:
-                import json
                 store.set("failure/%d" % info.rank, json.dumps(
                     {str(r): f._to_dict() for r, f in local.items()}))
                 store.add("failed", 1)
-            keys = ["failure/%d" % r for r in range(info.world_size)]
             job = dict(local)
-            import json
-            for key in keys:
-                if key != "failure/%d" % info.rank and store.check([key]):
-                    for r, d in json.loads(store.get(key).decode()).items():
-                        job[int(r)] = ProcessFailure._from_dict(d)
+            for r in range(info.world_size):
+                key = "failure/%d" % r
+                if r != info.rank and store.check([key]):
+                    for rank, d in json.loads(store.get(key).decode()).items():
+                        job[int(rank)] = ProcessFailure._from_dict(d)
         except Exception as e:  # the store may be gone with its host: report what we know
             log.warning("could not exchange failures with the other nodes: %s", e)
             return local or {-1: ProcessFailure(-1, None, 1, message="a peer failed: %s" % e)}
-        if not job:
-            job = {-1: ProcessFailure(-1, None, 1, message="another node reported a failure")}
-        self._last_job_failures = job
-        return job
+        return job or {-1: ProcessFailure(-1, None, 1, message="another node reported a failure")}
 
     def _give_up(self):
         """Final failure: release the exit barrier of nodes that finished and close the run."""
@@ -1986,7 +2160,7 @@ class LocalElasticAgent:
         if info is None or info.world_size <= 1:
             return
         store = info.store
-        start = self._clock()
+        start = time.monotonic()
         try:
             if store.add("exit/count", 1) >= info.world_size:
                 store.set("exit/release", "done")
@@ -1994,60 +2168,11 @@ class LocalElasticAgent:
                 store.wait(["exit/release"], self._exit_barrier_timeout)
             if store.get("exit/release") == b"done":
                 self._handler.set_closed()
-            log.debug("exit barrier passed in %.3f s", self._clock() - start)
+            log.debug("exit barrier passed in %.3f s", time.monotonic() - start)
         except _SignalStop:
             raise
         except Exception as e:  # a barrier problem never fails a successful node
             log.warning("exit barrier: %s (the workers of this node succeeded)", e)
-
-    # -- teardown ----------------------------------------------------------------------------------
-
-    def _reap_all(self):
-        self._stop_workers(signal.SIGTERM)
-
-    def _stop_workers(self, sig):
-        """Signal each group and each process outside them that carries this agent's token (a
-        worker's descendant in a session of its own), wait up to shutdown_timeout, SIGKILL what is
-        left, reap; then SIGKILL whatever still carries the token. Idempotent."""
-        workers = self._workers
-        if not workers:
-            self._stop_pump()
-            return
-        for w in workers:
-            _signal_group(w.pgid, w.pid, sig)
-        strays = _signal_marked(self._tree_token, sig, {w.pgid for w in workers})
-        deadline = self._clock() + self._shutdown_timeout
-        pending = list(workers)
-        while pending or strays:
-            pending = [w for w in pending
-                       if (w.poll() is None) or _group_alive(w.pgid)]
-            strays = [pid for pid in strays if _alive(pid)]
-            if not (pending or strays) or self._clock() >= deadline:
-                break
-            time.sleep(0.005)
-        for w in pending:
-            _signal_group(w.pgid, w.pid, signal.SIGKILL)
-        for w in workers:
-            if w.exitcode is None:
-                p = w.proc
-                if hasattr(p, "poll"):
-                    p.wait()
-                else:
-                    p.join()
-                w.poll()
-            elif not hasattr(w.proc, "poll"):
-                w.proc.join(0)
-            self._reaper.forget(w.pgid)
-            w.close()
-        self._workers = []
-        # after the reap: no worker is left to start another one meanwhile
-        _kill_marked(self._tree_token)
-        self._stop_pump()
-
-    def _stop_pump(self):
-        if self._pump is not None:
-            self._pump.stop()
-            self._pump = None
 
 
 # --------------------------------------------------------------------------------------------------
@@ -2985,133 +3110,139 @@ def _parse_conf(text):
     return conf
 
 
-class _Config:
-    """Everything main() derived from the command line, ready to build the agent."""
+class _LaunchConfig:
+    """Everything the command line asks for, checked and typed: what _main builds the agent from.
+    Nothing downstream looks at the parsed options again."""
+
+    __slots__ = ("rdzv", "nproc", "role", "max_restarts", "monitor_interval", "master_addr", "master_port",
+                 "start_method", "shutdown_timeout", "exit_barrier_timeout", "prefix_template", "logs",
+                 "signals", "health_check_port", "script", "script_args", "mode")
+
+    def __init__(self, **fields):
+        for name in self.__slots__:
+            setattr(self, name, fields[name])
 
 
-def _apply_slurm(args, environ):
-    """--slurm: srun's environment fills every option the command line and PET_* left unset."""
+def _slurm_values(args, environ):
+    """The option values with --slurm's filled in: srun's environment fills every option the command
+    line and PET_* left unset. `args` is left as it was."""
+    values = dict(vars(args))
     endpoint_given = "rdzv_endpoint" in args._explicit
     try:
         opts = _slurm_options(environ, endpoint_given=endpoint_given)
     except ValueError as e:
         raise _UsageError(str(e))
-    for dest, value in opts.items():
-        if dest not in args._explicit:
-            setattr(args, dest, value)
-    if (not endpoint_given and args.rdzv_backend in ("c10d", "store")
-            and "is_host" not in _parse_conf(args.rdzv_conf)):
+    values.update((dest, value) for dest, value in opts.items() if dest not in args._explicit)
+    if (not endpoint_given and values["rdzv_backend"] in ("c10d", "store")
+            and "is_host" not in _parse_conf(values["rdzv_conf"])):
         # Slurm numbers nodes in node-list order, so node 0 is the endpoint's host. Saying so beats
         # matching names: the list has short names where gethostname() may answer a long one.
-        conf = "is_host=%d" % (args.node_rank == 0)
-        args.rdzv_conf = "%s,%s" % (args.rdzv_conf, conf) if args.rdzv_conf else conf
+        conf = "is_host=%d" % (values["node_rank"] == 0)
+        values["rdzv_conf"] = "%s,%s" % (values["rdzv_conf"], conf) if values["rdzv_conf"] else conf
+    return values
 
 
-def _health_check_port(args, environ):
-    port = args.health_check_port
+def _health_check_port(value, environ):
     name = "--health-check-port"
-    if port is None:
+    if value is None:
         text = environ.get("TORCHELASTIC_HEALTH_CHECK_PORT", "").strip()
         if not text:
             return None
         name = "TORCHELASTIC_HEALTH_CHECK_PORT"
-        port = _convert(text, "int", name)
-    if not 0 <= port < 65536:
-        raise _UsageError("%s %d is not a TCP port (0 picks a free one)" % (name, port))
-    return port
+        value = _convert(text, "int", name)
+    if not 0 <= value < 65536:
+        raise _UsageError("%s %d is not a TCP port (0 picks a free one)" % (name, value))
+    return value
+
+
+def _rdzv_params(o, explicit):
+    """RendezvousParameters from the option values `o`; rendezvous.py checks them."""
+    min_nodes, max_nodes = _parse_nnodes(o["nnodes"])
+    backend, endpoint, run_id = o["rdzv_backend"], o["rdzv_endpoint"], o["rdzv_id"]
+    conf = _parse_conf(o["rdzv_conf"])
+    if o["standalone"]:
+        if max_nodes != 1:
+            log.warning("--standalone runs one node; ignoring --nnodes %s", o["nnodes"])
+        min_nodes = max_nodes = 1
+        backend, endpoint, run_id = "c10d", "127.0.0.1:0", _random_uuid()
+        conf["is_host"] = "1"
+    if backend not in _rdzv._BACKENDS:
+        raise _UsageError("--rdzv-backend %r is not one of %s" % (backend, ", ".join(_rdzv._BACKENDS)))
+    if backend == "static":   # torchrun's options for it: node 0 serves the store at the master address
+        if min_nodes != max_nodes:
+            raise _UsageError("the static backend needs a fixed --nnodes, got %s" % o["nnodes"])
+        endpoint = "%s:%d" % (o["master_addr"] or "127.0.0.1", o["master_port"] or 29500)
+        conf["rank"] = o["node_rank"]
+    elif not endpoint:
+        raise _UsageError("--rdzv-backend %s needs --rdzv-endpoint" % backend)
+    try:
+        params = _rdzv.RendezvousParameters(backend, endpoint, run_id, min_nodes, max_nodes,
+                                            local_addr=o["local_addr"], **conf)
+        if o["local_addr"] is None and params.host is not None and _is_loopback_name(params.host):
+            # every node is on this machine; the host name would make each worker resolve it (slow
+            # resolvers stall init_process_group for seconds)
+            params = _rdzv.RendezvousParameters(backend, endpoint, run_id, min_nodes, max_nodes,
+                                                local_addr="127.0.0.1", **conf)
+    except ValueError as e:
+        raise _UsageError(str(e))
+    return params
 
 
 def _config_from_args(args, environ):
-    c = _Config()
-    if args.slurm:
-        _apply_slurm(args, environ)
-    c.min_nodes, c.max_nodes = _parse_nnodes(args.nnodes)
-    c.nproc = _parse_nproc(args.nproc_per_node)
-    backend = args.rdzv_backend
-    if backend == "store":
-        backend = "c10d"
-    conf = _parse_conf(args.rdzv_conf)
-    c.run_id = args.rdzv_id
-    endpoint = args.rdzv_endpoint
-    if args.standalone:
-        if c.max_nodes != 1:
-            log.warning("--standalone runs one node; ignoring --nnodes %s", args.nnodes)
-        c.min_nodes = c.max_nodes = 1
-        backend, endpoint = "c10d", "127.0.0.1:0"
-        conf["is_host"] = "1"
-        c.run_id = _random_uuid()
-    if backend not in ("c10d", "etcd", "static"):
-        raise _UsageError("--rdzv-backend %r is not c10d, store, etcd or static" % args.rdzv_backend)
-    master_addr = args.master_addr
-    master_port = args.master_port
-    if master_port is not None and not 0 < master_port < 65536:
-        raise _UsageError("--master-port %d is not a TCP port" % master_port)
-    if backend == "static":
-        if c.min_nodes != c.max_nodes:
-            raise _UsageError("the static backend needs a fixed --nnodes, got %s" % args.nnodes)
-        endpoint = "%s:%d" % (master_addr or "127.0.0.1", master_port or 29500)
-        conf["rank"] = args.node_rank
-        c.master_addr, c.master_port = None, None   # workers get a fresh port from node 0
-    else:
-        c.master_addr = master_addr if "master_addr" in args._explicit else None
-        c.master_port = master_port if "master_port" in args._explicit else None
-        if not endpoint:
-            raise _UsageError("--rdzv-backend %s needs --rdzv-endpoint" % backend)
-    if args.local_addr is None and backend != "etcd" and _loopback_endpoint(endpoint):
-        # every node is on this machine; the host name would make each worker resolve it (slow
-        # resolvers stall init_process_group for seconds)
-        args.local_addr = "127.0.0.1"
-    if args.max_restarts < 0:
-        raise _UsageError("--max-restarts must be >= 0")
-    if not 0 < args.monitor_interval < float("inf"):
-        raise _UsageError("--monitor-interval must be a number of seconds > 0")
-    if args.shutdown_timeout < 0:
-        raise _UsageError("--shutdown-timeout must be >= 0")
-    if args.start_method not in ("spawn", "fork", "forkserver"):
-        raise _UsageError("--start-method %r is not spawn, fork or forkserver" % args.start_method)
-    if sum((args.module, args.no_python, args.run_path)) > 1:
+    """The _LaunchConfig of parsed options (`args` is left as it was); _UsageError on a bad one."""
+    o = _slurm_values(args, environ) if args.slurm else dict(vars(args))
+    if o["master_port"] is not None and not 0 < o["master_port"] < 65536:
+        raise _UsageError("--master-port %d is not a TCP port" % o["master_port"])
+    rdzv = _rdzv_params(o, args._explicit)
+    for dest, ok, text in (("max_restarts", o["max_restarts"] >= 0, "must be >= 0"),
+                           ("monitor_interval", 0 < o["monitor_interval"] < float("inf"),
+                            "must be a number of seconds > 0"),
+                           ("shutdown_timeout", o["shutdown_timeout"] >= 0, "must be >= 0"),
+                           ("exit_barrier_timeout", o["exit_barrier_timeout"] >= 0, "must be >= 0"),
+                           ("start_method", o["start_method"] in ("spawn", "fork", "forkserver"),
+                            "is not spawn, fork or forkserver")):
+        if not ok:
+            raise _UsageError("--%s %s" % (dest.replace("_", "-"), text))
+    modes = [m for m in ("module", "no_python", "run_path") if o[m]]
+    if len(modes) > 1:
         raise _UsageError("choose at most one of -m/--module, --no-python, --run-path")
-    try:
-        redirects = Std.from_str(args.redirects)
-    except ValueError as e:
-        raise _UsageError("--redirects: %s" % e)
-    try:
-        tee = Std.from_str(args.tee)
-    except ValueError as e:
-        raise _UsageError("--tee: %s" % e)
-    c.logs = DefaultLogsSpecs(args.log_dir, redirects, tee,
-                              _parse_rank_set(args.local_ranks_filter, "--local-ranks-filter"),
-                              _parse_rank_set(args.ranks_filter, "--ranks-filter"))
-    c.signals = _parse_signals(args.signals_to_handle)
-    c.health_check_port = _health_check_port(args, environ)
-    if args.log_dir:
+    nproc, logs, signals = _parse_nproc(o["nproc_per_node"]), _logs_specs(o), _parse_signals(o["signals_to_handle"])
+    health_check_port = _health_check_port(o["health_check_port"], environ)
+    if not (o["module"] or o["no_python"]) and not os.path.exists(o["training_script"]):
+        raise _UsageError("no such script: %s" % o["training_script"])
+    # the static backend's workers get a fresh port from node 0; the others' only when asked
+    static = rdzv.backend == "static"
+    return _LaunchConfig(
+        rdzv=rdzv, nproc=nproc, role=o["role"],
+        max_restarts=o["max_restarts"], monitor_interval=o["monitor_interval"],
+        master_addr=None if static or "master_addr" not in args._explicit else o["master_addr"],
+        master_port=None if static or "master_port" not in args._explicit else o["master_port"],
+        start_method=o["start_method"], shutdown_timeout=o["shutdown_timeout"],
+        exit_barrier_timeout=o["exit_barrier_timeout"],
+        prefix_template=o["log_line_prefix_template"] or environ.get("TORCHELASTIC_LOG_LINE_PREFIX_TEMPLATE"),
+        logs=logs, signals=signals, health_check_port=health_check_port,
+        script=o["training_script"], script_args=list(o["training_script_args"]),
+        mode=modes[0] if modes else "script")
+
+
+def _logs_specs(o):
+    streams = []
+    for dest in ("redirects", "tee"):
         try:
-            os.makedirs(args.log_dir, exist_ok=True)
+            streams.append(Std.from_str(o[dest]))
+        except ValueError as e:
+            raise _UsageError("--%s: %s" % (dest, e))
+    log_dir = o["log_dir"]
+    if log_dir:
+        try:
+            os.makedirs(log_dir, exist_ok=True)
         except OSError as e:
-            raise _UsageError("--log-dir %s: %s" % (args.log_dir, e.strerror or e))
-        if not os.access(args.log_dir, os.W_OK | os.X_OK):
-            raise _UsageError("--log-dir %s is not writable" % args.log_dir)
-    if not (args.module or args.no_python) and not os.path.exists(args.training_script):
-        raise _UsageError("no such script: %s" % args.training_script)
-    c.backend, c.endpoint, c.conf = backend, endpoint, conf
-    c.args = args
-    return c
-
-
-def _loopback_endpoint(endpoint):
-    if not endpoint:
-        return False
-    try:
-        host = _rdzv._parse_endpoint(endpoint, 29400)[0]
-    except ValueError:
-        return False   # reported with the other rendezvous parameters
-    return host == "localhost" or host == "::1" or host.startswith("127.")
-
-
-def _make_handler(c):
-    params = _rdzv.RendezvousParameters(c.backend, c.endpoint, c.run_id, c.min_nodes, c.max_nodes,
-                                        local_addr=c.args.local_addr, **c.conf)
-    return _rdzv.get_rendezvous_handler(params)
+            raise _UsageError("--log-dir %s: %s" % (log_dir, e.strerror or e))
+        if not os.access(log_dir, os.W_OK | os.X_OK):
+            raise _UsageError("--log-dir %s is not writable" % log_dir)
+    return DefaultLogsSpecs(log_dir, streams[0], streams[1],
+                            _parse_rank_set(o["local_ranks_filter"], "--local-ranks-filter"),
+                            _parse_rank_set(o["ranks_filter"], "--ranks-filter"))
 
 
 def _run_path_worker(script, *args):
@@ -3122,13 +3253,13 @@ def _run_path_worker(script, *args):
     runpy.run_path(script, run_name="__main__")
 
 
-def _entrypoint(args):
-    script, rest = args.training_script, list(args.training_script_args)
-    if args.run_path:
-        return _run_path_worker, (script,) + tuple(rest)
-    if args.no_python:
-        return script, rest
-    cmd = python_command(script, rest, module=args.module)
+def _entrypoint(c):
+    """(entrypoint, args) of the WorkerSpec for the configured script."""
+    if c.mode == "run_path":
+        return _run_path_worker, (c.script,) + tuple(c.script_args)
+    if c.mode == "no_python":
+        return c.script, c.script_args
+    cmd = python_command(c.script, c.script_args, module=c.mode == "module")
     return cmd[0], cmd[1:]
 
 
@@ -3175,15 +3306,14 @@ def _main(argv, program=False):
     from_command_line = argv is None
     argv = list(sys.argv[1:] if argv is None else argv)
     try:
-        args = _parse_args(argv, environ)
-        c = _config_from_args(args, environ)
+        c = _config_from_args(_parse_args(argv, environ), environ)
     except _UsageError as e:
         sys.stderr.write("elasticrun: error: %s\n" % e)
         return 2
     except _Exit as e:
         return e.code
     server = None
-    if (from_command_line and not (c.args.no_python or c.args.run_path) and hasattr(os, "fork")
+    if (from_command_line and c.mode in ("script", "module") and hasattr(os, "fork")
             and environ.get("ELASTICRUN_FORKSERVER", "1") != "0"):
         # forked now, before logging, signal handlers, threads or sockets exist in this process
         server = _ForkServer()
@@ -3198,49 +3328,7 @@ def _main(argv, program=False):
         except (ValueError, OSError):
             pass
     try:
-        try:
-            with stop:   # nothing to lose yet: a signal may interrupt joining the store
-                handler = _make_handler(c)
-        except (ValueError, _rdzv.RendezvousError) as e:
-            sys.stderr.write("elasticrun: error: %s\n" % e)
-            return 2
-        entry, entry_args = _entrypoint(c.args)
-        spec = WorkerSpec(c.args.role, c.nproc, entry, entry_args, rdzv_handler=handler,
-                          max_restarts=c.args.max_restarts, monitor_interval=c.args.monitor_interval,
-                          master_addr=c.master_addr, master_port=c.master_port,
-                          local_addr=c.args.local_addr)
-        agent = LocalElasticAgent(spec, logs_specs=c.logs, start_method=c.args.start_method,
-                                  exit_barrier_timeout=c.args.exit_barrier_timeout,
-                                  shutdown_timeout=c.args.shutdown_timeout,
-                                  log_line_prefix_template=(
-                                      c.args.log_line_prefix_template
-                                      or environ.get("TORCHELASTIC_LOG_LINE_PREFIX_TEMPLATE")),
-                                  health_check_port=c.health_check_port)
-        agent._stop = stop
-        if server is not None:
-            agent._fork_server = server
-            agent._script = ("-m" if c.args.module else "-s", c.args.training_script,
-                             list(c.args.training_script_args))
-        try:
-            result = agent.run()
-        except _rdzv.RendezvousError as e:
-            log.error("rendezvous failed: %s", e)
-            return 1
-        except (ElasticError, OSError) as e:
-            if isinstance(e, _SignalStop):
-                raise
-            log.error("the agent failed: %s", e)
-            return 1
-        stop.check()   # a signal that came while the agent could not be interrupted
-        if not result.is_failed():
-            return 0
-        root_rank, root = result.root_cause
-        failures = dict(getattr(agent, "_last_job_failures", None) or result.failures)
-        failures.setdefault(root_rank, root)
-        err = ChildFailedError(c.args.training_script, failures)
-        sys.stderr.write(err.format_msg() + "\n")
-        _copy_root_cause(err, environ.get("TORCHELASTIC_ERROR_FILE"))
-        return root.launcher_exit_code()
+        return _run_job(c, stop, server, environ)
     except _SignalStop as e:
         log.info("stopped by %s; workers torn down", _signal_name(e.signum))
         return 128 + e.signum
@@ -3252,6 +3340,42 @@ def _main(argv, program=False):
                 signal.signal(sig, old)
             except (ValueError, OSError):
                 pass
+
+
+def _run_job(c, stop, server, environ):
+    """Build the agent from the config through its public arguments, run it, report from its
+    RunResult. Returns the exit status."""
+    try:
+        with stop:   # nothing to lose yet: a signal may interrupt joining the store
+            handler = _rdzv.get_rendezvous_handler(c.rdzv)
+    except (ValueError, _rdzv.RendezvousError) as e:
+        sys.stderr.write("elasticrun: error: %s\n" % e)
+        return 2
+    entrypoint, args = _entrypoint(c)
+    spec = WorkerSpec(c.role, c.nproc, entrypoint, args, rdzv_handler=handler, max_restarts=c.max_restarts,
+                      monitor_interval=c.monitor_interval, master_addr=c.master_addr,
+                      master_port=c.master_port, local_addr=c.rdzv.local_addr)
+    agent = LocalElasticAgent(spec, logs_specs=c.logs, start_method=c.start_method,
+                              exit_barrier_timeout=c.exit_barrier_timeout, shutdown_timeout=c.shutdown_timeout,
+                              log_line_prefix_template=c.prefix_template,
+                              health_check_port=c.health_check_port, fork_server=server, stop_flag=stop)
+    try:
+        result = agent.run()
+    except _rdzv.RendezvousError as e:
+        log.error("rendezvous failed: %s", e)
+        return 1
+    except (ElasticError, OSError) as e:
+        if isinstance(e, _SignalStop):
+            raise
+        log.error("the agent failed: %s", e)
+        return 1
+    stop.check()   # a signal that came while the agent could not be interrupted
+    if not result.is_failed():
+        return 0
+    err = ChildFailedError(c.script, result.failures)
+    sys.stderr.write(err.format_msg() + "\n")
+    _copy_root_cause(err, environ.get("TORCHELASTIC_ERROR_FILE"))
+    return result.root_cause[1].launcher_exit_code()
 
 
 if __name__ == "__main__":

@@ -1691,11 +1691,12 @@ def _recv_frame(sock, limit):
 
 
 def _recv_exactly(sock, size):
+    """Exactly `size` bytes from a blocking socket; EOFError when the peer closes first."""
     data = b""
     while len(data) < size:
         chunk = sock.recv(size - len(data))
         if not chunk:
-            raise EOFError("the server closed the connection during the handshake")
+            raise EOFError("the peer closed the connection after %d of %d bytes" % (len(data), size))
         data += chunk
     return data
 

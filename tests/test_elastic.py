@@ -266,13 +266,15 @@ def test_cli_reads_pet_environment_and_both_spellings():
     env = {"PET_NPROC_PER_NODE": "3", "PET_MAX_RESTARTS": "2", "PET_STANDALONE": "1"}
     script = os.path.join(SCRIPTS, "printer.py")
     args = elastic._parse_args(["--monitor_interval", "0.5", "--rdzv-id=abc", script, "-x"], env)
+    before = dict(vars(args))
     c = elastic._config_from_args(args, env)
-    assert c.nproc == 3 and args.max_restarts == 2 and args.standalone
-    assert args.monitor_interval == 0.5 and c.backend == "c10d" and c.conf["is_host"] == "1"
-    assert args.training_script_args == ["-x"]
+    assert vars(args) == before     # the parsed options are read, never changed
+    assert c.nproc == 3 and c.max_restarts == 2 and c.monitor_interval == 0.5
+    assert c.rdzv.backend == "c10d" and c.rdzv.is_host and c.rdzv.local_addr == "127.0.0.1"
+    assert (c.mode, c.script, c.script_args) == ("script", script, ["-x"])
     assert elastic._parse_nproc("cpu") == os.cpu_count()
     assert elastic._parse_nproc("auto") >= 1
-    assert elastic._config_from_args(elastic._parse_args([script], {}), {}).backend == "static"
+    assert elastic._config_from_args(elastic._parse_args([script], {}), {}).rdzv.backend == "static"
 
 
 def test_cli_error_for_bad_pet_value(capsys):

@@ -104,22 +104,21 @@ def test_ipv6_first_host_is_bracketed():
 
 
 def slurm_args(argv, env):
-    args = ops._parse_args(argv + ["train.py"], env)
-    ops._apply_slurm(args, env)
-    return args
+    """The option values --slurm gives (as _config_from_args sees them)."""
+    return ops._slurm_values(ops._parse_args(argv + ["train.py"], env), env)
 
 
 def test_launcher_options_from_slurm_and_explicit_ones_win():
     env = srun_env(SLURM_NODEID="0", SLURM_STEP_NODELIST="gpu[01-02]")
-    args = slurm_args(["--slurm"], env)
-    assert (args.nnodes, args.node_rank, args.rdzv_endpoint, args.rdzv_id, args.rdzv_backend) == (
+    o = slurm_args(["--slurm"], env)
+    assert (o["nnodes"], o["node_rank"], o["rdzv_endpoint"], o["rdzv_id"], o["rdzv_backend"]) == (
         "2", 0, "gpu01:29400", "4242.0", "c10d")
-    assert args.rdzv_conf == "is_host=1"  # node 0 hosts: Slurm's short names need not match gethostname()
-    args = slurm_args(["--slurm", "--rdzv-conf", "join_timeout=5"], srun_env(SLURM_STEP_NODELIST="gpu[01-02]"))
-    assert args.rdzv_conf == "join_timeout=5,is_host=0"
+    assert o["rdzv_conf"] == "is_host=1"  # node 0 hosts: Slurm's short names need not match gethostname()
+    o = slurm_args(["--slurm", "--rdzv-conf", "join_timeout=5"], srun_env(SLURM_STEP_NODELIST="gpu[01-02]"))
+    assert o["rdzv_conf"] == "join_timeout=5,is_host=0"
     env = dict(env, PET_RDZV_ID="mine")
-    args = slurm_args(["--slurm", "--nnodes", "1:2", "--rdzv-endpoint", "127.0.0.1:5000"], env)
-    assert (args.nnodes, args.rdzv_endpoint, args.rdzv_id, args.rdzv_conf) == ("1:2", "127.0.0.1:5000", "mine", "")
+    o = slurm_args(["--slurm", "--nnodes", "1:2", "--rdzv-endpoint", "127.0.0.1:5000"], env)
+    assert (o["nnodes"], o["rdzv_endpoint"], o["rdzv_id"], o["rdzv_conf"]) == ("1:2", "127.0.0.1:5000", "mine", "")
 
 
 def test_slurm_environment_errors_are_usage_errors():
@@ -128,7 +127,7 @@ def test_slurm_environment_errors_are_usage_errors():
     env = srun_env(SLURM_STEP_NODELIST="127.0.0.[1-2]")
     with pytest.raises(ops._UsageError, match="rendezvous with itself"):
         slurm_args(["--slurm"], env)
-    assert slurm_args(["--slurm", "--rdzv-endpoint", "127.0.0.1:5000"], env).rdzv_endpoint == "127.0.0.1:5000"
+    assert slurm_args(["--slurm", "--rdzv-endpoint", "127.0.0.1:5000"], env)["rdzv_endpoint"] == "127.0.0.1:5000"
 
 
 # --slurm through real launchers.
