@@ -1174,10 +1174,11 @@ def _function_worker(fn, args, env, conn, out_path, err_path, parent_pid):
 
 # -------------------------------------------------------------------------------------- Worker processes
 #
-# Three kinds of worker process, one handle interface: ``pid`` (also its process group: every worker
-# leads its own session), ``wait_fd`` (readable when it may have exited; None: poll it), ``poll()``
-# (exit code once reaped, negative for a signal, else None), ``wait()``, ``signal(sig)`` (to its
-# group) and ``close()``.
+# Three kinds of worker process, one handle interface (_Handle): ``pid`` (also its process group:
+# every worker leads its own session), ``wait_fd`` (readable when it may have exited; None: poll it),
+# ``poll()`` (exit code once reaped, negative for a signal, else None), ``wait()``, ``signal(sig)``
+# (to its group), ``close()``; and for a callable's return value ``result_fd``, ``take_result()``
+# and ``result``.
 
 def _signal_group(pid, sig):
     """`sig` to the process group `pid` leads, or to `pid` alone before it has called setsid."""
@@ -1192,7 +1193,21 @@ def _signal_group(pid, sig):
         pass
 
 
-class _ProgramHandle:
+class _Handle:
+    """What every kind shares: the group signal, and no return value to collect."""
+    pid = wait_fd = result_fd = result = None
+
+    def signal(self, sig):
+        _signal_group(self.pid, sig)
+
+    def take_result(self, block):
+        pass
+
+    def close(self):
+        pass
+
+
+class _ProgramHandle(_Handle):
     """A program run as a subprocess (``--no-python``, ``WorkerSpec(entrypoint="path")``)."""
 
     def __init__(self, popen):
@@ -1205,22 +1220,23 @@ class _ProgramHandle:
     def wait(self):
         return self._popen.wait()
 
-    def signal(self, sig):
-        _signal_group(self.pid, sig)
-
     def close(self):
         if self.wait_fd is not None:
             os.close(self.wait_fd)
             self.wait_fd = None
 
 
-class _ChildHandle:
-    """A callable run in a multiprocessing child; its return value comes back over `conn`."""
+class _ChildHandle(_Handle):
+    """A callable run in a multiprocessing child; its return value comes back over a pipe."""
 
     def __init__(self, process, conn):
-        self._process, self.conn, self.pid = process, conn, process.pid
+        self._process, self._conn, self.pid = process, conn, process.pid
         self.wait_fd = process.sentinel
-        self.result, self.has_result = None, False
+        self._has_result = False
+
+    @property
+    def result_fd(self):
+        return None if self._has_result else self._conn.fileno()
 
     def poll(self):
         return self._process.exitcode
@@ -1229,24 +1245,23 @@ class _ChildHandle:
         self._process.join()
         return self._process.exitcode
 
-    def signal(self, sig):
-        _signal_group(self.pid, sig)
-
     def take_result(self, block):
         """Read the return value if it is there (or, `block`ing, once the child has exited)."""
+        if self._has_result:
+            return
         try:
-            if block or self.conn.poll():
-                self.result = self.conn.recv()
-                self.has_result = True
+            if block or self._conn.poll():
+                self.result = self._conn.recv()
+                self._has_result = True
         except (EOFError, OSError):
-            self.has_result = True  # the child exited without sending: no value
+            self._has_result = True  # the child exited without sending: no value
 
     def close(self):
         self._process.join(0)
-        self.conn.close()
+        self._conn.close()
 
 
-class _ForkedHandle:
+class _ForkedHandle(_Handle):
     """A Python-script worker the fork server made: its exit arrives as a line on the server's socket."""
 
     def __init__(self, server, pid):
@@ -1261,12 +1276,6 @@ class _ForkedHandle:
         while self.pid not in self._server.exits:
             self._server.read(None)
         return self._server.exits[self.pid]
-
-    def signal(self, sig):
-        _signal_group(self.pid, sig)
-
-    def close(self):
-        pass
 
 
 class _Worker:
@@ -1297,12 +1306,8 @@ class _Worker:
         return self.exitcode
 
     def wait_fds(self):
-        fds = []
-        if self.exitcode is None and self.handle.wait_fd is not None:
-            fds.append(self.handle.wait_fd)
-        if getattr(self.handle, "conn", None) is not None and not self.handle.has_result:
-            fds.append(self.handle.conn.fileno())
-        return fds
+        fds = [self.handle.wait_fd if self.exitcode is None else None, self.handle.result_fd]
+        return [fd for fd in fds if fd is not None]
 
     def tee_tails(self):
         """(path, console fd) of each stream that is tee'd: a log pump copies it to the console."""
@@ -1576,20 +1581,18 @@ class _WorkerGroup:
         """(workers done, {global rank: failed worker}); takes in return values that are `ready`."""
         done, failed = 0, {}
         for w in self.workers:
-            take = getattr(w.handle, "take_result", None)
-            if take is not None and not w.handle.has_result and w.handle.conn.fileno() in ready:
-                take(block=False)
+            if w.handle.result_fd in ready:
+                w.handle.take_result(block=False)
             code = w.poll()
             if code == 0:
-                if take is not None and not w.handle.has_result:
-                    take(block=True)
+                w.handle.take_result(block=True)   # the value a callable still owes, if any
                 done += 1
             elif code is not None:
                 failed[w.global_rank] = w
         return done, failed
 
     def return_values(self):
-        return {w.global_rank: getattr(w.handle, "result", None) for w in self.workers}
+        return {w.global_rank: w.handle.result for w in self.workers}
 
     def stop(self, sig, grace):
         """Tear the attempt down (see the class); the second call does nothing."""
