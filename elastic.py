@@ -1828,7 +1828,7 @@ class LocalElasticAgent:
         self._state = WorkerState.UNKNOWN
         self._group = None         # _WorkerGroup of the running attempt
         self._ranks = None         # _RankAssignment of the current round
-        self._info = None          # the current round's RendezvousInfo
+        self._peers = None         # _Peers of the current round
         self._reaper = None
         self._tree_token = None    # marks every worker's tree in its environment (run() sets it)
         self._attempt = 0
@@ -1958,7 +1958,7 @@ class LocalElasticAgent:
                 self._set_state(WorkerState.SUCCEEDED)
                 self._stop_group(signal.SIGTERM)
                 log.info("all %d workers succeeded", len(values))
-                self._exit_barrier()
+                self._peers.exit_barrier(self._exit_barrier_timeout)
                 return RunResult(WorkerState.SUCCEEDED, return_values=values)
             self._set_state(WorkerState.UNHEALTHY)
             self._stop_group(signal.SIGTERM)
@@ -1966,7 +1966,7 @@ class LocalElasticAgent:
                 log.info("%s: restarting the worker group (restart budget untouched)", outcome)
                 continue
             # a failure here or on a peer
-            job = self._job_failures(failures)
+            job = self._peers.failures(failures)
             root_rank, root = _first(job)
             if self._restart_count < spec.max_restarts:
                 self._restart_count += 1
@@ -1974,7 +1974,7 @@ class LocalElasticAgent:
                          root.message, self._restart_count, spec.max_restarts)
                 continue
             self._set_state(WorkerState.FAILED)
-            self._give_up()
+            self._peers.give_up()
             log.info("worker group failed; restart budget (%d) spent", spec.max_restarts)
             return RunResult(WorkerState.FAILED, failures=job, root_cause=(root_rank, root))
 
@@ -1984,7 +1984,7 @@ class LocalElasticAgent:
             self._set_state(WorkerState.INIT)
         with self._stop:
             info = self._handler.next_rendezvous()
-        self._info = info
+        self._peers = _Peers(info, self._handler, self._stop)
         lws = spec.local_world_size
         if info.world_size > 1:
             info.store.set("role/%d" % info.rank, "%s\n%d" % (spec.role, lws))
@@ -2056,7 +2056,6 @@ class LocalElasticAgent:
         interval = self._spec.monitor_interval
         # a one-node round still watches for joiners (scale-up); only our own local round has none
         multi = not isinstance(self._handler, _LocalRendezvous)
-        self._ignore_broken = False
         next_check = time.monotonic() + interval
         while True:
             self._stop.check()
@@ -2079,7 +2078,7 @@ class LocalElasticAgent:
                 self.last_progress_time = time.time()
                 if multi:
                     try:
-                        outcome = self._check_peers()
+                        outcome = self._peers.check()
                     except Exception as e:  # store gone: keep watching our own workers
                         log.warning("lost contact with the other nodes (%s); watching local workers", e)
                         multi = False
@@ -2101,8 +2100,17 @@ class LocalElasticAgent:
             failures[rank] = f
         return failures
 
-    def _check_peers(self):
-        """One look at the rest of the job: a peer's failure, nodes waiting, a member lost."""
+
+class _Peers:
+    """The rest of the job for one round, through the round's store: their failures, joiners and
+    lost members, the failure exchange, and the exit barrier. A one-node round has no peers."""
+
+    def __init__(self, info, handler, stop):
+        self._info, self._handler, self._stop = info, handler, stop
+        self._ignore_broken = False
+
+    def check(self):
+        """One look: a peer's failure, nodes waiting, a member lost; None when all is well."""
         store = self._info.store
         if self._info.world_size > 1 and store.check(["failed"]):
             return _PEER_FAILURE
@@ -2119,9 +2127,7 @@ class LocalElasticAgent:
             return _BROKEN
         return None
 
-    # -- the rest of the job -------------------------------------------------------------------------
-
-    def _job_failures(self, local):
+    def failures(self, local):
         """Failures of the whole job for this round: ours published, then everyone's read back.
         Without the store, what this node knows."""
         import json
@@ -2145,12 +2151,11 @@ class LocalElasticAgent:
             return local or {-1: ProcessFailure(-1, None, 1, message="a peer failed: %s" % e)}
         return job or {-1: ProcessFailure(-1, None, 1, message="another node reported a failure")}
 
-    def _give_up(self):
+    def give_up(self):
         """Final failure: release the exit barrier of nodes that finished and close the run."""
-        info = self._info
-        if info is not None and info.world_size > 1:
+        if self._info.world_size > 1:
             try:
-                info.store.set("exit/release", "failed")
+                self._info.store.set("exit/release", "failed")
             except Exception as e:
                 log.debug("could not release the exit barrier: %s", e)
         try:
@@ -2158,9 +2163,10 @@ class LocalElasticAgent:
         except Exception as e:
             log.debug("could not close the run: %s", e)
 
-    def _exit_barrier(self):
+    def exit_barrier(self, timeout):
+        """Wait up to `timeout` seconds for every node to finish (or one to fail for good)."""
         info = self._info
-        if info is None or info.world_size <= 1:
+        if info.world_size <= 1:
             return
         store = info.store
         start = time.monotonic()
@@ -2168,7 +2174,7 @@ class LocalElasticAgent:
             if store.add("exit/count", 1) >= info.world_size:
                 store.set("exit/release", "done")
             with self._stop:
-                store.wait(["exit/release"], self._exit_barrier_timeout)
+                store.wait(["exit/release"], timeout)
             if store.get("exit/release") == b"done":
                 self._handler.set_closed()
             log.debug("exit barrier passed in %.3f s", time.monotonic() - start)
