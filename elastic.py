@@ -1396,6 +1396,18 @@ class _FunctionStarter:
         pass
 
 
+def _starter(spec, start_method, fork_server=None):
+    """The starter for a spec's workers: callables in multiprocessing children; Python scripts (an
+    entrypoint from python_command) from the fork server when there is one; other programs, and
+    scripts without a fork server, as subprocesses."""
+    if not isinstance(spec.entrypoint, str):
+        return _FunctionStarter(spec.entrypoint, spec.args, start_method, spec.role)
+    script = _python_script(spec.entrypoint, spec.args) if fork_server is not None else None
+    if script is not None:
+        return _ForkServerStarter(fork_server, *script)
+    return _ProgramStarter(spec.entrypoint, spec.args)
+
+
 def _python_script(entrypoint, args):
     """(mode, script, args) when `entrypoint` + `args` come from python_command(), else None."""
     args = list(args)
@@ -1822,7 +1834,7 @@ class LocalElasticAgent:
         self._shutdown_timeout = float(shutdown_timeout)
         self._prefix_template = log_line_prefix_template or _DEFAULT_PREFIX_TEMPLATE
         self._handler = spec.rdzv_handler or _LocalRendezvous(addr=spec.local_addr)
-        self._starter = self._make_starter(fork_server)
+        self._starter = _starter(spec, start_method, fork_server)
         self._stop = stop_flag or _NoStop()
         self._health_check_port = health_check_port
         self._state = WorkerState.UNKNOWN
@@ -1836,15 +1848,6 @@ class LocalElasticAgent:
         self._health = None        # _HealthServer while run() runs with a health-check port
         self._timer = None         # FileTimerServer while run() runs with the file timer on
         self.last_progress_time = time.time()
-
-    def _make_starter(self, fork_server):
-        spec = self._spec
-        if not isinstance(spec.entrypoint, str):
-            return _FunctionStarter(spec.entrypoint, spec.args, self._start_method, spec.role)
-        script = _python_script(spec.entrypoint, spec.args) if fork_server is not None else None
-        if script is not None:
-            return _ForkServerStarter(fork_server, *script)
-        return _ProgramStarter(spec.entrypoint, spec.args)
 
     # -- what /healthz and callers read --------------------------------------------------------------
 
@@ -2301,14 +2304,16 @@ class FileTimerServer:
     ``start()`` creates the FIFO at ``file_path`` (mode 0600) and a reader thread; ``stop()`` ends
     the thread and removes the FIFO. The thread sleeps in ``poll`` until a request arrives, the
     nearest timer expires, or a process holding timers exits (a pidfd on Linux >= 5.3 with
-    Python >= 3.9; otherwise it checks liveness every ``max_interval`` seconds while timers exist).
-    ``pop_expired()`` hands the agent the (pid, scope_id, expiration_time) of every timer that
-    made it send a signal, for the failure report.
+    Python >= 3.9, unless ``use_pidfd=False``; otherwise it checks liveness every ``max_interval``
+    seconds while timers exist). ``pop_expired()`` hands the agent the (pid, scope_id,
+    expiration_time) of every timer that made it send a signal, for the failure report.
     """
 
-    def __init__(self, file_path, run_id="", max_interval=0.1, daemon=True):
+    def __init__(self, file_path, run_id="", max_interval=0.1, daemon=True, *, use_pidfd=None):
         if max_interval <= 0:
             raise ValueError("max_interval must be positive, got %r" % (max_interval,))
+        if use_pidfd and not hasattr(os, "pidfd_open"):
+            raise ValueError("use_pidfd=True needs os.pidfd_open (Python >= 3.9 on Linux)")
         self.file_path = file_path
         self.run_id = run_id
         self.max_interval = max_interval
@@ -2322,7 +2327,7 @@ class FileTimerServer:
         self._stopping = False
         self._fifo = self._wake_r = self._wake_w = None
         self._pidfds = {}        # pid -> pidfd (watched for the process's exit)
-        self._use_pidfd = hasattr(os, "pidfd_open")
+        self._use_pidfd = hasattr(os, "pidfd_open") if use_pidfd is None else use_pidfd
         self._bad_lines = 0
         self._request_count = 0  # well-formed requests read (acquire and release)
         self._last_progress_time = time.time()
@@ -2331,7 +2336,7 @@ class FileTimerServer:
     def start(self):
         if self._thread is not None:
             raise RuntimeError("FileTimerServer already started")
-        self._make_fifo()
+        _make_fifo(self.file_path)
         # O_RDWR: we are a writer too, so open never blocks for a writer and reads never see EOF
         # when the last worker closes its end.
         self._fifo = os.open(self.file_path, os.O_RDWR | os.O_NONBLOCK)
@@ -2395,18 +2400,6 @@ class FileTimerServer:
             return self._cond.wait_for(predicate, timeout)
 
     # -- the watchdog thread
-    def _make_fifo(self):
-        import stat
-        try:
-            st = os.lstat(self.file_path)
-        except FileNotFoundError:
-            pass
-        else:
-            if not stat.S_ISFIFO(st.st_mode):
-                raise ValueError("timer file %s exists and is not a named pipe" % self.file_path)
-            os.unlink(self.file_path)  # a stale pipe from an earlier run
-        os.mkfifo(self.file_path, 0o600)
-
     def _loop(self):
         import select
         poller = select.poll()
@@ -2600,6 +2593,20 @@ class FileTimerServer:
         except OSError as e:
             log.error("file timer: cannot signal pid %d: %s", pid, e)
             return False
+
+
+def _make_fifo(path):
+    """A new named pipe at `path` (mode 0600), replacing a stale one; ValueError for another file."""
+    import stat
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        pass
+    else:
+        if not stat.S_ISFIFO(st.st_mode):
+            raise ValueError("timer file %s exists and is not a named pipe" % path)
+        os.unlink(path)  # a stale pipe from an earlier run
+    os.mkfifo(path, 0o600)
 
 
 def _file_timer_path(environ, directory):
