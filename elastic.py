@@ -17,29 +17,40 @@ and from Python::
 
 Data flow of one agent (one per node)::
 
-    main() -- parse options --> WorkerSpec + LocalElasticAgent.run()
+    main() -- options --> _LaunchConfig --> WorkerSpec + LocalElasticAgent(public keywords).run()
                                    |
-        +--------------------------+  one round per pass of the loop
+        +--------------------------+  one round per pass of the policy loop
         v
     handler.next_rendezvous() -> info (store, rank, world_size, master_addr, master_port)
-        |  every agent writes role/<group_rank> to info.store and reads all: global and role ranks
+        |  every agent writes role/<group_rank> to info.store and reads all: a _RankAssignment
         v
-    start workers, each in its own session:
+    _WorkerGroup.start(): each worker in its own session, through a starter:
         |  Python scripts (CLI) .. forked by the fork server, a copy of the launcher made before it
         |                          started anything (about 1 ms a worker; ELASTICRUN_FORKSERVER=0
         |                          runs `python -u` with a bootstrap instead, as the API does)
         |  programs .............. subprocesses (--no-python, WorkerSpec(entrypoint="path"))
         |  callables ............. multiprocessing children (spawn/fork/forkserver, --run-path)
+        |  each behind one handle: pid, wait_fd, poll(), wait(), signal()
         |  stdout/stderr -> console | log file | tee (the worker writes its log file; a pump
-        |                          thread tails it to the console with the line prefix)
+        |                          thread tails it to the console with the line prefix); every
+        |                          kind of Python worker writes whole lines (line-buffered stdio)
         v
     monitor (wakes on a worker's exit, at latest every monitor_interval):
-        all exited 0 ............ exit barrier on info.store, SUCCEEDED
-        a worker failed ......... publish failures to info.store; stop the group; restart while
-                                  max_restarts allows, else FAILED (every node gives up together)
+        all exited 0 ............ SUCCEEDED; exit barrier on info.store
+        a worker failed ......... UNHEALTHY; stop the group; publish failures to info.store and
+                                  read the job's; restart while max_restarts allows, else FAILED
+                                  (every node gives up together)
         a peer's failure ........ same as a local failure (restart counts stay equal job-wide)
         nodes waiting / member
-        dead (round broken) ..... stop the group and re-rendezvous, budget untouched
+        dead (round broken) ..... UNHEALTHY; stop the group and re-rendezvous, budget untouched
+        a stop signal ........... STOPPED; stop the group; run() raises, main() exits 128+N
+    RunResult (state, return values, every failure of the last attempt, root cause) -> main()'s
+    report and exit status, and nothing else
+
+States (``WorkerState``), set in one place (``LocalElasticAgent._set_state``), moves in
+``_TRANSITIONS``: UNKNOWN (built, not run) -> INIT (rendezvous) -> HEALTHY (workers running) ->
+SUCCEEDED | UNHEALTHY (tearing down to restart) | STOPPED (a stop signal) | FAILED; UNHEALTHY ->
+INIT | FAILED | STOPPED. ``/healthz`` reads only this state.
 
 Failure policy in one sentence: the first worker to fail (earliest across the whole job, ties by
 global rank) is the root cause, its exit code is the launcher's (signal N gives 128+N), and workers
@@ -79,15 +90,23 @@ processes are dropped; malformed lines are logged and skipped; the agent never s
 
 Health check: with ``--health-check-port P`` (or ``TORCHELASTIC_HEALTH_CHECK_PORT``; 0 picks a free
 port, logged at start) the agent answers ``GET /healthz`` from a thread: 200 while the group is
-HEALTHY (or SUCCEEDED), 503 during rendezvous and restarts, with a JSON body ``{"state",
-"restart_count", "group_rank", "group_world_size", "world_size" (workers, as WORLD_SIZE),
-"last_progress_time", "healthy"}``.
+HEALTHY (or SUCCEEDED), 503 during rendezvous, restarts and a stop (STOPPED), with a JSON body
+``{"state", "restart_count", "group_rank", "group_world_size", "world_size" (workers, as
+WORLD_SIZE), "last_progress_time", "healthy"}``.
 
 Slurm: ``srun --ntasks-per-node=1 elasticrun --slurm --nproc-per-node 4 train.py`` takes nnodes,
 the node rank, the c10d endpoint (first host of SLURM_STEP_NODELIST / SLURM_JOB_NODELIST, port
 29400; compressed lists such as ``gpu[001-004,010]`` are expanded) and the run id (job.step) from
 srun's environment; options given on the command line or as PET_* win. A multi-node job whose
 endpoint would be a loopback address is refused (exit 2) instead of every node meeting itself.
+
+Sections, in order: States, streams, specs; Error channel; Process plumbing; Python workers (the
+bootstrap and the fork server); Worker processes (the handles and starters); Worker group; Local
+rendezvous; Agent; File timer: worker side; File timer: server; Health check; Slurm; Command line.
+
+Borrowed private helpers, and only these: from ``store`` the ones its docstring lists
+(``_recv_exactly`` here); from ``rendezvous`` ``_BACKENDS`` (the launcher asks it for the backend
+names) and ``_free_port``. Nothing above this module borrows from it.
 """
 
 __version__ = "0.1.0"
@@ -127,8 +146,7 @@ def _signal_name(signum):
         return "signal %d" % signum
 
 
-# --------------------------------------------------------------------------------------------------
-# States, streams, specs
+# --------------------------------------------------------------------------- States, streams, specs
 
 class WorkerState:
     """Plain state names. A group goes INIT -> HEALTHY -> SUCCEEDED | FAILED | UNHEALTHY (restarting)
@@ -270,14 +288,15 @@ class WorkerSpec:
 
 
 class RunResult:
-    """Outcome of `LocalElasticAgent.run`: return values and failures keyed by global rank."""
+    """The whole outcome of `LocalElasticAgent.run`, and all the launcher reports from: the final
+    state, return values keyed by global rank, every failure of the last attempt across the job
+    (keyed by global rank), and the root cause among them."""
 
-    def __init__(self, state, return_values=None, failures=None, root_cause=None, signum=None):
+    def __init__(self, state, return_values=None, failures=None, root_cause=None):
         self.state = state
         self.return_values = return_values or {}
         self.failures = failures or {}
         self.root_cause = root_cause      # (global_rank, ProcessFailure) of the whole job, or None
-        self.signum = signum              # signal that stopped the launcher, or None
 
     def is_failed(self):
         return self.state == WorkerState.FAILED
@@ -287,8 +306,7 @@ class RunResult:
             self.state, self.return_values, self.failures)
 
 
-# --------------------------------------------------------------------------------------------------
-# Error channel
+# ------------------------------------------------------------------------------------ Error channel
 
 def _error_payload(exc_type, exc, tb):
     import traceback
@@ -511,8 +529,7 @@ def _hostname():
     return _HOSTNAME[0]
 
 
-# --------------------------------------------------------------------------------------------------
-# Process plumbing: parent-death signal, the watchdog, teardown
+# --------------------------------------------------------------------------------- Process plumbing
 
 def _prctl():
     """libc's prctl, or None off Linux. Resolved once in the agent so forked children only call it."""
@@ -758,8 +775,7 @@ def _kill_marked(token, timeout=2.0):
         time.sleep(0.005)   # SIGKILL takes effect when the process is next scheduled
 
 
-# --------------------------------------------------------------------------------------------------
-# Workers
+# ----------------------------------------------------------------------------------- Python workers
 
 _BOOTSTRAP = r'''
 import sys
@@ -851,10 +867,6 @@ class _ForkServer:
         self.pid, self.sock, self.worker_request = pid, ours, None
         self._buf, self._forked, self.exits = b"", [], {}
         self._pids, self._asked, self._dead = [], 0, False
-
-    def spawn(self, mode, script, args, env, out_fd=None, err_fd=None):
-        self.request(mode, script, args, env, out_fd, err_fd)
-        return self.next_pid()
 
     def request(self, mode, script, args, env, out_fd=None, err_fd=None):
         """Ask for a worker; the fds are duplicated in flight (close yours when this returns).
@@ -1172,7 +1184,7 @@ def _function_worker(fn, args, env, conn, out_path, err_path, parent_pid):
     conn.close()
 
 
-# -------------------------------------------------------------------------------------- Worker processes
+# --------------------------------------------------------------------------------- Worker processes
 #
 # Three kinds of worker process, one handle interface (_Handle): ``pid`` (also its process group:
 # every worker leads its own session), ``wait_fd`` (readable when it may have exited; None: poll it),
@@ -1416,7 +1428,7 @@ def _python_script(entrypoint, args):
     return None
 
 
-# -------------------------------------------------------------------------------------- Worker group
+# ------------------------------------------------------------------------------------- Worker group
 
 class _Tail:
     """One tee'd log file followed from its start: its new bytes, and its complete lines with the
@@ -1650,8 +1662,8 @@ class _WorkerGroup:
             w.handle.signal(signal.SIGKILL)
 
 
-# -------------------------------------------------------------------------------------- Local rendezvous
-# used when a WorkerSpec has no handler
+# --------------------------------------------------------------------------------- Local rendezvous
+# The round of a WorkerSpec without a rendezvous handler.
 
 class _LocalInfo:
     def __init__(self, store, round_, master_addr, master_port):
@@ -1704,7 +1716,7 @@ class _LocalRendezvous:
         return True
 
 
-# -------------------------------------------------------------------------------------- Agent
+# -------------------------------------------------------------------------------------------- Agent
 
 class _SignalStop(ElasticError):
     """The launcher received one of --signals-to-handle; carries the signal number."""
@@ -2187,8 +2199,7 @@ class _Peers:
             log.warning("exit barrier: %s (the workers of this node succeeded)", e)
 
 
-# --------------------------------------------------------------------------------------------------
-# File timer (hang watchdog): worker side
+# -------------------------------------------------------------------------- File timer: worker side
 
 class FileTimerClient:
     """Sends timer requests to a ``FileTimerServer`` through its named pipe (torch's format).
@@ -2292,8 +2303,7 @@ def _default_timer_client():
     return _timer_client_configured
 
 
-# --------------------------------------------------------------------------------------------------
-# File timer: the agent's server
+# ------------------------------------------------------------------------------- File timer: server
 
 _MAX_PENDING = 1 << 16  # bytes of a line without newline kept before it is dropped as garbage
 
@@ -2628,8 +2638,7 @@ def _is_int(x):
     return isinstance(x, int) and not isinstance(x, bool)
 
 
-# --------------------------------------------------------------------------------------------------
-# Health check
+# ------------------------------------------------------------------------------------- Health check
 
 _HEALTH_CLASSES = []  # (handler class, server class), built on first use: http.server costs import time
 
@@ -2756,8 +2765,7 @@ class _HealthServer:
         self._thread = None
 
 
-# --------------------------------------------------------------------------------------------------
-# Slurm
+# -------------------------------------------------------------------------------------------- Slurm
 
 _SLURM_PORT = 29400
 
@@ -2885,8 +2893,7 @@ def _slurm_options(environ, endpoint_given=False):
     }
 
 
-# --------------------------------------------------------------------------------------------------
-# Launcher command line
+# ------------------------------------------------------------------------------------- Command line
 
 _ENV_TRUE = ("1", "true", "yes", "on")
 
@@ -3185,8 +3192,6 @@ def _rdzv_params(o, explicit):
     if backend not in _rdzv._BACKENDS:
         raise _UsageError("--rdzv-backend %r is not one of %s" % (backend, ", ".join(_rdzv._BACKENDS)))
     if backend == "static":   # torchrun's options for it: node 0 serves the store at the master address
-        if min_nodes != max_nodes:
-            raise _UsageError("the static backend needs a fixed --nnodes, got %s" % o["nnodes"])
         endpoint = "%s:%d" % (o["master_addr"] or "127.0.0.1", o["master_port"] or 29500)
         conf["rank"] = o["node_rank"]
     elif not endpoint:

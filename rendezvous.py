@@ -120,6 +120,12 @@ Key layout (``R`` = the run id, percent-quoted so run ids never overlap; ``r`` =
 Errors: ``RendezvousError`` is the root; ``RendezvousTimeoutError`` (also ``TimeoutError``) says how
 many nodes joined of how many needed; ``RendezvousClosedError``; ``RendezvousConnectionError`` (also
 ``ConnectionError``) when the store cannot be reached or went away.
+
+Sections, in order: Constants and errors, Parameters, Results, Handler, etcd backend, Backends.
+
+It borrows from ``store`` only the private helpers that module's docstring lists. ``elastic`` may use
+from here, and nothing else private: ``_BACKENDS`` (the backend names ``RendezvousParameters``
+accepts: the launcher asks this list, so a new backend is added in this file alone) and ``_free_port``.
 """
 
 __version__ = "0.1.0"
@@ -148,6 +154,9 @@ except ImportError:  # top-level module
     import store as _store
 
 log = logging.getLogger(__name__)
+
+
+# ----------------------------------------------------------------------------- Constants and errors
 
 _SLOT_BITS = 20
 _SLOT_MASK = (1 << _SLOT_BITS) - 1          # joins (slots) live in the low bits of arrive
@@ -191,7 +200,7 @@ class RendezvousConnectionError(RendezvousError, ConnectionError):
     """The store could not be reached, or went away."""
 
 
-# ------------------------------------------------------------------------------------- parameters
+# --------------------------------------------------------------------------------------- Parameters
 
 def _parse_endpoint(endpoint, default_port):
     """``host``, ``host:port``, ``[v6]:port``, ``[v6]`` or a bare IPv6 address -> (host, port).
@@ -399,7 +408,7 @@ def _etcd_url(raw):
     return hostport, host, port
 
 
-# ------------------------------------------------------------------------------------- results
+# ------------------------------------------------------------------------------------------ Results
 
 class RendezvousInfo:
     """What a completed round gives this node."""
@@ -448,7 +457,7 @@ def _node_id():
     return "%s-%d-%s" % (socket.gethostname(), os.getpid(), "%06x" % random.getrandbits(24))
 
 
-# ------------------------------------------------------------------------------------- the handler
+# ------------------------------------------------------------------------------------------ Handler
 
 class RendezvousHandler:
     """The round algorithm over any object with the store API (see the module docstring).
@@ -1081,15 +1090,6 @@ def _etcd_describe(error):
     return str(error) or type(error).__name__
 
 
-def _etcd_keepalive(sock, idle=5, interval=2, count=5):
-    """Notice a member that vanished without closing (cut link, power loss): after about
-    idle + interval * count seconds of silence the kernel fails our reads."""
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
-    for name, value in (("TCP_KEEPIDLE", idle), ("TCP_KEEPINTVL", interval), ("TCP_KEEPCNT", count)):
-        if hasattr(socket, name):
-            sock.setsockopt(socket.IPPROTO_TCP, getattr(socket, name), value)
-
-
 def _etcd_parse_endpoints(endpoints):
     """[(url, address, port)] from URLs or a comma-separated string; each name resolved once, here."""
     if isinstance(endpoints, str):
@@ -1164,7 +1164,7 @@ class _EtcdLink:
         try:
             conn.connect()
             conn.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            _etcd_keepalive(conn.sock)
+            _store._keepalive(conn.sock)
         except OSError as e:
             conn.close()
             raise _EtcdUnreachable("cannot connect: %s" % _etcd_describe(e)) from None
@@ -1384,7 +1384,7 @@ class EtcdStore:
                 conn.connect()
                 # a watch is silent until its event comes: let the kernel probe the member meanwhile,
                 # so a cut link ends the stream in ~5 s and we resume on another member (no polling)
-                _etcd_keepalive(conn.sock, idle=2, interval=1, count=3)
+                _store._keepalive(conn.sock, idle=2, interval=1, count=3)
             except OSError as e:
                 members.skip(index)
                 raise _EtcdStreamBroken("%s: %s" % (member[0], _etcd_describe(e))) from None
@@ -1678,17 +1678,15 @@ class EtcdStore:
         self.close()
 
 
-# ------------------------------------------------------------------------------------- backends
+# ----------------------------------------------------------------------------------------- Backends
 
 def _read_token(path):
     try:
-        with open(path, "rb") as f:
-            token = f.read().strip()
+        return _store._read_token_file(path)
     except OSError as e:
         raise ValueError("rdzv conf token_file=%r cannot be read: %s" % (path, e.strerror or e)) from None
-    if not token:
-        raise ValueError("rdzv conf token_file=%r is empty" % path)
-    return token
+    except ValueError:
+        raise ValueError("rdzv conf token_file=%r is empty" % path) from None
 
 
 def _is_local_host(host, local_addr):

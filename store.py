@@ -104,6 +104,12 @@ and changes nothing stored: a request is fully parsed before it is applied. Valu
 Authentication is optional: a server given a token sends a random challenge and accepts only the HMAC
 of it under the same token (compared with ``hmac.compare_digest``); a client without the right token
 gets ``StoreAuthError`` and nothing else.
+
+Sections, in order: Errors and wire format, Server, Client, Command line.
+
+Private helpers the upper modules (``rendezvous``, ``elastic``) may use, and no others: ``_seconds``
+(a timeout argument checked), ``_keepalive`` (TCP keepalive on a socket), ``_recv_exactly`` (n bytes or
+``EOFError``), ``_read_token_file``. A helper two modules need lives here, in the lowest one.
 """
 
 __version__ = "0.1.0"
@@ -128,6 +134,9 @@ import time
 import weakref
 
 log = logging.getLogger(__name__)
+
+
+# --------------------------------------------------------------------------- Errors and wire format
 
 PROTOCOL_VERSION = 1
 MAX_KEY_SIZE = 64 * 1024
@@ -273,7 +282,7 @@ def _read_token_file(path):
     return token
 
 
-# --------------------------------------------------------------------------------------------- server
+# ------------------------------------------------------------------------------------------- Server
 
 class _Reader:
     """Parses one request payload; any inconsistency raises _Malformed."""
@@ -1084,7 +1093,7 @@ def _key_text(key):
     return key.decode("utf-8", "replace")
 
 
-# --------------------------------------------------------------------------------------------- client
+# ------------------------------------------------------------------------------------------- Client
 
 def _resolve(host, port):
     """Resolve once, before any retry loop: name lookups can stall for seconds."""
@@ -1095,10 +1104,11 @@ def _resolve(host, port):
     return [(family, sockaddr) for family, _, _, _, sockaddr in infos]
 
 
-def _keepalive(sock):
-    """Notice a store host that vanished without closing (power loss, cut link) in about 15 s."""
+def _keepalive(sock, idle=5, interval=2, count=5):
+    """Notice a peer that vanished without closing (power loss, cut link): after about
+    idle + interval * count seconds of silence (15 s by default) the kernel fails our reads."""
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
-    for name, value in (("TCP_KEEPIDLE", 5), ("TCP_KEEPINTVL", 2), ("TCP_KEEPCNT", 5)):
+    for name, value in (("TCP_KEEPIDLE", idle), ("TCP_KEEPINTVL", interval), ("TCP_KEEPCNT", count)):
         if hasattr(socket, name):
             sock.setsockopt(socket.IPPROTO_TCP, getattr(socket, name), value)
 
@@ -1761,7 +1771,7 @@ class PrefixStore:
         self.close()
 
 
-# --------------------------------------------------------------------------------------------- CLI
+# ------------------------------------------------------------------------------------- Command line
 
 def _main(argv=None):
     import argparse
