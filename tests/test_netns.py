@@ -10,7 +10,7 @@ import pytest
 
 from conftest import ROOT, need
 from agent_scripts.harness import wait_for
-from netns import Job, Network, netns_problem
+from netns import RDZV_CONF, Job, Network, netns_problem
 
 HANG_GUARD = 60.0
 
