@@ -1815,7 +1815,8 @@ _TRANSITIONS = {
     WorkerState.UNHEALTHY: (WorkerState.INIT,                          # restart: rendezvous again
                             WorkerState.FAILED,                        # restart budget spent
                             WorkerState.STOPPED),
-    WorkerState.SUCCEEDED: (WorkerState.INIT,),                        # run() again
+    WorkerState.SUCCEEDED: (WorkerState.STOPPED,                       # a stop signal in the exit barrier
+                            WorkerState.INIT),                         # run() again
     WorkerState.FAILED: (WorkerState.INIT,),
     WorkerState.STOPPED: (WorkerState.INIT,),
 }

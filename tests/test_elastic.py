@@ -326,3 +326,18 @@ def test_console_gets_whole_lines_from_every_start_path(tmp_path, how):
     whole = re.compile(r"rank [0-7] line \d+ x{80}\Z")
     corrupted = [line for line in lines if not whole.match(line)]
     assert corrupted == [] and len(lines) == 8 * 300, (len(corrupted), corrupted[:3])
+
+
+def test_every_state_is_reachable_through_the_transition_table():
+    states = {value for name, value in vars(WorkerState).items() if name.isupper()}
+    assert set(elastic._TRANSITIONS) == states
+    seen, todo = set(), [WorkerState.UNKNOWN]
+    while todo:
+        state = todo.pop()
+        if state not in seen:
+            seen.add(state)
+            todo.extend(elastic._TRANSITIONS[state])
+    assert seen == states
+    agent = LocalElasticAgent(WorkerSpec("r", 1, funcs.happy, monitor_interval=0.05))
+    assert agent.state == WorkerState.UNKNOWN     # built, not run
+    assert agent.run().state == agent.state == WorkerState.SUCCEEDED

@@ -552,3 +552,30 @@ def test_report_is_the_last_rounds_even_when_the_store_is_gone(tmp_path):
         for a in agents:
             a.stop()
         store.stop()
+
+
+def test_stop_signal_in_the_exit_barrier_exits_128_plus_n(tmp_path):
+    """a's workers succeeded and a waits for b in the exit barrier: a SIGTERM there is a stop."""
+    folder = tmp_path / "io"
+    folder.mkdir()
+    script = str(tmp_path / "wait_on_b.py")
+    with open(script, "w") as f:
+        f.write("import os, sys, time\n"
+                "if os.environ['NODE'] == 'b':\n"
+                "    while not os.path.exists(sys.argv[1]):\n"
+                "        time.sleep(0.05)\n")
+    store = StoreProcess()
+    agents = []
+    try:
+        for node in ("a", "b"):
+            agents.append(Launcher(c10d(store, "2", "barrier-stop", "--exit-barrier-timeout", "60")
+                                   + [script, str(folder / "never")], tmp_path, node, environ=env(NODE=node)))
+        a = agents[0]
+        wait_for(lambda: "all 1 workers succeeded" in a.err(), what="a's workers to succeed")
+        os.kill(a.pid, signal.SIGTERM)
+        assert a.wait(60) == 128 + signal.SIGTERM, a.err()
+        assert "stopped by SIGTERM" in a.err()
+    finally:
+        for a in agents:
+            a.stop()
+        store.stop()
