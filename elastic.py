@@ -1181,6 +1181,14 @@ def _function_worker(fn, args, env, conn, out_path, err_path, parent_pid):
         _write_error_file(e, env.get("TORCHELASTIC_ERROR_FILE"))
         raise
     conn.send(ret)
+    # Stay until the agent says every worker of the group has returned, as torch's workers do:
+    # a value pickled by reference (torch tensors: shared memory whose descriptor this process
+    # hands out) can only be read while we live, and no rank exits while a peer may still be
+    # talking to it (gloo aborts a process whose peer vanished mid-teardown).
+    try:
+        conn.recv_bytes()
+    except (EOFError, OSError):
+        pass   # the agent is gone: nothing left to wait for
     conn.close()
 
 
@@ -1207,12 +1215,16 @@ def _signal_group(pid, sig):
 
 class _Handle:
     """What every kind shares: the group signal, and no return value to collect."""
-    pid = wait_fd = result_fd = result = None
+    pid = wait_fd = result_fd = result = result_error = None
+    has_result = False
 
     def signal(self, sig):
         _signal_group(self.pid, sig)
 
     def take_result(self, block):
+        pass
+
+    def release(self):
         pass
 
     def close(self):
@@ -1239,16 +1251,16 @@ class _ProgramHandle(_Handle):
 
 
 class _ChildHandle(_Handle):
-    """A callable run in a multiprocessing child; its return value comes back over a pipe."""
+    """A callable run in a multiprocessing child; its return value comes back over a pipe, and the
+    child waits on that pipe after sending it until ``release()`` (see _function_worker)."""
 
     def __init__(self, process, conn):
         self._process, self._conn, self.pid = process, conn, process.pid
         self.wait_fd = process.sentinel
-        self._has_result = False
 
     @property
     def result_fd(self):
-        return None if self._has_result else self._conn.fileno()
+        return None if self.has_result else self._conn.fileno()
 
     def poll(self):
         return self._process.exitcode
@@ -1258,15 +1270,25 @@ class _ChildHandle(_Handle):
         return self._process.exitcode
 
     def take_result(self, block):
-        """Read the return value if it is there (or, `block`ing, once the child has exited)."""
-        if self._has_result:
+        """Read the return value if it is there (or, `block`ing, once the child has exited). A value
+        that arrives but cannot be unpickled is kept in ``result_error``: a failure, never a None."""
+        if self.has_result:
             return
         try:
             if block or self._conn.poll():
+                self.has_result = True
                 self.result = self._conn.recv()
-                self._has_result = True
-        except (EOFError, OSError):
-            self._has_result = True  # the child exited without sending: no value
+        except (EOFError, ConnectionResetError):
+            pass   # the child exited without sending (SystemExit, or it failed): no value
+        except Exception as e:
+            self.result_error = "its return value could not be read: %s: %s" % (type(e).__name__, e)
+
+    def release(self):
+        """Let a child that has sent its value exit."""
+        try:
+            self._conn.send_bytes(b"go")
+        except OSError:
+            pass   # it is gone already
 
     def close(self):
         self._process.join(0)
@@ -1394,7 +1416,7 @@ class _FunctionStarter:
 
     def start(self, w):
         paths = [None if dest == "console" else path for dest, path in zip(w.dests, w.log_paths)]
-        reader, writer = self._ctx.Pipe(duplex=False)
+        reader, writer = self._ctx.Pipe()   # duplex: the value comes back, the release goes out
         # forkserver children have the forkserver for a parent, not us
         parent = None if self._method == "forkserver" else os.getpid()
         process = self._ctx.Process(target=_function_worker, name="%s-%d" % (self._role, w.local_rank),
@@ -1583,7 +1605,7 @@ class _WorkerGroup:
         self.workers = workers
         self._starter, self._reaper, self._token = starter, reaper, tree_token
         self._pump = _LogPump(stall_timeout=self.CONSOLE_STALL)
-        self._stopped = False
+        self._stopped = self._released = False
 
     def start(self):
         for w in self.workers:
@@ -1602,17 +1624,27 @@ class _WorkerGroup:
         return fds, pollable
 
     def poll(self, ready=()):
-        """(workers done, {global rank: failed worker}); takes in return values that are `ready`."""
-        done, failed = 0, {}
+        """(workers done, {global rank: failed worker}); takes in return values that are `ready`,
+        and once every worker has returned (or exited 0) releases those that wait to exit. A
+        worker whose value cannot be read has failed."""
+        done, failed, returned = 0, {}, 0
         for w in self.workers:
             if w.handle.result_fd in ready:
                 w.handle.take_result(block=False)
             code = w.poll()
             if code == 0:
                 w.handle.take_result(block=True)   # the value a callable still owes, if any
+            if w.handle.result_error is not None:
+                failed[w.global_rank] = w
+            elif code == 0:
                 done += 1
             elif code is not None:
                 failed[w.global_rank] = w
+            returned += code == 0 or w.handle.has_result
+        if returned == len(self.workers) and not failed and not self._released:
+            self._released = True
+            for w in self.workers:
+                w.handle.release()
         return done, failed
 
     def return_values(self):
@@ -2109,8 +2141,10 @@ class LocalElasticAgent:
         scopes = {} if self._timer is None else {pid: s for pid, s, _ in self._timer.pop_expired()}
         failures = {}
         for rank, w in failed.items():
-            f = ProcessFailure(w.local_rank, w.pid, w.exitcode, w.error_file, rank=rank,
-                               role=self._spec.role, exit_time=w.exit_time)
+            unread = w.handle.result_error
+            f = ProcessFailure(w.local_rank, w.pid, w.exitcode or 1 if unread else w.exitcode,
+                               w.error_file, message=unread, rank=rank, role=self._spec.role,
+                               exit_time=w.exit_time)
             if w.pid in scopes:
                 f.message = "%s (overran file-timer scope %s)" % (f.message, scopes[w.pid])
             failures[rank] = f

@@ -48,6 +48,20 @@ def test_large_return_values_do_not_deadlock():
         assert len(value) == size and value[:1] == str(rank).encode()
 
 
+def test_unreadable_return_value_is_a_reported_failure():
+    _, result = run_agent(funcs.unreadable_on_rank_1, nproc=2)
+    assert result.is_failed() and result.state == WorkerState.FAILED
+    rank, root = result.root_cause
+    assert rank == 1
+    assert "could not be read" in root.message and "FileNotFoundError" in root.message
+    assert root.launcher_exit_code() != 0
+
+
+def test_function_workers_wait_until_every_rank_has_returned(tmp_path):
+    _, result = run_agent(funcs.first_returns_early, nproc=2, args=(str(tmp_path / "pid0"),))
+    assert result.return_values == {0: "returned", 1: "rank 0 held"}
+
+
 def test_env_present_and_correct(monkeypatch):
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
     monkeypatch.delenv("TORCH_NCCL_ASYNC_ERROR_HANDLING", raising=False)

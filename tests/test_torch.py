@@ -269,3 +269,24 @@ def test_torch_file_timer_client_under_launcher(torch_python, launchers, tmp_pat
     assert "SIGKILL" in launcher.stderr
     assert "scope step" in launcher.stderr  # the report names the scope that overran
     assert (out / "rank0.entered").exists() and not (out / "rank0.woke").exists()
+
+
+# ------------------------------------------------------------------------------ function workers
+
+@pytest.mark.parametrize("start_method", ["spawn", "fork"])
+def test_api_function_workers_return_tensors(torch_python, tmp_path, start_method):
+    """torch pickles a tensor's storage as shared memory handed over by its worker process: the
+    value arrives only if the worker stays until the agent has read it."""
+    out = str(tmp_path / "values.json")
+    proc = subprocess.Popen([torch_python, os.path.join(SCRIPTS, "tensor_agent.py"), ROOT, out, "2",
+                             start_method], env=_env(), cwd=str(tmp_path), start_new_session=True)
+    try:
+        assert proc.wait(HANG_GUARD) == 0
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    with open(out) as f:
+        data = json.load(f)
+    assert data["state"] == "SUCCEEDED" and data["failures"] == {}
+    assert data["values"] == {"0": [0.0, 0.0, 1000], "1": [1.0, 1.0, 1000]}
