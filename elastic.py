@@ -337,12 +337,19 @@ def _write_error_file(exc, path=None):
 
 def record(fn=None):
     """Decorator: an exception escaping `fn` is written to ``TORCHELASTIC_ERROR_FILE`` (atomically,
-    torchelastic's format) and re-raised. ``SystemExit`` is not an error and passes through."""
+    torchelastic's format) and re-raised. ``SystemExit`` is not an error and passes through. As
+    torchelastic's, it turns on ``faulthandler`` (all threads, to stderr) when `fn` is called, so a
+    worker that dies of a fatal signal (SIGSEGV, SIGABRT, ...) prints its Python stacks."""
     import functools
 
     def wrap(f):
         @functools.wraps(f)
         def wrapper(*args, **kwargs):
+            try:
+                import faulthandler
+                faulthandler.enable(all_threads=True)
+            except Exception as e:   # stderr closed or not a real file
+                log.warning("could not enable faulthandler: %s", e)
             try:
                 return f(*args, **kwargs)
             except SystemExit:
@@ -377,21 +384,29 @@ def _read_error_file(path):
         except (TypeError, ValueError):
             ts = None
         return msg.get("message"), extra.get("py_callstack"), ts, data
-    if isinstance(msg, str):
-        return msg, None, None, data
+    if isinstance(msg, str):   # torchelastic's other layout: {"message": "...", "timestamp": 10}
+        try:
+            ts = int(data.get("timestamp"))
+        except (TypeError, ValueError):
+            ts = None
+        return msg, None, ts, data
     return None, None, None, data
+
+
+_NOT_AVAILABLE = "<N/A>"
 
 
 class ProcessFailure:
     """One failed worker: ranks, pid, exit code (negative: killed by that signal), its error file and
-    what the file said. `timestamp` is the error file's (epoch seconds) or when the exit was seen."""
+    what the file said. `timestamp` is the error file's (epoch seconds) or when the exit was seen.
+    A worker that left no error file has ``error_file == "<N/A>"``, as in torchelastic."""
 
     def __init__(self, local_rank, pid, exitcode, error_file=None, message=None, timestamp=None,
                  rank=None, role="default", host=None, exit_time=None, traceback=None):
         self.local_rank = local_rank
         self.pid = pid
         self.exitcode = exitcode
-        self.error_file = error_file
+        self.error_file = error_file if error_file and os.path.isfile(error_file) else _NOT_AVAILABLE
         self.rank = rank if rank is not None else local_rank
         self.role = role
         self.host = host or _hostname()
@@ -412,6 +427,10 @@ class ProcessFailure:
         self.timestamp = timestamp
 
     def signal_name(self):
+        """The signal that killed the worker (``"SIGSEGV"``), else ``"<N/A>"``."""
+        return self._signal() or _NOT_AVAILABLE
+
+    def _signal(self):
         return _signal_name(-self.exitcode) if self.exitcode is not None and self.exitcode < 0 else ""
 
     def launcher_exit_code(self):
@@ -429,7 +448,7 @@ class ProcessFailure:
     def _from_dict(cls, d):
         f = cls(d["local_rank"], d["pid"], d["exitcode"], None, d["message"], d["timestamp"],
                 d["rank"], d["role"], d["host"], d["exit_time"], d["traceback"])
-        f.error_file = d.get("error_file")
+        f.error_file = d.get("error_file") or _NOT_AVAILABLE
         f.error_file_data = d.get("error_file_data")
         return f
 
@@ -465,13 +484,13 @@ def _fmt_time(t):
 
 
 def _format_failure(rank, f):
-    code = "%s (%s)" % (f.exitcode, f.signal_name()) if f.signal_name() else str(f.exitcode)
+    code = "%s (%s)" % (f.exitcode, f._signal()) if f._signal() else str(f.exitcode)
     lines = [
         "  time       : %s" % _fmt_time(f.exit_time),
         "  host       : %s" % f.host,
         "  rank       : %s (local_rank: %s, role: %s)" % (rank, f.local_rank, f.role),
         "  exitcode   : %s (pid: %s)" % (code, f.pid),
-        "  error_file : %s" % (f.error_file or "<none>"),
+        "  error_file : %s" % f.error_file,
         "  message    : %s" % f.message,
     ]
     if f.traceback:
@@ -497,19 +516,19 @@ def _format_report(name, failures):
 
 
 def _copy_root_cause(err, path):
-    """Write the root cause into the launcher's own error file, with its exit code as errorCode:
+    """Copy the root cause's error file into the launcher's own, with its exit code as errorCode:
     at the top level, and inside the message where torchelastic puts it (readers of torch's file
-    look there)."""
+    look there). A root cause without an error file (killed by a signal, or a program that writes
+    none) leaves the launcher's file unwritten, as torchelastic does."""
     if not path:
         return
     rank, f = err.get_first_failure()
     data = f.error_file_data if isinstance(f.error_file_data, dict) else None
     if data is None or not isinstance(data.get("message"), (dict, str)):
-        data = {"message": {"message": "%s (rank %s on %s)" % (f.message, rank, f.host),
-                            "extraInfo": {"py_callstack": f.traceback or "",
-                                          "timestamp": str(f.timestamp)}}}
-    else:
-        data = dict(data)
+        log.info("rank %s failed without an error file: %s left unwritten (decorate the entrypoint "
+                 "with @record for its traceback)", rank, path)
+        return
+    data = dict(data)
     if isinstance(data["message"], dict):
         data["message"] = dict(data["message"], errorCode=f.exitcode)
     data["errorCode"] = f.exitcode

@@ -5,6 +5,7 @@ import json
 import os
 import signal
 import sys
+import textwrap
 
 import pytest
 
@@ -309,6 +310,59 @@ def test_signal_names_in_failures():
     assert f.signal_name() == "SIGTERM" and f.launcher_exit_code() == 143
 
 
+@pytest.mark.parametrize("stamp", [10, "10"])
+def test_error_file_other_layout_keeps_its_timestamp(tmp_path, stamp):
+    path = tmp_path / "error.json"
+    path.write_text(json.dumps({"message": "test error message", "timestamp": stamp}))
+    f = ProcessFailure(0, 997, 1, str(path))
+    assert f.message == "test error message" and f.timestamp == 10
+
+
+def test_missing_signal_and_error_file_read_not_available(tmp_path):
+    f = ProcessFailure(0, 997, 138, str(tmp_path / "ignored.json"))
+    assert f.signal_name() == "<N/A>" and f.error_file == "<N/A>"
+    report = ChildFailedError("trainer", {0: f}).format_msg()
+    assert "error_file : <N/A>" in report and "exitcode   : 138 (pid: 997)" in report
+    killed = ProcessFailure(0, 997, -signal.SIGSEGV)
+    assert killed.signal_name() == "SIGSEGV" and "(SIGSEGV)" in ChildFailedError("t", {0: killed}).format_msg()
+
+
+def test_record_writes_no_launcher_error_file_when_the_child_left_none(tmp_path, monkeypatch):
+    launcher_file = tmp_path / "launcher.json"
+    monkeypatch.setenv("TORCHELASTIC_ERROR_FILE", str(launcher_file))
+
+    @elastic.record
+    def launch():
+        raise ChildFailedError("trainer", {0: ProcessFailure(0, 997, -signal.SIGKILL,
+                                                             str(tmp_path / "missing.json"))})
+
+    with pytest.raises(ChildFailedError):
+        launch()
+    assert not launcher_file.exists()
+
+
+def test_record_enables_faulthandler(tmp_path):
+    """A worker whose @record entrypoint dies of SIGSEGV prints its Python stack."""
+    import subprocess
+    script = tmp_path / "segv.py"
+    script.write_text(textwrap.dedent("""
+        import ctypes, sys
+        sys.path.insert(0, %r)
+        import elastic
+
+        @elastic.record
+        def crash_in_this_function():
+            ctypes.string_at(0)
+
+        crash_in_this_function()
+        """ % os.path.dirname(HERE)))
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONFAULTHANDLER"}
+    proc = subprocess.run([sys.executable, str(script)], env=env, stderr=subprocess.PIPE, timeout=60)
+    assert proc.returncode == -signal.SIGSEGV
+    err = proc.stderr.decode()
+    assert "Fatal Python error" in err and "crash_in_this_function" in err
+
+
 # Every start path gives whole lines: 8 workers share the console and print 300 lines each.
 LINES = os.path.join(SCRIPTS, "lines.py")
 API_RUNS = {
@@ -330,7 +384,6 @@ API_RUNS = {
 def test_console_gets_whole_lines_from_every_start_path(tmp_path, how):
     import re
     import subprocess
-    import textwrap
     code = "import os, sys\nimport elastic\n" + textwrap.dedent(API_RUNS[how])
     # one pipe shared by every worker, as a console is
     p = subprocess.run([sys.executable, "-c", code, LINES], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
