@@ -25,9 +25,10 @@ Data flow of one agent (one per node)::
         |  every agent writes role/<group_rank> to info.store and reads all: a _RankAssignment
         v
     _WorkerGroup.start(): each worker in its own session, through a starter:
-        |  Python scripts (CLI) .. forked by the fork server, a copy of the launcher made before it
-        |                          started anything (about 1 ms a worker; ELASTICRUN_FORKSERVER=0
-        |                          runs `python -u` with a bootstrap instead, as the API does)
+        |  Python scripts ........ `python -u -c <stub> SCRIPT ARGS`, a new interpreter as torchrun's
+        |                          (its flags, sys.path, a command line showing the script); the stub
+        |                          runs a bootstrap (excepthook, line-buffered stdio). CLI only, with
+        |                          ELASTICRUN_FORKSERVER=1: forked by the fork server instead
         |  programs .............. subprocesses (--no-python, WorkerSpec(entrypoint="path"))
         |  callables ............. multiprocessing children (spawn/fork/forkserver, --run-path)
         |  each behind one handle: pid, wait_fd, poll(), wait(), signal()
@@ -829,8 +830,9 @@ def _b():
                                    encoding=old.encoding, errors=old.errors, line_buffering=True)
             setattr(sys, name, new)
             setattr(sys, "__%s__" % name, new)
-    mode, target = sys.argv[1], sys.argv[2]
-    del sys.argv[:2]
+    mode = "-m" if sys.argv[1] == "-m" else "-s"
+    del sys.argv[:2 if mode == "-m" else 1]
+    target = sys.argv[0]
     g = globals()
     del g["_b"], g["sys"]
     if mode == "-m":
@@ -842,27 +844,45 @@ def _b():
         sys.path[0] = target
         return compile("__import__('runpy')._run_module_as_main('__main__', False)", "<elasticrun>", "exec")
     sys.path[0] = os.path.dirname(os.path.realpath(target))
+    import importlib.machinery
     g["__file__"] = target
+    g["__loader__"] = importlib.machinery.SourceFileLoader("__main__", target)
     return compile(source, target, "exec")
 exec(_b())
 '''
 
+# What a worker's command line carries instead of the bootstrap itself, so that ``ps`` shows
+# ``python -u -c <this> train.py --lr 0.1`` and ``pkill -f train.py`` finds it. The bootstrap comes
+# in the environment and is taken out of it at once (the script's children never see it).
+_BOOT_ENV = "ELASTICRUN_BOOT"
+_BOOT_STUB = "exec(__import__('os').environ.pop(%r))" % _BOOT_ENV
+
 
 def python_command(script, args=(), module=False):
     """argv that runs a Python script (or ``-m`` module) the way ``python -u`` does, with an excepthook
-    that records an uncaught exception in ``TORCHELASTIC_ERROR_FILE``."""
-    return [sys.executable, "-u", "-c", _BOOTSTRAP, "-m" if module else "-s", script] + list(args)
+    that records an uncaught exception in ``TORCHELASTIC_ERROR_FILE``. Run it with the environment
+    from ``python_environment()``: the bootstrap travels there."""
+    return [sys.executable, "-u", "-c", _BOOT_STUB] + (["-m"] if module else []) + [script] + list(args)
+
+
+def python_environment(env=None):
+    """`env` (default: this process's) plus what a ``python_command`` argv needs."""
+    env = dict(os.environ if env is None else env)
+    env[_BOOT_ENV] = _BOOTSTRAP
+    return env
 
 
 class _ForkServer:
     """A copy of the launcher, forked before it starts anything, that forks Python-script workers on
     request. A worker so made starts in about a millisecond instead of paying for a new interpreter
     (site, imports) at every launch and restart; it runs the script in a fresh ``__main__`` module,
-    line-buffered, with the same excepthook as the bootstrap. Set ``ELASTICRUN_FORKSERVER=0`` for a new
-    interpreter per worker. What a forked worker inherits that a new interpreter would not: the
-    launcher's str hash seed and interpreter flags, and the standard-library modules the launcher
-    had imported (a script-local ``json.py`` will not shadow ``json``; our own ``store``,
-    ``rendezvous`` and ``elastic`` are dropped from ``sys.modules``, so those names stay free).
+    line-buffered, with the same excepthook as the bootstrap. Opt-in (``ELASTICRUN_FORKSERVER=1``),
+    because a forked worker is not what torchrun starts, and cannot be made so without privileges:
+    it keeps the launcher's command line (``ps`` and ``pkill -f train.py`` do not see the script),
+    its interpreter flags (``python3 -I -S elasticrun.pyz`` gives workers no site-packages), str
+    hash seed and ``sys.path``, and the standard-library modules it had imported (a script-local
+    ``json.py`` will not shadow ``json``; our own ``store``, ``rendezvous`` and ``elastic`` are
+    dropped from ``sys.modules``, so those names stay free).
 
     The server is a child of the agent (PR_SET_PDEATHSIG), workers are its children (the same), so
     a SIGKILLed agent takes all of them along. Over a socketpair::
@@ -1373,6 +1393,7 @@ class _Worker:
 class _ProgramStarter:
     def __init__(self, entrypoint, args):
         self._argv = [entrypoint] + [str(a) for a in args]
+        self._python = _python_script(entrypoint, args) is not None   # it needs the bootstrap
         self._prctl = None   # resolved on first use: the fork-server path never needs ctypes here
 
     def start(self, w):
@@ -1380,7 +1401,7 @@ class _ProgramStarter:
         if self._prctl is None:
             self._prctl = _prctl() or False
         prctl, parent = self._prctl or None, os.getpid()
-        env = dict(os.environ)
+        env = python_environment() if self._python else dict(os.environ)
         env.update(w.env)
         files = []
         try:
@@ -1463,10 +1484,12 @@ def _starter(spec, start_method, fork_server=None):
 
 def _python_script(entrypoint, args):
     """(mode, script, args) when `entrypoint` + `args` come from python_command(), else None."""
-    args = list(args)
-    if entrypoint == sys.executable and args[:3] == ["-u", "-c", _BOOTSTRAP] and len(args) >= 5:
-        return args[3], args[4], args[5:]
-    return None
+    args = [str(a) for a in args]
+    if entrypoint != sys.executable or args[:3] != ["-u", "-c", _BOOT_STUB] or len(args) < 4:
+        return None
+    if args[3] == "-m":
+        return ("-m", args[4], args[5:]) if len(args) >= 5 else None
+    return "-s", args[3], args[4:]
 
 
 # ------------------------------------------------------------------------------------- Worker group
@@ -3389,7 +3412,7 @@ def _main(argv, program=False):
         return e.code
     server = None
     if (from_command_line and c.mode in ("script", "module") and hasattr(os, "fork")
-            and environ.get("ELASTICRUN_FORKSERVER", "1") != "0"):
+            and environ.get("ELASTICRUN_FORKSERVER", "0") == "1"):
         # forked now, before logging, signal handlers, threads or sockets exist in this process
         server = _ForkServer()
         if server.worker_request is not None:  # we are a worker: run the script, never the agent
