@@ -30,7 +30,9 @@ Data flow of one agent (one per node)::
         |                          runs a bootstrap (excepthook, line-buffered stdio). CLI only, with
         |                          ELASTICRUN_FORKSERVER=1: forked by the fork server instead
         |  programs .............. subprocesses (--no-python, WorkerSpec(entrypoint="path"))
-        |  callables ............. multiprocessing children (spawn/fork/forkserver, --run-path)
+        |  callables ............. multiprocessing children (spawn/fork/forkserver, --run-path);
+        |                          each sends its value back and waits until every rank has
+        |                          (torch tensors are read from their sender's shared memory)
         |  each behind one handle: pid, wait_fd, poll(), wait(), signal()
         |  stdout/stderr -> console | log file | tee (the worker writes its log file; a pump
         |                          thread tails it to the console with the line prefix); every
@@ -1072,21 +1074,30 @@ def _run_forked_worker(request):
     elif not isinstance(code, int):
         sys.stderr.write("%s\n" % (code,))
         code = 1
-    try:
-        threading = sys.modules.get("threading")
-        if threading is not None:
-            threading._shutdown()
-        import atexit
-        atexit._run_exitfuncs()
-        _finalize_script()
-        for stream in (sys.stdout, sys.stderr):
-            stream.flush()
-    except BaseException:
-        pass
+    _exit_handlers(_finalize_script)
     if code == -signal.SIGINT:  # as CPython does: die by the signal
         signal.signal(signal.SIGINT, signal.SIG_DFL)
         os.kill(os.getpid(), signal.SIGINT)
     os._exit(code & 0xFF)
+
+
+def _exit_handlers(then=None, run_atexit=True):
+    """What the interpreter does at exit before it finalizes itself: join non-daemon threads, run
+    the atexit handlers (unless they are a forking parent's), then `then()`, and flush stdio. A
+    worker calls this, then os._exit."""
+    try:
+        threading = sys.modules.get("threading")
+        if threading is not None:
+            threading._shutdown()
+        if run_atexit:
+            import atexit
+            atexit._run_exitfuncs()
+        if then is not None:
+            then()
+        for stream in (sys.stdout, sys.stderr):
+            stream.flush()
+    except BaseException:
+        pass
 
 
 def _finalize_script():
@@ -1188,8 +1199,9 @@ def _worker_excepthook(main_globals):
     return hook
 
 
-def _function_worker(fn, args, env, conn, out_path, err_path, parent_pid):
-    """Body of a callable worker (a multiprocessing child)."""
+def _function_worker(fn, args, env, conn, out_path, err_path, parent_pid, forked=False):
+    """Body of a callable worker (a multiprocessing child; `forked`: by the fork start method, so
+    the atexit handlers it holds are the agent's, not its own)."""
     for s in (signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT):  # forked children inherit the launcher's
         signal.signal(s, signal.SIG_DFL)
     signal.signal(signal.SIGINT, signal.default_int_handler)
@@ -1229,6 +1241,12 @@ def _function_worker(fn, args, env, conn, out_path, err_path, parent_pid):
     except (EOFError, OSError):
         pass   # the agent is gone: nothing left to wait for
     conn.close()
+    # Leave without finalizing the interpreter (as a forked multiprocessing child always does, but
+    # with the atexit handlers run): torch's gloo threads may still be releasing the last
+    # collective's tensors, which takes the GIL, and a thread that takes it while the interpreter
+    # finalizes aborts the process ("terminate called without an active exception", SIGABRT).
+    _exit_handlers(run_atexit=not forked)
+    os._exit(0)
 
 
 # --------------------------------------------------------------------------------- Worker processes
@@ -1461,7 +1479,7 @@ class _FunctionStarter:
         parent = None if self._method == "forkserver" else os.getpid()
         process = self._ctx.Process(target=_function_worker, name="%s-%d" % (self._role, w.local_rank),
                                     args=(self._fn, _with_local_rank(self._args, w.local_rank), w.env,
-                                          writer, paths[0], paths[1], parent))
+                                          writer, paths[0], paths[1], parent, self._method == "fork"))
         process.start()
         writer.close()
         w.handle = _ChildHandle(process, reader)

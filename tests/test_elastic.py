@@ -63,6 +63,15 @@ def test_function_workers_wait_until_every_rank_has_returned(tmp_path):
     assert result.return_values == {0: "returned", 1: "rank 0 held"}
 
 
+@pytest.mark.parametrize("start_method", ["spawn", "forkserver"])
+def test_function_worker_atexit_handlers_run(tmp_path, start_method):
+    """Function workers leave without finalizing the interpreter (see _function_worker), but their
+    own atexit handlers still run."""
+    _, result = run_agent(funcs.registers_atexit, nproc=2, args=(str(tmp_path),), start_method=start_method)
+    assert result.return_values == {0: "registered", 1: "registered"}
+    assert sorted(os.listdir(str(tmp_path))) == ["atexit.0", "atexit.1"]
+
+
 def test_env_present_and_correct(monkeypatch):
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
     monkeypatch.delenv("TORCH_NCCL_ASYNC_ERROR_HANDLING", raising=False)

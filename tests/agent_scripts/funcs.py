@@ -94,3 +94,15 @@ def first_returns_early(pid_file):
                 return "rank 0 exited before rank 1 returned"
         time.sleep(0.01)
     return "rank 0 held"
+
+
+def _write_at_exit(path):
+    with open(path, "w") as f:
+        f.write("atexit ran")
+
+
+def registers_atexit(folder):
+    """An atexit handler of the worker's own: it runs when the worker leaves."""
+    import atexit
+    atexit.register(_write_at_exit, os.path.join(folder, "atexit.%s" % os.environ["RANK"]))
+    return "registered"
