@@ -1623,11 +1623,12 @@ class _WorkerGroup:
         if self._stopped:
             return
         self._stopped = True
-        for w in self.workers:
+        started = [w for w in self.workers if w.handle is not None]   # all, unless start() failed
+        for w in started:
             w.handle.signal(sig)
-        strays = _signal_marked(self._token, sig, {w.pid for w in self.workers})
-        self._wait_gone(self.workers, strays, time.monotonic() + grace)
-        for w in self.workers:
+        strays = _signal_marked(self._token, sig, {w.pid for w in started})
+        self._wait_gone(started, strays, time.monotonic() + grace)
+        for w in started:
             if w.poll() is None:
                 w.handle.wait()
                 w.poll()

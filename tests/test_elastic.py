@@ -345,3 +345,9 @@ def test_every_state_is_reachable_through_the_transition_table():
     agent = LocalElasticAgent(WorkerSpec("r", 1, funcs.happy, monitor_interval=0.05))
     assert agent.state == WorkerState.UNKNOWN     # built, not run
     assert agent.run().state == agent.state == WorkerState.SUCCEEDED
+
+
+def test_a_program_that_cannot_start_raises_its_own_error(tmp_path):
+    spec = WorkerSpec("r", 2, str(tmp_path / "no-such-program"), monitor_interval=0.05)
+    with pytest.raises(FileNotFoundError):
+        LocalElasticAgent(spec, shutdown_timeout=2).run()

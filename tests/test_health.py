@@ -147,10 +147,11 @@ def test_status_fn_for_an_agent():
 
 
 # /healthz of a real launcher (`python3 elastic.py ...`).
-HEALTH = textwrap.dedent("""
+# The workers talk to the test through files in the folder argv[1]: mark(name) makes one,
+# wait_file(name) waits (30 s at most) for the test to make one.
+FILES = textwrap.dedent("""
     import os, signal, sys, time
     folder = sys.argv[1]
-    rank, attempt = os.environ["RANK"], os.environ["TORCHELASTIC_RESTART_COUNT"]
 
     def mark(name):
         open(os.path.join(folder, name), "w").close()
@@ -159,7 +160,10 @@ HEALTH = textwrap.dedent("""
         deadline = time.monotonic() + 30
         while not os.path.exists(os.path.join(folder, name)) and time.monotonic() < deadline:
             time.sleep(0.01)
+""")
 
+HEALTH = FILES + textwrap.dedent("""
+    rank, attempt = os.environ["RANK"], os.environ["TORCHELASTIC_RESTART_COUNT"]
     if attempt == "0" and rank == "0":
         mark("a0-r0")
         wait_file("fail")
@@ -226,18 +230,7 @@ def test_healthz_200_while_running_503_while_restarting(tmp_path):
         a.stop()
 
 
-STUBBORN = textwrap.dedent("""
-    import os, signal, sys, time
-    folder = sys.argv[1]
-
-    def mark(name):
-        open(os.path.join(folder, name), "w").close()
-
-    def wait_file(name):
-        deadline = time.monotonic() + 30
-        while not os.path.exists(os.path.join(folder, name)) and time.monotonic() < deadline:
-            time.sleep(0.01)
-
+STUBBORN = FILES + textwrap.dedent("""
     # takes its time over the launcher's SIGTERM: the test asks /healthz meanwhile
     signal.signal(signal.SIGTERM, lambda *a: (mark("got-sigterm"), wait_file("seen-503"), sys.exit(0)))
     mark("running")
