@@ -3180,7 +3180,7 @@ def _health_check_port(value, environ):
     return value
 
 
-def _rdzv_params(o, explicit):
+def _rdzv_params(o):
     """RendezvousParameters from the option values `o`; rendezvous.py checks them."""
     min_nodes, max_nodes = _parse_nnodes(o["nnodes"])
     backend, endpoint, run_id = o["rdzv_backend"], o["rdzv_endpoint"], o["rdzv_id"]
@@ -3216,7 +3216,7 @@ def _config_from_args(args, environ):
     o = _slurm_values(args, environ) if args.slurm else dict(vars(args))
     if o["master_port"] is not None and not 0 < o["master_port"] < 65536:
         raise _UsageError("--master-port %d is not a TCP port" % o["master_port"])
-    rdzv = _rdzv_params(o, args._explicit)
+    rdzv = _rdzv_params(o)
     for dest, ok, text in (("max_restarts", o["max_restarts"] >= 0, "must be >= 0"),
                            ("monitor_interval", 0 < o["monitor_interval"] < float("inf"),
                             "must be a number of seconds > 0"),
@@ -3229,7 +3229,8 @@ def _config_from_args(args, environ):
     modes = [m for m in ("module", "no_python", "run_path") if o[m]]
     if len(modes) > 1:
         raise _UsageError("choose at most one of -m/--module, --no-python, --run-path")
-    nproc, logs, signals = _parse_nproc(o["nproc_per_node"]), _logs_specs(o), _parse_signals(o["signals_to_handle"])
+    nproc, logs = _parse_nproc(o["nproc_per_node"]), _logs_specs(o)
+    signals = _parse_signals(o["signals_to_handle"])
     health_check_port = _health_check_port(o["health_check_port"], environ)
     if not (o["module"] or o["no_python"]) and not os.path.exists(o["training_script"]):
         raise _UsageError("no such script: %s" % o["training_script"])
