@@ -1486,8 +1486,12 @@ class _LocalRendezvous:
 # --------------------------------------------------------------------------------------------------
 # The agent
 
-_SUCCESS, _FAILURE, _PEER_FAILURE, _MEMBERSHIP, _BROKEN = (
-    "success", "failure", "peer failure", "nodes waiting", "member lost")
+_SUCCESS, _FAILURE, _PEER_FAILURE, _MEMBERSHIP, _BROKEN, _STORE_LOST = (
+    "success", "failure", "peer failure", "nodes waiting", "member lost", "store lost")
+
+# How long the node serving the store waits, beyond the grace period, for every member to have
+# seen the job's failure before it leaves (and the store with it).
+_OUTCOME_WAIT = 30.0
 
 
 class LocalElasticAgent:
@@ -1615,8 +1619,21 @@ class LocalElasticAgent:
                 self._reap_all()
                 self.state = WorkerState.SUCCEEDED
                 log.info("all %d workers succeeded", len(values))
-                self._exit_barrier()
-                return RunResult(WorkerState.SUCCEEDED, return_values=values)
+                if self._exit_barrier():
+                    return RunResult(WorkerState.SUCCEEDED, return_values=values)
+                # another node gave up while this one waited: the job failed, here too
+                self.state = WorkerState.FAILED
+                job = self._job_failures({})
+                self._give_up()
+                log.info("another node failed for good while this node waited at the exit barrier")
+                return RunResult(WorkerState.FAILED, failures=job, root_cause=_first(job))
+            if outcome == _STORE_LOST:
+                # the outcome lives in the store: without it this node cannot know whether the job
+                # failed, so it must not carry on and report a success of its own
+                self.state = WorkerState.FAILED
+                self._stop_workers(signal.SIGTERM)
+                raise _rdzv.RendezvousConnectionError(
+                    "lost the store mid-run: %s; this node's workers were stopped" % failures)
             if outcome in (_MEMBERSHIP, _BROKEN):
                 log.info("%s: restarting the worker group (restart budget untouched)", outcome)
                 self.state = WorkerState.UNHEALTHY
@@ -1857,10 +1874,9 @@ class LocalElasticAgent:
                 if multi:
                     try:
                         outcome = self._check_peers()
-                    except Exception as e:  # store gone: keep watching our own workers
-                        log.warning("lost contact with the other nodes (%s); watching local workers", e)
-                        multi = False
-                        outcome = None
+                    except Exception as e:  # the store is gone, and the job's outcome with it
+                        log.error("lost the store: %s; stopping this node's workers", e)
+                        return _STORE_LOST, e
                     if outcome is not None:
                         return outcome, {}
 
@@ -1935,7 +1951,9 @@ class LocalElasticAgent:
         return job
 
     def _give_up(self):
-        """Final failure: release the exit barrier of nodes that finished and close the run."""
+        """Final failure: release the exit barrier of nodes that finished, close the run, and say
+        this node has seen the outcome; the node serving the store then waits (bounded) until every
+        member has said so, for leaving takes the store, and the outcome, away from the others."""
         info = self._info
         if info is not None and info.world_size > 1:
             try:
@@ -1946,11 +1964,28 @@ class LocalElasticAgent:
             self._handler.set_closed()
         except Exception as e:
             log.debug("could not close the run: %s", e)
-
-    def _exit_barrier(self):
-        info = self._info
         if info is None or info.world_size <= 1:
             return
+        store = info.store
+        try:
+            if store.add("exit/seen", 1) >= info.world_size:
+                store.set("exit/all_seen", "1")
+            if getattr(self._handler, "hosts_store", False) and not store.check(["exit/all_seen"]):
+                wait = self._shutdown_timeout + _OUTCOME_WAIT
+                log.info("keeping the store up to %.0f s until the other nodes have seen the failure",
+                         wait)
+                with self._stop:
+                    store.wait(["exit/all_seen"], wait)
+        except _SignalStop:
+            raise
+        except Exception as e:
+            log.warning("not every node acknowledged the failure: %s", e)
+
+    def _exit_barrier(self):
+        """Wait for the other nodes to finish; False when one of them failed for good meanwhile."""
+        info = self._info
+        if info is None or info.world_size <= 1:
+            return True
         store = info.store
         start = self._clock()
         try:
@@ -1958,13 +1993,16 @@ class LocalElasticAgent:
                 store.set("exit/release", "done")
             with self._stop:
                 store.wait(["exit/release"], self._exit_barrier_timeout)
-            if store.get("exit/release") == b"done":
+            release = store.get("exit/release")
+            if release == b"done":
                 self._handler.set_closed()
             log.debug("exit barrier passed in %.3f s", self._clock() - start)
+            return release != b"failed"
         except _SignalStop:
             raise
         except Exception as e:  # a barrier problem never fails a successful node
             log.warning("exit barrier: %s (the workers of this node succeeded)", e)
+        return True
 
     # -- teardown ----------------------------------------------------------------------------------
 
