@@ -915,8 +915,25 @@ class _ForkServer:
         if self._dead:
             raise ElasticError("the worker fork server died")
         self._asked += 1
-        self.sock.sendmsg([struct.pack("!IB", len(body), flags)], ancillary)
-        self.sock.sendall(body)
+        self._send(struct.pack("!IB", len(body), flags) + body, ancillary)
+
+    def _send(self, data, ancillary):
+        """Send all of `data` (the fds ride with its first byte), taking in the server's replies
+        whenever it cannot go out: a server blocked on replies we do not read stops reading
+        requests, and with both socket buffers full neither side would move again."""
+        import select
+        import socket
+        view = memoryview(data)
+        while view:
+            readable, writable = select.select([self.sock], [self.sock], [])[:2]
+            if readable:
+                self.read(0)
+            if writable:
+                try:
+                    sent = self.sock.sendmsg([view], ancillary, socket.MSG_DONTWAIT)
+                except (BlockingIOError, InterruptedError):
+                    continue
+                view, ancillary = view[sent:], []
 
     def next_pid(self):
         while not self._forked:
@@ -1721,6 +1738,8 @@ class LocalElasticAgent:
             self._timer.set_worker_pids(None)  # until the new pids are known: never miss a kill
         is_program = isinstance(spec.entrypoint, str)
         for local_rank in range(spec.local_world_size):
+            if getattr(self._stop, "signum", None) is not None:
+                break    # a stop signal: answer it now, not after the last of many workers
             rank_dir = os.path.join(attempt_dir, str(local_rank))
             os.makedirs(rank_dir)
             env = self._worker_env(local_rank)
@@ -1741,6 +1760,7 @@ class LocalElasticAgent:
                 w.pid = w.pgid = self._fork_server.next_pid()
                 w.proc = _ForkedProc(self._fork_server, w.pid)
             self._reaper.watch(w.pgid)
+        self._stop.check()   # every worker asked for is known now, so teardown finds them all
         if self._timer is not None:
             self._timer.set_worker_pids([w.pid for w in self._workers])
         self._pump.start()

@@ -113,3 +113,47 @@ def test_losing_the_store_host_stops_the_survivors(tmp_path):
         host.stop()
         other.stop()
         kill_all(pids)
+
+
+def _running(marker):
+    """Pids of live processes whose command line holds `marker` (fork-server workers keep the
+    launcher's command line, which names the script)."""
+    pids = []
+    for name in os.listdir("/proc"):
+        if not name.isdigit():
+            continue
+        try:
+            with open("/proc/%s/cmdline" % name, "rb") as f:
+                if marker.encode() in f.read() and alive(int(name)):
+                    pids.append(int(name))
+        except OSError:
+            pass
+    return pids
+
+
+def test_512_workers_per_node_start_and_finish(tmp_path):
+    """Every fork request's reply is read while requests go out: no deadlock on full socket buffers
+    (it hung at about 280 workers, about 140 when they exit at once, as these do)."""
+    script = _script(tmp_path, "tiny.py", "pass\n")
+    a = Launcher(["--standalone", "--nproc-per-node", "512", "--monitor-interval", "0.05", script], tmp_path)
+    try:
+        assert a.wait(180) == 0, a.err()[-2000:]
+    finally:
+        a.stop()
+        kill_all(_running(script))
+
+
+def test_a_stop_signal_during_the_start_of_many_workers(tmp_path):
+    """SIGTERM while hundreds of workers start: the launcher tears down what it started and leaves."""
+    script = _script(tmp_path, "sleepy.py", "import time\ntime.sleep(120)\n")
+    a = Launcher(["--standalone", "--nproc-per-node", "512", "--monitor-interval", "0.05",
+                  "--shutdown-timeout", "2", script], tmp_path)
+    try:
+        # the launcher and its fork server carry the script's name; a third process is a worker
+        wait_for(lambda: len(_running(script)) > 2, what="the first workers to start")
+        os.kill(a.pid, signal.SIGTERM)
+        assert a.wait(120) == 128 + signal.SIGTERM, a.err()[-2000:]
+        wait_for(lambda: not _running(script), 30, "every worker to be gone")
+    finally:
+        a.stop()
+        kill_all(_running(script))
