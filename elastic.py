@@ -395,15 +395,44 @@ def record(fn=None):
     return wrap(fn) if fn is not None else wrap
 
 
+_ERROR_FILE_LIMIT = 1 << 20   # bytes of an error file the agent reads; a longer one: its tail
+
+
 def _read_error_file(path):
-    """(message, traceback, timestamp, raw) from an error file; Nones when missing or unreadable."""
+    """(message, traceback, timestamp, raw) from an error file; Nones when missing or unreadable.
+
+    The worker controls that path, so it is opened without blocking (a FIFO would wait for a writer
+    forever), read only when it is a regular file (/dev/zero never ends), and at most
+    _ERROR_FILE_LIMIT bytes of it: a longer file gives the end of its traceback, not its JSON."""
     if not path:
         return None, None, None, None
+    import json
+    import stat
     try:
-        import json
-        with open(path) as f:
-            data = json.load(f)
-    except (OSError, ValueError):
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+    except OSError:
+        return None, None, None, None
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            log.warning("ignoring the error file %s: not a regular file", path)
+            return None, None, None, None
+        if st.st_size > _ERROR_FILE_LIMIT:
+            os.lseek(fd, st.st_size - _ERROR_FILE_LIMIT, os.SEEK_SET)
+        raw = _read_at_most(fd, _ERROR_FILE_LIMIT + 1)
+    except OSError:
+        return None, None, None, None
+    finally:
+        os.close(fd)
+    if st.st_size > _ERROR_FILE_LIMIT or len(raw) > _ERROR_FILE_LIMIT:
+        tail = raw[-_ERROR_FILE_LIMIT:].decode("utf-8", "replace")
+        if "\n" not in tail:
+            tail = tail.replace("\\n", "\n").replace('\\"', '"')   # JSON-escaped text, readable
+        return ("the error file has %d bytes, more than the %d KiB read: below is its end"
+                % (max(st.st_size, len(raw)), _ERROR_FILE_LIMIT >> 10), tail, None, None)
+    try:
+        data = json.loads(raw.decode("utf-8"))
+    except ValueError:
         return None, None, None, None
     msg = data.get("message") if isinstance(data, dict) else None
     if isinstance(msg, dict):
@@ -417,6 +446,17 @@ def _read_error_file(path):
     if isinstance(msg, str):
         return msg, None, None, data
     return None, None, None, data
+
+
+def _read_at_most(fd, limit):
+    chunks, size = [], 0
+    while size < limit:
+        chunk = os.read(fd, min(limit - size, 1 << 16))
+        if not chunk:
+            break
+        chunks.append(chunk)
+        size += len(chunk)
+    return b"".join(chunks)
 
 
 class ProcessFailure:

@@ -157,3 +157,43 @@ def test_a_stop_signal_during_the_start_of_many_workers(tmp_path):
     finally:
         a.stop()
         kill_all(_running(script))
+
+
+# the worker makes its error file something hostile, then exits with code 5
+HOSTILE = r"""
+import json, os, sys
+path, kind = os.environ["TORCHELASTIC_ERROR_FILE"], sys.argv[1]
+if kind == "fifo":
+    os.mkfifo(path)
+elif kind == "zero":
+    os.symlink("/dev/zero", path)
+elif kind == "big":
+    callstack = "Traceback (most recent call last):\n" + "  File 'x.py', line 1, in f\n" * 600000
+    with open(path, "w") as f:
+        json.dump({"message": {"message": "ValueError: big", "extraInfo": {
+            "py_callstack": callstack + "ValueError: the real end\n", "timestamp": "1"}}}, f)
+sys.exit(5)
+"""
+
+# the launcher under an address-space cap: an agent that reads without bound fails fast, not the machine
+CAPPED = ("import os, resource, sys; resource.setrlimit(resource.RLIMIT_AS, (2 << 30, 2 << 30)); "
+          "os.execv(sys.executable, [sys.executable] + sys.argv[1:])")
+
+
+@pytest.mark.parametrize("kind", ["fifo", "zero", "big"])
+def test_a_hostile_error_file_neither_hangs_nor_exhausts_the_agent(tmp_path, kind):
+    """A FIFO (open would block forever), a symlink to /dev/zero (endless), a ~17 MB file: the
+    launcher reports the worker's own exit code and prints a bounded report."""
+    script = _script(tmp_path, "hostile.py", HOSTILE)
+    from agent_scripts.harness import ELASTIC
+    a = Launcher(["--standalone", "--monitor-interval", "0.05", script, kind], tmp_path,
+                 cmd=[sys.executable, "-c", CAPPED, ELASTIC])
+    try:
+        assert a.wait(60) == 5, a.err()[-2000:]
+        report = a.err()
+        assert "exitcode   : 5" in report
+        assert len(report) < 3 << 20
+        if kind == "big":
+            assert "ValueError: the real end" in report   # the traceback's tail is kept
+    finally:
+        a.stop()
