@@ -1665,6 +1665,14 @@ class LocalElasticAgent:
             except _rdzv.RendezvousClosedError as e:
                 if getattr(e, "late", False):
                     raise    # not this job's end: a reused run id
+                if self._failed_for_good():
+                    # closed by a node that gave up while this one was between rounds: the job
+                    # failed, here too (its last round's store names the root cause)
+                    self.state = WorkerState.FAILED
+                    job = self._job_failures({})
+                    self._outcome_seen()
+                    log.info("the run was closed by another node after the job failed")
+                    return RunResult(WorkerState.FAILED, failures=job, root_cause=_first(job))
                 log.info("the run was closed by another node; nothing left to do here")
                 self.state = WorkerState.SUCCEEDED
                 return RunResult(WorkerState.SUCCEEDED)
@@ -2018,12 +2026,30 @@ class LocalElasticAgent:
         if info is not None and info.world_size > 1:
             try:
                 info.store.set("exit/release", "failed")
+                self._handler.store.set(self._failed_key(), "1")   # read by nodes between rounds
             except Exception as e:
                 log.debug("could not release the exit barrier: %s", e)
         try:
             self._handler.set_closed()
         except Exception as e:
             log.debug("could not close the run: %s", e)
+        self._outcome_seen()
+
+    def _failed_key(self):
+        return "elasticrun/%s/failed" % self._run_id()
+
+    def _failed_for_good(self):
+        """Whether a node gave up on this run (it writes that before it closes the run)."""
+        store = getattr(self._handler, "store", None)
+        try:
+            return store is not None and self._info is not None and store.check([self._failed_key()])
+        except Exception as e:
+            log.debug("could not read the run's outcome: %s", e)
+            return False
+
+    def _outcome_seen(self):
+        """Count this node among those that know the job failed; the host waits for them all."""
+        info = self._info
         if info is None or info.world_size <= 1:
             return
         store = info.store

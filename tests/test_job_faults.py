@@ -66,10 +66,11 @@ def test_a_failure_on_the_store_host_fails_every_node(tmp_path, max_restarts):
         host, other = _two_nodes(tmp_path, "agree%d_%d" % (max_restarts, attempt), script, str(out),
                                  max_restarts, env(FAIL_RANK=0, SLEEP=4))
         try:
-            assert host.wait(60) == 3, host.err()
+            logs = lambda: "host:\n%s\nother:\n%s" % (host.err()[-3000:], other.err()[-3000:])  # noqa: E731
+            assert host.wait(60) == 3, logs()
             code = other.wait(60)
-            assert code != 0, other.err()
-            assert code == 3, other.err()   # the root cause is the host's worker, read from the store
+            assert code != 0, logs()
+            assert code == 3, logs()   # the root cause is the host's worker, read from the store
         finally:
             host.stop()
             other.stop()
