@@ -1567,9 +1567,13 @@ class LocalElasticAgent:
             self._timer = FileTimerServer(path, run_id=self._run_id())
             try:
                 self._timer.start()
+            except _TimerFileBusy:
+                self._timer = None
+                raise
             except (OSError, ValueError) as e:
                 self._timer = None
                 raise ElasticError("cannot serve the file timer at %s: %s" % (path, e)) from e
+            self._timer.set_worker_pids(())  # no workers yet: nobody may be signalled
         if self._health_check_port is not None:
             self._health = _HealthServer(self._health_check_port, _health_status_fn(self))
             try:
@@ -1701,7 +1705,9 @@ class LocalElasticAgent:
         self._pump = _LogPump()
         if self._timer is not None:
             self._timer.pop_expired()          # the last attempt's expiries are reported already
-            self._timer.set_worker_pids(None)  # until the new pids are known: never miss a kill
+            # until the new pids are named, timers are held: a worker is never missed, nobody
+            # else is signalled
+            self._timer.set_worker_pids((), starting=True)
         is_program = isinstance(spec.entrypoint, str)
         for local_rank in range(spec.local_world_size):
             rank_dir = os.path.join(attempt_dir, str(local_rank))
@@ -1976,6 +1982,8 @@ class LocalElasticAgent:
         worker's descendant in a session of its own), wait up to shutdown_timeout, SIGKILL what is
         left, reap; then SIGKILL whatever still carries the token. Idempotent."""
         workers = self._workers
+        if self._timer is not None:
+            self._timer.set_worker_pids(())  # from now on their pids may be reused by anyone
         if not workers:
             self._stop_pump()
             return
@@ -2124,18 +2132,106 @@ def _default_timer_client():
 # --------------------------------------------------------------------------------------------------
 # File timer: the agent's server
 
-_MAX_PENDING = 1 << 16  # bytes of a line without newline kept before it is dropped as garbage
+_MAX_PENDING = 1 << 16        # bytes of a line without newline kept before it is dropped as garbage
+_MAX_TIMERS_PER_PID = 1024    # one process's timers; more are refused (others keep theirs)
+_PID_T_MAX = (1 << 31) - 1    # pid and signal fields must fit the kernel's int
+_LOG_BURST = 5                # the file timer's complaints logged in full per interval...
+_LOG_SUMMARY_INTERVAL = 10.0  # ...then counted and summarised once per interval (seconds)
+
+
+class _TimerFileBusy(ElasticError):
+    """Another live process serves the file timer at this path (the launcher exits 2)."""
+
+
+class _Throttle:
+    """Complaints about bad requests: ``_LOG_BURST`` in full per interval, then one summary line,
+    so a writer spewing garbage cannot flood the agent's log."""
+
+    def __init__(self, clock=time.monotonic):
+        self._clock = clock
+        self._window = None   # start of the current interval
+        self._logged = 0
+        self._suppressed = 0
+
+    def warn(self, fmt, *args):
+        now = self._clock()
+        if self._window is None or now - self._window >= _LOG_SUMMARY_INTERVAL:
+            self.flush()
+            self._window, self._logged = now, 0
+        if self._logged < _LOG_BURST:
+            self._logged += 1
+            log.warning(fmt, *args)
+        else:
+            self._suppressed += 1
+
+    def due(self):
+        """Seconds until a pending summary should be written, or None when there is none."""
+        if not self._suppressed:
+            return None
+        return max(0.0, self._window + _LOG_SUMMARY_INTERVAL - self._clock())
+
+    def flush(self):
+        if self._suppressed:
+            log.warning("file timer: %d more bad requests in the last %.0fs, not logged one by one",
+                        self._suppressed, self._clock() - self._window)
+            self._suppressed = 0
+
+
+def _claim_timer_file(path):
+    """Lock ``path + ".lock"`` for this process; ``_TimerFileBusy`` when a live process holds it.
+
+    The lock dies with its holder, so a pipe left by a killed launcher is free to reuse. Returns
+    the locked fd, or None where the file system refuses locks (the pipe probe still guards).
+    """
+    import fcntl
+    lock_path = path + ".lock"
+    for _ in range(100):  # a holder that unlinks its lock file while we open it: open it again
+        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.read(fd, 32).decode("ascii", "replace").strip()
+            os.close(fd)
+            raise _TimerFileBusy(_busy_message(path, holder if holder.isdigit() else None))
+        except OSError as e:  # ENOLCK and friends: no locks on this file system
+            os.close(fd)
+            log.debug("file timer: cannot lock %s (%s); relying on the pipe probe", lock_path, e)
+            return None
+        try:
+            st = os.stat(lock_path, follow_symlinks=False)
+            mine = os.fstat(fd)
+            same = (st.st_dev, st.st_ino) == (mine.st_dev, mine.st_ino)
+        except FileNotFoundError:
+            same = False
+        if same:
+            os.ftruncate(fd, 0)
+            os.write(fd, b"%d\n" % os.getpid())
+            return fd
+        os.close(fd)
+    raise _TimerFileBusy(_busy_message(path, None))
+
+
+def _busy_message(path, holder):
+    return ("the file timer at %s is in use by another launcher%s; give each launcher its own "
+            "TORCHELASTIC_TIMER_FILE" % (path, " (pid %s)" % holder if holder else ""))
 
 
 class FileTimerServer:
     """The agent's hang watchdog: reads timer requests from a FIFO and signals overrunning workers.
 
     ``start()`` creates the FIFO at ``file_path`` (mode 0600) and a reader thread; ``stop()`` ends
-    the thread and removes the FIFO. The thread sleeps in ``poll`` until a request arrives, the
-    nearest timer expires, or a process holding timers exits (a pidfd on Linux >= 5.3 with
-    Python >= 3.9; otherwise it checks liveness every ``max_interval`` seconds while timers exist).
+    the thread and removes the FIFO. A path that another live server reads (or whose lock file
+    ``file_path + ".lock"`` another process holds) is refused with ``ElasticError``; a pipe left by a
+    dead one is replaced. The thread sleeps in ``poll`` until a request arrives, the nearest timer
+    expires, or a process holding timers exits (a pidfd on Linux >= 5.3 with Python >= 3.9;
+    otherwise it checks liveness every ``max_interval`` seconds while timers exist).
     ``pop_expired()`` hands the agent the (pid, scope_id, expiration_time) of every timer that
     made it send a signal, for the failure report.
+
+    Who may be signalled: anyone but the server's own process, 0 and 1 until
+    ``set_worker_pids`` names the workers; the agent names them (an empty set while it has none).
+    Every field of a request is checked; a bad line is logged (rate-limited) and skipped, and
+    never affects another process's timers.
     """
 
     def __init__(self, file_path, run_id="", max_interval=0.1, daemon=True):
@@ -2150,23 +2246,32 @@ class FileTimerServer:
         self._timers = {}        # (pid, scope_id) -> (expiration_time, signal)
         self._expired = []       # (pid, scope_id, expiration_time) signalled, not yet popped
         self._allowed = None     # worker pids (session leaders) we may signal; None = any
+        self._starting = False   # workers are being started: hold, don't refuse, pids not yet named
+        self._held = set()       # pids with expired timers held until the workers are named
+        self._recheck = False    # the allowed set changed: the thread re-judges every timer
         self._thread = None
         self._stopping = False
-        self._fifo = self._wake_r = self._wake_w = None
+        self._fifo = self._wake_r = self._wake_w = self._lock_fd = None
         self._pidfds = {}        # pid -> pidfd (watched for the process's exit)
         self._use_pidfd = hasattr(os, "pidfd_open")
         self._bad_lines = 0
         self._request_count = 0  # well-formed requests read (acquire and release)
         self._last_progress_time = time.time()
+        self._complaints = _Throttle()
 
     # -- agent-facing API
     def start(self):
         if self._thread is not None:
             raise RuntimeError("FileTimerServer already started")
-        self._make_fifo()
-        # O_RDWR: we are a writer too, so open never blocks for a writer and reads never see EOF
-        # when the last worker closes its end.
-        self._fifo = os.open(self.file_path, os.O_RDWR | os.O_NONBLOCK)
+        self._lock_fd = _claim_timer_file(self.file_path)
+        try:
+            self._make_fifo()
+            # O_RDWR: we are a writer too, so open never blocks for a writer and reads never see
+            # EOF when the last worker closes its end.
+            self._fifo = os.open(self.file_path, os.O_RDWR | os.O_NONBLOCK)
+        except BaseException:
+            self._release_lock()
+            raise
         self._wake_r, self._wake_w = os.pipe()
         os.set_blocking(self._wake_r, False)
         os.set_blocking(self._wake_w, False)
@@ -2181,10 +2286,7 @@ class FileTimerServer:
         if thread is None:
             return
         self._stopping = True
-        try:
-            os.write(self._wake_w, b"x")
-        except OSError:
-            pass
+        self._wake()
         thread.join()
         for fd in [self._fifo, self._wake_r, self._wake_w] + list(self._pidfds.values()):
             try:
@@ -2194,18 +2296,29 @@ class FileTimerServer:
         self._pidfds.clear()
         with self._cond:
             self._timers.clear()
+            self._held.clear()
         self._fifo = self._wake_r = self._wake_w = None
+        self._complaints.flush()
         import stat
         try:
+            # only while we hold the lock: the path is ours, not a successor's
             if stat.S_ISFIFO(os.lstat(self.file_path).st_mode):
                 os.unlink(self.file_path)
         except OSError:
             pass
+        self._release_lock()
 
-    def set_worker_pids(self, pids):
-        """Only signal these workers and processes in their sessions (None: anyone but us, 0, 1)."""
+    def set_worker_pids(self, pids, starting=False):
+        """Only signal these workers and processes in their sessions (None: anyone but us, 0, 1).
+
+        ``starting=True`` while workers are being started: a timer of a pid not yet named is kept,
+        and fires once the next call names it (it is refused if that call does not).
+        """
         with self._cond:
             self._allowed = None if pids is None else frozenset(int(p) for p in pids)
+            self._starting = bool(starting) and pids is not None
+            self._recheck = True
+        self._wake()
 
     def pop_expired(self):
         """Timers that made the server signal a process since the last call: [(pid, scope, time)]."""
@@ -2227,7 +2340,28 @@ class FileTimerServer:
             return self._cond.wait_for(predicate, timeout)
 
     # -- the watchdog thread
+    def _wake(self):
+        if self._wake_w is not None:
+            try:
+                os.write(self._wake_w, b"x")
+            except OSError:  # full: a wake-up is pending anyway
+                pass
+
+    def _release_lock(self):
+        fd, self._lock_fd = self._lock_fd, None
+        if fd is None:
+            return
+        try:
+            st = os.stat(self.file_path + ".lock", follow_symlinks=False)
+            mine = os.fstat(fd)
+            if (st.st_dev, st.st_ino) == (mine.st_dev, mine.st_ino):
+                os.unlink(self.file_path + ".lock")  # unlinked while still locked: see _claim_timer_file
+        except OSError:
+            pass
+        os.close(fd)
+
     def _make_fifo(self):
+        import errno
         import stat
         try:
             st = os.lstat(self.file_path)
@@ -2236,7 +2370,17 @@ class FileTimerServer:
         else:
             if not stat.S_ISFIFO(st.st_mode):
                 raise ValueError("timer file %s exists and is not a named pipe" % self.file_path)
-            os.unlink(self.file_path)  # a stale pipe from an earlier run
+            # Someone reading it is a live server (torch's own, or one that takes no lock): ours
+            # would take its pipe away and break its workers with BrokenPipeError.
+            try:
+                probe = os.open(self.file_path, os.O_WRONLY | os.O_NONBLOCK)
+            except OSError as e:
+                if e.errno != errno.ENXIO:  # ENXIO: no reader, a stale pipe of a dead server
+                    raise
+            else:
+                os.close(probe)
+                raise _TimerFileBusy(_busy_message(self.file_path, None))
+            os.unlink(self.file_path)
         os.mkfifo(self.file_path, 0o600)
 
     def _loop(self):
@@ -2246,39 +2390,51 @@ class FileTimerServer:
         poller.register(self._wake_r, select.POLLIN)
         pending = b""
         while not self._stopping:
-            timeout = self._poll_timeout()
             try:
-                events = poller.poll(None if timeout is None else max(0, int(timeout * 1000) + 1))
-            except InterruptedError:
-                events = []
-            for fd, _ in events:
-                if fd == self._fifo:
-                    pending = self._read_requests(pending, poller)
-                elif fd == self._wake_r:
-                    try:
-                        os.read(self._wake_r, 512)
-                    except OSError:
-                        pass
-                else:
-                    self._process_exited(fd, poller)
-            try:
-                self._expire(time.time(), poller)
-                if not self._use_pidfd:
-                    self._drop_dead(poller)
-            except Exception:  # the watchdog must outlive any single bad case
-                log.exception("file timer: watchdog pass failed")
+                pending = self._pass(poller, pending)
+            except Exception as e:  # the watchdog must outlive any single bad case
+                self._complaints.warn("file timer: watchdog pass failed: %s: %s", type(e).__name__, e)
             with self._cond:
                 self._last_progress_time = time.time()
                 self._cond.notify_all()
 
+    def _pass(self, poller, pending):
+        timeout = self._poll_timeout()
+        try:
+            events = poller.poll(None if timeout is None else max(0, int(timeout * 1000) + 1))
+        except InterruptedError:
+            events = []
+        for fd, _ in events:
+            if fd == self._fifo:
+                pending = self._read_requests(pending, poller)
+            elif fd == self._wake_r:
+                try:
+                    os.read(self._wake_r, 512)
+                except OSError:
+                    pass
+            else:
+                self._process_exited(fd, poller)
+        with self._cond:
+            recheck, self._recheck = self._recheck, False
+        if recheck:
+            self._judge_all(poller)
+        self._expire(time.time(), poller)
+        if not self._use_pidfd:
+            self._drop_dead(poller)
+        if self._complaints.due() == 0:
+            self._complaints.flush()
+        return pending
+
     def _poll_timeout(self):
         with self._cond:
-            if not self._timers:
-                return None
-            nearest = min(exp for exp, _ in self._timers.values())
+            times = [exp for (pid, _), (exp, _) in self._timers.items() if pid not in self._held]
+        summary = self._complaints.due()
+        if not times:
+            return summary
         # Cap the sleep: the wall clock may jump, and without pidfds liveness is checked by polling.
         cap = 1.0 if self._use_pidfd else self.max_interval
-        return min(max(0.0, nearest - time.time()), cap)
+        timeout = min(max(0.0, min(times) - time.time()), cap)
+        return timeout if summary is None else min(timeout, summary)
 
     def _read_requests(self, pending, poller):
         while True:
@@ -2292,7 +2448,10 @@ class FileTimerServer:
         *lines, pending = pending.split(b"\n")
         for line in lines:
             if line.strip():
-                self._handle_line(line, poller)
+                try:
+                    self._handle_line(line, poller)
+                except Exception as e:  # one bad line never stops the others
+                    self._malformed(line, "%s: %s" % (type(e).__name__, e))
         if len(pending) > _MAX_PENDING:
             self._malformed(pending, "line too long")
             pending = b""
@@ -2300,8 +2459,7 @@ class FileTimerServer:
 
     def _malformed(self, line, why):
         self._bad_lines += 1
-        if self._bad_lines <= 100:  # a writer spewing garbage must not flood the agent's log
-            log.warning("file timer: skipped a malformed request (%s): %r", why, line[:120])
+        self._complaints.warn("file timer: skipped a malformed request (%s): %r", why, line[:120])
 
     def _handle_line(self, line, poller):
         import json
@@ -2316,23 +2474,55 @@ class FileTimerServer:
         if req.get("version", 1) != 1:
             return self._malformed(line, "unsupported version")
         if not _is_int(pid) or not isinstance(scope, str) or not _is_int(sig) \
-                or not isinstance(exp, (int, float)) or isinstance(exp, bool) or exp != exp:
+                or not isinstance(exp, (int, float)) or isinstance(exp, bool):
             return self._malformed(line, "missing or mistyped field")
+        if not -_PID_T_MAX <= pid <= _PID_T_MAX:
+            return self._malformed(line, "pid out of range")
+        if not -_PID_T_MAX <= sig < signal.NSIG:
+            return self._malformed(line, "not a signal number")
+        try:
+            exp = float(exp)
+        except OverflowError:
+            exp = float("nan")
+        if exp != exp or exp == float("inf"):
+            return self._malformed(line, "expiration_time is not a finite number")
         with self._cond:  # one step for observers: counted and applied together
             self._request_count += 1
-            self._apply(pid, scope, float(exp), sig, poller)
+            self._apply(pid, scope, exp, sig, poller)
 
     def _apply(self, pid, scope, exp, sig, poller):
         if exp < 0:
             self._timers.pop((pid, scope), None)
             if not any(p == pid for p, _ in self._timers):
                 self._unwatch(pid, poller)
+                self._held.discard(pid)
         elif pid <= 1 or pid == os.getpid():
-            log.warning("file timer: refused a timer for pid %d (scope %s): never signalled", pid, scope)
+            self._complaints.warn("file timer: refused a timer for pid %d (scope %s): never signalled",
+                                  pid, scope)
+        elif not self._starting and not self._may_signal(pid):
+            self._complaints.warn("file timer: refused a timer for pid %d (scope %s): not a worker of "
+                                  "this agent", pid, scope)
+        elif (pid, scope) not in self._timers and \
+                sum(1 for p, _ in self._timers if p == pid) >= _MAX_TIMERS_PER_PID:
+            self._complaints.warn("file timer: refused a timer for pid %d (scope %s): it holds %d "
+                                  "already", pid, scope, _MAX_TIMERS_PER_PID)
         elif not self._watch(pid, poller):
             log.debug("file timer: pid %d is gone, ignored its timer %s", pid, scope)
         else:
             self._timers[(pid, scope)] = (exp, sig)
+
+    def _judge_all(self, poller):
+        """After the allowed set changed: release what was held, refuse what is not a worker's."""
+        with self._cond:
+            self._held.clear()
+            if self._starting:
+                return
+            pids = {pid for pid, _ in self._timers}
+        for pid in pids:
+            if not self._may_signal(pid):
+                self._complaints.warn("file timer: refused the timers of pid %d: not a worker of "
+                                      "this agent", pid)
+                self._drop_pid(pid, poller)
 
     def _watch(self, pid, poller):
         """Start watching pid's exit; False when it is already dead."""
@@ -2369,6 +2559,7 @@ class FileTimerServer:
         with self._cond:
             for key in [k for k in self._timers if k[0] == pid]:
                 del self._timers[key]
+            self._held.discard(pid)
         self._unwatch(pid, poller)
 
     def _drop_dead(self, poller):
@@ -2391,33 +2582,46 @@ class FileTimerServer:
         with self._cond:
             due = {}
             for (pid, scope), (exp, sig) in self._timers.items():
-                if exp <= now:
+                if exp <= now and pid not in self._held:
                     due.setdefault(pid, []).append((exp, scope, sig))
         for pid, timers in due.items():
-            timers.sort()
-            exp, scope, sig = next((t for t in timers if t[2] > 0), timers[0])
-            if sig <= 0:
-                log.warning("file timer: pid %d overran scope %s (no signal requested)", pid, scope)
-                with self._cond:
-                    for _, s, _ in timers:
-                        self._timers.pop((pid, s), None)
-                continue
-            if not self._may_signal(pid):
-                log.warning("file timer: pid %d overran scope %s but is not a worker of this agent; "
-                            "not signalled", pid, scope)
+            try:
+                self._expire_pid(pid, timers, now, poller)
+            except Exception as e:  # dropped, so it cannot fail again on every pass
+                self._complaints.warn("file timer: could not expire pid %d's timers: %s: %s",
+                                      pid, type(e).__name__, e)
                 self._drop_pid(pid, poller)
-                continue
-            record = (pid, scope, exp)
-            with self._cond:  # recorded first: the agent may see the death before we return
-                self._expired.append(record)
-            sent = self._signal(pid, sig)
-            if not sent:
-                with self._cond:
-                    if record in self._expired:
-                        self._expired.remove(record)
-            log.warning("file timer: pid %d overran scope %s by %.3fs; %s %s", pid, scope, now - exp,
-                        "sent" if sent else "could not send", _signal_name(sig))
+
+    def _expire_pid(self, pid, timers, now, poller):
+        timers.sort()
+        exp, scope, sig = next((t for t in timers if t[2] > 0), timers[0])
+        if sig <= 0:
+            log.warning("file timer: pid %d overran scope %s (no signal requested)", pid, scope)
+            with self._cond:
+                for _, s, _ in timers:
+                    self._timers.pop((pid, s), None)
+            return
+        with self._cond:
+            may, starting = self._may_signal(pid), self._starting
+            if not may and starting:  # perhaps a worker whose pid the agent has not named yet
+                self._held.add(pid)
+                return
+        if not may:
+            self._complaints.warn("file timer: pid %d overran scope %s but is not a worker of this "
+                                  "agent; refused, not signalled", pid, scope)
             self._drop_pid(pid, poller)
+            return
+        record = (pid, scope, exp)
+        with self._cond:  # recorded first: the agent may see the death before we return
+            self._expired.append(record)
+        sent = self._signal(pid, sig)
+        if not sent:
+            with self._cond:
+                if record in self._expired:
+                    self._expired.remove(record)
+        log.warning("file timer: pid %d overran scope %s by %.3fs; %s %s", pid, scope, now - exp,
+                    "sent" if sent else "could not send", _signal_name(sig))
+        self._drop_pid(pid, poller)
 
     def _signal(self, pid, sig):
         fd = self._pidfds.get(pid)
@@ -3206,6 +3410,9 @@ def _main(argv, program=False):
         except _rdzv.RendezvousError as e:
             log.error("rendezvous failed: %s", e)
             return 1
+        except _TimerFileBusy as e:
+            sys.stderr.write("elasticrun: error: %s\n" % e)
+            return 2
         except (ElasticError, OSError) as e:
             if isinstance(e, _SignalStop):
                 raise
