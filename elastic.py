@@ -2674,61 +2674,6 @@ def _alive(pid):
 # --------------------------------------------------------------------------------------------------
 # Health check
 
-_HEALTH_CLASSES = []  # (handler class, server class), built on first use: http.server costs import time
-
-
-def _health_classes():
-    """The HTTP handler and server classes, defined on first use so that importing elastic (and
-    every launcher start without a health-check port) never pays for http.server."""
-    if _HEALTH_CLASSES:
-        return _HEALTH_CLASSES[0]
-    import http.server
-    import json
-    import socketserver
-
-    class _HealthHandler(http.server.BaseHTTPRequestHandler):
-        server_version = "elasticrun"
-        timeout = 10  # a client that connects and says nothing does not hold a thread for ever
-
-        def do_GET(self):
-            if self.path.split("?", 1)[0] != "/healthz":
-                return self._reply(404, {"error": "not found: try GET /healthz"})
-            try:
-                healthy, status = self.server.status_fn()
-                body = dict(status)
-                body["healthy"] = bool(healthy)
-            except Exception as e:  # a broken status callback is an unhealthy agent, not a dead server
-                healthy, body = False, {"healthy": False, "error": "%s: %s" % (type(e).__name__, e)}
-            self._reply(200 if healthy else 503, body)
-
-        def _reply(self, code, body):
-            data = (json.dumps(body, default=str, sort_keys=True) + "\n").encode("utf-8")
-            self.send_response(code)
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(data)))
-            self.send_header("Cache-Control", "no-store")
-            self.end_headers()
-            self.wfile.write(data)
-
-        def address_string(self):  # never a reverse lookup
-            return str(self.client_address[0])
-
-        def log_message(self, fmt, *args):
-            log.debug("healthz: %s %s", self.address_string(), fmt % args)
-
-    class _HealthHTTPServer(http.server.ThreadingHTTPServer):
-        daemon_threads = True
-        block_on_close = False
-
-        def server_bind(self):
-            # HTTPServer.server_bind calls socket.getfqdn(), a DNS lookup: bind without it.
-            socketserver.TCPServer.server_bind(self)
-            self.server_name, self.server_port = str(self.server_address[0]), self.server_address[1]
-
-    _HEALTH_CLASSES.append((_HealthHandler, _HealthHTTPServer))
-    return _HEALTH_CLASSES[0]
-
-
 def _health_status_fn(agent):
     """``status_fn`` for ``_HealthServer`` reading an agent's public fields (no locks needed)."""
     def status():
@@ -2744,59 +2689,224 @@ def _health_status_fn(agent):
     return status
 
 
+_HEALTH_REQUEST_TIMEOUT = 5.0  # seconds a client has to send its request and take the answer
+_HEALTH_MAX_CONNECTIONS = 64   # open at once; a new one pushes out the oldest
+_HEALTH_MAX_REQUEST = 8192     # bytes of request line and headers
+_HTTP_REASONS = {200: "OK", 400: "Bad Request", 404: "Not Found", 405: "Method Not Allowed",
+                 431: "Request Header Fields Too Large", 503: "Service Unavailable"}
+
+
+class _HealthConn:
+    """One client of ``_HealthServer``: the request read so far, the answer not yet sent."""
+
+    def __init__(self, sock, deadline):
+        self.sock = sock
+        self.deadline = deadline
+        self.inbox = b""
+        self.outbox = None   # bytes still to send once the request is answered
+        self.draining = False  # answered and shut for writing: reading until the client closes
+
+
 class _HealthServer:
     """``GET /healthz`` on ``port`` (0: a free one, read back from ``.port`` after ``start()``).
 
     ``status_fn() -> (healthy, {"state", "restart_count", "group_rank", "world_size",
     "last_progress_time", ...})`` runs on the server's thread for each request, so it must only read
     the agent's state (no locks held long). Answers 200 when healthy, else 503; JSON either way.
+
+    One thread serves every client from a selector with non-blocking sockets: each connection has
+    ``request_timeout`` seconds to send its request and take the answer, at most
+    ``max_connections`` are open at once (a new one pushes out the oldest), so slow or idle clients
+    cost neither threads nor the answers of others. HTTP/1.0, one request per connection.
     """
 
-    def __init__(self, port, status_fn, host="0.0.0.0"):
+    def __init__(self, port, status_fn, host="0.0.0.0", request_timeout=_HEALTH_REQUEST_TIMEOUT,
+                 max_connections=_HEALTH_MAX_CONNECTIONS):
+        if not request_timeout > 0:
+            raise ValueError("request_timeout must be a positive number of seconds, got %r"
+                             % (request_timeout,))
+        if max_connections < 1:
+            raise ValueError("max_connections must be at least 1, got %r" % (max_connections,))
         self.host = host
         self.port = int(port)
         self.status_fn = status_fn
-        self._server = None
+        self.request_timeout = float(request_timeout)
+        self.max_connections = int(max_connections)
+        self._listener = None
         self._thread = None
 
     def start(self):
         import socket
         import threading
-        handler, cls = _health_classes()
-        if ":" in self.host:
-            cls = type("_HealthHTTPServer6", (cls,), {"address_family": socket.AF_INET6})
-        self._server = cls((self.host, self.port), handler)
-        self._server.status_fn = self.status_fn
-        self._server.timeout = 0  # handle_request() below only runs when a connection is waiting
-        self.port = self._server.server_address[1]
+        family = socket.AF_INET6 if ":" in self.host else socket.AF_INET
+        listener = socket.socket(family, socket.SOCK_STREAM)
+        try:
+            listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            listener.bind((self.host, self.port))  # a literal address: no name lookup
+            listener.listen(128)
+            listener.setblocking(False)
+        except BaseException:
+            listener.close()
+            raise
+        self._listener = listener
+        self.port = listener.getsockname()[1]
         self._wake_r, self._wake_w = socket.socketpair()
         self._thread = threading.Thread(target=self._serve, name="elastic-healthz", daemon=True)
         self._thread.start()
         log.info("health check on http://%s:%d/healthz", self.host, self.port)
 
-    def _serve(self):
-        # Our own loop instead of serve_forever(): that one polls for shutdown every poll_interval,
-        # this one sleeps until a client or stop() wakes it, so stop() returns at once.
-        import selectors
-        with selectors.DefaultSelector() as sel:
-            sel.register(self._server, selectors.EVENT_READ)
-            sel.register(self._wake_r, selectors.EVENT_READ)
-            while True:
-                ready = sel.select()
-                if any(key.fileobj is self._wake_r for key, _ in ready):
-                    return
-                self._server.handle_request()  # accepts and hands the connection to a thread
-
     def stop(self):
-        server, self._server = self._server, None
-        if server is None:
+        listener, self._listener = self._listener, None
+        if listener is None:
             return
         self._wake_w.send(b"x")
         self._thread.join()
-        server.server_close()
+        listener.close()
         self._wake_r.close()
         self._wake_w.close()
         self._thread = None
+
+    # -- the serving thread
+    def _serve(self):
+        import selectors
+        conns = {}   # socket -> _HealthConn
+        paused_until = None  # accept() failed for want of descriptors: retry at this time
+        sel = selectors.DefaultSelector()
+        try:
+            sel.register(self._listener, selectors.EVENT_READ)
+            sel.register(self._wake_r, selectors.EVENT_READ)
+            while True:
+                now = time.monotonic()
+                wake_at = [c.deadline for c in conns.values()]
+                if paused_until is not None:
+                    wake_at.append(paused_until)
+                timeout = max(0.0, min(wake_at) - now) if wake_at else None
+                for key, events in sel.select(timeout):
+                    if key.fileobj is self._wake_r:
+                        return
+                    if key.fileobj is self._listener:
+                        if not self._accept(sel, conns):
+                            sel.unregister(self._listener)
+                            paused_until = time.monotonic() + 0.1
+                        continue
+                    conn = conns.get(key.fileobj)
+                    if conn is not None:
+                        self._step(sel, conns, conn, events)
+                now = time.monotonic()
+                for conn in [c for c in conns.values() if c.deadline <= now]:
+                    self._close(sel, conns, conn)   # too slow: dropped unanswered
+                if paused_until is not None and now >= paused_until:
+                    paused_until = None
+                    sel.register(self._listener, selectors.EVENT_READ)
+        finally:
+            for conn in list(conns.values()):
+                self._close(sel, conns, conn)
+            sel.close()
+
+    def _accept(self, sel, conns):
+        """Take every waiting connection; False when out of descriptors (pause accepting)."""
+        import errno
+        import selectors
+        while True:
+            try:
+                sock, _ = self._listener.accept()
+            except (BlockingIOError, InterruptedError, ConnectionAbortedError):
+                return True
+            except OSError as e:
+                if e.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
+                    log.debug("healthz: cannot accept (%s); dropping the oldest client", e)
+                    if conns:
+                        self._close(sel, conns, min(conns.values(), key=lambda c: c.deadline))
+                    return False
+                log.debug("healthz: accept failed: %s", e)
+                return True
+            sock.setblocking(False)
+            if len(conns) >= self.max_connections:
+                self._close(sel, conns, min(conns.values(), key=lambda c: c.deadline))
+            conn = _HealthConn(sock, time.monotonic() + self.request_timeout)
+            conns[sock] = conn
+            sel.register(sock, selectors.EVENT_READ)
+
+    def _step(self, sel, conns, conn, events):
+        import selectors
+        import socket
+        if events & selectors.EVENT_READ:
+            try:
+                data = conn.sock.recv(65536)
+            except (BlockingIOError, InterruptedError):
+                data = None
+            except OSError:
+                return self._close(sel, conns, conn)
+            if data == b"":
+                return self._close(sel, conns, conn)
+            if data and not conn.draining and conn.outbox is None:
+                conn.inbox += data
+                answer = self._answer(conn.inbox)
+                if answer is not None:
+                    conn.inbox, conn.outbox = b"", answer
+                    sel.modify(conn.sock, selectors.EVENT_READ | selectors.EVENT_WRITE)
+        if conn.outbox:
+            try:
+                sent = conn.sock.send(conn.outbox)
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError:
+                return self._close(sel, conns, conn)
+            conn.outbox = conn.outbox[sent:]
+            if not conn.outbox:
+                # Shut our side and read until the client closes: closing with its bytes unread
+                # would send a reset that can destroy the answer before the client reads it.
+                try:
+                    conn.sock.shutdown(socket.SHUT_WR)
+                except OSError:
+                    return self._close(sel, conns, conn)
+                conn.draining = True
+                sel.modify(conn.sock, selectors.EVENT_READ)
+
+    def _close(self, sel, conns, conn):
+        conns.pop(conn.sock, None)
+        try:
+            sel.unregister(conn.sock)
+        except (KeyError, ValueError):
+            pass
+        conn.sock.close()
+
+    def _answer(self, data):
+        """The whole response for the request in ``data``, or None while its headers are incomplete."""
+        end = data.find(b"\r\n\r\n")
+        if end < 0:
+            end = data.find(b"\n\n")
+        if end < 0:
+            if len(data) > _HEALTH_MAX_REQUEST:
+                return self._response(431, {"error": "request headers too large"})
+            return None
+        if end > _HEALTH_MAX_REQUEST:
+            return self._response(431, {"error": "request headers too large"})
+        parts = data[:end].split(b"\n", 1)[0].strip().split()
+        if len(parts) != 3 or not parts[2].startswith(b"HTTP/"):
+            return self._response(400, {"error": "bad request line"})
+        method, target = parts[0], parts[1]
+        if method not in (b"GET", b"HEAD"):
+            return self._response(405, {"error": "only GET /healthz is served"},
+                                  extra=b"Allow: GET, HEAD\r\n")
+        if target.split(b"?", 1)[0] != b"/healthz":
+            return self._response(404, {"error": "not found: try GET /healthz"}, head=method == b"HEAD")
+        try:
+            healthy, status = self.status_fn()
+            body = dict(status)
+            body["healthy"] = bool(healthy)
+        except Exception as e:  # a broken status callback is an unhealthy agent, not a dead server
+            healthy, body = False, {"healthy": False, "error": "%s: %s" % (type(e).__name__, e)}
+        return self._response(200 if healthy else 503, body, head=method == b"HEAD")
+
+    @staticmethod
+    def _response(code, body, head=False, extra=b""):
+        import json
+        data = (json.dumps(body, default=str, sort_keys=True) + "\n").encode("utf-8")
+        header = ("HTTP/1.0 %d %s\r\nServer: elasticrun\r\nContent-Type: application/json\r\n"
+                  "Content-Length: %d\r\nCache-Control: no-store\r\nConnection: close\r\n"
+                  % (code, _HTTP_REASONS[code], len(data))).encode("ascii")
+        return header + extra + b"\r\n" + (b"" if head else data)
 
 
 # --------------------------------------------------------------------------------------------------
