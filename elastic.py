@@ -75,13 +75,16 @@ same format). Each request is one JSON line, written in one ``write`` of at most
       {..., "expiration_time": -1, "signal": 0}           release: timers.pop((P, S))
 
 Every (pid, scope) keeps its own timer (nested scopes never replace each other); timers of dead
-processes are dropped; malformed lines are logged and skipped; the agent never signals itself.
+processes are dropped; every field is range-checked and a bad line is skipped and logged (a burst,
+then one summary per interval); the agent signals only its live workers and their sessions, never
+itself, and nobody while it has no workers. The pipe is locked (``PATH.lock``): a second launcher
+given the same ``TORCHELASTIC_TIMER_FILE`` exits 2; a pipe left by a dead one is reused.
 
 Health check: with ``--health-check-port P`` (or ``TORCHELASTIC_HEALTH_CHECK_PORT``; 0 picks a free
-port, logged at start) the agent answers ``GET /healthz`` from a thread: 200 while the group is
-HEALTHY (or SUCCEEDED), 503 during rendezvous and restarts, with a JSON body ``{"state",
-"restart_count", "group_rank", "group_world_size", "world_size" (workers, as WORLD_SIZE),
-"last_progress_time", "healthy"}``.
+port, logged at start) the agent answers ``GET /healthz`` from one thread (non-blocking sockets, 5 s
+per request, at most 64 clients at once): 200 while the group is HEALTHY (or SUCCEEDED), 503
+during rendezvous and restarts, with a JSON body ``{"state", "restart_count", "group_rank",
+"group_world_size", "world_size" (workers, as WORLD_SIZE), "last_progress_time", "healthy"}``.
 
 Slurm: ``srun --ntasks-per-node=1 elasticrun --slurm --nproc-per-node 4 train.py`` takes nnodes,
 the node rank, the c10d endpoint (first host of SLURM_STEP_NODELIST / SLURM_JOB_NODELIST, port
