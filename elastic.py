@@ -2517,15 +2517,19 @@ class FileTimerServer:
     def _judge_all(self, poller):
         """After the allowed set changed: release what was held, refuse what is not a worker's."""
         with self._cond:
-            self._held.clear()
+            held, self._held = self._held, set()
             if self._starting:
                 return
             pids = {pid for pid, _ in self._timers}
         for pid in pids:
-            if not self._may_signal(pid):
-                self._complaints.warn("file timer: refused the timers of pid %d: not a worker of "
-                                      "this agent", pid)
-                self._drop_pid(pid, poller)
+            if self._may_signal(pid):
+                continue
+            if pid in held:  # it overran while the workers were being named
+                self._complaints.warn("file timer: pid %d overran a scope but is not a worker of "
+                                      "this agent; refused, not signalled", pid)
+            else:  # most often a worker of the last round, being stopped
+                log.debug("file timer: dropped the timers of pid %d: not a worker (any more)", pid)
+            self._drop_pid(pid, poller)
 
     def _watch(self, pid, poller):
         """Start watching pid's exit; False when it is already dead."""
