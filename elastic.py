@@ -2030,6 +2030,10 @@ class LocalElasticAgent:
 # --------------------------------------------------------------------------------------------------
 # File timer (hang watchdog): worker side
 
+_PID_T_MAX = (1 << 31) - 1  # a request's pid and signal must fit the kernel's int
+_NSIG = signal.NSIG         # and a signal to send is below this
+
+
 class FileTimerClient:
     """Sends timer requests to a ``FileTimerServer`` through its named pipe (torch's format).
 
@@ -2041,6 +2045,8 @@ class FileTimerClient:
     def __init__(self, file_path, signal=signal.SIGKILL):
         self.file_path = file_path
         self.signal = int(signal)
+        if not -_PID_T_MAX <= self.signal < _NSIG:  # the server would refuse every request
+            raise ValueError("FileTimerClient(signal=%r): not a signal number" % (signal,))
 
     def acquire(self, scope_id, expiration_time):
         self._send(scope_id, float(expiration_time), self.signal)
@@ -2096,8 +2102,8 @@ class expires:
     """
 
     def __init__(self, after, scope=None, client=None):
-        if after < 0:
-            raise ValueError("expires(after=%r): the time limit must not be negative" % (after,))
+        if not after >= 0:  # NaN too: the server would refuse the request
+            raise ValueError("expires(after=%r): the time limit must be a number >= 0" % (after,))
         self.after = after
         self.client = client
         if scope is None:
@@ -2137,7 +2143,6 @@ def _default_timer_client():
 
 _MAX_PENDING = 1 << 16        # bytes of a line without newline kept before it is dropped as garbage
 _MAX_TIMERS_PER_PID = 1024    # one process's timers; more are refused (others keep theirs)
-_PID_T_MAX = (1 << 31) - 1    # pid and signal fields must fit the kernel's int
 _LOG_BURST = 5                # the file timer's complaints logged in full per interval...
 _LOG_SUMMARY_INTERVAL = 10.0  # ...then counted and summarised once per interval (seconds)
 
@@ -2481,14 +2486,14 @@ class FileTimerServer:
             return self._malformed(line, "missing or mistyped field")
         if not -_PID_T_MAX <= pid <= _PID_T_MAX:
             return self._malformed(line, "pid out of range")
-        if not -_PID_T_MAX <= sig < signal.NSIG:
+        if not -_PID_T_MAX <= sig < _NSIG:
             return self._malformed(line, "not a signal number")
         try:
             exp = float(exp)
         except OverflowError:
-            exp = float("nan")
-        if exp != exp or exp == float("inf"):
-            return self._malformed(line, "expiration_time is not a finite number")
+            return self._malformed(line, "expiration_time out of range")
+        if exp != exp:  # +inf is allowed: a timer that never fires (torch takes it too)
+            return self._malformed(line, "expiration_time is NaN")
         with self._cond:  # one step for observers: counted and applied together
             self._request_count += 1
             self._apply(pid, scope, exp, sig, poller)

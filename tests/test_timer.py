@@ -526,3 +526,24 @@ def test_second_launcher_on_the_same_timer_file_exits_2(tmp_path):
         first.stop()
         if second is not None:
             second.stop()
+
+
+def test_client_refuses_what_the_server_would_drop(tmp_path):
+    path = str(tmp_path / "timer.fifo")
+    for sig in (2 ** 31, signal.NSIG, -2 ** 40):
+        with pytest.raises(ValueError, match="signal"):
+            ops.FileTimerClient(path, signal=sig)
+    with pytest.raises(ValueError, match="after"):
+        ops.expires(after=float("nan"))
+
+
+def test_a_timer_without_end_is_kept_not_fired(server):
+    victim = sleeper()
+    try:
+        write_raw(server.file_path, request(victim.pid, "forever", float("inf"), signal.SIGKILL))
+        assert server._wait(lambda: server._request_count == 1, HANG_GUARD)
+        assert server.active_timers() == [(victim.pid, "forever", float("inf"))] and server._bad_lines == 0
+        assert victim.poll() is None
+    finally:
+        victim.kill()
+        victim.wait()
