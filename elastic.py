@@ -2402,6 +2402,8 @@ class FileTimerServer:
                 pending = self._pass(poller, pending)
             except Exception as e:  # the watchdog must outlive any single bad case
                 self._complaints.warn("file timer: watchdog pass failed: %s: %s", type(e).__name__, e)
+                import select
+                select.select([self._wake_r], [], [], self.max_interval)  # no busy loop; stop() wakes it
             with self._cond:
                 self._last_progress_time = time.time()
                 self._cond.notify_all()
@@ -2445,24 +2447,25 @@ class FileTimerServer:
         return timeout if summary is None else min(timeout, summary)
 
     def _read_requests(self, pending, poller):
-        while True:
+        # At most 16 reads a pass: a writer that never stops can delay expiries by one pass only,
+        # and a line with no end costs at most _MAX_PENDING bytes.
+        for _ in range(16):
             try:
                 chunk = os.read(self._fifo, 65536)
             except (BlockingIOError, InterruptedError):
                 break
             if not chunk:
                 break
-            pending += chunk
-        *lines, pending = pending.split(b"\n")
-        for line in lines:
-            if line.strip():
-                try:
-                    self._handle_line(line, poller)
-                except Exception as e:  # one bad line never stops the others
-                    self._malformed(line, "%s: %s" % (type(e).__name__, e))
-        if len(pending) > _MAX_PENDING:
-            self._malformed(pending, "line too long")
-            pending = b""
+            *lines, pending = (pending + chunk).split(b"\n")
+            for line in lines:
+                if line.strip():
+                    try:
+                        self._handle_line(line, poller)
+                    except Exception as e:  # one bad line never stops the others
+                        self._malformed(line, "%s: %s" % (type(e).__name__, e))
+            if len(pending) > _MAX_PENDING:
+                self._malformed(pending, "line too long")
+                pending = b""
         return pending
 
     def _malformed(self, line, why):
