@@ -187,3 +187,34 @@ def test_request_too_large_or_malformed_gets_a_status_not_a_hang(health):
                     break
                 reply += chunk
         assert reply.startswith(b"HTTP/1.0 %d " % code), reply[:100]
+
+
+WAITER = "import os, sys, time\nopen(os.path.join(sys.argv[1], 'ready'), 'w').close()\n" \
+         "while not os.path.exists(os.path.join(sys.argv[1], 'go')):\n    time.sleep(0.01)\n"
+
+
+def test_launcher_keeps_its_threads_under_500_slow_clients(tmp_path):
+    import os
+    import re
+    from agent_scripts.harness import Launcher, wait_for
+    script = tmp_path / "waiter.py"
+    script.write_text(WAITER)
+    launcher = Launcher(["--standalone", "--health-check-port", "0", str(script), str(tmp_path)], tmp_path)
+    socks = []
+    try:
+        wait_for(lambda: (tmp_path / "ready").exists(), GUARD, "the worker")
+        port = int(wait_for(lambda: re.search(r"http://[^:]+:(\d+)/healthz", launcher.err()),
+                            GUARD, "the health-check port").group(1))
+
+        def threads():
+            return len(os.listdir("/proc/%d/task" % launcher.pid))
+        before = threads()
+        socks = slow_clients(port, 500)
+        assert fetch(port)[0] == 200
+        assert threads() <= before + 2, (before, threads())
+        (tmp_path / "go").touch()
+        assert launcher.wait(GUARD) == 0, launcher.err()
+    finally:
+        for s in socks:
+            s.close()
+        launcher.stop()
