@@ -30,7 +30,8 @@ timeout=None)`` removes the oldest value (waiting for one, or ``QueueEmptyError`
 ``num_keys`` and ``delete_key`` never see it, while ``check`` and ``wait`` take a non-empty queue for
 its key existing (torch's rule). Each value goes to exactly one pop; pops that wait are served
 oldest first, and every ``wait`` on the key wakes (torch's wakes one). ``clone()`` is another
-client on its own connection; ``has_extended_api()`` is True. Errors are ``RuntimeError``s, as
+client on its own connection; ``has_extended_api()`` is True; ``list_keys()`` names every key (not
+the queues); ``barrier(key, world_size, timeout=None)`` returns once ``world_size`` callers came. Errors are ``RuntimeError``s, as
 torch's are; a timeout reads like torch's (``wait timeout after 100ms, keys: k``).
 
 Connecting retries until the timeout while the host name does not resolve (pods and DNS records
@@ -76,13 +77,14 @@ that many ``bytes`` fields::
     QPUSH  13  key value                              -   } only when features has bit 3
     QPOP   14  timeout_ms:i64 key                     value  (TIMEOUT: still empty; 0 ms: don't wait)
     QLEN   15  key                                    queue length:i64 }
+    LIST   16  -                                      keys (the names of all keys)   (features bit 4)
 
     reply status: OK 0 (result follows), TIMEOUT 1, ERROR 2 (a UTF-8 message follows)
     welcome/verdict status: READY 0, PROOF 1, VERSION 2 (mismatch), BUSY 3 (connection limit), REFUSED 4
 
 ``features`` follows READY (in the welcome, or in the verdict after a proof); bit 0 says the server
 knows EPHEMERAL, bit 1 that an offer of the same-host socket follows (below), bit 3 that it knows
-the queue ops. A server older than EPHEMERAL sends no features byte (and closes a connection that
+the queue ops, bit 4 that it knows LIST. A server older than EPHEMERAL sends no features byte (and closes a connection that
 sends it an unknown op), so the client checks the bit and refuses ``set_ephemeral`` or a queue op
 with a clear ``StoreError`` instead of sending it. A QPOP is parked like a GET and answered by the
 QPUSH that hands it its value.
@@ -166,9 +168,10 @@ _CHALLENGE_SIZE = 32
 _SET, _GET, _ADD, _CAS, _WAIT, _CHECK, _DELETE, _COUNT, _MSET, _APPEND, _EPHEMERAL = range(1, 12)
 _F_EPHEMERAL = 1                  # features bit: the server knows EPHEMERAL
 _F_LOCAL = 2                      # features bit: an offer of the same-host socket follows
-_QPUSH, _QPOP, _QLEN = 13, 14, 15
+_QPUSH, _QPOP, _QLEN, _LIST = 13, 14, 15, 16
 _F_QUEUE = 8                      # features bit: the server knows QPUSH, QPOP and QLEN
-_FEATURES = _F_EPHEMERAL | _F_QUEUE   # what this server sends after READY
+_F_LIST = 16                      # features bit: the server knows LIST
+_FEATURES = _F_EPHEMERAL | _F_QUEUE | _F_LIST   # what this server sends after READY
 _LOCAL_MAGIC = b"EKVL"            # the hello on the same-host socket
 _TICKET_SIZE = 16                 # random bytes that let one same-host connection in, once
 _OK, _TIMEOUT, _ERROR = 0, 1, 2
@@ -508,7 +511,7 @@ class StoreServer:
             _WAIT: self._op_wait, _CHECK: self._op_check, _DELETE: self._op_delete,
             _COUNT: self._op_count, _MSET: self._op_mset, _APPEND: self._op_append,
             _EPHEMERAL: self._op_ephemeral, _QPUSH: self._op_qpush, _QPOP: self._op_qpop,
-            _QLEN: self._op_qlen,
+            _QLEN: self._op_qlen, _LIST: self._op_list,
         }
 
     @staticmethod
@@ -1119,6 +1122,17 @@ class StoreServer:
             self._seq += 1
             heapq.heappush(self._deadlines, (time.monotonic() + timeout_ms / 1000.0, self._seq, popper))
         return None
+
+    def _op_list(self, conn, rid, payload):
+        r = _Reader(payload, _HEAD_SIZE)
+        r.end()
+        keys = list(self._data)
+        size = _HEAD_SIZE + 4 + 4 * len(keys) + sum(map(len, keys))
+        if size > MAX_FRAME_SIZE:
+            return self._error(rid, "the names of all %d keys take %d bytes, over the frame limit of %d bytes "
+                               "(MAX_FRAME_SIZE)" % (len(keys), size, MAX_FRAME_SIZE))
+        body = _U32.pack(len(keys)) + b"".join(map(_field, keys))
+        return _HEAD.pack(_HEAD_SIZE + len(body), _OK, rid) + body
 
     def _op_qlen(self, conn, rid, payload):
         r = _Reader(payload, _HEAD_SIZE)
@@ -1803,6 +1817,35 @@ class TCPStore:
         """True, as torch's TCPStore: ``append``, ``multi_get`` and ``multi_set`` are served."""
         return True
 
+    def list_keys(self):
+        """The names of every key in the store (not the queues), in no particular order."""
+        if not self._features & _F_LIST:
+            raise StoreError("the store at %s does not know list_keys: it runs an older store.py"
+                             % self._where())
+        body = self._call(_LIST, b"")
+        (count,) = _U32.unpack_from(body)
+        keys, pos = [], 4
+        for _ in range(count):
+            (size,) = _U32.unpack_from(body, pos)
+            keys.append(body[pos + 4:pos + 4 + size].decode("utf-8", "replace"))
+            pos += 4 + size
+        return keys
+
+    def barrier(self, key, world_size, timeout=None):
+        """Return once `world_size` callers have called ``barrier(key, world_size)``; StoreTimeout
+        after `timeout` (default: the store timeout). A key serves one barrier: it counts in the keys
+        ``key/num_members`` and ``key/last_member``, as torch's PrefixStore does (torch's TCPStore
+        counts in `key` itself)."""
+        _check_world_size(world_size)
+        seconds = self.timeout if timeout is None else _seconds(timeout)
+        if self.add(key + "/num_members", 1) == world_size:
+            self.set(key + "/last_member", "1")
+        try:
+            self.wait([key + "/last_member"], seconds)
+        except StoreTimeout:
+            raise StoreTimeout("barrier timeout after %s, key: %s (store at %s)"
+                               % (_ms(seconds), key, self._where())) from None
+
     def clone(self):
         """A new client of the same store on a connection of its own, with this one's timeout and
         token; it never hosts the server. (torch clones a store per thread; ours may also be shared.)"""
@@ -1844,6 +1887,11 @@ def _wake(sleeper):
     """Release a waiting thread's lock (all releases happen under the client's lock, so no race)."""
     if sleeper is not None and sleeper.locked():
         sleeper.release()
+
+
+def _check_world_size(world_size):
+    if world_size.__class__ is not int and not isinstance(world_size, int) or world_size < 1:
+        raise ValueError("barrier: world_size must be an int of at least 1, got %r" % (world_size,))
 
 
 def _as_keys(keys):
@@ -1944,6 +1992,14 @@ class PrefixStore:
     def has_extended_api(self):
         has = getattr(self.underlying_store, "has_extended_api", None)
         return bool(has and has())
+
+    def list_keys(self):
+        """The keys under this prefix, without it."""
+        start = self.prefix + "/"
+        return [key[len(start):] for key in self.underlying_store.list_keys() if key.startswith(start)]
+
+    def barrier(self, key, world_size, timeout=None):
+        self.underlying_store.barrier(self._k(key), world_size, timeout)
 
     def clone(self):
         """The same view over a clone of the underlying store (a connection of its own, which

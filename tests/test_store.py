@@ -976,7 +976,7 @@ def test_a_push_answers_a_parked_wait_but_not_a_parked_get(server, client):
 
 
 def test_queue_ops_on_the_wire(server):
-    """QPUSH 13, QPOP 14 and QLEN 15 as the module docstring gives them."""
+    """QPUSH 13, QPOP 14, QLEN 15 and LIST 16 as the module docstring gives them."""
     sock = raw_connect(server.port)
     try:
         sock.sendall(request(14, 1, struct.pack(">q", -1) + field(b"q"))    # parks: the queue is empty
@@ -985,14 +985,17 @@ def test_queue_ops_on_the_wire(server):
                      + request(13, 4, field(b"q") + field(b"v2"))
                      + request(15, 5, field(b"q"))
                      + request(14, 6, struct.pack(">q", 0) + field(b"q"))
-                     + request(14, 7, struct.pack(">q", 0) + field(b"q")))
+                     + request(14, 7, struct.pack(">q", 0) + field(b"q"))
+                     + request(1, 8, field(b"key") + field(b"v"))
+                     + request(16, 9))
         replies = {}
-        for _ in range(7):
+        for _ in range(9):
             reply = recv_frame(sock)
             status, rid = struct.unpack_from(">BI", reply)
             replies[rid] = (status, reply[5:])
         assert replies == {1: (0, field(b"v1")), 2: (0, struct.pack(">q", 0)), 3: (0, b""), 4: (0, b""),
-                           5: (0, struct.pack(">q", 1)), 6: (0, field(b"v2")), 7: (1, b"")}
+                           5: (0, struct.pack(">q", 1)), 6: (0, field(b"v2")), 7: (1, b""), 8: (0, b""),
+                           9: (0, struct.pack(">I", 1) + field(b"key"))}
     finally:
         sock.close()
 
@@ -1043,6 +1046,37 @@ def test_prefix_store_passes_queues_clone_and_extended_api_through(client):
         twin.get("x")
     view.close()
     assert view.get("x") == b"1"                                    # a plain view owns nothing
+
+
+def test_list_keys_names_the_keys_not_the_queues(client):
+    client.multi_set(["a", "b/c"], ["1", "2"])
+    client.queue_push("q", "x")
+    assert sorted(client.list_keys()) == ["a", "b/c"]
+    assert PrefixStore("b", client).list_keys() == ["c"]
+    client.delete_key("a")
+    assert client.list_keys() == ["b/c"]
+
+
+def test_barrier_returns_once_world_size_callers_came(server):
+    clients = [TCPStore("127.0.0.1", server.port, timeout=30) for _ in range(3)]
+    passed = []
+    threads = [threading.Thread(target=lambda c=c: (c.barrier("gate", 3), passed.append(c))) for c in clients[:2]]
+    try:
+        for t in threads:
+            t.start()
+        wait_until(lambda: len(server._waiters.get(b"gate/last_member", ())) == 2, "two callers waiting")
+        assert passed == []
+        clients[2].barrier("gate", 3)
+        for t in threads:
+            t.join(30)
+        assert len(passed) == 2
+        with pytest.raises(StoreTimeout, match="^barrier timeout after 50ms, key: other "):
+            clients[0].barrier("other", 2, datetime.timedelta(milliseconds=50))
+        with pytest.raises(ValueError, match="world_size"):
+            clients[0].barrier("bad", 0)
+    finally:
+        for c in clients:
+            c.close()
 
 
 # -------------------------------------------------------------------------------- scale
@@ -1195,6 +1229,8 @@ def test_ephemeral_and_queues_on_a_server_without_them_are_refused_clearly():
             for op in (lambda: c.queue_push("q", "v"), lambda: c.queue_pop("q"), lambda: c.queue_len("q")):
                 with pytest.raises(StoreError, match="does not know queues: it runs an older store.py"):
                     op()
+            with pytest.raises(StoreError, match="does not know list_keys"):
+                c.list_keys()
     finally:
         t.join(10)
         lst.close()
@@ -1209,7 +1245,7 @@ def test_welcome_and_verdict_carry_the_features_byte():
             sock.sendall(frame(b"EKVS\x01"))
             welcome = recv_frame(sock)
             assert welcome[:2] == bytes([0, 1]) and len(welcome) == 3   # READY, version 1, features
-            assert welcome[2] & 1 and welcome[2] & 8 and not welcome[2] & 2   # EPHEMERAL, queues, no offer
+            assert welcome[2] & (1 | 8 | 16) == 1 | 8 | 16 and not welcome[2] & 2   # EPHEMERAL, queues, LIST; no offer
             sock.sendall(request(11, 7, field(b"e") + field(b"v")))
             assert recv_frame(sock) == struct.pack(">BI", 0, 7)
         with TCPStore("127.0.0.1", tsrv.port, token="s3cret", timeout=5) as c:
@@ -1713,6 +1749,12 @@ def run(s, prefix_store):
     twin = s.clone()
     rec(lambda: twin.set("cloned", "1"))
     rec(lambda: s.get("cloned"))
+    view.set("pk", "1")
+    rec(lambda: sorted(s.list_keys()))
+    rec(lambda: view.list_keys())
+    rec(lambda: s.barrier("bar", 1))   # (the keys a barrier counts in differ: see TCPStore.barrier)
+    rec(lambda: view.barrier("bar", 1, timedelta(seconds=5)))
+    rec(lambda: s.barrier("bar2", 2, timedelta(milliseconds=100)))
     return out
 
 theirs = dist.TCPStore("127.0.0.1", 0, is_master=True, timeout=timedelta(seconds=10), use_libuv=True)
