@@ -74,20 +74,21 @@ that many ``bytes`` fields::
     MSET   9   count:u32 (key value)*                 -
     APPEND 10  key value                              -
     EPHEMERAL 11 key value                            -   (only when features has bit 0)
-    QPUSH  13  key value                              -   } only when features has bit 3
-    QPOP   14  timeout_ms:i64 key                     value  (TIMEOUT: still empty; 0 ms: don't wait)
-    QLEN   15  key                                    queue length:i64 }
-    LIST   16  -                                      keys (the names of all keys)   (features bit 4)
+    QPUSH  13  key value                              -                    (only when features has bit 3)
+    QPOP   14  timeout_ms:i64 key                     the oldest value     (bit 3; TIMEOUT: still empty)
+    QLEN   15  key                                    queue length:i64     (bit 3)
+    LIST   16  -                                      keys: every key name (bit 4)
 
     reply status: OK 0 (result follows), TIMEOUT 1, ERROR 2 (a UTF-8 message follows)
     welcome/verdict status: READY 0, PROOF 1, VERSION 2 (mismatch), BUSY 3 (connection limit), REFUSED 4
 
 ``features`` follows READY (in the welcome, or in the verdict after a proof); bit 0 says the server
 knows EPHEMERAL, bit 1 that an offer of the same-host socket follows (below), bit 3 that it knows
-the queue ops, bit 4 that it knows LIST. A server older than EPHEMERAL sends no features byte (and closes a connection that
-sends it an unknown op), so the client checks the bit and refuses ``set_ephemeral`` or a queue op
-with a clear ``StoreError`` instead of sending it. A QPOP is parked like a GET and answered by the
-QPUSH that hands it its value.
+the queue ops, bit 4 that it knows LIST. A server older than EPHEMERAL sends no features byte (and
+closes a connection that sends it an unknown op), so the client checks the bit and refuses
+``set_ephemeral``, a queue op or ``list_keys`` with a clear ``StoreError`` instead of sending it. A
+QPOP with a timeout is parked like a GET and answered by the QPUSH that hands it its value; with
+``timeout_ms`` 0 it is answered at once.
 EPHEMERAL is SET with the key bound to the sending connection: the server deletes the key when that
 connection closes (``close()``, or the client process dies and its kernel closes the socket), unless
 a later write by anyone (SET, ADD, CAS, APPEND, MSET) made it an ordinary key first, or another
