@@ -676,6 +676,17 @@ def test_a_refused_connect_is_narrated_at_a_human_pace_until_the_server_appears(
     assert len(lines) <= end - start, lines
 
 
+def test_the_pace_of_narration_first_after_2_s_then_backing_off_to_10_s():
+    now = [100.0]
+    pace = store._Pace(clock=lambda: now[0])
+    said = []
+    while now[0] < 160.0:
+        if pace.due():
+            said.append(now[0] - 100.0)
+        now[0] += 0.25   # a retry loop's turn
+    assert said == [2.0, 6.0, 14.0, 24.0, 34.0, 44.0, 54.0]
+
+
 def test_a_host_name_that_does_not_resolve_is_retried_until_the_timeout(narration, monkeypatch):
     """torch retries a name that does not resolve (pods and late DNS records appear after the job
     starts); we used to give up at once. One lookup per attempt, never a tight loop of them."""
