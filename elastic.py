@@ -1568,6 +1568,7 @@ class LocalElasticAgent:
         path = _file_timer_path(os.environ, self._logs.root_log_dir)
         if path is not None:
             self._timer = FileTimerServer(path, run_id=self._run_id())
+            self._timer.set_worker_pids(())  # no workers yet: nobody may be signalled
             try:
                 self._timer.start()
             except _TimerFileBusy:
@@ -1576,7 +1577,6 @@ class LocalElasticAgent:
             except (OSError, ValueError) as e:
                 self._timer = None
                 raise ElasticError("cannot serve the file timer at %s: %s" % (path, e)) from e
-            self._timer.set_worker_pids(())  # no workers yet: nobody may be signalled
         if self._health_check_port is not None:
             self._health = _HealthServer(self._health_check_port, _health_status_fn(self))
             try:
@@ -2318,6 +2318,7 @@ class FileTimerServer:
 
     def set_worker_pids(self, pids, starting=False):
         """Only signal these workers and processes in their sessions (None: anyone but us, 0, 1).
+        May be called before ``start()``, so that no request is ever judged by the default.
 
         ``starting=True`` while workers are being started: a timer of a pid not yet named is kept,
         and fires once the next call names it (it is refused if that call does not).
