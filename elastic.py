@@ -2065,12 +2065,24 @@ class LocalElasticAgent:
         try:
             if store.add("exit/seen", 1) >= info.world_size:
                 store.set("exit/all_seen", "1")
-            if getattr(self._handler, "hosts_store", False) and not store.check(["exit/all_seen"]):
-                wait = self._shutdown_timeout + _OUTCOME_WAIT
-                log.info("keeping the store up to %.0f s until the other nodes have seen the failure",
-                         wait)
-                with self._stop:
-                    store.wait(["exit/all_seen"], wait)
+            if getattr(self._handler, "hosts_store", False):
+                deadline = self._clock() + self._shutdown_timeout + _OUTCOME_WAIT
+                pace = _store._Pace(clock=self._clock)
+                while not store.check(["exit/all_seen"]):
+                    left = deadline - self._clock()
+                    if left <= 0:
+                        log.warning("leaving with the store after %d of %d nodes saw the failure",
+                                    store.add("exit/seen", 0), info.world_size)
+                        break
+                    if pace.due():
+                        log.info("keeping the store up until every node has seen the failure: "
+                                 "%d of %d have (%d s left)", store.add("exit/seen", 0),
+                                 info.world_size, round(left))
+                    try:
+                        with self._stop:
+                            store.wait(["exit/all_seen"], min(left, 1.0))
+                    except _store.StoreTimeout:
+                        pass
         except _SignalStop:
             raise
         except Exception as e:
