@@ -40,6 +40,10 @@ Data flow of one agent (one per node)::
         a peer's failure ........ same as a local failure (restart counts stay equal job-wide)
         nodes waiting / member
         dead (round broken) ..... stop the group and re-rendezvous, budget untouched
+        the store lost .......... stop the group; the launcher exits 1 ("lost the store")
+
+Nodes agree on the outcome: a node that gives up marks it in the store, and the node serving the
+store keeps it up until every member has seen it (bounded: shutdown_timeout + 30 s).
 
 Failure policy in one sentence: the first worker to fail (earliest across the whole job, ties by
 global rank) is the root cause, its exit code is the launcher's (signal N gives 128+N), and workers
@@ -61,6 +65,8 @@ workers, an excepthook installed by a small bootstrap) writes torchelastic's JSO
 
     {"message": {"message": "<Type>: <text>",
                  "extraInfo": {"py_callstack": "<traceback>", "timestamp": "<epoch s>"}}}
+
+The agent reads it without blocking, only when it is a regular file, and at most its last 1 MiB.
 
 File timer (hang watchdog), on with ``TORCHELASTIC_ENABLE_FILE_TIMER=1`` (a pipe in the run's log
 folder) or ``TORCHELASTIC_TIMER_FILE=PATH``. Workers get ``TORCHELASTIC_TIMER_FILE`` and guard a step
