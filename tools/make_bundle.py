@@ -71,8 +71,11 @@ def compile_modules(sources, python=sys.executable):
     """Bytecode for ``python`` of each ``{name: source bytes}``: returns (which Python it serves,
     ``{name.pyc: bytes}``), or (None, {}) for a Python that keeps no bytecode."""
     env = dict(os.environ, PYTHONHASHSEED="0")
-    proc = subprocess.run([python, "-S", "-c", _COMPILE], input=marshal.dumps(sources), env=env,
-                          stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        proc = subprocess.run([python, "-S", "-c", _COMPILE], input=marshal.dumps(sources), env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    except OSError as e:
+        raise RuntimeError("cannot run %s to compile the modules: %s" % (python, e.strerror or e))
     if proc.returncode != 0:
         lines = proc.stderr.decode("utf-8", "replace").strip().splitlines() or ["exit %d" % proc.returncode]
         raise RuntimeError("cannot compile the modules with %s: %s" % (python, lines[-1]))
