@@ -16,7 +16,8 @@ one named by ``--bytecode-for``. zipimport writes no bytecode of its own, so wit
 launch would compile the modules again (7k lines, ~0.1 s). A different Python version finds the
 magic number wrong and compiles the source instead, as it would have anyway. The ``.pyc`` files are
 checked-hash pycs (PEP 552): an edited ``.py`` inside the archive is noticed and wins. The build
-output and the first lines of ``__main__.py`` name the Python the bytecode serves.
+output and the first lines of ``__main__.py`` name the Python the bytecode serves. Tracebacks name
+the compiled code ``elasticrun.pyz/elastic.py`` and still show its lines (read from the archive).
 
 The build is reproducible: fixed timestamps and order, bytecode compiled with a fixed hash seed, so
 the same sources and the same Python give the same bytes.
