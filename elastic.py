@@ -113,12 +113,32 @@ import signal
 import sys
 import time
 
+# Python 3.6 and 3.7 must reach this check, so this file (and every line above it) keeps to syntax
+# 3.6 can parse: no walrus, no positional-only parameters, no f"{x=}".
+if sys.version_info < (3, 8):
+    _OLD = "elasticrun needs Python 3.8 or newer, this is Python %s" % sys.version.split()[0]
+    if __name__ == "__main__":   # the launcher: one line and the status of a bad environment
+        sys.stderr.write(_OLD + "\n")
+        sys.exit(2)
+    raise ImportError(_OLD)
+
 try:  # vendored inside a package
     from . import rendezvous as _rdzv
     from . import store as _store
 except ImportError:  # top-level modules
-    import rendezvous as _rdzv
-    import store as _store
+    try:
+        import rendezvous as _rdzv
+        import store as _store
+    except ImportError:
+        # run as a script under -I (or -P): python left this file's folder off sys.path. Look
+        # there for the siblings, then give sys.path back as it was (workers inherit it).
+        _HERE = os.path.dirname(os.path.abspath(__file__))
+        sys.path.insert(0, _HERE)
+        try:
+            import rendezvous as _rdzv
+            import store as _store
+        finally:
+            sys.path.remove(_HERE)
 
 log = logging.getLogger(__name__)
 

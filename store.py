@@ -153,6 +153,14 @@ import threading
 import time
 import weakref
 
+# Python 3.6 and 3.7 must reach this check, so this file keeps to syntax 3.6 can parse.
+if sys.version_info < (3, 8):
+    _OLD = "store needs Python 3.8 or newer, this is Python %s" % sys.version.split()[0]
+    if __name__ == "__main__":   # the command line: one line and the status of a bad environment
+        sys.stderr.write(_OLD + "\n")
+        sys.exit(2)
+    raise ImportError(_OLD)
+
 log = logging.getLogger(__name__)
 
 PROTOCOL_VERSION = 1
