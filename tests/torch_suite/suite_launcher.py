@@ -11,6 +11,8 @@ import signal
 import subprocess
 import sys
 
+from ports import free_port
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(os.path.dirname(HERE))
 ELASTIC = os.path.join(ROOT, "elastic.py")
@@ -26,6 +28,9 @@ def clean_env(**extra):
     env = {k: v for k, v in os.environ.items()
            if not k.startswith(("PET_", "TORCHELASTIC_", "MASTER_", "RANK", "LOCAL_RANK", "WORLD_SIZE"))}
     env.update(TEST_SENTINEL_PARENT="FOOBAR", PYTHONUNBUFFERED="1")
+    # torch's CI has the default master port 29500 to itself; here other jobs may hold it, so the
+    # static backend's default port is a free one (an explicit --master-port still wins)
+    env["PET_MASTER_PORT"] = str(free_port())
     env.update(extra)
     return env
 

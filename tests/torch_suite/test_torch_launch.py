@@ -21,8 +21,8 @@ class LaunchTest(unittest.TestCase):
         shutil.rmtree(self.test_dir)
 
     @pytest.mark.xfail(strict=True, reason=(
-        "issue 16: the script is not given --local_rank=N (torch.distributed.launch passes it unless "
-        "--use-env): the worker exits 2, 'the following arguments are required: --local_rank'"))
+        "issue 16: the script is not given --local-rank=N (torch.distributed.launch passes it unless "
+        "--use-env): the workers exit 2, 'the following arguments are required: --local-rank/--local_rank'"))
     def test_launch_without_env(self):
         run = launch(["--nnodes=1", "--nproc-per-node=4", "--monitor-interval=1", "--start-method=spawn",
                       "--master-addr=localhost", "--master-port=%d" % free_port(), "--node-rank=0",

@@ -1,5 +1,6 @@
 #!/usr/bin/env python3
-"""Worker for torch.distributed.launch's cases: --local_rank must be passed and equal LOCAL_RANK."""
+"""Worker for torch.distributed.launch's cases: --local-rank (or --local_rank) must be passed and
+equal LOCAL_RANK."""
 import argparse
 import os
 
@@ -7,7 +8,7 @@ import os
 def main():
     print("Start execution")
     parser = argparse.ArgumentParser()
-    parser.add_argument("--local_rank", type=int, required=True)
+    parser.add_argument("--local-rank", "--local_rank", type=int, required=True)
     args = parser.parse_args()
     expected = int(os.environ["LOCAL_RANK"])
     if expected != args.local_rank:
