@@ -38,6 +38,21 @@ def torch_python():
     return path
 
 
+def pyenv_python(minor):
+    """The newest pyenv CPython of one minor version ("3.7"), or None when none is installed."""
+    root = os.path.join(os.environ.get("PYENV_ROOT") or os.path.expanduser("~/.pyenv"), "versions")
+    try:
+        names = os.listdir(root)
+    except OSError:
+        return None
+    patches = [n for n in names if n.startswith(minor + ".") and n[len(minor) + 1:].isdigit()]
+    for name in sorted(patches, key=lambda n: int(n.rsplit(".", 1)[1]), reverse=True):
+        path = os.path.join(root, name, "bin", "python")
+        if os.access(path, os.X_OK):
+            return path
+    return None
+
+
 # --- tests/torch_suite: PyTorch's own test suites ported to our modules (issue 16) ----------------
 # They start many processes, so they run on the README's Python (3.11) only, or wherever asked for
 # with `-m torch_suite` or ELASTIC_TORCH_SUITE=1. Their worker scripts in bin/ are not test modules.
