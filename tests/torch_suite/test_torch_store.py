@@ -205,11 +205,6 @@ class StoreTestBase(_Stores):
 
 
 # every case of the shared base that fails on our stores today, with why
-_NO_RUNTIME_ERROR = xfail("StoreTimeout is not a RuntimeError (torch's DistStoreError is): "
-                          "assertRaisesRegex(RuntimeError) got StoreTimeout")
-_NO_EXTENDED_API = xfail("TCPStore/PrefixStore have no has_extended_api(): AttributeError")
-_NO_QUEUES = xfail("TCPStore/PrefixStore have no queue_push/queue_pop/queue_len: AttributeError")
-_NO_CLONE = xfail("TCPStore/PrefixStore have no clone(): AttributeError")
 _NO_INIT_KEY = xfail("num_keys() counts only the 5 user keys; torch's TCPStore also counts its "
                      "world-size init key, so torch expects 6")
 
@@ -220,30 +215,6 @@ class _OurBaseFailures:
     @_NO_INIT_KEY
     def test_set_get_check(self):
         StoreTestBase.test_set_get_check(self)
-
-    @_NO_RUNTIME_ERROR
-    def test_simple_wait(self):
-        StoreTestBase.test_simple_wait(self)
-
-    @_NO_QUEUES
-    def test_queues(self):
-        StoreTestBase.test_queues(self)
-
-    @_NO_QUEUES
-    def test_queues_nonblocking(self):
-        StoreTestBase.test_queues_nonblocking(self)
-
-    @_NO_QUEUES
-    def test_queues_bidirectional(self):
-        StoreTestBase.test_queues_bidirectional(self)
-
-    @_NO_QUEUES
-    def test_queues_timeout(self):
-        StoreTestBase.test_queues_timeout(self)
-
-    @_NO_CLONE
-    def test_clone(self):
-        StoreTestBase.test_clone(self)
 
 
 class _NotApplicable:
@@ -274,7 +245,6 @@ class PrefixFileStoreTest(_NotApplicable, StoreTestBase, unittest.TestCase):
 
 
 class PrefixStoreTest(_Stores, unittest.TestCase):
-    @xfail("PrefixStore(prefix, None) is accepted; torch raises ValueError")
     def test_get_underlying_store(self):
         # torch loops over TCPStore, HashStore and FileStore; only the TCP one exists here
         tcp_store = self.keep(TCPStore(DEFAULT_HOSTNAME, 0, is_master=True))
@@ -460,18 +430,6 @@ class PrefixTCPStoreTest(_OurBaseFailures, StoreTestBase, unittest.TestCase):
     def num_keys_total(self):
         return 6
 
-    @_NO_EXTENDED_API
-    def test_append(self):
-        StoreTestBase.test_append(self)
-
-    @_NO_EXTENDED_API
-    def test_multi_set(self):
-        StoreTestBase.test_multi_set(self)
-
-    @_NO_EXTENDED_API
-    def test_multi_get(self):
-        StoreTestBase.test_multi_get(self)
-
     @xfail("PrefixStore has no _underlying_non_prefix_store: AttributeError")
     def test_underlying_non_prefix_store(self):
         s = self._create_store()
@@ -544,7 +502,6 @@ class TestPythonStore(unittest.TestCase):
     def test_has_extended_api_passthrough(self):
         self.skipTest("needs a subclass of torch's dist.Store C++ base class; we have no base class")
 
-    @xfail("PrefixStore has no has_extended_api(): AttributeError")
     def test_has_extended_api_roundtrip(self):
         self.assertTrue(PrefixStore("p", DummyStore()).has_extended_api())
 
@@ -571,8 +528,8 @@ class TestPythonStore(unittest.TestCase):
         self.assertEqual(["p/foo", "p/bar"], s.multi_sets[0][0])
         self.assertEqual([b"x", b"y"], s.multi_sets[0][1])
 
-    @xfail("PrefixStore has no has_extended_api(), and over a store without append/multi_get/"
-           "multi_set it does not fall back to get/set: AttributeError")
+    @xfail("PrefixStore over a store without append/multi_get/multi_set does not fall back to "
+           "get/set as torch's does: AttributeError 'MyPythonStore' object has no attribute 'append'")
     def test_extended_methods_fallbacks(self):
         s = PrefixStore("p", MyPythonStore())
         self.assertFalse(s.has_extended_api())
@@ -687,9 +644,9 @@ class RendezvousTCPTest(_Stores, unittest.TestCase):
         self.skipTest("parses torch's init_method URLs (tcp://host:port?rank=&world_size=): "
                       "torch.distributed.rendezvous, not a store")
 
-    @xfail("an unresolvable host fails at once with StoreConnectionError 'cannot resolve store host "
-           "...'; torch retries until the timeout, then 'client socket has timed out after ... "
-           "dnsnotexist'")
+    @xfail("an unresolvable host gives StoreConnectionError 'could not connect to the store at "
+           "dnsnotexist:23456 (connect timeout after 1000ms): the host name ... does not resolve'; "
+           "torch's message matches 'client socket has timed out after.*dnsnotexist'")
     def test_dns_timeout(self):
         with self.assertRaisesRegex(DistNetworkError,
                                     "client socket has timed out after.*dnsnotexist") as manager:
@@ -702,16 +659,16 @@ class RendezvousTCPTest(_Stores, unittest.TestCase):
         store0.set("key0", "value0")
         self.assertEqual(b"value0", store0.get("key0"))
 
-    @xfail("a get timeout says \"timed out after 0.1 s waiting for key(s) 'nonexistent key' ...\"; "
-           "torch says 'wait timeout after 100ms, keys: /nonexistent key'")
+    @xfail("a get timeout says 'wait timeout after 100ms, keys: nonexistent key (store at ...)'; "
+           "torch's C++ store prefixes every key with '/': 'keys: /nonexistent key'")
     def test_tcp_store_timeout_set(self):
         store0 = self._rendezvous()
         store0.set_timeout(timedelta(seconds=0.1))
         with self.assertRaisesRegex(DistStoreError, "wait timeout after 100ms, keys: /nonexistent key"):
             store0.get("nonexistent key")
 
-    @xfail("a get timeout says \"timed out after 0.1 s waiting for key(s) 'the_key' ...\"; torch says "
-           "'wait timeout after 100ms, keys: /the_key'")
+    @xfail("a get timeout says 'wait timeout after 100ms, keys: the_key (store at ...)'; torch's C++ "
+           "store prefixes every key with '/': 'keys: /the_key'")
     def test_tcp_store_timeout_doest_break_client(self):
         store0 = self._rendezvous()
         store0.set_timeout(timedelta(seconds=0.1))
