@@ -457,9 +457,6 @@ def _read_error_file(path):
     return None, None, None, data
 
 
-_NOT_AVAILABLE = "<N/A>"
-
-
 def _read_at_most(fd, limit):
     chunks, size = [], 0
     while size < limit:
@@ -469,6 +466,9 @@ def _read_at_most(fd, limit):
         chunks.append(chunk)
         size += len(chunk)
     return b"".join(chunks)
+
+
+_NOT_AVAILABLE = "<N/A>"   # torchelastic's word for a missing error file or signal
 
 
 class ProcessFailure:
@@ -934,8 +934,9 @@ _BOOT_STUB = "exec(__import__('os').environ.pop(%r))" % _BOOT_ENV
 
 def python_command(script, args=(), module=False):
     """argv that runs a Python script (or ``-m`` module) the way ``python -u`` does, with an excepthook
-    that records an uncaught exception in ``TORCHELASTIC_ERROR_FILE``. Run it with the environment
-    from ``python_environment()``: the bootstrap travels there."""
+    that records an uncaught exception in ``TORCHELASTIC_ERROR_FILE``. The bootstrap itself travels
+    in the environment: the agent adds it for a WorkerSpec with this entrypoint; to run the argv
+    yourself, give it ``python_environment()``."""
     return [sys.executable, "-u", "-c", _BOOT_STUB] + (["-m"] if module else []) + [script] + list(args)
 
 
@@ -1323,8 +1324,7 @@ def _function_worker(fn, args, env, conn, out_path, err_path, parent_pid, forked
     conn.send(ret)
     # Stay until the agent says every worker of the group has returned, as torch's workers do:
     # a value pickled by reference (torch tensors: shared memory whose descriptor this process
-    # hands out) can only be read while we live, and no rank exits while a peer may still be
-    # talking to it (gloo aborts a process whose peer vanished mid-teardown).
+    # hands out) can only be read while we live, and no rank leaves while its peers still run.
     try:
         conn.recv_bytes()
     except (EOFError, OSError):

@@ -156,6 +156,20 @@ def test_program_worker_failure_captured_without_record(tmp_path):
     assert data["message"]["errorCode"] == 1             # where torchelastic writes it
 
 
+def test_python_command_runs_alone_with_python_environment(tmp_path):
+    """The argv from python_command runs outside the agent too, given python_environment(): the
+    bootstrap records the uncaught exception and its traceback starts at the script."""
+    import subprocess
+    cmd = elastic.python_command(os.path.join(SCRIPTS, "fail.py"))
+    env = elastic.python_environment(dict(os.environ, RANK="0", TORCHELASTIC_ERROR_FILE=str(tmp_path / "e.json")))
+    proc = subprocess.run(cmd, env=env, stderr=subprocess.PIPE, timeout=60)
+    assert proc.returncode == 1
+    err = proc.stderr.decode()
+    assert "ValueError: bad value on rank 0" in err and "<string>" not in err
+    data = json.loads((tmp_path / "e.json").read_text())
+    assert data["message"]["message"] == "ValueError: bad value on rank 0"
+
+
 def test_logs_redirect_and_tee(tmp_path, capfd):
     cmd = elastic.python_command(os.path.join(SCRIPTS, "printer.py"))
     logs = DefaultLogsSpecs(log_dir=str(tmp_path), redirects=Std.ERR, tee={0: Std.OUT})
