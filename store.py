@@ -113,6 +113,7 @@ __all__ = [
     "MAX_KEY_SIZE", "MAX_VALUE_SIZE", "MAX_FRAME_SIZE", "PROTOCOL_VERSION", "HANDSHAKE_TIMEOUT",
 ]
 
+import collections
 import errno
 import heapq
 import logging
@@ -134,11 +135,15 @@ MAX_KEY_SIZE = 64 * 1024
 MAX_VALUE_SIZE = 256 * 1024 * 1024
 MAX_FRAME_SIZE = MAX_VALUE_SIZE + 2 * MAX_KEY_SIZE + 64
 DEFAULT_MAX_CONNECTIONS = 100000
+DEFAULT_MAX_PARKED = 100000
+DEFAULT_MAX_PARKED_PER_CONNECTION = 10000
 HANDSHAKE_TIMEOUT = 10.0
 
 _MAGIC = b"EKVS"
 _HANDSHAKE_FRAME_LIMIT = 256
 _CHALLENGE_SIZE = 32
+_OUTPUT_LIMIT = 4 * 1024 * 1024   # replies queued for one connection before we stop reading its requests
+_PARKED_FLOOR = 16                # parked requests every connection may hold, whatever the total
 
 _SET, _GET, _ADD, _CAS, _WAIT, _CHECK, _DELETE, _COUNT, _MSET, _APPEND, _EPHEMERAL = range(1, 12)
 _F_EPHEMERAL = 1                  # features bit: the server knows EPHEMERAL
@@ -327,7 +332,7 @@ class _Reader:
 
 class _Conn:
     __slots__ = ("sock", "peer", "rbuf", "wbuf", "state", "challenge", "waiters", "events", "closed", "owned",
-                 "done", "local", "ticket")
+                 "done", "local", "ticket", "paused", "owed")
 
     def __init__(self, sock, peer, local):
         self.sock, self.peer, self.local = sock, peer, local   # local: came in on the same-host socket
@@ -341,6 +346,14 @@ class _Conn:
         self.owned = None               # keys set with EPHEMERAL: deleted when we close
         self.done = False               # past the handshake (or closed): its deadline no longer applies
         self.ticket = None              # the same-host ticket it was offered, until redeemed
+        # Back-pressure. A client that sends requests without reading the replies would make us queue
+        # replies without end (a thousand gets of a 1 MiB value take 1 GiB), so past _OUTPUT_LIMIT of
+        # queued replies we stop: requests already read wait unparsed in rbuf, and the answers of
+        # parked gets that come due wait in `owed` as (request id, the values), references to the
+        # stored values rather than copies. `paused` says either holds something, to be taken up
+        # once the client has read enough of its replies.
+        self.paused = False
+        self.owed = None
 
 
 class _Waiter:
@@ -352,6 +365,110 @@ class _Waiter:
         self.conn, self.rid, self.keys, self.want_values = conn, rid, keys, want_values
         self.missing = 0
         self.done = False
+
+
+class _Logbook:
+    """The server's warnings, rate-limited per peer host and written by a thread of their own.
+
+    A peer that sends garbage as fast as it can would otherwise have us write a line per connection
+    (tens of thousands a second), and a write to a stderr that is a full pipe nobody drains blocks:
+    the serving thread must never wait on either. So each (host, kind) gets ``burst`` lines in full
+    per ``window`` seconds; the rest are counted and summed up in one line when the window ends
+    ("N more bad connections from H in the last T s"). Lines go to a bounded queue that a daemon
+    thread, started at the first line, hands to ``logging``; when that thread is stuck in a write,
+    lines beyond the queue's room are counted and the count is logged once it gets going again.
+    """
+
+    def __init__(self, window=10.0, burst=3, hosts=256, room=1000):
+        self.window, self.burst, self.hosts, self.room = window, burst, hosts, room
+        self._tally = {}            # (host, kind) -> [window start, lines written, lines held back, last]
+        self._due = None            # when the earliest window with lines held back ends
+        self._queue = collections.deque()
+        self._dropped = 0
+        self._cond = threading.Condition(threading.Lock())
+        self._thread = None
+
+    def warn(self, peer, kind, fmt, *args):
+        """Log `fmt % args` unless `peer`'s host has had its share of `kind` lines in this window."""
+        if not log.isEnabledFor(logging.WARNING):
+            return
+        host = peer[0] if isinstance(peer, tuple) else str(peer)
+        key = (host, kind)
+        tally = self._tally
+        entry = tally.get(key)
+        now = time.monotonic()
+        if entry is None:
+            if len(tally) >= self.hosts:
+                self.tick(now)   # forget windows that ended
+                if len(tally) >= self.hosts:
+                    key = ("other hosts", kind)
+                    entry = tally.get(key)
+            if entry is None:
+                entry = tally[key] = [now, 0, 0, None]
+        elif now - entry[0] >= self.window:   # a new window
+            if entry[2]:
+                self.tick(now)
+            entry = tally[key] = [now, 0, 0, None]
+        if entry[1] < self.burst:
+            entry[1] += 1
+            self._emit(fmt % args)
+        else:
+            entry[2] += 1
+            entry[3] = (fmt, args)
+            if self._due is None or entry[0] + self.window < self._due:
+                self._due = entry[0] + self.window
+
+    def next_due(self):
+        """Seconds until a summary line is due, or None."""
+        return None if self._due is None else max(0.0, self._due - time.monotonic())
+
+    def tick(self, now=None):
+        """Sum up the windows that ended, and forget them."""
+        now = time.monotonic() if now is None else now
+        due = None
+        for key, entry in list(self._tally.items()):
+            start, _, held, last = entry
+            if now - start < self.window:
+                if held and (due is None or start + self.window < due):
+                    due = start + self.window
+                continue
+            del self._tally[key]
+            if held:
+                host, kind = key
+                self._emit("store: %d more %s from %s in the last %.0f s (the last: %s)"
+                           % (held, kind, host, now - start, last[0] % last[1]))
+        self._due = due
+
+    def _emit(self, line):
+        with self._cond:
+            if len(self._queue) >= self.room:
+                self._dropped += 1
+                return
+            self._queue.append(line)
+            self._cond.notify()
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._write, name="store-log", daemon=True)
+                self._thread.start()
+
+    def _write(self):
+        while True:
+            with self._cond:
+                while not self._queue:
+                    self._cond.wait()
+                line = self._queue.popleft()
+                dropped, self._dropped = self._dropped, 0
+            if line is None:
+                return
+            if dropped:
+                log.warning("store: %d warnings were dropped: the log was not being written fast enough", dropped)
+            log.warning("%s", line)
+
+    def close(self):
+        """Let the thread write what is queued, then end."""
+        with self._cond:
+            if self._thread is not None:
+                self._queue.append(None)
+                self._cond.notify()
 
 
 _WAKE = "wake"                    # the poller's object for the server's own wake-up socket
@@ -415,15 +532,31 @@ class StoreServer:
     ``start()`` runs it in a daemon thread, ``serve_forever()`` in the calling thread, ``stop()`` ends
     either from any thread. ``port=0`` picks a free port; read it back from ``.port``.
     ``local_socket=False`` keeps every client on TCP (see "The same-host socket" above).
+
+    ``host`` is the address to listen on: ``"0.0.0.0"`` (every interface, the default, as torch's
+    TCPStore does), or one address, such as the one the other nodes reach this host at, so that the
+    store is not offered on networks that have no business with it.
+
+    Limits, so that one client costs a bounded amount whatever it sends: at most ``max_connections``
+    connections; at most ``max_parked_per_connection`` gets and waits parked (waiting for keys) per
+    connection and ``max_parked`` in all, a request beyond them answered with an error that names
+    the limit (every connection may park 16 whatever the total, so one client's flood never turns
+    the others away); and a client that does not read its replies stops being read once 4 MiB of
+    them are queued.
     """
 
     def __init__(self, host="0.0.0.0", port=0, *, token=None, max_connections=DEFAULT_MAX_CONNECTIONS,
-                 backlog=65535, handshake_timeout=HANDSHAKE_TIMEOUT, local_socket=True):
-        if max_connections < 1:
-            raise ValueError("max_connections must be at least 1, got %r" % (max_connections,))
+                 backlog=65535, handshake_timeout=HANDSHAKE_TIMEOUT, local_socket=True,
+                 max_parked=DEFAULT_MAX_PARKED, max_parked_per_connection=DEFAULT_MAX_PARKED_PER_CONNECTION):
+        for name, value in (("max_connections", max_connections), ("max_parked", max_parked),
+                            ("max_parked_per_connection", max_parked_per_connection)):
+            if not isinstance(value, int) or value < 1:
+                raise ValueError("%s must be an int of at least 1, got %r" % (name, value))
         _check_port(port)
         self.host = host
         self.max_connections = max_connections
+        self.max_parked = max_parked
+        self.max_parked_per_connection = max_parked_per_connection
         self.handshake_timeout = _seconds(handshake_timeout)
         self._token = _token_bytes(token) if token else None
         self._raise_fd_limit(max_connections)
@@ -459,7 +592,11 @@ class StoreServer:
         self._deadlines = []        # heap of (deadline, seq, parked waiter or connection in its handshake)
         self._seq = 0
         self._conns = 0
+        self._parked = 0            # parked waiters, over all connections
         self._dirty = []            # connections with replies queued during this turn
+        self._backlog = []          # paused connections whose client has caught up (see _Conn.paused)
+        self._logbook = _Logbook()
+        self._warn = self._logbook.warn
         self._stopping = False
         self._life = threading.Lock()   # orders start, serve_forever and stop
         self._serving = None        # the thread that serves (or will: start() sets it)
@@ -537,7 +674,13 @@ class StoreServer:
         poll, objects = self._poller.poll, self._poller.objects_by_fd()
         try:
             while not self._stopping:
-                for fd, mask in poll(self._next_timeout() if self._deadlines else None):
+                timeout = self._next_timeout() if self._deadlines else None
+                if self._logbook._due is not None:
+                    due = self._logbook.next_due()
+                    if due == 0.0:
+                        self._logbook.tick()
+                    timeout = due if timeout is None else min(timeout, due)
+                for fd, mask in poll(timeout):
                     conn = objects.get(fd)   # None: closed earlier in this turn
                     if conn.__class__ is _Conn:
                         if mask & _READABLE:
@@ -558,6 +701,11 @@ class StoreServer:
                     for conn in dirty:
                         if not conn.closed:
                             self._flush(conn)
+                while self._backlog:
+                    backlog, self._backlog = self._backlog, []
+                    for conn in backlog:
+                        if conn.paused and not conn.closed:
+                            self._catch_up(conn)
         finally:
             self._shutdown()
 
@@ -572,6 +720,8 @@ class StoreServer:
         if self._spare_fd is not None:
             os.close(self._spare_fd)
             self._spare_fd = None
+        self._logbook.tick(float("inf"))
+        self._logbook.close()
         self._stopped.set()
 
     # -- connections
@@ -598,8 +748,7 @@ class StoreServer:
             conn = _Conn(sock, peer, local)
             self._conns += 1
             self._poller.register(sock, _READ, conn)
-            self._seq += 1
-            heapq.heappush(self._deadlines, (time.monotonic() + self.handshake_timeout, self._seq, conn))
+            self._push_deadline(time.monotonic() + self.handshake_timeout, conn)
 
     def _turn_away_one(self, listener):
         """Out of descriptors: free the spare one to accept a client just to tell it why we can't."""
@@ -621,7 +770,8 @@ class StoreServer:
             sock.close()
         except OSError:
             pass
-        log.warning("store: out of file descriptors with %d connections; turning clients away", self._conns)
+        self._warn("this host", "connections turned away", "store: out of file descriptors with %d connections; "
+                   "turning clients away", self._conns)
         self._spare_fd = os.open(os.devnull, os.O_RDONLY)
 
     def _close(self, conn):
@@ -629,10 +779,12 @@ class StoreServer:
             return
         conn.closed = conn.done = True
         self._conns -= 1
+        self._parked -= len(conn.waiters)
         for waiter in conn.waiters:
             waiter.done = True
             self._unpark(waiter)
         conn.waiters.clear()
+        conn.owed = None
         if conn.owned:
             for key in conn.owned:
                 del self._owners[key]
@@ -645,7 +797,7 @@ class StoreServer:
         conn.sock.close()
 
     def _drop(self, conn, why):
-        log.warning("store: closing connection from %s: %s", _peer_text(conn.peer), why)
+        self._warn(conn.peer, "bad connections", "store: closing connection from %s: %s", _peer_text(conn.peer), why)
         self._close(conn)
 
     def _on_readable(self, conn):
@@ -673,7 +825,11 @@ class StoreServer:
                 if reply is not None:
                     self._flush(conn, reply)
                 return
-        chunk = self._inview[:size].tobytes()
+        self._parse(conn, self._inview[:size].tobytes())
+
+    def _parse(self, conn, chunk):
+        """Answer the requests in what `conn` sent before (its rbuf) and `chunk`, until the replies
+        queued for it pass _OUTPUT_LIMIT; keep the rest in rbuf."""
         if conn.rbuf:
             buf = conn.rbuf
             buf += chunk
@@ -681,8 +837,12 @@ class StoreServer:
             buf = chunk
         pos, size = 0, len(buf)
         ops = self._ops
+        wbuf = conn.wbuf
         try:
             while size - pos >= 4 and not conn.closed:
+                if len(wbuf) > _OUTPUT_LIMIT:   # the client is not reading: neither do we (see _Conn.paused)
+                    self._pause(conn)
+                    break
                 (length,) = _U32.unpack_from(buf, pos)
                 limit = MAX_FRAME_SIZE if conn.state == "ready" else _HANDSHAKE_FRAME_LIMIT
                 if length > limit:
@@ -717,6 +877,29 @@ class StoreServer:
         if conn.wbuf:
             self._flush(conn)
 
+    def _pause(self, conn):
+        """Stop reading `conn` until its client has taken enough of its replies."""
+        conn.paused = True
+        if conn.events != _WRITE:
+            conn.events = _WRITE
+            self._poller.modify(conn.sock, _WRITE)
+
+    def _catch_up(self, conn):
+        """The client of a paused connection has read enough: queue the answers owed to it, then
+        parse the requests it sent meanwhile, each until the output limit is reached again."""
+        conn.paused = False
+        owed, wbuf = conn.owed, conn.wbuf
+        while owed:
+            if len(wbuf) > _OUTPUT_LIMIT:
+                self._pause(conn)
+                break
+            rid, values = owed.popleft()
+            wbuf += self._values_reply(rid, values)
+        if not conn.paused and len(conn.rbuf) >= 4:
+            self._parse(conn, b"")
+        if conn.wbuf and not conn.closed:
+            self._flush(conn)
+
     def _handshake(self, conn, payload):
         if conn.state == "hello" and conn.local:
             self._redeem(conn, payload)
@@ -724,12 +907,12 @@ class StoreServer:
             if len(payload) != 5 or payload[:4] != _MAGIC:
                 raise _Malformed("not a store client (bad hello)")
             if payload[4] != PROTOCOL_VERSION:
-                log.warning("store: client %s speaks protocol %d, we speak %d",
-                            _peer_text(conn.peer), payload[4], PROTOCOL_VERSION)
+                self._warn(conn.peer, "clients of another version", "store: client %s speaks protocol %d, we speak %d",
+                           _peer_text(conn.peer), payload[4], PROTOCOL_VERSION)
                 self._final(conn, bytes([_VERSION, PROTOCOL_VERSION]))
             elif self._conns > self.max_connections:
-                log.warning("store: turning away %s: %d connections reached the limit",
-                            _peer_text(conn.peer), self.max_connections)
+                self._warn(conn.peer, "connections turned away", "store: turning away %s: %d connections reached "
+                           "the limit", _peer_text(conn.peer), self.max_connections)
                 self._final(conn, bytes([_BUSY, PROTOCOL_VERSION]))
             elif self._token is None:
                 self._ready(conn, bytes([_READY, PROTOCOL_VERSION]))
@@ -741,7 +924,8 @@ class StoreServer:
             if _same(payload, _proof(self._token, conn.challenge)):
                 self._ready(conn, bytes([_READY]))
             else:
-                log.warning("store: client %s failed authentication", _peer_text(conn.peer))
+                self._warn(conn.peer, "failed authentications", "store: client %s failed authentication",
+                           _peer_text(conn.peer))
                 self._final(conn, bytes([_REFUSED]))
         else:
             raise _Malformed("data after the final answer")
@@ -787,7 +971,7 @@ class StoreServer:
             return
         owner = self._tickets.pop(payload[5:], None)
         if owner is None:
-            log.warning("store: refused a same-host connection with an unknown ticket")
+            self._warn(conn.peer, "bad connections", "store: refused a same-host connection with an unknown ticket")
             self._final(conn, bytes([_REFUSED, PROTOCOL_VERSION]))
             return
         owner.ticket = None
@@ -816,7 +1000,7 @@ class StoreServer:
             except OSError:
                 self._close(conn)
                 return
-            if sent == len(data) and conn.events == _READ and conn.state == "ready":
+            if sent == len(data) and conn.events == _READ and conn.state == "ready" and not conn.paused:
                 if data is wbuf:
                     wbuf.clear()   # the usual case: all out, nothing to change
                 return
@@ -830,10 +1014,12 @@ class StoreServer:
         # a client that doesn't read its answers stops being read until it catches up
         if not conn.wbuf:
             events = _READ
-        elif len(conn.wbuf) > 4 * 1024 * 1024:
+        elif len(conn.wbuf) > _OUTPUT_LIMIT:
             events = _WRITE
         else:
             events = _READ | _WRITE
+        if conn.paused and events != _WRITE:   # caught up: what waited for it is next
+            self._backlog.append(conn)
         if events != conn.events:
             conn.events = events
             self._poller.modify(conn.sock, events)
@@ -974,15 +1160,44 @@ class StoreServer:
         waiter = _Waiter(conn, rid, keys, want_values)
         if not self._register(waiter):
             return self._answer(waiter)
-        if timeout_ms == 0:
+        if timeout_ms == 0 or len(conn.waiters) >= _PARKED_FLOOR and (
+                len(conn.waiters) >= self.max_parked_per_connection or self._parked >= self.max_parked):
             waiter.done = True
             self._unpark(waiter)
-            return _HEAD.pack(_HEAD_SIZE, _TIMEOUT, rid)
+            if timeout_ms == 0:
+                return _HEAD.pack(_HEAD_SIZE, _TIMEOUT, rid)
+            return self._refuse_parking(conn, rid)
         conn.waiters.add(waiter)
+        self._parked += 1
         if timeout_ms > 0:
-            self._seq += 1
-            heapq.heappush(self._deadlines, (time.monotonic() + timeout_ms / 1000.0, self._seq, waiter))
+            self._push_deadline(time.monotonic() + timeout_ms / 1000.0, waiter)
         return None
+
+    def _refuse_parking(self, conn, rid):
+        if len(conn.waiters) >= self.max_parked_per_connection:
+            why = ("this connection already has %d gets and waits waiting for keys, the most one connection "
+                   "may have (max_parked_per_connection)" % len(conn.waiters))
+        else:
+            why = ("the store already holds %d gets and waits waiting for keys, the most it holds from all "
+                   "clients (max_parked)" % self._parked)
+        self._warn(conn.peer, "refused gets and waits", "store: refused a get or wait from %s: %s",
+                   _peer_text(conn.peer), why)
+        return self._error(rid, "the store refused to wait for the key(s): " + why)
+
+    def _push_deadline(self, deadline, item):
+        """Add a parked waiter's or a new connection's deadline.
+
+        Entries that ended early (answered, closed) stay in the heap until they reach its top, which
+        for a get that asked to wait a year is a year: so when most entries are dead, sweep them out.
+        At most one live entry per parked waiter and per connection, so the heap stays within twice
+        those plus a constant, at an amortized cost of O(1) a push.
+        """
+        heap = self._deadlines
+        if len(heap) > 2 * (self._parked + self._conns) + 1024:
+            heap[:] = [entry for entry in heap if not entry[2].done]
+            heapq.heapify(heap)
+        self._seq += 1
+        heapq.heappush(heap, (deadline, self._seq, item))
 
     def _register(self, waiter):
         """Park `waiter` on each of its missing keys; returns how many are missing."""
@@ -1015,22 +1230,36 @@ class StoreServer:
                     waiter.done = True
                     conn = waiter.conn
                     conn.waiters.discard(waiter)
-                    conn.wbuf += self._answer(waiter)
+                    self._parked -= 1
+                    if conn.paused or len(conn.wbuf) > _OUTPUT_LIMIT:   # owed until its client reads
+                        if conn.owed is None:
+                            conn.owed = collections.deque()
+                        conn.owed.append((waiter.rid, self._values(waiter)))
+                        if not conn.paused:
+                            self._pause(conn)
+                    else:
+                        conn.wbuf += self._answer(waiter)
                     self._dirty.append(conn)
 
-    def _answer(self, waiter):
+    def _values(self, waiter):
+        """The values a get waits for (references, not copies), or None for a wait."""
         if waiter.want_values:
             data = self._data
-            values = [data[k] for k in waiter.keys]
-            size = _HEAD_SIZE + 4 * len(values) + sum(map(len, values))
-            if size > MAX_FRAME_SIZE:   # each value fits, but not all of them in one reply
-                return self._error(waiter.rid, "the values of these %d keys take %d bytes, over the frame "
-                                   "limit of %d bytes (MAX_FRAME_SIZE); get them in smaller groups"
-                                   % (len(values), size, MAX_FRAME_SIZE))
-            body = b"".join(map(_field, values))
-        else:
-            body = b""
-        return _HEAD.pack(_HEAD_SIZE + len(body), _OK, waiter.rid) + body
+            return [data[k] for k in waiter.keys]
+        return None
+
+    def _answer(self, waiter):
+        return self._values_reply(waiter.rid, self._values(waiter))
+
+    def _values_reply(self, rid, values):
+        if values is None:
+            return _HEAD.pack(_HEAD_SIZE, _OK, rid)
+        size = _HEAD_SIZE + 4 * len(values) + sum(map(len, values))
+        if size > MAX_FRAME_SIZE:   # each value fits, but not all of them in one reply
+            return self._error(rid, "the values of these %d keys take %d bytes, over the frame "
+                               "limit of %d bytes (MAX_FRAME_SIZE); get them in smaller groups"
+                               % (len(values), size, MAX_FRAME_SIZE))
+        return _HEAD.pack(size, _OK, rid) + b"".join(map(_field, values))
 
     def _next_timeout(self):
         # capped: a client may ask to wait for centuries, which epoll's millisecond int can't hold
@@ -1049,6 +1278,7 @@ class StoreServer:
             waiter.done = True
             self._unpark(waiter)
             waiter.conn.waiters.discard(waiter)
+            self._parked -= 1
             waiter.conn.wbuf += _HEAD.pack(_HEAD_SIZE, _TIMEOUT, waiter.rid)
             self._dirty.append(waiter.conn)
 

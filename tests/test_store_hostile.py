@@ -1,0 +1,187 @@
+"""store.py against hostile clients: each costs the server a bounded amount, and the others are served.
+
+A client that pipelines requests and never reads the replies, one that parks requests without end,
+one that floods the server with garbage handshakes (and a stderr nobody drains), an impostor server
+that never asks for the token, and numbers at the edges of what the wire can carry. Servers run in
+a separate process where the attack could take the process down (memory cap, blocked stderr), in a
+thread of this process elsewhere; every client is a real socket on 127.0.0.1.
+"""
+import logging
+import os
+import socket
+import struct
+import subprocess
+import sys
+import threading
+
+import pytest
+
+import store
+from store import StoreAuthError, StoreError, StoreServer, TCPStore
+
+from conftest import ROOT
+from test_store import closed_by_peer, field, frame, raw_connect, recv_frame, request
+
+_GET, _SET, _ADD, _WAIT = 2, 1, 3, 5
+MiB = 1024 * 1024
+
+# A store server in its own process: optional address-space cap (so an attack that would grow it
+# without bound dies of MemoryError instead of eating the machine) and optional stderr made full
+# first (so any write to it blocks, as when stderr is a pipe nobody drains).
+_SERVER = r"""
+import fcntl, logging, os, resource, sys
+cap, fill_stderr = int(sys.argv[1]), sys.argv[2] == "1"
+if cap:
+    resource.setrlimit(resource.RLIMIT_AS, (cap, cap))
+logging.basicConfig(level=logging.WARNING)
+import store
+srv = store.StoreServer("127.0.0.1", 0, local_socket=False)
+if fill_stderr:
+    flags = fcntl.fcntl(2, fcntl.F_GETFL)
+    fcntl.fcntl(2, fcntl.F_SETFL, flags | os.O_NONBLOCK)
+    try:
+        while True:
+            os.write(2, b"x" * 4096)
+    except BlockingIOError:
+        pass
+    fcntl.fcntl(2, fcntl.F_SETFL, flags)
+print(srv.port, flush=True)
+srv.serve_forever()
+"""
+
+
+class ServerProcess:
+    def __init__(self, cap=0, fill_stderr=False):
+        self.proc = subprocess.Popen([sys.executable, "-c", _SERVER, str(cap), "1" if fill_stderr else "0"],
+                                     cwd=ROOT, stdout=subprocess.PIPE,
+                                     stderr=subprocess.PIPE if fill_stderr else None,
+                                     env=dict(os.environ, PYTHONPATH=ROOT))
+        line = self.proc.stdout.readline()
+        assert line.strip().isdigit(), "the server did not start"
+        self.port = int(line)
+
+    def rss_mib(self):
+        with open("/proc/%d/status" % self.proc.pid) as f:
+            for line in f:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) / 1024.0
+        return 0.0
+
+    def kill(self):
+        self.proc.kill()
+        self.proc.wait()
+
+
+@pytest.fixture
+def capped_server():
+    srv = ServerProcess(cap=512 * MiB)
+    try:
+        yield srv
+    finally:
+        srv.kill()
+
+
+def get_frame(rid, key, timeout_ms=-1):
+    return request(_GET, rid, struct.pack(">qI", timeout_ms, 1) + field(key))
+
+
+def send_without_reading(sock, data):
+    """Send as much of `data` as the kernel takes without blocking: the client never reads."""
+    sock.setblocking(False)
+    sent = 0
+    try:
+        while sent < len(data):
+            sent += sock.send(data[sent:sent + 65536])
+    except BlockingIOError:
+        pass
+    sock.setblocking(True)
+    return sent
+
+
+def read_replies(sock, count):
+    """{request id: (status, body)} of the next `count` replies."""
+    replies = {}
+    for _ in range(count):
+        payload = recv_frame(sock)
+        status, rid = struct.unpack_from(">BI", payload)
+        assert rid not in replies
+        replies[rid] = (status, payload[5:])
+    return replies
+
+
+def guard_is_served(port, key="guard"):
+    with TCPStore("127.0.0.1", port, timeout=60) as guard:
+        guard.set(key, "ok")
+        assert guard.get(key) == b"ok"
+        assert guard.add(key + "-n", 1) == 1
+
+
+# -------------------------------------------------------------------------------- back-pressure
+
+def test_pipelined_gets_of_a_large_value_never_read_cost_a_bounded_amount(capped_server):
+    # 2,000 gets of a 1 MiB value would queue 2 GiB of replies: the server (capped at 512 MiB of
+    # address space) must stop reading the client instead, and go on serving the others
+    with TCPStore("127.0.0.1", capped_server.port, timeout=60) as c:
+        c.set("big", b"x" * MiB)
+    attacker = raw_connect(capped_server.port)
+    try:
+        flood = b"".join(get_frame(rid, b"big", 0) for rid in range(2000))
+        assert send_without_reading(attacker, flood) == len(flood)
+        guard_is_served(capped_server.port)
+        assert capped_server.rss_mib() < 200
+        # and nothing was lost: a client that reads at last gets every reply, in full
+        replies = read_replies(attacker, 2000)
+        assert sorted(replies) == list(range(2000))
+        assert all(status == 0 and body == field(b"x" * MiB) for status, body in replies.values())
+    finally:
+        attacker.close()
+
+
+def test_parked_gets_answered_by_a_large_value_are_owed_not_copied(capped_server):
+    # 1,000 gets parked on one key, never read: the set of a 1 MiB value makes 1 GiB of answers,
+    # which the server must hand out as the client reads them
+    attacker = raw_connect(capped_server.port)
+    try:
+        flood = b"".join(get_frame(rid, b"later") for rid in range(1000))
+        flood += request(_SET, 1000, field(b"parked") + field(b"1"))   # done in order: after every get
+        assert send_without_reading(attacker, flood) == len(flood)
+        with TCPStore("127.0.0.1", capped_server.port, timeout=60) as c:
+            c.wait(["parked"])
+            c.set("later", b"y" * MiB)   # answers all 1,000 parked gets at once
+        guard_is_served(capped_server.port)
+        assert capped_server.rss_mib() < 200
+        replies = read_replies(attacker, 1001)
+        assert sorted(replies) == list(range(1001))
+        assert all(status == 0 and body == field(b"y" * MiB) for rid, (status, body) in replies.items()
+                   if rid < 1000)
+    finally:
+        attacker.close()
+
+
+@pytest.mark.parametrize("local_socket", [False, True])
+def test_a_client_that_reads_late_gets_every_reply(local_socket):
+    srv = StoreServer("127.0.0.1", 0, local_socket=local_socket).start()
+    sock = None
+    try:
+        key = "k" * 4096   # long keys: 120 MiB of requests, more than socket buffers hold
+        with TCPStore("127.0.0.1", srv.port, timeout=10) as c:
+            c.set(key, b"v" * 4096)
+        sock = raw_connect(srv.port)
+        # gets of a 4 KiB value between adds, sent until the server stops reading us (it has
+        # replies queued that we do not read), then read while the rest goes out
+        data = b"".join(request(_ADD, rid, field(b"n" + key.encode()) + struct.pack(">q", 1)) if rid % 3 == 2
+                        else get_frame(rid, key.encode(), 0) for rid in range(30000))
+        sent = send_without_reading(sock, data)
+        assert sent < len(data)   # the server stopped reading: the rest is still ours to send
+        rest = threading.Thread(target=sock.sendall, args=(data[sent:],))
+        rest.start()
+        replies = read_replies(sock, 30000)
+        rest.join()
+        assert sorted(replies) == list(range(30000))
+        adds = sorted(struct.unpack(">q", body)[0] for rid, (status, body) in replies.items() if rid % 3 == 2)
+        assert adds == list(range(1, 10001))
+        assert all(body == field(b"v" * 4096) for rid, (status, body) in replies.items() if rid % 3 != 2)
+    finally:
+        if sock is not None:
+            sock.close()
+        srv.stop()
