@@ -422,21 +422,22 @@ class _Logbook:
         """Seconds until a summary line is due, or None."""
         return None if self._due is None else max(0.0, self._due - time.monotonic())
 
-    def tick(self, now=None):
-        """Sum up the windows that ended, and forget them."""
+    def tick(self, now=None, final=False):
+        """Sum up the windows that ended (every window when `final`), and forget them."""
         now = time.monotonic() if now is None else now
         due = None
         for key, entry in list(self._tally.items()):
             start, _, held, last = entry
-            if now - start < self.window:
+            if now - start < self.window and not final:
                 if held and (due is None or start + self.window < due):
                     due = start + self.window
                 continue
             del self._tally[key]
             if held:
                 host, kind = key
-                self._emit("store: %d more %s from %s in the last %.0f s (the last: %s)"
-                           % (held, kind, host, now - start, last[0] % last[1]))
+                text = last[0] % last[1]
+                self._emit("store: %d more %s from %s in the last %.3g s (the last: %s)"
+                           % (held, kind, host, now - start, text[7:] if text.startswith("store: ") else text))
         self._due = due
 
     def _emit(self, line):
@@ -720,7 +721,7 @@ class StoreServer:
         if self._spare_fd is not None:
             os.close(self._spare_fd)
             self._spare_fd = None
-        self._logbook.tick(float("inf"))
+        self._logbook.tick(final=True)
         self._logbook.close()
         self._stopped.set()
 

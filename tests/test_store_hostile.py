@@ -185,3 +185,137 @@ def test_a_client_that_reads_late_gets_every_reply(local_socket):
         if sock is not None:
             sock.close()
         srv.stop()
+
+
+# -------------------------------------------------------------------------------- parked requests
+
+def test_parked_requests_are_capped_per_connection_and_in_all_and_the_others_are_served():
+    srv = StoreServer("127.0.0.1", 0, max_parked_per_connection=50, max_parked=100).start()
+    socks = []
+    try:
+        first = raw_connect(srv.port)
+        socks.append(first)
+        first.sendall(b"".join(get_frame(rid, b"k%d" % rid) for rid in range(60)))
+        refused = read_replies(first, 10)   # the 10 beyond its 50 are refused at once; 50 stay parked
+        assert sorted(refused) == list(range(50, 60))
+        for status, body in refused.values():
+            assert status == 2 and b"max_parked_per_connection" in body
+        second = raw_connect(srv.port)
+        socks.append(second)
+        second.sendall(b"".join(get_frame(rid, b"k%d" % rid) for rid in range(50)))
+        third = raw_connect(srv.port)   # 100 parked in all: only the floor of 16 is left to others
+        socks.append(third)
+        third.sendall(b"".join(get_frame(rid, b"k%d" % rid) for rid in range(17)))
+        (status, body), = read_replies(third, 1).values()
+        assert status == 2 and b"max_parked)" in body
+        with TCPStore("127.0.0.1", srv.port, timeout=10) as other:   # still parks, and is answered
+            done = threading.Event()
+            threading.Thread(target=lambda: (other.get("late"), done.set()), daemon=True).start()
+            with TCPStore("127.0.0.1", srv.port, timeout=10) as setter:
+                setter.set("late", "now")
+                setter.multi_set(["k%d" % i for i in range(60)], ["v"] * 60)
+            assert done.wait(30)
+        assert len(read_replies(first, 50)) == 50 and len(read_replies(second, 50)) == 50
+        assert len(read_replies(third, 16)) == 16
+    finally:
+        for sock in socks:
+            sock.close()
+        srv.stop()
+
+
+def test_answered_requests_leave_no_deadline_behind():
+    # a get that may wait an hour and is answered at once must not hold memory for the hour
+    srv = StoreServer("127.0.0.1", 0, local_socket=False).start()
+    sock = raw_connect(srv.port)
+    try:
+        # one wait that stays parked, with the nearest deadline: the others' entries end behind it
+        sock.sendall(request(_WAIT, 0xFFFFFFFF, struct.pack(">qI", 1800000, 1) + field(b"never")))
+        for batch in range(10):
+            frames = []
+            for i in range(1000):
+                rid, key = 2 * (batch * 1000 + i), b"once-%d-%d" % (batch, i)
+                frames.append(request(_WAIT, rid, struct.pack(">qI", 3600000, 1) + field(key)))
+                frames.append(request(_SET, rid + 1, field(key) + field(b"1")))
+            sock.sendall(b"".join(frames))
+            read_replies(sock, 2000)
+        assert len(srv._deadlines) < 3000
+    finally:
+        sock.close()
+        srv.stop()
+
+
+# -------------------------------------------------------------------------------- logging
+
+def garbage_handshake(port):
+    sock = socket.create_connection(("127.0.0.1", port), timeout=10)
+    try:
+        sock.sendall(frame(b"GARBAGE"))
+        assert closed_by_peer(sock)
+    finally:
+        sock.close()
+
+
+class Lines(logging.Handler):
+    def __init__(self):
+        super().__init__()
+        self.lines, self.changed = [], threading.Condition()
+
+    def emit(self, record):
+        with self.changed:
+            self.lines.append(record.getMessage())
+            self.changed.notify_all()
+
+    def wait_for(self, text, timeout=30):
+        with self.changed:
+            return self.changed.wait_for(lambda: any(text in line for line in self.lines), timeout)
+
+
+@pytest.fixture
+def store_log():
+    lines = Lines()
+    logger = logging.getLogger("store")
+    logger.addHandler(lines)
+    level, logger.level = logger.level, logging.WARNING
+    try:
+        yield lines
+    finally:
+        logger.removeHandler(lines)
+        logger.level = level
+
+
+def test_a_flood_of_bad_handshakes_is_logged_in_a_few_lines_and_summed_up(store_log):
+    srv = StoreServer("127.0.0.1", 0).start()
+    try:
+        for _ in range(300):
+            garbage_handshake(srv.port)
+    finally:
+        srv.stop()   # sums up the window in progress
+    assert store_log.wait_for("more bad connections from 127.0.0.1")
+    assert len(store_log.lines) == 4, store_log.lines
+    assert "297 more bad connections from 127.0.0.1 in the last" in store_log.lines[-1]
+    assert "not a store client" in store_log.lines[-1]
+
+
+def test_a_summary_comes_when_its_window_ends(store_log):
+    srv = StoreServer("127.0.0.1", 0)
+    srv._logbook.window = 0.5
+    srv.start()
+    try:
+        for _ in range(10):
+            garbage_handshake(srv.port)
+        assert store_log.wait_for("more bad connections from 127.0.0.1")
+    finally:
+        srv.stop()
+    full = sum(line.startswith("store: closing connection from 127.0.0.1") for line in store_log.lines)
+    summed = sum(int(line.split()[1]) for line in store_log.lines if "more bad connections" in line)
+    assert full + summed == 10
+
+
+def test_a_stderr_nobody_drains_never_stops_the_server():
+    srv = ServerProcess(fill_stderr=True)   # any write to its stderr blocks from the start
+    try:
+        for _ in range(20):   # each one is a warning to log
+            garbage_handshake(srv.port)
+        guard_is_served(srv.port)
+    finally:
+        srv.kill()
