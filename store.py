@@ -42,8 +42,8 @@ that many ``bytes`` fields::
     client                                   server
       | -- hello   "EKVS" version:u8 -------->  |
       | <- welcome status:u8 version:u8 [features:u8 [offer] | challenge:32]
-      | -- proof   HMAC-SHA256(token, challenge) ->   (only when status is PROOF)
-      | <- verdict status:u8 [features:u8 [offer]]    (READY, or REFUSED and the server closes)
+      | -- proof   HMAC-SHA256(token, challenge) nonce:32 ->   (only when status is PROOF)
+      | <- verdict status:u8 [server-proof:32 features:u8 [offer]]  (READY, or REFUSED and it closes)
       | -- request op:u8 id:u32 args ------->  |  } any number, pipelined; replies may come out of
       | <- reply   status:u8 id:u32 result --  |  } order (a parked get answers later)
 
@@ -101,9 +101,24 @@ clients connecting at once take it about a second) and a loaded client host sche
 oversized frame, a request before the handshake) closes that one connection, is logged in one line,
 and changes nothing stored: a request is fully parsed before it is applied. Values are never pickled.
 
-Authentication is optional: a server given a token sends a random challenge and accepts only the HMAC
-of it under the same token (compared with ``hmac.compare_digest``); a client without the right token
-gets ``StoreAuthError`` and nothing else.
+Authentication is optional, and mutual. A server given a token sends a random challenge and accepts
+only the HMAC of it under the same token; the client sends its own random nonce with that proof, and
+the server's READY carries its HMAC (under another label) of the nonce and the challenge, which the
+client checks before it trusts anything the server says. So a client without the right token gets
+``StoreAuthError`` and nothing else, and a client with a token refuses, with ``StoreAuthError``, a
+server that cannot prove it knows the token: one that never asks for it (any program that took the
+port first) or answers with a wrong proof. Proofs are compared with ``hmac.compare_digest``, in
+constant time: a server must not tell an attacker, by how fast it refuses, how much of a guess was
+right. (``hmac`` is imported when a token is first used, never at import time: hashlib's OpenSSL
+costs a process ~4 MiB that a store without a token never needs.) A client older than the nonce
+sends its proof alone and gets in as it used to, without checking the server. The token guards the
+handshake, not the bytes after it (there is no encryption): on a network where someone can read and
+rewrite traffic, run the store on a private network or a tunnel.
+
+Without a token, anyone who can reach the port can read and write every key, and the launcher's
+rendezvous keys decide a job's membership, restarts and outcome: give the store a token, or listen
+only on an address that only the job's hosts reach (``StoreServer(host=...)``,
+``TCPStore(..., is_master=True, bind=...)``).
 """
 
 __version__ = "0.1.0"
@@ -185,11 +200,26 @@ class _Malformed(Exception):
 
 
 def _seconds(timeout):
-    """Accept seconds or a datetime.timedelta, as torch does."""
-    seconds = timeout.total_seconds() if hasattr(timeout, "total_seconds") else float(timeout)
-    if seconds < 0:
-        raise ValueError("timeout must be >= 0 seconds, got %r" % (timeout,))
+    """Accept seconds or a datetime.timedelta, as torch does. Any length is fine, up to infinity:
+    a timeout longer than the wire or the kernel can carry means waiting for good (see _wire_ms)."""
+    try:
+        seconds = timeout.total_seconds() if hasattr(timeout, "total_seconds") else float(timeout)
+    except OverflowError:   # an int too large for a float: longer than any wait
+        seconds = float("inf")
+    except (TypeError, ValueError):
+        raise TypeError("a timeout is a number of seconds or a datetime.timedelta, got %r" % (timeout,)) from None
+    if not seconds >= 0:   # also NaN, which no comparison would ever end
+        raise ValueError("timeout must be a number of seconds >= 0, got %r" % (timeout,))
     return seconds
+
+
+_FOREVER_MS = 2 ** 53   # timeouts from here on (about 285,000 years) are sent as "forever"
+
+
+def _wire_ms(seconds):
+    """A timeout as the wire's timeout_ms: milliseconds, or -1 (wait forever) for one it can't carry."""
+    ms = seconds * 1000
+    return int(ms) if ms < _FOREVER_MS else -1
 
 
 def _key_bytes(key):
@@ -255,8 +285,15 @@ def _proof(token, challenge):
     return hmac.new(token, b"elasticrun-store-v1" + challenge, "sha256").digest()
 
 
-def _same(a, b):
+def _server_proof(token, nonce, challenge):
+    """What the server answers a client's nonce with: the token's HMAC over another label and other
+    data than a client's proof (of another length, too), so no answer of one side serves the other."""
     import hmac
+    return hmac.new(token, b"elasticrun-store-v1-server" + nonce + challenge, "sha256").digest()
+
+
+def _same(a, b):
+    import hmac   # both sides hold a token whenever this runs: _proof has imported hmac already
     return hmac.compare_digest(a, b)
 
 
@@ -554,6 +591,8 @@ class StoreServer:
             if not isinstance(value, int) or value < 1:
                 raise ValueError("%s must be an int of at least 1, got %r" % (name, value))
         _check_port(port)
+        if not isinstance(host, str):
+            raise TypeError("host must be an address as a str, got %s" % type(host).__name__)
         self.host = host
         self.max_connections = max_connections
         self.max_parked = max_parked
@@ -922,8 +961,12 @@ class StoreServer:
                 conn.challenge = os.urandom(_CHALLENGE_SIZE)
                 conn.wbuf += _U32.pack(2 + _CHALLENGE_SIZE) + bytes([_PROOF, PROTOCOL_VERSION]) + conn.challenge
         elif conn.state == "proof":
-            if _same(payload, _proof(self._token, conn.challenge)):
-                self._ready(conn, bytes([_READY]))
+            # proof, then the client's nonce for us to prove ourselves; a client older than mutual
+            # authentication sends the proof alone, and gets in without our proof, as it used to
+            proof, nonce = payload[:_CHALLENGE_SIZE], payload[_CHALLENGE_SIZE:]
+            if len(nonce) in (0, _CHALLENGE_SIZE) and _same(proof, _proof(self._token, conn.challenge)):
+                ours = _server_proof(self._token, nonce, conn.challenge) if nonce else b""
+                self._ready(conn, bytes([_READY]) + ours)
             else:
                 self._warn(conn.peer, "failed authentications", "store: client %s failed authentication",
                            _peer_text(conn.peer))
@@ -1339,14 +1382,19 @@ class TCPStore:
 
     One socket per client, safe to share between threads: requests are pipelined with ids, and
     whichever waiting thread is reading hands the others their replies.
+
+    ``bind`` (with ``is_master``): the address the server listens on, every interface by default as
+    torch's does; give one address (that ``host`` reaches) to keep the store off other networks.
     """
 
-    def __init__(self, host, port, *, is_master=False, timeout=300.0, token=None):
+    def __init__(self, host, port, *, is_master=False, timeout=300.0, token=None, bind=None):
         _check_port(port)
         self.timeout = timeout
         self._server = None
         if is_master:
-            self._server = StoreServer("::" if ":" in host else "0.0.0.0", port, token=token).start()
+            if bind is None:
+                bind = "::" if ":" in host else "0.0.0.0"
+            self._server = StoreServer(bind, port, token=token).start()
             port = self._server.port
             # a master dropped without close() stops its server and frees its port, as torch's does;
             # the finalizer and the server thread hold the server only, never this client
@@ -1411,7 +1459,7 @@ class TCPStore:
     def _handshake(self, sock, deadline):
         """Hello, and the proof when the server asks for one; returns the server's offer of its
         same-host socket (empty when it made none)."""
-        sock.settimeout(max(0.05, deadline - time.monotonic()))
+        sock.settimeout(max(0.05, min(_LONGEST, deadline - time.monotonic())))
         sock.sendall(_U32.pack(5) + _MAGIC + bytes([PROTOCOL_VERSION]))
         welcome = _recv_frame(sock, _HANDSHAKE_FRAME_LIMIT)
         if len(welcome) < 2:
@@ -1427,11 +1475,21 @@ class TCPStore:
         if status == _PROOF:
             if self._token is None:
                 raise StoreAuthError("the store at %s requires a token and none was given" % self._where())
-            sock.sendall(_field(_proof(self._token, welcome[2:])))
+            challenge, nonce = welcome[2:], os.urandom(_CHALLENGE_SIZE)
+            sock.sendall(_field(_proof(self._token, challenge) + nonce))
             verdict = _recv_frame(sock, _HANDSHAKE_FRAME_LIMIT)
             if verdict[:1] != bytes([_READY]):
-                raise StoreAuthError("the store at %s refused our token" % self._where())
-            features, offer = verdict[1:2], verdict[2:]
+                raise StoreAuthError("the store at %s refused our token (a wrong token, or a store.py too old to "
+                                     "prove it knows the token)" % self._where())
+            if not _same(verdict[1:1 + _CHALLENGE_SIZE], _server_proof(self._token, nonce, challenge)):
+                raise StoreAuthError("the store at %s did not prove it knows the token; refusing it (is another "
+                                     "program holding its port?)" % self._where())
+            features, offer = verdict[1 + _CHALLENGE_SIZE:2 + _CHALLENGE_SIZE], verdict[2 + _CHALLENGE_SIZE:]
+        elif status == _READY and self._token is not None:
+            # a store of this token asks for it: one that lets us in without, knows nothing of it
+            raise StoreAuthError("the store at %s did not ask for the token, so it cannot prove it is the "
+                                 "token's store; refusing it (is another program holding its port, or does the "
+                                 "store run without a token?)" % self._where())
         elif status != _READY:
             raise EOFError("unexpected welcome status %d" % status)
         self._features = features[0] if features else 0   # an older server sends none
@@ -1785,7 +1843,7 @@ class TCPStore:
 
     def _wait_ms(self, timeout):
         seconds = self.timeout if timeout is None else _seconds(timeout)
-        return seconds, int(seconds * 1000)
+        return seconds, _wire_ms(seconds)
 
     # -- the API
 
@@ -1802,6 +1860,8 @@ class TCPStore:
         """Add `amount` to the integer at `key` (missing counts as 0); returns the new value."""
         if amount.__class__ is not int and not isinstance(amount, int):
             raise TypeError("add takes an int, got %s" % type(amount).__name__)
+        if not -0x8000000000000000 <= amount <= 0x7FFFFFFFFFFFFFFF:
+            raise ValueError("add: %d is outside the signed 64-bit range the store counts in" % amount)
         return _I64.unpack(self._call(_ADD, _key_field(key) + _I64.pack(amount)))[0]
 
     def compare_set(self, key, expected, desired):

@@ -319,3 +319,119 @@ def test_a_stderr_nobody_drains_never_stops_the_server():
         guard_is_served(srv.port)
     finally:
         srv.kill()
+
+
+# -------------------------------------------------------------------------------- mutual authentication
+
+class Impostor:
+    """A program that took the store's port: it answers the handshake with `answer(hello_sock)`."""
+
+    def __init__(self, answer):
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self.listener.getsockname()[1]
+        self.answer = answer
+        self.thread = threading.Thread(target=self._serve, daemon=True)
+        self.thread.start()
+
+    def _serve(self):
+        try:
+            sock, _ = self.listener.accept()
+        except OSError:
+            return
+        with sock:
+            recv_frame(sock)   # the hello
+            try:
+                self.answer(sock)
+                sock.recv(1)   # hold the connection until the client gives up on it
+            except OSError:
+                pass
+
+    def close(self):
+        self.listener.close()
+        self.thread.join(10)
+
+
+def never_asks(sock):
+    sock.sendall(frame(bytes([0, 1, 1])))   # READY, version 1, features: come in
+
+
+def asks_and_takes_anything(sock):
+    sock.sendall(frame(bytes([1, 1]) + os.urandom(32)))   # PROOF and a challenge
+    recv_frame(sock)                                       # whatever the proof, READY
+    sock.sendall(frame(bytes([0]) + os.urandom(32) + bytes([1])))
+
+
+@pytest.mark.parametrize("answer, says", [(never_asks, "did not ask for the token"),
+                                          (asks_and_takes_anything, "did not prove it knows the token")])
+def test_a_client_with_a_token_refuses_a_server_that_cannot_prove_it_knows_it(answer, says):
+    impostor = Impostor(answer)
+    try:
+        with pytest.raises(StoreAuthError, match=says):
+            TCPStore("127.0.0.1", impostor.port, token="s3cret", timeout=10)
+    finally:
+        impostor.close()
+
+
+def test_the_real_server_proves_it_and_still_lets_in_a_client_that_does_not_ask():
+    srv = StoreServer("127.0.0.1", 0, token="s3cret", local_socket=False).start()
+    try:
+        with TCPStore("127.0.0.1", srv.port, token="s3cret", timeout=10) as c:
+            c.set("k", "v")
+        # a client from before mutual authentication: its proof alone, no nonce, and no server proof back
+        sock = socket.create_connection(("127.0.0.1", srv.port), timeout=10)
+        try:
+            sock.sendall(frame(b"EKVS\x01"))
+            welcome = recv_frame(sock)
+            sock.sendall(frame(store._proof(b"s3cret", welcome[2:])))
+            verdict = recv_frame(sock)
+            assert verdict == bytes([0, 1])   # READY and its features, no proof
+        finally:
+            sock.close()
+    finally:
+        srv.stop()
+
+
+# -------------------------------------------------------------------------------- binding one address
+
+def test_a_master_can_listen_on_one_address_only():
+    with TCPStore("127.0.0.1", 0, is_master=True, bind="127.0.0.1", timeout=10) as master:
+        master.set("k", "v")
+        with pytest.raises(ConnectionRefusedError):   # another address of this host
+            socket.create_connection(("127.0.0.2", master.port), timeout=10).close()
+    with TCPStore("127.0.0.1", 0, is_master=True, timeout=10) as everywhere:   # the default: all of them
+        socket.create_connection(("127.0.0.2", everywhere.port), timeout=10).close()
+
+
+# -------------------------------------------------------------------------------- numbers at the edges
+
+def test_numbers_the_wire_cannot_carry_give_one_line_errors_or_mean_forever():
+    import datetime
+    import math
+    srv = StoreServer("127.0.0.1", 0).start()
+    try:
+        with TCPStore("127.0.0.1", srv.port, timeout=10) as c:
+            for amount in (2 ** 63, -2 ** 63 - 1):
+                with pytest.raises(ValueError, match="outside the signed 64-bit range"):
+                    c.add("n", amount)
+            assert c.add("n", 2 ** 63 - 1) == 2 ** 63 - 1
+            for bad in (math.nan, -1, datetime.timedelta(seconds=-1)):
+                with pytest.raises(ValueError, match="timeout must be a number of seconds >= 0"):
+                    c.set_timeout(bad)
+                with pytest.raises(ValueError, match="timeout must be a number of seconds >= 0"):
+                    c.wait(["n"], bad)
+            with pytest.raises(TypeError, match="a timeout is a number of seconds"):
+                c.set_timeout("soon")
+            assert c.timeout == 10
+            # a timeout beyond what the wire or the kernel can carry waits for good
+            for forever in (math.inf, datetime.timedelta.max, 1e12, 10 ** 400):
+                with TCPStore("127.0.0.1", srv.port, timeout=forever) as patient:
+                    got = []
+                    waiter = threading.Thread(target=lambda: got.append(patient.get("later")))
+                    waiter.start()
+                    patient.wait(["n"], forever)
+                    c.set("later", "now")
+                    waiter.join(30)
+                    assert got == [b"now"]
+                    c.delete_key("later")
+    finally:
+        srv.stop()
