@@ -159,6 +159,7 @@ _HANDSHAKE_FRAME_LIMIT = 256
 _CHALLENGE_SIZE = 32
 _OUTPUT_LIMIT = 4 * 1024 * 1024   # replies queued for one connection before we stop reading its requests
 _PARKED_FLOOR = 16                # parked requests every connection may hold, whatever the total
+_TURN_REQUESTS = 256              # pipelined requests of one connection answered before the others get a turn
 
 _SET, _GET, _ADD, _CAS, _WAIT, _CHECK, _DELETE, _COUNT, _MSET, _APPEND, _EPHEMERAL = range(1, 12)
 _F_EPHEMERAL = 1                  # features bit: the server knows EPHEMERAL
@@ -388,7 +389,9 @@ class _Conn:
         # queued replies we stop: requests already read wait unparsed in rbuf, and the answers of
         # parked gets that come due wait in `owed` as (request id, the values), references to the
         # stored values rather than copies. `paused` says either holds something, to be taken up
-        # once the client has read enough of its replies.
+        # once the client has read enough of its replies. A connection is also paused after
+        # _TURN_REQUESTS pipelined requests in one turn of the loop, and resumed in the next, so
+        # that a flood on one connection delays the others by one short turn, not by a whole read.
         self.paused = False
         self.owed = None
 
@@ -720,6 +723,8 @@ class StoreServer:
                     if due == 0.0:
                         self._logbook.tick()
                     timeout = due if timeout is None else min(timeout, due)
+                if self._backlog:
+                    timeout = 0
                 for fd, mask in poll(timeout):
                     conn = objects.get(fd)   # None: closed earlier in this turn
                     if conn.__class__ is _Conn:
@@ -741,7 +746,7 @@ class StoreServer:
                     for conn in dirty:
                         if not conn.closed:
                             self._flush(conn)
-                while self._backlog:
+                if self._backlog:   # those that join it meanwhile wait for the next turn
                     backlog, self._backlog = self._backlog, []
                     for conn in backlog:
                         if conn.paused and not conn.closed:
@@ -878,10 +883,15 @@ class StoreServer:
         pos, size = 0, len(buf)
         ops = self._ops
         wbuf = conn.wbuf
+        turn = _TURN_REQUESTS
         try:
             while size - pos >= 4 and not conn.closed:
-                if len(wbuf) > _OUTPUT_LIMIT:   # the client is not reading: neither do we (see _Conn.paused)
+                # the client is not reading: neither do we (see _Conn.paused); or it has had its turn
+                turn -= 1
+                if len(wbuf) > _OUTPUT_LIMIT or not turn:
                     self._pause(conn)
+                    if not turn:
+                        self._backlog.append(conn)
                     break
                 (length,) = _U32.unpack_from(buf, pos)
                 limit = MAX_FRAME_SIZE if conn.state == "ready" else _HANDSHAKE_FRAME_LIMIT
