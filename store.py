@@ -98,8 +98,10 @@ and lock real clients out. The clock starts at accept, and a client sends its he
 connected, so the time counted is mostly the server working through a burst of connections (16,000
 clients connecting at once take it about a second) and a loaded client host scheduling the client;
 10 s leaves a wide margin for both. Anything malformed (unknown op, lengths that don't add up,
-oversized frame, a request before the handshake) closes that one connection, is logged in one line,
-and changes nothing stored: a request is fully parsed before it is applied. Values are never pickled.
+oversized frame, a request before the handshake) closes that one connection, is logged in one line
+(three a host in 10 s, the rest summed up in one line when the 10 s end; see ``_Logbook``), and
+changes nothing stored: a request is fully parsed before it is applied. Values are never pickled.
+One client costs a bounded amount: see the limits in ``StoreServer``'s docstring.
 
 Authentication is optional, and mutual. A server given a token sends a random challenge and accepts
 only the HMAC of it under the same token; the client sends its own random nonce with that proof, and
