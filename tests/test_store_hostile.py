@@ -384,7 +384,7 @@ def test_the_real_server_proves_it_and_still_lets_in_a_client_that_does_not_ask(
             welcome = recv_frame(sock)
             sock.sendall(frame(store._proof(b"s3cret", welcome[2:])))
             verdict = recv_frame(sock)
-            assert verdict == bytes([0, 1])   # READY and its features, no proof
+            assert verdict == bytes([0, store._FEATURES])   # READY and its features, no proof
         finally:
             sock.close()
     finally:
@@ -434,4 +434,25 @@ def test_numbers_the_wire_cannot_carry_give_one_line_errors_or_mean_forever():
                     assert got == [b"now"]
                     c.delete_key("later")
     finally:
+        srv.stop()
+
+
+def test_parked_queue_pops_count_against_the_same_caps_and_large_values_are_owed():
+    srv = StoreServer("127.0.0.1", 0, max_parked_per_connection=20).start()
+    sock = raw_connect(srv.port)
+    try:
+        sock.sendall(b"".join(request(14, rid, struct.pack(">q", -1) + field(b"q")) for rid in range(25)))
+        refused = read_replies(sock, 5)
+        assert sorted(refused) == list(range(20, 25))
+        assert all(status == 2 and b"max_parked_per_connection" in body for status, body in refused.values())
+        with TCPStore("127.0.0.1", srv.port, timeout=10) as c:
+            for i in range(20):   # 20 MiB handed to a client that reads none of it yet
+                c.queue_push("q", bytes([i]) * MiB)
+            c.set("pushed", "1")
+        replies = read_replies(sock, 20)
+        assert sorted(body[4:5] for status, body in replies.values()) == [bytes([i]) for i in range(20)]
+        assert all(status == 0 and len(body) == 4 + MiB for status, body in replies.values())
+        assert srv._parked == 0
+    finally:
+        sock.close()
         srv.stop()
