@@ -547,12 +547,17 @@ class _Logbook:
                 log.warning("store: %d warnings were dropped: the log was not being written fast enough", dropped)
             log.warning("%s", line)
 
-    def close(self):
-        """Let the thread write what is queued, then end."""
+    def close(self, timeout=1.0):
+        """Let the thread write what is queued, then end; wait up to `timeout` seconds for it, so
+        that a program that exits next still prints the last summary (unless its stderr is stuck)."""
         with self._cond:
-            if self._thread is not None:
-                self._queue.append(None)
-                self._cond.notify()
+            thread = self._thread
+            if thread is None:
+                return
+            self._queue.append(None)
+            self._cond.notify()
+        if thread is not threading.current_thread():
+            thread.join(timeout)
 
 
 class _Popper(_Waiter):
