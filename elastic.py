@@ -221,7 +221,7 @@ class DefaultLogsSpecs:
             self._own_dir = True
         else:
             os.makedirs(base, exist_ok=True)
-        self.root_log_dir = tempfile.mkdtemp(prefix="%s_" % run_id, dir=base)
+        self.root_log_dir = tempfile.mkdtemp(prefix="%s_" % _run_id_for_files(run_id), dir=base)
         return self.root_log_dir
 
     def _cleanup(self):
@@ -249,6 +249,18 @@ class DefaultLogsSpecs:
                 dest = "file"
             out.append(dest)
         return tuple(out)
+
+
+def _run_id_for_files(run_id):
+    """A run id as one file-name component: letters, digits, ``.``, ``_`` and ``-`` stay, every other
+    byte of its UTF-8 is ``%XX`` (so ``../x`` and ``a/b`` stay inside the log folder); one longer than
+    100 characters is cut and ends in a hash of the whole id, to stay well under NAME_MAX."""
+    out = "".join(chr(b) if chr(b).isalnum() and b < 128 or chr(b) in "._-" else "%%%02X" % b
+                  for b in run_id.encode("utf-8", "surrogateescape"))
+    if len(out) > 100:
+        import hashlib
+        out = out[:83] + "~" + hashlib.sha256(run_id.encode("utf-8", "surrogateescape")).hexdigest()[:16]
+    return out
 
 
 def _with_local_rank(args, local_rank):
@@ -3050,6 +3062,14 @@ def _random_uuid():
     return "%s-%s-%s-%s-%s" % (h[:8], h[8:12], h[12:16], h[16:20], h[20:])
 
 
+# Bounds of the numeric options: past them a value is a typo, and some would overflow a wait
+# (poll takes milliseconds in a C int) or start workers until the machine gives out.
+_MAX_NODES = 65536
+_MAX_NPROC = 65536
+_MAX_RESTARTS = 2 ** 31 - 1
+_MAX_SECONDS = 1e6   # about 11.5 days
+
+
 def _parse_nnodes(text):
     lo, sep, hi = str(text).partition(":")
     try:
@@ -3059,7 +3079,23 @@ def _parse_nnodes(text):
         raise _UsageError("--nnodes %r is not N or MIN:MAX" % text)
     if lo < 1 or hi < lo:
         raise _UsageError("--nnodes %r needs 1 <= MIN <= MAX" % text)
+    if hi > _MAX_NODES:
+        raise _UsageError("--nnodes %r: at most %d nodes" % (text, _MAX_NODES))
     return lo, hi
+
+
+# A run id is data: it names the run in the store and in file names, never a path. File names get
+# it encoded (_run_id_for_files); these are the ids no encoding makes usable.
+_MAX_RUN_ID = 255
+
+
+def _check_run_id(run_id, option="--rdzv-id"):
+    if not run_id:
+        raise _UsageError("%s must not be empty" % option)
+    if len(run_id) > _MAX_RUN_ID:
+        raise _UsageError("%s is %d characters long: at most %d" % (option, len(run_id), _MAX_RUN_ID))
+    if any(ord(ch) < 32 or ord(ch) == 127 for ch in run_id):
+        raise _UsageError("%s %r must not contain control characters" % (option, run_id))
 
 
 def _gpu_count():
@@ -3090,8 +3126,8 @@ def _parse_nproc(text):
         n = int(text)
     except ValueError:
         raise _UsageError("--nproc-per-node %r is not a number, auto, cpu or gpu" % text)
-    if n < 1:
-        raise _UsageError("--nproc-per-node must be at least 1, got %d" % n)
+    if not 1 <= n <= _MAX_NPROC:
+        raise _UsageError("--nproc-per-node must be between 1 and %d, got %d" % (_MAX_NPROC, n))
     return n
 
 
@@ -3192,6 +3228,7 @@ def _rdzv_params(o, explicit):
         conf["is_host"] = "1"
     if backend not in _rdzv._BACKENDS:
         raise _UsageError("--rdzv-backend %r is not one of %s" % (backend, ", ".join(_rdzv._BACKENDS)))
+    _check_run_id(run_id)
     if backend == "static":   # torchrun's options for it: node 0 serves the store at the master address
         endpoint = "%s:%d" % (o["master_addr"] or "127.0.0.1", o["master_port"] or 29500)
         conf["rank"] = o["node_rank"]
@@ -3216,11 +3253,13 @@ def _config_from_args(args, environ):
     if o["master_port"] is not None and not 0 < o["master_port"] < 65536:
         raise _UsageError("--master-port %d is not a TCP port" % o["master_port"])
     rdzv = _rdzv_params(o, args._explicit)
-    for dest, ok, text in (("max_restarts", o["max_restarts"] >= 0, "must be >= 0"),
-                           ("monitor_interval", 0 < o["monitor_interval"] < float("inf"),
-                            "must be a number of seconds > 0"),
-                           ("shutdown_timeout", o["shutdown_timeout"] >= 0, "must be >= 0"),
-                           ("exit_barrier_timeout", o["exit_barrier_timeout"] >= 0, "must be >= 0"),
+    seconds = "must be a number of seconds between 0 and %g" % _MAX_SECONDS
+    for dest, ok, text in (("max_restarts", 0 <= o["max_restarts"] <= _MAX_RESTARTS,
+                            "must be between 0 and %d" % _MAX_RESTARTS),
+                           ("monitor_interval", 0 < o["monitor_interval"] <= _MAX_SECONDS,
+                            "must be a number of seconds > 0 and at most %g" % _MAX_SECONDS),
+                           ("shutdown_timeout", 0 <= o["shutdown_timeout"] <= _MAX_SECONDS, seconds),
+                           ("exit_barrier_timeout", 0 <= o["exit_barrier_timeout"] <= _MAX_SECONDS, seconds),
                            ("start_method", o["start_method"] in ("spawn", "fork", "forkserver"),
                             "is not spawn, fork or forkserver")):
         if not ok:
@@ -3232,6 +3271,8 @@ def _config_from_args(args, environ):
     health_check_port = _health_check_port(o["health_check_port"], environ)
     if not (o["module"] or o["no_python"]) and not os.path.exists(o["training_script"]):
         raise _UsageError("no such script: %s" % o["training_script"])
+    if o["no_python"]:
+        _check_program(o["training_script"])
     # the static backend's workers get a fresh port from node 0; the others' only when asked
     static = rdzv.backend == "static"
     return _LaunchConfig(
@@ -3245,6 +3286,17 @@ def _config_from_args(args, environ):
         logs=logs, signals=signals, health_check_port=health_check_port,
         script=o["training_script"], script_args=list(o["training_script_args"]),
         mode=modes[0] if modes else "script")
+
+
+def _check_program(program):
+    """--no-python's program must be one exec can start: found on PATH (a bare name) or a file, and
+    executable."""
+    import shutil
+    path = program if os.sep in program else shutil.which(program)
+    if path is None or not os.path.exists(path):
+        raise _UsageError("--no-python: no such program: %s" % program)
+    if os.path.isdir(path) or not os.access(path, os.X_OK):
+        raise _UsageError("--no-python: %s is not an executable file" % program)
 
 
 def _logs_specs(o):

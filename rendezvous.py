@@ -169,6 +169,7 @@ _TIMEOUTS = {
     "join_timeout": 600.0, "last_call_timeout": 30.0, "close_timeout": 30.0,
     "heartbeat_interval": 5.0, "heartbeat_timeout": 15.0, "read_timeout": 60.0,
 }
+_MAX_SECONDS = 1e6                          # about 11.5 days
 _OTHER_KEYS = ("is_host", "token_file", "rank", "keep_alive_interval", "keep_alive_max_attempt")
 _TORCH_ONLY_KEYS = ("store_type", "use_libuv", "local_addr")   # accepted from torchrun users, unused
 _BACKENDS = ("c10d", "store", "static", "etcd")
@@ -313,8 +314,9 @@ class RendezvousParameters:
                 seconds = float(value)
             except (TypeError, ValueError):
                 raise ValueError("rdzv conf %s=%r is not a number of seconds" % (key, value)) from None
-            if not seconds > 0 or seconds != seconds or seconds == float("inf"):
-                raise ValueError("rdzv conf %s=%r must be a positive number of seconds" % (key, value))
+            if not 0 < seconds <= _MAX_SECONDS:   # also nan and inf; past the cap a wait overflows
+                raise ValueError("rdzv conf %s=%r must be a number of seconds > 0 and at most %g"
+                                 % (key, value, _MAX_SECONDS))
             setattr(self, key, seconds)
         if self.heartbeat_timeout <= self.heartbeat_interval:
             raise ValueError("rdzv conf heartbeat_timeout=%g must exceed heartbeat_interval=%g"

@@ -579,3 +579,22 @@ def test_stop_signal_in_the_exit_barrier_exits_128_plus_n(tmp_path):
         for a in agents:
             a.stop()
         store.stop()
+
+
+
+@pytest.mark.parametrize("run_id", ["../esc", "../../esc", "a/b", "job.42", "none",
+                                    "8c1f0e6e-0d2b-4a3c-9f7e-2f5d1c9b7a10", "x" * 255])
+def test_run_ids_are_data_never_paths(tmp_path, run_id):
+    """A run id names the run's log folder encoded: it never leaves --log-dir, whatever it holds."""
+    logs = tmp_path / "x" / "logs"
+    a = Launcher(["--log-dir", str(logs), "--redirects", "3", "--rdzv-id", run_id] + FAST
+                 + [os.path.join(SCRIPTS, "printer.py")], tmp_path)
+    try:
+        assert a.wait() == 0, a.err()
+    finally:
+        a.stop()
+    runs = os.listdir(str(logs))
+    assert len(runs) == 1, runs
+    assert os.path.exists(os.path.join(str(logs), runs[0], "attempt_0", "0", "stdout.log"))
+    assert sorted(os.listdir(str(tmp_path))) == ["agent.err", "agent.out", "x"]
+    assert os.listdir(str(tmp_path / "x")) == ["logs"]
