@@ -322,20 +322,21 @@ def test_signal_names_in_failures():
     assert f.signal_name() == "SIGTERM" and f.launcher_exit_code() == 143
 
 
-# Every start path gives whole lines: 8 workers share the console and print 300 lines each.
+# Every start path gives whole lines: 8 workers share the console and print 300 lines each, all at
+# once (lines.py waits for every rank first; argv[2] is its meeting folder).
 LINES = os.path.join(SCRIPTS, "lines.py")
 API_RUNS = {
     "script through python_command": """
-        cmd = elastic.python_command(sys.argv[1], ["300"])
+        cmd = elastic.python_command(sys.argv[1], ["300", sys.argv[2]])
         spec = elastic.WorkerSpec("w", 8, cmd[0], cmd[1:], monitor_interval=0.05)
         sys.exit(elastic.LocalElasticAgent(spec).run().is_failed())""",
     "callable": """
         sys.path.insert(0, os.path.dirname(sys.argv[1]))
         import lines
-        spec = elastic.WorkerSpec("w", 8, lines.lines, ("300",), monitor_interval=0.05)
+        spec = elastic.WorkerSpec("w", 8, lines.lines, ("300", sys.argv[2]), monitor_interval=0.05)
         sys.exit(elastic.LocalElasticAgent(spec).run().is_failed())""",
     "main([...])": """
-        sys.exit(elastic.main(["--standalone", "--nproc-per-node", "8", sys.argv[1], "300"]))""",
+        sys.exit(elastic.main(["--standalone", "--nproc-per-node", "8", sys.argv[1], "300", sys.argv[2]]))""",
 }
 
 
@@ -345,9 +346,12 @@ def test_console_gets_whole_lines_from_every_start_path(tmp_path, how):
     import subprocess
     import textwrap
     code = "import os, sys\nimport elastic\n" + textwrap.dedent(API_RUNS[how])
+    meet = tmp_path / "meet"
+    meet.mkdir()
     # one pipe shared by every worker, as a console is
-    p = subprocess.run([sys.executable, "-c", code, LINES], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                       cwd=str(tmp_path), env=dict(os.environ, PYTHONPATH=os.path.dirname(HERE)), timeout=120)
+    p = subprocess.run([sys.executable, "-c", code, LINES, str(meet)], stdout=subprocess.PIPE,
+                       stderr=subprocess.PIPE, cwd=str(tmp_path),
+                       env=dict(os.environ, PYTHONPATH=os.path.dirname(HERE)), timeout=120)
     assert p.returncode == 0, p.stderr.decode()
     lines = p.stdout.decode().splitlines()
     whole = re.compile(r"rank [0-7] line \d+ x{80}\Z")
@@ -368,3 +372,9 @@ def test_every_state_is_reachable_through_the_transition_table():
     agent = LocalElasticAgent(WorkerSpec("r", 1, funcs.happy, monitor_interval=0.05))
     assert agent.state == WorkerState.UNKNOWN     # built, not run
     assert agent.run().state == agent.state == WorkerState.SUCCEEDED
+
+
+def test_a_program_that_cannot_start_raises_its_own_error(tmp_path):
+    spec = WorkerSpec("r", 2, str(tmp_path / "no-such-program"), monitor_interval=0.05)
+    with pytest.raises(FileNotFoundError):
+        LocalElasticAgent(spec, shutdown_timeout=2).run()

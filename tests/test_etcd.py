@@ -287,7 +287,8 @@ def test_cluster_keeps_working_when_a_member_is_killed(cluster3):
             blocked = {}
             getter = threading.Thread(target=lambda: blocked.update(v=s.get("after")), daemon=True)
             getter.start()
-            wait_for(lambda: cluster3.metric("etcd_debugging_mvcc_watcher_total", current) >= 1, HANG_GUARD, "the watch")
+            wait_for(lambda: cluster3.metric("etcd_debugging_mvcc_watcher_total", current) >= 1, HANG_GUARD,
+                     "the watch")
             s.set("go", "1")
             wait_for(lambda: int(s.get("counter")) >= count, HANG_GUARD, "the adders to get going")
             cluster3.kill(current)
