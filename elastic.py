@@ -67,9 +67,11 @@ from the agent SIGKILLs every live worker group when that pipe reaches end-of-fi
 descendant that left its group (a daemon, ``setsid cmd &``) is found by its environment: workers
 get ``ELASTICRUN_TREE`` holding a token unique to the agent, every program they start inherits it,
 and both teardown (same signal, same grace) and the watchdog also kill this user's processes whose
-/proc/<pid>/environ carries the token. Not found that way: a descendant that empties its
-environment, and one that a fork-server or ``--run-path`` worker forks *without exec* and that then
-leaves the group (/proc shows the environment a process was exec'd with, here the launcher's).
+/proc/<pid>/environ carries the token. A process forked *without exec* shows the launcher's
+environment there, so Python workers have a subreaper (PR_SET_CHILD_SUBREAPER) above them: the fork
+server for script workers, the launcher itself for ``--run-path`` ones. An orphan below it stays
+below it, and teardown signals and kills every process it finds there too (the fork server, which
+leaves when the agent's socket closes, kills them before it goes, also after a SIGKILLed agent).
 
 Error channel: each worker gets ``TORCHELASTIC_ERROR_FILE``; ``record`` (and, for Python script
 workers, an excepthook installed by a small bootstrap) writes torchelastic's JSON there atomically::
@@ -627,6 +629,14 @@ def _prctl():
 
 
 _PR_SET_PDEATHSIG = 1
+_PR_SET_CHILD_SUBREAPER = 36
+
+
+def _set_subreaper(prctl, on=True):
+    """Make this process the one its orphaned descendants are re-parented to (Linux 3.4+), so that
+    they stay below it, where _descendants finds them."""
+    if prctl is not None:
+        prctl(_PR_SET_CHILD_SUBREAPER, 1 if on else 0)
 
 
 def _die_with_parent(prctl, parent_pid):
@@ -755,6 +765,59 @@ def _alive(pid):
         return True
     stat = _proc_stat(pid)
     return stat is None or stat[0] != b"Z"
+
+
+def _process_table():
+    """{pid: (state, ppid, pgid)} of every process /proc shows, read once."""
+    table = {}
+    try:
+        names = os.listdir("/proc")
+    except OSError:
+        return table
+    for name in names:
+        if not name.isdigit():
+            continue
+        try:
+            with open("/proc/%s/stat" % name, "rb") as f:
+                fields = f.read().rsplit(b")", 1)[1].split()
+            table[int(name)] = (fields[0], int(fields[1]), int(fields[2]))
+        except (OSError, IndexError, ValueError):
+            pass
+    return table
+
+
+def _descendants(root, skip=()):
+    """{pid: pgid} of the live processes below `root` (zombies aside), never `root` itself nor the
+    pids in `skip` (what is below those still counts). Under a subreaper (_set_subreaper) that is
+    every process it or its children started that is still alive, orphans included."""
+    children = {}
+    table = _process_table()
+    for pid, (_, ppid, _) in table.items():
+        children.setdefault(ppid, []).append(pid)
+    found, todo = {}, list(children.get(root, ()))
+    while todo:
+        pid = todo.pop()
+        todo.extend(children.get(pid, ()))
+        state, _, pgid = table[pid]
+        if pid not in skip and state != b"Z":
+            found[pid] = pgid
+    return found
+
+
+def _kill_descendants(root, skip=(), timeout=2.0):
+    """SIGKILL every process below `root` (see _descendants), again until none is left: one may fork
+    between our look and its death. Gives up after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        pids = _descendants(root, skip)
+        for pid in pids:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except OSError:
+                pass
+        if not pids or time.monotonic() >= deadline:
+            return
+        time.sleep(0.005)   # SIGKILL takes effect when the process is next scheduled
 
 
 def _group_alive(pgid):
@@ -929,8 +992,10 @@ class _ForkServer:
     had imported (a script-local ``json.py`` will not shadow ``json``; our own ``store``,
     ``rendezvous`` and ``elastic`` are dropped from ``sys.modules``, so those names stay free).
 
-    The server is a child of the agent (PR_SET_PDEATHSIG), workers are its children (the same), so
-    a SIGKILLed agent takes all of them along. Over a socketpair::
+    The server is a child of the agent and leaves when the agent's end of the socket closes, killing
+    every process below it first (it is their subreaper: orphans of its workers stay below it);
+    workers are its children (PR_SET_PDEATHSIG). A SIGKILLed agent takes all of them along. Over a
+    socketpair::
 
         agent -> server   frame: u32 length, u8 flags (1: stdout fd, 2: stderr fd; the fds ride along
                           as SCM_RIGHTS), then NUL-separated: mode, script, argc, args..., KEY=VALUE...
@@ -1035,15 +1100,35 @@ class _ForkServer:
 
 def _fork_server_loop(sock, prctl, agent_pid):
     """The server's life: fork on request, report births and deaths. Returns only in a new worker."""
-    import array
-    import select
-    import socket
-    import struct
     try:
         os.setsid()
     except OSError:
         pass
-    _die_with_parent(prctl, agent_pid)
+    # The server adopts every orphan below its workers (a worker's child that forked again and
+    # called setsid is in no worker group and carries no mark), so teardown finds them among its
+    # descendants. It has no PR_SET_PDEATHSIG: it leaves when its socket reaches end-of-file, as it
+    # does when the agent dies, and kills what is below it first.
+    _set_subreaper(prctl)
+    if os.getppid() != agent_pid:   # the agent died before we got here
+        os._exit(1)
+    me = os.getpid()
+    try:
+        request = _fork_server_serve(sock, prctl)
+        if request is not None:   # in a new worker
+            return request
+    except BaseException:
+        if os.getpid() != me:   # a new worker failed before running its script
+            raise
+    _kill_descendants(me)
+    os._exit(0)
+
+
+def _fork_server_serve(sock, prctl):
+    """The server's loop; returns None when the agent has gone, the request in a new worker."""
+    import array
+    import select
+    import socket
+    import struct
     import gc
     gc.freeze()  # workers' collections skip what they inherit: fewer copy-on-write page copies
     handled = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT)
@@ -1076,7 +1161,7 @@ def _fork_server_loop(sock, prctl, agent_pid):
             continue
         head, anc, _, _ = sock.recvmsg(5, socket.CMSG_SPACE(2 * int_size))
         if not head:
-            os._exit(0)
+            return None
         fds = array.array("i")
         for level, kind, data in anc:
             if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
@@ -1086,7 +1171,7 @@ def _fork_server_loop(sock, prctl, agent_pid):
             size, flags = struct.unpack("!IB", head)
             body = _store._recv_exactly(sock, size)
         except EOFError:   # the agent is gone mid-request
-            os._exit(0)
+            return None
         fields = [f.decode("utf-8", "surrogateescape") for f in body.split(b"\0")]
         mode, script, argc = fields[0], fields[1], int(fields[2])
         args, env = fields[3:3 + argc], dict(f.split("=", 1) for f in fields[3 + argc:])
@@ -1431,9 +1516,14 @@ class _Worker:
 # hands it out in finish(workers) (the fork server forks while we prepare the next worker).
 
 class _ProgramStarter:
+    """Programs (and scripts without a fork server) as subprocesses."""
+
     def __init__(self, entrypoint, args):
         self._argv = [entrypoint] + [str(a) for a in args]
         self._prctl = None   # resolved on first use: the fork-server path never needs ctypes here
+
+    def adopter(self, helpers):
+        return None   # what an exec'd program starts carries its environment, and the mark finds it
 
     def start(self, w):
         import subprocess
@@ -1484,16 +1574,34 @@ class _ForkServerStarter:
         for w in workers:
             w.handle = _ForkedHandle(self._server, self._server.next_pid())
 
+    def adopter(self, helpers):
+        """The fork server is the subreaper of every worker's descendants, and nothing else's."""
+        return self._server.pid, ()
+
 
 class _FunctionStarter:
     """Callables in multiprocessing children (spawn, fork or forkserver)."""
 
-    def __init__(self, fn, args, start_method, role):
+    def __init__(self, fn, args, start_method, role, adopt_orphans=False):
         import multiprocessing
         self._ctx = multiprocessing.get_context(start_method)
         self._fn, self._args, self._method, self._role = fn, tuple(args), start_method, role
+        self._adopt = adopt_orphans
+
+    def adopter(self, helpers):
+        """(the subreaper whose descendants teardown kills, the pids it spares), or None."""
+        if not self._adopt:
+            return None
+        import multiprocessing.resource_tracker as tracker
+        spared = set(helpers) | {getattr(tracker._resource_tracker, "_pid", None)}
+        forkserver = sys.modules.get("multiprocessing.forkserver")
+        if forkserver is not None:
+            spared.add(getattr(forkserver._forkserver, "_forkserver_pid", None))
+        return os.getpid(), spared
 
     def start(self, w):
+        if self._adopt:
+            _set_subreaper(_prctl())
         paths = [None if dest == "console" else path for dest, path in zip(w.dests, w.log_paths)]
         reader, writer = self._ctx.Pipe(duplex=False)
         # forkserver children have the forkserver for a parent, not us
@@ -1509,12 +1617,12 @@ class _FunctionStarter:
         pass
 
 
-def _starter(spec, start_method, fork_server=None):
+def _starter(spec, start_method, fork_server=None, adopt_orphans=False):
     """The starter for a spec's workers: callables in multiprocessing children; Python scripts (an
     entrypoint from python_command) from the fork server when there is one; other programs, and
     scripts without a fork server, as subprocesses."""
     if not isinstance(spec.entrypoint, str):
-        return _FunctionStarter(spec.entrypoint, spec.args, start_method, spec.role)
+        return _FunctionStarter(spec.entrypoint, spec.args, start_method, spec.role, adopt_orphans)
     script = _python_script(spec.entrypoint, spec.args) if fork_server is not None else None
     if script is not None:
         return _ForkServerStarter(fork_server, *script)
@@ -1749,7 +1857,17 @@ class _WorkerGroup:
         started = [w for w in self.workers if w.handle is not None]   # all, unless start() stopped
         for w in started:
             w.handle.signal(sig)
-        strays = _signal_marked(self._token, sig, {w.pid for w in started})
+        groups = {w.pid for w in started}
+        strays = _signal_marked(self._token, sig, groups)
+        adopter = self._starter.adopter({self._reaper.pid})
+        if adopter is not None:
+            for pid, pgid in _descendants(*adopter).items():
+                if pgid not in groups:
+                    try:
+                        os.kill(pid, sig)
+                        strays.append(pid)
+                    except OSError:
+                        pass
         self._wait_gone(started, strays, time.monotonic() + grace)
         for w in started:
             if w.poll() is None:
@@ -1759,6 +1877,8 @@ class _WorkerGroup:
             w.handle.close()
         # after the reap: no worker is left to start another one meanwhile
         _kill_marked(self._token, self.KILL_WAIT)
+        if adopter is not None:
+            _kill_descendants(adopter[0], adopter[1], self.KILL_WAIT)
         self._pump.stop()
 
     @staticmethod
@@ -1968,11 +2088,13 @@ class LocalElasticAgent:
     ``fork_server``: a ``_ForkServer`` forked before the caller started threads; Python-script workers
     (an entrypoint from ``python_command``) are then forked from it. ``stop_flag``: a ``_StopFlag``
     whose handler the caller installed for the signals it wants to end the run; None leaves signals
-    to the caller."""
+    to the caller. ``adopt_orphans``: for a process that runs nothing but the agent (the launcher):
+    it becomes the subreaper of its callable workers' descendants, and teardown kills every process
+    below it except its own helpers, also one a worker forked without exec that left its group."""
 
     def __init__(self, spec, *, logs_specs=None, start_method="spawn", exit_barrier_timeout=300,
                  shutdown_timeout=30, log_line_prefix_template=None, health_check_port=None,
-                 fork_server=None, stop_flag=None):
+                 fork_server=None, stop_flag=None, adopt_orphans=False):
         if start_method not in ("spawn", "fork", "forkserver"):
             raise ValueError("start_method must be spawn, fork or forkserver, got %r" % (start_method,))
         self._spec = spec
@@ -1982,7 +2104,7 @@ class LocalElasticAgent:
         self._shutdown_timeout = float(shutdown_timeout)
         self._prefix_template = log_line_prefix_template or _DEFAULT_PREFIX_TEMPLATE
         self._handler = spec.rdzv_handler or _LocalRendezvous(addr=spec.local_addr)
-        self._starter = _starter(spec, start_method, fork_server)
+        self._starter = _starter(spec, start_method, fork_server, adopt_orphans)
         self._stop = stop_flag or _NoStop()
         self._health_check_port = health_check_port
         self._state = WorkerState.UNKNOWN
@@ -4002,7 +4124,8 @@ def _run_job(c, stop, server, environ):
     agent = LocalElasticAgent(spec, logs_specs=c.logs, start_method=c.start_method,
                               exit_barrier_timeout=c.exit_barrier_timeout, shutdown_timeout=c.shutdown_timeout,
                               log_line_prefix_template=c.prefix_template,
-                              health_check_port=c.health_check_port, fork_server=server, stop_flag=stop)
+                              health_check_port=c.health_check_port, fork_server=server, stop_flag=stop,
+                              adopt_orphans=True)
     try:
         result = agent.run()
     except _rdzv.RendezvousError as e:
