@@ -491,7 +491,8 @@ class ProcessFailure:
             elif exitcode is not None and exitcode < 0:
                 message = "Signal %d (%s) received by PID %s" % (-exitcode, _signal_name(-exitcode), pid)
             else:
-                message = "exited with code %s (no error file: see the worker's stderr)" % exitcode
+                message = ("exited with code %s (no error file: see the worker's stderr)" % exitcode
+                           if not error_file else _no_error_file(exitcode, os.path.dirname(error_file)))
         self.message = message
         if timestamp is None:
             timestamp = file_ts if file_ts is not None else int(self.exit_time)
@@ -522,6 +523,25 @@ class ProcessFailure:
     def __repr__(self):
         return "ProcessFailure(rank=%s, local_rank=%s, pid=%s, exitcode=%s)" % (
             self.rank, self.local_rank, self.pid, self.exitcode)
+
+
+_FULL_BELOW = 64 * 1024   # bytes free under which a log folder's file system counts as full
+
+
+def _no_error_file(exitcode, folder):
+    """Why a failed worker left no error file, when its log folder tells: a full file system (its
+    stderr and error file live there, so the worker could not say so itself)."""
+    text = "exited with code %s (no error file: see the worker's stderr)" % exitcode
+    try:
+        st = os.statvfs(folder)
+    except OSError:
+        return text
+    free = st.f_bavail * st.f_frsize
+    if free < _FULL_BELOW or (st.f_files and not st.f_favail):
+        return ("exited with code %s and left no error file: its log folder %s is on a full file system "
+                "(ENOSPC: no space left on device; %d bytes free), so its stderr and error file there "
+                "are cut short or empty" % (exitcode, folder, free))
+    return text
 
 
 def _first(failures):

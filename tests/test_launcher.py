@@ -4,6 +4,7 @@ import glob
 import json
 import os
 import signal
+import subprocess
 import sys
 
 import pytest
@@ -599,3 +600,27 @@ def test_run_ids_are_data_never_paths(tmp_path, run_id):
     assert os.path.exists(os.path.join(str(logs), runs[0], "attempt_0", "0", "stdout.log"))
     assert sorted(os.listdir(str(tmp_path))) == ["agent.err", "agent.out", "x"]
     assert os.listdir(str(tmp_path / "x")) == ["logs"]
+
+
+def test_a_full_log_file_system_is_named_in_the_report(tmp_path):
+    """Workers that die because their log folder's file system is full cannot say so themselves (their
+    stderr and error file are there): the report says ENOSPC and names the folder."""
+    full = tmp_path / "full"
+    full.mkdir()
+    if subprocess.call(["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(full)],
+                       stderr=subprocess.DEVNULL) != 0:
+        pytest.skip("cannot mount a tmpfs here (needs root)")
+    a = None
+    try:
+        script = tmp_path / "flood.py"
+        script.write_text("import sys\nfor _ in range(1024):\n    sys.stdout.write('x' * 1023 + '\\n')\n")
+        a = Launcher(["--standalone", "--log-dir", str(full), "--redirects", "3"] + FAST + [str(script)],
+                     tmp_path)
+        assert a.wait() != 0, a.err()
+        err = a.err()
+        assert "ENOSPC" in err, err
+        assert "message    : exited with code" in err and str(full) in err.split("ENOSPC")[0], err
+    finally:
+        if a is not None:
+            a.stop()
+        subprocess.call(["umount", "-l", str(full)])
