@@ -117,7 +117,7 @@ bootstrap and the fork server); Worker processes (the handles and starters); Wor
 rendezvous; Agent; File timer: worker side; File timer: server; Health check; Slurm; Command line.
 
 Borrowed private helpers, and only these: from ``store`` the ones its docstring lists
-(``_recv_exactly`` and ``_Pace`` here); from ``rendezvous`` ``_BACKENDS`` (the launcher asks it for
+(``_recv_exactly``, ``_Pace`` and ``_read_token_file`` here); from ``rendezvous`` ``_BACKENDS`` (the launcher asks it for
 the backend names) and ``_free_port``. Nothing above this module borrows from it.
 """
 
@@ -3926,8 +3926,9 @@ def _health_check_port(value, environ):
     return value
 
 
-def _rdzv_params(o):
-    """RendezvousParameters from the option values `o`; rendezvous.py checks them."""
+def _rdzv_params(o, environ=None):
+    """RendezvousParameters from the option values `o`; rendezvous.py checks them. The store gets a
+    token whenever the launcher can share one (see _store_token)."""
     min_nodes, max_nodes = _parse_nnodes(o["nnodes"])
     backend, endpoint, run_id = o["rdzv_backend"], o["rdzv_endpoint"], o["rdzv_id"]
     conf = _parse_conf(o["rdzv_conf"])
@@ -3945,17 +3946,70 @@ def _rdzv_params(o):
         conf["rank"] = o["node_rank"]
     elif not endpoint:
         raise _UsageError("--rdzv-backend %s needs --rdzv-endpoint" % backend)
+    token = _store_token(o, backend, conf, run_id, environ or {})
     try:
         params = _rdzv.RendezvousParameters(backend, endpoint, run_id, min_nodes, max_nodes,
-                                            local_addr=o["local_addr"], **conf)
+                                            local_addr=o["local_addr"], token=token, **conf)
         if o["local_addr"] is None and params.host is not None and _is_loopback_name(params.host):
             # every node is on this machine; the host name would make each worker resolve it (slow
             # resolvers stall init_process_group for seconds)
             params = _rdzv.RendezvousParameters(backend, endpoint, run_id, min_nodes, max_nodes,
-                                                local_addr="127.0.0.1", **conf)
+                                                local_addr="127.0.0.1", token=token, **conf)
     except ValueError as e:
         raise _UsageError(str(e))
     return params
+
+
+def _store_token(o, backend, conf, run_id, environ):
+    """The store's token when the launcher can share one and none was given (``token_file``): under
+    --standalone a random one (only this process uses the store: workers never do, their
+    TORCHELASTIC_USE_AGENT_STORE is False); under --slurm one every node of the job derives alike
+    (_slurm_token). None otherwise: the nodes have nothing in common that others lack."""
+    if "token_file" in conf or backend not in ("c10d", "store"):
+        return None
+    if o["standalone"]:
+        return os.urandom(32).hex()
+    if o["slurm"]:
+        return _slurm_token(environ, run_id)
+    return None
+
+
+def _slurm_token(environ, run_id):
+    """A token for the Slurm job's store: HMAC-SHA256 of the run id (job.step) under a per-user
+    secret, ``~/.elasticrun/secret`` (0600, made on first use). Slurm's own variables are public
+    (squeue shows job ids) and the home folder is the one thing every node of a job shares that other
+    users cannot read. Made with link(2), so nodes racing to make it agree on one."""
+    import hmac
+    home = environ.get("HOME") or os.path.expanduser("~")
+    folder = os.path.join(home, ".elasticrun")
+    path = os.path.join(folder, "secret")
+    try:
+        os.makedirs(folder, mode=0o700, exist_ok=True)
+        if not os.path.exists(path):
+            tmp = "%s.%d.%s" % (path, os.getpid(), os.urandom(4).hex())
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            try:
+                os.write(fd, os.urandom(32).hex().encode() + b"\n")
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            try:
+                os.link(tmp, path)
+            except FileExistsError:
+                pass   # another node of the job made it first: use theirs
+            finally:
+                os.unlink(tmp)
+        st = os.stat(path)
+        if st.st_uid != os.getuid() or st.st_mode & 0o077:
+            raise _UsageError("--slurm: %s must be yours and readable by you alone (chmod 600 %s)"
+                              % (path, path))
+        secret = _store._read_token_file(path)
+    except (OSError, ValueError) as e:
+        raise _UsageError("--slurm: cannot use the per-user secret %s (%s); give every node one with "
+                          "--rdzv-conf token_file=F" % (path, getattr(e, "strerror", None) or e))
+    secret = secret if isinstance(secret, bytes) else secret.encode()
+    return hmac.new(secret, b"elasticrun-slurm\0" + run_id.encode("utf-8", "surrogateescape"),
+                    "sha256").hexdigest()
 
 
 def _config_from_args(args, environ):
@@ -3963,7 +4017,7 @@ def _config_from_args(args, environ):
     o = _slurm_values(args, environ) if args.slurm else dict(vars(args))
     if o["master_port"] is not None and not 0 < o["master_port"] < 65536:
         raise _UsageError("--master-port %d is not a TCP port" % o["master_port"])
-    rdzv = _rdzv_params(o)
+    rdzv = _rdzv_params(o, environ)
     seconds = "must be a number of seconds between 0 and %g" % _MAX_SECONDS
     for dest, ok, text in (("max_restarts", 0 <= o["max_restarts"] <= _MAX_RESTARTS,
                             "must be between 0 and %d" % _MAX_RESTARTS),

@@ -289,7 +289,8 @@ class RendezvousParameters:
     (``join_timeout``, ``heartbeat_interval``, ``is_host`` (None when not given), ``host``, ``port``...).
     """
 
-    def __init__(self, backend, endpoint, run_id, min_nodes, max_nodes, local_addr=None, **config):
+    def __init__(self, backend, endpoint, run_id, min_nodes, max_nodes, local_addr=None, *, token=None,
+                 **config):
         backend = str(backend or "").strip()
         if backend not in _BACKENDS:
             raise ValueError("rdzv backend %r is unknown; choose one of %s" % (backend, ", ".join(_BACKENDS)))
@@ -328,6 +329,11 @@ class RendezvousParameters:
         if token_file and not os.access(token_file, os.R_OK):
             raise ValueError("rdzv conf token_file=%r cannot be read" % (token_file,))
         self.token_file = token_file or None
+        if token is not None and (not isinstance(token, (str, bytes)) or not token):
+            raise ValueError("rdzv token must be a non-empty str or bytes")
+        if token is not None and self.token_file:
+            raise ValueError("give the rdzv store a token or a token_file, not both")
+        self.token = token   # kept out of repr() and config: a secret
         self.rank = None
         if backend == "static":
             if self.min_nodes != self.max_nodes:
@@ -344,6 +350,8 @@ class RendezvousParameters:
         elif "rank" in self.config:
             raise ValueError("rdzv conf rank is only for the static backend, not %r" % backend)
         if backend == "etcd":
+            if token is not None:
+                raise ValueError("a token is not for the etcd backend (secure etcd with its own access control)")
             for key in ("token_file", "is_host"):
                 if key in self.config:
                     raise ValueError("rdzv conf %s is not for the etcd backend (etcd serves the "
@@ -1724,12 +1732,33 @@ def _bindable(address):
         return False
 
 
+def _listen_address(host):
+    """The one address to serve the store on when the endpoint names it as an IP address this
+    machine has; None (every interface) for a host name: names are resolved by clients, and a
+    name's address here may not be the one the other nodes reach (127.0.1.1 in /etc/hosts)."""
+    try:
+        address = ipaddress.ip_address(host.split("%", 1)[0])
+    except ValueError:
+        return None
+    return host if _bindable(address) else None
+
+
+def _serve_store(host, port, timeout, token):
+    """The store's server, in this process, and a client of it. It listens on the endpoint's address
+    when that is possible (see _listen_address), on every interface otherwise."""
+    bind = _listen_address(host)
+    if bind is not None and "bind" in _store.TCPStore.__init__.__code__.co_varnames:
+        return _store.TCPStore(host, port, is_master=True, timeout=timeout, token=token, bind=bind)
+    return _store.TCPStore(host, port, is_master=True, timeout=timeout, token=token)
+
+
 def _open_store(params, host, port, serve):
     """A TCPStore client of host:port; `serve` True/False/None (None: serve if we can bind)."""
-    token = _read_token(params.token_file) if params.token_file else None
+    token = params.token if params.token is not None else (
+        _read_token(params.token_file) if params.token_file else None)
     if serve or serve is None:
         try:
-            tcp = _store.TCPStore(host, port, is_master=True, timeout=params.join_timeout, token=token)
+            tcp = _serve_store(host, port, params.join_timeout, token)
             tcp.set_timeout(params.read_timeout)
             log.info("serving the rendezvous store on port %d", tcp.port)
             return tcp, True

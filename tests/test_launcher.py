@@ -624,3 +624,37 @@ def test_a_full_log_file_system_is_named_in_the_report(tmp_path):
         if a is not None:
             a.stop()
         subprocess.call(["umount", "-l", str(full)])
+
+
+def listening_addresses(port):
+    """The local addresses something listens on at TCP `port` (from /proc/net/tcp and tcp6)."""
+    found = set()
+    for path in ("/proc/net/tcp", "/proc/net/tcp6"):
+        with open(path) as f:
+            for line in f.read().splitlines()[1:]:
+                local, state = line.split()[1], line.split()[3]
+                address, hex_port = local.split(":")
+                if state == "0A" and int(hex_port, 16) == port:
+                    found.add(address)
+    return found
+
+
+def test_standalone_store_takes_a_random_token_and_listens_on_loopback(tmp_path):
+    """Without a token one write to the store controls a job; --standalone always has one."""
+    import re
+    import store
+    go = tmp_path / "go"
+    script = tmp_path / "wait.py"
+    script.write_text("import os, time\nwhile not os.path.exists(%r):\n    time.sleep(0.01)\n" % str(go))
+    a = Launcher(["--standalone"] + FAST + [str(script)], tmp_path, environ=env(LOGLEVEL="DEBUG"))
+    try:
+        port = int(wait_for(lambda: re.search(r"serving the rendezvous store on port (\d+)", a.err()),
+                            what="the store's port").group(1))
+        with pytest.raises(store.StoreAuthError):
+            store.TCPStore("127.0.0.1", port, timeout=10).set("elastic/closed", "1")
+        if "bind" in store.TCPStore.__init__.__code__.co_varnames:   # the store can listen on one address
+            assert listening_addresses(port) == {"0100007F"}          # 127.0.0.1 only
+        go.write_text("")
+        assert a.wait() == 0, a.err()
+    finally:
+        a.stop()
