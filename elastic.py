@@ -3887,7 +3887,7 @@ class _LaunchConfig:
 
     __slots__ = ("rdzv", "nproc", "role", "max_restarts", "monitor_interval", "master_addr", "master_port",
                  "start_method", "shutdown_timeout", "exit_barrier_timeout", "prefix_template", "logs",
-                 "signals", "health_check_port", "script", "script_args", "mode")
+                 "signals", "health_check_port", "script", "script_args", "mode", "slurm_token")
 
     def __init__(self, **fields):
         for name in self.__slots__:
@@ -4051,7 +4051,8 @@ def _config_from_args(args, environ):
         prefix_template=o["log_line_prefix_template"] or environ.get("TORCHELASTIC_LOG_LINE_PREFIX_TEMPLATE"),
         logs=logs, signals=signals, health_check_port=health_check_port,
         script=o["training_script"], script_args=list(o["training_script_args"]),
-        mode=modes[0] if modes else "script")
+        mode=modes[0] if modes else "script",
+        slurm_token=bool(o["slurm"] and not o["standalone"] and rdzv.token is not None))
 
 
 def _check_program(program):
@@ -4189,7 +4190,11 @@ def _run_job(c, stop, server, environ):
         with stop:   # nothing to lose yet: a signal may interrupt joining the store
             handler = _rdzv.get_rendezvous_handler(c.rdzv)
     except (ValueError, _rdzv.RendezvousError) as e:
-        sys.stderr.write("elasticrun: error: %s\n" % e)
+        hint = ""
+        if c.slurm_token and isinstance(e.__cause__, _store.StoreAuthError):
+            hint = ("; under --slurm each node derives the token from ~/.elasticrun/secret, so every node "
+                    "needs the same file (a shared home folder), or pass --rdzv-conf token_file=F")
+        sys.stderr.write("elasticrun: error: %s%s\n" % (e, hint))
         return 2
     entrypoint, args = _entrypoint(c)
     spec = WorkerSpec(c.role, c.nproc, entrypoint, args, rdzv_handler=handler, max_restarts=c.max_restarts,

@@ -219,3 +219,23 @@ def test_slurm_token_per_job_and_refused_when_others_can_read_the_secret(tmp_pat
     # an explicit token file wins: no secret is needed
     o = slurm_args(["--slurm", "--rdzv-conf", "token_file=%s" % __file__], srun_env(SLURM_STEP_NODELIST="gpu[01-02]"))
     assert ops._store_token(o, "c10d", ops._parse_conf(o["rdzv_conf"]), "4242.0", {"HOME": "/nonexistent"}) is None
+
+
+def test_slurm_nodes_with_different_secrets_are_told_why(tmp_path):
+    probe = write_script(tmp_path, "probe.py", "pass\n")
+    endpoint = "127.0.0.1:%d" % free_port()
+    nodes = []
+    try:
+        for node_id in ("0", "1"):
+            home = tmp_path / ("home%s" % node_id)   # homes not shared: each node makes its own secret
+            home.mkdir()
+            conf = "join_timeout=%d,is_host=%d" % (GUARD, node_id == "0")   # node 0 serves the store
+            args = ["--slurm", "--rdzv-endpoint", endpoint, "--rdzv-conf", conf] + FAST + [probe]
+            nodes.append(Launcher(args, tmp_path, "node%s" % node_id, environ=srun_node_env(node_id, "node[1-2]",
+                                                                                             HOME=home)))
+        assert nodes[1].wait(GUARD) == 2, nodes[1].err()
+        lines = nodes[1].err().splitlines()
+        assert len(lines) == 1 and "refused our token" in lines[0] and "~/.elasticrun/secret" in lines[0], lines
+    finally:
+        for node in nodes:
+            node.stop()
