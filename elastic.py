@@ -117,8 +117,9 @@ bootstrap and the fork server); Worker processes (the handles and starters); Wor
 rendezvous; Agent; File timer: worker side; File timer: server; Health check; Slurm; Command line.
 
 Borrowed private helpers, and only these: from ``store`` the ones its docstring lists
-(``_recv_exactly``, ``_Pace`` and ``_read_token_file`` here); from ``rendezvous`` ``_BACKENDS`` (the launcher asks it for
-the backend names) and ``_free_port``. Nothing above this module borrows from it.
+(``_recv_exactly``, ``_Pace`` and ``_read_token_file`` here); from ``rendezvous`` ``_BACKENDS``
+(the launcher asks it for the backend names) and ``_free_port``. Nothing above this module borrows
+from it.
 """
 
 __version__ = "0.1.0"

@@ -1746,10 +1746,7 @@ def _listen_address(host):
 def _serve_store(host, port, timeout, token):
     """The store's server, in this process, and a client of it. It listens on the endpoint's address
     when that is possible (see _listen_address), on every interface otherwise."""
-    bind = _listen_address(host)
-    if bind is not None and "bind" in _store.TCPStore.__init__.__code__.co_varnames:
-        return _store.TCPStore(host, port, is_master=True, timeout=timeout, token=token, bind=bind)
-    return _store.TCPStore(host, port, is_master=True, timeout=timeout, token=token)
+    return _store.TCPStore(host, port, is_master=True, timeout=timeout, token=token, bind=_listen_address(host))
 
 
 def _open_store(params, host, port, serve):
