@@ -828,17 +828,23 @@ def _descendants(root, skip=()):
 def _kill_descendants(root, skip=(), timeout=2.0):
     """SIGKILL every process below `root` (see _descendants), again until none is left: one may fork
     between our look and its death. Gives up after `timeout` seconds."""
-    deadline = time.monotonic() + timeout
+    deadline, killed = time.monotonic() + timeout, set()
     while True:
         pids = _descendants(root, skip)
         for pid in pids:
             try:
                 os.kill(pid, signal.SIGKILL)
+                killed.add(pid)
             except OSError:
                 pass
         if not pids or time.monotonic() >= deadline:
-            return
+            break
         time.sleep(0.005)   # SIGKILL takes effect when the process is next scheduled
+    for pid in killed:   # the adopted ones are our children now: leave no zombies behind
+        try:
+            os.waitpid(pid, os.WNOHANG)
+        except ChildProcessError:
+            pass
 
 
 def _group_alive(pgid):
