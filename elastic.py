@@ -67,9 +67,11 @@ from the agent SIGKILLs every live worker group when that pipe reaches end-of-fi
 descendant that left its group (a daemon, ``setsid cmd &``) is found by its environment: workers
 get ``ELASTICRUN_TREE`` holding a token unique to the agent, every program they start inherits it,
 and both teardown (same signal, same grace) and the watchdog also kill this user's processes whose
-/proc/<pid>/environ carries the token. Not found that way: a descendant that empties its
-environment, and one that a fork-server or ``--run-path`` worker forks *without exec* and that then
-leaves the group (/proc shows the environment a process was exec'd with, here the launcher's).
+/proc/<pid>/environ carries the token. A process forked *without exec* shows the launcher's
+environment there, so Python workers have a subreaper (PR_SET_CHILD_SUBREAPER) above them: the fork
+server for script workers, the launcher itself for ``--run-path`` ones. An orphan below it stays
+below it, and teardown signals and kills every process it finds there too (the fork server, which
+leaves when the agent's socket closes, kills them before it goes, also after a SIGKILLed agent).
 
 Error channel: each worker gets ``TORCHELASTIC_ERROR_FILE``; ``record`` (and, for Python script
 workers, an excepthook installed by a small bootstrap) writes torchelastic's JSON there atomically::
@@ -115,8 +117,9 @@ bootstrap and the fork server); Worker processes (the handles and starters); Wor
 rendezvous; Agent; File timer: worker side; File timer: server; Health check; Slurm; Command line.
 
 Borrowed private helpers, and only these: from ``store`` the ones its docstring lists
-(``_recv_exactly`` and ``_Pace`` here); from ``rendezvous`` ``_BACKENDS`` (the launcher asks it for
-the backend names) and ``_free_port``. Nothing above this module borrows from it.
+(``_recv_exactly``, ``_Pace`` and ``_read_token_file`` here); from ``rendezvous`` ``_BACKENDS``
+(the launcher asks it for the backend names) and ``_free_port``. Nothing above this module borrows
+from it.
 """
 
 __version__ = "0.1.0"
@@ -251,7 +254,7 @@ class DefaultLogsSpecs:
             self._own_dir = True
         else:
             os.makedirs(base, exist_ok=True)
-        self.root_log_dir = tempfile.mkdtemp(prefix="%s_" % run_id, dir=base)
+        self.root_log_dir = tempfile.mkdtemp(prefix="%s_" % _run_id_for_files(run_id), dir=base)
         return self.root_log_dir
 
     def _cleanup(self):
@@ -279,6 +282,18 @@ class DefaultLogsSpecs:
                 dest = "file"
             out.append(dest)
         return tuple(out)
+
+
+def _run_id_for_files(run_id):
+    """A run id as one file-name component: letters, digits, ``.``, ``_`` and ``-`` stay, every other
+    byte of its UTF-8 is ``%XX`` (so ``../x`` and ``a/b`` stay inside the log folder); one longer than
+    100 characters is cut and ends in a hash of the whole id, to stay well under NAME_MAX."""
+    out = "".join(chr(b) if chr(b).isalnum() and b < 128 or chr(b) in "._-" else "%%%02X" % b
+                  for b in run_id.encode("utf-8", "surrogateescape"))
+    if len(out) > 100:
+        import hashlib
+        out = out[:83] + "~" + hashlib.sha256(run_id.encode("utf-8", "surrogateescape")).hexdigest()[:16]
+    return out
 
 
 def _with_local_rank(args, local_rank):
@@ -477,7 +492,8 @@ class ProcessFailure:
             elif exitcode is not None and exitcode < 0:
                 message = "Signal %d (%s) received by PID %s" % (-exitcode, _signal_name(-exitcode), pid)
             else:
-                message = "exited with code %s (no error file: see the worker's stderr)" % exitcode
+                message = ("exited with code %s (no error file: see the worker's stderr)" % exitcode
+                           if not error_file else _no_error_file(exitcode, os.path.dirname(error_file)))
         self.message = message
         if timestamp is None:
             timestamp = file_ts if file_ts is not None else int(self.exit_time)
@@ -508,6 +524,25 @@ class ProcessFailure:
     def __repr__(self):
         return "ProcessFailure(rank=%s, local_rank=%s, pid=%s, exitcode=%s)" % (
             self.rank, self.local_rank, self.pid, self.exitcode)
+
+
+_FULL_BELOW = 64 * 1024   # bytes free under which a log folder's file system counts as full
+
+
+def _no_error_file(exitcode, folder):
+    """Why a failed worker left no error file, when its log folder tells: a full file system (its
+    stderr and error file live there, so the worker could not say so itself)."""
+    text = "exited with code %s (no error file: see the worker's stderr)" % exitcode
+    try:
+        st = os.statvfs(folder)
+    except OSError:
+        return text
+    free = st.f_bavail * st.f_frsize
+    if free < _FULL_BELOW or (st.f_files and not st.f_favail):
+        return ("exited with code %s and left no error file: its log folder %s is on a full file system "
+                "(ENOSPC: no space left on device; %d bytes free), so its stderr and error file there "
+                "are cut short or empty" % (exitcode, folder, free))
+    return text
 
 
 def _first(failures):
@@ -615,6 +650,14 @@ def _prctl():
 
 
 _PR_SET_PDEATHSIG = 1
+_PR_SET_CHILD_SUBREAPER = 36
+
+
+def _set_subreaper(prctl, on=True):
+    """Make this process the one its orphaned descendants are re-parented to (Linux 3.4+), so that
+    they stay below it, where _descendants finds them."""
+    if prctl is not None:
+        prctl(_PR_SET_CHILD_SUBREAPER, 1 if on else 0)
 
 
 def _die_with_parent(prctl, parent_pid):
@@ -743,6 +786,65 @@ def _alive(pid):
         return True
     stat = _proc_stat(pid)
     return stat is None or stat[0] != b"Z"
+
+
+def _process_table():
+    """{pid: (state, ppid, pgid)} of every process /proc shows, read once."""
+    table = {}
+    try:
+        names = os.listdir("/proc")
+    except OSError:
+        return table
+    for name in names:
+        if not name.isdigit():
+            continue
+        try:
+            with open("/proc/%s/stat" % name, "rb") as f:
+                fields = f.read().rsplit(b")", 1)[1].split()
+            table[int(name)] = (fields[0], int(fields[1]), int(fields[2]))
+        except (OSError, IndexError, ValueError):
+            pass
+    return table
+
+
+def _descendants(root, skip=()):
+    """{pid: pgid} of the live processes below `root` (zombies aside), never `root` itself nor the
+    pids in `skip` (what is below those still counts). Under a subreaper (_set_subreaper) that is
+    every process it or its children started that is still alive, orphans included."""
+    children = {}
+    table = _process_table()
+    for pid, (_, ppid, _) in table.items():
+        children.setdefault(ppid, []).append(pid)
+    found, todo = {}, list(children.get(root, ()))
+    while todo:
+        pid = todo.pop()
+        todo.extend(children.get(pid, ()))
+        state, _, pgid = table[pid]
+        if pid not in skip and state != b"Z":
+            found[pid] = pgid
+    return found
+
+
+def _kill_descendants(root, skip=(), timeout=2.0):
+    """SIGKILL every process below `root` (see _descendants), again until none is left: one may fork
+    between our look and its death. Gives up after `timeout` seconds."""
+    deadline, killed = time.monotonic() + timeout, set()
+    while True:
+        pids = _descendants(root, skip)
+        for pid in pids:
+            try:
+                os.kill(pid, signal.SIGKILL)
+                killed.add(pid)
+            except OSError:
+                pass
+        if not pids or time.monotonic() >= deadline:
+            break
+        time.sleep(0.005)   # SIGKILL takes effect when the process is next scheduled
+    for pid in killed:   # the adopted ones are our children now: leave no zombies behind
+        try:
+            os.waitpid(pid, os.WNOHANG)
+        except ChildProcessError:
+            pass
 
 
 def _group_alive(pgid):
@@ -917,8 +1019,10 @@ class _ForkServer:
     had imported (a script-local ``json.py`` will not shadow ``json``; our own ``store``,
     ``rendezvous`` and ``elastic`` are dropped from ``sys.modules``, so those names stay free).
 
-    The server is a child of the agent (PR_SET_PDEATHSIG), workers are its children (the same), so
-    a SIGKILLed agent takes all of them along. Over a socketpair::
+    The server is a child of the agent and leaves when the agent's end of the socket closes, killing
+    every process below it first (it is their subreaper: orphans of its workers stay below it);
+    workers are its children (PR_SET_PDEATHSIG). A SIGKILLed agent takes all of them along. Over a
+    socketpair::
 
         agent -> server   frame: u32 length, u8 flags (1: stdout fd, 2: stderr fd; the fds ride along
                           as SCM_RIGHTS), then NUL-separated: mode, script, argc, args..., KEY=VALUE...
@@ -1023,15 +1127,35 @@ class _ForkServer:
 
 def _fork_server_loop(sock, prctl, agent_pid):
     """The server's life: fork on request, report births and deaths. Returns only in a new worker."""
-    import array
-    import select
-    import socket
-    import struct
     try:
         os.setsid()
     except OSError:
         pass
-    _die_with_parent(prctl, agent_pid)
+    # The server adopts every orphan below its workers (a worker's child that forked again and
+    # called setsid is in no worker group and carries no mark), so teardown finds them among its
+    # descendants. It has no PR_SET_PDEATHSIG: it leaves when its socket reaches end-of-file, as it
+    # does when the agent dies, and kills what is below it first.
+    _set_subreaper(prctl)
+    if os.getppid() != agent_pid:   # the agent died before we got here
+        os._exit(1)
+    me = os.getpid()
+    try:
+        request = _fork_server_serve(sock, prctl)
+        if request is not None:   # in a new worker
+            return request
+    except BaseException:
+        if os.getpid() != me:   # a new worker failed before running its script
+            raise
+    _kill_descendants(me)
+    os._exit(0)
+
+
+def _fork_server_serve(sock, prctl):
+    """The server's loop; returns None when the agent has gone, the request in a new worker."""
+    import array
+    import select
+    import socket
+    import struct
     import gc
     gc.freeze()  # workers' collections skip what they inherit: fewer copy-on-write page copies
     handled = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT)
@@ -1064,7 +1188,7 @@ def _fork_server_loop(sock, prctl, agent_pid):
             continue
         head, anc, _, _ = sock.recvmsg(5, socket.CMSG_SPACE(2 * int_size))
         if not head:
-            os._exit(0)
+            return None
         fds = array.array("i")
         for level, kind, data in anc:
             if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
@@ -1074,7 +1198,7 @@ def _fork_server_loop(sock, prctl, agent_pid):
             size, flags = struct.unpack("!IB", head)
             body = _store._recv_exactly(sock, size)
         except EOFError:   # the agent is gone mid-request
-            os._exit(0)
+            return None
         fields = [f.decode("utf-8", "surrogateescape") for f in body.split(b"\0")]
         mode, script, argc = fields[0], fields[1], int(fields[2])
         args, env = fields[3:3 + argc], dict(f.split("=", 1) for f in fields[3 + argc:])
@@ -1419,9 +1543,14 @@ class _Worker:
 # hands it out in finish(workers) (the fork server forks while we prepare the next worker).
 
 class _ProgramStarter:
+    """Programs (and scripts without a fork server) as subprocesses."""
+
     def __init__(self, entrypoint, args):
         self._argv = [entrypoint] + [str(a) for a in args]
         self._prctl = None   # resolved on first use: the fork-server path never needs ctypes here
+
+    def adopter(self, helpers):
+        return None   # what an exec'd program starts carries its environment, and the mark finds it
 
     def start(self, w):
         import subprocess
@@ -1472,16 +1601,34 @@ class _ForkServerStarter:
         for w in workers:
             w.handle = _ForkedHandle(self._server, self._server.next_pid())
 
+    def adopter(self, helpers):
+        """The fork server is the subreaper of every worker's descendants, and nothing else's."""
+        return self._server.pid, ()
+
 
 class _FunctionStarter:
     """Callables in multiprocessing children (spawn, fork or forkserver)."""
 
-    def __init__(self, fn, args, start_method, role):
+    def __init__(self, fn, args, start_method, role, adopt_orphans=False):
         import multiprocessing
         self._ctx = multiprocessing.get_context(start_method)
         self._fn, self._args, self._method, self._role = fn, tuple(args), start_method, role
+        self._adopt = adopt_orphans
+
+    def adopter(self, helpers):
+        """(the subreaper whose descendants teardown kills, the pids it spares), or None."""
+        if not self._adopt:
+            return None
+        import multiprocessing.resource_tracker as tracker
+        spared = set(helpers) | {getattr(tracker._resource_tracker, "_pid", None)}
+        forkserver = sys.modules.get("multiprocessing.forkserver")
+        if forkserver is not None:
+            spared.add(getattr(forkserver._forkserver, "_forkserver_pid", None))
+        return os.getpid(), spared
 
     def start(self, w):
+        if self._adopt:
+            _set_subreaper(_prctl())
         paths = [None if dest == "console" else path for dest, path in zip(w.dests, w.log_paths)]
         reader, writer = self._ctx.Pipe(duplex=False)
         # forkserver children have the forkserver for a parent, not us
@@ -1497,12 +1644,12 @@ class _FunctionStarter:
         pass
 
 
-def _starter(spec, start_method, fork_server=None):
+def _starter(spec, start_method, fork_server=None, adopt_orphans=False):
     """The starter for a spec's workers: callables in multiprocessing children; Python scripts (an
     entrypoint from python_command) from the fork server when there is one; other programs, and
     scripts without a fork server, as subprocesses."""
     if not isinstance(spec.entrypoint, str):
-        return _FunctionStarter(spec.entrypoint, spec.args, start_method, spec.role)
+        return _FunctionStarter(spec.entrypoint, spec.args, start_method, spec.role, adopt_orphans)
     script = _python_script(spec.entrypoint, spec.args) if fork_server is not None else None
     if script is not None:
         return _ForkServerStarter(fork_server, *script)
@@ -1737,7 +1884,17 @@ class _WorkerGroup:
         started = [w for w in self.workers if w.handle is not None]   # all, unless start() stopped
         for w in started:
             w.handle.signal(sig)
-        strays = _signal_marked(self._token, sig, {w.pid for w in started})
+        groups = {w.pid for w in started}
+        strays = _signal_marked(self._token, sig, groups)
+        adopter = self._starter.adopter({self._reaper.pid})
+        if adopter is not None:
+            for pid, pgid in _descendants(*adopter).items():
+                if pgid not in groups:
+                    try:
+                        os.kill(pid, sig)
+                        strays.append(pid)
+                    except OSError:
+                        pass
         self._wait_gone(started, strays, time.monotonic() + grace)
         for w in started:
             if w.poll() is None:
@@ -1747,6 +1904,8 @@ class _WorkerGroup:
             w.handle.close()
         # after the reap: no worker is left to start another one meanwhile
         _kill_marked(self._token, self.KILL_WAIT)
+        if adopter is not None:
+            _kill_descendants(adopter[0], adopter[1], self.KILL_WAIT)
         self._pump.stop()
 
     @staticmethod
@@ -1956,11 +2115,13 @@ class LocalElasticAgent:
     ``fork_server``: a ``_ForkServer`` forked before the caller started threads; Python-script workers
     (an entrypoint from ``python_command``) are then forked from it. ``stop_flag``: a ``_StopFlag``
     whose handler the caller installed for the signals it wants to end the run; None leaves signals
-    to the caller."""
+    to the caller. ``adopt_orphans``: for a process that runs nothing but the agent (the launcher):
+    it becomes the subreaper of its callable workers' descendants, and teardown kills every process
+    below it except its own helpers, also one a worker forked without exec that left its group."""
 
     def __init__(self, spec, *, logs_specs=None, start_method="spawn", exit_barrier_timeout=300,
                  shutdown_timeout=30, log_line_prefix_template=None, health_check_port=None,
-                 fork_server=None, stop_flag=None):
+                 fork_server=None, stop_flag=None, adopt_orphans=False):
         if start_method not in ("spawn", "fork", "forkserver"):
             raise ValueError("start_method must be spawn, fork or forkserver, got %r" % (start_method,))
         self._spec = spec
@@ -1970,7 +2131,7 @@ class LocalElasticAgent:
         self._shutdown_timeout = float(shutdown_timeout)
         self._prefix_template = log_line_prefix_template or _DEFAULT_PREFIX_TEMPLATE
         self._handler = spec.rdzv_handler or _LocalRendezvous(addr=spec.local_addr)
-        self._starter = _starter(spec, start_method, fork_server)
+        self._starter = _starter(spec, start_method, fork_server, adopt_orphans)
         self._stop = stop_flag or _NoStop()
         self._health_check_port = health_check_port
         self._state = WorkerState.UNKNOWN
@@ -3619,6 +3780,14 @@ def _random_uuid():
     return "%s-%s-%s-%s-%s" % (h[:8], h[8:12], h[12:16], h[16:20], h[20:])
 
 
+# Bounds of the numeric options: past them a value is a typo, and some would overflow a wait
+# (poll takes milliseconds in a C int) or start workers until the machine gives out.
+_MAX_NODES = 65536
+_MAX_NPROC = 65536
+_MAX_RESTARTS = 2 ** 31 - 1
+_MAX_SECONDS = 1e6   # about 11.5 days
+
+
 def _parse_nnodes(text):
     lo, sep, hi = str(text).partition(":")
     try:
@@ -3628,7 +3797,23 @@ def _parse_nnodes(text):
         raise _UsageError("--nnodes %r is not N or MIN:MAX" % text)
     if lo < 1 or hi < lo:
         raise _UsageError("--nnodes %r needs 1 <= MIN <= MAX" % text)
+    if hi > _MAX_NODES:
+        raise _UsageError("--nnodes %r: at most %d nodes" % (text, _MAX_NODES))
     return lo, hi
+
+
+# A run id is data: it names the run in the store and in file names, never a path. File names get
+# it encoded (_run_id_for_files); these are the ids no encoding makes usable.
+_MAX_RUN_ID = 255
+
+
+def _check_run_id(run_id, option="--rdzv-id"):
+    if not run_id:
+        raise _UsageError("%s must not be empty" % option)
+    if len(run_id) > _MAX_RUN_ID:
+        raise _UsageError("%s is %d characters long: at most %d" % (option, len(run_id), _MAX_RUN_ID))
+    if any(ord(ch) < 32 or ord(ch) == 127 for ch in run_id):
+        raise _UsageError("%s %r must not contain control characters" % (option, run_id))
 
 
 def _gpu_count():
@@ -3659,8 +3844,8 @@ def _parse_nproc(text):
         n = int(text)
     except ValueError:
         raise _UsageError("--nproc-per-node %r is not a number, auto, cpu or gpu" % text)
-    if n < 1:
-        raise _UsageError("--nproc-per-node must be at least 1, got %d" % n)
+    if not 1 <= n <= _MAX_NPROC:
+        raise _UsageError("--nproc-per-node must be between 1 and %d, got %d" % (_MAX_NPROC, n))
     return n
 
 
@@ -3709,7 +3894,7 @@ class _LaunchConfig:
 
     __slots__ = ("rdzv", "nproc", "role", "max_restarts", "monitor_interval", "master_addr", "master_port",
                  "start_method", "shutdown_timeout", "exit_barrier_timeout", "prefix_template", "logs",
-                 "signals", "health_check_port", "script", "script_args", "mode")
+                 "signals", "health_check_port", "script", "script_args", "mode", "slurm_token")
 
     def __init__(self, **fields):
         for name in self.__slots__:
@@ -3748,8 +3933,9 @@ def _health_check_port(value, environ):
     return value
 
 
-def _rdzv_params(o):
-    """RendezvousParameters from the option values `o`; rendezvous.py checks them."""
+def _rdzv_params(o, environ=None):
+    """RendezvousParameters from the option values `o`; rendezvous.py checks them. The store gets a
+    token whenever the launcher can share one (see _store_token)."""
     min_nodes, max_nodes = _parse_nnodes(o["nnodes"])
     backend, endpoint, run_id = o["rdzv_backend"], o["rdzv_endpoint"], o["rdzv_id"]
     conf = _parse_conf(o["rdzv_conf"])
@@ -3761,22 +3947,76 @@ def _rdzv_params(o):
         conf["is_host"] = "1"
     if backend not in _rdzv._BACKENDS:
         raise _UsageError("--rdzv-backend %r is not one of %s" % (backend, ", ".join(_rdzv._BACKENDS)))
+    _check_run_id(run_id)
     if backend == "static":   # torchrun's options for it: node 0 serves the store at the master address
         endpoint = "%s:%d" % (o["master_addr"] or "127.0.0.1", o["master_port"] or 29500)
         conf["rank"] = o["node_rank"]
     elif not endpoint:
         raise _UsageError("--rdzv-backend %s needs --rdzv-endpoint" % backend)
+    token = _store_token(o, backend, conf, run_id, environ or {})
     try:
         params = _rdzv.RendezvousParameters(backend, endpoint, run_id, min_nodes, max_nodes,
-                                            local_addr=o["local_addr"], **conf)
+                                            local_addr=o["local_addr"], token=token, **conf)
         if o["local_addr"] is None and params.host is not None and _is_loopback_name(params.host):
             # every node is on this machine; the host name would make each worker resolve it (slow
             # resolvers stall init_process_group for seconds)
             params = _rdzv.RendezvousParameters(backend, endpoint, run_id, min_nodes, max_nodes,
-                                                local_addr="127.0.0.1", **conf)
+                                                local_addr="127.0.0.1", token=token, **conf)
     except ValueError as e:
         raise _UsageError(str(e))
     return params
+
+
+def _store_token(o, backend, conf, run_id, environ):
+    """The store's token when the launcher can share one and none was given (``token_file``): under
+    --standalone a random one (only this process uses the store: workers never do, their
+    TORCHELASTIC_USE_AGENT_STORE is False); under --slurm one every node of the job derives alike
+    (_slurm_token). None otherwise: the nodes have nothing in common that others lack."""
+    if "token_file" in conf or backend not in ("c10d", "store"):
+        return None
+    if o["standalone"]:
+        return os.urandom(32).hex()
+    if o["slurm"]:
+        return _slurm_token(environ, run_id)
+    return None
+
+
+def _slurm_token(environ, run_id):
+    """A token for the Slurm job's store: HMAC-SHA256 of the run id (job.step) under a per-user
+    secret, ``~/.elasticrun/secret`` (0600, made on first use). Slurm's own variables are public
+    (squeue shows job ids) and the home folder is the one thing every node of a job shares that other
+    users cannot read. Made with link(2), so nodes racing to make it agree on one."""
+    import hmac
+    home = environ.get("HOME") or os.path.expanduser("~")
+    folder = os.path.join(home, ".elasticrun")
+    path = os.path.join(folder, "secret")
+    try:
+        os.makedirs(folder, mode=0o700, exist_ok=True)
+        if not os.path.exists(path):
+            tmp = "%s.%d.%s" % (path, os.getpid(), os.urandom(4).hex())
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            try:
+                os.write(fd, os.urandom(32).hex().encode() + b"\n")
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            try:
+                os.link(tmp, path)
+            except FileExistsError:
+                pass   # another node of the job made it first: use theirs
+            finally:
+                os.unlink(tmp)
+        st = os.stat(path)
+        if st.st_uid != os.getuid() or st.st_mode & 0o077:
+            raise _UsageError("--slurm: %s must be yours and readable by you alone (chmod 600 %s)"
+                              % (path, path))
+        secret = _store._read_token_file(path)
+    except (OSError, ValueError) as e:
+        raise _UsageError("--slurm: cannot use the per-user secret %s (%s); give every node one with "
+                          "--rdzv-conf token_file=F" % (path, getattr(e, "strerror", None) or e))
+    secret = secret if isinstance(secret, bytes) else secret.encode()
+    return hmac.new(secret, b"elasticrun-slurm\0" + run_id.encode("utf-8", "surrogateescape"),
+                    "sha256").hexdigest()
 
 
 def _config_from_args(args, environ):
@@ -3784,12 +4024,14 @@ def _config_from_args(args, environ):
     o = _slurm_values(args, environ) if args.slurm else dict(vars(args))
     if o["master_port"] is not None and not 0 < o["master_port"] < 65536:
         raise _UsageError("--master-port %d is not a TCP port" % o["master_port"])
-    rdzv = _rdzv_params(o)
-    for dest, ok, text in (("max_restarts", o["max_restarts"] >= 0, "must be >= 0"),
-                           ("monitor_interval", 0 < o["monitor_interval"] < float("inf"),
-                            "must be a number of seconds > 0"),
-                           ("shutdown_timeout", o["shutdown_timeout"] >= 0, "must be >= 0"),
-                           ("exit_barrier_timeout", o["exit_barrier_timeout"] >= 0, "must be >= 0"),
+    rdzv = _rdzv_params(o, environ)
+    seconds = "must be a number of seconds between 0 and %g" % _MAX_SECONDS
+    for dest, ok, text in (("max_restarts", 0 <= o["max_restarts"] <= _MAX_RESTARTS,
+                            "must be between 0 and %d" % _MAX_RESTARTS),
+                           ("monitor_interval", 0 < o["monitor_interval"] <= _MAX_SECONDS,
+                            "must be a number of seconds > 0 and at most %g" % _MAX_SECONDS),
+                           ("shutdown_timeout", 0 <= o["shutdown_timeout"] <= _MAX_SECONDS, seconds),
+                           ("exit_barrier_timeout", 0 <= o["exit_barrier_timeout"] <= _MAX_SECONDS, seconds),
                            ("start_method", o["start_method"] in ("spawn", "fork", "forkserver"),
                             "is not spawn, fork or forkserver")):
         if not ok:
@@ -3802,6 +4044,8 @@ def _config_from_args(args, environ):
     health_check_port = _health_check_port(o["health_check_port"], environ)
     if not (o["module"] or o["no_python"]) and not os.path.exists(o["training_script"]):
         raise _UsageError("no such script: %s" % o["training_script"])
+    if o["no_python"]:
+        _check_program(o["training_script"])
     # the static backend's workers get a fresh port from node 0; the others' only when asked
     static = rdzv.backend == "static"
     return _LaunchConfig(
@@ -3814,7 +4058,19 @@ def _config_from_args(args, environ):
         prefix_template=o["log_line_prefix_template"] or environ.get("TORCHELASTIC_LOG_LINE_PREFIX_TEMPLATE"),
         logs=logs, signals=signals, health_check_port=health_check_port,
         script=o["training_script"], script_args=list(o["training_script_args"]),
-        mode=modes[0] if modes else "script")
+        mode=modes[0] if modes else "script",
+        slurm_token=bool(o["slurm"] and not o["standalone"] and rdzv.token is not None))
+
+
+def _check_program(program):
+    """--no-python's program must be one exec can start: found on PATH (a bare name) or a file, and
+    executable."""
+    import shutil
+    path = program if os.sep in program else shutil.which(program)
+    if path is None or not os.path.exists(path):
+        raise _UsageError("--no-python: no such program: %s" % program)
+    if os.path.isdir(path) or not os.access(path, os.X_OK):
+        raise _UsageError("--no-python: %s is not an executable file" % program)
 
 
 def _logs_specs(o):
@@ -3941,7 +4197,11 @@ def _run_job(c, stop, server, environ):
         with stop:   # nothing to lose yet: a signal may interrupt joining the store
             handler = _rdzv.get_rendezvous_handler(c.rdzv)
     except (ValueError, _rdzv.RendezvousError) as e:
-        sys.stderr.write("elasticrun: error: %s\n" % e)
+        hint = ""
+        if c.slurm_token and isinstance(e.__cause__, _store.StoreAuthError):
+            hint = ("; under --slurm each node derives the token from ~/.elasticrun/secret, so every node "
+                    "needs the same file (a shared home folder), or pass --rdzv-conf token_file=F")
+        sys.stderr.write("elasticrun: error: %s%s\n" % (e, hint))
         return 2
     entrypoint, args = _entrypoint(c)
     spec = WorkerSpec(c.role, c.nproc, entrypoint, args, rdzv_handler=handler, max_restarts=c.max_restarts,
@@ -3950,7 +4210,8 @@ def _run_job(c, stop, server, environ):
     agent = LocalElasticAgent(spec, logs_specs=c.logs, start_method=c.start_method,
                               exit_barrier_timeout=c.exit_barrier_timeout, shutdown_timeout=c.shutdown_timeout,
                               log_line_prefix_template=c.prefix_template,
-                              health_check_port=c.health_check_port, fork_server=server, stop_flag=stop)
+                              health_check_port=c.health_check_port, fork_server=server, stop_flag=stop,
+                              adopt_orphans=True)
     try:
         result = agent.run()
     except _rdzv.RendezvousError as e:
