@@ -3519,9 +3519,10 @@ def _check_address(node, addr, world):
     node.cell("address", "%s%s %s %s" % (addr, "" if ip == addr else "=" + ip, _interface_of(ip),
                                          _family_name(family)))
     if world > 1 and _is_loopback_ip(ip) and node.facts.get("endpoint_loopback") is False:
-        node.issue(_FAIL, "address", "this node's address %s resolves to the loopback address %s here (a "
-                   "/etc/hosts entry?): the others cannot reach it and its own workers would bind loopback; "
-                   "give --local-addr this node's network address" % (addr, ip))
+        what = "is a loopback address" if ip == addr else "resolves to the loopback address %s here (a " \
+            "/etc/hosts entry?)" % ip
+        node.issue(_FAIL, "address", "this node's address %s %s: the others cannot reach it and its own workers "
+                   "would bind loopback; give --local-addr this node's network address" % (addr, what))
 
 # ------------------------------------------------------------------------------------- Command line
 
