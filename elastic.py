@@ -3201,6 +3201,7 @@ def _check_endpoint_resolves(node, params):
     try:
         local = _route_to(sockaddr, family)
         node.facts["route"] = "%s %s %s" % (local, _interface_of(local), _family_name(family))
+        node.facts["endpoint_local"] = local == sockaddr[0] or node.facts["endpoint_loopback"]
     except OSError as e:
         node.facts["route"] = "no route"
         node.issue(_FAIL, "endpoint", "no route from this node to the rendezvous endpoint %s (%s): check "
@@ -3415,6 +3416,10 @@ def _check_title(c):
 def _check_alone(node, c, why):
     """This node could not meet the others: its own findings, the reason, exit 1."""
     node.issue(_FAIL, "endpoint", why)
+    node.cells["ports"] = ", ".join(node.facts.get("ports", ())) or "-"
+    if node.facts.get("master_port_free") is False:
+        node.issue(_FAIL, "ports", "--master-port %d is in use on this node: stop what holds it or choose "
+                   "another port" % c.master_port)
     sys.stdout.write(_check_table({0: node}, _check_title(c)))
     return 1
 
@@ -3431,6 +3436,9 @@ def _run_check(c, log_dir, environ):
             log.info("check: meeting the other nodes (run %s.check)", c.rdzv.run_id)
             info = handler.next_rendezvous()
         except (ValueError, _rdzv.RendezvousError, _store.StoreError) as e:
+            if node.facts.get("endpoint_local") and c.rdzv.port and not _port_free(c.rdzv.port):
+                node.issue(_FAIL, "ports", "the rendezvous port %d on this node (the endpoint's host) is held "
+                           "by a program that serves no store: stop it or choose another port" % c.rdzv.port)
             return _check_alone(node, c, "could not meet the other nodes through the rendezvous at %s (%s): "
                                 "start the check on every node with the same options, and check that the "
                                 "endpoint's host runs it and its port is open" % (c.rdzv.endpoint, e))
@@ -3444,6 +3452,9 @@ def _run_check(c, log_dir, environ):
         _check_reach_endpoint(node)
         if c.rdzv.backend != "etcd":
             node.facts["ports"].insert(0, "rdzv %d %s" % (port, "served here" if hosts else "-"))
+        if hosts and c.master_port == port:
+            node.issue(_FAIL, "ports", "--master-port %d is the rendezvous port, served by this node: give "
+                       "the workers another port" % port)
         node.cells["ports"] = ", ".join(node.facts["ports"]) or "-"
         _check_address(node, handler.local_addr, world)
         timeout = c.rdzv.read_timeout

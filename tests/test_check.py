@@ -114,6 +114,22 @@ def test_a_node_that_cannot_meet_the_others_says_so(tmp_path):
         a.stop()
 
 
+def test_a_rendezvous_port_held_by_another_program_fails(tmp_path):
+    script = write_script(tmp_path, "train.py", "pass\n")
+    with socket.socket() as held:
+        held.bind(("127.0.0.1", 0))
+        held.listen(1)
+        port = held.getsockname()[1]
+        a = Launcher(["--check", "--rdzv-backend", "c10d", "--rdzv-endpoint", "127.0.0.1:%d" % port,
+                      "--rdzv-conf", "join_timeout=1,read_timeout=1", script], tmp_path, "a", environ=clean_env())
+        try:
+            assert a.wait(60) == 1, a.err()
+        finally:
+            a.stop()
+    assert "the rendezvous port %d on this node (the endpoint's host) is held by a program that serves no " \
+           "store" % port in a.out()
+
+
 def standalone(tmp_path, *args, environ=None, cmd=None):
     a = Launcher(["--check", "--standalone"] + list(args), tmp_path, "s", environ=environ or clean_env(), cmd=cmd)
     try:
@@ -190,6 +206,17 @@ def test_master_port_in_use_on_rank_0_fails(tmp_path):
         code, out, err = standalone(tmp_path, "--master-port", str(port), script)
     assert code == 1, out + err
     assert "--master-port %d is in use on this node" % port in out
+    port = free_port()
+    code, out, err = standalone(tmp_path, "--master-port", str(port), script)
+    assert code == 0, out + err
+    assert "master %d free" % port in out
+    a = Launcher(["--check", "--rdzv-backend", "c10d", "--rdzv-endpoint", "127.0.0.1:%d" % port,
+                  "--master-port", str(port), script], tmp_path, "a", environ=clean_env())
+    try:
+        assert a.wait(60) == 1, a.err()
+    finally:
+        a.stop()
+    assert "--master-port %d is the rendezvous port, served by this node" % port in a.out()
 
 
 def test_an_address_the_leader_cannot_reach_fails(tmp_path):
