@@ -100,9 +100,27 @@ the node rank, the c10d endpoint (first host of SLURM_STEP_NODELIST / SLURM_JOB_
 srun's environment; options given on the command line or as PET_* win. A multi-node job whose
 endpoint would be a loopback address is refused (exit 2) instead of every node meeting itself.
 
+Pre-flight check: ``elasticrun --check [the job's options] SCRIPT [ARGS]`` on every node (``srun
+elasticrun --check --slurm ... train.py``) starts no worker. The nodes meet through the job's own
+rendezvous backend under the run id ``<run id>.check`` (the job's run is never joined or closed), the
+node serving the store (else rank 0) prints one table, one row a node, and every node exits 0 when
+nothing failed anywhere, else 1; each failed line says what to do. Checked: the endpoint resolves
+and is reachable from every node (with the local address, interface and address family that reach
+it); each node's advertised address (``--local-addr`` or the host name: what MASTER_ADDR is when it
+is rank 0) resolves, is not loopback in a multi-host job, and is reachable from the store host, which
+connects back to a listener each node opens for the check; the clock offset of each node against
+the store host (NTP-style over that connection, in ms; a warning beyond 0.1 s, a failure beyond 1 s);
+the rendezvous port served on its host and ``--master-port``, when given, free on the rank-0 node;
+the same Python version, elasticrun version and code digest, script checksum and arguments on every
+node (compared with the most common value); the log folder (``--log-dir`` or the temp folder)
+writable with 100 MiB free; GPUs visible (``nvidia-smi -L`` narrowed by ``CUDA_VISIBLE_DEVICES``) and
+CPUs in the affinity mask enough for ``--nproc-per-node``. A node that cannot meet the others prints
+its own row and why, and exits 1.
+
 Sections, in order: States, streams, specs; Error channel; Process plumbing; Python workers (the
 bootstrap and the fork server); Worker processes (the handles and starters); Worker group; Local
-rendezvous; Agent; File timer: worker side; File timer: server; Health check; Slurm; Command line.
+rendezvous; Agent; File timer: worker side; File timer: server; Health check; Slurm; Pre-flight check;
+Command line.
 
 Borrowed private helpers, and only these: from ``store`` the ones its docstring lists
 (``_recv_exactly`` here); from ``rendezvous`` ``_BACKENDS`` (the launcher asks it for the backend
@@ -3582,7 +3600,8 @@ _OPTIONS = [
      "serve GET /healthz on this port"),
     (("--slurm",), "slurm", "flag", False, "take nnodes, endpoint and run id from srun"),
     (("--check",), "check", "flag", False,
-     "pre-flight check on every node with the job's options: starts no worker, exits 0 or 1"),
+     "pre-flight check on every node, same options as the job: endpoint, addresses, ports, clocks, "
+     "versions, script checksum, log dir, GPUs/CPUs; no worker; exit 0/1"),
 ]
 
 
