@@ -3454,7 +3454,8 @@ def _run_check(c, log_dir, environ):
             log.info("check: meeting the other nodes (run %s.check)", c.rdzv.run_id)
             info = handler.next_rendezvous()
         except (ValueError, _rdzv.RendezvousError, _store.StoreError) as e:
-            if node.facts.get("endpoint_local") and c.rdzv.port and not _port_free(c.rdzv.port):
+            if (handler is None and node.facts.get("endpoint_local") and c.rdzv.port
+                    and not _port_free(c.rdzv.port)):
                 node.issue(_FAIL, "ports", "the rendezvous port %d on this node (the endpoint's host) is held "
                            "by a program that serves no store: stop it or choose another port" % c.rdzv.port)
             return _check_alone(node, c, "could not meet the other nodes through the rendezvous at %s (%s): "
@@ -3519,6 +3520,9 @@ def _run_check(c, log_dir, environ):
     except (_rdzv.RendezvousError, _store.StoreError) as e:
         log.error("check: lost the other nodes during the check (%s): run it again", e)
         return 1
+    except KeyboardInterrupt:
+        log.error("check: interrupted")
+        return 128 + signal.SIGINT
     finally:
         listener.close()
         if handler is not None:

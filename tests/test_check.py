@@ -269,3 +269,16 @@ def test_two_hosts_show_their_interfaces_and_a_loopback_address_fails(tmp_path):
         table = the_table(results)
         assert "127.0.0.1 is a loopback address" in table
         assert "give --local-addr" in table
+
+
+def test_etcd_check_is_led_by_rank_0_and_can_be_repeated(tmp_path, etcd_binary):
+    from etcd_cluster import EtcdCluster
+    script = write_script(tmp_path, "train.py", "pass\n")
+    with EtcdCluster(etcd_binary, tmp_path, size=1) as cluster:
+        args = ["--check", "--nnodes", "2", "--rdzv-backend", "etcd", "--rdzv-endpoint", cluster.endpoints[0],
+                "--rdzv-id", "job5", "--rdzv-conf", CONF, script]
+        for attempt in range(2):
+            results = two_nodes(tmp_path, args, args)
+            assert [code for code, _, _ in results] == [0, 0], (attempt, results)
+            table = the_table(results)
+            assert "check passed: 2 node(s)" in table and "rendezvous etcd" in table
