@@ -276,7 +276,9 @@ def _with_local_rank(args, local_rank):
 
 class WorkerSpec:
     """What to run on this node: `local_world_size` copies of `entrypoint` (a callable, or a program
-    path run as a process with `args`). ``${local_rank}`` in string args is replaced per worker."""
+    path run as a process with `args`). ``${local_rank}`` in string args is replaced per worker.
+    Without `rdzv_handler` the node runs alone, and `local_addr` (default 127.0.0.1) is the workers'
+    MASTER_ADDR; with one, the handler says where the job's nodes are."""
 
     def __init__(self, role, local_world_size, entrypoint, args=(), rdzv_handler=None, max_restarts=3,
                  monitor_interval=0.1, master_addr=None, master_port=None, local_addr=None):
@@ -3566,7 +3568,7 @@ _OPTIONS = [
     (("--nnodes",), "nnodes", "str", "1", "node count N or MIN:MAX (elastic when MIN<MAX)"),
     (("--nproc-per-node", "--nproc_per_node"), "nproc_per_node", "str", "1",
      "workers per node: N, auto, cpu or gpu"),
-    (("--rdzv-backend", "--rdzv_backend"), "rdzv_backend", "str", "static", "c10d (alias store), etcd, static"),
+    (("--rdzv-backend", "--rdzv_backend"), "rdzv_backend", "str", "static", "/".join(_rdzv._BACKENDS)),
     (("--rdzv-endpoint", "--rdzv_endpoint"), "rdzv_endpoint", "str", "", "HOST[:PORT] of the rendezvous"),
     (("--rdzv-id", "--rdzv_id"), "rdzv_id", "str", "none", "run id; jobs with different ids never mix"),
     (("--rdzv-conf", "--rdzv_conf"), "rdzv_conf", "str", "", "k=v,... rendezvous settings"),
