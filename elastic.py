@@ -3246,11 +3246,13 @@ def _check_reach_endpoint(node):
 
 
 class _CheckListener:
-    """A TCP listener the leader connects back to: answers each b"t" with this node's nonce and clock."""
+    """A TCP listener the leader connects back to: answers each b"t" with this node's nonce and clock
+    (`clock`, time.time by default)."""
 
-    def __init__(self):
+    def __init__(self, clock=time.time):
         import socket
         import threading
+        self._clock = clock
         self.nonce = os.urandom(8).hex()
         try:
             self._sock = socket.socket(socket.AF_INET6, socket.SOCK_STREAM)
@@ -3278,7 +3280,7 @@ class _CheckListener:
             try:
                 conn.settimeout(_CHECK_CONNECT_TIMEOUT)
                 while conn.recv(1) == b"t":
-                    conn.sendall(("%s %.6f\n" % (self.nonce, time.time())).encode())
+                    conn.sendall(("%s %.6f\n" % (self.nonce, self._clock())).encode())
             except OSError:
                 pass
             finally:
@@ -3491,9 +3493,10 @@ def _run_check(c, log_dir, environ):
                 pass
             leader = int(store.get("check/host")) if store.check(["check/host"]) else 0
         if leader == rank:
-            nodes = {}
-            for r, key in enumerate(keys):
-                nodes[r] = _CheckNode(json.loads(store.get(key).decode())) if store.check([key]) else None
+            present = keys if store.check(keys) else [key for key in keys if store.check([key])]
+            reports = dict(zip(present, store.multi_get(present)))
+            nodes = {r: _CheckNode(json.loads(reports[key].decode())) if key in reports else None
+                     for r, key in enumerate(keys)}
             if c.rdzv.backend != "etcd" and not any(n is not None and "served here" in n.cells.get("ports", "")
                                                     for n in nodes.values()):
                 nodes[rank].issue(_WARN, "ports", "no checking node serves the rendezvous store (a store that "

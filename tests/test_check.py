@@ -228,11 +228,11 @@ def test_an_address_the_leader_cannot_reach_fails(tmp_path):
     assert "give --local-addr" in out
 
 
-def netns_check(tmp_path, net, local_addrs, run_id):
+def netns_check(tmp_path, net, local_addrs, run_id, endpoint_host=None):
     """`--check` on hosts 0 and 1 (store on host 0): [(exit status, stdout, stderr)] by host."""
     import subprocess as sp
     script = write_script(tmp_path, "train.py", "pass\n")
-    endpoint = "%s:%d" % (net.addr(0), free_port())
+    endpoint = "%s:%d" % (endpoint_host or net.addr(0), free_port())
     procs = []
     for i, addr in enumerate(local_addrs):
         args = c10d(endpoint, run_id, "--local-addr", addr, script)
@@ -269,6 +269,17 @@ def test_two_hosts_show_their_interfaces_and_a_loopback_address_fails(tmp_path):
         table = the_table(results)
         assert "127.0.0.1 is a loopback address" in table
         assert "give --local-addr" in table
+        # the same over IPv6: the interface comes from /proc/net/if_inet6
+        v6 = ["fd00:e1::%d" % (i + 1) for i in range(2)]
+        for i, addr in enumerate(v6):
+            subprocess.run(["ip", "-n", net.names[i], "addr", "add", addr + "/64", "dev", "eth0", "nodad"],
+                           check=True)
+        results = netns_check(tmp_path, net, v6, "hosts3", endpoint_host="[%s]" % v6[0])
+        assert [code for code, _, _ in results] == [0, 0], results
+        table = the_table(results)
+        for i in range(2):
+            row = [line for line in table.splitlines() if line.startswith("%d " % i)][0]
+            assert "%s eth0 IPv6" % v6[i] in row and "ok %s eth0 IPv6" % v6[i] in row and "ok IPv6" in row, table
 
 
 def test_etcd_check_is_led_by_rank_0_and_can_be_repeated(tmp_path, etcd_binary):
@@ -282,3 +293,43 @@ def test_etcd_check_is_led_by_rank_0_and_can_be_repeated(tmp_path, etcd_binary):
             assert [code for code, _, _ in results] == [0, 0], (attempt, results)
             table = the_table(results)
             assert "check passed: 2 node(s)" in table and "rendezvous etcd" in table
+
+
+def test_a_clock_off_by_seconds_fails_and_a_few_ms_pass():
+    """The leader's side against real listeners whose clocks run 5 s and 0 s off (the clock seam)."""
+    import time
+    import elastic
+
+    def report(listener):
+        node = elastic._CheckNode()
+        node.facts.update(addr="127.0.0.1", listen=listener.port, nonce=listener.nonce, host="n")
+        return node
+
+    ahead, same = elastic._CheckListener(clock=lambda: time.time() + 5.0), elastic._CheckListener()
+    try:
+        nodes = {0: report(same), 1: report(ahead)}
+        elastic._check_across(nodes, 0, None)
+    finally:
+        ahead.close()
+        same.close()
+    assert not nodes[0].failed(), nodes[0].issues
+    assert [(s, c) for s, c, _ in nodes[1].issues] == [("FAIL", "clock")]
+    assert "synchronise the clocks" in nodes[1].issues[0][2]
+    assert nodes[1].cells["clock"].startswith("+5") and nodes[1].cells["clock"].endswith(" ms")
+
+
+def test_ipv6_endpoint_and_address_are_reported_as_ipv6(tmp_path):
+    with socket.socket(socket.AF_INET6) as probe:
+        try:
+            probe.bind(("::1", 0))
+        except OSError:
+            pytest.skip("no IPv6 loopback here")
+    script = write_script(tmp_path, "train.py", "pass\n")
+    a = Launcher(["--check", "--rdzv-backend", "c10d", "--rdzv-endpoint", "[::1]:%d" % free_port(),
+                  "--local-addr", "::1", script], tmp_path, "a", environ=clean_env())
+    try:
+        assert a.wait(60) == 0, a.out() + a.err()
+    finally:
+        a.stop()
+    row = [line for line in a.out().splitlines() if line.startswith("0 ")][0]
+    assert "::1 lo IPv6" in row and "ok ::1 lo IPv6" in row and "ok IPv6" in row, a.out()
