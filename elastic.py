@@ -3446,10 +3446,27 @@ def _check_alone(node, c, why):
     return 1
 
 
-def _run_check(c, log_dir, environ):
+def _check_main(args, environ):
+    """--check from the parsed options. A node where `--nproc-per-node gpu` finds no GPU gets a failed
+    line, not the job's usage error: exiting alone would leave the others waiting for it."""
+    import copy
+    wants_gpu = str(args.nproc_per_node).strip() == "gpu" and not _gpu_count()
+    if wants_gpu:
+        args = copy.copy(args)
+        args.nproc_per_node = "cpu"
+    c = _config_from_args(args, environ, check=True)
+    _configure_logging(environ)
+    problems = ["--nproc-per-node gpu but nvidia-smi -L lists no GPU on this node: check the driver "
+                "(nvidia-smi) or give a number"] if wants_gpu else []
+    return _run_check(c, args.log_dir, environ, problems)
+
+
+def _run_check(c, log_dir, environ, problems=()):
     """The pre-flight check of this node (see the section comment). Returns the exit status."""
     import json
     node = _check_local(c, log_dir, environ)
+    for text in problems:
+        node.issue(_FAIL, "gpus", text)
     listener = _CheckListener()
     handler = None
     try:
@@ -4005,9 +4022,7 @@ def _main(argv, program=False):
     try:
         args = _parse_args(argv, environ)
         if args.check:
-            c = _config_from_args(args, environ, check=True)
-            _configure_logging(environ)
-            return _run_check(c, args.log_dir, environ)
+            return _check_main(args, environ)
         c = _config_from_args(args, environ)
     except _UsageError as e:
         sys.stderr.write("elasticrun: error: %s\n" % e)

@@ -195,6 +195,12 @@ def test_more_workers_than_cpus_or_gpus_fail(tmp_path):
     assert code == 1, out + err
     assert "4 workers but 2 GPU(s) visible (CUDA_VISIBLE_DEVICES=0,1)" in out
     assert "lower --nproc-per-node to 2" in out
+    # --nproc-per-node gpu on a node without GPUs: a failed line (the job itself exits 2 there)
+    environ = clean_env(PATH="%s:%s" % (tmp_path / "nobin", os.environ["PATH"]))
+    if shutil.which("nvidia-smi", path=environ["PATH"]) is None:
+        code, out, err = standalone(tmp_path, "--nproc-per-node", "gpu", script, environ=environ)
+        assert code == 1, out + err
+        assert "--nproc-per-node gpu but nvidia-smi -L lists no GPU on this node" in out
 
 
 def test_master_port_in_use_on_rank_0_fails(tmp_path):
