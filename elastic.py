@@ -2992,7 +2992,9 @@ def _interface_of(address):
         import struct
         with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
             for _, name in socket.if_nameindex():
-                try:   # SIOCGIFADDR: the interface's (primary) IPv4 address at bytes 20-23
+                # SIOCGIFADDR: the interface's primary IPv4 address at bytes 20-23 (a secondary
+                # address of an interface is not seen this way: "?")
+                try:
                     answer = fcntl.ioctl(s.fileno(), 0x8915, struct.pack("256s", name.encode()[:15]))
                 except OSError:
                     continue
@@ -3018,17 +3020,20 @@ def _resolve(host, port):
 
 
 def _port_free(port):
-    """Whether a server could bind TCP `port` on every interface of this host now."""
+    """Whether a server could bind TCP `port` on every interface of this host now, IPv4 and IPv6
+    (torch's store listens on both)."""
+    import errno
     import socket
     for family, addr in ((socket.AF_INET, "0.0.0.0"), (socket.AF_INET6, "::")):
         try:
             with socket.socket(family, socket.SOCK_STREAM) as s:
                 s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                if family == socket.AF_INET6:
+                    s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
                 s.bind((addr, port))
-            return True
         except OSError as e:
-            if family == socket.AF_INET6 and e.errno in (97, 99):   # no IPv6 here: IPv4 answered
-                continue
+            if family == socket.AF_INET6 and e.errno in (errno.EAFNOSUPPORT, errno.EADDRNOTAVAIL):
+                continue   # no IPv6 on this host
             return False
     return True
 

@@ -212,6 +212,18 @@ def test_master_port_in_use_on_rank_0_fails(tmp_path):
         code, out, err = standalone(tmp_path, "--master-port", str(port), script)
     assert code == 1, out + err
     assert "--master-port %d is in use on this node" % port in out
+    with socket.socket(socket.AF_INET6) as held:   # held on IPv6 only: the workers' store would fail too
+        held.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+        try:
+            held.bind(("::", 0))
+        except OSError:
+            held = None
+        if held is not None:
+            held.listen(1)
+            port = held.getsockname()[1]
+            code, out, err = standalone(tmp_path, "--master-port", str(port), script)
+            assert code == 1, out + err
+            assert "--master-port %d is in use on this node" % port in out
     port = free_port()
     code, out, err = standalone(tmp_path, "--master-port", str(port), script)
     assert code == 0, out + err
