@@ -351,3 +351,33 @@ def test_ipv6_endpoint_and_address_are_reported_as_ipv6(tmp_path):
         a.stop()
     row = [line for line in a.out().splitlines() if line.startswith("0 ")][0]
     assert "::1 lo IPv6" in row and "ok ::1 lo IPv6" in row and "ok IPv6" in row, a.out()
+
+
+def test_slurm_check_then_the_job_on_the_same_port(tmp_path):
+    """As `srun elasticrun --check --slurm ...` then `srun elasticrun --slurm ...`: Slurm's node 0 serves the
+    check's store and prints the table, and the job then serves its own store on the same port."""
+    script = write_script(tmp_path, "train.py", "import os\nprint('RANK=' + os.environ['RANK'], flush=True)\n")
+
+    def node_env(node_id):
+        return clean_env(SLURM_JOB_ID="4242", SLURM_STEP_ID="7", SLURM_NNODES="2", SLURM_STEP_NUM_NODES="2",
+                         SLURM_NODEID=node_id, SLURM_JOB_NODELIST="node[1-2]", SLURM_STEP_NODELIST="node[1-2]",
+                         SLURM_PROCID=node_id)
+
+    args = ["--slurm", "--rdzv-endpoint", "127.0.0.1:%d" % free_port(), "--rdzv-conf", "last_call_timeout=1",
+            script]
+    for check in (True, False):
+        nodes = []
+        try:
+            for node_id in ("0", "1"):
+                nodes.append(Launcher(["--check"] * check + args, tmp_path, "node%s" % node_id,
+                                      environ=node_env(node_id)))
+            results = [(n.wait(120), n.out(), n.err()) for n in nodes]
+        finally:
+            for n in nodes:
+                n.stop()
+        assert [code for code, _, _ in results] == [0, 0], results
+        if check:
+            assert "elasticrun check: run 4242.7" in results[0][1] and results[1][1] == ""
+            assert "run 4242.7.check" in results[0][2]
+        else:
+            assert sorted(out.strip() for _, out, _ in results) == ["RANK=0", "RANK=1"]
