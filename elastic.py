@@ -3596,9 +3596,10 @@ def _elasticrun_code():
     import hashlib
     h = hashlib.sha256()
     for module in (_store, _rdzv, sys.modules[__name__]):
-        try:
-            h.update(module.__loader__.get_data(module.__file__))
-        except (AttributeError, OSError, TypeError):
+        try:   # the source, also from the zipapp (which runs bytecode beside it)
+            spec = getattr(module, "__spec__", None)   # under -m, __name__ is __main__, the loader's is not
+            h.update(module.__loader__.get_source(spec.name if spec else module.__name__).encode())
+        except (AttributeError, ImportError, OSError, TypeError):
             h.update(b"?")
     versions = {_store.__version__, _rdzv.__version__, __version__}
     return "%s %s" % ("/".join(sorted(versions)), h.hexdigest()[:8])

@@ -381,3 +381,20 @@ def test_slurm_check_then_the_job_on_the_same_port(tmp_path):
             assert "run 4242.7.check" in results[0][2]
         else:
             assert sorted(out.strip() for _, out, _ in results) == ["RANK=0", "RANK=1"]
+
+
+def test_the_code_digest_is_the_same_from_the_file_with_m_and_from_the_zipapp(tmp_path):
+    """Nodes may launch the same code different ways; only different code may differ."""
+    from agent_scripts.harness import ROOT
+    script = write_script(tmp_path, "train.py", "pass\n")
+    bundle = str(tmp_path / "elasticrun.pyz")
+    subprocess.run([sys.executable, os.path.join(ROOT, "tools", "make_bundle.py"), "-o", bundle], check=True,
+                   stdout=subprocess.DEVNULL)
+    digests = set()
+    for cmd in ([sys.executable, ELASTIC], [sys.executable, "-m", "elastic"], [sys.executable, bundle]):
+        code, out, err = standalone(tmp_path, script, cmd=cmd)
+        assert code == 0, (cmd, out, err)
+        row = [line for line in out.splitlines() if line.startswith("0 ")][0]
+        header = [line for line in out.splitlines() if line.startswith("node ")][0]
+        digests.add(row[header.index("elasticrun"):header.index("script")].strip())
+    assert len(digests) == 1, digests
