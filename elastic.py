@@ -3995,7 +3995,9 @@ def _run_check(c, log_dir, environ, problems=()):
     try:
         try:
             handler = _rdzv.get_rendezvous_handler(_check_params(c.rdzv))
-            log.info("check: meeting the other nodes (run %s.check)", c.rdzv.run_id)
+            log.info("check: meeting the other nodes (run %s.check, %s node(s), waiting up to %g s)",
+                     c.rdzv.run_id, c.rdzv.min_nodes if c.rdzv.min_nodes == c.rdzv.max_nodes else
+                     "%d-%d" % (c.rdzv.min_nodes, c.rdzv.max_nodes), c.rdzv.join_timeout)
             info = handler.next_rendezvous()
         except (ValueError, _rdzv.RendezvousError, _store.StoreError) as e:
             if (handler is None and node.facts.get("endpoint_local") and c.rdzv.port
