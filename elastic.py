@@ -112,9 +112,27 @@ the node rank, the c10d endpoint (first host of SLURM_STEP_NODELIST / SLURM_JOB_
 srun's environment; options given on the command line or as PET_* win. A multi-node job whose
 endpoint would be a loopback address is refused (exit 2) instead of every node meeting itself.
 
+Pre-flight check: ``elasticrun --check [the job's options] SCRIPT [ARGS]`` on every node (``srun
+elasticrun --check --slurm ... train.py``) starts no worker. The nodes meet through the job's own
+rendezvous backend under the run id ``<run id>.check`` (the job's run is never joined or closed), the
+node serving the store (else rank 0) prints one table, one row a node, and every node exits 0 when
+nothing failed anywhere, else 1; each failed line says what to do. Checked: the endpoint resolves
+and is reachable from every node (with the local address, interface and address family that reach
+it); each node's advertised address (``--local-addr`` or the host name: what MASTER_ADDR is when it
+is rank 0) resolves, is not loopback in a multi-host job, and is reachable from the store host, which
+connects back to a listener each node opens for the check; the clock offset of each node against
+the store host (NTP-style over that connection, in ms; a warning beyond 0.1 s, a failure beyond 1 s);
+the rendezvous port served on its host and ``--master-port``, when given, free on the rank-0 node;
+the same Python version, elasticrun version and code digest, script checksum and arguments on every
+node (compared with the most common value); the log folder (``--log-dir`` or the temp folder)
+writable with 100 MiB free; GPUs visible (``nvidia-smi -L`` narrowed by ``CUDA_VISIBLE_DEVICES``) and
+CPUs in the affinity mask enough for ``--nproc-per-node``. A node that cannot meet the others prints
+its own row and why, and exits 1.
+
 Sections, in order: States, streams, specs; Error channel; Process plumbing; Python workers (the
 bootstrap and the fork server); Worker processes (the handles and starters); Worker group; Local
-rendezvous; Agent; File timer: worker side; File timer: server; Health check; Slurm; Command line.
+rendezvous; Agent; File timer: worker side; File timer: server; Health check; Slurm; Pre-flight check;
+Command line.
 
 Borrowed private helpers, and only these: from ``store`` the ones its docstring lists
 (``_recv_exactly``, ``_Pace`` and ``_read_token_file`` here); from ``rendezvous`` ``_BACKENDS``
@@ -3624,6 +3642,678 @@ def _slurm_options(environ, endpoint_given=False):
     }
 
 
+# --------------------------------------------------------------------------------- Pre-flight check
+# `elasticrun --check [job options] SCRIPT [ARGS]` on every node, before the job. The nodes meet
+# through the job's own rendezvous backend under the derived run id `<run id>.check` (so a check
+# never joins, consumes or closes the job's run), each node sends one report, and the leader (the
+# node serving the store, else rank 0) checks what needs two nodes, prints one table and hands every
+# node its verdict::
+#
+#     every node: local checks -> listener on a free port -> check round -> report/<rank>
+#     leader:     reads every report; connects back to each node's advertised address and port
+#                 (reachability, interface, family, clock offset NTP-style: offset = t_node - (t0+t1)/2
+#                 over the fastest of a few exchanges); compares versions and checksums against the
+#                 most common value; prints the table; writes verdict/<rank>
+#     every node: reads its verdict, logs its own failed lines, exits 0 (nothing failed anywhere) or 1
+#
+# A node that cannot meet the others prints its own findings and why it could not meet, and exits 1.
+
+_CHECK_CLOCK_WARN, _CHECK_CLOCK_FAIL = 0.1, 1.0       # seconds of clock offset from the leader
+_CHECK_MIN_FREE = 100 << 20                           # bytes free in the log folder
+_CHECK_CONNECT_TIMEOUT = 5.0
+_CHECK_COLUMNS = ("node", "address", "endpoint", "back", "clock", "ports", "python", "elasticrun",
+                  "script", "args", "log dir", "gpus", "cpus")
+_OK, _WARN, _FAIL = "ok", "warn", "FAIL"
+
+
+class _CheckNode:
+    """What one node found: a table cell per column and the problems, each (status, column, text
+    that says what to do). Travels as JSON in the check round's store."""
+
+    def __init__(self, data=None):
+        data = data or {}
+        self.cells = dict(data.get("cells", {}))
+        self.issues = [tuple(i) for i in data.get("issues", ())]
+        self.facts = dict(data.get("facts", {}))
+
+    def cell(self, column, text, status=_OK, advice=None):
+        self.cells[column] = text
+        if status != _OK:
+            self.issues.append((status, column, advice or text))
+
+    def issue(self, status, column, advice):
+        self.issues.append((status, column, advice))
+
+    def failed(self):
+        return any(status == _FAIL for status, _, _ in self.issues)
+
+    def to_json(self):
+        import json
+        return json.dumps({"cells": self.cells, "issues": self.issues, "facts": self.facts})
+
+
+def _family_name(family):
+    import socket
+    return "IPv6" if family == socket.AF_INET6 else "IPv4"
+
+
+def _interface_of(address):
+    """The name of this host's interface holding `address` (an IP string), or "?"."""
+    import ipaddress
+    import socket
+    try:
+        ip = ipaddress.ip_address(address.split("%", 1)[0])
+    except ValueError:
+        return "?"
+    if ip.is_loopback:
+        return "lo"
+    try:
+        if ip.version == 6:
+            with open("/proc/net/if_inet6") as f:   # address hex, index, prefix, scope, flags, name
+                for line in f:
+                    fields = line.split()
+                    if len(fields) >= 6 and fields[0] == ip.packed.hex():
+                        return fields[5]
+            return "?"
+        import fcntl
+        import struct
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+            for _, name in socket.if_nameindex():
+                # SIOCGIFADDR: the interface's primary IPv4 address at bytes 20-23 (a secondary
+                # address of an interface is not seen this way: "?")
+                try:
+                    answer = fcntl.ioctl(s.fileno(), 0x8915, struct.pack("256s", name.encode()[:15]))
+                except OSError:
+                    continue
+                if answer[20:24] == ip.packed:
+                    return name
+    except OSError:
+        pass
+    return "?"
+
+
+def _route_to(sockaddr, family):
+    """This host's address on the route to `sockaddr` (a UDP connect sends nothing)."""
+    import socket
+    with socket.socket(family, socket.SOCK_DGRAM) as s:
+        s.connect(sockaddr)
+        return s.getsockname()[0]
+
+
+def _resolve(host, port):
+    """getaddrinfo's (family, sockaddr) list for a TCP `host:port`; OSError when it does not resolve."""
+    import socket
+    return [(info[0], info[4]) for info in socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)]
+
+
+def _port_free(port):
+    """Whether a server could bind TCP `port` on every interface of this host now, IPv4 and IPv6
+    (torch's store listens on both)."""
+    import errno
+    import socket
+    for family, addr in ((socket.AF_INET, "0.0.0.0"), (socket.AF_INET6, "::")):
+        try:
+            with socket.socket(family, socket.SOCK_STREAM) as s:
+                s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                if family == socket.AF_INET6:
+                    s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+                s.bind((addr, port))
+        except OSError as e:
+            if family == socket.AF_INET6 and e.errno in (errno.EAFNOSUPPORT, errno.EADDRNOTAVAIL):
+                continue   # no IPv6 on this host
+            return False
+    return True
+
+
+def _sha256_file(path):
+    import hashlib
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _module_file(name):
+    """The file `python -m name` would run from the current folder, found without importing it."""
+    from importlib.machinery import PathFinder
+    path = [os.getcwd()] + sys.path[1:]
+    spec = None
+    parts = name.split(".")
+    for i, part in enumerate(parts):
+        spec = PathFinder.find_spec(part, path)
+        if spec is None:
+            return None
+        path = spec.submodule_search_locations
+        if path is not None and i == len(parts) - 1:   # a package: python -m runs its __main__
+            spec = PathFinder.find_spec("__main__", path)
+    return spec.origin if spec is not None and spec.origin not in (None, "built-in") else None
+
+
+def _script_path(c):
+    """The file the workers would run, or None when this node has none."""
+    import shutil
+    if c.mode == "module":
+        return _module_file(c.script)
+    if c.mode == "no_python" and os.sep not in c.script:
+        return shutil.which(c.script)
+    return c.script if os.path.isfile(c.script) else None
+
+
+def _elasticrun_code():
+    """The three modules' version and a digest of their code (catches a stale copy with the same
+    version number)."""
+    import hashlib
+    h = hashlib.sha256()
+    for module in (_store, _rdzv, sys.modules[__name__]):
+        try:   # the source, also from the zipapp (which runs bytecode beside it)
+            spec = getattr(module, "__spec__", None)   # under -m, __name__ is __main__, the loader's is not
+            h.update(module.__loader__.get_source(spec.name if spec else module.__name__).encode())
+        except (AttributeError, ImportError, OSError, TypeError):
+            h.update(b"?")
+    versions = {_store.__version__, _rdzv.__version__, __version__}
+    return "%s %s" % ("/".join(sorted(versions)), h.hexdigest()[:8])
+
+
+def _visible_gpus(environ):
+    """(GPUs the workers would see, physical GPUs): nvidia-smi -L, narrowed by CUDA_VISIBLE_DEVICES
+    the way CUDA reads it (up to the first entry that names no device)."""
+    physical = _gpu_count()
+    visible = environ.get("CUDA_VISIBLE_DEVICES")
+    if visible is None:
+        return physical, physical
+    count = 0
+    for entry in visible.split(","):
+        entry = entry.strip()
+        if entry.isdigit() and int(entry) < physical or entry.startswith(("GPU-", "MIG-")):
+            count += 1
+        else:
+            break
+    return min(count, physical), physical
+
+
+def _human_bytes(n):
+    for unit in ("B", "K", "M", "G", "T"):
+        if n < 1024 or unit == "T":
+            return "%.0f%s" % (n, unit) if unit == "B" else "%.1f%s" % (n, unit)
+        n /= 1024.0
+
+
+def _check_log_dir(node, log_dir):
+    """The log folder (or the temp folder the job would use) takes a file and has room."""
+    import tempfile
+    target = log_dir or tempfile.gettempdir()
+    existing = os.path.abspath(target)
+    while not os.path.isdir(existing):
+        parent = os.path.dirname(existing)
+        if parent == existing or os.path.exists(existing):
+            node.cell("log dir", "unusable", _FAIL,
+                      "log folder %s cannot be created here (%s is not a folder): give --log-dir a "
+                      "writable folder" % (target, existing))
+            return
+        existing = parent
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".elasticrun-check-", dir=existing)
+        try:
+            os.write(fd, b"check\n")
+        finally:
+            os.close(fd)
+            os.unlink(probe)
+    except OSError as e:
+        node.cell("log dir", "not writable", _FAIL,
+                  "log folder %s is not writable (%s: %s): give --log-dir a folder this user may write, "
+                  "or fix its permissions" % (target, existing, e.strerror or e))
+        return
+    st = os.statvfs(existing)
+    free = st.f_bavail * st.f_frsize
+    if free < _CHECK_MIN_FREE:
+        node.cell("log dir", "%s free" % _human_bytes(free), _FAIL,
+                  "log folder %s has only %s free: free space there or give --log-dir another folder"
+                  % (target, _human_bytes(free)))
+    else:
+        node.cell("log dir", "ok %s free" % _human_bytes(free))
+
+
+def _check_local(c, log_dir, environ):
+    """Everything one node can check alone, before meeting the others."""
+    import hashlib
+    import json
+    node = _CheckNode()
+    node.facts["host"] = _hostname()
+    node.facts["nproc"] = c.nproc
+    python = "%d.%d.%d" % sys.version_info[:3]
+    if sys.implementation.name != "cpython":
+        python += " " + sys.implementation.name
+    node.cell("python", python)
+    node.cell("elasticrun", _elasticrun_code())
+    path = _script_path(c)
+    if path is None:
+        node.cell("script", "missing", _FAIL, "%s %s is not on this node: copy it here (every node runs its "
+                  "own copy)" % ("module" if c.mode == "module" else "script", c.script))
+    else:
+        try:
+            node.cell("script", _sha256_file(path)[:8])
+        except OSError as e:
+            node.cell("script", "unreadable", _FAIL, "cannot read %s: %s" % (path, e.strerror or e))
+    node.facts["script_path"] = path or c.script
+    node.cell("args", hashlib.sha256(json.dumps([c.mode, c.script_args]).encode()).hexdigest()[:8])
+    _check_log_dir(node, log_dir)
+    gpus, physical = _visible_gpus(environ)
+    node.facts["gpus"] = gpus
+    if gpus and gpus < c.nproc:
+        node.cell("gpus", str(gpus), _FAIL,
+                  "%d workers but %d GPU(s) visible%s: lower --nproc-per-node to %d or make more GPUs "
+                  "visible" % (c.nproc, gpus, " (CUDA_VISIBLE_DEVICES=%s)" % environ["CUDA_VISIBLE_DEVICES"]
+                               if "CUDA_VISIBLE_DEVICES" in environ else "", gpus))
+    elif gpus > c.nproc:
+        node.cell("gpus", str(gpus), _WARN, "%d GPU(s) visible but only %d workers: %d GPU(s) stay idle "
+                  "(--nproc-per-node gpu uses them all)" % (gpus, c.nproc, gpus - c.nproc))
+    elif not gpus and physical:
+        node.cell("gpus", "0 of %d" % physical, _WARN, "CUDA_VISIBLE_DEVICES=%r hides every GPU of this node"
+                  % environ.get("CUDA_VISIBLE_DEVICES"))
+    else:
+        node.cell("gpus", str(gpus) if gpus else "none")
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        cpus = os.cpu_count() or 1
+    if cpus < c.nproc:
+        node.cell("cpus", str(cpus), _FAIL,
+                  "%d workers share %d CPU(s) this launcher may run on (affinity mask): give the node "
+                  "more CPUs (srun --cpus-per-task, taskset) or lower --nproc-per-node" % (c.nproc, cpus))
+    else:
+        node.cell("cpus", str(cpus))
+    ports = []
+    if c.master_port is not None:
+        free = _port_free(c.master_port)
+        node.facts["master_port_free"] = free
+        ports.append("master %d %s" % (c.master_port, "free" if free else "in use"))
+    node.facts["ports"] = ports
+    _check_endpoint_resolves(node, c.rdzv)
+    return node
+
+
+def _check_endpoint_resolves(node, params):
+    """The rendezvous endpoint resolves here; which local address, interface and family reach it."""
+    if params.backend == "etcd":
+        from urllib.parse import urlsplit
+        targets = [(urlsplit(url).hostname, urlsplit(url).port or 2379) for url in params.endpoints]
+    else:
+        targets = [(params.host, params.port)]
+    resolved = []
+    for host, port in targets:
+        try:
+            resolved.append((host, port, _resolve(host, port)))
+        except (OSError, UnicodeError) as e:
+            node.cell("endpoint", "no address", _FAIL, "the rendezvous endpoint %s does not resolve on this node "
+                      "(%s): fix DNS or /etc/hosts here, or give --rdzv-endpoint an address" % (host, e))
+            return
+    node.facts["endpoints"] = [[host, port] for host, port, _ in resolved]
+    family, sockaddr = resolved[0][2][0]
+    node.facts["endpoint_loopback"] = _is_loopback_ip(sockaddr[0])
+    try:
+        local = _route_to(sockaddr, family)
+        node.facts["route"] = "%s %s %s" % (local, _interface_of(local), _family_name(family))
+        node.facts["endpoint_local"] = local == sockaddr[0] or node.facts["endpoint_loopback"]
+    except OSError as e:
+        node.facts["route"] = "no route"
+        node.issue(_FAIL, "endpoint", "no route from this node to the rendezvous endpoint %s (%s): check "
+                   "the network configuration" % (sockaddr[0], e.strerror or e))
+    node.cell("endpoint", "resolves")
+
+
+def _check_reach_endpoint(node):
+    """After meeting: connect to every endpoint address as resolved here (the store host too)."""
+    import socket
+    bad = []
+    for host, port in node.facts.get("endpoints", ()):
+        try:
+            socket.create_connection((host, port), timeout=_CHECK_CONNECT_TIMEOUT).close()
+        except OSError as e:
+            bad.append("%s:%s (%s)" % (host, port, e.strerror or e))
+    if bad:
+        node.cell("endpoint", "unreachable", _FAIL, "cannot connect to %s from this node: check the "
+                  "firewall and that the address is the store host's" % ", ".join(bad))
+    elif "endpoint" in node.cells and node.cells["endpoint"] == "resolves":
+        node.cell("endpoint", "ok " + node.facts.get("route", ""))
+
+
+class _CheckListener:
+    """A TCP listener the leader connects back to: answers each b"t" with this node's nonce and clock
+    (`clock`, time.time by default)."""
+
+    def __init__(self, clock=time.time):
+        import socket
+        import threading
+        self._clock = clock
+        self.nonce = os.urandom(8).hex()
+        try:
+            self._sock = socket.socket(socket.AF_INET6, socket.SOCK_STREAM)
+            self._sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+            self._sock.bind(("::", 0))
+        except OSError:
+            self._sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            self._sock.bind(("0.0.0.0", 0))
+        self._sock.listen(64)
+        self.port = self._sock.getsockname()[1]
+        self._wake_r, self._wake_w = os.pipe()
+        self._thread = threading.Thread(target=self._serve, name="elasticrun-check", daemon=True)
+        self._thread.start()
+
+    def _serve(self):
+        import select
+        while True:
+            ready, _, _ = select.select([self._sock, self._wake_r], [], [])
+            if self._wake_r in ready:
+                return
+            try:
+                conn, _ = self._sock.accept()
+            except OSError:
+                continue
+            try:
+                conn.settimeout(_CHECK_CONNECT_TIMEOUT)
+                while conn.recv(1) == b"t":
+                    conn.sendall(("%s %.6f\n" % (self.nonce, self._clock())).encode())
+            except OSError:
+                pass
+            finally:
+                conn.close()
+
+    def close(self):
+        os.write(self._wake_w, b"x")
+        self._thread.join()
+        for fd in (self._wake_r, self._wake_w):
+            os.close(fd)
+        self._sock.close()
+
+
+def _connect_back(node):
+    """From the leader: reach `node`'s advertised address and listener; (status, cell, advice, offset)."""
+    import socket
+    addr, port, nonce = node.facts["addr"], node.facts["listen"], node.facts["nonce"]
+    try:
+        sock = socket.create_connection((addr, port), timeout=_CHECK_CONNECT_TIMEOUT)
+    except OSError as e:
+        return (_FAIL, "unreachable", "this node's address %s is not reachable from the leader (%s: %s): workers "
+                "would not reach MASTER_ADDR here; give --local-addr an address the other nodes can reach, or "
+                "open the firewall" % (addr, "port %d" % port, e.strerror or e), None)
+    try:
+        peer_family = _family_name(sock.family)
+        best = None
+        reader = sock.makefile("rb")
+        for _ in range(5):
+            t0 = time.time()
+            sock.sendall(b"t")
+            line = reader.readline().decode().split()
+            t1 = time.time()
+            if len(line) != 2 or line[0] != nonce:
+                return (_FAIL, "wrong peer", "%s:%d answers but is not this node's check: the address %s "
+                        "belongs to another machine; give --local-addr this node's own address"
+                        % (addr, port, addr), None)
+            sample = (t1 - t0, float(line[1]) - (t0 + t1) / 2)
+            best = min(best or sample, sample)
+        reader.close()
+        return (_OK, "ok " + peer_family, None, best)
+    except (OSError, ValueError) as e:
+        return (_FAIL, "broken", "the connection back to %s:%d broke (%s)" % (addr, port, e), None)
+    finally:
+        sock.close()
+
+
+def _common(values, leader_value):
+    """The most common value (ties: the leader's)."""
+    counts = {}
+    for v in values:
+        counts[v] = counts.get(v, 0) + 1
+    top = max(counts.values())
+    return leader_value if counts.get(leader_value) == top else max(counts, key=counts.get)
+
+
+_CHECK_SAME = (
+    ("python", "Python %s here, %s on most nodes: run the same Python on every node"),
+    ("elasticrun", "elasticrun %s here, %s on most nodes: install the same elasticrun on every node"),
+    ("script", "the script differs from most nodes (sha256 %s here, %s there): copy the same %s to every node"),
+    ("args", "the script's arguments differ from most nodes (digest %s here, %s there): give every node the "
+             "same command line"),
+)
+
+
+def _check_across(nodes, leader_rank, master_port, concurrency=32):
+    """The leader's part: connect back to every node, then compare the nodes' reports."""
+    from concurrent.futures import ThreadPoolExecutor
+    reported = [r for r in sorted(nodes) if nodes[r] is not None]
+    with ThreadPoolExecutor(max_workers=max(1, min(concurrency, len(reported)))) as pool:
+        answers = dict(zip(reported, pool.map(lambda r: _connect_back(nodes[r]), reported)))
+    for r in reported:
+        node = nodes[r]
+        status, cell, advice, sample = answers[r]
+        node.cell("back", cell, status, advice)
+        if sample is None:
+            node.cell("clock", "?")
+            continue
+        rtt, offset = sample
+        error = max(0.0, abs(offset) - rtt / 2)   # the part of the offset the round trip cannot explain
+        text = "%+d ms" % round(offset * 1000)
+        if error > _CHECK_CLOCK_FAIL:
+            node.cell("clock", text, _FAIL, "clock %+.3f s off the leader's: log times and the root cause "
+                      "across nodes go wrong; synchronise the clocks (chrony/NTP)" % offset)
+        elif error > _CHECK_CLOCK_WARN:
+            node.cell("clock", text, _WARN, "clock %+.0f ms off the leader's: run chrony/NTP" % (offset * 1000))
+        else:
+            node.cell("clock", text)
+    for column, advice in _CHECK_SAME:
+        values = [nodes[r].cells.get(column) for r in reported]
+        common = _common(values, nodes[leader_rank].cells.get(column) if nodes.get(leader_rank) else values[0])
+        for r in reported:
+            mine = nodes[r].cells.get(column)
+            if mine != common and mine not in ("missing", "unreadable"):
+                args = (mine, common) + ((nodes[r].facts.get("script_path"),) if column == "script" else ())
+                nodes[r].issue(_FAIL, column, advice % args)
+    if any(nodes[r].facts.get("gpus") for r in reported):
+        for r in reported:
+            if not nodes[r].facts.get("gpus"):
+                nodes[r].issue(_FAIL, "gpus", "no GPU visible here while other nodes have some: check the "
+                               "driver (nvidia-smi -L) and CUDA_VISIBLE_DEVICES on this node")
+    if master_port is not None and nodes.get(0) is not None and nodes[0].facts.get("master_port_free") is False:
+        nodes[0].issue(_FAIL, "ports", "--master-port %d is in use on this node, the rank-0 node whose workers "
+                       "serve it: stop what holds it or choose another port" % master_port)
+    for r in reported:
+        if r and nodes[r].facts.get("master_port_free") is False:
+            nodes[r].issue(_WARN, "ports", "--master-port %d is in use here: this node cannot be rank 0"
+                           % master_port)
+
+
+def _check_table(nodes, title):
+    """The table and the problem lines, as text."""
+    rows = [list(_CHECK_COLUMNS)]
+    for r in sorted(nodes):
+        node = nodes[r]
+        if node is None:
+            rows.append(["%d ?" % r] + ["-"] * (len(_CHECK_COLUMNS) - 1))
+            continue
+        marks = {}
+        for status, column, _ in node.issues:
+            if marks.get(column) != "!":
+                marks[column] = "!" if status == _FAIL else "?"
+        row = ["%d %s" % (r, node.facts.get("host", "?"))]
+        for column in _CHECK_COLUMNS[1:]:
+            row.append(node.cells.get(column, "-") + marks.get(column, ""))
+        rows.append(row)
+    widths = [max(len(row[i]) for row in rows) for i in range(len(_CHECK_COLUMNS))]
+    lines = [title] + ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows]
+    failed = warned = 0
+    for r in sorted(nodes):
+        if nodes[r] is None:
+            lines.append("FAIL node %d: sent no report (it died or lost the store during the check)" % r)
+            failed += 1
+            continue
+        for status, column, advice in nodes[r].issues:
+            lines.append("%-4s node %d (%s) %s: %s" % (status, r, nodes[r].facts.get("host", "?"), column, advice))
+            failed += status == _FAIL
+            warned += status == _WARN
+    lines.append("check %s: %d node(s), %d failed line(s), %d warning(s)"
+                 % ("FAILED" if failed else "passed", len(nodes), failed, warned))
+    return "\n".join(lines) + "\n"
+
+
+def _check_params(params):
+    """The job's rendezvous settings under the check's own run id."""
+    return _rdzv.RendezvousParameters(params.backend, params.endpoint, params.run_id + ".check",
+                                      params.min_nodes, params.max_nodes, local_addr=params.local_addr,
+                                      **params.config)
+
+
+def _check_title(c):
+    return "elasticrun check: run %s, rendezvous %s %s, nnodes %d:%d, %d worker(s) per node" % (
+        c.rdzv.run_id, c.rdzv.backend, c.rdzv.endpoint, c.rdzv.min_nodes, c.rdzv.max_nodes, c.nproc)
+
+
+def _check_alone(node, c, why):
+    """This node could not meet the others: its own findings, the reason, exit 1."""
+    node.issue(_FAIL, "endpoint", why)
+    node.cells["ports"] = ", ".join(node.facts.get("ports", ())) or "-"
+    if node.facts.get("master_port_free") is False:
+        node.issue(_FAIL, "ports", "--master-port %d is in use on this node: stop what holds it or choose "
+                   "another port" % c.master_port)
+    sys.stdout.write(_check_table({0: node}, _check_title(c)))
+    return 1
+
+
+def _check_main(args, environ):
+    """--check from the parsed options. A node where `--nproc-per-node gpu` finds no GPU gets a failed
+    line, not the job's usage error: exiting alone would leave the others waiting for it."""
+    import copy
+    wants_gpu = str(args.nproc_per_node).strip() == "gpu" and not _gpu_count()
+    if wants_gpu:
+        args = copy.copy(args)
+        args.nproc_per_node = "cpu"
+    c = _config_from_args(args, environ, check=True)
+    _configure_logging(environ)
+    problems = ["--nproc-per-node gpu but nvidia-smi -L lists no GPU on this node: check the driver "
+                "(nvidia-smi) or give a number"] if wants_gpu else []
+    return _run_check(c, args.log_dir, environ, problems)
+
+
+def _run_check(c, log_dir, environ, problems=()):
+    """The pre-flight check of this node (see the section comment). Returns the exit status."""
+    import json
+    node = _check_local(c, log_dir, environ)
+    for text in problems:
+        node.issue(_FAIL, "gpus", text)
+    listener = _CheckListener()
+    handler = None
+    try:
+        try:
+            handler = _rdzv.get_rendezvous_handler(_check_params(c.rdzv))
+            log.info("check: meeting the other nodes (run %s.check, %s node(s), waiting up to %g s)",
+                     c.rdzv.run_id, c.rdzv.min_nodes if c.rdzv.min_nodes == c.rdzv.max_nodes else
+                     "%d-%d" % (c.rdzv.min_nodes, c.rdzv.max_nodes), c.rdzv.join_timeout)
+            info = handler.next_rendezvous()
+        except (ValueError, _rdzv.RendezvousError, _store.StoreError) as e:
+            if (handler is None and node.facts.get("endpoint_local") and c.rdzv.port
+                    and not _port_free(c.rdzv.port)):
+                node.issue(_FAIL, "ports", "the rendezvous port %d on this node (the endpoint's host) is held "
+                           "by a program that serves no store: stop it or choose another port" % c.rdzv.port)
+            return _check_alone(node, c, "could not meet the other nodes through the rendezvous at %s (%s): "
+                                "start the check on every node with the same options, and check that the "
+                                "endpoint's host runs it and its port is open" % (c.rdzv.endpoint, e))
+        store, rank, world = info.store, info.rank, info.world_size
+        hosts = bool(getattr(handler, "hosts_store", False))
+        node.facts.update(addr=handler.local_addr, listen=listener.port, nonce=listener.nonce)
+        port = c.rdzv.port
+        if hosts and not port:   # --standalone: the store picked its port
+            port = getattr(handler.store, "port", port)
+            node.facts["endpoints"] = [[host, port] for host, _ in node.facts.get("endpoints", ())]
+        _check_reach_endpoint(node)
+        if c.rdzv.backend != "etcd":
+            node.facts["ports"].insert(0, "rdzv %d %s" % (port, "served here" if hosts else "-"))
+        if hosts and c.master_port == port:
+            node.issue(_FAIL, "ports", "--master-port %d is the rendezvous port, served by this node: give "
+                       "the workers another port" % port)
+        node.cells["ports"] = ", ".join(node.facts["ports"]) or "-"
+        _check_address(node, handler.local_addr, world)
+        timeout = c.rdzv.read_timeout
+        if hosts:
+            store.set("check/host", str(rank))
+        store.set("check/report/%d" % rank, node.to_json())
+        keys = ["check/report/%d" % r for r in range(world)]
+        leader = None
+        if hosts or rank == 0:
+            try:
+                store.wait(keys, timeout)
+            except _store.StoreTimeout:
+                pass
+            leader = int(store.get("check/host")) if store.check(["check/host"]) else 0
+        if leader == rank:
+            present = keys if store.check(keys) else [key for key in keys if store.check([key])]
+            reports = dict(zip(present, store.multi_get(present)))
+            nodes = {r: _CheckNode(json.loads(reports[key].decode())) if key in reports else None
+                     for r, key in enumerate(keys)}
+            if c.rdzv.backend != "etcd" and not any(n is not None and "served here" in n.cells.get("ports", "")
+                                                    for n in nodes.values()):
+                nodes[rank].issue(_WARN, "ports", "no checking node serves the rendezvous store (a store that "
+                                  "outlives jobs?): if none should run, stop what serves %s" % c.rdzv.endpoint)
+            _check_across(nodes, rank, c.master_port)
+            sys.stdout.write(_check_table(nodes, _check_title(c)))
+            sys.stdout.flush()
+            ok = not any(n is None or n.failed() for n in nodes.values())
+            store.multi_set(["check/verdict/%d" % r for r in range(world)],
+                            [json.dumps({"ok": ok, "issues": n.issues if n else []}) for n in nodes.values()])
+        key = "check/verdict/%d" % rank
+        store.wait([key], timeout + 60 + world)
+        verdict = json.loads(store.get(key).decode())
+        for status, column, advice in verdict["issues"]:
+            (log.error if status == _FAIL else log.warning)("check: %s %s: %s", status, column, advice)
+        log.info("check %s%s", "passed" if verdict["ok"] else "FAILED",
+                 "" if leader == rank else " (the table is on the node serving the store, or rank 0)")
+        if store.add("check/finished", 1) >= world:
+            store.set("check/all_finished", "1")
+        if hosts:   # the others still read from our store
+            try:
+                store.wait(["check/all_finished"], timeout)
+            except _store.StoreTimeout:
+                pass
+        return 0 if verdict["ok"] else 1
+    except (_rdzv.RendezvousError, _store.StoreError) as e:
+        log.error("check: lost the other nodes during the check (%s): run it again", e)
+        return 1
+    except KeyboardInterrupt:
+        log.error("check: interrupted")
+        return 128 + signal.SIGINT
+    finally:
+        listener.close()
+        if handler is not None:
+            try:
+                handler.close() if getattr(handler, "hosts_store", False) else handler.shutdown()
+            except Exception as e:  # leaving is best effort
+                log.debug("check: leaving the rendezvous: %s", e)
+
+
+def _is_loopback_ip(text):
+    import ipaddress
+    try:
+        return ipaddress.ip_address(text.split("%", 1)[0]).is_loopback
+    except ValueError:
+        return False
+
+
+def _check_address(node, addr, world):
+    """This node's advertised address (what MASTER_ADDR is when it is rank 0) as it resolves here."""
+    try:
+        family, sockaddr = _resolve(addr, 0)[0]
+    except (OSError, UnicodeError) as e:
+        node.cell("address", "%s ?" % addr, _FAIL, "this node's address %s does not resolve here (%s): give "
+                  "--local-addr an address, or fix DNS or /etc/hosts" % (addr, e))
+        return
+    ip = sockaddr[0]
+    node.cell("address", "%s%s %s %s" % (addr, "" if ip == addr else "=" + ip, _interface_of(ip),
+                                         _family_name(family)))
+    if world > 1 and _is_loopback_ip(ip) and node.facts.get("endpoint_loopback") is False:
+        what = "is a loopback address" if ip == addr else "resolves to the loopback address %s here (a " \
+            "/etc/hosts entry?)" % ip
+        node.issue(_FAIL, "address", "this node's address %s %s: the others cannot reach it and its own workers "
+                   "would bind loopback; give --local-addr this node's network address" % (addr, what))
+
 # ------------------------------------------------------------------------------------- Command line
 
 _ENV_TRUE = ("1", "true", "yes", "on")
@@ -3670,6 +4360,9 @@ _OPTIONS = [
     (("--health-check-port", "--health_check_port"), "health_check_port", "int", None,
      "serve GET /healthz on this port"),
     (("--slurm",), "slurm", "flag", False, "take nnodes, endpoint and run id from srun"),
+    (("--check",), "check", "flag", False,
+     "pre-flight check on every node, same options as the job: endpoint, addresses, ports, clocks, "
+     "versions, script checksum, log dir, GPUs/CPUs; no worker; exit 0/1"),
 ]
 
 
@@ -4019,9 +4712,12 @@ def _slurm_token(environ, run_id):
                     "sha256").hexdigest()
 
 
-def _config_from_args(args, environ):
-    """The _LaunchConfig of parsed options (`args` is left as it was); _UsageError on a bad one."""
+def _config_from_args(args, environ, check=False):
+    """The _LaunchConfig of parsed options (`args` is left as it was); _UsageError on a bad one.
+    `check`: for --check, which reports a missing script or an unusable log folder itself."""
     o = _slurm_values(args, environ) if args.slurm else dict(vars(args))
+    if check:
+        o["log_dir"] = None
     if o["master_port"] is not None and not 0 < o["master_port"] < 65536:
         raise _UsageError("--master-port %d is not a TCP port" % o["master_port"])
     rdzv = _rdzv_params(o, environ)
@@ -4042,7 +4738,7 @@ def _config_from_args(args, environ):
     nproc, logs = _parse_nproc(o["nproc_per_node"]), _logs_specs(o)
     signals = _parse_signals(o["signals_to_handle"])
     health_check_port = _health_check_port(o["health_check_port"], environ)
-    if not (o["module"] or o["no_python"]) and not os.path.exists(o["training_script"]):
+    if not (check or o["module"] or o["no_python"]) and not os.path.exists(o["training_script"]):
         raise _UsageError("no such script: %s" % o["training_script"])
     if o["no_python"]:
         _check_program(o["training_script"])
@@ -4154,7 +4850,10 @@ def _main(argv, program=False):
     from_command_line = argv is None
     argv = list(sys.argv[1:] if argv is None else argv)
     try:
-        c = _config_from_args(_parse_args(argv, environ), environ)
+        args = _parse_args(argv, environ)
+        if args.check:
+            return _check_main(args, environ)
+        c = _config_from_args(args, environ)
     except _UsageError as e:
         sys.stderr.write("elasticrun: error: %s\n" % e)
         return 2
