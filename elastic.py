@@ -482,6 +482,7 @@ class ProcessFailure:
         if timestamp is None:
             timestamp = file_ts if file_ts is not None else int(self.exit_time)
         self.timestamp = timestamp
+        self.stack = None   # faulthandler's dump, asked for just before the agent killed it
 
     def signal_name(self):
         return _signal_name(-self.exitcode) if self.exitcode is not None and self.exitcode < 0 else ""
@@ -495,7 +496,7 @@ class ProcessFailure:
         return {"local_rank": self.local_rank, "pid": self.pid, "exitcode": self.exitcode,
                 "error_file": self.error_file, "message": self.message, "timestamp": self.timestamp,
                 "rank": self.rank, "role": self.role, "host": self.host, "exit_time": self.exit_time,
-                "traceback": self.traceback, "error_file_data": self.error_file_data}
+                "traceback": self.traceback, "error_file_data": self.error_file_data, "stack": self.stack}
 
     @classmethod
     def _from_dict(cls, d):
@@ -503,6 +504,7 @@ class ProcessFailure:
                 d["rank"], d["role"], d["host"], d["exit_time"], d["traceback"])
         f.error_file = d.get("error_file")
         f.error_file_data = d.get("error_file_data")
+        f.stack = d.get("stack")
         return f
 
     def __repr__(self):
@@ -549,6 +551,9 @@ def _format_failure(rank, f):
     if f.traceback:
         lines.append("  traceback  :")
         lines.extend("    " + line for line in f.traceback.rstrip("\n").split("\n"))
+    if f.stack:
+        lines.append("  stack      : (where it was when the agent killed it)")
+        lines.extend("    " + line for line in f.stack.rstrip("\n").split("\n"))
     return lines
 
 
@@ -584,6 +589,9 @@ def _copy_root_cause(err, path):
         data = dict(data)
     if isinstance(data["message"], dict):
         data["message"] = dict(data["message"], errorCode=f.exitcode)
+        if f.stack:
+            extra = data["message"].get("extraInfo")
+            data["message"]["extraInfo"] = dict(extra if isinstance(extra, dict) else {}, stack=f.stack)
     data["errorCode"] = f.exitcode
     try:
         _write_json_atomic(path, data)
@@ -874,6 +882,15 @@ def _b():
             tb = tb.tb_next  # our own bootstrap frames
         prev(t, v.with_traceback(tb) if tb is not None else v, tb)
     sys.excepthook = hook
+    path, sig = os.environ.get("ELASTICRUN_STACK_FILE"), os.environ.get("ELASTICRUN_STACK_SIGNAL")
+    if path and sig:   # elastic._arm_stack_dump
+        try:
+            import faulthandler
+            f = open(path + ".tmp", "w")
+            faulthandler.register(int(sig), file=f, all_threads=True, chain=False)
+            os.replace(path + ".tmp", path)
+        except Exception:
+            pass
     import io
     for name, fd in (("stdout", 1), ("stderr", 2)):   # elastic._whole_line_stdio
         old = getattr(sys, name)
@@ -1177,10 +1194,28 @@ def _whole_line_stdio():
         setattr(sys, "__%s__" % name, new)
 
 
+def _arm_stack_dump():
+    """Arm faulthandler (every thread) on the launcher's stack signal, writing to the worker's own
+    stack file; both come in ELASTICRUN_STACK_SIGNAL and ELASTICRUN_STACK_FILE. The file appears
+    under its name only once the handler is in place: the agent signals a worker only then (the
+    signal's default action would end it). The bootstrap carries its own copy."""
+    path, sig = os.environ.get(_STACK_FILE_VAR), os.environ.get(_STACK_SIGNAL_VAR)
+    if not path or not sig:
+        return
+    try:
+        import faulthandler
+        f = open(path + ".tmp", "w")
+        faulthandler.register(int(sig), file=f, all_threads=True, chain=False)
+        os.replace(path + ".tmp", path)
+    except (OSError, ValueError, RuntimeError) as e:
+        sys.stderr.write("elasticrun: no stack dumps for this worker: %s\n" % e)
+
+
 def _exec_script(request):
     import types
     mode, script, args, env = request
     os.environ.update(env)
+    _arm_stack_dump()
     _whole_line_stdio()
     # the launcher's own modules must not answer the script's `import store` (or rendezvous,
     # elastic): the script's directory may hold modules of those names
@@ -1255,6 +1290,7 @@ def _function_worker(fn, args, env, conn, out_path, err_path, parent_pid):
         pass
     _die_with_parent(_prctl(), parent_pid)
     os.environ.update(env)
+    _arm_stack_dump()
     for path, fd in ((out_path, 1), (err_path, 2)):
         if path:
             sys.stdout.flush() if fd == 1 else sys.stderr.flush()
@@ -1393,6 +1429,8 @@ class _Worker:
         self.handle = None
         self.exitcode = None
         self.exit_time = None
+        self.stack_file = env.get(_STACK_FILE_VAR)   # None: not a Python worker
+        self.stack = None                            # its dump, once asked for before a kill
 
     @property
     def pid(self):
@@ -1507,6 +1545,12 @@ def _starter(spec, start_method, fork_server=None):
     if script is not None:
         return _ForkServerStarter(fork_server, *script)
     return _ProgramStarter(spec.entrypoint, spec.args)
+
+
+def _is_python_spec(spec):
+    """Whether a spec's workers are Python (a callable, or a script from python_command): those arm
+    the stack dump; a program (``--no-python``) has no Python stack to give."""
+    return not isinstance(spec.entrypoint, str) or _python_script(spec.entrypoint, spec.args) is not None
 
 
 def _python_script(entrypoint, args):
@@ -1721,6 +1765,10 @@ class _WorkerGroup:
                                exit_time=w.exit_time)
             if w.pid in scopes:
                 f.message = "%s (overran file-timer scope %s)" % (f.message, scopes[w.pid])
+            if w.stack:
+                f.stack = w.stack
+                f.message = "%s; %s" % (f.message, _stack_site(w.stack))
+                f.error_file_data = _write_stack_error(w, f.message) or f.error_file_data
             failures[rank] = f
         return failures
 
@@ -1738,7 +1786,8 @@ class _WorkerGroup:
         for w in started:
             w.handle.signal(sig)
         strays = _signal_marked(self._token, sig, {w.pid for w in started})
-        self._wait_gone(started, strays, time.monotonic() + grace)
+        self._wait_gone(started, strays, time.monotonic() + grace,
+                        before_kill=lambda left: self._outlived_grace(left, sig, grace))
         for w in started:
             if w.poll() is None:
                 w.handle.wait()
@@ -1749,8 +1798,25 @@ class _WorkerGroup:
         _kill_marked(self._token, self.KILL_WAIT)
         self._pump.stop()
 
+    def dump_stack(self, pid):
+        """Ask the worker `pid` for its stack (the file timer, before it kills one); kept for the report."""
+        _ask_stacks([w for w in self.workers if w.handle is not None and w.pid == pid])
+
     @staticmethod
-    def _wait_gone(workers, strays, deadline):
+    def _outlived_grace(workers, sig, grace):
+        """Workers still there after `grace` seconds: where each one was, in the log and in its error
+        file, before the SIGKILL."""
+        _ask_stacks([w for w in workers if w.exitcode is None])
+        for w in workers:
+            if w.exitcode is not None:
+                continue
+            what = "rank %d (pid %d) outlived the %g s grace period after %s: SIGKILL" % (
+                w.global_rank, w.pid, grace, _signal_name(sig))
+            log.warning("%s; %s:\n%s", what, _stack_site(w.stack), w.stack)
+            _write_stack_error(w, "%s; %s" % (what, _stack_site(w.stack)))
+
+    @staticmethod
+    def _wait_gone(workers, strays, deadline, before_kill=None):
         """Wait until every worker's group and every stray is gone, or `deadline`; then SIGKILL the
         groups that are left. It sleeps on the workers' own descriptors while they run; a group's
         other members and the strays have none, so those are looked at every 5 ms."""
@@ -1770,6 +1836,8 @@ class _WorkerGroup:
                 poller.poll(left * 1000.0)
             else:
                 time.sleep(min(0.005, left))
+        if pending and before_kill is not None:
+            before_kill(pending)
         for w in pending:
             w.handle.signal(signal.SIGKILL)
 
@@ -1960,7 +2028,7 @@ class LocalElasticAgent:
 
     def __init__(self, spec, *, logs_specs=None, start_method="spawn", exit_barrier_timeout=300,
                  shutdown_timeout=30, log_line_prefix_template=None, health_check_port=None,
-                 fork_server=None, stop_flag=None):
+                 fork_server=None, stop_flag=None, stack_signal=None):
         if start_method not in ("spawn", "fork", "forkserver"):
             raise ValueError("start_method must be spawn, fork or forkserver, got %r" % (start_method,))
         self._spec = spec
@@ -1973,6 +2041,10 @@ class LocalElasticAgent:
         self._starter = _starter(spec, start_method, fork_server)
         self._stop = stop_flag or _NoStop()
         self._health_check_port = health_check_port
+        # Python workers dump their stacks on this signal (None: never asked)
+        if stack_signal is None:
+            stack_signal = _default_stack_signal()
+        self._stack_signal = stack_signal if stack_signal and _is_python_spec(spec) else None
         self._state = WorkerState.UNKNOWN
         self._group = None         # _WorkerGroup of the running attempt
         self._ranks = None         # _RankAssignment of the current round
@@ -2171,6 +2243,9 @@ class LocalElasticAgent:
             env["OMP_NUM_THREADS"] = "1"
         if self._timer is not None:
             env["TORCHELASTIC_TIMER_FILE"] = self._timer.file_path
+        if self._stack_signal is not None:
+            env[_STACK_FILE_VAR] = os.path.join(os.path.dirname(error_file), "stack.txt")
+            env[_STACK_SIGNAL_VAR] = str(self._stack_signal)
         return env
 
     def _start_group(self):
@@ -2194,6 +2269,8 @@ class LocalElasticAgent:
             # else is signalled
             self._timer.set_worker_pids((), starting=True)
         self._group = _WorkerGroup(workers, self._starter, self._reaper, self._tree_token, self._timer)
+        if self._timer is not None:
+            self._timer.before_signal = self._group.dump_stack   # the report shows where it hung
         # a stop signal is answered between two workers, not after the last of many
         self._group.start(stopping=self._stop.requested)
         self._stop.check()   # every worker asked for is known now, so teardown finds them all
@@ -2407,6 +2484,147 @@ class _Peers:
         except Exception as e:  # a barrier problem never fails a successful node
             log.warning("exit barrier: %s (the workers of this node succeeded)", e)
         return True
+
+
+# ------------------------------------------------------------------------------------------- Stacks
+# Where a worker is: faulthandler's dump of all its threads, asked for with the stack signal.
+
+_STACK_FILE_VAR = "ELASTICRUN_STACK_FILE"
+_STACK_SIGNAL_VAR = "ELASTICRUN_STACK_SIGNAL"
+_STACK_WAIT = 1.0       # seconds the agent waits for the dumps it asked for
+_NOT_PYTHON = "not a Python worker: no stack"
+
+
+def _default_stack_signal():
+    """SIGRTMIN+6 where real-time signals exist, else None (no dumps). Not SIGUSR1/SIGUSR2: Slurm's
+    ``--signal`` and many training scripts use those for checkpointing; not SIGQUIT or SIGABRT:
+    their default action dumps core; a real-time signal nobody else sends is free."""
+    low = getattr(signal, "SIGRTMIN", None)
+    return None if low is None else int(low) + 6
+
+
+def _parse_stack_signal(text):
+    """ELASTICRUN_STACK_SIGNAL's value: a name (SIGUSR2), SIGRTMIN+N, a number; 0, off or none: no
+    dumps. ValueError with a sentence otherwise."""
+    t = text.strip().upper()
+    if t in ("", "0", "OFF", "NONE"):
+        return None
+    low, high = getattr(signal, "SIGRTMIN", None), getattr(signal, "SIGRTMAX", None)
+    try:
+        if t.isdigit():
+            n = int(t)
+        elif t.startswith("SIGRTMIN") and low is not None:
+            n = int(low) + int(t[len("SIGRTMIN"):] or 0)
+        else:
+            n = int(getattr(signal, t if t.startswith("SIG") else "SIG" + t))
+    except (AttributeError, ValueError):
+        n = -1
+    if n in (signal.SIGKILL, signal.SIGSTOP) or not 0 < n < signal.NSIG or (
+            high is not None and n > int(high)):
+        raise ValueError("ELASTICRUN_STACK_SIGNAL=%r is not a signal a worker can catch" % text)
+    return n
+
+
+def _stack_signal_name(sig):
+    low = getattr(signal, "SIGRTMIN", None)
+    if low is not None and sig is not None and sig >= int(low) and sig not in set(signal.Signals):
+        return "SIGRTMIN+%d" % (sig - int(low))
+    return _signal_name(sig)
+
+
+def _ask_stacks(workers):
+    """Ask every live Python worker of `workers` for its stack at once, then wait (up to _STACK_WAIT
+    seconds in all) until each dump has stopped growing; each worker's ``stack`` is then its dump or
+    a sentence saying why there is none. Returns {worker: stack}."""
+    asked = {}
+    for w in workers:
+        if w.stack_file is None:
+            w.stack = _NOT_PYTHON
+            continue
+        try:
+            size = os.stat(w.stack_file).st_size
+            sig = int(w.env[_STACK_SIGNAL_VAR])
+        except (OSError, KeyError, ValueError):
+            w.stack = "no stack: the worker had not armed its stack dump yet"
+            continue
+        try:
+            os.kill(w.pid, sig)   # the worker alone: its own children may never have armed
+        except OSError:
+            w.stack = "no stack: the worker is gone"
+            continue
+        asked[w] = [size, size]   # where its dump starts, its size at the last look
+    deadline = time.monotonic() + _STACK_WAIT
+    while asked:
+        time.sleep(0.01)   # faulthandler writes from a signal handler: no event to wait on
+        for w, seen in list(asked.items()):
+            try:
+                size = os.stat(w.stack_file).st_size
+            except OSError:
+                size = seen[1]
+            if size > seen[0] and size == seen[1]:   # a dump that did not grow for 10 ms
+                w.stack = _trim_dump(_read_dump(w.stack_file, seen[0], size))
+                if w.stack.endswith("\n"):
+                    del asked[w]
+                    continue
+            seen[1] = size
+        if time.monotonic() >= deadline:
+            for w, seen in asked.items():
+                w.stack = _read_dump(w.stack_file, seen[0], seen[1]) or (
+                    "no stack: the worker wrote none within %g s" % _STACK_WAIT)
+            break
+    return {w: w.stack for w in workers}
+
+
+def _read_dump(path, start, end):
+    try:
+        with open(path, "rb") as f:
+            f.seek(start)
+            return f.read(min(end - start, 1 << 20)).decode("utf-8", "replace")
+    except OSError:
+        return ""
+
+
+def _trim_dump(text):
+    """A dump without the launcher's own frames below the script (the fork server's, the
+    bootstrap's): they are the same in every worker and say nothing."""
+    ours = (__file__, "<string>", "<elasticrun>")
+    blocks = []
+    for block in text.rstrip("\n").split("\n\n"):
+        lines = block.split("\n")
+        while len(lines) > 2 and any(lines[-1].strip().startswith('File "%s"' % o) for o in ours):
+            lines.pop()
+        blocks.append("\n".join(lines))
+    return "\n\n".join(blocks) + "\n"
+
+
+def _stack_site(stack):
+    """Where a dump says the main thread was: "in stuck_here (train.py:12)"; the main thread is
+    the last one faulthandler lists, and its innermost frame comes first."""
+    import re
+    if not stack:
+        return "no stack"
+    blocks = [b for b in stack.split("\n\n") if 'File "' in b]
+    if not blocks:
+        return stack.strip().split("\n")[0]
+    m = re.search(r'File "(.*)", line (\d+) in (\S+)', blocks[-1])
+    if m is None:
+        return "no stack"
+    return "in %s (%s:%s)" % (m.group(3), os.path.basename(m.group(1)), m.group(2))
+
+
+def _write_stack_error(w, message):
+    """The error file of a worker the agent is killing, written for it when it wrote none (a
+    SIGKILL leaves no time to), with its stack in extraInfo; returns the data written, or None."""
+    if not w.error_file or os.path.exists(w.error_file):
+        return None
+    data = {"message": {"message": message, "extraInfo": {
+        "py_callstack": "", "stack": w.stack or "", "timestamp": str(int(time.time()))}}}
+    try:
+        _write_json_atomic(w.error_file, data)
+    except OSError as e:
+        log.debug("could not write %s: %s", w.error_file, e)
+        return None
+    return data
 
 
 # -------------------------------------------------------------------------- File timer: worker side
@@ -2658,6 +2876,7 @@ class FileTimerServer:
         self._request_count = 0  # well-formed requests read (acquire and release)
         self._last_progress_time = time.time()
         self._complaints = _Throttle()
+        self.before_signal = None  # called with a pid just before it is signalled (the agent asks its stack)
 
     # -- agent-facing API
     def start(self):
@@ -2934,6 +3153,12 @@ class FileTimerServer:
         record = (pid, scope, exp)
         with self._cond:  # recorded first: the agent may see the death before we return
             self._expired.append(record)
+        hook = self.before_signal
+        if hook is not None:
+            try:
+                hook(pid)
+            except Exception as e:  # the stack is a bonus; the kill is the job
+                log.debug("file timer: asking pid %d for its stack: %s", pid, e)
         sent = self._pids.signal(pid, sig)
         if not sent:
             with self._cond:
