@@ -1277,6 +1277,9 @@ def _function_worker(fn, args, env, conn, out_path, err_path, parent_pid):
     """Body of a callable worker (a multiprocessing child)."""
     for s in (signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT):  # forked children inherit the launcher's
         signal.signal(s, signal.SIG_DFL)
+    for s in signal.valid_signals():   # and its forwarding and stack-signal handlers
+        if isinstance(getattr(signal.getsignal(s), "__self__", None), _StopFlag):
+            signal.signal(s, signal.SIG_DFL)
     signal.signal(signal.SIGINT, signal.default_int_handler)
     for fd in list(_REAPER_FDS):  # inherited through fork: the reaper must see EOF when the agent dies
         try:
@@ -1717,6 +1720,8 @@ class _WorkerGroup:
         self._starter, self._reaper, self._token, self._timer = starter, reaper, tree_token, timer
         self._pump = _LogPump(stall_timeout=self.CONSOLE_STALL)
         self._stopped = False
+        import threading
+        self._stack_lock = threading.Lock()
 
     def start(self, stopping=lambda: False):
         """Start the workers in local-rank order; when `stopping()` turns true, start no more (the
@@ -1798,15 +1803,24 @@ class _WorkerGroup:
         _kill_marked(self._token, self.KILL_WAIT)
         self._pump.stop()
 
+    def stacks(self, workers=None):
+        """{worker: stack} of the live `workers` (default: all started), asked for all at once;
+        dumps are asked one batch at a time (a worker writes them all to one file)."""
+        if workers is None:
+            workers = [w for w in self.workers if w.handle is not None and w.exitcode is None]
+        with self._stack_lock:
+            return _ask_stacks(workers)
+
     def dump_stack(self, pid):
         """Ask the worker `pid` for its stack (the file timer, before it kills one); kept for the report."""
-        _ask_stacks([w for w in self.workers if w.handle is not None and w.pid == pid])
+        for w, stack in self.stacks([w for w in self.workers if w.handle is not None and w.pid == pid]).items():
+            w.stack = stack
 
-    @staticmethod
-    def _outlived_grace(workers, sig, grace):
+    def _outlived_grace(self, workers, sig, grace):
         """Workers still there after `grace` seconds: where each one was, in the log and in its error
         file, before the SIGKILL."""
-        _ask_stacks([w for w in workers if w.exitcode is None])
+        for w, stack in self.stacks([w for w in workers if w.exitcode is None]).items():
+            w.stack = stack
         for w in workers:
             if w.exitcode is not None:
                 continue
@@ -1915,12 +1929,32 @@ class _StopFlag:
     def __init__(self):
         self.signum = None
         self.armed = 0
+        self.listener = None       # the agent's: (kind, signum) of each signal, in the handler
+        self._from_job = None      # the stop signal another node sent us (not to be told again)
 
     def handler(self, signum, frame):
         if self.signum is None:
             self.signum = signum
+            if self.listener is not None and signum != self._from_job:
+                self.listener("stop", signum)
             if self.armed:
                 raise _SignalStop(signum)
+
+    def other_handler(self, signum, frame):
+        """A signal that stops nothing: one to forward (checkpointing), or the stack signal."""
+        if self.listener is not None:
+            self.listener("signal", signum)
+
+    def stop_from_job(self, signum):
+        """Another node was stopped by `signum`: stop here as if it had come (any thread may call)."""
+        import threading
+        if self.signum is not None:
+            return
+        self._from_job = signum
+        if signal.getsignal(signum) == self.handler:   # the main thread answers it at once
+            signal.pthread_kill(threading.main_thread().ident, signum)
+        else:                                          # at the agent's next look
+            self.signum = signum
 
     def check(self):
         if self.signum is not None:
@@ -1941,6 +1975,11 @@ class _StopFlag:
 class _NoStop:
     """The stop flag of an agent run from Python: signals are the caller's business."""
     armed = 0
+    listener = None
+
+    def stop_from_job(self, signum):
+        log.warning("another node was stopped by %s; this agent, run from Python, leaves stopping "
+                    "to its caller", _signal_name(signum))
 
     def check(self):
         pass
@@ -2044,7 +2083,10 @@ class LocalElasticAgent:
         # Python workers dump their stacks on this signal (None: never asked)
         if stack_signal is None:
             stack_signal = _default_stack_signal()
+        self._stacks_trigger = stack_signal or None   # this signal to the agent: the job's stacks, logged
         self._stack_signal = stack_signal if stack_signal and _is_python_spec(spec) else None
+        self._control = None       # _JobControl while run() runs on a multi-node capable handler
+        self._forwarded = {}       # signal -> when it was last forwarded to the workers
         self._state = WorkerState.UNKNOWN
         self._group = None         # _WorkerGroup of the running attempt
         self._ranks = None         # _RankAssignment of the current round
@@ -2095,6 +2137,7 @@ class LocalElasticAgent:
         self._logs._make_root(self._run_id())
         try:
             self._start_servers()
+            self._start_control()
             return self._run_loop()
         except _SignalStop as e:
             self._set_state(WorkerState.STOPPED)
@@ -2107,6 +2150,7 @@ class LocalElasticAgent:
         finally:
             self._stop_group(signal.SIGTERM)
             self._stop_servers()
+            self._stop_control()
             self._reaper.close(clean=True)
             try:
                 self._handler.shutdown()
@@ -2131,6 +2175,108 @@ class LocalElasticAgent:
                     server.stop()
                 except Exception as e:  # never let a server's stop hide the run's outcome
                     log.debug("stopping %s: %s", name[1:], e)
+
+    # -- the job's control channel (see Job control) -------------------------------------------------
+
+    def _start_control(self):
+        """Join the job's control channel (not for the local rendezvous of an agent without a handler),
+        and hear this process's signals (a stop, a signal to forward, the stack signal)."""
+        self._stop.listener = self._on_local_signal
+        store = getattr(self._handler, "store", None)
+        if store is None or isinstance(self._handler, _LocalRendezvous):
+            return
+        control = _JobControl(store, self._run_id(), self._on_job_event)
+        try:
+            control.start()
+        except Exception as e:   # the job runs without; the rendezvous will say what is wrong
+            log.warning("no job-wide stop, signals or stacks: %s", e)
+            control.close()
+            return
+        self._control = control
+
+    def _stop_control(self):
+        self._stop.listener = None
+        control, self._control = self._control, None
+        if control is not None:
+            control.close()
+
+    def _on_local_signal(self, kind, signum):
+        """In the signal handler: a stop is told to every node; the stack signal asks the job for its
+        stacks; any other signal goes to this node's workers and every other node's."""
+        control = self._control
+        if kind == "stop":
+            if control is not None:
+                control.publish("stop", signum)
+        elif signum == self._stacks_trigger:
+            if control is not None:
+                control.in_background(self._log_job_stacks)
+        elif self._forward_due(signum):
+            self._forward(signum)
+            if control is not None:
+                control.publish("signal", signum)
+
+    def _on_job_event(self, n, kind, arg, origin, own):
+        """In the watcher thread: event `n` of the job's control channel."""
+        if kind == "stacks":
+            self._answer_stacks(n)
+            return
+        if own:
+            return
+        signum = int(arg)
+        if kind == "stop":
+            log.warning("the agent at %s was stopped by %s: stopping this node the same way", origin,
+                        _signal_name(signum))
+            self._stop.stop_from_job(signum)
+        elif kind == "signal" and self._forward_due(signum):
+            log.info("forwarding %s (sent to the agent at %s) to this node's workers", _signal_name(signum),
+                     origin)
+            self._forward(signum)
+
+    def _forward_due(self, signum):
+        """Once per signal per _FORWARD_WINDOW: under Slurm every agent gets the same signal and
+        also hears of it from the others."""
+        now, last = time.monotonic(), self._forwarded.get(signum)
+        if last is not None and now - last < _FORWARD_WINDOW:
+            return False
+        self._forwarded[signum] = now
+        return True
+
+    def _forward(self, signum):
+        """`signum` to each running worker (the worker alone: its children may not expect it)."""
+        group = self._group
+        for w in [] if group is None else list(group.workers):
+            if w.handle is not None and w.exitcode is None:
+                try:
+                    os.kill(w.pid, signum)
+                except OSError:
+                    pass
+
+    def _answer_stacks(self, n):
+        import json
+        group = self._group
+        workers = [] if group is None else [w for w in group.workers if w.handle is not None]
+        stacks = {} if group is None else group.stacks([w for w in workers if w.exitcode is None])
+        answer = {"host": _hostname(), "pid": os.getpid(), "group_rank": self.group_rank,
+                  "nodes": self.group_world_size or 1, "state": self._state,
+                  "workers": [{"rank": w.global_rank, "local_rank": w.local_rank, "pid": w.pid,
+                               "stack": stacks.get(w) or "exited with code %s" % w.exitcode}
+                              for w in workers]}
+        base = "%sstacks/%d/" % (_control_prefix(self._run_id()), n)
+        store = self._control.store
+        k = int(store.add(base + "count", 1))
+        store.set(base + str(k), json.dumps(answer))
+
+    def _log_job_stacks(self):
+        control = self._control
+        if control is None:
+            return
+        try:
+            answers, nodes = _collect_stacks(control.store, self._run_id(), control.origin)
+        except Exception as e:
+            log.warning("could not collect the job's stacks: %s", e)
+            return
+        log.warning("the job's stacks (asked with %s):\n%s", _stack_signal_name(self._stacks_trigger),
+                    _format_stacks(answers, nodes))
 
     def _run_id(self):
         try:
@@ -2534,23 +2680,23 @@ def _stack_signal_name(sig):
 
 def _ask_stacks(workers):
     """Ask every live Python worker of `workers` for its stack at once, then wait (up to _STACK_WAIT
-    seconds in all) until each dump has stopped growing; each worker's ``stack`` is then its dump or
-    a sentence saying why there is none. Returns {worker: stack}."""
-    asked = {}
+    seconds in all) until each dump has stopped growing. Returns {worker: its dump, or a sentence
+    saying why there is none}. One caller at a time per worker (see _WorkerGroup.stacks)."""
+    asked, stacks = {}, {}
     for w in workers:
         if w.stack_file is None:
-            w.stack = _NOT_PYTHON
+            stacks[w] = _NOT_PYTHON
             continue
         try:
             size = os.stat(w.stack_file).st_size
             sig = int(w.env[_STACK_SIGNAL_VAR])
         except (OSError, KeyError, ValueError):
-            w.stack = "no stack: the worker had not armed its stack dump yet"
+            stacks[w] = "no stack: the worker had not armed its stack dump yet"
             continue
         try:
             os.kill(w.pid, sig)   # the worker alone: its own children may never have armed
         except OSError:
-            w.stack = "no stack: the worker is gone"
+            stacks[w] = "no stack: the worker is gone"
             continue
         asked[w] = [size, size]   # where its dump starts, its size at the last look
     deadline = time.monotonic() + _STACK_WAIT
@@ -2562,17 +2708,17 @@ def _ask_stacks(workers):
             except OSError:
                 size = seen[1]
             if size > seen[0] and size == seen[1]:   # a dump that did not grow for 10 ms
-                w.stack = _trim_dump(_read_dump(w.stack_file, seen[0], size))
-                if w.stack.endswith("\n"):
+                stacks[w] = _trim_dump(_read_dump(w.stack_file, seen[0], size))
+                if stacks[w].endswith("\n"):
                     del asked[w]
                     continue
             seen[1] = size
         if time.monotonic() >= deadline:
             for w, seen in asked.items():
-                w.stack = _read_dump(w.stack_file, seen[0], seen[1]) or (
+                stacks[w] = _trim_dump(_read_dump(w.stack_file, seen[0], seen[1])) if seen[1] > seen[0] else (
                     "no stack: the worker wrote none within %g s" % _STACK_WAIT)
             break
-    return {w: w.stack for w in workers}
+    return stacks
 
 
 def _read_dump(path, start, end):
@@ -2625,6 +2771,193 @@ def _write_stack_error(w, message):
         log.debug("could not write %s: %s", w.error_file, e)
         return None
     return data
+
+
+# -------------------------------------------------------------------------------------- Job control
+# One channel for what concerns every node at once: a stop signal, a signal to forward, a request
+# for stacks. Events are numbered keys on the rendezvous handler's store (it outlives rounds)::
+#
+#     any agent / `elasticrun stacks`           every agent (a watcher thread, its own connection)
+#       n = add(ctl/count, 1)                     parked in wait([ctl/<next>]) -- no traffic while idle
+#       set(ctl/<n>, "<kind> <origin> <arg>") --> get(ctl/<next>); act; next += 1
+#                                                 stacks: add(ctl/stacks/<n>/count, 1) -> k,
+#                                                         set(ctl/stacks/<n>/<k>, {node's stacks})
+#
+# kinds: "stop N" (a stop signal reached the origin: stop the same way), "signal N" (forward N to
+# the workers, nothing stops), "stacks -" (answer with every worker's stack).
+
+_CONTROL_WAIT = 30.0    # seconds a watcher's parked wait lasts before it is renewed (one request)
+_FORWARD_WINDOW = 2.0   # a signal forwarded within this many seconds is not forwarded again
+_STACKS_TIMEOUT = 10.0  # seconds `elasticrun stacks` waits for every node's answer
+
+
+def _control_prefix(run_id):
+    return "elasticrun/%s/ctl/" % run_id
+
+
+def _publish_event(store, prefix, kind, origin, arg):
+    """Append one event; returns its number."""
+    n = int(store.add(prefix + "count", 1))
+    store.set(prefix + str(n), "%s %s %s" % (kind, origin, arg))
+    return n
+
+
+class _JobControl:
+    """An agent's end of the job's control channel: a watcher thread that acts on every event after
+    the ones that existed when it started, and a publisher thread fed by ``publish()`` (a queue put,
+    so a signal handler may call it). Both use a connection of their own (``store.clone()``, when
+    the store has one), which ``close()`` closes to wake the watcher."""
+
+    def __init__(self, store, run_id, on_event):
+        import queue
+        self._prefix = _control_prefix(run_id)
+        self._on_event = on_event           # (n, kind, arg, origin, own) from the watcher thread
+        clone = getattr(store, "clone", None)
+        self._own = callable(clone)
+        self._store = clone() if self._own else store
+        self.origin = "%s:%d" % (_hostname(), os.getpid())
+        self._queue = queue.SimpleQueue()   # reentrant put: safe in a signal handler
+        self._closed = False
+        self._threads = []
+        self._next = None
+
+    def start(self):
+        import threading
+        self._next = int(self._store.add(self._prefix + "count", 0)) + 1
+        for target, name in ((self._watch, "elastic-job-watch"), (self._publish_loop, "elastic-job-publish")):
+            t = threading.Thread(target=target, name=name, daemon=True)
+            t.start()
+            self._threads.append(t)
+
+    def publish(self, kind, arg):
+        """Tell every agent of the job (this one's watcher skips its own stop and signal events)."""
+        self._queue.put((kind, arg))
+
+    def in_background(self, fn):
+        """Run `fn()` in a thread of its own, started from the publisher (not from a signal handler)."""
+        self._queue.put(fn)
+
+    @property
+    def store(self):
+        return self._store
+
+    def _publish_loop(self):
+        import threading
+        while True:
+            item = self._queue.get()
+            if item is None:
+                return
+            if callable(item):
+                threading.Thread(target=item, name="elastic-job-task", daemon=True).start()
+                continue
+            try:
+                _publish_event(self._store, self._prefix, item[0], self.origin, item[1])
+            except Exception as e:
+                log.warning("could not tell the other nodes (%s %s): %s", item[0], item[1], e)
+
+    def _watch(self):
+        while not self._closed:
+            key = self._prefix + str(self._next)
+            try:
+                self._store.wait([key], _CONTROL_WAIT)
+                text = self._store.get(key).decode("utf-8", "replace")
+            except _store.StoreTimeout:
+                continue
+            except Exception as e:   # the store is gone: the agent's own checks say so
+                if not self._closed:
+                    log.debug("job control: %s", e)
+                return
+            n, self._next = self._next, self._next + 1
+            parts = text.split(" ", 2)
+            if len(parts) != 3:
+                log.warning("job control: ignoring event %d: %r", n, text[:100])
+                continue
+            kind, origin, arg = parts
+            try:
+                self._on_event(n, kind, arg, origin, origin == self.origin)
+            except Exception as e:
+                log.warning("job control: acting on %s from %s: %s", kind, origin, e)
+
+    def close(self):
+        """Send what was published, then stop both threads (bounded)."""
+        self._closed = True
+        self._queue.put(None)
+        if len(self._threads) > 1:
+            self._threads[1].join(5.0)
+        if self._own:
+            try:
+                self._store.close()
+            except Exception as e:
+                log.debug("job control: closing: %s", e)
+            if self._threads:
+                self._threads[0].join(1.0)
+
+
+def _collect_stacks(store, run_id, origin, timeout=_STACKS_TIMEOUT):
+    """Ask every agent of the job `run_id` for its workers' stacks: (answers, nodes), `nodes` the
+    job's node count the answers gave (None: nobody answered within `timeout` seconds)."""
+    import json
+    prefix = _control_prefix(run_id)
+    n = _publish_event(store, prefix, "stacks", origin, "-")
+    base = "%sstacks/%d/" % (prefix, n)
+    deadline = time.monotonic() + timeout
+    answers, nodes = [], None
+    while nodes is None or len(answers) < nodes:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            break
+        key = base + str(len(answers) + 1)
+        try:
+            store.wait([key], left)
+        except _store.StoreTimeout:
+            break
+        answer = json.loads(store.get(key).decode())
+        answers.append(answer)
+        nodes = max(nodes or 0, int(answer.get("nodes") or 1))
+    for k in range(1, len(answers) + 1):   # the store keeps nothing of a request once answered
+        try:
+            store.delete_key(base + str(k))
+        except Exception:
+            break
+    return answers, nodes
+
+
+def _rank_ranges(ranks):
+    """[0, 1, 2, 5, 7, 8] -> "0-2, 5, 7-8"."""
+    parts, ranks = [], sorted(ranks)
+    start = prev = ranks[0]
+    for r in ranks[1:] + [None]:
+        if r is not None and r == prev + 1:
+            prev = r
+            continue
+        parts.append(str(start) if start == prev else "%d-%d" % (start, prev))
+        start = prev = r
+    return ", ".join(parts)
+
+
+def _format_stacks(answers, nodes):
+    """The job's stacks grouped by identical stack, the biggest group first, so the odd rank out
+    comes last: "ranks 0-62, 64-127: in all_reduce (x.py:3)" then that stack once."""
+    import re
+    groups = {}
+    for a in answers:
+        for w in a.get("workers", ()):
+            text = w.get("stack") or "no stack"
+            same = re.sub(r"0x[0-9a-fA-F]+", "0x...", text).replace("Current thread", "Thread")
+            groups.setdefault(same, []).append(int(w["rank"]))
+    lines = []
+    for text, ranks in sorted(groups.items(), key=lambda kv: (-len(kv[1]), min(kv[1]))):
+        lines.append("%s %s: %s" % ("rank" if len(ranks) == 1 else "ranks", _rank_ranges(ranks), _stack_site(text)))
+        lines.extend("    " + line for line in text.rstrip("\n").split("\n"))
+    idle = ["%s (group rank %s, %s)" % (a.get("host"), a.get("group_rank"), a.get("state"))
+            for a in answers if not a.get("workers")]
+    if idle:
+        lines.append("nodes without workers: " + ", ".join(idle))
+    if nodes is None:
+        lines.append("no agent answered")
+    elif len(answers) < nodes:
+        lines.append("%d of %d nodes answered" % (len(answers), nodes))
+    return "\n".join(lines)
 
 
 # -------------------------------------------------------------------------- File timer: worker side
@@ -3934,7 +4267,8 @@ class _LaunchConfig:
 
     __slots__ = ("rdzv", "nproc", "role", "max_restarts", "monitor_interval", "master_addr", "master_port",
                  "start_method", "shutdown_timeout", "exit_barrier_timeout", "prefix_template", "logs",
-                 "signals", "health_check_port", "script", "script_args", "mode")
+                 "signals", "health_check_port", "script", "script_args", "mode", "stack_signal",
+                 "forward_signals")
 
     def __init__(self, **fields):
         for name in self.__slots__:
@@ -4024,6 +4358,7 @@ def _config_from_args(args, environ):
         raise _UsageError("choose at most one of -m/--module, --no-python, --run-path")
     nproc, logs = _parse_nproc(o["nproc_per_node"]), _logs_specs(o)
     signals = _parse_signals(o["signals_to_handle"])
+    stack_signal, forward_signals = _job_signals(environ, signals)
     health_check_port = _health_check_port(o["health_check_port"], environ)
     if not (o["module"] or o["no_python"]) and not os.path.exists(o["training_script"]):
         raise _UsageError("no such script: %s" % o["training_script"])
@@ -4039,7 +4374,26 @@ def _config_from_args(args, environ):
         prefix_template=o["log_line_prefix_template"] or environ.get("TORCHELASTIC_LOG_LINE_PREFIX_TEMPLATE"),
         logs=logs, signals=signals, health_check_port=health_check_port,
         script=o["training_script"], script_args=list(o["training_script_args"]),
-        mode=modes[0] if modes else "script")
+        mode=modes[0] if modes else "script", stack_signal=stack_signal, forward_signals=forward_signals)
+
+
+def _job_signals(environ, stop_signals):
+    """(stack signal or None, [signals forwarded job-wide]) from ELASTICRUN_STACK_SIGNAL and
+    ELASTICRUN_FORWARD_SIGNALS (default SIGUSR1,SIGUSR2; a stop signal is never among them)."""
+    try:
+        stack = (_parse_stack_signal(environ[_STACK_SIGNAL_VAR]) if _STACK_SIGNAL_VAR in environ
+                 else _default_stack_signal())
+    except ValueError as e:
+        raise _UsageError(str(e))
+    try:
+        forward = _parse_signals(environ.get("ELASTICRUN_FORWARD_SIGNALS", "SIGUSR1,SIGUSR2"))
+    except _UsageError:
+        raise _UsageError("ELASTICRUN_FORWARD_SIGNALS=%r: not a list of signals that can be handled"
+                          % environ.get("ELASTICRUN_FORWARD_SIGNALS"))
+    if stack in forward or stack in stop_signals:
+        raise _UsageError("the stack signal %s is also a signal to forward or to stop on; choose "
+                          "another with ELASTICRUN_STACK_SIGNAL" % _stack_signal_name(stack))
+    return stack, [s for s in forward if s not in stop_signals]
 
 
 def _logs_specs(o):
@@ -4144,6 +4498,11 @@ def _main(argv, program=False):
             previous[sig] = signal.signal(sig, stop.handler)
         except (ValueError, OSError):
             pass
+    for sig in c.forward_signals + ([c.stack_signal] if c.stack_signal else []):
+        try:
+            previous[sig] = signal.signal(sig, stop.other_handler)
+        except (ValueError, OSError):
+            pass
     try:
         return _run_job(c, stop, server, environ)
     except _SignalStop as e:
@@ -4175,7 +4534,8 @@ def _run_job(c, stop, server, environ):
     agent = LocalElasticAgent(spec, logs_specs=c.logs, start_method=c.start_method,
                               exit_barrier_timeout=c.exit_barrier_timeout, shutdown_timeout=c.shutdown_timeout,
                               log_line_prefix_template=c.prefix_template,
-                              health_check_port=c.health_check_port, fork_server=server, stop_flag=stop)
+                              health_check_port=c.health_check_port, fork_server=server, stop_flag=stop,
+                              stack_signal=c.stack_signal or 0)
     try:
         result = agent.run()
     except _rdzv.RendezvousError as e:

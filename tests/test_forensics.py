@@ -117,3 +117,89 @@ def test_a_program_worker_is_reported_as_having_no_python_stack(tmp_path):
         assert "not a Python worker: no stack" in a.err(), a.err()
     finally:
         a.stop()
+
+
+# records the signals it gets; rank DEAF_RANK ignores SIGTERM (and records it all the same)
+RECORDER = r"""
+import os, signal, sys, time
+out, rank = os.environ["OUT"], os.environ["RANK"]
+
+def note(signum, frame):
+    with open(os.path.join(out, "got_%s_%s" % (rank, signal.Signals(signum).name)), "w") as f:
+        f.write(str(os.getpid()))
+    if signum == signal.SIGTERM and rank != os.environ.get("DEAF_RANK"):
+        sys.exit(0)
+
+for s in (signal.SIGTERM, signal.SIGUSR1):
+    signal.signal(s, note)
+with open(os.path.join(out, "pid_%s" % rank), "w") as f:
+    f.write(str(os.getpid()))
+while True:
+    time.sleep(0.5)
+"""
+
+
+def _nodes(tmp_path, tag, script, count, environ, extra=()):
+    """`count` agents of one c10d job on 127.0.0.1; the first serves the store."""
+    from ports import free_port
+    endpoint = "127.0.0.1:%d" % free_port()
+    conf = "last_call_timeout=1,heartbeat_interval=0.2,heartbeat_timeout=5,join_timeout=60"
+    common = ["--nnodes", str(count), "--rdzv-backend", "c10d", "--rdzv-endpoint", endpoint, "--rdzv-id", tag,
+              "--monitor-interval", "0.05", "--max-restarts", "0", "--local-addr", "127.0.0.1"] + list(extra)
+    return [Launcher(common + ["--rdzv-conf", conf + (",is_host=1" if i == 0 else ",is_host=0"), script],
+                     tmp_path, "%s_%d" % (tag, i), environ=environ) for i in range(count)], endpoint
+
+
+def _pid_files(out):
+    pids = []
+    for path in glob.glob(os.path.join(str(out), "pid_*")):
+        with open(path) as f:
+            text = f.read()
+        if text:
+            pids.append(int(text))
+    return pids
+
+
+def test_a_stop_signal_to_one_agent_stops_every_node(tmp_path):
+    script = _script(tmp_path, "recorder.py", RECORDER)
+    out = tmp_path / "out"
+    out.mkdir()
+    agents, _ = _nodes(tmp_path, "stop", script, 3, env(OUT=out, DEAF_RANK=2), ["--shutdown-timeout", "1"])
+    pids = []
+    try:
+        pids = wait_for(lambda: len(_pid_files(out)) == 3 and _pid_files(out), what="3 workers to run")
+        with open(os.path.join(str(out), "pid_2")) as f:
+            deaf = int(f.read())
+        os.kill(agents[1].pid, signal.SIGTERM)
+        logs = lambda: "\n".join("agent %d:\n%s" % (i, a.err()[-2000:]) for i, a in enumerate(agents))  # noqa: E731
+        for a in agents:
+            assert a.wait(60) == 128 + signal.SIGTERM, logs()
+        for rank in range(3):
+            assert os.path.exists(os.path.join(str(out), "got_%d_SIGTERM" % rank)), logs()
+        assert not alive(deaf)
+        deaf_node = next(a for a in agents if "rank 2 (pid %d) outlived the 1 s grace period" % deaf in a.err())
+        assert "stopped by SIGTERM" in deaf_node.err()
+    finally:
+        for a in agents:
+            a.stop()
+        kill_all(pids)
+
+
+def test_a_checkpoint_signal_to_one_agent_reaches_every_worker_and_stops_nothing(tmp_path):
+    script = _script(tmp_path, "recorder.py", RECORDER)
+    out = tmp_path / "out"
+    out.mkdir()
+    agents, _ = _nodes(tmp_path, "usr1", script, 2, env(OUT=out), ["--shutdown-timeout", "1"])
+    pids = []
+    try:
+        pids = wait_for(lambda: len(_pid_files(out)) == 2 and _pid_files(out), what="2 workers to run")
+        os.kill(agents[1].pid, signal.SIGUSR1)
+        for rank in range(2):
+            wait_for(lambda: os.path.exists(os.path.join(str(out), "got_%d_SIGUSR1" % rank)),
+                     what="rank %d to get SIGUSR1" % rank)
+        assert all(alive(pid) for pid in pids)
+        assert all(a.proc.poll() is None for a in agents)
+    finally:
+        for a in agents:
+            a.stop()
+        kill_all(pids)
