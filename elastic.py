@@ -2948,7 +2948,8 @@ def _format_stacks(answers, nodes):
     lines = []
     for text, ranks in sorted(groups.items(), key=lambda kv: (-len(kv[1]), min(kv[1]))):
         lines.append("%s %s: %s" % ("rank" if len(ranks) == 1 else "ranks", _rank_ranges(ranks), _stack_site(text)))
-        lines.extend("    " + line for line in text.rstrip("\n").split("\n"))
+        if 'File "' in text:
+            lines.extend("    " + line for line in text.rstrip("\n").split("\n"))
     idle = ["%s (group rank %s, %s)" % (a.get("host"), a.get("group_rank"), a.get("state"))
             for a in answers if not a.get("workers")]
     if idle:
@@ -2956,7 +2957,7 @@ def _format_stacks(answers, nodes):
     if nodes is None:
         lines.append("no agent answered")
     elif len(answers) < nodes:
-        lines.append("%d of %d nodes answered" % (len(answers), nodes))
+        lines.append("only %d of %d nodes answered in time" % (len(answers), nodes))
     return "\n".join(lines)
 
 
@@ -4476,6 +4477,8 @@ def _main(argv, program=False):
     environ = os.environ
     from_command_line = argv is None
     argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["stacks"]:
+        return _stacks_command(argv[1:])
     try:
         c = _config_from_args(_parse_args(argv, environ), environ)
     except _UsageError as e:
@@ -4516,6 +4519,55 @@ def _main(argv, program=False):
                 signal.signal(sig, old)
             except (ValueError, OSError):
                 pass
+
+
+def _stacks_command(argv):
+    """``elasticrun stacks --rdzv-endpoint H:P --rdzv-id ID``: every worker's stack in a live job,
+    grouped by identical stack. Exit status 0 when some node answered, 1 when none did, 2 for a bad
+    option."""
+    import argparse
+    parser = argparse.ArgumentParser(prog="elasticrun stacks", description=(
+        "Print the Python stack of every worker of a running elasticrun job, grouped by identical "
+        "stack (the odd rank out comes last)."))
+    parser.add_argument("--rdzv-endpoint", "--rdzv_endpoint", required=True, help="the job's endpoint")
+    parser.add_argument("--rdzv-id", "--rdzv_id", required=True, help="the job's run id")
+    parser.add_argument("--rdzv-backend", "--rdzv_backend", default="c10d", help="c10d (default) or etcd")
+    parser.add_argument("--rdzv-conf", "--rdzv_conf", default="", help="token_file=F for a store with a token")
+    parser.add_argument("--timeout", type=float, default=_STACKS_TIMEOUT,
+                        help="seconds to wait for every node's answer (default %g)" % _STACKS_TIMEOUT)
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as e:
+        return e.code
+    try:
+        if not 0 < args.timeout < float("inf"):
+            raise _UsageError("--timeout must be a number of seconds > 0")
+        if args.rdzv_backend not in ("c10d", "store", "etcd"):
+            raise _UsageError("--rdzv-backend %r: stacks works with c10d and etcd" % args.rdzv_backend)
+        conf = _parse_conf(args.rdzv_conf)
+        conf.setdefault("join_timeout", str(args.timeout))
+        if args.rdzv_backend != "etcd":
+            conf["is_host"] = "0"      # a client of the job's store, never a second server
+        params = _rdzv.RendezvousParameters(args.rdzv_backend, args.rdzv_endpoint, args.rdzv_id, 1, 1, **conf)
+    except (_UsageError, ValueError) as e:
+        sys.stderr.write("elasticrun stacks: error: %s\n" % e)
+        return 2
+    _configure_logging(os.environ)
+    try:
+        handler = _rdzv.get_rendezvous_handler(params)
+    except (ValueError, _rdzv.RendezvousError) as e:
+        sys.stderr.write("elasticrun stacks: error: %s\n" % e)
+        return 1
+    try:
+        answers, nodes = _collect_stacks(handler.store, args.rdzv_id, "%s:%d" % (_hostname(), os.getpid()),
+                                         args.timeout)
+    except _store.StoreError as e:
+        sys.stderr.write("elasticrun stacks: error: %s\n" % e)
+        return 1
+    finally:
+        handler.close()
+    sys.stdout.write(_format_stacks(answers, nodes) + "\n")
+    return 0 if answers else 1
 
 
 def _run_job(c, stop, server, environ):

@@ -139,11 +139,11 @@ while True:
 """
 
 
-def _nodes(tmp_path, tag, script, count, environ, extra=()):
+def _nodes(tmp_path, tag, script, count, environ, extra=(), conf=""):
     """`count` agents of one c10d job on 127.0.0.1; the first serves the store."""
     from ports import free_port
     endpoint = "127.0.0.1:%d" % free_port()
-    conf = "last_call_timeout=1,heartbeat_interval=0.2,heartbeat_timeout=5,join_timeout=60"
+    conf = "last_call_timeout=1,heartbeat_interval=0.2,heartbeat_timeout=5,join_timeout=60" + conf
     common = ["--nnodes", str(count), "--rdzv-backend", "c10d", "--rdzv-endpoint", endpoint, "--rdzv-id", tag,
               "--monitor-interval", "0.05", "--max-restarts", "0", "--local-addr", "127.0.0.1"] + list(extra)
     return [Launcher(common + ["--rdzv-conf", conf + (",is_host=1" if i == 0 else ",is_host=0"), script],
@@ -199,6 +199,60 @@ def test_a_checkpoint_signal_to_one_agent_reaches_every_worker_and_stops_nothing
                      what="rank %d to get SIGUSR1" % rank)
         assert all(alive(pid) for pid in pids)
         assert all(a.proc.poll() is None for a in agents)
+    finally:
+        for a in agents:
+            a.stop()
+        kill_all(pids)
+
+
+STACKY = r"""
+import os, time
+
+def waiting_here():
+    while True:
+        time.sleep(0.2)
+
+def odd_one_out():
+    while True:
+        time.sleep(0.2)
+
+with open(os.path.join(os.environ["OUT"], "pid_%s" % os.environ["RANK"]), "w") as f:
+    f.write(str(os.getpid()))
+(odd_one_out if os.environ["RANK"] == "3" else waiting_here)()
+"""
+
+
+def test_stacks_groups_the_ranks_of_a_live_job_by_stack(tmp_path):
+    """2 nodes x 2 workers, rank 3 in another function, a store with a token: 2 groups."""
+    import subprocess
+    from agent_scripts.harness import ELASTIC
+    script = _script(tmp_path, "stacky.py", STACKY)
+    token = tmp_path / "token"
+    token.write_text("s3cret\n")
+    out = tmp_path / "out"
+    out.mkdir()
+    agents, endpoint = _nodes(tmp_path, "stacks", script, 2, env(OUT=out),
+                              ["--nproc-per-node", "2"], conf=",token_file=%s" % token)
+    pids = []
+    try:
+        pids = wait_for(lambda: len(_pid_files(out)) == 4 and _pid_files(out), what="4 workers to run")
+        cmd = subprocess.run([sys.executable, ELASTIC, "stacks", "--rdzv-endpoint", endpoint, "--rdzv-id", "stacks",
+                              "--rdzv-conf", "token_file=%s" % token], stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, env=env(), timeout=60)
+        text = cmd.stdout.decode()
+        assert cmd.returncode == 0, cmd.stderr.decode()
+        heads = [line for line in text.split("\n") if line.startswith("rank")]
+        assert heads == ["ranks 0-2: in waiting_here (stacky.py:6)", "rank 3: in odd_one_out (stacky.py:10)"], text
+        assert all(a.proc.poll() is None for a in agents)
+        # the stack signal to one agent: it logs the same
+        os.kill(agents[1].pid, signal.SIGRTMIN + 6)
+        logged = wait_for(lambda: "rank 3: in odd_one_out (stacky.py:10)" in agents[1].err() and agents[1].err(),
+                          what="the agent to log the job's stacks", explain=agents[1].err)
+        assert "ranks 0-2: in waiting_here (stacky.py:6)" in logged
+        # without the token: refused, and nothing printed
+        bad = subprocess.run([sys.executable, ELASTIC, "stacks", "--rdzv-endpoint", endpoint, "--rdzv-id", "stacks",
+                              "--timeout", "5"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env(), timeout=60)
+        assert bad.returncode == 1 and not bad.stdout, bad.stderr
     finally:
         for a in agents:
             a.stop()
