@@ -8,6 +8,7 @@ Standard library only, plus its siblings ``store`` and ``rendezvous`` (``store``
     $ python3 elastic.py --standalone --nproc-per-node 2 train.py --lr 0.1
     $ python3 -m elastic --nnodes 2 --rdzv-backend c10d --rdzv-endpoint host0:29400 -m pkg.train
     $ elasticrun --nnodes 1:4 --max-restarts 3 --rdzv-backend c10d --rdzv-endpoint host0 train.py
+    $ elasticrun stacks --rdzv-endpoint host0:29400 --rdzv-id job42   # every rank's stack, grouped
 
 and from Python::
 
@@ -44,7 +45,8 @@ Data flow of one agent (one per node)::
         nodes waiting / member
         dead (round broken) ..... UNHEALTHY; stop the group and re-rendezvous, budget untouched
         the store lost .......... stop the group; the launcher exits 1 ("lost the store")
-        a stop signal ........... STOPPED; stop the group; run() raises, main() exits 128+N
+        a stop signal ........... STOPPED; tell every node (Job control), stop the group; run()
+                                  raises, main() exits 128+N; a node told of it does the same
     RunResult (state, return values, every failure of the last attempt, root cause) -> main()'s
     report and exit status, and nothing else
 
@@ -78,6 +80,30 @@ workers, an excepthook installed by a small bootstrap) writes torchelastic's JSO
                  "extraInfo": {"py_callstack": "<traceback>", "timestamp": "<epoch s>"}}}
 
 The agent reads it without blocking, only when it is a regular file, and at most its last 1 MiB.
+A worker the agent kills (file timer, or SIGKILL after the grace) writes none: the agent writes it
+for the worker, with the worker's stack in ``extraInfo.stack`` (see Stacks), and the launcher's
+own error file carries that too.
+
+Stacks: Python workers (scripts through the bootstrap or the fork server, callables) arm
+``faulthandler.register(STACK_SIGNAL, all_threads=True)`` at start, writing to ``stack.txt`` beside
+their error file (``ELASTICRUN_STACK_FILE``, which appears once armed; ``ELASTICRUN_STACK_SIGNAL``).
+The stack signal is ``SIGRTMIN+6`` (``ELASTICRUN_STACK_SIGNAL=NAME|SIGRTMIN+N|N|off`` overrides;
+not SIGUSR1/SIGUSR2, which Slurm's ``--signal`` and checkpointing code use, nor SIGQUIT). Before the
+file timer kills a worker and before teardown SIGKILLs one that outlived its grace, the agent sends
+it the stack signal and waits up to 1 s for the dump to stop growing; the report's ``stack`` lines,
+its message (``in stuck_here (train.py:12)``) and the error files carry it. A program worker
+(``--no-python``) is never sent it: "not a Python worker: no stack".
+
+Job control: every agent of a job (on a rendezvous handler with a store) watches numbered events
+on that store (``elasticrun/<run id>/ctl/<n>``, one parked wait per agent, no traffic while idle)::
+
+    stop N ...... a stop signal (--signals-to-handle) reached one agent: every agent stops as if it
+                  had received N (own grace per worker; every node exits 128+N)
+    signal N .... SIGUSR1/SIGUSR2 (ELASTICRUN_FORWARD_SIGNALS) reached one agent: forwarded to every
+                  worker of every node, nothing stops; once per signal per 2 s per agent (under
+                  Slurm every agent receives it as well as hearing of it)
+    stacks ...... every agent answers with its workers' stacks (``elasticrun stacks``, or the stack
+                  signal sent to any agent, which logs them), grouped by identical stack
 
 File timer (hang watchdog), on with ``TORCHELASTIC_ENABLE_FILE_TIMER=1`` (a pipe in the run's log
 folder) or ``TORCHELASTIC_TIMER_FILE=PATH``. Workers get ``TORCHELASTIC_TIMER_FILE`` and guard a step
@@ -112,7 +138,8 @@ endpoint would be a loopback address is refused (exit 2) instead of every node m
 
 Sections, in order: States, streams, specs; Error channel; Process plumbing; Python workers (the
 bootstrap and the fork server); Worker processes (the handles and starters); Worker group; Local
-rendezvous; Agent; File timer: worker side; File timer: server; Health check; Slurm; Command line.
+rendezvous; Agent; Stacks; Job control; File timer: worker side; File timer: server; Health check;
+Slurm; Command line.
 
 Borrowed private helpers, and only these: from ``store`` the ones its docstring lists
 (``_recv_exactly`` and ``_Pace`` here); from ``rendezvous`` ``_BACKENDS`` (the launcher asks it for
