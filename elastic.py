@@ -2114,6 +2114,7 @@ class LocalElasticAgent:
         self._stack_signal = stack_signal if stack_signal and _is_python_spec(spec) else None
         self._control = None       # _JobControl while run() runs on a multi-node capable handler
         self._forwarded = {}       # signal -> when it was last forwarded to the workers
+        self._stop_acked = False   # this node has counted itself among those that heard of a stop
         self._state = WorkerState.UNKNOWN
         self._group = None         # _WorkerGroup of the running attempt
         self._ranks = None         # _RankAssignment of the current round
@@ -2169,6 +2170,7 @@ class LocalElasticAgent:
         except _SignalStop as e:
             self._set_state(WorkerState.STOPPED)
             self._stop_group(e.signum)
+            self._wait_stop_seen()
             raise
         except BaseException:
             if self._state not in (WorkerState.SUCCEEDED, WorkerState.FAILED, WorkerState.STOPPED):
@@ -2247,17 +2249,42 @@ class LocalElasticAgent:
         if kind == "stacks":
             self._answer_stacks(n)
             return
+        if kind == "stop":
+            if not own:
+                log.warning("the agent at %s was stopped by %s: stopping this node the same way", origin,
+                            _signal_name(int(arg)))
+                self._stop.stop_from_job(int(arg))
+            self._stop_seen()
+            return
         if own:
             return
         signum = int(arg)
-        if kind == "stop":
-            log.warning("the agent at %s was stopped by %s: stopping this node the same way", origin,
-                        _signal_name(signum))
-            self._stop.stop_from_job(signum)
-        elif kind == "signal" and self._forward_due(signum):
+        if kind == "signal" and self._forward_due(signum):
             log.info("forwarding %s (sent to the agent at %s) to this node's workers", _signal_name(signum),
                      origin)
             self._forward(signum)
+
+    def _stop_seen(self):
+        """Count this node, once, among those that know of the job's stop (see _wait_stop_seen)."""
+        if self._stop_acked:
+            return
+        self._stop_acked = True
+        prefix = _control_prefix(self._run_id())
+        store = self._control.store
+        if int(store.add(prefix + "stop_seen", 1)) >= (self.group_world_size or 1):
+            store.set(prefix + "stop_all_seen", "1")
+
+    def _wait_stop_seen(self):
+        """On the node serving the store, after its own teardown: wait (at most _STOP_SEEN_WAIT
+        seconds) until every node has heard of the stop, for leaving takes the store away, and a
+        node that loses it first stops as "lost the store" (exit 1) instead of 128+N."""
+        control = self._control
+        if control is None or not getattr(self._handler, "hosts_store", False) or (self.group_world_size or 1) <= 1:
+            return
+        try:
+            control.store.wait([_control_prefix(self._run_id()) + "stop_all_seen"], _STOP_SEEN_WAIT)
+        except Exception as e:
+            log.warning("leaving with the store before every node heard of the stop: %s", e)
 
     def _forward_due(self, signum):
         """Once per signal per _FORWARD_WINDOW: under Slurm every agent gets the same signal and
@@ -2816,6 +2843,7 @@ def _write_stack_error(w, message):
 _CONTROL_WAIT = 30.0    # seconds a watcher's parked wait lasts before it is renewed (one request)
 _FORWARD_WINDOW = 2.0   # a signal forwarded within this many seconds is not forwarded again
 _STACKS_TIMEOUT = 10.0  # seconds `elasticrun stacks` waits for every node's answer
+_STOP_SEEN_WAIT = 5.0   # seconds the store's node, stopping, waits for every node to hear of it
 
 
 def _control_prefix(run_id):
@@ -2842,6 +2870,8 @@ class _JobControl:
         clone = getattr(store, "clone", None)
         self._own = callable(clone)
         self._store = clone() if self._own else store
+        if self._own:   # one parked get answers with the event itself: no second round trip
+            self._store.set_timeout(_CONTROL_WAIT)
         self.origin = "%s:%d" % (_hostname(), os.getpid())
         self._queue = queue.SimpleQueue()   # reentrant put: safe in a signal handler
         self._closed = False
@@ -2886,7 +2916,8 @@ class _JobControl:
         while not self._closed:
             key = self._prefix + str(self._next)
             try:
-                self._store.wait([key], _CONTROL_WAIT)
+                if not self._own:
+                    self._store.wait([key], _CONTROL_WAIT)
                 text = self._store.get(key).decode("utf-8", "replace")
             except _store.StoreTimeout:
                 continue

@@ -160,7 +160,10 @@ def _pid_files(out):
     return pids
 
 
-def test_a_stop_signal_to_one_agent_stops_every_node(tmp_path):
+@pytest.mark.parametrize("signalled", [0, 1], ids=["store_host", "other"])
+def test_a_stop_signal_to_one_agent_stops_every_node(tmp_path, signalled):
+    """SIGTERM to one of 3 agents: every node's worker gets SIGTERM, the one ignoring it (rank 2)
+    is killed after its own node's grace, every agent exits 143 (none says "lost the store")."""
     script = _script(tmp_path, "recorder.py", RECORDER)
     out = tmp_path / "out"
     out.mkdir()
@@ -170,7 +173,7 @@ def test_a_stop_signal_to_one_agent_stops_every_node(tmp_path):
         pids = wait_for(lambda: len(_pid_files(out)) == 3 and _pid_files(out), what="3 workers to run")
         with open(os.path.join(str(out), "pid_2")) as f:
             deaf = int(f.read())
-        os.kill(agents[1].pid, signal.SIGTERM)
+        os.kill(agents[signalled].pid, signal.SIGTERM)
         logs = lambda: "\n".join("agent %d:\n%s" % (i, a.err()[-2000:]) for i, a in enumerate(agents))  # noqa: E731
         for a in agents:
             assert a.wait(60) == 128 + signal.SIGTERM, logs()
