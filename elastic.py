@@ -2090,7 +2090,8 @@ class LocalElasticAgent:
     ``fork_server``: a ``_ForkServer`` forked before the caller started threads; Python-script workers
     (an entrypoint from ``python_command``) are then forked from it. ``stop_flag``: a ``_StopFlag``
     whose handler the caller installed for the signals it wants to end the run; None leaves signals
-    to the caller."""
+    to the caller. ``stack_signal``: the signal Python workers dump their stacks on (see Stacks);
+    None for the default (SIGRTMIN+6), 0 for no dumps."""
 
     def __init__(self, spec, *, logs_specs=None, start_method="spawn", exit_barrier_timeout=300,
                  shutdown_timeout=30, log_line_prefix_template=None, health_check_port=None,

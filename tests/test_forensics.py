@@ -260,3 +260,15 @@ def test_stacks_groups_the_ranks_of_a_live_job_by_stack(tmp_path):
         for a in agents:
             a.stop()
         kill_all(pids)
+
+
+def test_a_callable_worker_killed_by_the_file_timer_has_its_stack(tmp_path, monkeypatch):
+    from agent_scripts import funcs
+    from elastic import DefaultLogsSpecs, LocalElasticAgent, WorkerSpec
+    monkeypatch.setenv("TORCHELASTIC_ENABLE_FILE_TIMER", "1")
+    spec = WorkerSpec("hung", 1, funcs.hung_in_stuck_here, max_restarts=0)
+    result = LocalElasticAgent(spec, logs_specs=DefaultLogsSpecs(log_dir=str(tmp_path / "logs"))).run()
+    (failure,) = result.failures.values()
+    assert failure.exitcode == -signal.SIGKILL
+    assert "in stuck_here (funcs.py:" in failure.message
+    assert "in stuck_here" in failure.stack and "in hung_in_stuck_here" in failure.stack
