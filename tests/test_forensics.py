@@ -272,3 +272,46 @@ def test_a_callable_worker_killed_by_the_file_timer_has_its_stack(tmp_path, monk
     assert failure.exitcode == -signal.SIGKILL
     assert "in stuck_here (funcs.py:" in failure.message
     assert "in stuck_here" in failure.stack and "in hung_in_stuck_here" in failure.stack
+
+
+def test_a_stop_signal_on_one_simulated_host_stops_every_host(tmp_path):
+    """The same on 3 network-namespace hosts: SIGTERM to host 1's agent; every worker gets SIGTERM,
+    host 2's worker ignores it and dies after host 2's grace, every agent exits 143."""
+    import subprocess
+    from conftest import need
+    from agent_scripts.harness import ELASTIC
+    from netns import Network, netns_problem
+    problem = netns_problem()
+    need(problem is None, problem or "")
+    script = _script(tmp_path, "recorder.py", RECORDER)
+    out = tmp_path / "out"
+    out.mkdir()
+    conf = "last_call_timeout=1,heartbeat_interval=0.2,heartbeat_timeout=5,join_timeout=60"
+    with Network(3) as net:
+        agents = []
+        try:
+            for i in range(3):
+                argv = [sys.executable, ELASTIC, "--nnodes", "3", "--rdzv-backend", "c10d", "--rdzv-endpoint",
+                        net.addr(0) + ":29400", "--rdzv-id", "netstop", "--rdzv-conf", conf, "--local-addr",
+                        net.addr(i), "--monitor-interval", "0.05", "--max-restarts", "0", "--shutdown-timeout",
+                        "1", script]
+                with open(str(tmp_path / ("agent%d.log" % i)), "wb") as log:
+                    agents.append(net.popen(i, argv, stdout=log, stderr=subprocess.STDOUT,
+                                            env=env(OUT=out, DEAF_RANK=2)))
+            logs = lambda: "\n".join(  # noqa: E731
+                "agent %d:\n%s" % (i, (tmp_path / ("agent%d.log" % i)).read_text()[-2000:]) for i in range(3))
+            wait_for(lambda: len(_pid_files(out)) == 3, what="3 workers to run", explain=logs)
+            with open(os.path.join(str(out), "pid_2")) as f:
+                deaf = int(f.read())
+            os.kill(agents[1].pid, signal.SIGTERM)
+            for a in agents:
+                assert a.wait(60) == 128 + signal.SIGTERM, logs()
+            for rank in range(3):
+                assert os.path.exists(os.path.join(str(out), "got_%d_SIGTERM" % rank)), logs()
+            assert not alive(deaf)
+            assert "outlived the 1 s grace period" in logs()
+        finally:
+            for a in agents:
+                if a.poll() is None:
+                    a.kill()
+                a.wait()
