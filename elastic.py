@@ -1958,6 +1958,7 @@ class _StopFlag:
         self.armed = 0
         self.listener = None       # the agent's: (kind, signum) of each signal, in the handler
         self._from_job = None      # the stop signal another node sent us (not to be told again)
+        self._own_copy_seen = False
 
     def handler(self, signum, frame):
         if self.signum is None:
@@ -1966,6 +1967,10 @@ class _StopFlag:
                 self.listener("stop", signum)
             if self.armed:
                 raise _SignalStop(signum)
+        elif signum == self._from_job and not self._own_copy_seen:
+            # the scheduler's own copy of the signal that another node already passed on (a whole
+            # job preempted at once): the same stop, not a second signal
+            self._own_copy_seen = True
 
     def other_handler(self, signum, frame):
         """A signal that stops nothing: one to forward (checkpointing), or the stack signal."""
@@ -4452,7 +4457,8 @@ def _job_signals(environ, stop_signals):
                           % environ.get("ELASTICRUN_FORWARD_SIGNALS"))
     if stack in forward or stack in stop_signals:
         raise _UsageError("the stack signal %s is also a signal to forward or to stop on; choose "
-                          "another with ELASTICRUN_STACK_SIGNAL" % _stack_signal_name(stack))
+                          "another with ELASTICRUN_STACK_SIGNAL (or change ELASTICRUN_FORWARD_SIGNALS or "
+                          "--signals-to-handle)" % _stack_signal_name(stack))
     return stack, [s for s in forward if s not in stop_signals]
 
 

@@ -139,14 +139,17 @@ while True:
 """
 
 
-def _nodes(tmp_path, tag, script, count, environ, extra=(), conf=""):
-    """`count` agents of one c10d job on 127.0.0.1; the first serves the store."""
+def _nodes(tmp_path, tag, script, count, environ, extra=(), conf="", etcd=None):
+    """`count` agents of one c10d job on 127.0.0.1, the first serving the store (or of an etcd job
+    on the endpoint `etcd`)."""
     from ports import free_port
-    endpoint = "127.0.0.1:%d" % free_port()
+    endpoint = etcd or "127.0.0.1:%d" % free_port()
     conf = "last_call_timeout=1,heartbeat_interval=0.2,heartbeat_timeout=5,join_timeout=60" + conf
-    common = ["--nnodes", str(count), "--rdzv-backend", "c10d", "--rdzv-endpoint", endpoint, "--rdzv-id", tag,
-              "--monitor-interval", "0.05", "--max-restarts", "0", "--local-addr", "127.0.0.1"] + list(extra)
-    return [Launcher(common + ["--rdzv-conf", conf + (",is_host=1" if i == 0 else ",is_host=0"), script],
+    common = ["--nnodes", str(count), "--rdzv-backend", "etcd" if etcd else "c10d", "--rdzv-endpoint", endpoint,
+              "--rdzv-id", tag, "--monitor-interval", "0.05", "--max-restarts", "0",
+              "--local-addr", "127.0.0.1"] + list(extra)
+    host = lambda i: "" if etcd else ",is_host=1" if i == 0 else ",is_host=0"  # noqa: E731
+    return [Launcher(common + ["--rdzv-conf", conf + host(i), script],
                      tmp_path, "%s_%d" % (tag, i), environ=environ) for i in range(count)], endpoint
 
 
@@ -315,3 +318,60 @@ def test_a_stop_signal_on_one_simulated_host_stops_every_host(tmp_path):
                 if a.poll() is None:
                     a.kill()
                 a.wait()
+
+
+def test_stacks_and_the_job_wide_stop_on_etcd(tmp_path, etcd_binary):
+    import subprocess
+    from agent_scripts.harness import ELASTIC
+    from etcd_cluster import EtcdCluster
+    script = _script(tmp_path, "stacky.py", STACKY)
+    out = tmp_path / "out"
+    out.mkdir()
+    with EtcdCluster(etcd_binary, tmp_path, size=1) as cluster:
+        agents, endpoint = _nodes(tmp_path, "etcdjob", script, 2, env(OUT=out), ["--nproc-per-node", "2"],
+                                  etcd=cluster.endpoints[0])
+        pids = []
+        try:
+            logs = lambda: "\n".join("agent %d:\n%s" % (i, a.err()[-2000:]) for i, a in enumerate(agents))  # noqa: E731
+            pids = wait_for(lambda: len(_pid_files(out)) == 4 and _pid_files(out), what="4 workers to run",
+                            explain=logs)
+            cmd = subprocess.run([sys.executable, ELASTIC, "stacks", "--rdzv-backend", "etcd", "--rdzv-endpoint",
+                                  endpoint, "--rdzv-id", "etcdjob"], stdout=subprocess.PIPE,
+                                 stderr=subprocess.PIPE, env=env(), timeout=60)
+            heads = [line for line in cmd.stdout.decode().split("\n") if line.startswith("rank")]
+            assert heads == ["ranks 0-2: in waiting_here (stacky.py:6)",
+                             "rank 3: in odd_one_out (stacky.py:10)"], cmd.stderr.decode()
+            os.kill(agents[0].pid, signal.SIGTERM)
+            for a in agents:
+                assert a.wait(60) == 128 + signal.SIGTERM, logs()
+        finally:
+            for a in agents:
+                a.stop()
+            kill_all(pids)
+
+
+@pytest.mark.parametrize("environ, says", [
+    ({"ELASTICRUN_STACK_SIGNAL": "SIGKILL"}, "ELASTICRUN_STACK_SIGNAL='SIGKILL' is not a signal"),
+    ({"ELASTICRUN_STACK_SIGNAL": "nonsense"}, "ELASTICRUN_STACK_SIGNAL='nonsense' is not a signal"),
+    ({"ELASTICRUN_STACK_SIGNAL": "SIGUSR1"}, "the stack signal SIGUSR1 is also a signal to forward"),
+    ({"ELASTICRUN_FORWARD_SIGNALS": "SIGBOGUS"}, "ELASTICRUN_FORWARD_SIGNALS='SIGBOGUS'"),
+])
+def test_a_bad_signal_setting_exits_2_naming_it(tmp_path, environ, says):
+    import subprocess
+    from agent_scripts.harness import ELASTIC
+    script = _script(tmp_path, "ok.py", "pass\n")
+    run = subprocess.run([sys.executable, ELASTIC, "--standalone", script], stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, env=env(**environ), timeout=60)
+    assert run.returncode == 2 and says in run.stderr.decode(), run.stderr.decode()
+
+
+def test_the_stack_signal_can_be_moved_or_turned_off(tmp_path):
+    """ELASTICRUN_STACK_SIGNAL=SIGRTMIN+2 is the one workers arm; off: workers get no stack file."""
+    import subprocess
+    from agent_scripts.harness import ELASTIC
+    script = _script(tmp_path, "env.py", "import os; print('SIG=%s FILE=%s' % (os.environ.get("
+                                         "'ELASTICRUN_STACK_SIGNAL'), os.environ.get('ELASTICRUN_STACK_FILE')))\n")
+    for value, expected in (("SIGRTMIN+2", "SIG=%d " % (signal.SIGRTMIN + 2)), ("off", "FILE=None")):
+        run = subprocess.run([sys.executable, ELASTIC, "--standalone", script], stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, env=env(ELASTICRUN_STACK_SIGNAL=value), timeout=60)
+        assert run.returncode == 0 and expected in run.stdout.decode(), run.stdout.decode() + run.stderr.decode()
