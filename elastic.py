@@ -349,13 +349,16 @@ class WorkerSpec:
 class RunResult:
     """The whole outcome of `LocalElasticAgent.run`, and all the launcher reports from: the final
     state, return values keyed by global rank, every failure of the last attempt across the job
-    (keyed by global rank), and the root cause among them."""
+    (keyed by global rank), and the root cause among them. ``outlived_grace``: this node's workers of
+    the last attempt that the agent stopped but had to SIGKILL after the grace period (not failures),
+    each a ProcessFailure with its ``stack``."""
 
     def __init__(self, state, return_values=None, failures=None, root_cause=None):
         self.state = state
         self.return_values = return_values or {}
         self.failures = failures or {}
         self.root_cause = root_cause      # (global_rank, ProcessFailure) of the whole job, or None
+        self.outlived_grace = {}
 
     def is_failed(self):
         return self.state == WorkerState.FAILED
@@ -545,20 +548,22 @@ def _first(failures):
 
 
 class ChildFailedError(ElasticError):
-    """Workers of `name` failed; `failures` maps global rank to ProcessFailure."""
+    """Workers of `name` failed; `failures` maps global rank to ProcessFailure. `outlived_grace`:
+    workers stopped by the agent that had to be SIGKILLed (shown apart, with their stacks)."""
 
-    def __init__(self, name, failures):
+    def __init__(self, name, failures, outlived_grace=None):
         if not failures:
             raise ValueError("ChildFailedError needs at least one failure")
         self.name = name
         self.failures = failures
+        self.outlived_grace = outlived_grace or {}
         ElasticError.__init__(self, self.format_msg())
 
     def get_first_failure(self):
         return _first(self.failures)
 
     def format_msg(self):
-        return _format_report(self.name, self.failures)
+        return _format_report(self.name, self.failures, self.outlived_grace)
 
 
 def _fmt_time(t):
@@ -584,7 +589,7 @@ def _format_failure(rank, f):
     return lines
 
 
-def _format_report(name, failures):
+def _format_report(name, failures, outlived_grace=None):
     root_rank, root = _first(failures)
     bar = "=" * 72
     lines = [bar, "%s FAILED" % name, bar, "Root cause (first failure):", "[rank %s]:" % root_rank]
@@ -594,6 +599,11 @@ def _format_report(name, failures):
     if others:
         lines.append("Other failures:")
         for rank, f in others:
+            lines.append("[rank %s]:" % rank)
+            lines += _format_failure(rank, f)
+    if outlived_grace:
+        lines.append("Stopped by the agent, SIGKILLed after the grace period (not failures):")
+        for rank, f in sorted(outlived_grace.items()):
             lines.append("[rank %s]:" % rank)
             lines += _format_failure(rank, f)
     lines.append(bar)
@@ -1749,6 +1759,7 @@ class _WorkerGroup:
         self._stopped = False
         import threading
         self._stack_lock = threading.Lock()
+        self.outlived_grace = {}   # global rank -> ProcessFailure of a worker SIGKILLed after the grace
 
     def start(self, stopping=lambda: False):
         """Start the workers in local-rank order; when `stopping()` turns true, start no more (the
@@ -1855,6 +1866,11 @@ class _WorkerGroup:
                 w.global_rank, w.pid, grace, _signal_name(sig))
             log.warning("%s; %s:\n%s", what, _stack_site(w.stack), w.stack)
             _write_stack_error(w, "%s; %s" % (what, _stack_site(w.stack)))
+            f = ProcessFailure(w.local_rank, w.pid, -signal.SIGKILL, w.error_file, rank=w.global_rank,
+                               role=w.env.get("ROLE_NAME", "default"),
+                               message="%s; %s" % (what, _stack_site(w.stack)))
+            f.stack = w.stack
+            self.outlived_grace[w.global_rank] = f
 
     @staticmethod
     def _wait_gone(workers, strays, deadline, before_kill=None):
@@ -2172,7 +2188,10 @@ class LocalElasticAgent:
         try:
             self._start_servers()
             self._start_control()
-            return self._run_loop()
+            result = self._run_loop()
+            if self._group is not None:
+                result.outlived_grace = dict(self._group.outlived_grace)
+            return result
         except _SignalStop as e:
             self._set_state(WorkerState.STOPPED)
             self._stop_group(e.signum)
@@ -4669,7 +4688,7 @@ def _run_job(c, stop, server, environ):
     stop.check()   # a signal that came while the agent could not be interrupted
     if not result.is_failed():
         return 0
-    err = ChildFailedError(c.script, result.failures)
+    err = ChildFailedError(c.script, result.failures, result.outlived_grace)
     sys.stderr.write(err.format_msg() + "\n")
     _copy_root_cause(err, environ.get("TORCHELASTIC_ERROR_FILE"))
     return result.root_cause[1].launcher_exit_code()

@@ -375,3 +375,37 @@ def test_the_stack_signal_can_be_moved_or_turned_off(tmp_path):
         run = subprocess.run([sys.executable, ELASTIC, "--standalone", script], stdout=subprocess.PIPE,
                              stderr=subprocess.PIPE, env=env(ELASTICRUN_STACK_SIGNAL=value), timeout=60)
         assert run.returncode == 0 and expected in run.stdout.decode(), run.stdout.decode() + run.stderr.decode()
+
+
+# rank 0 fails once rank 1 is ready; rank 1 ignores SIGTERM inside stuck_here()
+FAIL_WITH_A_DEAF_PEER = r"""
+import os, signal, sys, time
+out = os.environ["OUT"]
+if os.environ["RANK"] == "0":
+    while not os.path.exists(os.path.join(out, "ready_1")):
+        time.sleep(0.02)
+    sys.exit(3)
+signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+def stuck_here():
+    open(os.path.join(out, "ready_1"), "w").close()
+    time.sleep(60)  # HANG
+
+stuck_here()
+"""
+
+
+def test_the_failure_report_shows_a_peer_killed_after_the_grace_apart_with_its_stack(tmp_path):
+    script = _script(tmp_path, "deafpeer.py", FAIL_WITH_A_DEAF_PEER)
+    out = tmp_path / "out"
+    out.mkdir()
+    a = Launcher(["--standalone", "--nproc-per-node", "2", "--max-restarts", "0", "--shutdown-timeout", "0.5",
+                  script], tmp_path, environ=env(OUT=out))
+    try:
+        assert a.wait(60) == 3, a.err()
+        report = a.err()[a.err().index("=" * 72):]
+        root, apart = report.split("Stopped by the agent, SIGKILLed after the grace period (not failures):")
+        assert "[rank 0]:" in root and "[rank 1]:" not in root, report
+        assert "[rank 1]:" in apart and 'line %d in stuck_here' % _line(FAIL_WITH_A_DEAF_PEER) in apart, report
+    finally:
+        a.stop()
