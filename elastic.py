@@ -2335,10 +2335,16 @@ class LocalElasticAgent:
         group = self._group
         workers = [] if group is None else [w for w in group.workers if w.handle is not None]
         stacks = {} if group is None else group.stacks([w for w in workers if w.exitcode is None])
+        # an answer stays under 1 MiB however many workers (etcd refuses requests over 1.5 MiB)
+        room = max(2048, (1 << 20) // max(1, len(workers)))
+
+        def cut(text):
+            return text if len(text) <= room else text[:room] + "\n... (cut at %d characters)\n" % room
+
         answer = {"host": _hostname(), "pid": os.getpid(), "group_rank": self.group_rank,
                   "nodes": self.group_world_size or 1, "state": self._state,
                   "workers": [{"rank": w.global_rank, "local_rank": w.local_rank, "pid": w.pid,
-                               "stack": stacks.get(w) or "exited with code %s" % w.exitcode}
+                               "stack": cut(stacks.get(w) or "exited with code %s" % w.exitcode)}
                               for w in workers]}
         base = "%sstacks/%d/" % (_control_prefix(self._run_id()), n)
         store = self._control.store
