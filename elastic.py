@@ -2306,8 +2306,14 @@ class LocalElasticAgent:
         control = self._control
         if control is None or not getattr(self._handler, "hosts_store", False) or (self.group_world_size or 1) <= 1:
             return
+        key = _control_prefix(self._run_id()) + "stop_all_seen"
         try:
-            control.store.wait([_control_prefix(self._run_id()) + "stop_all_seen"], _STOP_SEEN_WAIT)
+            try:
+                control.store.wait([key], 1.0)
+            except _store.StoreTimeout:
+                log.info("keeping the store up until every node has heard of the stop (%g s at most)",
+                         _STOP_SEEN_WAIT - 1.0)
+                control.store.wait([key], _STOP_SEEN_WAIT - 1.0)
         except Exception as e:
             log.warning("leaving with the store before every node heard of the stop: %s", e)
 
@@ -2991,15 +2997,19 @@ def _collect_stacks(store, run_id, origin, timeout=_STACKS_TIMEOUT):
     base = "%sstacks/%d/" % (prefix, n)
     deadline = time.monotonic() + timeout
     answers, nodes = [], None
+    pace = _store._Pace()
     while nodes is None or len(answers) < nodes:
         left = deadline - time.monotonic()
         if left <= 0:
             break
+        if pace.due():
+            log.info("waiting for the nodes' stacks: %d of %s answered (%d s left)", len(answers),
+                     "?" if nodes is None else nodes, round(left))
         key = base + str(len(answers) + 1)
         try:
-            store.wait([key], left)
+            store.wait([key], min(left, 1.0))
         except _store.StoreTimeout:
-            break
+            continue
         answer = json.loads(store.get(key).decode())
         answers.append(answer)
         nodes = max(nodes or 0, int(answer.get("nodes") or 1))
