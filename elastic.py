@@ -8,6 +8,7 @@ Standard library only, plus its siblings ``store`` and ``rendezvous`` (``store``
     $ python3 elastic.py --standalone --nproc-per-node 2 train.py --lr 0.1
     $ python3 -m elastic --nnodes 2 --rdzv-backend c10d --rdzv-endpoint host0:29400 -m pkg.train
     $ elasticrun --nnodes 1:4 --max-restarts 3 --rdzv-backend c10d --rdzv-endpoint host0 train.py
+    $ elasticrun stacks --rdzv-endpoint host0:29400 --rdzv-id job42   # every rank's stack, grouped
 
 and from Python::
 
@@ -44,7 +45,8 @@ Data flow of one agent (one per node)::
         nodes waiting / member
         dead (round broken) ..... UNHEALTHY; stop the group and re-rendezvous, budget untouched
         the store lost .......... stop the group; the launcher exits 1 ("lost the store")
-        a stop signal ........... STOPPED; stop the group; run() raises, main() exits 128+N
+        a stop signal ........... STOPPED; tell every node (Job control), stop the group; run()
+                                  raises, main() exits 128+N; a node told of it does the same
     RunResult (state, return values, every failure of the last attempt, root cause) -> main()'s
     report and exit status, and nothing else
 
@@ -80,6 +82,30 @@ workers, an excepthook installed by a small bootstrap) writes torchelastic's JSO
                  "extraInfo": {"py_callstack": "<traceback>", "timestamp": "<epoch s>"}}}
 
 The agent reads it without blocking, only when it is a regular file, and at most its last 1 MiB.
+A worker the agent kills (file timer, or SIGKILL after the grace) writes none: the agent writes it
+for the worker, with the worker's stack in ``extraInfo.stack`` (see Stacks), and the launcher's
+own error file carries that too.
+
+Stacks: Python workers (scripts through the bootstrap or the fork server, callables) arm
+``faulthandler.register(STACK_SIGNAL, all_threads=True)`` at start, writing to ``stack.txt`` beside
+their error file (``ELASTICRUN_STACK_FILE``, which appears once armed; ``ELASTICRUN_STACK_SIGNAL``).
+The stack signal is ``SIGRTMIN+6`` (``ELASTICRUN_STACK_SIGNAL=NAME|SIGRTMIN+N|N|off`` overrides;
+not SIGUSR1/SIGUSR2, which Slurm's ``--signal`` and checkpointing code use, nor SIGQUIT). Before the
+file timer kills a worker and before teardown SIGKILLs one that outlived its grace, the agent sends
+it the stack signal and waits up to 1 s for the dump to stop growing; the report's ``stack`` lines,
+its message (``in stuck_here (train.py:12)``) and the error files carry it. A program worker
+(``--no-python``) is never sent it: "not a Python worker: no stack".
+
+Job control: every agent of a job (on a rendezvous handler with a store) watches numbered events
+on that store (``elasticrun/<run id>/ctl/<n>``, one parked wait per agent, no traffic while idle)::
+
+    stop N ...... a stop signal (--signals-to-handle) reached one agent: every agent stops as if it
+                  had received N (own grace per worker; every node exits 128+N)
+    signal N .... SIGUSR1/SIGUSR2 (ELASTICRUN_FORWARD_SIGNALS) reached one agent: forwarded to every
+                  worker of every node, nothing stops; once per signal per 2 s per agent (under
+                  Slurm every agent receives it as well as hearing of it)
+    stacks ...... every agent answers with its workers' stacks (``elasticrun stacks``, or the stack
+                  signal sent to any agent, which logs them), grouped by identical stack
 
 File timer (hang watchdog), on with ``TORCHELASTIC_ENABLE_FILE_TIMER=1`` (a pipe in the run's log
 folder) or ``TORCHELASTIC_TIMER_FILE=PATH``. Workers get ``TORCHELASTIC_TIMER_FILE`` and guard a step
@@ -131,8 +157,8 @@ its own row and why, and exits 1.
 
 Sections, in order: States, streams, specs; Error channel; Process plumbing; Python workers (the
 bootstrap and the fork server); Worker processes (the handles and starters); Worker group; Local
-rendezvous; Agent; File timer: worker side; File timer: server; Health check; Slurm; Pre-flight check;
-Command line.
+rendezvous; Agent; Stacks; Job control; File timer: worker side; File timer: server; Health check;
+Slurm; Pre-flight check; Command line.
 
 Borrowed private helpers, and only these: from ``store`` the ones its docstring lists
 (``_recv_exactly``, ``_Pace`` and ``_read_token_file`` here); from ``rendezvous`` ``_BACKENDS``
@@ -355,13 +381,16 @@ class WorkerSpec:
 class RunResult:
     """The whole outcome of `LocalElasticAgent.run`, and all the launcher reports from: the final
     state, return values keyed by global rank, every failure of the last attempt across the job
-    (keyed by global rank), and the root cause among them."""
+    (keyed by global rank), and the root cause among them. ``outlived_grace``: this node's workers of
+    the last attempt that the agent stopped but had to SIGKILL after the grace period (not failures),
+    each a ProcessFailure with its ``stack``."""
 
     def __init__(self, state, return_values=None, failures=None, root_cause=None):
         self.state = state
         self.return_values = return_values or {}
         self.failures = failures or {}
         self.root_cause = root_cause      # (global_rank, ProcessFailure) of the whole job, or None
+        self.outlived_grace = {}
 
     def is_failed(self):
         return self.state == WorkerState.FAILED
@@ -516,6 +545,7 @@ class ProcessFailure:
         if timestamp is None:
             timestamp = file_ts if file_ts is not None else int(self.exit_time)
         self.timestamp = timestamp
+        self.stack = None   # faulthandler's dump, asked for just before the agent killed it
 
     def signal_name(self):
         return _signal_name(-self.exitcode) if self.exitcode is not None and self.exitcode < 0 else ""
@@ -529,7 +559,7 @@ class ProcessFailure:
         return {"local_rank": self.local_rank, "pid": self.pid, "exitcode": self.exitcode,
                 "error_file": self.error_file, "message": self.message, "timestamp": self.timestamp,
                 "rank": self.rank, "role": self.role, "host": self.host, "exit_time": self.exit_time,
-                "traceback": self.traceback, "error_file_data": self.error_file_data}
+                "traceback": self.traceback, "error_file_data": self.error_file_data, "stack": self.stack}
 
     @classmethod
     def _from_dict(cls, d):
@@ -537,6 +567,7 @@ class ProcessFailure:
                 d["rank"], d["role"], d["host"], d["exit_time"], d["traceback"])
         f.error_file = d.get("error_file")
         f.error_file_data = d.get("error_file_data")
+        f.stack = d.get("stack")
         return f
 
     def __repr__(self):
@@ -569,20 +600,22 @@ def _first(failures):
 
 
 class ChildFailedError(ElasticError):
-    """Workers of `name` failed; `failures` maps global rank to ProcessFailure."""
+    """Workers of `name` failed; `failures` maps global rank to ProcessFailure. `outlived_grace`:
+    workers stopped by the agent that had to be SIGKILLed (shown apart, with their stacks)."""
 
-    def __init__(self, name, failures):
+    def __init__(self, name, failures, outlived_grace=None):
         if not failures:
             raise ValueError("ChildFailedError needs at least one failure")
         self.name = name
         self.failures = failures
+        self.outlived_grace = outlived_grace or {}
         ElasticError.__init__(self, self.format_msg())
 
     def get_first_failure(self):
         return _first(self.failures)
 
     def format_msg(self):
-        return _format_report(self.name, self.failures)
+        return _format_report(self.name, self.failures, self.outlived_grace)
 
 
 def _fmt_time(t):
@@ -602,10 +635,13 @@ def _format_failure(rank, f):
     if f.traceback:
         lines.append("  traceback  :")
         lines.extend("    " + line for line in f.traceback.rstrip("\n").split("\n"))
+    if f.stack:
+        lines.append("  stack      : (where it was when the agent killed it)")
+        lines.extend("    " + line for line in f.stack.rstrip("\n").split("\n"))
     return lines
 
 
-def _format_report(name, failures):
+def _format_report(name, failures, outlived_grace=None):
     root_rank, root = _first(failures)
     bar = "=" * 72
     lines = [bar, "%s FAILED" % name, bar, "Root cause (first failure):", "[rank %s]:" % root_rank]
@@ -615,6 +651,11 @@ def _format_report(name, failures):
     if others:
         lines.append("Other failures:")
         for rank, f in others:
+            lines.append("[rank %s]:" % rank)
+            lines += _format_failure(rank, f)
+    if outlived_grace:
+        lines.append("Stopped by the agent, SIGKILLed after the grace period (not failures):")
+        for rank, f in sorted(outlived_grace.items()):
             lines.append("[rank %s]:" % rank)
             lines += _format_failure(rank, f)
     lines.append(bar)
@@ -637,6 +678,9 @@ def _copy_root_cause(err, path):
         data = dict(data)
     if isinstance(data["message"], dict):
         data["message"] = dict(data["message"], errorCode=f.exitcode)
+        if f.stack:
+            extra = data["message"].get("extraInfo")
+            data["message"]["extraInfo"] = dict(extra if isinstance(extra, dict) else {}, stack=f.stack)
     data["errorCode"] = f.exitcode
     try:
         _write_json_atomic(path, data)
@@ -994,6 +1038,15 @@ def _b():
             tb = tb.tb_next  # our own bootstrap frames
         prev(t, v.with_traceback(tb) if tb is not None else v, tb)
     sys.excepthook = hook
+    path, sig = os.environ.get("ELASTICRUN_STACK_FILE"), os.environ.get("ELASTICRUN_STACK_SIGNAL")
+    if path and sig:   # elastic._arm_stack_dump
+        try:
+            import faulthandler
+            f = open(path + ".tmp", "w")
+            faulthandler.register(int(sig), file=f, all_threads=True, chain=False)
+            os.replace(path + ".tmp", path)
+        except Exception:
+            pass
     import io
     for name, fd in (("stdout", 1), ("stderr", 2)):   # elastic._whole_line_stdio
         old = getattr(sys, name)
@@ -1319,10 +1372,28 @@ def _whole_line_stdio():
         setattr(sys, "__%s__" % name, new)
 
 
+def _arm_stack_dump():
+    """Arm faulthandler (every thread) on the launcher's stack signal, writing to the worker's own
+    stack file; both come in ELASTICRUN_STACK_SIGNAL and ELASTICRUN_STACK_FILE. The file appears
+    under its name only once the handler is in place: the agent signals a worker only then (the
+    signal's default action would end it). The bootstrap carries its own copy."""
+    path, sig = os.environ.get(_STACK_FILE_VAR), os.environ.get(_STACK_SIGNAL_VAR)
+    if not path or not sig:
+        return
+    try:
+        import faulthandler
+        f = open(path + ".tmp", "w")
+        faulthandler.register(int(sig), file=f, all_threads=True, chain=False)
+        os.replace(path + ".tmp", path)
+    except (OSError, ValueError, RuntimeError) as e:
+        sys.stderr.write("elasticrun: no stack dumps for this worker: %s\n" % e)
+
+
 def _exec_script(request):
     import types
     mode, script, args, env = request
     os.environ.update(env)
+    _arm_stack_dump()
     _whole_line_stdio()
     # the launcher's own modules must not answer the script's `import store` (or rendezvous,
     # elastic): the script's directory may hold modules of those names
@@ -1384,6 +1455,9 @@ def _function_worker(fn, args, env, conn, out_path, err_path, parent_pid):
     """Body of a callable worker (a multiprocessing child)."""
     for s in (signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT):  # forked children inherit the launcher's
         signal.signal(s, signal.SIG_DFL)
+    for s in signal.valid_signals():   # and its forwarding and stack-signal handlers
+        if isinstance(getattr(signal.getsignal(s), "__self__", None), _StopFlag):
+            signal.signal(s, signal.SIG_DFL)
     signal.signal(signal.SIGINT, signal.default_int_handler)
     for fd in list(_REAPER_FDS):  # inherited through fork: the reaper must see EOF when the agent dies
         try:
@@ -1397,6 +1471,7 @@ def _function_worker(fn, args, env, conn, out_path, err_path, parent_pid):
         pass
     _die_with_parent(_prctl(), parent_pid)
     os.environ.update(env)
+    _arm_stack_dump()
     for path, fd in ((out_path, 1), (err_path, 2)):
         if path:
             sys.stdout.flush() if fd == 1 else sys.stderr.flush()
@@ -1535,6 +1610,8 @@ class _Worker:
         self.handle = None
         self.exitcode = None
         self.exit_time = None
+        self.stack_file = env.get(_STACK_FILE_VAR)   # None: not a Python worker
+        self.stack = None                            # its dump, once asked for before a kill
 
     @property
     def pid(self):
@@ -1672,6 +1749,12 @@ def _starter(spec, start_method, fork_server=None, adopt_orphans=False):
     if script is not None:
         return _ForkServerStarter(fork_server, *script)
     return _ProgramStarter(spec.entrypoint, spec.args)
+
+
+def _is_python_spec(spec):
+    """Whether a spec's workers are Python (a callable, or a script from python_command): those arm
+    the stack dump; a program (``--no-python``) has no Python stack to give."""
+    return not isinstance(spec.entrypoint, str) or _python_script(spec.entrypoint, spec.args) is not None
 
 
 def _python_script(entrypoint, args):
@@ -1838,6 +1921,9 @@ class _WorkerGroup:
         self._starter, self._reaper, self._token, self._timer = starter, reaper, tree_token, timer
         self._pump = _LogPump(stall_timeout=self.CONSOLE_STALL)
         self._stopped = False
+        import threading
+        self._stack_lock = threading.Lock()
+        self.outlived_grace = {}   # global rank -> ProcessFailure of a worker SIGKILLed after the grace
 
     def start(self, stopping=lambda: False):
         """Start the workers in local-rank order; when `stopping()` turns true, start no more (the
@@ -1886,6 +1972,10 @@ class _WorkerGroup:
                                exit_time=w.exit_time)
             if w.pid in scopes:
                 f.message = "%s (overran file-timer scope %s)" % (f.message, scopes[w.pid])
+            if w.stack:
+                f.stack = w.stack
+                f.message = "%s; %s" % (f.message, _stack_site(w.stack))
+                f.error_file_data = _write_stack_error(w, f.message) or f.error_file_data
             failures[rank] = f
         return failures
 
@@ -1913,7 +2003,8 @@ class _WorkerGroup:
                         strays.append(pid)
                     except OSError:
                         pass
-        self._wait_gone(started, strays, time.monotonic() + grace)
+        self._wait_gone(started, strays, time.monotonic() + grace,
+                        before_kill=lambda left: self._outlived_grace(left, sig, grace))
         for w in started:
             if w.poll() is None:
                 w.handle.wait()
@@ -1926,8 +2017,39 @@ class _WorkerGroup:
             _kill_descendants(adopter[0], adopter[1], self.KILL_WAIT)
         self._pump.stop()
 
+    def stacks(self, workers=None):
+        """{worker: stack} of the live `workers` (default: all started), asked for all at once;
+        dumps are asked one batch at a time (a worker writes them all to one file)."""
+        if workers is None:
+            workers = [w for w in self.workers if w.handle is not None and w.exitcode is None]
+        with self._stack_lock:
+            return _ask_stacks(workers)
+
+    def dump_stack(self, pid):
+        """Ask the worker `pid` for its stack (the file timer, before it kills one); kept for the report."""
+        for w, stack in self.stacks([w for w in self.workers if w.handle is not None and w.pid == pid]).items():
+            w.stack = stack
+
+    def _outlived_grace(self, workers, sig, grace):
+        """Workers still there after `grace` seconds: where each one was, in the log and in its error
+        file, before the SIGKILL."""
+        for w, stack in self.stacks([w for w in workers if w.exitcode is None]).items():
+            w.stack = stack
+        for w in workers:
+            if w.exitcode is not None:
+                continue
+            what = "rank %d (pid %d) outlived the %g s grace period after %s: SIGKILL" % (
+                w.global_rank, w.pid, grace, _signal_name(sig))
+            log.warning("%s; %s:\n%s", what, _stack_site(w.stack), w.stack)
+            _write_stack_error(w, "%s; %s" % (what, _stack_site(w.stack)))
+            f = ProcessFailure(w.local_rank, w.pid, -signal.SIGKILL, w.error_file, rank=w.global_rank,
+                               role=w.env.get("ROLE_NAME", "default"),
+                               message="%s; %s" % (what, _stack_site(w.stack)))
+            f.stack = w.stack
+            self.outlived_grace[w.global_rank] = f
+
     @staticmethod
-    def _wait_gone(workers, strays, deadline):
+    def _wait_gone(workers, strays, deadline, before_kill=None):
         """Wait until every worker's group and every stray is gone, or `deadline`; then SIGKILL the
         groups that are left. It sleeps on the workers' own descriptors while they run; a group's
         other members and the strays have none, so those are looked at every 5 ms."""
@@ -1947,6 +2069,8 @@ class _WorkerGroup:
                 poller.poll(left * 1000.0)
             else:
                 time.sleep(min(0.005, left))
+        if pending and before_kill is not None:
+            before_kill(pending)
         for w in pending:
             w.handle.signal(signal.SIGKILL)
 
@@ -2024,12 +2148,37 @@ class _StopFlag:
     def __init__(self):
         self.signum = None
         self.armed = 0
+        self.listener = None       # the agent's: (kind, signum) of each signal, in the handler
+        self._from_job = None      # the stop signal another node sent us (not to be told again)
+        self._own_copy_seen = False
 
     def handler(self, signum, frame):
         if self.signum is None:
             self.signum = signum
+            if self.listener is not None and signum != self._from_job:
+                self.listener("stop", signum)
             if self.armed:
                 raise _SignalStop(signum)
+        elif signum == self._from_job and not self._own_copy_seen:
+            # the scheduler's own copy of the signal that another node already passed on (a whole
+            # job preempted at once): the same stop, not a second signal
+            self._own_copy_seen = True
+
+    def other_handler(self, signum, frame):
+        """A signal that stops nothing: one to forward (checkpointing), or the stack signal."""
+        if self.listener is not None:
+            self.listener("signal", signum)
+
+    def stop_from_job(self, signum):
+        """Another node was stopped by `signum`: stop here as if it had come (any thread may call)."""
+        import threading
+        if self.signum is not None:
+            return
+        self._from_job = signum
+        if signal.getsignal(signum) == self.handler:   # the main thread answers it at once
+            signal.pthread_kill(threading.main_thread().ident, signum)
+        else:                                          # at the agent's next look
+            self.signum = signum
 
     def check(self):
         if self.signum is not None:
@@ -2050,6 +2199,11 @@ class _StopFlag:
 class _NoStop:
     """The stop flag of an agent run from Python: signals are the caller's business."""
     armed = 0
+    listener = None
+
+    def stop_from_job(self, signum):
+        log.warning("another node was stopped by %s; this agent, run from Python, leaves stopping "
+                    "to its caller", _signal_name(signum))
 
     def check(self):
         pass
@@ -2135,11 +2289,13 @@ class LocalElasticAgent:
     whose handler the caller installed for the signals it wants to end the run; None leaves signals
     to the caller. ``adopt_orphans``: for a process that runs nothing but the agent (the launcher):
     it becomes the subreaper of its callable workers' descendants, and teardown kills every process
-    below it except its own helpers, also one a worker forked without exec that left its group."""
+    below it except its own helpers, also one a worker forked without exec that left its group.
+    ``stack_signal``: the signal Python workers dump their stacks on (see Stacks); None for the
+    default (SIGRTMIN+6), 0 for no dumps."""
 
     def __init__(self, spec, *, logs_specs=None, start_method="spawn", exit_barrier_timeout=300,
                  shutdown_timeout=30, log_line_prefix_template=None, health_check_port=None,
-                 fork_server=None, stop_flag=None, adopt_orphans=False):
+                 fork_server=None, stop_flag=None, adopt_orphans=False, stack_signal=None):
         if start_method not in ("spawn", "fork", "forkserver"):
             raise ValueError("start_method must be spawn, fork or forkserver, got %r" % (start_method,))
         self._spec = spec
@@ -2152,6 +2308,14 @@ class LocalElasticAgent:
         self._starter = _starter(spec, start_method, fork_server, adopt_orphans)
         self._stop = stop_flag or _NoStop()
         self._health_check_port = health_check_port
+        # Python workers dump their stacks on this signal (None: never asked)
+        if stack_signal is None:
+            stack_signal = _default_stack_signal()
+        self._stacks_trigger = stack_signal or None   # this signal to the agent: the job's stacks, logged
+        self._stack_signal = stack_signal if stack_signal and _is_python_spec(spec) else None
+        self._control = None       # _JobControl while run() runs on a multi-node capable handler
+        self._forwarded = {}       # signal -> when it was last forwarded to the workers
+        self._stop_acked = False   # this node has counted itself among those that heard of a stop
         self._state = WorkerState.UNKNOWN
         self._group = None         # _WorkerGroup of the running attempt
         self._ranks = None         # _RankAssignment of the current round
@@ -2202,10 +2366,15 @@ class LocalElasticAgent:
         self._logs._make_root(self._run_id())
         try:
             self._start_servers()
-            return self._run_loop()
+            self._start_control()
+            result = self._run_loop()
+            if self._group is not None:
+                result.outlived_grace = dict(self._group.outlived_grace)
+            return result
         except _SignalStop as e:
             self._set_state(WorkerState.STOPPED)
             self._stop_group(e.signum)
+            self._wait_stop_seen()
             raise
         except BaseException:
             if self._state not in (WorkerState.SUCCEEDED, WorkerState.FAILED, WorkerState.STOPPED):
@@ -2214,6 +2383,7 @@ class LocalElasticAgent:
         finally:
             self._stop_group(signal.SIGTERM)
             self._stop_servers()
+            self._stop_control()
             self._reaper.close(clean=True)
             try:
                 self._handler.shutdown()
@@ -2238,6 +2408,145 @@ class LocalElasticAgent:
                     server.stop()
                 except Exception as e:  # never let a server's stop hide the run's outcome
                     log.debug("stopping %s: %s", name[1:], e)
+
+    # -- the job's control channel (see Job control) -------------------------------------------------
+
+    def _start_control(self):
+        """Join the job's control channel (not for the local rendezvous of an agent without a handler),
+        and hear this process's signals (a stop, a signal to forward, the stack signal)."""
+        self._stop.listener = self._on_local_signal
+        store = getattr(self._handler, "store", None)
+        if store is None or isinstance(self._handler, _LocalRendezvous):
+            return
+        control = _JobControl(store, self._run_id(), self._on_job_event)
+        try:
+            control.start()
+        except Exception as e:   # the job runs without; the rendezvous will say what is wrong
+            log.warning("no job-wide stop, signals or stacks: %s", e)
+            control.close()
+            return
+        self._control = control
+
+    def _stop_control(self):
+        self._stop.listener = None
+        control, self._control = self._control, None
+        if control is not None:
+            control.close()
+
+    def _on_local_signal(self, kind, signum):
+        """In the signal handler: a stop is told to every node; the stack signal asks the job for its
+        stacks; any other signal goes to this node's workers and every other node's."""
+        control = self._control
+        if kind == "stop":
+            if control is not None:
+                control.publish("stop", signum)
+        elif signum == self._stacks_trigger:
+            if control is not None:
+                control.in_background(self._log_job_stacks)
+        elif self._forward_due(signum):
+            self._forward(signum)
+            if control is not None:
+                control.publish("signal", signum)
+
+    def _on_job_event(self, n, kind, arg, origin, own):
+        """In the watcher thread: event `n` of the job's control channel."""
+        if kind == "stacks":
+            self._answer_stacks(n)
+            return
+        if kind == "stop":
+            if not own:
+                log.warning("the agent at %s was stopped by %s: stopping this node the same way", origin,
+                            _signal_name(int(arg)))
+                self._stop.stop_from_job(int(arg))
+            self._stop_seen()
+            return
+        if own:
+            return
+        signum = int(arg)
+        if kind == "signal" and self._forward_due(signum):
+            log.info("forwarding %s (sent to the agent at %s) to this node's workers", _signal_name(signum),
+                     origin)
+            self._forward(signum)
+
+    def _stop_seen(self):
+        """Count this node, once, among those that know of the job's stop (see _wait_stop_seen)."""
+        if self._stop_acked:
+            return
+        self._stop_acked = True
+        prefix = _control_prefix(self._run_id())
+        store = self._control.store
+        if int(store.add(prefix + "stop_seen", 1)) >= (self.group_world_size or 1):
+            store.set(prefix + "stop_all_seen", "1")
+
+    def _wait_stop_seen(self):
+        """On the node serving the store, after its own teardown: wait (at most _STOP_SEEN_WAIT
+        seconds) until every node has heard of the stop, for leaving takes the store away, and a
+        node that loses it first stops as "lost the store" (exit 1) instead of 128+N."""
+        control = self._control
+        if control is None or not getattr(self._handler, "hosts_store", False) or (self.group_world_size or 1) <= 1:
+            return
+        key = _control_prefix(self._run_id()) + "stop_all_seen"
+        try:
+            try:
+                control.store.wait([key], 1.0)
+            except _store.StoreTimeout:
+                log.info("keeping the store up until every node has heard of the stop (%g s at most)",
+                         _STOP_SEEN_WAIT - 1.0)
+                control.store.wait([key], _STOP_SEEN_WAIT - 1.0)
+        except Exception as e:
+            log.warning("leaving with the store before every node heard of the stop: %s", e)
+
+    def _forward_due(self, signum):
+        """Once per signal per _FORWARD_WINDOW: under Slurm every agent gets the same signal and
+        also hears of it from the others."""
+        now, last = time.monotonic(), self._forwarded.get(signum)
+        if last is not None and now - last < _FORWARD_WINDOW:
+            return False
+        self._forwarded[signum] = now
+        return True
+
+    def _forward(self, signum):
+        """`signum` to each running worker (the worker alone: its children may not expect it)."""
+        group = self._group
+        for w in [] if group is None else list(group.workers):
+            if w.handle is not None and w.exitcode is None:
+                try:
+                    os.kill(w.pid, signum)
+                except OSError:
+                    pass
+
+    def _answer_stacks(self, n):
+        import json
+        group = self._group
+        workers = [] if group is None else [w for w in group.workers if w.handle is not None]
+        stacks = {} if group is None else group.stacks([w for w in workers if w.exitcode is None])
+        # an answer stays under 1 MiB however many workers (etcd refuses requests over 1.5 MiB)
+        room = max(2048, (1 << 20) // max(1, len(workers)))
+
+        def cut(text):
+            return text if len(text) <= room else text[:room] + "\n... (cut at %d characters)\n" % room
+
+        answer = {"host": _hostname(), "pid": os.getpid(), "group_rank": self.group_rank,
+                  "nodes": self.group_world_size or 1, "state": self._state,
+                  "workers": [{"rank": w.global_rank, "local_rank": w.local_rank, "pid": w.pid,
+                               "stack": cut(stacks.get(w) or "exited with code %s" % w.exitcode)}
+                              for w in workers]}
+        base = "%sstacks/%d/" % (_control_prefix(self._run_id()), n)
+        store = self._control.store
+        k = int(store.add(base + "count", 1))
+        store.set(base + str(k), json.dumps(answer))
+
+    def _log_job_stacks(self):
+        control = self._control
+        if control is None:
+            return
+        try:
+            answers, nodes = _collect_stacks(control.store, self._run_id(), control.origin)
+        except Exception as e:
+            log.warning("could not collect the job's stacks: %s", e)
+            return
+        log.warning("the job's stacks (asked with %s):\n%s", _stack_signal_name(self._stacks_trigger),
+                    _format_stacks(answers, nodes))
 
     def _run_id(self):
         try:
@@ -2350,6 +2659,9 @@ class LocalElasticAgent:
             env["OMP_NUM_THREADS"] = "1"
         if self._timer is not None:
             env["TORCHELASTIC_TIMER_FILE"] = self._timer.file_path
+        if self._stack_signal is not None:
+            env[_STACK_FILE_VAR] = os.path.join(os.path.dirname(error_file), "stack.txt")
+            env[_STACK_SIGNAL_VAR] = str(self._stack_signal)
         return env
 
     def _start_group(self):
@@ -2373,6 +2685,8 @@ class LocalElasticAgent:
             # else is signalled
             self._timer.set_worker_pids((), starting=True)
         self._group = _WorkerGroup(workers, self._starter, self._reaper, self._tree_token, self._timer)
+        if self._timer is not None:
+            self._timer.before_signal = self._group.dump_stack   # the report shows where it hung
         # a stop signal is answered between two workers, not after the last of many
         self._group.start(stopping=self._stop.requested)
         self._stop.check()   # every worker asked for is known now, so teardown finds them all
@@ -2586,6 +2900,343 @@ class _Peers:
         except Exception as e:  # a barrier problem never fails a successful node
             log.warning("exit barrier: %s (the workers of this node succeeded)", e)
         return True
+
+
+# ------------------------------------------------------------------------------------------- Stacks
+# Where a worker is: faulthandler's dump of all its threads, asked for with the stack signal.
+
+_STACK_FILE_VAR = "ELASTICRUN_STACK_FILE"
+_STACK_SIGNAL_VAR = "ELASTICRUN_STACK_SIGNAL"
+_STACK_WAIT = 1.0       # seconds the agent waits for the dumps it asked for
+_NOT_PYTHON = "not a Python worker: no stack"
+
+
+def _default_stack_signal():
+    """SIGRTMIN+6 where real-time signals exist, else None (no dumps). Not SIGUSR1/SIGUSR2: Slurm's
+    ``--signal`` and many training scripts use those for checkpointing; not SIGQUIT or SIGABRT:
+    their default action dumps core; a real-time signal nobody else sends is free."""
+    low = getattr(signal, "SIGRTMIN", None)
+    return None if low is None else int(low) + 6
+
+
+def _parse_stack_signal(text):
+    """ELASTICRUN_STACK_SIGNAL's value: a name (SIGUSR2), SIGRTMIN+N, a number; 0, off or none: no
+    dumps. ValueError with a sentence otherwise."""
+    t = text.strip().upper()
+    if t in ("", "0", "OFF", "NONE"):
+        return None
+    low, high = getattr(signal, "SIGRTMIN", None), getattr(signal, "SIGRTMAX", None)
+    try:
+        if t.isdigit():
+            n = int(t)
+        elif t.startswith("SIGRTMIN") and low is not None:
+            n = int(low) + int(t[len("SIGRTMIN"):] or 0)
+        else:
+            n = int(getattr(signal, t if t.startswith("SIG") else "SIG" + t))
+    except (AttributeError, ValueError):
+        n = -1
+    if n in (signal.SIGKILL, signal.SIGSTOP) or not 0 < n < signal.NSIG or (
+            high is not None and n > int(high)):
+        raise ValueError("ELASTICRUN_STACK_SIGNAL=%r is not a signal a worker can catch" % text)
+    return n
+
+
+def _stack_signal_name(sig):
+    low = getattr(signal, "SIGRTMIN", None)
+    if low is not None and sig is not None and sig >= int(low) and sig not in set(signal.Signals):
+        return "SIGRTMIN+%d" % (sig - int(low))
+    return _signal_name(sig)
+
+
+def _ask_stacks(workers):
+    """Ask every live Python worker of `workers` for its stack at once, then wait (up to _STACK_WAIT
+    seconds in all) until each dump has stopped growing. Returns {worker: its dump, or a sentence
+    saying why there is none}. One caller at a time per worker (see _WorkerGroup.stacks)."""
+    asked, stacks = {}, {}
+    for w in workers:
+        if w.stack_file is None:
+            stacks[w] = _NOT_PYTHON
+            continue
+        try:
+            size = os.stat(w.stack_file).st_size
+            sig = int(w.env[_STACK_SIGNAL_VAR])
+        except (OSError, KeyError, ValueError):
+            stacks[w] = "no stack: the worker had not armed its stack dump yet"
+            continue
+        try:
+            os.kill(w.pid, sig)   # the worker alone: its own children may never have armed
+        except OSError:
+            stacks[w] = "no stack: the worker is gone"
+            continue
+        asked[w] = [size, size]   # where its dump starts, its size at the last look
+    deadline = time.monotonic() + _STACK_WAIT
+    while asked:
+        time.sleep(0.01)   # faulthandler writes from a signal handler: no event to wait on
+        for w, seen in list(asked.items()):
+            try:
+                size = os.stat(w.stack_file).st_size
+            except OSError:
+                size = seen[1]
+            if size > seen[0] and size == seen[1]:   # a dump that did not grow for 10 ms
+                stacks[w] = _trim_dump(_read_dump(w.stack_file, seen[0], size))
+                if stacks[w].endswith("\n"):
+                    del asked[w]
+                    continue
+            seen[1] = size
+        if time.monotonic() >= deadline:
+            for w, seen in asked.items():
+                stacks[w] = _trim_dump(_read_dump(w.stack_file, seen[0], seen[1])) if seen[1] > seen[0] else (
+                    "no stack: the worker wrote none within %g s" % _STACK_WAIT)
+            break
+    return stacks
+
+
+def _read_dump(path, start, end):
+    try:
+        with open(path, "rb") as f:
+            f.seek(start)
+            return f.read(min(end - start, 1 << 20)).decode("utf-8", "replace")
+    except OSError:
+        return ""
+
+
+def _trim_dump(text):
+    """A dump without the launcher's own frames below the script (the fork server's, the
+    bootstrap's): they are the same in every worker and say nothing."""
+    ours = (__file__, "<string>", "<elasticrun>")
+    blocks = []
+    for block in text.rstrip("\n").split("\n\n"):
+        lines = block.split("\n")
+        while len(lines) > 2 and any(lines[-1].strip().startswith('File "%s"' % o) for o in ours):
+            lines.pop()
+        blocks.append("\n".join(lines))
+    return "\n\n".join(blocks) + "\n"
+
+
+def _stack_site(stack):
+    """Where a dump says the main thread was: "in stuck_here (train.py:12)"; the main thread is
+    the last one faulthandler lists, and its innermost frame comes first."""
+    import re
+    if not stack:
+        return "no stack"
+    blocks = [b for b in stack.split("\n\n") if 'File "' in b]
+    if not blocks:
+        return stack.strip().split("\n")[0]
+    m = re.search(r'File "(.*)", line (\d+) in (\S+)', blocks[-1])
+    if m is None:
+        return "no stack"
+    return "in %s (%s:%s)" % (m.group(3), os.path.basename(m.group(1)), m.group(2))
+
+
+def _write_stack_error(w, message):
+    """The error file of a worker the agent is killing, written for it when it wrote none (a
+    SIGKILL leaves no time to), with its stack in extraInfo; returns the data written, or None."""
+    if not w.error_file or os.path.exists(w.error_file):
+        return None
+    data = {"message": {"message": message, "extraInfo": {
+        "py_callstack": "", "stack": w.stack or "", "timestamp": str(int(time.time()))}}}
+    try:
+        _write_json_atomic(w.error_file, data)
+    except OSError as e:
+        log.debug("could not write %s: %s", w.error_file, e)
+        return None
+    return data
+
+
+# -------------------------------------------------------------------------------------- Job control
+# One channel for what concerns every node at once: a stop signal, a signal to forward, a request
+# for stacks. Events are numbered keys on the rendezvous handler's store (it outlives rounds)::
+#
+#     any agent / `elasticrun stacks`           every agent (a watcher thread, its own connection)
+#       n = add(ctl/count, 1)                     parked in wait([ctl/<next>]) -- no traffic while idle
+#       set(ctl/<n>, "<kind> <origin> <arg>") --> get(ctl/<next>); act; next += 1
+#                                                 stacks: add(ctl/stacks/<n>/count, 1) -> k,
+#                                                         set(ctl/stacks/<n>/<k>, {node's stacks})
+#
+# kinds: "stop N" (a stop signal reached the origin: stop the same way), "signal N" (forward N to
+# the workers, nothing stops), "stacks -" (answer with every worker's stack).
+
+_CONTROL_WAIT = 30.0    # seconds a watcher's parked wait lasts before it is renewed (one request)
+_FORWARD_WINDOW = 2.0   # a signal forwarded within this many seconds is not forwarded again
+_STACKS_TIMEOUT = 10.0  # seconds `elasticrun stacks` waits for every node's answer
+_STOP_SEEN_WAIT = 5.0   # seconds the store's node, stopping, waits for every node to hear of it
+
+
+def _control_prefix(run_id):
+    return "elasticrun/%s/ctl/" % run_id
+
+
+def _publish_event(store, prefix, kind, origin, arg):
+    """Append one event; returns its number."""
+    n = int(store.add(prefix + "count", 1))
+    store.set(prefix + str(n), "%s %s %s" % (kind, origin, arg))
+    return n
+
+
+class _JobControl:
+    """An agent's end of the job's control channel: a watcher thread that acts on every event after
+    the ones that existed when it started, and a publisher thread fed by ``publish()`` (a queue put,
+    so a signal handler may call it). Both use a connection of their own (``store.clone()``, when
+    the store has one), which ``close()`` closes to wake the watcher."""
+
+    def __init__(self, store, run_id, on_event):
+        import queue
+        self._prefix = _control_prefix(run_id)
+        self._on_event = on_event           # (n, kind, arg, origin, own) from the watcher thread
+        clone = getattr(store, "clone", None)
+        self._own = callable(clone)
+        self._store = clone() if self._own else store
+        if self._own:   # one parked get answers with the event itself: no second round trip
+            self._store.set_timeout(_CONTROL_WAIT)
+        self.origin = "%s:%d" % (_hostname(), os.getpid())
+        self._queue = queue.SimpleQueue()   # reentrant put: safe in a signal handler
+        self._closed = False
+        self._threads = []
+        self._next = None
+
+    def start(self):
+        import threading
+        self._next = int(self._store.add(self._prefix + "count", 0)) + 1
+        for target, name in ((self._watch, "elastic-job-watch"), (self._publish_loop, "elastic-job-publish")):
+            t = threading.Thread(target=target, name=name, daemon=True)
+            t.start()
+            self._threads.append(t)
+
+    def publish(self, kind, arg):
+        """Tell every agent of the job (this one's watcher skips its own stop and signal events)."""
+        self._queue.put((kind, arg))
+
+    def in_background(self, fn):
+        """Run `fn()` in a thread of its own, started from the publisher (not from a signal handler)."""
+        self._queue.put(fn)
+
+    @property
+    def store(self):
+        return self._store
+
+    def _publish_loop(self):
+        import threading
+        while True:
+            item = self._queue.get()
+            if item is None:
+                return
+            if callable(item):
+                threading.Thread(target=item, name="elastic-job-task", daemon=True).start()
+                continue
+            try:
+                _publish_event(self._store, self._prefix, item[0], self.origin, item[1])
+            except Exception as e:
+                log.warning("could not tell the other nodes (%s %s): %s", item[0], item[1], e)
+
+    def _watch(self):
+        while not self._closed:
+            key = self._prefix + str(self._next)
+            try:
+                if not self._own:
+                    self._store.wait([key], _CONTROL_WAIT)
+                text = self._store.get(key).decode("utf-8", "replace")
+            except _store.StoreTimeout:
+                continue
+            except Exception as e:   # the store is gone: the agent's own checks say so
+                if not self._closed:
+                    log.debug("job control: %s", e)
+                return
+            n, self._next = self._next, self._next + 1
+            parts = text.split(" ", 2)
+            if len(parts) != 3:
+                log.warning("job control: ignoring event %d: %r", n, text[:100])
+                continue
+            kind, origin, arg = parts
+            try:
+                self._on_event(n, kind, arg, origin, origin == self.origin)
+            except Exception as e:
+                log.warning("job control: acting on %s from %s: %s", kind, origin, e)
+
+    def close(self):
+        """Send what was published, then stop both threads (bounded)."""
+        self._closed = True
+        self._queue.put(None)
+        if len(self._threads) > 1:
+            self._threads[1].join(5.0)
+        if self._own:
+            try:
+                self._store.close()
+            except Exception as e:
+                log.debug("job control: closing: %s", e)
+            if self._threads:
+                self._threads[0].join(1.0)
+
+
+def _collect_stacks(store, run_id, origin, timeout=_STACKS_TIMEOUT):
+    """Ask every agent of the job `run_id` for its workers' stacks: (answers, nodes), `nodes` the
+    job's node count the answers gave (None: nobody answered within `timeout` seconds)."""
+    import json
+    prefix = _control_prefix(run_id)
+    n = _publish_event(store, prefix, "stacks", origin, "-")
+    base = "%sstacks/%d/" % (prefix, n)
+    deadline = time.monotonic() + timeout
+    answers, nodes = [], None
+    pace = _store._Pace()
+    while nodes is None or len(answers) < nodes:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            break
+        if pace.due():
+            log.info("waiting for the nodes' stacks: %d of %s answered (%d s left)", len(answers),
+                     "?" if nodes is None else nodes, round(left))
+        key = base + str(len(answers) + 1)
+        try:
+            store.wait([key], min(left, 1.0))
+        except _store.StoreTimeout:
+            continue
+        answer = json.loads(store.get(key).decode())
+        answers.append(answer)
+        nodes = max(nodes or 0, int(answer.get("nodes") or 1))
+    for k in range(1, len(answers) + 1):   # the store keeps nothing of a request once answered
+        try:
+            store.delete_key(base + str(k))
+        except Exception:
+            break
+    return answers, nodes
+
+
+def _rank_ranges(ranks):
+    """[0, 1, 2, 5, 7, 8] -> "0-2, 5, 7-8"."""
+    parts, ranks = [], sorted(ranks)
+    start = prev = ranks[0]
+    for r in ranks[1:] + [None]:
+        if r is not None and r == prev + 1:
+            prev = r
+            continue
+        parts.append(str(start) if start == prev else "%d-%d" % (start, prev))
+        start = prev = r
+    return ", ".join(parts)
+
+
+def _format_stacks(answers, nodes):
+    """The job's stacks grouped by identical stack, the biggest group first, so the odd rank out
+    comes last: "ranks 0-62, 64-127: in all_reduce (x.py:3)" then that stack once."""
+    import re
+    groups = {}
+    for a in answers:
+        for w in a.get("workers", ()):
+            text = w.get("stack") or "no stack"
+            same = re.sub(r"0x[0-9a-fA-F]+", "0x...", text).replace("Current thread", "Thread")
+            groups.setdefault(same, []).append(int(w["rank"]))
+    lines = []
+    for text, ranks in sorted(groups.items(), key=lambda kv: (-len(kv[1]), min(kv[1]))):
+        lines.append("%s %s: %s" % ("rank" if len(ranks) == 1 else "ranks", _rank_ranges(ranks), _stack_site(text)))
+        if 'File "' in text:
+            lines.extend("    " + line for line in text.rstrip("\n").split("\n"))
+    idle = ["%s (group rank %s, %s)" % (a.get("host"), a.get("group_rank"), a.get("state"))
+            for a in answers if not a.get("workers")]
+    if idle:
+        lines.append("nodes without workers: " + ", ".join(idle))
+    if nodes is None:
+        lines.append("no agent answered")
+    elif len(answers) < nodes:
+        lines.append("only %d of %d nodes answered in time" % (len(answers), nodes))
+    return "\n".join(lines)
 
 
 # -------------------------------------------------------------------------- File timer: worker side
@@ -2837,6 +3488,7 @@ class FileTimerServer:
         self._request_count = 0  # well-formed requests read (acquire and release)
         self._last_progress_time = time.time()
         self._complaints = _Throttle()
+        self.before_signal = None  # called with a pid just before it is signalled (the agent asks its stack)
 
     # -- agent-facing API
     def start(self):
@@ -3113,6 +3765,12 @@ class FileTimerServer:
         record = (pid, scope, exp)
         with self._cond:  # recorded first: the agent may see the death before we return
             self._expired.append(record)
+        hook = self.before_signal
+        if hook is not None:
+            try:
+                hook(pid)
+            except Exception as e:  # the stack is a bonus; the kill is the job
+                log.debug("file timer: asking pid %d for its stack: %s", pid, e)
         sent = self._pids.signal(pid, sig)
         if not sent:
             with self._cond:
@@ -4587,7 +5245,8 @@ class _LaunchConfig:
 
     __slots__ = ("rdzv", "nproc", "role", "max_restarts", "monitor_interval", "master_addr", "master_port",
                  "start_method", "shutdown_timeout", "exit_barrier_timeout", "prefix_template", "logs",
-                 "signals", "health_check_port", "script", "script_args", "mode", "slurm_token")
+                 "signals", "health_check_port", "script", "script_args", "mode", "slurm_token",
+                 "stack_signal", "forward_signals")
 
     def __init__(self, **fields):
         for name in self.__slots__:
@@ -4737,6 +5396,7 @@ def _config_from_args(args, environ, check=False):
         raise _UsageError("choose at most one of -m/--module, --no-python, --run-path")
     nproc, logs = _parse_nproc(o["nproc_per_node"]), _logs_specs(o)
     signals = _parse_signals(o["signals_to_handle"])
+    stack_signal, forward_signals = _job_signals(environ, signals)
     health_check_port = _health_check_port(o["health_check_port"], environ)
     if not (check or o["module"] or o["no_python"]) and not os.path.exists(o["training_script"]):
         raise _UsageError("no such script: %s" % o["training_script"])
@@ -4755,7 +5415,8 @@ def _config_from_args(args, environ, check=False):
         logs=logs, signals=signals, health_check_port=health_check_port,
         script=o["training_script"], script_args=list(o["training_script_args"]),
         mode=modes[0] if modes else "script",
-        slurm_token=bool(o["slurm"] and not o["standalone"] and rdzv.token is not None))
+        slurm_token=bool(o["slurm"] and not o["standalone"] and rdzv.token is not None),
+        stack_signal=stack_signal, forward_signals=forward_signals)
 
 
 def _check_program(program):
@@ -4767,6 +5428,26 @@ def _check_program(program):
         raise _UsageError("--no-python: no such program: %s" % program)
     if os.path.isdir(path) or not os.access(path, os.X_OK):
         raise _UsageError("--no-python: %s is not an executable file" % program)
+
+
+def _job_signals(environ, stop_signals):
+    """(stack signal or None, [signals forwarded job-wide]) from ELASTICRUN_STACK_SIGNAL and
+    ELASTICRUN_FORWARD_SIGNALS (default SIGUSR1,SIGUSR2; a stop signal is never among them)."""
+    try:
+        stack = (_parse_stack_signal(environ[_STACK_SIGNAL_VAR]) if _STACK_SIGNAL_VAR in environ
+                 else _default_stack_signal())
+    except ValueError as e:
+        raise _UsageError(str(e))
+    try:
+        forward = _parse_signals(environ.get("ELASTICRUN_FORWARD_SIGNALS", "SIGUSR1,SIGUSR2"))
+    except _UsageError:
+        raise _UsageError("ELASTICRUN_FORWARD_SIGNALS=%r: not a list of signals that can be handled"
+                          % environ.get("ELASTICRUN_FORWARD_SIGNALS"))
+    if stack in forward or stack in stop_signals:
+        raise _UsageError("the stack signal %s is also a signal to forward or to stop on; choose "
+                          "another with ELASTICRUN_STACK_SIGNAL (or change ELASTICRUN_FORWARD_SIGNALS or "
+                          "--signals-to-handle)" % _stack_signal_name(stack))
+    return stack, [s for s in forward if s not in stop_signals]
 
 
 def _logs_specs(o):
@@ -4849,6 +5530,8 @@ def _main(argv, program=False):
     environ = os.environ
     from_command_line = argv is None
     argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["stacks"]:
+        return _stacks_command(argv[1:])
     try:
         args = _parse_args(argv, environ)
         if args.check:
@@ -4874,6 +5557,11 @@ def _main(argv, program=False):
             previous[sig] = signal.signal(sig, stop.handler)
         except (ValueError, OSError):
             pass
+    for sig in c.forward_signals + ([c.stack_signal] if c.stack_signal else []):
+        try:
+            previous[sig] = signal.signal(sig, stop.other_handler)
+        except (ValueError, OSError):
+            pass
     try:
         return _run_job(c, stop, server, environ)
     except _SignalStop as e:
@@ -4887,6 +5575,55 @@ def _main(argv, program=False):
                 signal.signal(sig, old)
             except (ValueError, OSError):
                 pass
+
+
+def _stacks_command(argv):
+    """``elasticrun stacks --rdzv-endpoint H:P --rdzv-id ID``: every worker's stack in a live job,
+    grouped by identical stack. Exit status 0 when some node answered, 1 when none did, 2 for a bad
+    option."""
+    import argparse
+    parser = argparse.ArgumentParser(prog="elasticrun stacks", description=(
+        "Print the Python stack of every worker of a running elasticrun job, grouped by identical "
+        "stack (the odd rank out comes last)."))
+    parser.add_argument("--rdzv-endpoint", "--rdzv_endpoint", required=True, help="the job's endpoint")
+    parser.add_argument("--rdzv-id", "--rdzv_id", required=True, help="the job's run id")
+    parser.add_argument("--rdzv-backend", "--rdzv_backend", default="c10d", help="c10d (default) or etcd")
+    parser.add_argument("--rdzv-conf", "--rdzv_conf", default="", help="token_file=F for a store with a token")
+    parser.add_argument("--timeout", type=float, default=_STACKS_TIMEOUT,
+                        help="seconds to wait for every node's answer (default %g)" % _STACKS_TIMEOUT)
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as e:
+        return e.code
+    try:
+        if not 0 < args.timeout < float("inf"):
+            raise _UsageError("--timeout must be a number of seconds > 0")
+        if args.rdzv_backend not in ("c10d", "store", "etcd"):
+            raise _UsageError("--rdzv-backend %r: stacks works with c10d and etcd" % args.rdzv_backend)
+        conf = _parse_conf(args.rdzv_conf)
+        conf.setdefault("join_timeout", str(args.timeout))
+        if args.rdzv_backend != "etcd":
+            conf["is_host"] = "0"      # a client of the job's store, never a second server
+        params = _rdzv.RendezvousParameters(args.rdzv_backend, args.rdzv_endpoint, args.rdzv_id, 1, 1, **conf)
+    except (_UsageError, ValueError) as e:
+        sys.stderr.write("elasticrun stacks: error: %s\n" % e)
+        return 2
+    _configure_logging(os.environ)
+    try:
+        handler = _rdzv.get_rendezvous_handler(params)
+    except (ValueError, _rdzv.RendezvousError) as e:
+        sys.stderr.write("elasticrun stacks: error: %s\n" % e)
+        return 1
+    try:
+        answers, nodes = _collect_stacks(handler.store, args.rdzv_id, "%s:%d" % (_hostname(), os.getpid()),
+                                         args.timeout)
+    except _store.StoreError as e:
+        sys.stderr.write("elasticrun stacks: error: %s\n" % e)
+        return 1
+    finally:
+        handler.close()
+    sys.stdout.write(_format_stacks(answers, nodes) + "\n")
+    return 0 if answers else 1
 
 
 def _run_job(c, stop, server, environ):
@@ -4910,7 +5647,7 @@ def _run_job(c, stop, server, environ):
                               exit_barrier_timeout=c.exit_barrier_timeout, shutdown_timeout=c.shutdown_timeout,
                               log_line_prefix_template=c.prefix_template,
                               health_check_port=c.health_check_port, fork_server=server, stop_flag=stop,
-                              adopt_orphans=True)
+                              adopt_orphans=True, stack_signal=c.stack_signal or 0)
     try:
         result = agent.run()
     except _rdzv.RendezvousError as e:
@@ -4927,7 +5664,7 @@ def _run_job(c, stop, server, environ):
     stop.check()   # a signal that came while the agent could not be interrupted
     if not result.is_failed():
         return 0
-    err = ChildFailedError(c.script, result.failures)
+    err = ChildFailedError(c.script, result.failures, result.outlived_grace)
     sys.stderr.write(err.format_msg() + "\n")
     _copy_root_cause(err, environ.get("TORCHELASTIC_ERROR_FILE"))
     return result.root_cause[1].launcher_exit_code()
