@@ -4,6 +4,7 @@ import glob
 import json
 import os
 import signal
+import subprocess
 import sys
 
 import pytest
@@ -615,3 +616,79 @@ def test_script_workers_are_what_torchrun_starts(tmp_path):
         # the bundle adds itself to the workers' PYTHONPATH (documented), nothing else differs
         assert [p for p in got["path"] if p != str(bundle)] == want["path"]
         assert not got["boot_in_env"]
+
+
+
+@pytest.mark.parametrize("run_id", ["../esc", "../../esc", "a/b", "job.42", "none",
+                                    "8c1f0e6e-0d2b-4a3c-9f7e-2f5d1c9b7a10", "x" * 255])
+def test_run_ids_are_data_never_paths(tmp_path, run_id):
+    """A run id names the run's log folder encoded: it never leaves --log-dir, whatever it holds."""
+    logs = tmp_path / "x" / "logs"
+    a = Launcher(["--log-dir", str(logs), "--redirects", "3", "--rdzv-id", run_id] + FAST
+                 + [os.path.join(SCRIPTS, "printer.py")], tmp_path)
+    try:
+        assert a.wait() == 0, a.err()
+    finally:
+        a.stop()
+    runs = os.listdir(str(logs))
+    assert len(runs) == 1, runs
+    assert os.path.exists(os.path.join(str(logs), runs[0], "attempt_0", "0", "stdout.log"))
+    assert sorted(os.listdir(str(tmp_path))) == ["agent.err", "agent.out", "x"]
+    assert os.listdir(str(tmp_path / "x")) == ["logs"]
+
+
+def test_a_full_log_file_system_is_named_in_the_report(tmp_path):
+    """Workers that die because their log folder's file system is full cannot say so themselves (their
+    stderr and error file are there): the report says ENOSPC and names the folder."""
+    full = tmp_path / "full"
+    full.mkdir()
+    if subprocess.call(["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(full)],
+                       stderr=subprocess.DEVNULL) != 0:
+        pytest.skip("cannot mount a tmpfs here (needs root)")
+    a = None
+    try:
+        script = tmp_path / "flood.py"
+        script.write_text("import sys\nfor _ in range(1024):\n    sys.stdout.write('x' * 1023 + '\\n')\n")
+        a = Launcher(["--standalone", "--log-dir", str(full), "--redirects", "3"] + FAST + [str(script)],
+                     tmp_path)
+        assert a.wait() != 0, a.err()
+        err = a.err()
+        assert "ENOSPC" in err, err
+        assert "message    : exited with code" in err and str(full) in err.split("ENOSPC")[0], err
+    finally:
+        if a is not None:
+            a.stop()
+        subprocess.call(["umount", "-l", str(full)])
+
+
+def listening_addresses(port):
+    """The local addresses something listens on at TCP `port` (from /proc/net/tcp and tcp6)."""
+    found = set()
+    for path in ("/proc/net/tcp", "/proc/net/tcp6"):
+        with open(path) as f:
+            for line in f.read().splitlines()[1:]:
+                local, state = line.split()[1], line.split()[3]
+                address, hex_port = local.split(":")
+                if state == "0A" and int(hex_port, 16) == port:
+                    found.add(address)
+    return found
+
+
+def test_standalone_store_takes_a_random_token_and_listens_on_loopback(tmp_path):
+    """Without a token one write to the store controls a job; --standalone always has one."""
+    import re
+    import store
+    go = tmp_path / "go"
+    script = tmp_path / "wait.py"
+    script.write_text("import os, time\nwhile not os.path.exists(%r):\n    time.sleep(0.01)\n" % str(go))
+    a = Launcher(["--standalone"] + FAST + [str(script)], tmp_path, environ=env(LOGLEVEL="DEBUG"))
+    try:
+        port = int(wait_for(lambda: re.search(r"serving the rendezvous store on port (\d+)", a.err()),
+                            what="the store's port").group(1))
+        with pytest.raises(store.StoreAuthError):
+            store.TCPStore("127.0.0.1", port, timeout=10).set("elastic/closed", "1")
+        assert listening_addresses(port) == {"0100007F"}   # 127.0.0.1 only
+        go.write_text("")
+        assert a.wait() == 0, a.err()
+    finally:
+        a.stop()

@@ -106,3 +106,14 @@ def registers_atexit(folder):
     import atexit
     atexit.register(_write_at_exit, os.path.join(folder, "atexit.%s" % os.environ["RANK"]))
     return "registered"
+
+
+def stuck_here():
+    time.sleep(60)
+
+
+def hung_in_stuck_here():
+    """Overruns a 1 s file-timer scope inside stuck_here() (the file timer kills it)."""
+    import elastic
+    with elastic.expires(after=1):
+        stuck_here()
