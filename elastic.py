@@ -292,11 +292,12 @@ class RunResult:
     state, return values keyed by global rank, every failure of the last attempt across the job
     (keyed by global rank), and the root cause among them."""
 
-    def __init__(self, state, return_values=None, failures=None, root_cause=None):
+    def __init__(self, state, return_values=None, failures=None, root_cause=None, restart_count=0):
         self.state = state
         self.return_values = return_values or {}
         self.failures = failures or {}
         self.root_cause = root_cause      # (global_rank, ProcessFailure) of the whole job, or None
+        self.restart_count = restart_count   # restarts of the whole job (the most any node made)
 
     def is_failed(self):
         return self.state == WorkerState.FAILED
@@ -387,8 +388,9 @@ class ProcessFailure:
     what the file said. `timestamp` is the error file's (epoch seconds) or when the exit was seen."""
 
     def __init__(self, local_rank, pid, exitcode, error_file=None, message=None, timestamp=None,
-                 rank=None, role="default", host=None, exit_time=None, traceback=None):
+                 rank=None, role="default", host=None, exit_time=None, traceback=None, stderr_log=None):
         self.local_rank = local_rank
+        self.stderr_log = stderr_log     # the worker's stderr.log, when its stderr went to a file
         self.pid = pid
         self.exitcode = exitcode
         self.error_file = error_file
@@ -423,7 +425,8 @@ class ProcessFailure:
         return {"local_rank": self.local_rank, "pid": self.pid, "exitcode": self.exitcode,
                 "error_file": self.error_file, "message": self.message, "timestamp": self.timestamp,
                 "rank": self.rank, "role": self.role, "host": self.host, "exit_time": self.exit_time,
-                "traceback": self.traceback, "error_file_data": self.error_file_data}
+                "traceback": self.traceback, "error_file_data": self.error_file_data,
+                "stderr_log": self.stderr_log}
 
     @classmethod
     def _from_dict(cls, d):
@@ -431,6 +434,7 @@ class ProcessFailure:
                 d["rank"], d["role"], d["host"], d["exit_time"], d["traceback"])
         f.error_file = d.get("error_file")
         f.error_file_data = d.get("error_file_data")
+        f.stderr_log = d.get("stderr_log")
         return f
 
     def __repr__(self):
@@ -464,6 +468,14 @@ def _fmt_time(t):
     return time.strftime("%Y-%m-%d_%H:%M:%S", time.localtime(t))
 
 
+def _error_file_exists(f):
+    """Whether the failure's error file was there: read on its own node (the data travels with the
+    failure), or, on this node, found now."""
+    if f.error_file_data is not None:
+        return True
+    return bool(f.error_file) and f.host == _hostname() and os.path.exists(f.error_file)
+
+
 def _format_failure(rank, f):
     code = "%s (%s)" % (f.exitcode, f.signal_name()) if f.signal_name() else str(f.exitcode)
     lines = [
@@ -471,19 +483,27 @@ def _format_failure(rank, f):
         "  host       : %s" % f.host,
         "  rank       : %s (local_rank: %s, role: %s)" % (rank, f.local_rank, f.role),
         "  exitcode   : %s (pid: %s)" % (code, f.pid),
-        "  error_file : %s" % (f.error_file or "<none>"),
-        "  message    : %s" % f.message,
+        "  error_file : %s" % (f.error_file if _error_file_exists(f) else "<none written>"),
     ]
+    if f.stderr_log:
+        lines.append("  stderr     : %s" % f.stderr_log)
+    lines.append("  message    : %s" % f.message)
     if f.traceback:
         lines.append("  traceback  :")
         lines.extend("    " + line for line in f.traceback.rstrip("\n").split("\n"))
     return lines
 
 
-def _format_report(name, failures):
+def _format_report(name, failures, restarts=None, log_dir=None):
+    """The failure report; `restarts` (job-wide count, budget) and this node's `log_dir` when known."""
     root_rank, root = _first(failures)
     bar = "=" * 72
-    lines = [bar, "%s FAILED" % name, bar, "Root cause (first failure):", "[rank %s]:" % root_rank]
+    lines = [bar, "%s FAILED" % name]
+    if restarts is not None:
+        lines.append("restarts   : %d of %d (job-wide)" % restarts)
+    if log_dir:
+        lines.append("log folder : %s (on %s)" % (log_dir, _hostname()))
+    lines += [bar, "Root cause (first failure):", "[rank %s]:" % root_rank]
     lines += _format_failure(root_rank, root)
     others = sorted((kv for kv in failures.items() if kv[0] != root_rank),
                     key=lambda kv: (kv[1].exit_time, kv[0]))
@@ -1584,6 +1604,7 @@ class _WorkerGroup:
         self._starter, self._reaper, self._token = starter, reaper, tree_token
         self._pump = _LogPump(stall_timeout=self.CONSOLE_STALL)
         self._stopped = False
+        self.stopped_ranks = set()     # the workers still running when stop() began
 
     def start(self):
         for w in self.workers:
@@ -1618,16 +1639,30 @@ class _WorkerGroup:
     def return_values(self):
         return {w.global_rank: w.handle.result for w in self.workers}
 
-    def stop(self, sig, grace):
-        """Tear the attempt down (see the class); the second call does nothing."""
+    def stop(self, sig, grace, events=None, hurry=None):
+        """Tear the attempt down (see the class); the second call does nothing. `events` narrates
+        it; `hurry` (a stop flag) ends the grace at once when its signal comes a second time."""
         if self._stopped:
             return
         self._stopped = True
+        events = events or _Events()
+        hurry = hurry or _NoStop()
         started = [w for w in self.workers if w.handle is not None]   # all, unless start() failed
+        running = [w for w in started if w.poll() is None]
+        self.stopped_ranks = {w.global_rank for w in running}
         for w in started:
             w.handle.signal(sig)
         strays = _signal_marked(self._token, sig, {w.pid for w in started})
-        self._wait_gone(started, strays, time.monotonic() + grace)
+        if running:
+            events.emit("stopping", workers=len(running), signal=_signal_name(sig), grace=grace,
+                        can_hurry=hurry.hurry_fd is not None and hurry.signum is not None,
+                        ranks=[w.global_rank for w in running])
+        left = self._wait_gone(started, strays, time.monotonic() + grace, hurry)
+        if left:
+            again = hurry.again
+            events.emit("kill", why="second signal" if again else "grace over", grace=grace,
+                        signal=_signal_name(again) if again else None,
+                        alive=[{"rank": w.global_rank, "pid": w.pid} for w in left])
         for w in started:
             if w.poll() is None:
                 w.handle.wait()
@@ -1639,28 +1674,30 @@ class _WorkerGroup:
         self._pump.stop()
 
     @staticmethod
-    def _wait_gone(workers, strays, deadline):
-        """Wait until every worker's group and every stray is gone, or `deadline`; then SIGKILL the
-        groups that are left. It sleeps on the workers' own descriptors while they run; a group's
-        other members and the strays have none, so those are looked at every 5 ms."""
+    def _wait_gone(workers, strays, deadline, hurry):
+        """Wait until every worker's group and every stray is gone, `deadline`, or `hurry` says a
+        stop signal came again; then SIGKILL the groups that are left, and return their workers.
+        It sleeps on the workers' own descriptors while they run; a group's other members and the
+        strays have none, so those are looked at every 5 ms."""
         import select
         pending = list(workers)
         while True:
             pending = [w for w in pending if w.poll() is None or _group_alive(w.pid)]
             strays = [pid for pid in strays if _alive(pid)]
             left = deadline - time.monotonic()
-            if not (pending or strays) or left <= 0:
+            if not (pending or strays) or left <= 0 or hurry.again:
                 break
             fds = [w.handle.wait_fd for w in pending if w.exitcode is None]
             if fds and None not in fds:
                 poller = select.poll()
-                for fd in set(fds):
+                for fd in set(fds) | ({hurry.hurry_fd} - {None}):
                     poller.register(fd, select.POLLIN)
                 poller.poll(left * 1000.0)
             else:
                 time.sleep(min(0.005, left))
         for w in pending:
             w.handle.signal(signal.SIGKILL)
+        return pending
 
 
 # --------------------------------------------------------------------------------- Local rendezvous
@@ -1717,6 +1754,152 @@ class _LocalRendezvous:
         return True
 
 
+# ------------------------------------------------------------------------------------------- Events
+# Everything the agent does that an operator may want to know happens once, as an event: one JSON
+# line in the event log, and, from the same fields, the line the console shows. Keys: see the module
+# docstring ("Event log").
+
+_EVENT_LEVELS = {"worker_started": logging.DEBUG,
+                 "rendezvous": logging.DEBUG, "kill": logging.WARNING, "node_lost": logging.WARNING,
+                 "failure": logging.WARNING}
+
+
+def _plural(n, word):
+    return "%d %s%s" % (n, word, "" if n == 1 else "s")
+
+
+def _seconds(s):
+    return "%.0f s" % s if s >= 10 else "%.1f s" % s if s >= 1 else "%.3f s" % s
+
+
+def _how_ended(e):
+    if e.get("signal"):
+        return "killed by %s" % e["signal"]
+    return "exited with code %s" % e.get("code")
+
+
+def _ranks_text(workers):
+    return ", ".join("rank %s (pid %s)" % (w["rank"], w["pid"]) for w in workers)
+
+
+def _say_start(e):
+    return ("elasticrun %(version)s: run %(run_id)s, rendezvous %(backend)s at %(endpoint)s, nnodes "
+            "%(nnodes)s, nproc %(nproc)s, max restarts %(max_restarts)s, log folder %(log_dir)s, this node "
+            "%(addr)s (host %(host)s, pid %(pid)s)" % e)
+
+
+def _say_round(e):
+    hosts = ", ".join(m["addr"] for m in e["members"])
+    return ("rendezvous round %s done in %s: %s (%s), world size %d; this node is group rank %d with "
+            "ranks %d-%d (master %s)" % (e["round"], _seconds(e["duration"]), _plural(e["nodes"], "node"),
+                                         hosts, e["world_size"], e["group_rank"], e["ranks"][0],
+                                         e["ranks"][1], e["master"]))
+
+
+def _say_failure(e):
+    return "worker failure: rank %s (local rank %s) on %s, pid %s, %s: %s" % (
+        e["rank"], e["local_rank"], e["failure_host"], e["pid"], _how_ended(e), e["message"])
+
+
+def _say_restart(e):
+    if e["why"] in ("failure", "peer failure"):
+        return "%s: restarting the worker group (restart %d of %d, job-wide)" % (e["why"], e["count"], e["max"])
+    return "%s: restarting the worker group (restart budget untouched)" % e["why"]
+
+
+def _say_restarted(e):
+    return ("workers running again %s after the %s (detect %s, stop %s, rendezvous %s, start %s)"
+            % (_seconds(e["total"]), e["why"], _seconds(e["detect"]), _seconds(e["stop"]),
+               _seconds(e["rendezvous"]), _seconds(e["start"])))
+
+
+def _say_stopping(e):
+    text = "stopping %s (%s), waiting up to %s" % (_plural(e["workers"], "worker"), e["signal"],
+                                                  _seconds(e["grace"]))
+    return text + ("; send the signal again to kill now" if e["can_hurry"] else "")
+
+
+def _say_kill(e):
+    if e["why"] == "second signal":
+        return "second %s: killing %s now (SIGKILL): %s" % (
+            e["signal"], _plural(len(e["alive"]), "worker"), _ranks_text(e["alive"]))
+    return "%s still alive after the %s grace: %s; killing them (SIGKILL)" % (
+        _plural(len(e["alive"]), "worker"), _seconds(e["grace"]), _ranks_text(e["alive"]))
+
+
+def _say_exit(e):
+    if e["state"] == WorkerState.STOPPED:
+        done = ("%s torn down" % _plural(e["workers_started"], "worker") if e["workers_started"]
+                else "no worker had started")
+        return "stopped by %s; %s; exit status %s" % (e["signal"], done, e["code"])
+    if e["state"] == WorkerState.SUCCEEDED:
+        return "exit status 0 after %s (%s)" % (_seconds(e["elapsed"]), _plural(e["restarts"], "restart"))
+    return "exit status %s after %s (%s, %s)" % (e["code"], _seconds(e["elapsed"]), e["state"],
+                                                  e.get("error") or _plural(e["restarts"], "restart"))
+
+
+_SAY = {
+    "start": _say_start,
+    "rendezvous": lambda e: "joining rendezvous (%s)" % e["why"],
+    "round": _say_round,
+    "scale_change": lambda e: "the job changed size: %d -> %d nodes" % (e["from_nodes"], e["to_nodes"]),
+    "worker_started": lambda e: "worker rank %(rank)s (local rank %(local_rank)s) started: pid %(pid)s" % e,
+    "worker_exited": lambda e: "worker rank %s (pid %s) %s%s" % (
+        e["rank"], e["pid"], _how_ended(e), " (stopped by the agent)" if e["by_agent"] else ""),
+    "succeeded": lambda e: "all %s succeeded" % _plural(e["workers"], "worker"),
+    "failure": _say_failure,
+    "node_lost": lambda e: "a node was lost from round %s: %s" % (e["round"], e["reason"]),
+    "restart": _say_restart,
+    "restarted": _say_restarted,
+    "gave_up": lambda e: "worker group failed; restart budget (%d) spent" % e["max"],
+    "stop_signal": lambda e: "received %s" % e["signal"],
+    "stopping": _say_stopping,
+    "kill": _say_kill,
+    "exit": _say_exit,
+}
+
+
+class _Events:
+    """The run's events: each one written to the event log (when there is one) as one JSON object on
+    a line, fsync'd, then narrated on the console from the same fields, so the two never disagree.
+    A log that cannot be written is reported once and dropped; the narration goes on."""
+
+    def __init__(self, path=None, run_id="none", clock=time.time):
+        self.path, self._run_id, self._clock = path, run_id, clock
+        self._fd = None
+        if path:
+            try:
+                self._fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | getattr(os, "O_CLOEXEC", 0),
+                                   0o644)
+            except OSError as e:
+                log.warning("cannot write the event log %s: %s", path, e.strerror or e)
+
+    def emit(self, kind, **fields):
+        import json
+        record = {"time": round(self._clock(), 3), "event": kind, "run_id": self._run_id, "host": _hostname()}
+        record.update(fields)
+        if self._fd is not None:
+            try:
+                os.write(self._fd, (json.dumps(record) + "\n").encode())
+                os.fsync(self._fd)
+            except OSError as e:
+                log.warning("cannot write the event log %s: %s; no more events go there", self.path,
+                            e.strerror or e)
+                self.close()
+        say = _SAY.get(kind)
+        if say is not None:
+            level = _EVENT_LEVELS.get(kind, logging.INFO)
+            if kind == "worker_exited":   # a worker's own exit, unless it failed, is no news
+                level = logging.WARNING if record["code"] != 0 and not record["by_agent"] else logging.DEBUG
+            log.log(level, "%s", say(record))
+        return record
+
+    def close(self):
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+
 # -------------------------------------------------------------------------------------------- Agent
 
 class _SignalStop(ElasticError):
@@ -1731,17 +1914,31 @@ class _StopFlag:
     """What the launcher's signal handler does: note the first signal, and raise _SignalStop only
     while the agent is in a wait that is safe to abandon (armed). Elsewhere (reading the fork
     server, tearing down) an exception could lose data mid-read, so the agent checks the note at
-    its next safe point instead."""
+    its next safe point instead. A second signal is noted in `again` and makes `hurry_fd`
+    readable for good: a teardown waiting out its grace period kills at once."""
 
     def __init__(self):
         self.signum = None
+        self.again = None
         self.armed = 0
+        self.hurry_fd, self._hurry_w = os.pipe()
+        os.set_blocking(self._hurry_w, False)
 
     def handler(self, signum, frame):
         if self.signum is None:
             self.signum = signum
             if self.armed:
                 raise _SignalStop(signum)
+        elif self.again is None:
+            self.again = signum
+            try:
+                os.write(self._hurry_w, b"!")
+            except OSError:
+                pass
+
+    def close(self):
+        for fd in (self.hurry_fd, self._hurry_w):
+            os.close(fd)
 
     def check(self):
         if self.signum is not None:
@@ -1759,6 +1956,7 @@ class _StopFlag:
 class _NoStop:
     """The stop flag of an agent run from Python: signals are the caller's business."""
     armed = 0
+    signum = again = hurry_fd = None
 
     def check(self):
         pass
@@ -1838,7 +2036,7 @@ class LocalElasticAgent:
 
     def __init__(self, spec, *, logs_specs=None, start_method="spawn", exit_barrier_timeout=300,
                  shutdown_timeout=30, log_line_prefix_template=None, health_check_port=None,
-                 fork_server=None, stop_flag=None):
+                 fork_server=None, stop_flag=None, event_log=None):
         if start_method not in ("spawn", "fork", "forkserver"):
             raise ValueError("start_method must be spawn, fork or forkserver, got %r" % (start_method,))
         self._spec = spec
@@ -1861,6 +2059,14 @@ class LocalElasticAgent:
         self._restart_count = 0
         self._health = None        # _HealthServer while run() runs with a health-check port
         self._timer = None         # FileTimerServer while run() runs with the file timer on
+        self._event_log = event_log
+        self._events = _Events()   # run() opens the event log; narration only until then
+        self._job_restarts = 0     # the most restarts any member of the round has made
+        self._nodes = None         # node count of the last round
+        self._exits_told = set()   # (attempt, rank) whose worker_exited event was emitted
+        self._workers_started = 0
+        self._restarting = None    # (why, failure time, detected, stopped) of a restart under way
+        self._rdzv_done = None     # when the last round completed (time.time())
         self.last_progress_time = time.time()
 
     # -- what /healthz and callers read --------------------------------------------------------------
@@ -1899,14 +2105,28 @@ class LocalElasticAgent:
         self._tree_token = _new_tree_token()
         self._reaper = _Reaper(self._tree_token)
         self._logs._make_root(self._run_id())
+        began = time.monotonic()
+        path = self._event_log
+        if path is True:
+            path = os.path.join(self._logs.root_log_dir, "events.jsonl")
+        self._events = _Events(path or None, self._run_id())
+        self._events.emit("start", **self._summary())
+        self._exits_told, self._workers_started, self._restarting = set(), 0, None
+        exit_fields = {"code": 1}
         try:
             self._start_servers()
-            return self._run_loop()
+            result = self._run_loop()
+            exit_fields["code"] = (0 if not result.is_failed()
+                                   else result.root_cause[1].launcher_exit_code())
+            return result
         except _SignalStop as e:
+            exit_fields.update(code=128 + e.signum, signal=_signal_name(e.signum))
+            self._events.emit("stop_signal", signal=_signal_name(e.signum))
             self._set_state(WorkerState.STOPPED)
             self._stop_group(e.signum)
             raise
-        except BaseException:
+        except BaseException as e:
+            exit_fields["error"] = "%s: %s" % (type(e).__name__, e)
             if self._state not in (WorkerState.SUCCEEDED, WorkerState.FAILED, WorkerState.STOPPED):
                 self._set_state(WorkerState.FAILED)
             raise
@@ -1918,8 +2138,31 @@ class LocalElasticAgent:
                 self._handler.shutdown()
             except Exception as e:  # never let a leaving-the-run error hide the outcome
                 log.debug("rendezvous shutdown: %s", e)
-            if self._state == WorkerState.SUCCEEDED:
+            self._events.emit("exit", state=self._state, restarts=self._job_restarts,
+                              workers_started=self._workers_started,
+                              elapsed=round(time.monotonic() - began, 3), **exit_fields)
+            self._events.close()
+            if self._state == WorkerState.SUCCEEDED and not (path and os.path.dirname(path) == self._logs.root_log_dir):
                 self._logs._cleanup()
+
+    def _summary(self):
+        """The start event's fields: what this node runs, where, and with which settings."""
+        params = getattr(self._handler, "params", None)
+        backend = endpoint = nnodes = "local"
+        if params is not None:
+            backend, nnodes = params.backend, "%d:%d" % (params.min_nodes, params.max_nodes)
+            if params.min_nodes == params.max_nodes:
+                nnodes = str(params.min_nodes)
+            if params.backend == "etcd":
+                endpoint = ",".join(params.endpoints)
+            else:
+                port = getattr(getattr(self._handler, "store", None), "port", params.port)
+                endpoint = "%s:%s" % (params.host, port)
+        addr = getattr(self._handler, "local_addr", None) or self._spec.local_addr or _hostname()
+        return {"version": __version__, "backend": backend, "endpoint": endpoint, "nnodes": nnodes,
+                "nproc": self._spec.local_world_size, "max_restarts": self._spec.max_restarts,
+                "log_dir": self._logs.root_log_dir, "event_log": self._events.path, "addr": addr,
+                "pid": os.getpid(), "role": self._spec.role}
 
     def _start_servers(self):
         """The file timer (when the environment asks for it) and /healthz (with a port)."""
@@ -1966,55 +2209,104 @@ class LocalElasticAgent:
                     raise    # not this job's end: a reused run id
                 log.info("the run was closed by another node; nothing left to do here")
                 self._set_state(WorkerState.SUCCEEDED)
-                return RunResult(WorkerState.SUCCEEDED)
+                return RunResult(WorkerState.SUCCEEDED, restart_count=self._job_restarts)
             self._stop.check()
             self._start_group()
             outcome, failures = self._monitor()
+            detected = time.time()
             if outcome == _SUCCESS:
                 values = self._group.return_values()
                 self._set_state(WorkerState.SUCCEEDED)
                 self._stop_group(signal.SIGTERM)
-                log.info("all %d workers succeeded", len(values))
+                self._events.emit("succeeded", workers=len(values))
                 self._peers.exit_barrier(self._exit_barrier_timeout)
-                return RunResult(WorkerState.SUCCEEDED, return_values=values)
+                return RunResult(WorkerState.SUCCEEDED, return_values=values, restart_count=self._job_restarts)
+            self._tell_exits(failures)
             self._set_state(WorkerState.UNHEALTHY)
+            if outcome == _BROKEN:
+                self._events.emit("node_lost", round=self._peers.round, reason=self._peers.broken_reason())
             self._stop_group(signal.SIGTERM)
             if outcome in (_MEMBERSHIP, _BROKEN):
-                log.info("%s: restarting the worker group (restart budget untouched)", outcome)
+                self._events.emit("restart", why=outcome, count=self._job_restarts, max=spec.max_restarts)
+                self._restarting = (outcome, detected, detected, time.time())
                 continue
             # a failure here or on a peer
             job = self._peers.failures(failures)
             root_rank, root = _first(job)
+            self._events.emit("failure", **_failure_fields(root_rank, root, len(job)))
             if self._restart_count < spec.max_restarts:
                 self._restart_count += 1
-                log.info("%s (rank %s: %s); restarting the worker group (%d/%d)", outcome, root_rank,
-                         root.message, self._restart_count, spec.max_restarts)
+                self._job_restarts = max(self._job_restarts + 1, self._restart_count)
+                self._events.emit("restart", why=outcome, count=self._job_restarts, max=spec.max_restarts,
+                                  rank=root_rank)
+                # a peer's clock may run ahead of ours: a failure is never seen before it happened
+                self._restarting = (outcome, min(root.exit_time, detected), detected, time.time())
                 continue
             self._set_state(WorkerState.FAILED)
             self._peers.give_up()
-            log.info("worker group failed; restart budget (%d) spent", spec.max_restarts)
-            return RunResult(WorkerState.FAILED, failures=job, root_cause=(root_rank, root))
+            self._events.emit("gave_up", max=spec.max_restarts)
+            return RunResult(WorkerState.FAILED, failures=job, root_cause=(root_rank, root),
+                             restart_count=self._job_restarts)
+
+    def _tell_exits(self, first=()):
+        """worker_exited for every worker of the attempt whose exit is known and not yet told; the
+        ranks in `first` (the failures that ended the attempt) before the others, not by the agent."""
+        group = self._group
+        if group is None:
+            return
+        attempt = self._attempt - 1
+        for w in sorted(group.workers, key=lambda w: (w.global_rank not in first, w.global_rank)):
+            if w.handle is None or w.exitcode is None or (attempt, w.global_rank) in self._exits_told:
+                continue
+            self._exits_told.add((attempt, w.global_rank))
+            code = w.exitcode
+            self._events.emit("worker_exited", rank=w.global_rank, local_rank=w.local_rank, pid=w.pid,
+                              code=code if code >= 0 else None,
+                              signal=_signal_name(-code) if code < 0 else None,
+                              by_agent=w.global_rank in group.stopped_ranks, attempt=attempt)
 
     def _rendezvous(self):
         spec = self._spec
         if self._state != WorkerState.INIT:
             self._set_state(WorkerState.INIT)
+        why = "start" if self._restarting is None else self._restarting[0]
+        self._events.emit("rendezvous", why=why)
+        began = time.monotonic()
         with self._stop:
             info = self._handler.next_rendezvous()
         self._peers = _Peers(info, self._handler, self._stop)
         lws = spec.local_world_size
         if info.world_size > 1:
-            info.store.set("role/%d" % info.rank, "%s\n%d" % (spec.role, lws))
+            # what `elasticrun status` shows of this node, beside the role the ranks are made from
+            info.store.multi_set(["agent/%d" % info.rank, "role/%d" % info.rank],
+                                 [self._agent_record(), "%s\n%d" % (spec.role, lws)])
             peers = [v.decode().split("\n") for v in
                      info.store.multi_get(["role/%d" % r for r in range(info.world_size)])]
+            self._job_restarts = max([self._job_restarts] + _restarts_of(info.store, info.world_size))
         else:
             peers = [[spec.role, str(lws)]]
         r = self._ranks = _RankAssignment([(role, int(n)) for role, n in peers], info.rank, spec.role,
                                           spec.master_addr or info.master_addr,
                                           spec.master_port or info.master_port)
-        log.info("rendezvous round %s done: %d node(s), world size %d; this node is group rank %d "
-                 "with ranks %d-%d (master %s:%s)", getattr(info, "round", "?"), info.world_size,
-                 r.world_size, info.rank, r.base_rank, r.base_rank + lws - 1, r.master_addr, r.master_port)
+        members = getattr(info, "members", None) or [(spec.local_addr or _hostname(), None)]
+        bases = list(itertools.accumulate([0] + [int(n) for _, n in peers]))
+        if self._nodes is not None and self._nodes != info.world_size:
+            self._events.emit("scale_change", from_nodes=self._nodes, to_nodes=info.world_size)
+        self._nodes = info.world_size
+        self._events.emit(
+            "round", round=getattr(info, "round", None), nodes=info.world_size, world_size=r.world_size,
+            group_rank=info.rank, ranks=[r.base_rank, r.base_rank + lws - 1],
+            master="%s:%s" % (r.master_addr, r.master_port), duration=round(time.monotonic() - began, 3),
+            members=[{"addr": m[0], "id": m[1], "ranks": [bases[i], bases[i + 1] - 1]}
+                     for i, m in enumerate(members)])
+        self._rdzv_done = time.time()
+
+    def _agent_record(self):
+        import json
+        spec = self._spec
+        return json.dumps({"host": _hostname(), "pid": os.getpid(), "restarts": self._job_restarts,
+                           "max_restarts": spec.max_restarts, "nproc": spec.local_world_size,
+                           "log_dir": self._logs.root_log_dir, "event_log": self._events.path})
 
     def _worker_env(self, local_rank, error_file):
         spec = self._spec
@@ -2058,12 +2350,22 @@ class LocalElasticAgent:
             self._timer.set_worker_pids([w.pid for w in workers])
         self._set_state(WorkerState.HEALTHY)
         self.last_progress_time = time.time()
-        log.debug("started %d workers (attempt %d): pids %s", len(workers), self._attempt - 1,
-                  [w.pid for w in workers])
+        self._workers_started += len(workers)
+        for w in workers:
+            self._events.emit("worker_started", rank=w.global_rank, local_rank=w.local_rank, pid=w.pid,
+                              attempt=self._attempt - 1)
+        if self._restarting is not None:
+            why, failed, detected, stopped = self._restarting
+            rdzv_done, now = self._rdzv_done, time.time()
+            self._restarting = None
+            self._events.emit("restarted", why=why, total=round(now - failed, 3),
+                              detect=round(detected - failed, 3), stop=round(stopped - detected, 3),
+                              rendezvous=round(rdzv_done - stopped, 3), start=round(now - rdzv_done, 3))
 
     def _stop_group(self, sig):
         if self._group is not None:
-            self._group.stop(sig, self._shutdown_timeout)
+            self._group.stop(sig, self._shutdown_timeout, self._events, self._stop)
+            self._tell_exits()
 
     # -- monitor -------------------------------------------------------------------------------------
 
@@ -2111,11 +2413,35 @@ class LocalElasticAgent:
         failures = {}
         for rank, w in failed.items():
             f = ProcessFailure(w.local_rank, w.pid, w.exitcode, w.error_file, rank=rank,
-                               role=self._spec.role, exit_time=w.exit_time)
+                               role=self._spec.role, exit_time=w.exit_time,
+                               stderr_log=w.log_paths[1] if w.dests[1] != "console" else None)
             if w.pid in scopes:
                 f.message = "%s (overran file-timer scope %s)" % (f.message, scopes[w.pid])
             failures[rank] = f
         return failures
+
+
+def _restarts_of(store, world_size):
+    """The restart counts the round's agents published (agent/<group rank>; older agents publish none)."""
+    import json
+    keys = ["agent/%d" % r for r in range(world_size)]
+    keys = [k for k in keys if store.check([k])]
+    counts = []
+    for value in store.multi_get(keys) if keys else []:
+        try:
+            counts.append(int(json.loads(value.decode())["restarts"]))
+        except (ValueError, KeyError, TypeError):
+            pass
+    return counts
+
+
+def _failure_fields(rank, f, count):
+    """The failure event's fields for the root cause `f` (global rank `rank`) of `count` failures."""
+    return {"rank": rank, "local_rank": f.local_rank, "failure_host": f.host, "pid": f.pid,
+            "code": f.exitcode if f.exitcode is None or f.exitcode >= 0 else None,
+            "signal": f.signal_name() or None, "message": f.message, "failure_time": f.exit_time,
+            "error_file": f.error_file if f.error_file_data is not None else None,
+            "stderr_log": f.stderr_log, "failures": count}
 
 
 class _Peers:
@@ -2125,6 +2451,7 @@ class _Peers:
     def __init__(self, info, handler, stop):
         self._info, self._handler, self._stop = info, handler, stop
         self._ignore_broken = False
+        self.round = getattr(info, "round", None)
 
     def check(self):
         """One look: a peer's failure, nodes waiting, a member lost; None when all is well."""
@@ -2132,7 +2459,8 @@ class _Peers:
         if self._info.world_size > 1 and store.check(["failed"]):
             return _PEER_FAILURE
         if self._handler.num_nodes_waiting() > 0:
-            return _MEMBERSHIP
+            # the survivors of a dead member wait for the next round too: that is not a scale-up
+            return _BROKEN if self._broken_in_store() else _MEMBERSHIP
         broken = getattr(self._handler, "round_broken", None)
         if broken is not None and broken() and not self._ignore_broken:
             if store.check(["exit/count"]):
@@ -2144,19 +2472,42 @@ class _Peers:
             return _BROKEN
         return None
 
+    def _broken_in_store(self):
+        ask = getattr(self._handler, "broken_reason", None)
+        try:
+            return ask is not None and ask() is not None
+        except Exception:
+            return False
+
+    def broken_reason(self):
+        """Why the round broke, naming the lost member's host when the reason names its rank."""
+        import re
+        ask = getattr(self._handler, "broken_reason", None)
+        try:
+            why = ask() if ask is not None else None
+        except Exception as e:
+            why = "the store is unreachable (%s)" % e
+        if why is None:
+            return "a member died or left"
+        members = getattr(self._info, "members", None) or []
+        found = re.search(r"rank (\d+)", why)
+        if found and int(found.group(1)) < len(members):
+            why += " (host %s)" % members[int(found.group(1))][0]
+        return why
+
     def failures(self, local):
         """Failures of the whole job for this round: ours published, then everyone's read back.
         Without the store, what this node knows."""
         import json
         info = self._info
-        if info.world_size <= 1:
-            return local
         store = info.store
         try:
-            if local:
+            if local:   # published on a one-node round too: `elasticrun status` reads it
                 store.set("failure/%d" % info.rank, json.dumps(
                     {str(r): f._to_dict() for r, f in local.items()}))
                 store.add("failed", 1)
+            if info.world_size <= 1:
+                return local
             job = dict(local)
             for r in range(info.world_size):
                 key = "failure/%d" % r
@@ -2941,6 +3292,8 @@ _OPTIONS = [
     (("--health-check-port", "--health_check_port"), "health_check_port", "int", None,
      "serve GET /healthz on this port"),
     (("--slurm",), "slurm", "flag", False, "take nnodes, endpoint and run id from srun"),
+    (("--event-log", "--event_log"), "event_log", "str", None,
+     "JSON-lines event log (default: events.jsonl in the run's log folder; 'none': off)"),
 ]
 
 
@@ -3141,7 +3494,7 @@ class _LaunchConfig:
 
     __slots__ = ("rdzv", "nproc", "role", "max_restarts", "monitor_interval", "master_addr", "master_port",
                  "start_method", "shutdown_timeout", "exit_barrier_timeout", "prefix_template", "logs",
-                 "signals", "health_check_port", "script", "script_args", "mode")
+                 "signals", "health_check_port", "script", "script_args", "mode", "event_log")
 
     def __init__(self, **fields):
         for name in self.__slots__:
@@ -3246,7 +3599,19 @@ def _config_from_args(args, environ):
         prefix_template=o["log_line_prefix_template"] or environ.get("TORCHELASTIC_LOG_LINE_PREFIX_TEMPLATE"),
         logs=logs, signals=signals, health_check_port=health_check_port,
         script=o["training_script"], script_args=list(o["training_script_args"]),
-        mode=modes[0] if modes else "script")
+        mode=modes[0] if modes else "script", event_log=_event_log_path(o["event_log"]))
+
+
+def _event_log_path(value):
+    """True (the default: in the run's log folder), None ('none' or empty: off), or a checked path."""
+    if value is None:
+        return True
+    if value.strip().lower() in ("", "none", "off", "0"):
+        return None
+    folder = os.path.dirname(os.path.abspath(value))
+    if not os.path.isdir(folder) or not os.access(folder, os.W_OK | os.X_OK):
+        raise _UsageError("--event-log %s: folder %s is not a writable directory" % (value, folder))
+    return os.path.abspath(value)
 
 
 def _logs_specs(o):
@@ -3290,22 +3655,62 @@ def _entrypoint(c):
 _LOG_HANDLERS = []
 
 
+def _end_line(stream):
+    """Start the launcher's next line on a line of its own: a worker sharing the output file may
+    have left its last line unterminated. Only a regular file (a Slurm output file, a redirect)
+    can be read back; a terminal or a pipe is left as it is."""
+    try:
+        fd = stream.fileno()
+        st = os.fstat(fd)
+        import stat
+        if stat.S_ISREG(st.st_mode) and st.st_size > 0 and os.pread(fd, 1, st.st_size - 1) != b"\n":
+            stream.write("\n")
+    except (OSError, ValueError, AttributeError):
+        pass
+
+
+class _LineFormatter(logging.Formatter):
+    """``2026-12-07T14:03:07.125+01:00 [elasticrun] message``: ISO 8601 local time with its UTC
+    offset and milliseconds (as syslog's RFC 5424 and Slurm's iso8601_ms write), then the level
+    for warnings and errors."""
+
+    def format(self, record):
+        t = record.created
+        stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(t))
+        offset = time.strftime("%z", time.localtime(t)) or "+0000"
+        text = record.getMessage()
+        if record.exc_info:
+            text += "\n" + self.formatException(record.exc_info)
+        level = "" if record.levelno < logging.WARNING else record.levelname + ": "
+        return "%s.%03d%s:%s [elasticrun] %s%s" % (stamp, int(t * 1000) % 1000, offset[:3], offset[3:],
+                                                   level, text)
+
+
+class _LineHandler(logging.StreamHandler):
+    def emit(self, record):
+        _end_line(self.stream)
+        logging.StreamHandler.emit(self, record)
+
+
 def _configure_logging(environ):
-    level = environ.get("LOGLEVEL", "INFO").upper()
+    """The launcher's one handler, for elastic's, rendezvous's and store's loggers; LOGLEVEL as in
+    torchrun (a name or a number; INFO by default)."""
+    level = environ.get("LOGLEVEL", "INFO").strip().upper()
+    level = int(level) if level.isdigit() else getattr(logging, level, logging.INFO)
+    if not isinstance(level, int):
+        level = logging.INFO
+    loggers = [log, logging.getLogger(_rdzv.__name__), logging.getLogger(_store.__name__)]
     for old in _LOG_HANDLERS:
-        log.removeHandler(old)
-        logging.getLogger(_rdzv.__name__).removeHandler(old)
+        for logger in loggers:
+            logger.removeHandler(old)
     del _LOG_HANDLERS[:]
-    handler = logging.StreamHandler(sys.stderr)
+    handler = _LineHandler(sys.stderr)
     _LOG_HANDLERS.append(handler)
-    handler.setFormatter(logging.Formatter("[elasticrun] %(message)s"))
-    log.addHandler(handler)
-    log.setLevel(getattr(logging, level, logging.INFO) if not level.isdigit() else int(level))
-    log.propagate = False
-    rlog = logging.getLogger(_rdzv.__name__)
-    rlog.addHandler(handler)
-    rlog.setLevel(log.level if log.level <= logging.DEBUG else logging.WARNING)
-    rlog.propagate = False
+    handler.setFormatter(_LineFormatter())
+    for logger in loggers:
+        logger.addHandler(handler)
+        logger.setLevel(level)
+        logger.propagate = False
 
 
 def main(argv=None):
@@ -3329,6 +3734,8 @@ def _main(argv, program=False):
     environ = os.environ
     from_command_line = argv is None
     argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["status"]:
+        return _status_main(argv[1:], environ)
     try:
         c = _config_from_args(_parse_args(argv, environ), environ)
     except _UsageError as e:
@@ -3354,9 +3761,10 @@ def _main(argv, program=False):
     try:
         return _run_job(c, stop, server, environ)
     except _SignalStop as e:
-        log.info("stopped by %s; workers torn down", _signal_name(e.signum))
+        log.info("stopped by %s before any worker started", _signal_name(e.signum))
         return 128 + e.signum
     finally:
+        stop.close()
         if server is not None:
             server.close(wait=not program)   # a program about to exit need not reap it
         for sig, old in previous.items():
@@ -3364,6 +3772,160 @@ def _main(argv, program=False):
                 signal.signal(sig, old)
             except (ValueError, OSError):
                 pass
+
+
+_STATUS_USAGE = """usage: elasticrun status --rdzv-endpoint HOST[:PORT] --rdzv-id ID [--rdzv-backend c10d|etcd]
+                        [--rdzv-conf token_file=PATH] [--json]
+
+Show a running job from its rendezvous store without joining it or changing anything: the current
+round, its members (host, ranks, how long ago each heartbeat was seen), nodes waiting, restarts used,
+the last failure and whether the run is closed. It watches the heartbeats for about one
+heartbeat_interval (--rdzv-conf heartbeat_interval=..., 5 s by default). The etcd form:
+--rdzv-backend etcd --rdzv-endpoint http://host:2379. PET_RDZV_* variables work as for a launch.
+"""
+
+
+def _status_main(argv, environ):
+    """``elasticrun status``: read a run's state from its store and print it. Exit 0, 1 when the store
+    cannot be read, 2 for bad arguments."""
+    import json
+    options = {"--rdzv-endpoint": "rdzv_endpoint", "--rdzv-id": "rdzv_id", "--rdzv-backend": "rdzv_backend",
+               "--rdzv-conf": "rdzv_conf"}
+    o = {dest: environ.get("PET_" + dest.upper(), "") for dest in options.values()}
+    as_json = False
+    i = 0
+    try:
+        while i < len(argv):
+            name, eq, value = argv[i].partition("=")
+            name = name.replace("_", "-")
+            if name in ("-h", "--help"):
+                sys.stdout.write(_STATUS_USAGE)
+                return 0
+            if name == "--json" and not eq:
+                as_json = True
+            elif name in options:
+                if not eq:
+                    i += 1
+                    if i >= len(argv):
+                        raise _UsageError("option %s needs a value" % name)
+                    value = argv[i]
+                o[options[name]] = value
+            else:
+                raise _UsageError("status: unrecognized argument %s" % argv[i])
+            i += 1
+        if not o["rdzv_endpoint"] or not o["rdzv_id"]:
+            raise _UsageError("status needs --rdzv-endpoint and --rdzv-id")
+        backend = o["rdzv_backend"] or ("etcd" if o["rdzv_endpoint"].startswith("http") else "c10d")
+        if backend not in ("c10d", "store", "etcd", "static"):
+            raise _UsageError("status: --rdzv-backend %r is not c10d, etcd or static" % backend)
+        conf = _parse_conf(o["rdzv_conf"])
+        if backend == "static":
+            conf.setdefault("rank", "0")
+        try:
+            params = _rdzv.RendezvousParameters(backend, o["rdzv_endpoint"], o["rdzv_id"], 1, 1, **conf)
+        except ValueError as e:
+            raise _UsageError(str(e))
+    except _UsageError as e:
+        sys.stderr.write("elasticrun status: error: %s\n" % e)
+        return 2
+    try:
+        store = _rdzv.open_run_store(params, timeout=min(params.read_timeout, 10.0))
+    except _rdzv.RendezvousError as e:
+        sys.stderr.write("elasticrun status: error: %s\n" % e)
+        return 1
+    try:
+        info = _run_status(store, params)
+    except (_store.StoreError, _rdzv.RendezvousError, ValueError) as e:
+        sys.stderr.write("elasticrun status: error: cannot read run %r: %s\n" % (params.run_id, e))
+        return 1
+    finally:
+        store.close()
+    if as_json:
+        sys.stdout.write(json.dumps(info, indent=1, sort_keys=True) + "\n")
+    else:
+        sys.stdout.write(_format_status(info, backend, o["rdzv_endpoint"]))
+    return 0
+
+
+def _run_status(store, params):
+    """describe_run's view of the run, with what the agents published in their rounds (elastic's
+    own keys, under each round's prefix): their host, pid, ranks and restart counts, and the most
+    recent failure. Reads only (check, get, multi_get)."""
+    import json
+    info = _rdzv.describe_run(store, params.run_id, observe=params.heartbeat_interval * 1.2)
+    info["restarts"] = None
+    info["max_restarts"] = None
+    info["last_failure"] = None
+    r = info["round"]
+
+    def read(user, names):
+        present = [n for n in names if user.check([n])]
+        return dict(zip(present, user.multi_get(present))) if present else {}
+
+    if r is not None:
+        user = _store.PrefixStore(info["rounds"][r]["user_prefix"], store)
+        n = len(info["members"])
+        agents = read(user, ["agent/%d" % i for i in range(n)])
+        roles = read(user, ["role/%d" % i for i in range(n)])
+        base = 0
+        for m in info["members"]:
+            agent = agents.get("agent/%d" % m["rank"])
+            record = json.loads(agent.decode()) if agent else {}
+            role = roles.get("role/%d" % m["rank"], b"").decode().split("\n")
+            nproc = int(role[1]) if len(role) == 2 else record.get("nproc")
+            m.update(host=record.get("host", m["addr"]), pid=record.get("pid"), role=role[0] or None,
+                     restarts=record.get("restarts"), log_dir=record.get("log_dir"))
+            if nproc:
+                m["ranks"] = [base, base + nproc - 1]
+                base += nproc
+            if record.get("restarts") is not None:
+                info["restarts"] = max(info["restarts"] or 0, record["restarts"])
+                info["max_restarts"] = record.get("max_restarts")
+    for rr in sorted(info["rounds"], reverse=True):
+        user = _store.PrefixStore(info["rounds"][rr]["user_prefix"], store)
+        if not user.check(["failed"]):
+            continue
+        found = read(user, ["failure/%d" % i for i in range(info["rounds"][rr]["nodes"])])
+        failures = {}
+        for value in found.values():
+            for rank, d in json.loads(value.decode()).items():
+                failures[int(rank)] = ProcessFailure._from_dict(d)
+        if failures:
+            rank, f = _first(failures)
+            info["last_failure"] = dict(_failure_fields(rank, f, len(failures)), round=rr)
+            break
+    info["rounds"] = {str(k): v for k, v in info["rounds"].items()}
+    return info
+
+
+def _format_status(info, backend, endpoint):
+    lines = ["run %s (%s at %s)%s" % (info["run_id"], backend, endpoint, ": closed" if info["closed"] else "")]
+    if info["round"] is None:
+        lines.append("  no round has formed yet")
+    else:
+        state = "broken: %s" % info["broken"] if info["broken"] else "running"
+        lines.append("  round %d: %s, master %s, %s" % (info["round"], _plural(len(info["members"]), "node"),
+                                                        info["master"], state))
+        for m in info["members"]:
+            age = m.get("heartbeat_age")
+            beat = ("heartbeat %.1f s ago" % age if isinstance(age, (int, float))
+                    else "heartbeat key gone" if age == "gone"
+                    else "no heartbeat seen while watching")
+            ranks = "ranks %d-%d" % tuple(m["ranks"]) if m.get("ranks") else "ranks ?"
+            lines.append("    node %d: %s (%s), %s, pid %s, %s" % (m["rank"], m.get("host") or m["addr"],
+                                                                    m["addr"], ranks, m.get("pid") or "?", beat))
+    waiting = info["waiting"]
+    lines.append("  nodes waiting: %d%s" % (len(waiting), " (%s)" % ", ".join(w["addr"] for w in waiting)
+                                            if waiting else ""))
+    if info["restarts"] is not None:
+        lines.append("  restarts used: %s of %s" % (info["restarts"], info["max_restarts"]))
+    f = info["last_failure"]
+    if f:
+        lines.append("  last failure (round %s): rank %s on %s, pid %s, %s: %s" % (
+            f["round"], f["rank"], f["failure_host"], f["pid"], _how_ended(f), f["message"]))
+    else:
+        lines.append("  last failure: none")
+    return "\n".join(lines) + "\n"
 
 
 def _run_job(c, stop, server, environ):
@@ -3382,9 +3944,12 @@ def _run_job(c, stop, server, environ):
     agent = LocalElasticAgent(spec, logs_specs=c.logs, start_method=c.start_method,
                               exit_barrier_timeout=c.exit_barrier_timeout, shutdown_timeout=c.shutdown_timeout,
                               log_line_prefix_template=c.prefix_template,
-                              health_check_port=c.health_check_port, fork_server=server, stop_flag=stop)
+                              health_check_port=c.health_check_port, fork_server=server, stop_flag=stop,
+                              event_log=c.event_log)
     try:
         result = agent.run()
+    except _SignalStop as e:
+        return 128 + e.signum     # the agent said what it stopped
     except _rdzv.RendezvousError as e:
         log.error("rendezvous failed: %s", e)
         return 1
@@ -3397,7 +3962,9 @@ def _run_job(c, stop, server, environ):
     if not result.is_failed():
         return 0
     err = ChildFailedError(c.script, result.failures)
-    sys.stderr.write(err.format_msg() + "\n")
+    _end_line(sys.stderr)
+    sys.stderr.write(_format_report(c.script, result.failures, restarts=(result.restart_count, c.max_restarts),
+                                    log_dir=c.logs.root_log_dir) + "\n")
     _copy_root_cause(err, environ.get("TORCHELASTIC_ERROR_FILE"))
     return result.root_cause[1].launcher_exit_code()
 
