@@ -43,6 +43,7 @@ Data flow of one agent (one per node)::
         a peer's failure ........ same as a local failure (restart counts stay equal job-wide)
         nodes waiting / member
         dead (round broken) ..... UNHEALTHY; stop the group and re-rendezvous, budget untouched
+        the store lost .......... stop the group; the launcher exits 1 ("lost the store")
         a stop signal ........... STOPPED; stop the group; run() raises, main() exits 128+N
     RunResult (state, return values, every failure of the last attempt, root cause) -> main()'s
     report and exit status, and nothing else
@@ -51,6 +52,9 @@ States (``WorkerState``), set in one place (``LocalElasticAgent._set_state``), m
 ``_TRANSITIONS``: UNKNOWN (built, not run) -> INIT (rendezvous) -> HEALTHY (workers running) ->
 SUCCEEDED | UNHEALTHY (tearing down to restart) | STOPPED (a stop signal) | FAILED; UNHEALTHY ->
 INIT | FAILED | STOPPED. ``/healthz`` reads only this state.
+
+Nodes agree on the outcome: a node that gives up marks it in the store, and the node serving the
+store keeps it up until every member has seen it (bounded: shutdown_timeout + 30 s).
 
 Failure policy in one sentence: the first worker to fail (earliest across the whole job, ties by
 global rank) is the root cause, its exit code is the launcher's (signal N gives 128+N), and workers
@@ -73,6 +77,8 @@ workers, an excepthook installed by a small bootstrap) writes torchelastic's JSO
     {"message": {"message": "<Type>: <text>",
                  "extraInfo": {"py_callstack": "<traceback>", "timestamp": "<epoch s>"}}}
 
+The agent reads it without blocking, only when it is a regular file, and at most its last 1 MiB.
+
 File timer (hang watchdog), on with ``TORCHELASTIC_ENABLE_FILE_TIMER=1`` (a pipe in the run's log
 folder) or ``TORCHELASTIC_TIMER_FILE=PATH``. Workers get ``TORCHELASTIC_TIMER_FILE`` and guard a step
 with ``with elastic.expires(after=60): step()`` (torch's ``FileTimerClient`` works too: same pipe,
@@ -86,13 +92,17 @@ same format). Each request is one JSON line, written in one ``write`` of at most
       {..., "expiration_time": -1, "signal": 0}           release: timers.pop((P, S))
 
 Every (pid, scope) keeps its own timer (nested scopes never replace each other); timers of dead
-processes are dropped; malformed lines are logged and skipped; the agent never signals itself.
+processes are dropped; every field is range-checked and a bad line is skipped and logged (a burst,
+then one summary per interval); the agent signals only its live workers and their sessions, never
+itself, and nobody while it has no workers. The pipe is locked (``PATH.lock``): a second launcher
+given the same ``TORCHELASTIC_TIMER_FILE`` exits 2; a pipe left by a dead one is reused.
 
 Health check: with ``--health-check-port P`` (or ``TORCHELASTIC_HEALTH_CHECK_PORT``; 0 picks a free
-port, logged at start) the agent answers ``GET /healthz`` from a thread: 200 while the group is
-HEALTHY (or SUCCEEDED), 503 during rendezvous, restarts and a stop (STOPPED), with a JSON body
-``{"state", "restart_count", "group_rank", "group_world_size", "world_size" (workers, as
-WORLD_SIZE), "last_progress_time", "healthy"}``.
+port, logged at start) the agent answers ``GET /healthz`` from one thread (non-blocking sockets, 5 s
+per request, at most 64 clients at once): 200 while the group is HEALTHY (or SUCCEEDED), 503
+during rendezvous, restarts and a stop (STOPPED), with a JSON body ``{"state", "restart_count",
+"group_rank", "group_world_size", "world_size" (workers, as WORLD_SIZE), "last_progress_time",
+"healthy"}``.
 
 Slurm: ``srun --ntasks-per-node=1 elasticrun --slurm --nproc-per-node 4 train.py`` takes nnodes,
 the node rank, the c10d endpoint (first host of SLURM_STEP_NODELIST / SLURM_JOB_NODELIST, port
@@ -123,12 +133,32 @@ import signal
 import sys
 import time
 
+# Python 3.6 and 3.7 must reach this check, so this file (and every line above it) keeps to syntax
+# 3.6 can parse: no walrus, no positional-only parameters, no f"{x=}".
+if sys.version_info < (3, 8):
+    _OLD = "elasticrun needs Python 3.8 or newer, this is Python %s" % sys.version.split()[0]
+    if __name__ == "__main__":   # the launcher: one line and the status of a bad environment
+        sys.stderr.write(_OLD + "\n")
+        sys.exit(2)
+    raise ImportError(_OLD)
+
 try:  # vendored inside a package
     from . import rendezvous as _rdzv
     from . import store as _store
 except ImportError:  # top-level modules
-    import rendezvous as _rdzv
-    import store as _store
+    try:
+        import rendezvous as _rdzv
+        import store as _store
+    except ImportError:
+        # run as a script under -I (or -P): python left this file's folder off sys.path. Look
+        # there for the siblings, then give sys.path back as it was (workers inherit it).
+        _HERE = os.path.dirname(os.path.abspath(__file__))
+        sys.path.insert(0, _HERE)
+        try:
+            import rendezvous as _rdzv
+            import store as _store
+        finally:
+            sys.path.remove(_HERE)
 
 log = logging.getLogger(__name__)
 
@@ -258,7 +288,9 @@ def _with_local_rank(args, local_rank):
 
 class WorkerSpec:
     """What to run on this node: `local_world_size` copies of `entrypoint` (a callable, or a program
-    path run as a process with `args`). ``${local_rank}`` in string args is replaced per worker."""
+    path run as a process with `args`). ``${local_rank}`` in string args is replaced per worker.
+    Without `rdzv_handler` the node runs alone, and `local_addr` (default 127.0.0.1) is the workers'
+    MASTER_ADDR; with one, the handler says where the job's nodes are."""
 
     def __init__(self, role, local_world_size, entrypoint, args=(), rdzv_handler=None, max_restarts=3,
                  monitor_interval=0.1, master_addr=None, master_port=None, local_addr=None):
@@ -359,15 +391,44 @@ def record(fn=None):
     return wrap(fn) if fn is not None else wrap
 
 
+_ERROR_FILE_LIMIT = 1 << 20   # bytes of an error file the agent reads; a longer one: its tail
+
+
 def _read_error_file(path):
-    """(message, traceback, timestamp, raw) from an error file; Nones when missing or unreadable."""
+    """(message, traceback, timestamp, raw) from an error file; Nones when missing or unreadable.
+
+    The worker controls that path, so it is opened without blocking (a FIFO would wait for a writer
+    forever), read only when it is a regular file (/dev/zero never ends), and at most
+    _ERROR_FILE_LIMIT bytes of it: a longer file gives the end of its traceback, not its JSON."""
     if not path:
         return None, None, None, None
+    import json
+    import stat
     try:
-        import json
-        with open(path) as f:
-            data = json.load(f)
-    except (OSError, ValueError):
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+    except OSError:
+        return None, None, None, None
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            log.warning("ignoring the error file %s: not a regular file", path)
+            return None, None, None, None
+        if st.st_size > _ERROR_FILE_LIMIT:
+            os.lseek(fd, st.st_size - _ERROR_FILE_LIMIT, os.SEEK_SET)
+        raw = _read_at_most(fd, _ERROR_FILE_LIMIT + 1)
+    except OSError:
+        return None, None, None, None
+    finally:
+        os.close(fd)
+    if st.st_size > _ERROR_FILE_LIMIT or len(raw) > _ERROR_FILE_LIMIT:
+        tail = raw[-_ERROR_FILE_LIMIT:].decode("utf-8", "replace")
+        if "\n" not in tail:
+            tail = tail.replace("\\n", "\n").replace('\\"', '"')   # JSON-escaped text, readable
+        return ("the error file has %d bytes, more than the %d KiB read: below is its end"
+                % (max(st.st_size, len(raw)), _ERROR_FILE_LIMIT >> 10), tail, None, None)
+    try:
+        data = json.loads(raw.decode("utf-8"))
+    except ValueError:
         return None, None, None, None
     msg = data.get("message") if isinstance(data, dict) else None
     if isinstance(msg, dict):
@@ -381,6 +442,17 @@ def _read_error_file(path):
     if isinstance(msg, str):
         return msg, None, None, data
     return None, None, None, data
+
+
+def _read_at_most(fd, limit):
+    chunks, size = [], 0
+    while size < limit:
+        chunk = os.read(fd, min(limit - size, 1 << 16))
+        if not chunk:
+            break
+        chunks.append(chunk)
+        size += len(chunk)
+    return b"".join(chunks)
 
 
 class ProcessFailure:
@@ -902,8 +974,25 @@ class _ForkServer:
         if self._dead:
             raise ElasticError("the worker fork server died")
         self._asked += 1
-        self.sock.sendmsg([struct.pack("!IB", len(body), flags)], ancillary)
-        self.sock.sendall(body)
+        self._send(struct.pack("!IB", len(body), flags) + body, ancillary)
+
+    def _send(self, data, ancillary):
+        """Send all of `data` (the fds ride with its first byte), taking in the server's replies
+        whenever it cannot go out: a server blocked on replies we do not read stops reading
+        requests, and with both socket buffers full neither side would move again."""
+        import select
+        import socket
+        view = memoryview(data)
+        while view:
+            readable, writable = select.select([self.sock], [self.sock], [])[:2]
+            if readable:
+                self.read(0)
+            if writable:
+                try:
+                    sent = self.sock.sendmsg([view], ancillary, socket.MSG_DONTWAIT)
+                except (BlockingIOError, InterruptedError):
+                    continue
+                view, ancillary = view[sent:], []
 
     def next_pid(self):
         while not self._forked:
@@ -1599,20 +1688,26 @@ class _WorkerGroup:
     KILL_WAIT = 2.0
     CONSOLE_STALL = 30.0
 
-    def __init__(self, workers, starter, reaper, tree_token):
+    def __init__(self, workers, starter, reaper, tree_token, timer=None):
         self.workers = workers
-        self._starter, self._reaper, self._token = starter, reaper, tree_token
+        self._starter, self._reaper, self._token, self._timer = starter, reaper, tree_token, timer
         self._pump = _LogPump(stall_timeout=self.CONSOLE_STALL)
         self._stopped = False
         self.stopped_ranks = set()     # the workers still running when stop() began
 
-    def start(self):
+    def start(self, stopping=lambda: False):
+        """Start the workers in local-rank order; when `stopping()` turns true, start no more (the
+        caller answers the stop signal; stop() tears down the ones started)."""
+        started = []
         for w in self.workers:
+            if stopping():
+                break
             self._starter.start(w)
+            started.append(w)
             for path, console_fd in w.tee_tails():
                 self._pump.add_tail(path, console_fd, w.prefix)
-        self._starter.finish(self.workers)
-        for w in self.workers:
+        self._starter.finish(started)
+        for w in started:
             self._reaper.watch(w.pid)
         self._pump.start()
 
@@ -1647,7 +1742,9 @@ class _WorkerGroup:
         self._stopped = True
         events = events or _Events()
         hurry = hurry or _NoStop()
-        started = [w for w in self.workers if w.handle is not None]   # all, unless start() failed
+        if self._timer is not None:
+            self._timer.set_worker_pids(())  # from now on their pids may be reused by anyone
+        started = [w for w in self.workers if w.handle is not None]   # all, unless start() stopped
         running = [w for w in started if w.poll() is None]
         self.stopped_ranks = {w.global_rank for w in running}
         for w in started:
@@ -1657,7 +1754,7 @@ class _WorkerGroup:
             events.emit("stopping", workers=len(running), signal=_signal_name(sig), grace=grace,
                         can_hurry=hurry.hurry_fd is not None and hurry.signum is not None,
                         ranks=[w.global_rank for w in running])
-        left = self._wait_gone(started, strays, time.monotonic() + grace, hurry)
+        left = self._wait_gone(started, strays, time.monotonic() + grace, hurry, bool(running))
         if left:
             again = hurry.again
             events.emit("kill", why="second signal" if again else "grace over", grace=grace,
@@ -1674,19 +1771,23 @@ class _WorkerGroup:
         self._pump.stop()
 
     @staticmethod
-    def _wait_gone(workers, strays, deadline, hurry):
+    def _wait_gone(workers, strays, deadline, hurry, narrate=False):
         """Wait until every worker's group and every stray is gone, `deadline`, or `hurry` says a
         stop signal came again; then SIGKILL the groups that are left, and return their workers.
         It sleeps on the workers' own descriptors while they run; a group's other members and the
         strays have none, so those are looked at every 5 ms."""
         import select
         pending = list(workers)
+        pace = _store._Pace()
         while True:
             pending = [w for w in pending if w.poll() is None or _group_alive(w.pid)]
             strays = [pid for pid in strays if _alive(pid)]
             left = deadline - time.monotonic()
             if not (pending or strays) or left <= 0 or hurry.again:
                 break
+            if narrate and pace.due():
+                log.info("still waiting for %s to exit: %s (%d s left)", _plural(len(pending), "worker"),
+                         _ranks_text([{"rank": w.global_rank, "pid": w.pid} for w in pending]), round(left))
             fds = [w.handle.wait_fd for w in pending if w.exitcode is None]
             if fds and None not in fds:
                 poller = select.poll()
@@ -1944,6 +2045,9 @@ class _StopFlag:
         if self.signum is not None:
             raise _SignalStop(self.signum)
 
+    def requested(self):
+        return self.signum is not None
+
     def __enter__(self):
         self.check()
         self.armed += 1
@@ -1960,6 +2064,9 @@ class _NoStop:
 
     def check(self):
         pass
+
+    def requested(self):
+        return False
 
     def __enter__(self):
         return self
@@ -1999,8 +2106,12 @@ class _RankAssignment:
         }
 
 
-_SUCCESS, _FAILURE, _PEER_FAILURE, _MEMBERSHIP, _BROKEN = (
-    "success", "failure", "peer failure", "nodes waiting", "member lost")
+_SUCCESS, _FAILURE, _PEER_FAILURE, _MEMBERSHIP, _BROKEN, _STORE_LOST = (
+    "success", "failure", "peer failure", "nodes waiting", "member lost", "store lost")
+
+# How long the node serving the store waits, beyond the grace period, for every member to have
+# seen the job's failure before it leaves (and the store with it).
+_OUTCOME_WAIT = 30.0
 
 # The agent's states and the only moves between them (see LocalElasticAgent._set_state).
 _TRANSITIONS = {
@@ -2015,6 +2126,7 @@ _TRANSITIONS = {
                             WorkerState.FAILED,                        # restart budget spent
                             WorkerState.STOPPED),
     WorkerState.SUCCEEDED: (WorkerState.STOPPED,                       # a stop signal in the exit barrier
+                            WorkerState.FAILED,                        # another node gave up meanwhile
                             WorkerState.INIT),                         # run() again
     WorkerState.FAILED: (WorkerState.INIT,),
     WorkerState.STOPPED: (WorkerState.INIT,),
@@ -2169,8 +2281,12 @@ class LocalElasticAgent:
         path = _file_timer_path(os.environ, self._logs.root_log_dir)
         if path is not None:
             self._timer = FileTimerServer(path, run_id=self._run_id())
+            self._timer.set_worker_pids(())  # no workers yet: nobody may be signalled
             try:
                 self._timer.start()
+            except _TimerFileBusy:
+                self._timer = None
+                raise
             except (OSError, ValueError) as e:
                 self._timer = None
                 raise ElasticError("cannot serve the file timer at %s: %s" % (path, e)) from e
@@ -2207,20 +2323,20 @@ class LocalElasticAgent:
             except _rdzv.RendezvousClosedError as e:
                 if getattr(e, "late", False):
                     raise    # not this job's end: a reused run id
-                log.info("the run was closed by another node; nothing left to do here")
-                self._set_state(WorkerState.SUCCEEDED)
-                return RunResult(WorkerState.SUCCEEDED, restart_count=self._job_restarts)
+                return self._closed_by_another_node()
             self._stop.check()
             self._start_group()
             outcome, failures = self._monitor()
             detected = time.time()
             if outcome == _SUCCESS:
-                values = self._group.return_values()
-                self._set_state(WorkerState.SUCCEEDED)
+                return self._succeeded()
+            if outcome == _STORE_LOST:
+                # the outcome lives in the store: without it this node cannot know whether the job
+                # failed, so it must not carry on and report a success of its own
+                self._set_state(WorkerState.FAILED)
                 self._stop_group(signal.SIGTERM)
-                self._events.emit("succeeded", workers=len(values))
-                self._peers.exit_barrier(self._exit_barrier_timeout)
-                return RunResult(WorkerState.SUCCEEDED, return_values=values, restart_count=self._job_restarts)
+                raise _rdzv.RendezvousConnectionError(
+                    "lost the store mid-run: %s; this node's workers were stopped" % failures)
             self._tell_exits(failures)
             self._set_state(WorkerState.UNHEALTHY)
             if outcome == _BROKEN:
@@ -2265,6 +2381,36 @@ class LocalElasticAgent:
                               signal=_signal_name(-code) if code < 0 else None,
                               by_agent=w.global_rank in group.stopped_ranks, attempt=attempt)
 
+    def _succeeded(self):
+        """Every worker exited 0: the exit barrier, then success, unless another node gave up
+        meanwhile (then the job failed, here too)."""
+        values = self._group.return_values()
+        self._set_state(WorkerState.SUCCEEDED)
+        self._stop_group(signal.SIGTERM)
+        self._events.emit("succeeded", workers=len(values))
+        if self._peers.exit_barrier(self._exit_barrier_timeout):
+            return RunResult(WorkerState.SUCCEEDED, return_values=values, restart_count=self._job_restarts)
+        self._set_state(WorkerState.FAILED)
+        job = self._peers.failures({})
+        self._peers.give_up()
+        log.info("another node failed for good while this node waited at the exit barrier")
+        return RunResult(WorkerState.FAILED, failures=job, root_cause=_first(job),
+                         restart_count=self._job_restarts)
+
+    def _closed_by_another_node(self):
+        """The run was closed: the job's end, a success unless a node gave up while this one was
+        between rounds (then its last round's store names the root cause)."""
+        if self._peers is not None and self._peers.failed_for_good():
+            self._set_state(WorkerState.FAILED)
+            job = self._peers.failures({})
+            self._peers.outcome_seen()
+            log.info("the run was closed by another node after the job failed")
+            return RunResult(WorkerState.FAILED, failures=job, root_cause=_first(job),
+                             restart_count=self._job_restarts)
+        log.info("the run was closed by another node; nothing left to do here")
+        self._set_state(WorkerState.SUCCEEDED)
+        return RunResult(WorkerState.SUCCEEDED, restart_count=self._job_restarts)
+
     def _rendezvous(self):
         spec = self._spec
         if self._state != WorkerState.INIT:
@@ -2274,7 +2420,8 @@ class LocalElasticAgent:
         began = time.monotonic()
         with self._stop:
             info = self._handler.next_rendezvous()
-        self._peers = _Peers(info, self._handler, self._stop)
+        self._peers = _Peers(info, self._handler, self._stop, self._run_id(),
+                             self._shutdown_timeout + _OUTCOME_WAIT)
         lws = spec.local_world_size
         if info.world_size > 1:
             # what `elasticrun status` shows of this node, beside the role the ranks are made from
@@ -2343,9 +2490,13 @@ class LocalElasticAgent:
                 prefix.safe_substitute(role_name=spec.role, local_rank=local_rank, rank=rank)))
         if self._timer is not None:
             self._timer.pop_expired()          # the last attempt's expiries are reported already
-            self._timer.set_worker_pids(None)  # until the new pids are known: never miss a kill
-        self._group = _WorkerGroup(workers, self._starter, self._reaper, self._tree_token)
-        self._group.start()
+            # until the new pids are named, timers are held: a worker is never missed, nobody
+            # else is signalled
+            self._timer.set_worker_pids((), starting=True)
+        self._group = _WorkerGroup(workers, self._starter, self._reaper, self._tree_token, self._timer)
+        # a stop signal is answered between two workers, not after the last of many
+        self._group.start(stopping=self._stop.requested)
+        self._stop.check()   # every worker asked for is known now, so teardown finds them all
         if self._timer is not None:
             self._timer.set_worker_pids([w.pid for w in workers])
         self._set_state(WorkerState.HEALTHY)
@@ -2398,10 +2549,9 @@ class LocalElasticAgent:
                 if multi:
                     try:
                         outcome = self._peers.check()
-                    except Exception as e:  # store gone: keep watching our own workers
-                        log.warning("lost contact with the other nodes (%s); watching local workers", e)
-                        multi = False
-                        outcome = None
+                    except Exception as e:  # the store is gone, and the job's outcome with it
+                        log.error("lost the store: %s; stopping this node's workers", e)
+                        return _STORE_LOST, e
                     if outcome is not None:
                         return outcome, {}
 
@@ -2448,8 +2598,10 @@ class _Peers:
     """The rest of the job for one round, through the round's store: their failures, joiners and
     lost members, the failure exchange, and the exit barrier. A one-node round has no peers."""
 
-    def __init__(self, info, handler, stop):
+    def __init__(self, info, handler, stop, run_id, outcome_wait):
         self._info, self._handler, self._stop = info, handler, stop
+        self._failed_key = "elasticrun/%s/failed" % run_id   # on the handler's store: outlives rounds
+        self._outcome_wait = outcome_wait
         self._ignore_broken = False
         self.round = getattr(info, "round", None)
 
@@ -2520,39 +2672,111 @@ class _Peers:
         return job or {-1: ProcessFailure(-1, None, 1, message="another node reported a failure")}
 
     def give_up(self):
-        """Final failure: release the exit barrier of nodes that finished and close the run."""
+        """Final failure: release the exit barrier of nodes that finished, close the run, and say
+        this node has seen the outcome; the node serving the store then waits (bounded) until every
+        member has said so, for leaving takes the store, and the outcome, away from the others."""
         if self._info.world_size > 1:
             try:
                 self._info.store.set("exit/release", "failed")
+                self._handler.store.set(self._failed_key, "1")   # read by nodes between rounds
             except Exception as e:
                 log.debug("could not release the exit barrier: %s", e)
         try:
             self._handler.set_closed()
         except Exception as e:
             log.debug("could not close the run: %s", e)
+        self.outcome_seen()
 
-    def exit_barrier(self, timeout):
-        """Wait up to `timeout` seconds for every node to finish (or one to fail for good)."""
+    def failed_for_good(self):
+        """Whether a node gave up on this run (it writes that before it closes the run)."""
+        store = getattr(self._handler, "store", None)
+        try:
+            return store is not None and store.check([self._failed_key])
+        except Exception as e:
+            log.debug("could not read the run's outcome: %s", e)
+            return False
+
+    def outcome_seen(self):
+        """Count this node among those that know the job failed; the node serving the store waits
+        (up to outcome_wait seconds) for them all."""
         info = self._info
         if info.world_size <= 1:
             return
+        store = info.store
+        try:
+            if store.add("exit/seen", 1) >= info.world_size:
+                store.set("exit/all_seen", "1")
+            if getattr(self._handler, "hosts_store", False):
+                self._wait_all_seen(store, info.world_size)
+        except _SignalStop:
+            raise
+        except Exception as e:
+            log.warning("not every node acknowledged the failure: %s", e)
+
+    def _wait_all_seen(self, store, nodes):
+        deadline = time.monotonic() + self._outcome_wait
+        pace = _store._Pace()
+        while not store.check(["exit/all_seen"]):
+            left = deadline - time.monotonic()
+            if left <= 0:
+                log.warning("leaving with the store after %d of %d nodes saw the failure",
+                            store.add("exit/seen", 0), nodes)
+                return
+            if pace.due():
+                log.info("keeping the store up until every node has seen the failure: "
+                         "%d of %d have (%d s left)", store.add("exit/seen", 0), nodes, round(left))
+            try:
+                with self._stop:
+                    store.wait(["exit/all_seen"], min(left, 1.0))
+            except _store.StoreTimeout:
+                pass
+
+    def _wait_release(self, store, deadline, nodes):
+        """Wait for the exit barrier's release until `deadline` (StoreTimeout then), saying at a
+        human pace how many nodes have finished."""
+        pace = _store._Pace()
+        while True:
+            left = deadline - time.monotonic()
+            try:
+                with self._stop:
+                    store.wait(["exit/release"], max(0.001, min(left, 1.0)))
+                return
+            except _store.StoreTimeout:
+                if left <= 1.0:
+                    raise
+            if pace.due():
+                log.info("exit barrier: waiting for the other nodes to finish: %d of %d done (%d s left)",
+                         store.add("exit/count", 0), nodes, round(deadline - time.monotonic()))
+
+    def exit_barrier(self, timeout):
+        """Wait up to `timeout` seconds for every node to finish; False when one of them failed for
+        good meanwhile."""
+        info = self._info
+        if info.world_size <= 1:
+            return True
         store = info.store
         start = time.monotonic()
         try:
             if store.add("exit/count", 1) >= info.world_size:
                 store.set("exit/release", "done")
-            with self._stop:
-                store.wait(["exit/release"], timeout)
-            if store.get("exit/release") == b"done":
+            self._wait_release(store, start + timeout, info.world_size)
+            release = store.get("exit/release")
+            if release == b"done":
                 self._handler.set_closed()
             log.debug("exit barrier passed in %.3f s", time.monotonic() - start)
+            return release != b"failed"
         except _SignalStop:
             raise
         except Exception as e:  # a barrier problem never fails a successful node
             log.warning("exit barrier: %s (the workers of this node succeeded)", e)
+        return True
 
 
 # -------------------------------------------------------------------------- File timer: worker side
+
+_PID_T_MAX = (1 << 31) - 1  # a request's pid and signal must fit the kernel's int
+_NSIG = signal.NSIG         # and a signal to send is below this
+
 
 class FileTimerClient:
     """Sends timer requests to a ``FileTimerServer`` through its named pipe (torch's format).
@@ -2565,6 +2789,8 @@ class FileTimerClient:
     def __init__(self, file_path, signal=signal.SIGKILL):
         self.file_path = file_path
         self.signal = int(signal)
+        if not -_PID_T_MAX <= self.signal < _NSIG:  # the server would refuse every request
+            raise ValueError("FileTimerClient(signal=%r): not a signal number" % (signal,))
 
     def acquire(self, scope_id, expiration_time):
         self._send(scope_id, float(expiration_time), self.signal)
@@ -2620,8 +2846,8 @@ class expires:
     """
 
     def __init__(self, after, scope=None, client=None):
-        if after < 0:
-            raise ValueError("expires(after=%r): the time limit must not be negative" % (after,))
+        if not after >= 0:  # NaN too: the server would refuse the request
+            raise ValueError("expires(after=%r): the time limit must be a number >= 0" % (after,))
         self.after = after
         self.client = client
         if scope is None:
@@ -2658,18 +2884,106 @@ def _default_timer_client():
 
 # ------------------------------------------------------------------------------- File timer: server
 
-_MAX_PENDING = 1 << 16  # bytes of a line without newline kept before it is dropped as garbage
+_MAX_PENDING = 1 << 16        # bytes of a line without newline kept before it is dropped as garbage
+_MAX_TIMERS_PER_PID = 1024    # one process's timers; more are refused (others keep theirs)
+_LOG_BURST = 5                # the file timer's complaints logged in full per interval...
+_LOG_SUMMARY_INTERVAL = 10.0  # ...then counted and summarised once per interval (seconds)
+
+
+class _TimerFileBusy(ElasticError):
+    """Another live process serves the file timer at this path (the launcher exits 2)."""
+
+
+class _Throttle:
+    """Complaints about bad requests: ``_LOG_BURST`` in full per interval, then one summary line,
+    so a writer spewing garbage cannot flood the agent's log."""
+
+    def __init__(self, clock=time.monotonic):
+        self._clock = clock
+        self._window = None   # start of the current interval
+        self._logged = 0
+        self._suppressed = 0
+
+    def warn(self, fmt, *args):
+        now = self._clock()
+        if self._window is None or now - self._window >= _LOG_SUMMARY_INTERVAL:
+            self.flush()
+            self._window, self._logged = now, 0
+        if self._logged < _LOG_BURST:
+            self._logged += 1
+            log.warning(fmt, *args)
+        else:
+            self._suppressed += 1
+
+    def due(self):
+        """Seconds until a pending summary should be written, or None when there is none."""
+        if not self._suppressed:
+            return None
+        return max(0.0, self._window + _LOG_SUMMARY_INTERVAL - self._clock())
+
+    def flush(self):
+        if self._suppressed:
+            log.warning("file timer: %d more bad requests in the last %.0fs, not logged one by one",
+                        self._suppressed, self._clock() - self._window)
+            self._suppressed = 0
+
+
+def _claim_timer_file(path):
+    """Lock ``path + ".lock"`` for this process; ``_TimerFileBusy`` when a live process holds it.
+
+    The lock dies with its holder, so a pipe left by a killed launcher is free to reuse. Returns
+    the locked fd, or None where the file system refuses locks (the pipe probe still guards).
+    """
+    import fcntl
+    lock_path = path + ".lock"
+    for _ in range(100):  # a holder that unlinks its lock file while we open it: open it again
+        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.read(fd, 32).decode("ascii", "replace").strip()
+            os.close(fd)
+            raise _TimerFileBusy(_busy_message(path, holder if holder.isdigit() else None))
+        except OSError as e:  # ENOLCK and friends: no locks on this file system
+            os.close(fd)
+            log.debug("file timer: cannot lock %s (%s); relying on the pipe probe", lock_path, e)
+            return None
+        try:
+            st = os.stat(lock_path, follow_symlinks=False)
+            mine = os.fstat(fd)
+            same = (st.st_dev, st.st_ino) == (mine.st_dev, mine.st_ino)
+        except FileNotFoundError:
+            same = False
+        if same:
+            os.ftruncate(fd, 0)
+            os.write(fd, b"%d\n" % os.getpid())
+            return fd
+        os.close(fd)
+    raise _TimerFileBusy(_busy_message(path, None))
+
+
+def _busy_message(path, holder):
+    return ("the file timer at %s is in use by another launcher%s; give each launcher its own "
+            "TORCHELASTIC_TIMER_FILE" % (path, " (pid %s)" % holder if holder else ""))
 
 
 class FileTimerServer:
     """The agent's hang watchdog: reads timer requests from a FIFO and signals overrunning workers.
 
     ``start()`` creates the FIFO at ``file_path`` (mode 0600) and a reader thread; ``stop()`` ends
-    the thread and removes the FIFO. The thread sleeps in ``poll`` until a request arrives, the
-    nearest timer expires, or a process holding timers exits (a pidfd on Linux >= 5.3 with
-    Python >= 3.9, unless ``use_pidfd=False``; otherwise it checks liveness every ``max_interval``
-    seconds while timers exist). ``pop_expired()`` hands the agent the (pid, scope_id,
-    expiration_time) of every timer that made it send a signal, for the failure report.
+    the thread and removes the FIFO. A path that another live server reads (or whose lock file
+    ``file_path + ".lock"`` another process holds) is refused with ``ElasticError``; a pipe left by a
+    dead one is replaced. The thread sleeps in ``poll`` until a request arrives, the nearest timer
+    expires, or a process holding timers exits (a pidfd on Linux >= 5.3 with Python >= 3.9,
+    unless ``use_pidfd=False``; otherwise it checks liveness every ``max_interval`` seconds while
+    timers exist).
+    ``pop_expired()`` hands the agent the (pid, scope_id, expiration_time) of every timer that
+    made it send a signal, for the failure report.
+
+    Who may be signalled: anyone but the server's own process, 0 and 1 until
+    ``set_worker_pids`` names the workers; the agent names them (an empty set while it has none).
+    Every field of a request is checked; a bad line is logged (rate-limited) and skipped, and
+    never affects another process's timers.
     """
 
     def __init__(self, file_path, run_id="", max_interval=0.1, daemon=True, *, use_pidfd=None):
@@ -2686,23 +3000,32 @@ class FileTimerServer:
         self._timers = {}        # (pid, scope_id) -> (expiration_time, signal)
         self._expired = []       # (pid, scope_id, expiration_time) signalled, not yet popped
         self._allowed = None     # worker pids (session leaders) we may signal; None = any
+        self._starting = False   # workers are being started: hold, don't refuse, pids not yet named
+        self._held = set()       # pids with expired timers held until the workers are named
+        self._recheck = False    # the allowed set changed: the thread re-judges every timer
         self._thread = None
         self._stopping = False
-        self._fifo = self._wake_r = self._wake_w = None
+        self._fifo = self._wake_r = self._wake_w = self._lock_fd = None
         self._pidfds = {}        # pid -> pidfd (watched for the process's exit)
         self._use_pidfd = hasattr(os, "pidfd_open") if use_pidfd is None else use_pidfd
         self._bad_lines = 0
         self._request_count = 0  # well-formed requests read (acquire and release)
         self._last_progress_time = time.time()
+        self._complaints = _Throttle()
 
     # -- agent-facing API
     def start(self):
         if self._thread is not None:
             raise RuntimeError("FileTimerServer already started")
-        _make_fifo(self.file_path)
-        # O_RDWR: we are a writer too, so open never blocks for a writer and reads never see EOF
-        # when the last worker closes its end.
-        self._fifo = os.open(self.file_path, os.O_RDWR | os.O_NONBLOCK)
+        self._lock_fd = _claim_timer_file(self.file_path)
+        try:
+            _make_fifo(self.file_path)
+            # O_RDWR: we are a writer too, so open never blocks for a writer and reads never see
+            # EOF when the last worker closes its end.
+            self._fifo = os.open(self.file_path, os.O_RDWR | os.O_NONBLOCK)
+        except BaseException:
+            self._release_lock()
+            raise
         self._wake_r, self._wake_w = os.pipe()
         os.set_blocking(self._wake_r, False)
         os.set_blocking(self._wake_w, False)
@@ -2717,10 +3040,7 @@ class FileTimerServer:
         if thread is None:
             return
         self._stopping = True
-        try:
-            os.write(self._wake_w, b"x")
-        except OSError:
-            pass
+        self._wake()
         thread.join()
         for fd in [self._fifo, self._wake_r, self._wake_w] + list(self._pidfds.values()):
             try:
@@ -2730,18 +3050,30 @@ class FileTimerServer:
         self._pidfds.clear()
         with self._cond:
             self._timers.clear()
+            self._held.clear()
         self._fifo = self._wake_r = self._wake_w = None
+        self._complaints.flush()
         import stat
         try:
+            # only while we hold the lock: the path is ours, not a successor's
             if stat.S_ISFIFO(os.lstat(self.file_path).st_mode):
                 os.unlink(self.file_path)
         except OSError:
             pass
+        self._release_lock()
 
-    def set_worker_pids(self, pids):
-        """Only signal these workers and processes in their sessions (None: anyone but us, 0, 1)."""
+    def set_worker_pids(self, pids, starting=False):
+        """Only signal these workers and processes in their sessions (None: anyone but us, 0, 1).
+        May be called before ``start()``, so that no request is ever judged by the default.
+
+        ``starting=True`` while workers are being started: a timer of a pid not yet named is kept,
+        and fires once the next call names it (it is refused if that call does not).
+        """
         with self._cond:
             self._allowed = None if pids is None else frozenset(int(p) for p in pids)
+            self._starting = bool(starting) and pids is not None
+            self._recheck = True
+        self._wake()
 
     def pop_expired(self):
         """Timers that made the server signal a process since the last call: [(pid, scope, time)]."""
@@ -2763,6 +3095,26 @@ class FileTimerServer:
             return self._cond.wait_for(predicate, timeout)
 
     # -- the watchdog thread
+    def _wake(self):
+        if self._wake_w is not None:
+            try:
+                os.write(self._wake_w, b"x")
+            except OSError:  # full: a wake-up is pending anyway
+                pass
+
+    def _release_lock(self):
+        fd, self._lock_fd = self._lock_fd, None
+        if fd is None:
+            return
+        try:
+            st = os.stat(self.file_path + ".lock", follow_symlinks=False)
+            mine = os.fstat(fd)
+            if (st.st_dev, st.st_ino) == (mine.st_dev, mine.st_ino):
+                os.unlink(self.file_path + ".lock")  # unlinked while still locked: see _claim_timer_file
+        except OSError:
+            pass
+        os.close(fd)
+
     def _loop(self):
         import select
         poller = select.poll()
@@ -2770,62 +3122,79 @@ class FileTimerServer:
         poller.register(self._wake_r, select.POLLIN)
         pending = b""
         while not self._stopping:
-            timeout = self._poll_timeout()
             try:
-                events = poller.poll(None if timeout is None else max(0, int(timeout * 1000) + 1))
-            except InterruptedError:
-                events = []
-            for fd, _ in events:
-                if fd == self._fifo:
-                    pending = self._read_requests(pending, poller)
-                elif fd == self._wake_r:
-                    try:
-                        os.read(self._wake_r, 512)
-                    except OSError:
-                        pass
-                else:
-                    self._process_exited(fd, poller)
-            try:
-                self._expire(time.time(), poller)
-                if not self._use_pidfd:
-                    self._drop_dead(poller)
-            except Exception:  # the watchdog must outlive any single bad case
-                log.exception("file timer: watchdog pass failed")
+                pending = self._pass(poller, pending)
+            except Exception as e:  # the watchdog must outlive any single bad case
+                self._complaints.warn("file timer: watchdog pass failed: %s: %s", type(e).__name__, e)
+                import select
+                select.select([self._wake_r], [], [], self.max_interval)  # no busy loop; stop() wakes it
             with self._cond:
                 self._last_progress_time = time.time()
                 self._cond.notify_all()
 
+    def _pass(self, poller, pending):
+        timeout = self._poll_timeout()
+        try:
+            events = poller.poll(None if timeout is None else max(0, int(timeout * 1000) + 1))
+        except InterruptedError:
+            events = []
+        for fd, _ in events:
+            if fd == self._fifo:
+                pending = self._read_requests(pending, poller)
+            elif fd == self._wake_r:
+                try:
+                    os.read(self._wake_r, 512)
+                except OSError:
+                    pass
+            else:
+                self._process_exited(fd, poller)
+        with self._cond:
+            recheck, self._recheck = self._recheck, False
+        if recheck:
+            self._judge_all(poller)
+        self._expire(time.time(), poller)
+        if not self._use_pidfd:
+            self._drop_dead(poller)
+        if self._complaints.due() == 0:
+            self._complaints.flush()
+        return pending
+
     def _poll_timeout(self):
         with self._cond:
-            if not self._timers:
-                return None
-            nearest = min(exp for exp, _ in self._timers.values())
+            times = [exp for (pid, _), (exp, _) in self._timers.items() if pid not in self._held]
+        summary = self._complaints.due()
+        if not times:
+            return summary
         # Cap the sleep: the wall clock may jump, and without pidfds liveness is checked by polling.
         cap = 1.0 if self._use_pidfd else self.max_interval
-        return min(max(0.0, nearest - time.time()), cap)
+        timeout = min(max(0.0, min(times) - time.time()), cap)
+        return timeout if summary is None else min(timeout, summary)
 
     def _read_requests(self, pending, poller):
-        while True:
+        # At most 16 reads a pass: a writer that never stops can delay expiries by one pass only,
+        # and a line with no end costs at most _MAX_PENDING bytes.
+        for _ in range(16):
             try:
                 chunk = os.read(self._fifo, 65536)
             except (BlockingIOError, InterruptedError):
                 break
             if not chunk:
                 break
-            pending += chunk
-        *lines, pending = pending.split(b"\n")
-        for line in lines:
-            if line.strip():
-                self._handle_line(line, poller)
-        if len(pending) > _MAX_PENDING:
-            self._malformed(pending, "line too long")
-            pending = b""
+            *lines, pending = (pending + chunk).split(b"\n")
+            for line in lines:
+                if line.strip():
+                    try:
+                        self._handle_line(line, poller)
+                    except Exception as e:  # one bad line never stops the others
+                        self._malformed(line, "%s: %s" % (type(e).__name__, e))
+            if len(pending) > _MAX_PENDING:
+                self._malformed(pending, "line too long")
+                pending = b""
         return pending
 
     def _malformed(self, line, why):
         self._bad_lines += 1
-        if self._bad_lines <= 100:  # a writer spewing garbage must not flood the agent's log
-            log.warning("file timer: skipped a malformed request (%s): %r", why, line[:120])
+        self._complaints.warn("file timer: skipped a malformed request (%s): %r", why, line[:120])
 
     def _handle_line(self, line, poller):
         import json
@@ -2840,23 +3209,59 @@ class FileTimerServer:
         if req.get("version", 1) != 1:
             return self._malformed(line, "unsupported version")
         if not _is_int(pid) or not isinstance(scope, str) or not _is_int(sig) \
-                or not isinstance(exp, (int, float)) or isinstance(exp, bool) or exp != exp:
+                or not isinstance(exp, (int, float)) or isinstance(exp, bool):
             return self._malformed(line, "missing or mistyped field")
+        if not -_PID_T_MAX <= pid <= _PID_T_MAX:
+            return self._malformed(line, "pid out of range")
+        if not -_PID_T_MAX <= sig < _NSIG:
+            return self._malformed(line, "not a signal number")
+        try:
+            exp = float(exp)
+        except OverflowError:
+            return self._malformed(line, "expiration_time out of range")
+        if exp != exp:  # +inf is allowed: a timer that never fires (torch takes it too)
+            return self._malformed(line, "expiration_time is NaN")
         with self._cond:  # one step for observers: counted and applied together
             self._request_count += 1
-            self._apply(pid, scope, float(exp), sig, poller)
+            self._apply(pid, scope, exp, sig, poller)
 
     def _apply(self, pid, scope, exp, sig, poller):
         if exp < 0:
             self._timers.pop((pid, scope), None)
             if not any(p == pid for p, _ in self._timers):
                 self._unwatch(pid, poller)
+                self._held.discard(pid)
         elif pid <= 1 or pid == os.getpid():
-            log.warning("file timer: refused a timer for pid %d (scope %s): never signalled", pid, scope)
+            self._complaints.warn("file timer: refused a timer for pid %d (scope %s): never signalled",
+                                  pid, scope)
+        elif not self._starting and not self._may_signal(pid):
+            self._complaints.warn("file timer: refused a timer for pid %d (scope %s): not a worker of "
+                                  "this agent", pid, scope)
+        elif (pid, scope) not in self._timers and \
+                sum(1 for p, _ in self._timers if p == pid) >= _MAX_TIMERS_PER_PID:
+            self._complaints.warn("file timer: refused a timer for pid %d (scope %s): it holds %d "
+                                  "already", pid, scope, _MAX_TIMERS_PER_PID)
         elif not self._watch(pid, poller):
             log.debug("file timer: pid %d is gone, ignored its timer %s", pid, scope)
         else:
             self._timers[(pid, scope)] = (exp, sig)
+
+    def _judge_all(self, poller):
+        """After the allowed set changed: release what was held, refuse what is not a worker's."""
+        with self._cond:
+            held, self._held = self._held, set()
+            if self._starting:
+                return
+            pids = {pid for pid, _ in self._timers}
+        for pid in pids:
+            if self._may_signal(pid):
+                continue
+            if pid in held:  # it overran while the workers were being named
+                self._complaints.warn("file timer: pid %d overran a scope but is not a worker of "
+                                      "this agent; refused, not signalled", pid)
+            else:  # most often a worker of the last round, being stopped
+                log.debug("file timer: dropped the timers of pid %d: not a worker (any more)", pid)
+            self._drop_pid(pid, poller)
 
     def _watch(self, pid, poller):
         """Start watching pid's exit; False when it is already dead."""
@@ -2893,6 +3298,7 @@ class FileTimerServer:
         with self._cond:
             for key in [k for k in self._timers if k[0] == pid]:
                 del self._timers[key]
+            self._held.discard(pid)
         self._unwatch(pid, poller)
 
     def _drop_dead(self, poller):
@@ -2915,33 +3321,46 @@ class FileTimerServer:
         with self._cond:
             due = {}
             for (pid, scope), (exp, sig) in self._timers.items():
-                if exp <= now:
+                if exp <= now and pid not in self._held:
                     due.setdefault(pid, []).append((exp, scope, sig))
         for pid, timers in due.items():
-            timers.sort()
-            exp, scope, sig = next((t for t in timers if t[2] > 0), timers[0])
-            if sig <= 0:
-                log.warning("file timer: pid %d overran scope %s (no signal requested)", pid, scope)
-                with self._cond:
-                    for _, s, _ in timers:
-                        self._timers.pop((pid, s), None)
-                continue
-            if not self._may_signal(pid):
-                log.warning("file timer: pid %d overran scope %s but is not a worker of this agent; "
-                            "not signalled", pid, scope)
+            try:
+                self._expire_pid(pid, timers, now, poller)
+            except Exception as e:  # dropped, so it cannot fail again on every pass
+                self._complaints.warn("file timer: could not expire pid %d's timers: %s: %s",
+                                      pid, type(e).__name__, e)
                 self._drop_pid(pid, poller)
-                continue
-            record = (pid, scope, exp)
-            with self._cond:  # recorded first: the agent may see the death before we return
-                self._expired.append(record)
-            sent = self._signal(pid, sig)
-            if not sent:
-                with self._cond:
-                    if record in self._expired:
-                        self._expired.remove(record)
-            log.warning("file timer: pid %d overran scope %s by %.3fs; %s %s", pid, scope, now - exp,
-                        "sent" if sent else "could not send", _signal_name(sig))
+
+    def _expire_pid(self, pid, timers, now, poller):
+        timers.sort()
+        exp, scope, sig = next((t for t in timers if t[2] > 0), timers[0])
+        if sig <= 0:
+            log.warning("file timer: pid %d overran scope %s (no signal requested)", pid, scope)
+            with self._cond:
+                for _, s, _ in timers:
+                    self._timers.pop((pid, s), None)
+            return
+        with self._cond:
+            may, starting = self._may_signal(pid), self._starting
+            if not may and starting:  # perhaps a worker whose pid the agent has not named yet
+                self._held.add(pid)
+                return
+        if not may:
+            self._complaints.warn("file timer: pid %d overran scope %s but is not a worker of this "
+                                  "agent; refused, not signalled", pid, scope)
             self._drop_pid(pid, poller)
+            return
+        record = (pid, scope, exp)
+        with self._cond:  # recorded first: the agent may see the death before we return
+            self._expired.append(record)
+        sent = self._signal(pid, sig)
+        if not sent:
+            with self._cond:
+                if record in self._expired:
+                    self._expired.remove(record)
+        log.warning("file timer: pid %d overran scope %s by %.3fs; %s %s", pid, scope, now - exp,
+                    "sent" if sent else "could not send", _signal_name(sig))
+        self._drop_pid(pid, poller)
 
     def _signal(self, pid, sig):
         fd = self._pidfds.get(pid)
@@ -2959,7 +3378,9 @@ class FileTimerServer:
 
 
 def _make_fifo(path):
-    """A new named pipe at `path` (mode 0600), replacing a stale one; ValueError for another file."""
+    """A new named pipe at `path` (mode 0600), replacing a stale one; ValueError for another kind of
+    file, _TimerFileBusy when a live server reads the pipe there."""
+    import errno
     import stat
     try:
         st = os.lstat(path)
@@ -2968,7 +3389,17 @@ def _make_fifo(path):
     else:
         if not stat.S_ISFIFO(st.st_mode):
             raise ValueError("timer file %s exists and is not a named pipe" % path)
-        os.unlink(path)  # a stale pipe from an earlier run
+        # Someone reading it is a live server (torch's own, or one that takes no lock): ours
+        # would take its pipe away and break its workers with BrokenPipeError.
+        try:
+            probe = os.open(path, os.O_WRONLY | os.O_NONBLOCK)
+        except OSError as e:
+            if e.errno != errno.ENXIO:  # ENXIO: no reader, a stale pipe of a dead server
+                raise
+        else:
+            os.close(probe)
+            raise _TimerFileBusy(_busy_message(path, None))
+        os.unlink(path)
     os.mkfifo(path, 0o600)
 
 
@@ -2993,61 +3424,6 @@ def _is_int(x):
 
 # ------------------------------------------------------------------------------------- Health check
 
-_HEALTH_CLASSES = []  # (handler class, server class), built on first use: http.server costs import time
-
-
-def _health_classes():
-    """The HTTP handler and server classes, defined on first use so that importing elastic (and
-    every launcher start without a health-check port) never pays for http.server."""
-    if _HEALTH_CLASSES:
-        return _HEALTH_CLASSES[0]
-    import http.server
-    import json
-    import socketserver
-
-    class _HealthHandler(http.server.BaseHTTPRequestHandler):
-        server_version = "elasticrun"
-        timeout = 10  # a client that connects and says nothing does not hold a thread for ever
-
-        def do_GET(self):
-            if self.path.split("?", 1)[0] != "/healthz":
-                return self._reply(404, {"error": "not found: try GET /healthz"})
-            try:
-                healthy, status = self.server.status_fn()
-                body = dict(status)
-                body["healthy"] = bool(healthy)
-            except Exception as e:  # a broken status callback is an unhealthy agent, not a dead server
-                healthy, body = False, {"healthy": False, "error": "%s: %s" % (type(e).__name__, e)}
-            self._reply(200 if healthy else 503, body)
-
-        def _reply(self, code, body):
-            data = (json.dumps(body, default=str, sort_keys=True) + "\n").encode("utf-8")
-            self.send_response(code)
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(data)))
-            self.send_header("Cache-Control", "no-store")
-            self.end_headers()
-            self.wfile.write(data)
-
-        def address_string(self):  # never a reverse lookup
-            return str(self.client_address[0])
-
-        def log_message(self, fmt, *args):
-            log.debug("healthz: %s %s", self.address_string(), fmt % args)
-
-    class _HealthHTTPServer(http.server.ThreadingHTTPServer):
-        daemon_threads = True
-        block_on_close = False
-
-        def server_bind(self):
-            # HTTPServer.server_bind calls socket.getfqdn(), a DNS lookup: bind without it.
-            socketserver.TCPServer.server_bind(self)
-            self.server_name, self.server_port = str(self.server_address[0]), self.server_address[1]
-
-    _HEALTH_CLASSES.append((_HealthHandler, _HealthHTTPServer))
-    return _HEALTH_CLASSES[0]
-
-
 def _health_status_fn(agent):
     """``status_fn`` for ``_HealthServer`` reading an agent's public fields (no locks needed)."""
     def status():
@@ -3063,59 +3439,224 @@ def _health_status_fn(agent):
     return status
 
 
+_HEALTH_REQUEST_TIMEOUT = 5.0  # seconds a client has to send its request and take the answer
+_HEALTH_MAX_CONNECTIONS = 64   # open at once; a new one pushes out the oldest
+_HEALTH_MAX_REQUEST = 8192     # bytes of request line and headers
+_HTTP_REASONS = {200: "OK", 400: "Bad Request", 404: "Not Found", 405: "Method Not Allowed",
+                 431: "Request Header Fields Too Large", 503: "Service Unavailable"}
+
+
+class _HealthConn:
+    """One client of ``_HealthServer``: the request read so far, the answer not yet sent."""
+
+    def __init__(self, sock, deadline):
+        self.sock = sock
+        self.deadline = deadline
+        self.inbox = b""
+        self.outbox = None   # bytes still to send once the request is answered
+        self.draining = False  # answered and shut for writing: reading until the client closes
+
+
 class _HealthServer:
     """``GET /healthz`` on ``port`` (0: a free one, read back from ``.port`` after ``start()``).
 
     ``status_fn() -> (healthy, {"state", "restart_count", "group_rank", "world_size",
     "last_progress_time", ...})`` runs on the server's thread for each request, so it must only read
     the agent's state (no locks held long). Answers 200 when healthy, else 503; JSON either way.
+
+    One thread serves every client from a selector with non-blocking sockets: each connection has
+    ``request_timeout`` seconds to send its request and take the answer, at most
+    ``max_connections`` are open at once (a new one pushes out the oldest), so slow or idle clients
+    cost neither threads nor the answers of others. HTTP/1.0, one request per connection.
     """
 
-    def __init__(self, port, status_fn, host="0.0.0.0"):
+    def __init__(self, port, status_fn, host="0.0.0.0", request_timeout=_HEALTH_REQUEST_TIMEOUT,
+                 max_connections=_HEALTH_MAX_CONNECTIONS):
+        if not request_timeout > 0:
+            raise ValueError("request_timeout must be a positive number of seconds, got %r"
+                             % (request_timeout,))
+        if max_connections < 1:
+            raise ValueError("max_connections must be at least 1, got %r" % (max_connections,))
         self.host = host
         self.port = int(port)
         self.status_fn = status_fn
-        self._server = None
+        self.request_timeout = float(request_timeout)
+        self.max_connections = int(max_connections)
+        self._listener = None
         self._thread = None
 
     def start(self):
         import socket
         import threading
-        handler, cls = _health_classes()
-        if ":" in self.host:
-            cls = type("_HealthHTTPServer6", (cls,), {"address_family": socket.AF_INET6})
-        self._server = cls((self.host, self.port), handler)
-        self._server.status_fn = self.status_fn
-        self._server.timeout = 0  # handle_request() below only runs when a connection is waiting
-        self.port = self._server.server_address[1]
+        family = socket.AF_INET6 if ":" in self.host else socket.AF_INET
+        listener = socket.socket(family, socket.SOCK_STREAM)
+        try:
+            listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            listener.bind((self.host, self.port))  # a literal address: no name lookup
+            listener.listen(128)
+            listener.setblocking(False)
+        except BaseException:
+            listener.close()
+            raise
+        self._listener = listener
+        self.port = listener.getsockname()[1]
         self._wake_r, self._wake_w = socket.socketpair()
         self._thread = threading.Thread(target=self._serve, name="elastic-healthz", daemon=True)
         self._thread.start()
         log.info("health check on http://%s:%d/healthz", self.host, self.port)
 
-    def _serve(self):
-        # Our own loop instead of serve_forever(): that one polls for shutdown every poll_interval,
-        # this one sleeps until a client or stop() wakes it, so stop() returns at once.
-        import selectors
-        with selectors.DefaultSelector() as sel:
-            sel.register(self._server, selectors.EVENT_READ)
-            sel.register(self._wake_r, selectors.EVENT_READ)
-            while True:
-                ready = sel.select()
-                if any(key.fileobj is self._wake_r for key, _ in ready):
-                    return
-                self._server.handle_request()  # accepts and hands the connection to a thread
-
     def stop(self):
-        server, self._server = self._server, None
-        if server is None:
+        listener, self._listener = self._listener, None
+        if listener is None:
             return
         self._wake_w.send(b"x")
         self._thread.join()
-        server.server_close()
+        listener.close()
         self._wake_r.close()
         self._wake_w.close()
         self._thread = None
+
+    # -- the serving thread
+    def _serve(self):
+        import selectors
+        conns = {}   # socket -> _HealthConn
+        paused_until = None  # accept() failed for want of descriptors: retry at this time
+        sel = selectors.DefaultSelector()
+        try:
+            sel.register(self._listener, selectors.EVENT_READ)
+            sel.register(self._wake_r, selectors.EVENT_READ)
+            while True:
+                now = time.monotonic()
+                wake_at = [c.deadline for c in conns.values()]
+                if paused_until is not None:
+                    wake_at.append(paused_until)
+                timeout = max(0.0, min(wake_at) - now) if wake_at else None
+                for key, events in sel.select(timeout):
+                    if key.fileobj is self._wake_r:
+                        return
+                    if key.fileobj is self._listener:
+                        if not self._accept(sel, conns):
+                            sel.unregister(self._listener)
+                            paused_until = time.monotonic() + 0.1
+                        continue
+                    conn = conns.get(key.fileobj)
+                    if conn is not None:
+                        self._step(sel, conns, conn, events)
+                now = time.monotonic()
+                for conn in [c for c in conns.values() if c.deadline <= now]:
+                    self._close(sel, conns, conn)   # too slow: dropped unanswered
+                if paused_until is not None and now >= paused_until:
+                    paused_until = None
+                    sel.register(self._listener, selectors.EVENT_READ)
+        finally:
+            for conn in list(conns.values()):
+                self._close(sel, conns, conn)
+            sel.close()
+
+    def _accept(self, sel, conns):
+        """Take every waiting connection; False when out of descriptors (pause accepting)."""
+        import errno
+        import selectors
+        while True:
+            try:
+                sock, _ = self._listener.accept()
+            except (BlockingIOError, InterruptedError, ConnectionAbortedError):
+                return True
+            except OSError as e:
+                if e.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
+                    log.debug("healthz: cannot accept (%s); dropping the oldest client", e)
+                    if conns:
+                        self._close(sel, conns, min(conns.values(), key=lambda c: c.deadline))
+                    return False
+                log.debug("healthz: accept failed: %s", e)
+                return True
+            sock.setblocking(False)
+            if len(conns) >= self.max_connections:
+                self._close(sel, conns, min(conns.values(), key=lambda c: c.deadline))
+            conn = _HealthConn(sock, time.monotonic() + self.request_timeout)
+            conns[sock] = conn
+            sel.register(sock, selectors.EVENT_READ)
+
+    def _step(self, sel, conns, conn, events):
+        import selectors
+        import socket
+        if events & selectors.EVENT_READ:
+            try:
+                data = conn.sock.recv(65536)
+            except (BlockingIOError, InterruptedError):
+                data = None
+            except OSError:
+                return self._close(sel, conns, conn)
+            if data == b"":
+                return self._close(sel, conns, conn)
+            if data and not conn.draining and conn.outbox is None:
+                conn.inbox += data
+                answer = self._answer(conn.inbox)
+                if answer is not None:
+                    conn.inbox, conn.outbox = b"", answer
+                    sel.modify(conn.sock, selectors.EVENT_READ | selectors.EVENT_WRITE)
+        if conn.outbox:
+            try:
+                sent = conn.sock.send(conn.outbox)
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError:
+                return self._close(sel, conns, conn)
+            conn.outbox = conn.outbox[sent:]
+            if not conn.outbox:
+                # Shut our side and read until the client closes: closing with its bytes unread
+                # would send a reset that can destroy the answer before the client reads it.
+                try:
+                    conn.sock.shutdown(socket.SHUT_WR)
+                except OSError:
+                    return self._close(sel, conns, conn)
+                conn.draining = True
+                sel.modify(conn.sock, selectors.EVENT_READ)
+
+    def _close(self, sel, conns, conn):
+        conns.pop(conn.sock, None)
+        try:
+            sel.unregister(conn.sock)
+        except (KeyError, ValueError):
+            pass
+        conn.sock.close()
+
+    def _answer(self, data):
+        """The whole response for the request in ``data``, or None while its headers are incomplete."""
+        end = data.find(b"\r\n\r\n")
+        if end < 0:
+            end = data.find(b"\n\n")
+        if end < 0:
+            if len(data) > _HEALTH_MAX_REQUEST:
+                return self._response(431, {"error": "request headers too large"})
+            return None
+        if end > _HEALTH_MAX_REQUEST:
+            return self._response(431, {"error": "request headers too large"})
+        parts = data[:end].split(b"\n", 1)[0].strip().split()
+        if len(parts) != 3 or not parts[2].startswith(b"HTTP/"):
+            return self._response(400, {"error": "bad request line"})
+        method, target = parts[0], parts[1]
+        if method not in (b"GET", b"HEAD"):
+            return self._response(405, {"error": "only GET /healthz is served"},
+                                  extra=b"Allow: GET, HEAD\r\n")
+        if target.split(b"?", 1)[0] != b"/healthz":
+            return self._response(404, {"error": "not found: try GET /healthz"}, head=method == b"HEAD")
+        try:
+            healthy, status = self.status_fn()
+            body = dict(status)
+            body["healthy"] = bool(healthy)
+        except Exception as e:  # a broken status callback is an unhealthy agent, not a dead server
+            healthy, body = False, {"healthy": False, "error": "%s: %s" % (type(e).__name__, e)}
+        return self._response(200 if healthy else 503, body, head=method == b"HEAD")
+
+    @staticmethod
+    def _response(code, body, head=False, extra=b""):
+        import json
+        data = (json.dumps(body, default=str, sort_keys=True) + "\n").encode("utf-8")
+        header = ("HTTP/1.0 %d %s\r\nServer: elasticrun\r\nContent-Type: application/json\r\n"
+                  "Content-Length: %d\r\nCache-Control: no-store\r\nConnection: close\r\n"
+                  % (code, _HTTP_REASONS[code], len(data))).encode("ascii")
+        return header + extra + b"\r\n" + (b"" if head else data)
 
 
 # -------------------------------------------------------------------------------------------- Slurm
@@ -3255,7 +3796,7 @@ _OPTIONS = [
     (("--nnodes",), "nnodes", "str", "1", "node count N or MIN:MAX (elastic when MIN<MAX)"),
     (("--nproc-per-node", "--nproc_per_node"), "nproc_per_node", "str", "1",
      "workers per node: N, auto, cpu or gpu"),
-    (("--rdzv-backend", "--rdzv_backend"), "rdzv_backend", "str", "static", "c10d (alias store), etcd, static"),
+    (("--rdzv-backend", "--rdzv_backend"), "rdzv_backend", "str", "static", "/".join(_rdzv._BACKENDS)),
     (("--rdzv-endpoint", "--rdzv_endpoint"), "rdzv_endpoint", "str", "", "HOST[:PORT] of the rendezvous"),
     (("--rdzv-id", "--rdzv_id"), "rdzv_id", "str", "none", "run id; jobs with different ids never mix"),
     (("--rdzv-conf", "--rdzv_conf"), "rdzv_conf", "str", "", "k=v,... rendezvous settings"),
@@ -3953,6 +4494,9 @@ def _run_job(c, stop, server, environ):
     except _rdzv.RendezvousError as e:
         log.error("rendezvous failed: %s", e)
         return 1
+    except _TimerFileBusy as e:
+        sys.stderr.write("elasticrun: error: %s\n" % e)
+        return 2
     except (ElasticError, OSError) as e:
         if isinstance(e, _SignalStop):
             raise

@@ -24,6 +24,21 @@ desired)`` sets ``desired`` when the current value equals ``expected`` (or when 
 ``expected`` is empty) and returns the value the key now has (``expected`` itself when the key is
 missing and ``expected`` is not empty).
 
+Queues, as in torch 2.x: ``queue_push(key, value)`` appends, ``queue_pop(key, block=True,
+timeout=None)`` removes the oldest value (waiting for one, or ``QueueEmptyError`` at once with
+``block=False``), ``queue_len(key)`` counts. A queue lives beside the keys, not among them: ``get``,
+``num_keys`` and ``delete_key`` never see it, while ``check`` and ``wait`` take a non-empty queue for
+its key existing (torch's rule). Each value goes to exactly one pop; pops that wait are served
+oldest first, and every ``wait`` on the key wakes (torch's wakes one). ``clone()`` is another
+client on its own connection; ``has_extended_api()`` is True; ``list_keys()`` names every key (not
+the queues); ``barrier(key, world_size, timeout=None)`` returns once ``world_size`` callers came. Errors are ``RuntimeError``s, as
+torch's are; a timeout reads like torch's (``wait timeout after 100ms, keys: k``).
+
+Connecting retries until the timeout while the host name does not resolve (pods and DNS records
+often appear after the job starts) or the server refuses or can't be reached, and a wait longer than
+about 2 s is told on this module's logger (WARNING), then about every 10 s: "store gpu07:29400
+refuses connections (retrying, 590 s left)", "store host gpu07 does not resolve yet (...)".
+
 A client is one socket shared by all the threads that use it. When its connection ends (the server
 went away, ``close()``, or a request interrupted by Ctrl-C while part of a frame may have been sent
 or a reply lost), every later call raises ``StoreConnectionError`` saying which; a request
@@ -59,14 +74,21 @@ that many ``bytes`` fields::
     MSET   9   count:u32 (key value)*                 -
     APPEND 10  key value                              -
     EPHEMERAL 11 key value                            -   (only when features has bit 0)
+    QPUSH  13  key value                              -                    (only when features has bit 3)
+    QPOP   14  timeout_ms:i64 key                     the oldest value     (bit 3; TIMEOUT: still empty)
+    QLEN   15  key                                    queue length:i64     (bit 3)
+    LIST   16  -                                      keys: every key name (bit 4)
 
     reply status: OK 0 (result follows), TIMEOUT 1, ERROR 2 (a UTF-8 message follows)
     welcome/verdict status: READY 0, PROOF 1, VERSION 2 (mismatch), BUSY 3 (connection limit), REFUSED 4
 
 ``features`` follows READY (in the welcome, or in the verdict after a proof); bit 0 says the server
-knows EPHEMERAL, bit 1 that an offer of the same-host socket follows (below). A server older than
-EPHEMERAL sends no features byte (and closes a connection that sends it an unknown op), so the client
-checks the bit and refuses ``set_ephemeral`` with a clear ``StoreError`` instead of sending it.
+knows EPHEMERAL, bit 1 that an offer of the same-host socket follows (below), bit 3 that it knows
+the queue ops, bit 4 that it knows LIST. A server older than EPHEMERAL sends no features byte (and
+closes a connection that sends it an unknown op), so the client checks the bit and refuses
+``set_ephemeral``, a queue op or ``list_keys`` with a clear ``StoreError`` instead of sending it. A
+QPOP with a timeout is parked like a GET and answered by the QPUSH that hands it its value; with
+``timeout_ms`` 0 it is answered at once.
 EPHEMERAL is SET with the key bound to the sending connection: the server deletes the key when that
 connection closes (``close()``, or the client process dies and its kernel closes the socket), unless
 a later write by anyone (SET, ADD, CAS, APPEND, MSET) made it an ordinary key first, or another
@@ -108,17 +130,19 @@ gets ``StoreAuthError`` and nothing else.
 Sections, in order: Errors and wire format, Server, Client, Command line.
 
 Private helpers the upper modules (``rendezvous``, ``elastic``) may use, and no others: ``_seconds``
-(a timeout argument checked), ``_keepalive`` (TCP keepalive on a socket), ``_recv_exactly`` (n bytes or
-``EOFError``), ``_read_token_file``. A helper two modules need lives here, in the lowest one.
+(a timeout given in seconds or as a ``timedelta``), ``_Pace`` (when a long wait should tell a person
+about itself), ``_keepalive`` (TCP keepalive on a socket), ``_recv_exactly`` (n bytes or ``EOFError``),
+``_read_token_file``. A helper two modules need lives here, in the lowest one.
 """
 
 __version__ = "0.1.0"
 __all__ = [
     "TCPStore", "PrefixStore", "StoreServer",
-    "StoreError", "StoreTimeout", "StoreConnectionError", "StoreAuthError",
+    "StoreError", "StoreTimeout", "StoreConnectionError", "StoreAuthError", "QueueEmptyError",
     "MAX_KEY_SIZE", "MAX_VALUE_SIZE", "MAX_FRAME_SIZE", "PROTOCOL_VERSION", "HANDSHAKE_TIMEOUT",
 ]
 
+import collections
 import errno
 import heapq
 import logging
@@ -132,6 +156,14 @@ import sys
 import threading
 import time
 import weakref
+
+# Python 3.6 and 3.7 must reach this check, so this file keeps to syntax 3.6 can parse.
+if sys.version_info < (3, 8):
+    _OLD = "store needs Python 3.8 or newer, this is Python %s" % sys.version.split()[0]
+    if __name__ == "__main__":   # the command line: one line and the status of a bad environment
+        sys.stderr.write(_OLD + "\n")
+        sys.exit(2)
+    raise ImportError(_OLD)
 
 log = logging.getLogger(__name__)
 
@@ -152,7 +184,10 @@ _CHALLENGE_SIZE = 32
 _SET, _GET, _ADD, _CAS, _WAIT, _CHECK, _DELETE, _COUNT, _MSET, _APPEND, _EPHEMERAL = range(1, 12)
 _F_EPHEMERAL = 1                  # features bit: the server knows EPHEMERAL
 _F_LOCAL = 2                      # features bit: an offer of the same-host socket follows
-_FEATURES = _F_EPHEMERAL          # what this server sends after READY
+_QPUSH, _QPOP, _QLEN, _LIST = 13, 14, 15, 16
+_F_QUEUE = 8                      # features bit: the server knows QPUSH, QPOP and QLEN
+_F_LIST = 16                      # features bit: the server knows LIST
+_FEATURES = _F_EPHEMERAL | _F_QUEUE | _F_LIST   # what this server sends after READY
 _LOCAL_MAGIC = b"EKVL"            # the hello on the same-host socket
 _TICKET_SIZE = 16                 # random bytes that let one same-host connection in, once
 _OK, _TIMEOUT, _ERROR = 0, 1, 2
@@ -168,8 +203,9 @@ _LONGEST = 365 * 86400.0           # the longest a client waits for a reply, how
 _ADD_REPLY = struct.Struct(">IBIq")
 
 
-class StoreError(Exception):
-    """Root of this module's errors."""
+class StoreError(RuntimeError):
+    """Root of this module's errors. A ``RuntimeError``, as torch's store errors are, so code written
+    for torch (``except RuntimeError``) catches ours."""
 
 
 class StoreTimeout(StoreError, TimeoutError):
@@ -182,6 +218,10 @@ class StoreConnectionError(StoreError, ConnectionError):
 
 class StoreAuthError(StoreError):
     """The server requires a token and ours was missing or wrong."""
+
+
+class QueueEmptyError(StoreError):
+    """``queue_pop(key, block=False)`` found the queue empty (torch's ``QueueEmptyError``)."""
 
 
 class _Malformed(Exception):
@@ -363,6 +403,13 @@ class _Waiter:
         self.done = False
 
 
+class _Popper(_Waiter):
+    """A parked QPOP: handed the next value pushed to its queue (``keys`` holds its one key), or
+    TIMEOUT at its deadline."""
+
+    __slots__ = ()
+
+
 _WAKE = "wake"                    # the poller's object for the server's own wake-up socket
 _READ, _WRITE = 1, 4              # select.EPOLLIN, select.EPOLLOUT
 _READABLE = _READ | 0x8 | 0x10    # with EPOLLERR and EPOLLHUP: recv then tells what happened
@@ -465,6 +512,8 @@ class StoreServer:
         self._data = {}
         self._waiters = {}          # key -> {waiter: None}, an insertion-ordered set
         self._owners = {}           # ephemeral key -> the connection whose closing deletes it
+        self._queues = {}           # key -> deque of values pushed and not yet popped; never empty
+        self._poppers = {}          # key -> {parked QPOP: None}, the longest-waiting first
         self._deadlines = []        # heap of (deadline, seq, parked waiter or connection in its handshake)
         self._seq = 0
         self._conns = 0
@@ -477,7 +526,8 @@ class StoreServer:
             _SET: self._op_set, _GET: self._op_get, _ADD: self._op_add, _CAS: self._op_cas,
             _WAIT: self._op_wait, _CHECK: self._op_check, _DELETE: self._op_delete,
             _COUNT: self._op_count, _MSET: self._op_mset, _APPEND: self._op_append,
-            _EPHEMERAL: self._op_ephemeral,
+            _EPHEMERAL: self._op_ephemeral, _QPUSH: self._op_qpush, _QPOP: self._op_qpop,
+            _QLEN: self._op_qlen, _LIST: self._op_list,
         }
 
     @staticmethod
@@ -947,8 +997,9 @@ class StoreServer:
         r = _Reader(payload, _HEAD_SIZE)
         keys = r.keys()
         r.end()
-        data = self._data
-        return _HEAD.pack(_HEAD_SIZE + 1, _OK, rid) + (b"\x01" if all(k in data for k in keys) else b"\x00")
+        data, queues = self._data, self._queues   # a non-empty queue counts as its key existing, as in torch
+        return _HEAD.pack(_HEAD_SIZE + 1, _OK, rid) + (b"\x01" if all(k in data or k in queues for k in keys)
+                                                       else b"\x00")
 
     def _op_delete(self, conn, rid, payload):
         r = _Reader(payload, _HEAD_SIZE)
@@ -994,23 +1045,26 @@ class StoreServer:
         return None
 
     def _register(self, waiter):
-        """Park `waiter` on each of its missing keys; returns how many are missing."""
+        """Park `waiter` on each of its missing keys; returns how many are missing. A WAIT takes a
+        non-empty queue for its key existing (as torch's does); a GET wants values only."""
         data, waiters = self._data, self._waiters
+        queues = () if waiter.want_values else self._queues
         missing = 0
         for key in dict.fromkeys(waiter.keys):   # a key named twice is still one key to wait for
-            if key not in data:
+            if key not in data and key not in queues:
                 missing += 1
                 waiters.setdefault(key, {})[waiter] = None
         waiter.missing = missing
         return missing
 
     def _unpark(self, waiter):
+        table = self._poppers if waiter.__class__ is _Popper else self._waiters
         for key in waiter.keys:
-            parked = self._waiters.get(key)
+            parked = table.get(key)
             if parked is not None:
                 parked.pop(waiter, None)
                 if not parked:
-                    del self._waiters[key]
+                    del table[key]
 
     def _wake(self, key):
         for waiter in self._waiters.pop(key):
@@ -1040,6 +1094,67 @@ class StoreServer:
         else:
             body = b""
         return _HEAD.pack(_HEAD_SIZE + len(body), _OK, waiter.rid) + body
+
+    # queues: beside the keys, not among them (num_keys, get and delete_key never see one)
+
+    def _op_qpush(self, conn, rid, payload):
+        r = _Reader(payload, _HEAD_SIZE)
+        key, value = r.key(), r.value()
+        r.end()
+        poppers = self._poppers.get(key)
+        if poppers:   # the longest-waiting pop takes the value straight away
+            popper = next(iter(poppers))
+            popper.done = True
+            self._unpark(popper)
+            popper.conn.waiters.discard(popper)
+            popper.conn.wbuf += _HEAD.pack(_HEAD_SIZE + 4 + len(value), _OK, popper.rid) + _field(value)
+            self._dirty.append(popper.conn)
+        else:
+            queue = self._queues.get(key)
+            if queue is None:
+                queue = self._queues[key] = collections.deque()
+            queue.append(value)
+            if key in self._waiters:   # a WAIT on the key is answered by a non-empty queue
+                self._wake(key)
+        return _HEAD.pack(_HEAD_SIZE, _OK, rid)
+
+    def _op_qpop(self, conn, rid, payload):
+        r = _Reader(payload, _HEAD_SIZE)
+        timeout_ms = r.i64()
+        key = r.key()
+        r.end()
+        queue = self._queues.get(key)
+        if queue:
+            value = queue.popleft()
+            if not queue:
+                del self._queues[key]
+            return _HEAD.pack(_HEAD_SIZE + 4 + len(value), _OK, rid) + _field(value)
+        if timeout_ms == 0:
+            return _HEAD.pack(_HEAD_SIZE, _TIMEOUT, rid)
+        popper = _Popper(conn, rid, [key], False)
+        self._poppers.setdefault(key, {})[popper] = None
+        conn.waiters.add(popper)
+        if timeout_ms > 0:
+            self._seq += 1
+            heapq.heappush(self._deadlines, (time.monotonic() + timeout_ms / 1000.0, self._seq, popper))
+        return None
+
+    def _op_list(self, conn, rid, payload):
+        r = _Reader(payload, _HEAD_SIZE)
+        r.end()
+        keys = list(self._data)
+        size = _HEAD_SIZE + 4 + 4 * len(keys) + sum(map(len, keys))
+        if size > MAX_FRAME_SIZE:
+            return self._error(rid, "the names of all %d keys take %d bytes, over the frame limit of %d bytes "
+                               "(MAX_FRAME_SIZE)" % (len(keys), size, MAX_FRAME_SIZE))
+        body = _U32.pack(len(keys)) + b"".join(map(_field, keys))
+        return _HEAD.pack(_HEAD_SIZE + len(body), _OK, rid) + body
+
+    def _op_qlen(self, conn, rid, payload):
+        r = _Reader(payload, _HEAD_SIZE)
+        key = r.key()
+        r.end()
+        return _ADD_REPLY.pack(_HEAD_SIZE + 8, _OK, rid, len(self._queues.get(key, ())))
 
     def _next_timeout(self):
         # capped: a client may ask to wait for centuries, which epoll's millisecond int can't hold
@@ -1095,13 +1210,40 @@ def _key_text(key):
 
 # ------------------------------------------------------------------------------------------- Client
 
+class _Unresolved(Exception):
+    """The store's host name does not resolve (yet: a pod's name or a late DNS record may appear)."""
+
+
 def _resolve(host, port):
-    """Resolve once, before any retry loop: name lookups can stall for seconds."""
+    """The addresses of host:port. Called once per connection attempt, never in a tight loop: a
+    lookup can stall for seconds."""
     try:
         infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
     except socket.gaierror as e:
-        raise StoreConnectionError("cannot resolve store host %r: %s" % (host, e)) from e
+        raise _Unresolved(e.strerror or str(e)) from e
+    except UnicodeError as e:   # not a name at all ("a..b"): waiting will not fix it
+        raise StoreConnectionError("the store host %r is not a valid host name: %s" % (host, e)) from e
     return [(family, sockaddr) for family, _, _, _, sockaddr in infos]
+
+
+class _Pace:
+    """When a long wait tells a person about itself: first after `first` seconds, then at gaps that
+    double up to `most` seconds; never a line per retry, never two within a second. The upper
+    modules may pace their own waits with it."""
+
+    def __init__(self, first=2.0, most=10.0, clock=time.monotonic):
+        self._clock, self._most = clock, most
+        self._gap = max(first, 1.0)
+        self._next = clock() + first
+
+    def due(self):
+        """True when the next line is due (and then the one after is scheduled)."""
+        now = self._clock()
+        if now < self._next:
+            return False
+        self._gap = min(self._gap * 2, self._most)
+        self._next = now + self._gap
+        return True
 
 
 def _keepalive(sock, idle=5, interval=2, count=5):
@@ -1160,9 +1302,16 @@ class TCPStore:
         return "%s:%s" % (self.host, self.port)
 
     def _connect(self, deadline):
-        addresses = _resolve(self.host, self.port)
-        delay, last = 0.01, None
+        """Connect, retrying until `deadline` while the host name does not resolve or the server
+        refuses or can't be reached (as torch does: pods and DNS records often appear after the job
+        starts), and telling the log what it waits for at a human pace."""
+        pace, delay, last = _Pace(), 0.01, None
         while True:
+            try:
+                addresses = _resolve(self.host, self.port)
+            except _Unresolved as e:
+                addresses, last = (), e
+                delay = max(delay, 0.25)   # a lookup may ask a DNS server: never many a second
             for family, sockaddr in addresses:
                 sock = socket.socket(family, socket.SOCK_STREAM)
                 try:
@@ -1181,11 +1330,26 @@ class TCPStore:
                 except (OSError, EOFError) as e:
                     sock.close()
                     last = e
-            if time.monotonic() + delay > deadline:
-                raise StoreConnectionError("could not connect to the store at %s within %.1f s: %s"
-                                           % (self._where(), self.timeout, _describe(last)))
-            time.sleep(delay * random.uniform(0.5, 1.5))
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise StoreConnectionError("could not connect to the store at %s (connect timeout after %s): "
+                                           "%s" % (self._where(), _ms(self.timeout), self._obstacle(last)))
+            if pace.due():
+                log.warning("%s (retrying, %d s left)", self._obstacle(last, narrate=True), round(left))
+            time.sleep(min(left, delay * random.uniform(0.5, 1.5)))   # the last try comes at the deadline
             delay = min(delay * 2, 1.0)
+
+    def _obstacle(self, error, narrate=False):
+        """What keeps us from the store, for the log (`narrate`) or the final error."""
+        if isinstance(error, _Unresolved):
+            if narrate:
+                return "store host %s does not resolve yet" % self.host
+            return "the host name %r does not resolve (%s)" % (self.host, error)
+        if narrate:
+            if isinstance(error, ConnectionRefusedError):
+                return "store %s refuses connections" % self._where()
+            return "store %s: %s" % (self._where(), _describe(error))
+        return _describe(error)
 
     def _handshake(self, sock, deadline):
         """Hello, and the proof when the server asks for one; returns the server's offer of its
@@ -1244,8 +1408,9 @@ class TCPStore:
 
     # -- request plumbing
 
-    def _call(self, op, body, wait=None, keys=()):
+    def _call(self, op, body, wait=None, keys=(), empty=None):
         """Send one request and return the reply body. `wait`: seconds the server may park it.
+        `empty`: the error to raise for TIMEOUT instead of StoreTimeout (a non-blocking pop's).
 
         Interrupted anywhere (Ctrl-C), a request leaves the client usable, or closed with a reason
         when part of a frame may have been sent or a reply lost: never holding a lock or a role
@@ -1272,8 +1437,10 @@ class TCPStore:
         if status == _OK:
             return result
         if status == _TIMEOUT:
-            raise StoreTimeout("timed out after %.3g s waiting for key(s) %s in the store at %s"
-                               % (wait, ", ".join(repr(k) for k in keys), self._where()))
+            if empty is not None:
+                raise empty
+            raise StoreTimeout("wait timeout after %s, keys: %s (store at %s)"
+                               % (_ms(wait), ", ".join(keys), self._where()))
         raise StoreError(result.decode("utf-8", "replace"))
 
     def _exchange(self, op, body):
@@ -1319,8 +1486,8 @@ class TCPStore:
             try:
                 chunk = sock.recv(65536)
             except (socket.timeout, BlockingIOError):
-                raise StoreTimeout("no answer from the store at %s within %.1f s"
-                                   % (self._where(), seconds)) from None
+                raise StoreTimeout("timeout after %s: no answer from the store at %s"
+                                   % (_ms(seconds), self._where())) from None
             except OSError as e:
                 self._broken(_describe(e))
             size = len(chunk)
@@ -1369,8 +1536,8 @@ class TCPStore:
         patience = self._patience(wait)
         deadline = time.monotonic() + patience
         if not self._send_lock.acquire(timeout=patience):   # held through another thread's round trip
-            raise StoreTimeout("the store at %s left another request unanswered for %.1f s"
-                               % (self._where(), patience))
+            raise StoreTimeout("timeout after %s: the store at %s left another request unanswered"
+                               % (_ms(patience), self._where()))
         me, rid = _get_ident(), None
         try:
             try:
@@ -1420,7 +1587,7 @@ class TCPStore:
                     reply = replies.pop(rid, None)
                 if reply is not None:
                     return reply
-                raise StoreTimeout("no answer from the store at %s" % self._where())
+                raise StoreTimeout("timeout: no answer from the store at %s" % self._where())
         return self._read_own(rid, deadline, me)
 
     def _read_own(self, rid, deadline, me):
@@ -1487,15 +1654,14 @@ class TCPStore:
                     return frid, status, body
             remaining = deadline - time.monotonic()
             if remaining <= 0:
-                raise StoreTimeout("no answer from the store at %s" % self._where())
+                raise StoreTimeout("timeout: no answer from the store at %s" % self._where())
             if sock is None:
                 raise StoreConnectionError(self._gone)
             try:
                 self._arm(sock, remaining)
                 chunk = sock.recv(max(65536, end - len(buf)) if len(buf) >= _HEAD.size else 65536)
             except (socket.timeout, BlockingIOError):   # BlockingIOError: SO_RCVTIMEO ran out
-                raise StoreTimeout("no answer from the store at %s within %.1f s"
-                                   % (self._where(), remaining)) from None
+                raise StoreTimeout("timeout: no answer from the store at %s" % self._where()) from None
             except OSError as e:
                 self._broken(_describe(e))
             if not chunk:
@@ -1640,6 +1806,68 @@ class TCPStore:
         """Whether the server knows ``set_ephemeral`` (an older one does not)."""
         return bool(self._features & _F_EPHEMERAL)
 
+    def queue_push(self, key, value):
+        """Append `value` to the queue named `key`. Queues live beside keys: see "Queues" above."""
+        self._need_queues()
+        self._call(_QPUSH, _key_field(key) + _field(_value_bytes(value)))
+
+    def queue_pop(self, key, block=True, timeout=None):
+        """The oldest value of the queue `key`, removed from it. With `block`, wait up to `timeout`
+        (default: the store timeout) for one to be pushed, then raise StoreTimeout; without,
+        raise QueueEmptyError at once when the queue is empty. Each value goes to one pop only."""
+        self._need_queues()
+        seconds, ms = self._wait_ms(timeout) if block else (0.0, 0)
+        empty = None if block else QueueEmptyError("queue is empty: %s (store at %s)" % (key, self._where()))
+        return self._call(_QPOP, _I64.pack(ms) + _key_field(key), seconds, (key,), empty)[4:]
+
+    def queue_len(self, key):
+        """How many values wait in the queue `key` (0 for a queue never pushed to)."""
+        self._need_queues()
+        return _I64.unpack(self._call(_QLEN, _key_field(key)))[0]
+
+    def _need_queues(self):
+        if not self._features & _F_QUEUE:
+            raise StoreError("the store at %s does not know queues: it runs an older store.py"
+                             % self._where())
+
+    def has_extended_api(self):
+        """True, as torch's TCPStore: ``append``, ``multi_get`` and ``multi_set`` are served."""
+        return True
+
+    def list_keys(self):
+        """The names of every key in the store (not the queues), in no particular order."""
+        if not self._features & _F_LIST:
+            raise StoreError("the store at %s does not know list_keys: it runs an older store.py"
+                             % self._where())
+        body = self._call(_LIST, b"")
+        (count,) = _U32.unpack_from(body)
+        keys, pos = [], 4
+        for _ in range(count):
+            (size,) = _U32.unpack_from(body, pos)
+            keys.append(body[pos + 4:pos + 4 + size].decode("utf-8", "replace"))
+            pos += 4 + size
+        return keys
+
+    def barrier(self, key, world_size, timeout=None):
+        """Return once `world_size` callers have called ``barrier(key, world_size)``; StoreTimeout
+        after `timeout` (default: the store timeout). A key serves one barrier: it counts in the keys
+        ``key/num_members`` and ``key/last_member``, as torch's PrefixStore does (torch's TCPStore
+        counts in `key` itself)."""
+        _check_world_size(world_size)
+        seconds = self.timeout if timeout is None else _seconds(timeout)
+        if self.add(key + "/num_members", 1) == world_size:
+            self.set(key + "/last_member", "1")
+        try:
+            self.wait([key + "/last_member"], seconds)
+        except StoreTimeout:
+            raise StoreTimeout("barrier timeout after %s, key: %s (store at %s)"
+                               % (_ms(seconds), key, self._where())) from None
+
+    def clone(self):
+        """A new client of the same store on a connection of its own, with this one's timeout and
+        token; it never hosts the server. (torch clones a store per thread; ours may also be shared.)"""
+        return TCPStore(self.host, self.port, timeout=self.timeout, token=self._token)
+
     @property
     def timeout(self):
         """Seconds a request waits for its answer (and `get`/`wait` for their keys) by default."""
@@ -1678,10 +1906,20 @@ def _wake(sleeper):
         sleeper.release()
 
 
+def _check_world_size(world_size):
+    if world_size.__class__ is not int and not isinstance(world_size, int) or world_size < 1:
+        raise ValueError("barrier: world_size must be an int of at least 1, got %r" % (world_size,))
+
+
 def _as_keys(keys):
     if isinstance(keys, str):
         raise TypeError("pass a list of keys, not a single str")
     return list(keys)
+
+
+def _ms(seconds):
+    """A duration as torch's store messages give it ("wait timeout after 100ms")."""
+    return "%dms" % round(seconds * 1000)
 
 
 def _describe(error):
@@ -1714,7 +1952,13 @@ def _recv_exactly(sock, size):
 class PrefixStore:
     """A view of `store` whose keys all live under ``prefix/``."""
 
+    _owns = False   # True for a clone(): closing it closes the store it cloned
+
     def __init__(self, prefix, store):
+        if store is None:
+            raise ValueError("PrefixStore: store argument cannot be None")
+        if not isinstance(prefix, str):
+            raise TypeError("PrefixStore: prefix must be a str, got %s" % type(prefix).__name__)
         self.prefix = prefix
         self.underlying_store = store
 
@@ -1754,6 +1998,34 @@ class PrefixStore:
     def append(self, key, value):
         self.underlying_store.append(self._k(key), value)
 
+    def queue_push(self, key, value):
+        self.underlying_store.queue_push(self._k(key), value)
+
+    def queue_pop(self, key, block=True, timeout=None):
+        return self.underlying_store.queue_pop(self._k(key), block, timeout)
+
+    def queue_len(self, key):
+        return self.underlying_store.queue_len(self._k(key))
+
+    def has_extended_api(self):
+        has = getattr(self.underlying_store, "has_extended_api", None)
+        return bool(has and has())
+
+    def list_keys(self):
+        """The keys under this prefix, without it."""
+        start = self.prefix + "/"
+        return [key[len(start):] for key in self.underlying_store.list_keys() if key.startswith(start)]
+
+    def barrier(self, key, world_size, timeout=None):
+        self.underlying_store.barrier(self._k(key), world_size, timeout)
+
+    def clone(self):
+        """The same view over a clone of the underlying store (a connection of its own, which
+        closing this clone closes)."""
+        clone = PrefixStore(self.prefix, self.underlying_store.clone())
+        clone._owns = True
+        return clone
+
     def set_timeout(self, timeout):
         self.underlying_store.set_timeout(timeout)
 
@@ -1762,7 +2034,10 @@ class PrefixStore:
         return self.underlying_store.timeout
 
     def close(self):
-        """A prefix view owns nothing; closing it leaves the underlying store open."""
+        """A prefix view owns nothing, and closing it leaves the underlying store open; except a
+        clone(), which closes the connection it was given."""
+        if self._owns:
+            self.underlying_store.close()
 
     def __enter__(self):
         return self

@@ -36,3 +36,18 @@ def torch_python():
     path = os.environ.get("ELASTIC_TEST_TORCH_PYTHON") or os.path.join(ROOT, ".venv-torch", "bin", "python")
     need(os.path.exists(path), "no torch venv at %s (see .ci/run)" % path)
     return path
+
+
+def pyenv_python(minor):
+    """The newest pyenv CPython of one minor version ("3.7"), or None when none is installed."""
+    root = os.path.join(os.environ.get("PYENV_ROOT") or os.path.expanduser("~/.pyenv"), "versions")
+    try:
+        names = os.listdir(root)
+    except OSError:
+        return None
+    patches = [n for n in names if n.startswith(minor + ".") and n[len(minor) + 1:].isdigit()]
+    for name in sorted(patches, key=lambda n: int(n.rsplit(".", 1)[1]), reverse=True):
+        path = os.path.join(root, name, "bin", "python")
+        if os.access(path, os.X_OK):
+            return path
+    return None

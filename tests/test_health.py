@@ -4,6 +4,7 @@ import json
 import os
 import re
 import signal
+import socket
 import sys
 import textwrap
 import threading
@@ -88,30 +89,18 @@ def test_broken_status_is_503_and_server_keeps_serving():
         srv.stop()
 
 
-def test_slow_request_blocks_neither_other_requests_nor_stop():
-    release = threading.Event()
-    entered = threading.Event()
-
-    def status():
-        if not entered.is_set():
-            entered.set()
-            release.wait(GUARD)
-        return True, {"state": "HEALTHY"}
-
-    srv = ops._HealthServer(0, status, host="127.0.0.1")
-    srv.start()
-    slow = threading.Thread(target=lambda: fetch(srv.port), daemon=True)
+def test_stop_returns_with_clients_connected(health):
+    socks = slow_clients(health.port, 3)
     try:
-        slow.start()
-        assert entered.wait(GUARD)
-        assert fetch(srv.port)[0] == 200  # served while the first request is still stuck
-        srv.stop()                        # returns although a handler is still busy
+        assert fetch(health.port)[0] == 200
+        health.stop()
+        for s in socks:  # stop() closed them
+            assert s.recv(1024) == b""
     finally:
-        release.set()
-        srv.stop()
-        slow.join(GUARD)
+        for s in socks:
+            s.close()
     with pytest.raises(OSError):
-        fetch(srv.port)
+        fetch(health.port)
 
 
 def test_ipv6_loopback():
@@ -258,3 +247,97 @@ def test_healthz_503_stopped_while_a_stop_signal_tears_the_group_down(tmp_path):
         assert a.wait(GUARD) == 128 + signal.SIGTERM, a.err()
     finally:
         a.stop()
+
+
+def slow_clients(port, n, partial=b"GET /healthz HTTP/1.1\r\nHost: x\r\n"):
+    """n connections that send the start of a request and then nothing (a slowloris)."""
+    socks = []
+    try:
+        for _ in range(n):
+            s = socket.create_connection(("127.0.0.1", port), timeout=GUARD)
+            s.sendall(partial)
+            socks.append(s)
+    except BaseException:
+        for s in socks:
+            s.close()
+        raise
+    return socks
+
+
+def test_500_slow_connections_hold_no_threads_and_healthz_still_answers(health):
+    before = threading.active_count()
+    socks = slow_clients(health.port, 500)
+    try:
+        # the server has seen the slow connections before this one: accepted in arrival order
+        code, _, body = fetch(health.port)
+        assert code == 200 and json.loads(body)["state"] == "HEALTHY"
+        assert threading.active_count() <= before, [t.name for t in threading.enumerate()]
+    finally:
+        for s in socks:
+            s.close()
+    assert fetch(health.port)[0] == 200
+
+
+def test_slow_client_dropped_after_its_deadline_others_served():
+    srv = ops._HealthServer(0, lambda: (True, {"state": "HEALTHY"}), host="127.0.0.1", request_timeout=0.5)
+    srv.start()
+    try:
+        [slow] = slow_clients(srv.port, 1, partial=b"GET /hea")
+        try:
+            assert fetch(srv.port)[0] == 200  # served while the slow one is still waited for
+            slow.settimeout(GUARD)
+            assert slow.recv(1024) == b""     # then the slow one is closed, unanswered
+        finally:
+            slow.close()
+        assert fetch(srv.port)[0] == 200
+    finally:
+        srv.stop()
+
+
+def test_request_too_large_or_malformed_gets_a_status_not_a_hang(health):
+    for data, code in ((b"GET /healthz HTTP/1.1\r\nX: " + b"a" * 20000 + b"\r\n\r\n", 431),
+                       (b"NONSENSE\r\n\r\n", 400),
+                       (b"POST /healthz HTTP/1.1\r\nContent-Length: 0\r\n\r\n", 405)):
+        with socket.create_connection(("127.0.0.1", health.port), timeout=GUARD) as s:
+            try:
+                s.sendall(data)
+            except OSError:  # the server may answer and close before all of a large request is in
+                pass
+            reply = b""
+            while True:
+                chunk = s.recv(65536)
+                if not chunk:
+                    break
+                reply += chunk
+        assert reply.startswith(b"HTTP/1.0 %d " % code), reply[:100]
+
+
+WAITER = "import os, sys, time\nopen(os.path.join(sys.argv[1], 'ready'), 'w').close()\n" \
+         "while not os.path.exists(os.path.join(sys.argv[1], 'go')):\n    time.sleep(0.01)\n"
+
+
+def test_launcher_keeps_its_threads_under_500_slow_clients(tmp_path):
+    import os
+    import re
+    from agent_scripts.harness import Launcher, wait_for
+    script = tmp_path / "waiter.py"
+    script.write_text(WAITER)
+    launcher = Launcher(["--standalone", "--health-check-port", "0", str(script), str(tmp_path)], tmp_path)
+    socks = []
+    try:
+        wait_for(lambda: (tmp_path / "ready").exists(), GUARD, "the worker")
+        port = int(wait_for(lambda: re.search(r"http://[^:]+:(\d+)/healthz", launcher.err()),
+                            GUARD, "the health-check port").group(1))
+
+        def threads():
+            return len(os.listdir("/proc/%d/task" % launcher.pid))
+        before = threads()
+        socks = slow_clients(port, 500)
+        assert fetch(port)[0] == 200
+        assert threads() <= before + 2, (before, threads())
+        (tmp_path / "go").touch()
+        assert launcher.wait(GUARD) == 0, launcher.err()
+    finally:
+        for s in socks:
+            s.close()
+        launcher.stop()
