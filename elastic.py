@@ -1785,7 +1785,7 @@ class _WorkerGroup:
             left = deadline - time.monotonic()
             if not (pending or strays) or left <= 0 or hurry.again:
                 break
-            if narrate and pace.due():
+            if narrate and pending and pace.due():
                 log.info("still waiting for %s to exit: %s (%d s left)", _plural(len(pending), "worker"),
                          _ranks_text([{"rank": w.global_rank, "pid": w.pid} for w in pending]), round(left))
             fds = [w.handle.wait_fd for w in pending if w.exitcode is None]
@@ -1870,7 +1870,7 @@ def _plural(n, word):
 
 
 def _seconds(s):
-    return "%.0f s" % s if s >= 10 else "%.1f s" % s if s >= 1 else "%.3f s" % s
+    return "%.0f s" % s if s >= 100 else "%.3g s" % s
 
 
 def _how_ended(e):
@@ -4196,17 +4196,34 @@ def _entrypoint(c):
 _LOG_HANDLERS = []
 
 
+_READ_BACK = {}   # fd of an output stream -> a read-only descriptor of the same file, or None
+
+
 def _end_line(stream):
     """Start the launcher's next line on a line of its own: a worker sharing the output file may
     have left its last line unterminated. Only a regular file (a Slurm output file, a redirect)
-    can be read back; a terminal or a pipe is left as it is."""
+    can be read back (through a read-only descriptor: the stream's own is write-only); a terminal
+    or a pipe is left as it is."""
     try:
+        stream.flush()
         fd = stream.fileno()
-        st = os.fstat(fd)
-        import stat
-        if stat.S_ISREG(st.st_mode) and st.st_size > 0 and os.pread(fd, 1, st.st_size - 1) != b"\n":
-            stream.write("\n")
     except (OSError, ValueError, AttributeError):
+        return
+    if fd not in _READ_BACK:
+        import stat
+        _READ_BACK[fd] = None
+        try:
+            if stat.S_ISREG(os.fstat(fd).st_mode):
+                _READ_BACK[fd] = os.open("/proc/self/fd/%d" % fd, os.O_RDONLY | os.O_CLOEXEC)
+        except OSError:
+            pass
+    reader = _READ_BACK[fd]
+    try:
+        if reader is not None:
+            size = os.fstat(reader).st_size
+            if size > 0 and os.pread(reader, 1, size - 1) != b"\n":
+                stream.write("\n")
+    except (OSError, ValueError):
         pass
 
 
