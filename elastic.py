@@ -110,13 +110,58 @@ the node rank, the c10d endpoint (first host of SLURM_STEP_NODELIST / SLURM_JOB_
 srun's environment; options given on the command line or as PET_* win. A multi-node job whose
 endpoint would be a loopback address is refused (exit 2) instead of every node meeting itself.
 
+Console: every launcher line (elastic's, rendezvous's and store's loggers, through the one handler
+main() installs) reads ``2026-12-07T14:03:07.125+01:00 [elasticrun] text``: ISO 8601 local time with
+its UTC offset and milliseconds, as syslog (RFC 5424) and Slurm's iso8601_ms write; ``WARNING:`` or
+``ERROR:`` before the text when it is one. ``LOGLEVEL`` (a name or a number, INFO by default) works
+as in torchrun. Worker output keeps its own prefix template. A launcher line never continues a
+worker's unterminated last line when the output is a file (a Slurm output file, a redirect).
+
+Stopping: "stopping 8 workers (SIGTERM), waiting up to 30 s; send the signal again to kill now". A
+second stop signal during the grace period kills the workers (SIGKILL) at once; workers still alive
+when the grace runs out are named before they are killed.
+
+Event log (``--event-log PATH``; by default ``events.jsonl`` in the run's log folder, which is then
+kept; ``--event-log none`` turns it off; ``LocalElasticAgent(event_log=PATH or True)``): one JSON
+object a line, written and fsync'd as each event happens; the console lines are printed from the
+same events, so the two never disagree. Every event has ``time`` (epoch seconds, ms), ``event``,
+``run_id`` and ``host`` (this node's host name); the others add::
+
+    start           version backend endpoint nnodes nproc max_restarts log_dir event_log addr pid role
+    rendezvous      why: start | failure | peer failure | nodes waiting | member lost
+    round           round nodes world_size (workers) group_rank ranks [first, last] master duration
+                    (seconds in rendezvous) members [{addr, id, ranks}]
+    scale_change    from_nodes to_nodes                       (a round of another size than the last)
+    worker_started  rank local_rank pid attempt
+    worker_exited   rank local_rank pid code signal (one of the two is null) by_agent attempt
+    succeeded       workers
+    failure         rank local_rank failure_host pid code signal message failure_time error_file
+                    (null unless it exists) stderr_log failures (how many in the job)  (the root cause)
+    node_lost       round reason                              (a member died or left)
+    restart         why count max [rank]                      (count: job-wide restarts)
+    restarted       why total detect stop rendezvous start    (seconds: the failure to its detection,
+                    to the old group stopped and failures exchanged, to the new round, to workers started)
+    gave_up         max
+    stop_signal     signal
+    stopping        workers signal grace can_hurry ranks
+    kill            why: grace over | second signal; grace signal alive [{rank, pid}]
+    exit            state code (the launcher's exit status) restarts workers_started elapsed
+                    [signal] [error]
+
+Status: ``elasticrun status --rdzv-endpoint H:P --rdzv-id ID [--json]`` reads a live run from its
+store (``rendezvous.describe_run`` for the rounds, members, heartbeats and waiting nodes; the
+agents' own ``agent/<group rank>``, ``role/<group rank>`` and ``failure/<group rank>`` keys in each
+round's store for hosts, pids, ranks, restarts and failures) with ``check``, ``get`` and
+``multi_get`` only: it never joins or changes the run, and takes ``--rdzv-conf token_file=...``.
+
 Sections, in order: States, streams, specs; Error channel; Process plumbing; Python workers (the
 bootstrap and the fork server); Worker processes (the handles and starters); Worker group; Local
-rendezvous; Agent; File timer: worker side; File timer: server; Health check; Slurm; Command line.
+rendezvous; Events; Agent; File timer: worker side; File timer: server; Health check; Slurm;
+Command line.
 
 Borrowed private helpers, and only these: from ``store`` the ones its docstring lists
-(``_recv_exactly`` here); from ``rendezvous`` ``_BACKENDS`` (the launcher asks it for the backend
-names) and ``_free_port``. Nothing above this module borrows from it.
+(``_recv_exactly`` and ``_Pace`` here); from ``rendezvous`` ``_BACKENDS`` (the launcher asks it for
+the backend names) and ``_free_port``. Nothing above this module borrows from it.
 """
 
 __version__ = "0.1.0"
@@ -1904,7 +1949,7 @@ def _say_failure(e):
 
 def _say_restart(e):
     if e["why"] in ("failure", "peer failure"):
-        return "%s: restarting the worker group (restart %d of %d, job-wide)" % (e["why"], e["count"], e["max"])
+        return "%s: restarting the worker group (%d/%d)" % (e["why"], e["count"], e["max"])
     return "%s: restarting the worker group (restart budget untouched)" % e["why"]
 
 
@@ -3863,6 +3908,11 @@ def _usage():
         lines.append("  %-44s %s%s" % (flag, text, "" if kind == "flag" or default in (None, "")
                                         else " (default %s)" % default))
     lines.append("  %-44s %s" % ("-h, --help / --version", "this text / the version"))
+    lines += ["", "Every launcher line starts with its time (ISO 8601, local, with the UTC offset); LOGLEVEL",
+              "(DEBUG, INFO, WARNING...) sets how much is said. A second stop signal kills the workers at once.",
+              "", "       elasticrun status --rdzv-endpoint HOST[:PORT] --rdzv-id ID [--json]",
+              "shows a running job (round, members, nodes waiting, restarts, last failure) without changing",
+              "it; elasticrun status --help for more."]
     return "\n".join(lines) + "\n"
 
 

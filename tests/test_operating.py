@@ -306,3 +306,36 @@ def test_status_reads_a_live_run_and_changes_nothing(tmp_path, with_token):
                 pass
             a.stop()
         store.stop()
+
+
+def test_a_dead_member_is_reported_as_lost_not_as_nodes_waiting(tmp_path):
+    """Three nodes; one agent is SIGKILLed. The survivor that notices re-joins at once, so the other
+    survivor sees a node waiting before its own heartbeat tells it the round broke: it must still
+    say that a member was lost (and which), not that nodes wait to join."""
+    script = write_script(tmp_path, "hold.py", (
+        "import os, sys, time\n"
+        "open(os.path.join(sys.argv[1], '%s_%s' % (os.environ['GROUP_WORLD_SIZE'], os.environ['RANK'])), 'w').close()\n"
+        "time.sleep(120)\n"))
+    out = tmp_path / "out"
+    out.mkdir()
+    store = StoreProcess()
+    agents = []
+    try:
+        for i in range(3):
+            agents.append(Launcher(["--nnodes", "2:3", "--rdzv-backend", "c10d", "--rdzv-endpoint", store.endpoint,
+                                    "--rdzv-id", "lost", "--rdzv-conf", CONF, "--local-addr", "127.0.0.%d" % (i + 1),
+                                    "--shutdown-timeout", "2"] + FAST + [script, str(out)], tmp_path, "n%d" % i))
+        wait_for(lambda: len([f for f in os.listdir(str(out)) if f.startswith("3_")]) == 3, what="3 nodes up",
+                 explain=lambda: "".join(a.err() for a in agents))
+        os.kill(agents[1].pid, signal.SIGKILL)
+        wait_for(lambda: len([f for f in os.listdir(str(out)) if f.startswith("2_")]) == 2, what="2 nodes again",
+                 explain=lambda: agents[0].err() + agents[2].err())
+        for a in (agents[0], agents[2]):
+            err = a.err()
+            assert "nodes waiting" not in err, err
+            assert "member lost: restarting the worker group" in err, err
+            assert re.search(r"a node was lost from round 0: .*", err), err
+    finally:
+        for a in agents:
+            a.stop()
+        store.stop()
