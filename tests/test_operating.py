@@ -339,3 +339,56 @@ def test_a_dead_member_is_reported_as_lost_not_as_nodes_waiting(tmp_path):
         for a in agents:
             a.stop()
         store.stop()
+
+
+def _etcd_revision(endpoint):
+    import http.client
+    host, port = endpoint[len("http://"):].split(":")
+    conn = http.client.HTTPConnection(host, int(port), timeout=10)
+    try:
+        conn.request("POST", "/v3/kv/range", json.dumps({"key": "AA==", "count_only": True}))
+        return int(json.loads(conn.getresponse().read())["header"]["revision"])
+    finally:
+        conn.close()
+
+
+def test_status_of_an_etcd_run_writes_nothing(etcd_binary, tmp_path):
+    """The etcd form. Any write to etcd moves its revision: the revision before and after status
+    must be the same while the agents are paused (their heartbeats are 20 s apart, their leases
+    last a minute)."""
+    from etcd_cluster import EtcdCluster
+    script = write_script(tmp_path, "hold.py", (
+        "import os, sys, time\n"
+        "open(os.path.join(sys.argv[1], 'up_' + os.environ['RANK']), 'w').close()\n"
+        "time.sleep(120)\n"))
+    out = tmp_path / "out"
+    out.mkdir()
+    agents = []
+    with EtcdCluster(etcd_binary, tmp_path, size=1) as cluster:
+        endpoint = cluster.endpoints[0]
+        try:
+            for i in range(2):
+                agents.append(Launcher(["--nnodes", "2", "--rdzv-backend", "etcd", "--rdzv-endpoint", endpoint,
+                                        "--rdzv-id", "etcdseen", "--local-addr", "127.0.0.%d" % (i + 1),
+                                        "--rdzv-conf", "last_call_timeout=1,heartbeat_interval=20,heartbeat_timeout=60",
+                                        "--shutdown-timeout", "2"] + FAST + [script, str(out)], tmp_path, "n%d" % i))
+            wait_for(lambda: len(os.listdir(str(out))) == 2, what="2 workers",
+                     explain=lambda: agents[0].err() + agents[1].err())
+            for a in agents:
+                os.kill(a.pid, signal.SIGSTOP)
+            before = _etcd_revision(endpoint)
+            shown = _status(endpoint, "etcdseen", "--rdzv-backend", "etcd", "--json", "--rdzv-conf",
+                            "heartbeat_interval=0.3")
+            assert _etcd_revision(endpoint) == before
+            assert shown.returncode == 0, shown.stderr
+            info = json.loads(shown.stdout.decode())
+            assert info["round"] == 0 and len(info["members"]) == 2 and info["last_failure"] is None
+            assert sorted(m["addr"] for m in info["members"]) == ["127.0.0.1", "127.0.0.2"]
+            assert (info["restarts"], info["max_restarts"]) == (0, 0)
+        finally:
+            for a in agents:
+                try:
+                    os.kill(a.pid, signal.SIGCONT)
+                except OSError:
+                    pass
+                a.stop()
