@@ -1838,7 +1838,7 @@ class _WorkerGroup:
                 poller = select.poll()
                 for fd in set(fds) | ({hurry.hurry_fd} - {None}):
                     poller.register(fd, select.POLLIN)
-                poller.poll(left * 1000.0)
+                poller.poll(min(left, 1.0) * 1000.0)   # at least once a second: the narration
             else:
                 time.sleep(min(0.005, left))
         for w in pending:

@@ -161,6 +161,13 @@ def test_a_second_stop_signal_kills_at_once(tmp_path):
         os.kill(a.pid, signal.SIGINT)
         wait_for(lambda: "send the signal again to kill now" in a.err(), what="the stopping line", explain=a.err)
         assert "stopping 2 workers (SIGINT), waiting up to 60 s; send the signal again to kill now" in a.err()
+        # the grace narrates itself at a human pace (first after about 2 s), naming who it waits for
+        waiting = "still waiting for 2 workers to exit: rank 0 (pid %d), rank 1 (pid %d) (" % tuple(pids)
+        wait_for(lambda: waiting in a.err(), what="the grace's narration", explain=a.err)
+        stopping, still = (_stamp_of(a.err(), text) for text in ("stopping 2 workers", waiting))
+        assert 1.5 <= still - stopping <= 3.0, a.err()
+        left = int(re.search(re.escape(waiting) + r"(\d+) s left\)", a.err()).group(1))
+        assert 56 <= left <= 58, a.err()
         os.kill(a.pid, signal.SIGTERM)
         sent = time.monotonic()
         code = a.wait(60)
@@ -174,6 +181,48 @@ def test_a_second_stop_signal_kills_at_once(tmp_path):
     finally:
         a.stop()
         kill_all(pids)
+
+
+def _stamp_of(err, text):
+    """The launcher's own time (epoch seconds) on the first line containing `text`."""
+    import datetime
+    line = next(line for line in err.splitlines() if text in line)
+    return datetime.datetime.fromisoformat(line.split(" ", 1)[0]).timestamp()
+
+
+def _stamps_of(err, text):
+    return [_stamp_of(line, text) for line in err.splitlines() if text in line]
+
+
+def test_the_exit_barrier_narrates_at_a_human_pace(tmp_path):
+    """Node a's worker is done at once; node b's holds for 6 s. a says what it waits for, first
+    within 3 s, then no more than once a second."""
+    script = write_script(tmp_path, "late.py", (
+        "import os, time\n"
+        "if os.environ['GROUP_RANK'] == '1':\n"
+        "    time.sleep(6)\n"))
+    store = StoreProcess()
+    agents = []
+    try:
+        for i in range(2):
+            agents.append(Launcher(["--nnodes", "2", "--rdzv-backend", "c10d", "--rdzv-endpoint", store.endpoint,
+                                    "--rdzv-id", "barrier", "--rdzv-conf", CONF, "--local-addr", "127.0.0.%d" % (i + 1)]
+                                   + FAST + [script], tmp_path, "n%d" % i))
+        for a in agents:
+            assert a.wait(60) == 0, a.err()
+        err = agents[0].err()
+        text = "exit barrier: waiting for the other nodes to finish: 1 of 2 done ("
+        lines = _stamps_of(err, text)
+        assert lines, err
+        done = _stamp_of(err, "all 1 worker succeeded")
+        assert lines[0] - done <= 3.0, err
+        assert all(b - a >= 1.0 for a, b in zip(lines, lines[1:])), err
+        left = int(re.search(re.escape(text) + r"(\d+) s left\)", err).group(1))
+        assert 295 <= left <= 298, err
+    finally:
+        for a in agents:
+            a.stop()
+        store.stop()
 
 
 def test_workers_alive_when_the_grace_runs_out_are_named(tmp_path):
