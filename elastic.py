@@ -1776,6 +1776,21 @@ class _WorkerGroup:
                 failed[w.global_rank] = w
         return done, failed
 
+    def failures(self, failed, role):
+        """{global rank: ProcessFailure} of `failed` workers, naming the file-timer scope a worker
+        overran when that is why it died."""
+        # the timer server records an expiry before it signals, so a death we see here is on the list
+        scopes = {} if self._timer is None else {pid: s for pid, s, _ in self._timer.pop_expired()}
+        failures = {}
+        for rank, w in failed.items():
+            f = ProcessFailure(w.local_rank, w.pid, w.exitcode, w.error_file, rank=rank, role=role,
+                               exit_time=w.exit_time,
+                               stderr_log=w.log_paths[1] if w.dests[1] != "console" else None)
+            if w.pid in scopes:
+                f.message = "%s (overran file-timer scope %s)" % (f.message, scopes[w.pid])
+            failures[rank] = f
+        return failures
+
     def return_values(self):
         return {w.global_rank: w.handle.result for w in self.workers}
 
@@ -2323,26 +2338,10 @@ class LocalElasticAgent:
 
     def _start_servers(self):
         """The file timer (when the environment asks for it) and /healthz (with a port)."""
-        path = _file_timer_path(os.environ, self._logs.root_log_dir)
-        if path is not None:
-            self._timer = FileTimerServer(path, run_id=self._run_id())
-            self._timer.set_worker_pids(())  # no workers yet: nobody may be signalled
-            try:
-                self._timer.start()
-            except _TimerFileBusy:
-                self._timer = None
-                raise
-            except (OSError, ValueError) as e:
-                self._timer = None
-                raise ElasticError("cannot serve the file timer at %s: %s" % (path, e)) from e
+        self._timer = _serve_file_timer(_file_timer_path(os.environ, self._logs.root_log_dir),
+                                        self._run_id())
         if self._health_check_port is not None:
-            self._health = _HealthServer(self._health_check_port, _health_status_fn(self))
-            try:
-                self._health.start()
-            except OSError as e:
-                self._health = None
-                raise ElasticError("cannot serve the health check on port %s: %s"
-                                   % (self._health_check_port, e.strerror or e)) from e
+            self._health = _serve_health(self._health_check_port, _health_status_fn(self))
 
     def _stop_servers(self):
         for name in ("_health", "_timer"):
@@ -2585,7 +2584,7 @@ class LocalElasticAgent:
                 ready = [fd for fd, _ in poller.poll(timeout * 1000.0)]
             done, failed = self._group.poll(ready)
             if failed:
-                return _FAILURE, self._failures(failed)
+                return _FAILURE, self._group.failures(failed, self._spec.role)
             if done == len(self._group.workers):
                 return _SUCCESS, {}
             if time.monotonic() >= next_check:
@@ -2600,20 +2599,31 @@ class LocalElasticAgent:
                     if outcome is not None:
                         return outcome, {}
 
-    def _failures(self, failed):
-        """{global rank: ProcessFailure} of failed workers, naming the file-timer scope a worker
-        overran when that is why it died."""
-        # the timer server records an expiry before it signals, so a death we see here is on the list
-        scopes = {} if self._timer is None else {pid: s for pid, s, _ in self._timer.pop_expired()}
-        failures = {}
-        for rank, w in failed.items():
-            f = ProcessFailure(w.local_rank, w.pid, w.exitcode, w.error_file, rank=rank,
-                               role=self._spec.role, exit_time=w.exit_time,
-                               stderr_log=w.log_paths[1] if w.dests[1] != "console" else None)
-            if w.pid in scopes:
-                f.message = "%s (overran file-timer scope %s)" % (f.message, scopes[w.pid])
-            failures[rank] = f
-        return failures
+
+
+def _serve_file_timer(path, run_id):
+    """A started FileTimerServer at `path`, or None when `path` is None (the timer is off)."""
+    if path is None:
+        return None
+    timer = FileTimerServer(path, run_id=run_id)
+    timer.set_worker_pids(())  # no workers yet: nobody may be signalled
+    try:
+        timer.start()
+    except _TimerFileBusy:
+        raise
+    except (OSError, ValueError) as e:
+        raise ElasticError("cannot serve the file timer at %s: %s" % (path, e)) from e
+    return timer
+
+
+def _serve_health(port, status_fn):
+    """A started /healthz server on `port`."""
+    health = _HealthServer(port, status_fn)
+    try:
+        health.start()
+    except OSError as e:
+        raise ElasticError("cannot serve the health check on port %s: %s" % (port, e.strerror or e)) from e
+    return health
 
 
 def _restarts_of(store, world_size):
@@ -3007,6 +3017,20 @@ def _claim_timer_file(path):
     raise _TimerFileBusy(_busy_message(path, None))
 
 
+def _release_timer_file(path, fd):
+    """Let go of the lock _claim_timer_file took (`fd`, or None for none)."""
+    if fd is None:
+        return
+    try:
+        st = os.stat(path + ".lock", follow_symlinks=False)
+        mine = os.fstat(fd)
+        if (st.st_dev, st.st_ino) == (mine.st_dev, mine.st_ino):
+            os.unlink(path + ".lock")  # unlinked while still locked: see _claim_timer_file
+    except OSError:
+        pass
+    os.close(fd)
+
+
 def _busy_message(path, holder):
     return ("the file timer at %s is in use by another launcher%s; give each launcher its own "
             "TORCHELASTIC_TIMER_FILE" % (path, " (pid %s)" % holder if holder else ""))
@@ -3023,12 +3047,8 @@ class FileTimerServer:
     unless ``use_pidfd=False``; otherwise it checks liveness every ``max_interval`` seconds while
     timers exist).
     ``pop_expired()`` hands the agent the (pid, scope_id, expiration_time) of every timer that
-    made it send a signal, for the failure report.
-
-    Who may be signalled: anyone but the server's own process, 0 and 1 until
-    ``set_worker_pids`` names the workers; the agent names them (an empty set while it has none).
-    Every field of a request is checked; a bad line is logged (rate-limited) and skipped, and
-    never affects another process's timers.
+    made it send a signal, for the failure report. Who may be signalled: see ``set_worker_pids``;
+    a bad request line is logged (rate-limited) and skipped, and never affects other timers.
     """
 
     def __init__(self, file_path, run_id="", max_interval=0.1, daemon=True, *, use_pidfd=None):
@@ -3051,8 +3071,7 @@ class FileTimerServer:
         self._thread = None
         self._stopping = False
         self._fifo = self._wake_r = self._wake_w = self._lock_fd = None
-        self._pidfds = {}        # pid -> pidfd (watched for the process's exit)
-        self._use_pidfd = hasattr(os, "pidfd_open") if use_pidfd is None else use_pidfd
+        self._pids = _PidWatch(hasattr(os, "pidfd_open") if use_pidfd is None else use_pidfd)
         self._bad_lines = 0
         self._request_count = 0  # well-formed requests read (acquire and release)
         self._last_progress_time = time.time()
@@ -3069,7 +3088,8 @@ class FileTimerServer:
             # EOF when the last worker closes its end.
             self._fifo = os.open(self.file_path, os.O_RDWR | os.O_NONBLOCK)
         except BaseException:
-            self._release_lock()
+            _release_timer_file(self.file_path, self._lock_fd)
+            self._lock_fd = None
             raise
         self._wake_r, self._wake_w = os.pipe()
         os.set_blocking(self._wake_r, False)
@@ -3087,12 +3107,12 @@ class FileTimerServer:
         self._stopping = True
         self._wake()
         thread.join()
-        for fd in [self._fifo, self._wake_r, self._wake_w] + list(self._pidfds.values()):
+        for fd in [self._fifo, self._wake_r, self._wake_w]:
             try:
                 os.close(fd)
             except OSError:
                 pass
-        self._pidfds.clear()
+        self._pids.close()
         with self._cond:
             self._timers.clear()
             self._held.clear()
@@ -3105,11 +3125,13 @@ class FileTimerServer:
                 os.unlink(self.file_path)
         except OSError:
             pass
-        self._release_lock()
+        _release_timer_file(self.file_path, self._lock_fd)
+        self._lock_fd = None
 
     def set_worker_pids(self, pids, starting=False):
-        """Only signal these workers and processes in their sessions (None: anyone but us, 0, 1).
-        May be called before ``start()``, so that no request is ever judged by the default.
+        """Only signal these workers and processes in their sessions (None, the default: anyone but
+        us, 0 and 1). The agent names its workers, an empty set while it has none; it calls this
+        before ``start()``, so that no request is ever judged by the default.
 
         ``starting=True`` while workers are being started: a timer of a pid not yet named is kept,
         and fires once the next call names it (it is refused if that call does not).
@@ -3147,19 +3169,6 @@ class FileTimerServer:
             except OSError:  # full: a wake-up is pending anyway
                 pass
 
-    def _release_lock(self):
-        fd, self._lock_fd = self._lock_fd, None
-        if fd is None:
-            return
-        try:
-            st = os.stat(self.file_path + ".lock", follow_symlinks=False)
-            mine = os.fstat(fd)
-            if (st.st_dev, st.st_ino) == (mine.st_dev, mine.st_ino):
-                os.unlink(self.file_path + ".lock")  # unlinked while still locked: see _claim_timer_file
-        except OSError:
-            pass
-        os.close(fd)
-
     def _loop(self):
         import select
         poller = select.poll()
@@ -3192,13 +3201,15 @@ class FileTimerServer:
                 except OSError:
                     pass
             else:
-                self._process_exited(fd, poller)
+                for pid in self._pids.exited(fd):
+                    self._drop_pid(pid, poller)
+                    log.debug("file timer: pid %d exited, dropped its timers", pid)
         with self._cond:
             recheck, self._recheck = self._recheck, False
         if recheck:
             self._judge_all(poller)
         self._expire(time.time(), poller)
-        if not self._use_pidfd:
+        if self._pids.polling:
             self._drop_dead(poller)
         if self._complaints.due() == 0:
             self._complaints.flush()
@@ -3211,7 +3222,7 @@ class FileTimerServer:
         if not times:
             return summary
         # Cap the sleep: the wall clock may jump, and without pidfds liveness is checked by polling.
-        cap = 1.0 if self._use_pidfd else self.max_interval
+        cap = self.max_interval if self._pids.polling else 1.0
         timeout = min(max(0.0, min(times) - time.time()), cap)
         return timeout if summary is None else min(timeout, summary)
 
@@ -3219,22 +3230,16 @@ class FileTimerServer:
         # At most 16 reads a pass: a writer that never stops can delay expiries by one pass only,
         # and a line with no end costs at most _MAX_PENDING bytes.
         for _ in range(16):
-            try:
-                chunk = os.read(self._fifo, 65536)
-            except (BlockingIOError, InterruptedError):
+            lines, pending, too_long = _read_lines(self._fifo, pending)
+            if lines is None:
                 break
-            if not chunk:
-                break
-            *lines, pending = (pending + chunk).split(b"\n")
             for line in lines:
-                if line.strip():
-                    try:
-                        self._handle_line(line, poller)
-                    except Exception as e:  # one bad line never stops the others
-                        self._malformed(line, "%s: %s" % (type(e).__name__, e))
-            if len(pending) > _MAX_PENDING:
-                self._malformed(pending, "line too long")
-                pending = b""
+                try:
+                    self._handle_line(line, poller)
+                except Exception as e:  # one bad line never stops the others
+                    self._malformed(line, "%s: %s" % (type(e).__name__, e))
+            if too_long:
+                self._malformed(too_long, "line too long")
         return pending
 
     def _malformed(self, line, why):
@@ -3242,30 +3247,10 @@ class FileTimerServer:
         self._complaints.warn("file timer: skipped a malformed request (%s): %r", why, line[:120])
 
     def _handle_line(self, line, poller):
-        import json
         try:
-            req = json.loads(line.decode("utf-8"))
-        except ValueError as e:  # UnicodeDecodeError and JSONDecodeError alike
-            return self._malformed(line, "not JSON: %s" % e)
-        if not isinstance(req, dict):
-            return self._malformed(line, "not an object")
-        pid, scope, exp, sig = (req.get("pid"), req.get("scope_id"), req.get("expiration_time"),
-                                req.get("signal", 0))
-        if req.get("version", 1) != 1:
-            return self._malformed(line, "unsupported version")
-        if not _is_int(pid) or not isinstance(scope, str) or not _is_int(sig) \
-                or not isinstance(exp, (int, float)) or isinstance(exp, bool):
-            return self._malformed(line, "missing or mistyped field")
-        if not -_PID_T_MAX <= pid <= _PID_T_MAX:
-            return self._malformed(line, "pid out of range")
-        if not -_PID_T_MAX <= sig < _NSIG:
-            return self._malformed(line, "not a signal number")
-        try:
-            exp = float(exp)
-        except OverflowError:
-            return self._malformed(line, "expiration_time out of range")
-        if exp != exp:  # +inf is allowed: a timer that never fires (torch takes it too)
-            return self._malformed(line, "expiration_time is NaN")
+            pid, scope, exp, sig = _timer_request(line)
+        except ValueError as e:
+            return self._malformed(line, str(e))
         with self._cond:  # one step for observers: counted and applied together
             self._request_count += 1
             self._apply(pid, scope, exp, sig, poller)
@@ -3274,7 +3259,7 @@ class FileTimerServer:
         if exp < 0:
             self._timers.pop((pid, scope), None)
             if not any(p == pid for p, _ in self._timers):
-                self._unwatch(pid, poller)
+                self._pids.unwatch(pid, poller)
                 self._held.discard(pid)
         elif pid <= 1 or pid == os.getpid():
             self._complaints.warn("file timer: refused a timer for pid %d (scope %s): never signalled",
@@ -3286,7 +3271,7 @@ class FileTimerServer:
                 sum(1 for p, _ in self._timers if p == pid) >= _MAX_TIMERS_PER_PID:
             self._complaints.warn("file timer: refused a timer for pid %d (scope %s): it holds %d "
                                   "already", pid, scope, _MAX_TIMERS_PER_PID)
-        elif not self._watch(pid, poller):
+        elif not self._pids.watch(pid, poller):
             log.debug("file timer: pid %d is gone, ignored its timer %s", pid, scope)
         else:
             self._timers[(pid, scope)] = (exp, sig)
@@ -3308,43 +3293,12 @@ class FileTimerServer:
                 log.debug("file timer: dropped the timers of pid %d: not a worker (any more)", pid)
             self._drop_pid(pid, poller)
 
-    def _watch(self, pid, poller):
-        """Start watching pid's exit; False when it is already dead."""
-        if not self._use_pidfd or pid in self._pidfds:
-            return self._use_pidfd or _alive(pid)
-        try:
-            fd = os.pidfd_open(pid)
-        except ProcessLookupError:
-            return False
-        except OSError as e:  # ENOSYS / EPERM (seccomp): fall back to polling liveness
-            log.debug("file timer: pidfd_open unavailable (%s), polling liveness", e)
-            self._use_pidfd = False
-            return _alive(pid)
-        self._pidfds[pid] = fd
-        import select
-        poller.register(fd, select.POLLIN)
-        return True
-
-    def _unwatch(self, pid, poller):
-        fd = self._pidfds.pop(pid, None)
-        if fd is not None:
-            poller.unregister(fd)
-            os.close(fd)
-
-    def _process_exited(self, fd, poller):
-        import select
-        for pid, pfd in list(self._pidfds.items()):
-            # Look again: this pass may have closed the pidfd the event was for and reused its number.
-            if pfd == fd and select.select([fd], [], [], 0)[0]:
-                self._drop_pid(pid, poller)
-                log.debug("file timer: pid %d exited, dropped its timers", pid)
-
     def _drop_pid(self, pid, poller):
         with self._cond:
             for key in [k for k in self._timers if k[0] == pid]:
                 del self._timers[key]
             self._held.discard(pid)
-        self._unwatch(pid, poller)
+        self._pids.unwatch(pid, poller)
 
     def _drop_dead(self, poller):
         with self._cond:
@@ -3398,7 +3352,7 @@ class FileTimerServer:
         record = (pid, scope, exp)
         with self._cond:  # recorded first: the agent may see the death before we return
             self._expired.append(record)
-        sent = self._signal(pid, sig)
+        sent = self._pids.signal(pid, sig)
         if not sent:
             with self._cond:
                 if record in self._expired:
@@ -3407,8 +3361,50 @@ class FileTimerServer:
                     "sent" if sent else "could not send", _signal_name(sig))
         self._drop_pid(pid, poller)
 
-    def _signal(self, pid, sig):
-        fd = self._pidfds.get(pid)
+
+class _PidWatch:
+    """The file timer's view of the processes holding timers: a pidfd per pid in the watchdog's
+    poller (readable once the process exits; signals sent through it cannot hit a recycled pid),
+    or, without pidfds (before Linux 5.3 or Python 3.9, or refused by seccomp), ``polling``:
+    liveness checked by the server at every pass."""
+
+    def __init__(self, use_pidfd):
+        self.polling = not use_pidfd
+        self._fds = {}   # pid -> pidfd
+
+    def watch(self, pid, poller):
+        """Start watching pid's exit; False when it is already dead."""
+        if self.polling or pid in self._fds:
+            return not self.polling or _alive(pid)
+        try:
+            fd = os.pidfd_open(pid)
+        except ProcessLookupError:
+            return False
+        except OSError as e:  # ENOSYS / EPERM (seccomp): fall back to polling liveness
+            log.debug("file timer: pidfd_open unavailable (%s), polling liveness", e)
+            self.polling = True
+            return _alive(pid)
+        self._fds[pid] = fd
+        import select
+        poller.register(fd, select.POLLIN)
+        return True
+
+    def unwatch(self, pid, poller):
+        fd = self._fds.pop(pid, None)
+        if fd is not None:
+            poller.unregister(fd)
+            os.close(fd)
+
+    def exited(self, fd):
+        """The pids whose pidfd `fd` says they exited."""
+        import select
+        # Look again: this pass may have closed the pidfd the event was for and reused its number.
+        return [pid for pid, pfd in list(self._fds.items())
+                if pfd == fd and select.select([fd], [], [], 0)[0]]
+
+    def signal(self, pid, sig):
+        """True when `sig` was sent to `pid` (False: it is gone)."""
+        fd = self._fds.get(pid)
         try:
             if fd is not None:  # race-free: the pidfd cannot name a recycled pid
                 signal.pidfd_send_signal(fd, sig)
@@ -3420,6 +3416,59 @@ class FileTimerServer:
         except OSError as e:
             log.error("file timer: cannot signal pid %d: %s", pid, e)
             return False
+
+    def close(self):
+        for fd in self._fds.values():
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+        self._fds.clear()
+
+
+def _read_lines(fd, pending):
+    """One read of a non-blocking fd: (its complete non-blank lines, the unfinished rest, a rest
+    dropped for being over _MAX_PENDING bytes or b""); lines is None when nothing was there."""
+    try:
+        chunk = os.read(fd, 65536)
+    except (BlockingIOError, InterruptedError):
+        chunk = b""
+    if not chunk:
+        return None, pending, b""
+    *lines, pending = (pending + chunk).split(b"\n")
+    if len(pending) > _MAX_PENDING:
+        return [line for line in lines if line.strip()], b"", pending
+    return [line for line in lines if line.strip()], pending, b""
+
+
+def _timer_request(line):
+    """(pid, scope_id, expiration_time, signal) of one request line, every field checked; ValueError
+    saying what is wrong otherwise."""
+    import json
+    try:
+        req = json.loads(line.decode("utf-8"))
+    except ValueError as e:  # UnicodeDecodeError and JSONDecodeError alike
+        raise ValueError("not JSON: %s" % e) from None
+    if not isinstance(req, dict):
+        raise ValueError("not an object")
+    pid, scope, exp, sig = (req.get("pid"), req.get("scope_id"), req.get("expiration_time"),
+                            req.get("signal", 0))
+    if req.get("version", 1) != 1:
+        raise ValueError("unsupported version")
+    if not _is_int(pid) or not isinstance(scope, str) or not _is_int(sig) \
+            or not isinstance(exp, (int, float)) or isinstance(exp, bool):
+        raise ValueError("missing or mistyped field")
+    if not -_PID_T_MAX <= pid <= _PID_T_MAX:
+        raise ValueError("pid out of range")
+    if not -_PID_T_MAX <= sig < _NSIG:
+        raise ValueError("not a signal number")
+    try:
+        exp = float(exp)
+    except OverflowError:
+        raise ValueError("expiration_time out of range") from None
+    if exp != exp:  # +inf is allowed: a timer that never fires (torch takes it too)
+        raise ValueError("expiration_time is NaN")
+    return pid, scope, exp, sig
 
 
 def _make_fifo(path):
