@@ -373,7 +373,8 @@ def test_a_dead_member_is_reported_as_lost_not_as_nodes_waiting(tmp_path):
         for i in range(3):
             agents.append(Launcher(["--nnodes", "2:3", "--rdzv-backend", "c10d", "--rdzv-endpoint", store.endpoint,
                                     "--rdzv-id", "lost", "--rdzv-conf", CONF, "--local-addr", "127.0.0.%d" % (i + 1),
-                                    "--shutdown-timeout", "2"] + FAST + [script, str(out)], tmp_path, "n%d" % i))
+                                    "--shutdown-timeout", "2", "--event-log", str(tmp_path / ("n%d.jsonl" % i))]
+                                   + FAST + [script, str(out)], tmp_path, "n%d" % i))
         wait_for(lambda: len([f for f in os.listdir(str(out)) if f.startswith("3_")]) == 3, what="3 nodes up",
                  explain=lambda: "".join(a.err() for a in agents))
         os.kill(agents[1].pid, signal.SIGKILL)
@@ -384,6 +385,14 @@ def test_a_dead_member_is_reported_as_lost_not_as_nodes_waiting(tmp_path):
             assert "nodes waiting" not in err, err
             assert "member lost: restarting the worker group" in err, err
             assert re.search(r"a node was lost from round 0: .*", err), err
+        for i in (0, 2):
+            events = events_of(tmp_path / ("n%d.jsonl" % i))
+            kinds = [e["event"] for e in events]
+            assert "node_lost" in kinds and kinds.index("node_lost") < kinds.index("scale_change"), kinds
+            change = events[kinds.index("scale_change")]
+            assert (change["from_nodes"], change["to_nodes"]) == (3, 2)
+            restart = events[kinds.index("restart")]
+            assert restart["why"] == "member lost" and restart["count"] == 0
     finally:
         for a in agents:
             a.stop()
