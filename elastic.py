@@ -2204,7 +2204,8 @@ class LocalElasticAgent:
     ``fork_server``: a ``_ForkServer`` forked before the caller started threads; Python-script workers
     (an entrypoint from ``python_command``) are then forked from it. ``stop_flag``: a ``_StopFlag``
     whose handler the caller installed for the signals it wants to end the run; None leaves signals
-    to the caller."""
+    to the caller. ``event_log``: a path for the event log (JSON lines, see the module docstring), True
+    for ``events.jsonl`` in the run's log folder, None for none (the events are still narrated)."""
 
     def __init__(self, spec, *, logs_specs=None, start_method="spawn", exit_barrier_timeout=300,
                  shutdown_timeout=30, log_line_prefix_template=None, health_check_port=None,
@@ -2283,7 +2284,7 @@ class LocalElasticAgent:
             path = os.path.join(self._logs.root_log_dir, "events.jsonl")
         self._events = _Events(path or None, self._run_id())
         self._events.emit("start", **self._summary())
-        self._exits_told, self._workers_started, self._restarting = set(), 0, None
+        self._exits_told, self._workers_started, self._restarting, self._nodes = set(), 0, None, None
         exit_fields = {"code": 1}
         try:
             self._start_servers()

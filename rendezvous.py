@@ -1040,7 +1040,7 @@ def describe_run(store, run_id, observe=0.0):
             info["broken"] = state.get(keys.round(r, "broken_why"), b"unknown").decode("utf-8", "replace")
         _watch_beats(store, [keys.round(r, "hb/%d" % m["rank"]) for m in info["members"]], info["members"],
                      observe, read)
-    nxt = 0 if r is None else r + 1
+    nxt = max(top, 0 if r is None else r + 1)     # where joiners wait: the open round
     arrived = read([keys.round(nxt, "arrive"), keys.round(nxt, "done")])
     if keys.round(nxt, "done") not in arrived:
         joins = int(arrived.get(keys.round(nxt, "arrive"), b"0")) & _SLOT_MASK
