@@ -1949,8 +1949,11 @@ def _say_start(e):
             "%(addr)s (host %(host)s, pid %(pid)s)" % e)
 
 
+_EVENT_MEMBERS_MAX = 64   # a round event lists its members up to this many nodes
+
+
 def _say_round(e):
-    hosts = ", ".join(m["addr"] for m in e["members"])
+    hosts = "..." if e["members"] is None else ", ".join(m.get("host") or m["addr"] for m in e["members"])
     return ("rendezvous round %s done in %s: %s (%s), world size %d; this node is group rank %d with "
             "ranks %d-%d (master %s)" % (e["round"], _seconds(e["duration"]), _plural(e["nodes"], "node"),
                                          hosts, e["world_size"], e["group_rank"], e["ranks"][0],
@@ -2480,7 +2483,10 @@ class LocalElasticAgent:
         r = self._ranks = _RankAssignment([(role, int(n)) for role, n in peers], info.rank, spec.role,
                                           spec.master_addr or info.master_addr,
                                           spec.master_port or info.master_port)
-        members = getattr(info, "members", None) or [(spec.local_addr or _hostname(), None)]
+        # the member list costs every node O(nodes) bytes: named in the event for a modest round only
+        members = None
+        if info.world_size <= _EVENT_MEMBERS_MAX:
+            members = getattr(info, "members", None) or [(spec.local_addr or _hostname(), None)]
         bases = list(itertools.accumulate([0] + [int(n) for _, n in peers]))
         if self._nodes is not None and self._nodes != info.world_size:
             self._events.emit("scale_change", from_nodes=self._nodes, to_nodes=info.world_size)
@@ -2489,8 +2495,9 @@ class LocalElasticAgent:
             "round", round=getattr(info, "round", None), nodes=info.world_size, world_size=r.world_size,
             group_rank=info.rank, ranks=[r.base_rank, r.base_rank + lws - 1],
             master="%s:%s" % (r.master_addr, r.master_port), duration=round(time.monotonic() - began, 3),
-            members=[{"addr": m[0], "id": m[1], "ranks": [bases[i], bases[i + 1] - 1]}
-                     for i, m in enumerate(members)])
+            members=None if members is None else [
+                {"addr": m[0], "id": m[1], "host": m[2] if len(m) > 2 else None,
+                 "ranks": [bases[i], bases[i + 1] - 1]} for i, m in enumerate(members)])
         self._rdzv_done = time.time()
 
     def _agent_record(self):
@@ -4531,7 +4538,7 @@ def _run_status(store, params):
             record = json.loads(agent.decode()) if agent else {}
             role = roles.get("role/%d" % m["rank"], b"").decode().split("\n")
             nproc = int(role[1]) if len(role) == 2 else record.get("nproc")
-            m.update(host=record.get("host", m["addr"]), pid=record.get("pid"), role=role[0] or None,
+            m.update(host=record.get("host") or m.get("host") or m["addr"], pid=record.get("pid"), role=role[0] or None,
                      restarts=record.get("restarts"), log_dir=record.get("log_dir"))
             if nproc:
                 m["ranks"] = [base, base + nproc - 1]

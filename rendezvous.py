@@ -1028,11 +1028,16 @@ def describe_run(store, run_id, observe=0.0):
         done = read([keys.round(r, "done")]).get(keys.round(r, "done"))
         if done is not None and done.startswith(b"{"):
             outcome = json.loads(done.decode("utf-8"))
+            nodes = outcome["world_size"] if "world_size" in outcome else len(outcome["members"])
             if info["round"] is None:
                 info["round"], info["master"] = r, "%s:%s" % (outcome["master_addr"], outcome["master_port"])
-                info["members"] = [{"rank": i, "addr": m[0], "id": m[1]} for i, m in enumerate(outcome["members"])]
-                world = len(info["members"])
-            info["rounds"][r] = {"nodes": len(outcome["members"]), "user_prefix": keys.round(r, "user")}
+                members = outcome.get("members")
+                if members is None:   # the member list in a key of its own
+                    members = json.loads(read([keys.round(r, "members")]).get(keys.round(r, "members"), b"[]"))
+                info["members"] = [{"rank": i, "addr": m[0], "id": m[1], "host": m[2] if len(m) > 2 else None}
+                                   for i, m in enumerate(members)]
+                world = nodes
+            info["rounds"][r] = {"nodes": nodes, "user_prefix": keys.round(r, "user")}
     r = info["round"]
     if r is not None:
         state = read([keys.round(r, "broken"), keys.round(r, "broken_why")])
