@@ -2039,24 +2039,32 @@ class _Events:
                 log.warning("cannot write the event log %s: %s", path, e.strerror or e)
 
     def emit(self, kind, **fields):
+        return self.emit_all(kind, [fields])[0]
+
+    def emit_all(self, kind, many):
+        """Events of one kind that happen together (one per worker): one write and one fsync."""
         import json
-        record = {"time": round(self._clock(), 3), "event": kind, "run_id": self._run_id, "host": _hostname()}
-        record.update(fields)
-        if self._fd is not None:
+        now = round(self._clock(), 3)
+        records = []
+        for fields in many:
+            record = {"time": now, "event": kind, "run_id": self._run_id, "host": _hostname()}
+            record.update(fields)
+            records.append(record)
+        if self._fd is not None and records:
             try:
-                os.write(self._fd, (json.dumps(record) + "\n").encode())
+                os.write(self._fd, "".join(json.dumps(r) + "\n" for r in records).encode())
                 os.fsync(self._fd)
             except OSError as e:
                 log.warning("cannot write the event log %s: %s; no more events go there", self.path,
                             e.strerror or e)
                 self.close()
         say = _SAY.get(kind)
-        if say is not None:
+        for record in records if say is not None else ():
             level = _EVENT_LEVELS.get(kind, logging.INFO)
             if kind == "worker_exited":   # a worker's own exit, unless it failed, is no news
                 level = logging.WARNING if record["code"] != 0 and not record["by_agent"] else logging.DEBUG
             log.log(level, "%s", say(record))
-        return record
+        return records
 
     def close(self):
         if self._fd is not None:
@@ -2419,15 +2427,16 @@ class LocalElasticAgent:
         if group is None:
             return
         attempt = self._attempt - 1
+        exits = []
         for w in sorted(group.workers, key=lambda w: (w.global_rank not in first, w.global_rank)):
             if w.handle is None or w.exitcode is None or (attempt, w.global_rank) in self._exits_told:
                 continue
             self._exits_told.add((attempt, w.global_rank))
             code = w.exitcode
-            self._events.emit("worker_exited", rank=w.global_rank, local_rank=w.local_rank, pid=w.pid,
-                              code=code if code >= 0 else None,
-                              signal=_signal_name(-code) if code < 0 else None,
-                              by_agent=w.global_rank in group.stopped_ranks, attempt=attempt)
+            exits.append({"rank": w.global_rank, "local_rank": w.local_rank, "pid": w.pid,
+                          "code": code if code >= 0 else None, "signal": _signal_name(-code) if code < 0 else None,
+                          "by_agent": w.global_rank in group.stopped_ranks, "attempt": attempt})
+        self._events.emit_all("worker_exited", exits)
 
     def _succeeded(self):
         """Every worker exited 0: the exit barrier, then success, unless another node gave up
@@ -2554,12 +2563,13 @@ class LocalElasticAgent:
         self._set_state(WorkerState.HEALTHY)
         self.last_progress_time = time.time()
         self._workers_started += len(workers)
-        for w in workers:
-            self._events.emit("worker_started", rank=w.global_rank, local_rank=w.local_rank, pid=w.pid,
-                              attempt=self._attempt - 1)
+        now = time.time()
+        self._events.emit_all("worker_started", [
+            {"rank": w.global_rank, "local_rank": w.local_rank, "pid": w.pid, "attempt": self._attempt - 1}
+            for w in workers])
         if self._restarting is not None:
             why, failed, detected, stopped = self._restarting
-            rdzv_done, now = self._rdzv_done, time.time()
+            rdzv_done = self._rdzv_done
             self._restarting = None
             self._events.emit("restarted", why=why, total=round(now - failed, 3),
                               detect=round(detected - failed, 3), stop=round(stopped - detected, 3),
