@@ -18,6 +18,11 @@ Usage::
     handler.num_nodes_waiting()            # poll: > 0 -> nodes wait to join, restart at the new size
     handler.set_closed()                   # end the run for every node
     handler.shutdown()                     # leave (the others see the round as broken)
+    handler.broken_reason()                # why the round broke (one store read), or None
+
+    store = open_run_store(params)         # from outside the run: a client that never serves,
+    describe_run(store, "job42")           # and the run's rounds, members, beats and waiting nodes,
+                                           # read with check/get/multi_get only (elasticrun status)
 
 Backends. ``c10d`` (alias ``store``): endpoint ``host[:port]`` (default port 29400, ``[v6addr]:port``
 for IPv6). The node the host names (its host name, an address of one of its interfaces, or a name
@@ -1010,13 +1015,14 @@ def describe_run(store, run_id, observe=0.0):
     ``members`` (rank, addr, id, heartbeat age in seconds: how long ago its beat was seen to change
     while we watched for `observe` seconds, None when it did not, ``gone`` when its ephemeral key
     vanished), ``master``, ``broken`` (the reason, or None), ``waiting`` (records of the nodes waiting
-    in the next round), and ``rounds`` (every round formed: its number -> ``nodes``, its member
-    count, and ``user_prefix``, the prefix of the keys its agents wrote)."""
+    in the next round), ``rounds`` (every round formed: its number -> ``nodes``, its member
+    count, and ``user_prefix``, the prefix of the keys its agents wrote) and ``world`` (the member
+    count of the last round)."""
     keys = _Keys(run_id)
 
     def read(names):
-        """{name: bytes} of the names that exist."""
-        present = [n for n in names if store.check([n])]
+        """{name: bytes} of the names that exist (two operations when they all do)."""
+        present = names if names and store.check(names) else [n for n in names if store.check([n])]
         return dict(zip(present, store.multi_get(present))) if present else {}
 
     first = read([keys.closed, keys.open])
