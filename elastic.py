@@ -2717,7 +2717,8 @@ class _Peers:
         members = getattr(self._info, "members", None) or []
         found = re.search(r"rank (\d+)", why)
         if found and int(found.group(1)) < len(members):
-            why += " (host %s)" % members[int(found.group(1))][0]
+            member = members[int(found.group(1))]
+            why += " (host %s)" % (member[2] if len(member) > 2 and member[2] else member[0])
         return why
 
     def failures(self, local):
