@@ -1783,3 +1783,149 @@ def test_queues_errors_and_clone_match_torchs_tcpstore(torch_python):
     import json
     result = json.loads(out.stdout.strip().splitlines()[-1])
     assert result["ours"] == result["torch"]
+
+
+# torch's TCPStore signature (issue 16): what the ported torch cases do not pin
+
+def test_multi_tenant_masters_share_one_server_until_the_last_closes():
+    first = TCPStore("127.0.0.1", 0, 1, True)   # a free port, then two tenants on it
+    port = first.port
+    first.close()
+    a = TCPStore("127.0.0.1", port, 1, True, multi_tenant=True)
+    b = TCPStore("127.0.0.1", port, 1, True, multi_tenant=True)
+    others = []
+    try:
+        assert a.server is b.server
+        a.set("k", "v")
+        assert b.get("k") == b"v"
+        assert b.num_keys() == 2   # "k" and the one world-size key both masters counted in
+        assert b.get("init/") == b"2"
+        with pytest.raises(StoreConnectionError, match="^The server socket has failed to listen"):
+            others.append(TCPStore("127.0.0.1", port, 1, True))   # not a tenant: the port is taken
+        a.close()
+        assert b.get("k") == b"v"   # the other tenant's server goes on
+        b.close()
+        c = TCPStore("127.0.0.1", port, is_master=True, timeout=5)   # the last close freed the port
+        others.append(c)
+        assert c.num_keys() == 0
+    finally:
+        for s in [a, b] + others:
+            s.close()
+
+
+def test_a_master_waits_for_world_size_stores_and_the_last_one_wakes_it():
+    master_done, errors, made = threading.Event(), [], []
+
+    def master():
+        try:
+            made.append(TCPStore("127.0.0.1", port, 2, True, timeout=30))
+        except BaseException as e:   # surfaced below
+            errors.append(e)
+        master_done.set()
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    thread = threading.Thread(target=master)
+    thread.start()
+    client = None
+    try:
+        wait_until(lambda: _serves(port), "the master's server")
+        assert not master_done.is_set()
+        client = TCPStore("127.0.0.1", port, world_size=2, timeout=30)
+        assert master_done.wait(30) and not errors, errors
+        assert client.get("init/") == b"2"
+        assert client.num_keys() == 1
+        assert client.queue_len("init/") == 0   # the wake-up was taken, nothing left behind
+    finally:
+        thread.join(30)
+        for s in made + [client]:
+            if s is not None:
+                s.close()
+
+
+def _serves(port):
+    try:
+        socket.create_connection(("127.0.0.1", port), timeout=1).close()
+        return True
+    except OSError:
+        return False
+
+
+def test_without_world_size_or_with_wait_for_workers_false_nothing_is_counted():
+    with TCPStore("127.0.0.1", 0, is_master=True) as m, TCPStore("127.0.0.1", 0, 2, True, wait_for_workers=False) as n:
+        TCPStore("127.0.0.1", m.port, 3, False, wait_for_workers=False).close()
+        assert m.num_keys() == 0 and n.num_keys() == 0   # torch: the same
+
+
+def test_world_size_must_be_a_positive_int():
+    with pytest.raises(ValueError, match="TCPStore world size cannot be -1"):
+        TCPStore("127.0.0.1", 0, -1, True)
+    with pytest.raises(TypeError, match="world size"):
+        TCPStore("127.0.0.1", 0, "2", True)
+
+
+def test_torchs_keyword_names_and_our_keywords_both_work(server):
+    with TCPStore(host_name="127.0.0.1", port=server.port, timeout=datetime.timedelta(seconds=5),
+                  use_libuv=False) as s:
+        s.set("k", "v")
+    with pytest.raises(TypeError, match="host or host_name"):
+        TCPStore("127.0.0.1", server.port, host_name="127.0.0.1")
+
+
+@pytest.mark.parametrize("value", ["False", "0", ""])
+def test_the_launchers_agent_store_false_keeps_a_master_serving(monkeypatch, value):
+    """elasticrun gives workers TORCHELASTIC_USE_AGENT_STORE=False: a worker's master store serves."""
+    with TCPStore("127.0.0.1", 0, is_master=True) as taken:
+        monkeypatch.setenv("TORCHELASTIC_USE_AGENT_STORE", value)
+        monkeypatch.setenv("MASTER_PORT", str(taken.port))
+        with pytest.raises(StoreConnectionError, match="failed to listen"):
+            TCPStore("127.0.0.1", taken.port, 1, True)
+        monkeypatch.setenv("TORCHELASTIC_USE_AGENT_STORE", "True")
+        with TCPStore("127.0.0.1", taken.port, 1, True) as worker:
+            assert worker.server is None and worker.port == taken.port
+
+
+def test_a_master_takes_over_a_listening_socket_and_closes_it():
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(8)
+    port = listener.getsockname()[1]
+    fd = listener.detach()
+    with TCPStore("127.0.0.1", port, is_master=True, master_listen_fd=fd, timeout=5) as s:
+        s.set("k", "v")
+        assert s.get("k") == b"v"
+    wait_until(lambda: not _serves(port), "the taken-over socket to close")
+
+
+class _DictStore:
+    """A user's own store with only the basic methods (no append, multi_get, multi_set)."""
+
+    def __init__(self):
+        self.data = {}
+
+    def set(self, key, value):
+        self.data[key] = value
+
+    def get(self, key):
+        return self.data[key]
+
+    def check(self, keys):
+        return all(k in self.data for k in keys)
+
+    def compare_set(self, key, expected, desired):
+        if self.data.get(key, b"") == expected:
+            self.data[key] = desired
+        return self.data[key]
+
+
+def test_prefix_append_falls_back_even_when_the_value_already_equals_the_appended_part():
+    """torch's fallback cannot tell 'created with the value' from 'already held the value' and loses
+    the append; ours asks check() first when the store has it."""
+    inner = _DictStore()
+    view = PrefixStore("p", inner)
+    view.append("k", "po")
+    view.append("k", b"po")
+    assert inner.data == {"p/k": b"popo"}
+    view.multi_set(["a"], ["x"])
+    assert view.multi_get(["a", "k"]) == [b"x", b"popo"]
