@@ -1622,20 +1622,22 @@ class TCPStore:
             raise
 
     def _join(self, world_size, deadline):
-        """torch's world-size handshake: every store made with a world_size counts itself in the key
-        ``init/`` (so ``num_keys`` counts it, as torch's does), and the master waits until
-        `world_size` have. The one whose count completes it wakes the master through a queue of the
+        """torch's world-size handshake: every store made with a world_size counts itself in one
+        key (so ``num_keys`` counts it, as torch's does; as in torch, no key a caller can name reaches
+        it), and the master waits until `world_size` have. The one whose count completes it wakes the master through a queue of the
         same name (queues are not keys), so nobody polls."""
-        joined = self.add(_INIT_KEY, 1)
+        joined = _I64.unpack(self._call(_ADD, _INIT_FIELD + _I64.pack(1)))[0]
         if joined == world_size and self._server is None and self._features & _F_QUEUE:
-            self.queue_push(_INIT_KEY, b"")
+            self._call(_QPUSH, _INIT_FIELD + _field(b""))
         if self._server is None or joined >= world_size:
             return
+        seconds = max(0.0, deadline - time.monotonic())
         try:
-            self.queue_pop(_INIT_KEY, timeout=max(0.0, deadline - time.monotonic()))
+            self._call(_QPOP, _I64.pack(_wire_ms(seconds)) + _INIT_FIELD, seconds, ("init/",))
         except StoreTimeout:
+            joined = self._call(_GET, _I64.pack(0) + _ONE_KEY + _INIT_FIELD, 0.0, ("init/",))[4:]
             raise StoreTimeout("Timed out after %d seconds waiting for clients. %s/%d clients joined."
-                               % (math.ceil(self.timeout), self.get(_INIT_KEY).decode(), world_size)) from None
+                               % (math.ceil(self.timeout), joined.decode(), world_size)) from None
 
     @property
     def server(self):
@@ -2203,7 +2205,9 @@ class TCPStore:
         keys, pos = [], 4
         for _ in range(count):
             (size,) = _U32.unpack_from(body, pos)
-            keys.append(body[pos + 4:pos + 4 + size].decode("utf-8", "replace"))
+            key = body[pos + 4:pos + 4 + size]
+            if key != _INIT_KEY:   # counted by num_keys, as torch's; named by nobody
+                keys.append(key.decode("utf-8", "replace"))
             pos += 4 + size
         return keys
 
@@ -2258,7 +2262,8 @@ class TCPStore:
 
 
 _get_ident = threading.get_ident
-_INIT_KEY = "init/"        # torch's world-size key
+_INIT_KEY = b"\xffinit/"   # torch's world-size key: 0xff is in no UTF-8 text, so no str key is this one
+_INIT_FIELD = _U32.pack(len(_INIT_KEY)) + _INIT_KEY
 _TENANTS = {}              # port -> [server, masters using it]: torch's multi_tenant registry
 _TENANTS_LOCK = threading.Lock()
 

@@ -1799,7 +1799,7 @@ def test_multi_tenant_masters_share_one_server_until_the_last_closes():
         a.set("k", "v")
         assert b.get("k") == b"v"
         assert b.num_keys() == 2   # "k" and the one world-size key both masters counted in
-        assert b.get("init/") == b"2"
+        assert b.list_keys() == ["k"]   # which no caller can name, as in torch
         with pytest.raises(StoreConnectionError, match="^The server socket has failed to listen"):
             others.append(TCPStore("127.0.0.1", port, 1, True))   # not a tenant: the port is taken
         a.close()
@@ -1834,9 +1834,8 @@ def test_a_master_waits_for_world_size_stores_and_the_last_one_wakes_it():
         assert not master_done.is_set()
         client = TCPStore("127.0.0.1", port, world_size=2, timeout=30)
         assert master_done.wait(30) and not errors, errors
-        assert client.get("init/") == b"2"
-        assert client.num_keys() == 1
-        assert client.queue_len("init/") == 0   # the wake-up was taken, nothing left behind
+        assert client.num_keys() == 1 and client.list_keys() == []
+        assert not client.check(["init/"])   # torch's key is out of every caller's reach
     finally:
         thread.join(30)
         for s in made + [client]:
@@ -1929,3 +1928,33 @@ def test_prefix_append_falls_back_even_when_the_value_already_equals_the_appende
     assert inner.data == {"p/k": b"popo"}
     view.multi_set(["a"], ["x"])
     assert view.multi_get(["a", "k"]) == [b"x", b"popo"]
+
+
+TORCH_WORLD_SIZE_COUNTS = r"""
+import json, sys
+sys.path.insert(0, sys.argv[1])
+import store
+import torch.distributed as dist
+
+def run(TCPStore):
+    out = []
+    for ws, wait in ((None, True), (1, True), (2, False), (3, True)):
+        # a master that waits is made for world size 1, so that it need not wait for the clients below
+        m = TCPStore("127.0.0.1", 0, 1 if ws and wait else ws, True, wait_for_workers=wait)
+        c1 = TCPStore("127.0.0.1", m.port, ws, False, wait_for_workers=wait)
+        c2 = TCPStore("127.0.0.1", m.port, ws, False, wait_for_workers=not wait)
+        out.append([ws, wait, m.num_keys(), m.check(["init/"]), c1.num_keys()])
+    return out
+
+print(json.dumps({"torch": run(dist.TCPStore), "ours": run(store.TCPStore)}))
+"""
+
+
+def test_world_size_counts_match_torchs_tcpstore(torch_python):
+    """Which constructions count themselves in torch's world-size key: the same as torch's, by num_keys."""
+    out = subprocess.run([torch_python, "-c", TORCH_WORLD_SIZE_COUNTS, ROOT], capture_output=True, text=True,
+                         timeout=120)
+    assert out.returncode == 0, out.stderr
+    import json
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    assert result["ours"] == result["torch"]
