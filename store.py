@@ -32,7 +32,20 @@ its key existing (torch's rule). Each value goes to exactly one pop; pops that w
 oldest first, and every ``wait`` on the key wakes (torch's wakes one). ``clone()`` is another
 client on its own connection; ``has_extended_api()`` is True; ``list_keys()`` names every key (not
 the queues); ``barrier(key, world_size, timeout=None)`` returns once ``world_size`` callers came. Errors are ``RuntimeError``s, as
-torch's are; a timeout reads like torch's (``wait timeout after 100ms, keys: k``).
+torch's are, and their words are torch's, our detail after them (``wait timeout after 100ms, keys:
+/k``, ``The client socket has timed out after ...``, ``The server socket has failed to listen on any
+local network address ...``).
+
+The constructor takes torch's arguments, by position or keyword: ``TCPStore(host_name, port,
+world_size=None, is_master=False, timeout=300, wait_for_workers=True, multi_tenant=False,
+master_listen_fd=None, use_libuv=True)`` (``host`` is our name for ``host_name``; ``use_libuv`` is
+accepted and ignored), and ours keyword-only: ``token``, ``bind``. With a ``world_size`` (and
+``wait_for_workers``) every store counts itself in one key that ``num_keys`` counts and no key name
+reaches (torch's), and the master waits until ``world_size`` have, or raises ``StoreTimeout``
+("Timed out after 300 seconds waiting for clients. 3/4 clients joined."). ``multi_tenant`` masters
+on one port of one process share one server, which stops when the last of them closes;
+``master_listen_fd`` serves on a socket someone else bound; a master whose port is ``MASTER_PORT``
+while ``TORCHELASTIC_USE_AGENT_STORE`` is true connects instead (the agent serves it: torch's rule).
 
 Connecting retries until the timeout while the host name does not resolve (pods and DNS records
 often appear after the job starts) or the server refuses or can't be reached, and a wait longer than
@@ -1564,6 +1577,7 @@ class TCPStore:
 
     ``bind`` (with ``is_master``): the address the server listens on, every interface by default as
     torch's does; give one address (that ``host`` reaches) to keep the store off other networks.
+    The other arguments are torch's (see "The constructor" in the module docstring).
     """
 
     def __init__(self, host=None, port=None, world_size=None, is_master=False, timeout=300.0,
