@@ -120,6 +120,12 @@ Key layout (``R`` = the run id, percent-quoted so run ids never overlap; ``r`` =
 Errors: ``RendezvousError`` is the root; ``RendezvousTimeoutError`` (also ``TimeoutError``) says how
 many nodes joined of how many needed; ``RendezvousClosedError``; ``RendezvousConnectionError`` (also
 ``ConnectionError``) when the store cannot be reached or went away.
+
+Sections, in order: Constants and errors, Parameters, Results, Handler, etcd backend, Backends.
+
+It borrows from ``store`` only the private helpers that module's docstring lists. ``elastic`` may use
+from here, and nothing else private: ``_BACKENDS`` (the backend names ``RendezvousParameters``
+accepts: the launcher asks this list, so a new backend is added in this file alone) and ``_free_port``.
 """
 
 __version__ = "0.1.0"
@@ -149,6 +155,9 @@ except ImportError:  # top-level module
 
 log = logging.getLogger(__name__)
 
+
+# ----------------------------------------------------------------------------- Constants and errors
+
 _SLOT_BITS = 20
 _SLOT_MASK = (1 << _SLOT_BITS) - 1          # joins (slots) live in the low bits of arrive
 _REJOIN = 1 << _SLOT_BITS                   # returning members, counted in the middle bits
@@ -160,6 +169,7 @@ _TIMEOUTS = {
     "join_timeout": 600.0, "last_call_timeout": 30.0, "close_timeout": 30.0,
     "heartbeat_interval": 5.0, "heartbeat_timeout": 15.0, "read_timeout": 60.0,
 }
+_MAX_SECONDS = 1e6                          # about 11.5 days
 _OTHER_KEYS = ("is_host", "token_file", "rank", "keep_alive_interval", "keep_alive_max_attempt")
 _TORCH_ONLY_KEYS = ("store_type", "use_libuv", "local_addr")   # accepted from torchrun users, unused
 _BACKENDS = ("c10d", "store", "static", "etcd")
@@ -191,7 +201,7 @@ class RendezvousConnectionError(RendezvousError, ConnectionError):
     """The store could not be reached, or went away."""
 
 
-# ------------------------------------------------------------------------------------- parameters
+# --------------------------------------------------------------------------------------- Parameters
 
 def _parse_endpoint(endpoint, default_port):
     """``host``, ``host:port``, ``[v6]:port``, ``[v6]`` or a bare IPv6 address -> (host, port).
@@ -279,7 +289,8 @@ class RendezvousParameters:
     (``join_timeout``, ``heartbeat_interval``, ``is_host`` (None when not given), ``host``, ``port``...).
     """
 
-    def __init__(self, backend, endpoint, run_id, min_nodes, max_nodes, local_addr=None, **config):
+    def __init__(self, backend, endpoint, run_id, min_nodes, max_nodes, local_addr=None, *, token=None,
+                 **config):
         backend = str(backend or "").strip()
         if backend not in _BACKENDS:
             raise ValueError("rdzv backend %r is unknown; choose one of %s" % (backend, ", ".join(_BACKENDS)))
@@ -304,8 +315,9 @@ class RendezvousParameters:
                 seconds = float(value)
             except (TypeError, ValueError):
                 raise ValueError("rdzv conf %s=%r is not a number of seconds" % (key, value)) from None
-            if not seconds > 0 or seconds != seconds or seconds == float("inf"):
-                raise ValueError("rdzv conf %s=%r must be a positive number of seconds" % (key, value))
+            if not 0 < seconds <= _MAX_SECONDS:   # also nan and inf; past the cap a wait overflows
+                raise ValueError("rdzv conf %s=%r must be a number of seconds > 0 and at most %g"
+                                 % (key, value, _MAX_SECONDS))
             setattr(self, key, seconds)
         if self.heartbeat_timeout <= self.heartbeat_interval:
             raise ValueError("rdzv conf heartbeat_timeout=%g must exceed heartbeat_interval=%g"
@@ -317,6 +329,11 @@ class RendezvousParameters:
         if token_file and not os.access(token_file, os.R_OK):
             raise ValueError("rdzv conf token_file=%r cannot be read" % (token_file,))
         self.token_file = token_file or None
+        if token is not None and (not isinstance(token, (str, bytes)) or not token):
+            raise ValueError("rdzv token must be a non-empty str or bytes")
+        if token is not None and self.token_file:
+            raise ValueError("give the rdzv store a token or a token_file, not both")
+        self.token = token   # kept out of repr() and config: a secret
         self.rank = None
         if backend == "static":
             if self.min_nodes != self.max_nodes:
@@ -333,6 +350,8 @@ class RendezvousParameters:
         elif "rank" in self.config:
             raise ValueError("rdzv conf rank is only for the static backend, not %r" % backend)
         if backend == "etcd":
+            if token is not None:
+                raise ValueError("a token is not for the etcd backend (secure etcd with its own access control)")
             for key in ("token_file", "is_host"):
                 if key in self.config:
                     raise ValueError("rdzv conf %s is not for the etcd backend (etcd serves the "
@@ -399,7 +418,7 @@ def _etcd_url(raw):
     return hostport, host, port
 
 
-# ------------------------------------------------------------------------------------- results
+# ------------------------------------------------------------------------------------------ Results
 
 class RendezvousInfo:
     """What a completed round gives this node."""
@@ -448,7 +467,7 @@ def _node_id():
     return "%s-%d-%s" % (socket.gethostname(), os.getpid(), "%06x" % random.getrandbits(24))
 
 
-# ------------------------------------------------------------------------------------- the handler
+# ------------------------------------------------------------------------------------------ Handler
 
 class RendezvousHandler:
     """The round algorithm over any object with the store API (see the module docstring).
@@ -1081,15 +1100,6 @@ def _etcd_describe(error):
     return str(error) or type(error).__name__
 
 
-def _etcd_keepalive(sock, idle=5, interval=2, count=5):
-    """Notice a member that vanished without closing (cut link, power loss): after about
-    idle + interval * count seconds of silence the kernel fails our reads."""
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
-    for name, value in (("TCP_KEEPIDLE", idle), ("TCP_KEEPINTVL", interval), ("TCP_KEEPCNT", count)):
-        if hasattr(socket, name):
-            sock.setsockopt(socket.IPPROTO_TCP, getattr(socket, name), value)
-
-
 def _etcd_parse_endpoints(endpoints):
     """[(url, address, port)] from URLs or a comma-separated string; each name resolved once, here."""
     if isinstance(endpoints, str):
@@ -1164,7 +1174,7 @@ class _EtcdLink:
         try:
             conn.connect()
             conn.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            _etcd_keepalive(conn.sock)
+            _store._keepalive(conn.sock)
         except OSError as e:
             conn.close()
             raise _EtcdUnreachable("cannot connect: %s" % _etcd_describe(e)) from None
@@ -1384,7 +1394,7 @@ class EtcdStore:
                 conn.connect()
                 # a watch is silent until its event comes: let the kernel probe the member meanwhile,
                 # so a cut link ends the stream in ~5 s and we resume on another member (no polling)
-                _etcd_keepalive(conn.sock, idle=2, interval=1, count=3)
+                _store._keepalive(conn.sock, idle=2, interval=1, count=3)
             except OSError as e:
                 members.skip(index)
                 raise _EtcdStreamBroken("%s: %s" % (member[0], _etcd_describe(e))) from None
@@ -1678,17 +1688,15 @@ class EtcdStore:
         self.close()
 
 
-# ------------------------------------------------------------------------------------- backends
+# ----------------------------------------------------------------------------------------- Backends
 
 def _read_token(path):
     try:
-        with open(path, "rb") as f:
-            token = f.read().strip()
+        return _store._read_token_file(path)
     except OSError as e:
         raise ValueError("rdzv conf token_file=%r cannot be read: %s" % (path, e.strerror or e)) from None
-    if not token:
-        raise ValueError("rdzv conf token_file=%r is empty" % path)
-    return token
+    except ValueError:
+        raise ValueError("rdzv conf token_file=%r is empty" % path) from None
 
 
 def _is_local_host(host, local_addr):
@@ -1724,12 +1732,30 @@ def _bindable(address):
         return False
 
 
+def _listen_address(host):
+    """The one address to serve the store on when the endpoint names it as an IP address this
+    machine has; None (every interface) for a host name: names are resolved by clients, and a
+    name's address here may not be the one the other nodes reach (127.0.1.1 in /etc/hosts)."""
+    try:
+        address = ipaddress.ip_address(host.split("%", 1)[0])
+    except ValueError:
+        return None
+    return host if _bindable(address) else None
+
+
+def _serve_store(host, port, timeout, token):
+    """The store's server, in this process, and a client of it. It listens on the endpoint's address
+    when that is possible (see _listen_address), on every interface otherwise."""
+    return _store.TCPStore(host, port, is_master=True, timeout=timeout, token=token, bind=_listen_address(host))
+
+
 def _open_store(params, host, port, serve):
     """A TCPStore client of host:port; `serve` True/False/None (None: serve if we can bind)."""
-    token = _read_token(params.token_file) if params.token_file else None
+    token = params.token if params.token is not None else (
+        _read_token(params.token_file) if params.token_file else None)
     if serve or serve is None:
         try:
-            tcp = _store.TCPStore(host, port, is_master=True, timeout=params.join_timeout, token=token)
+            tcp = _serve_store(host, port, params.join_timeout, token)
             tcp.set_timeout(params.read_timeout)
             log.info("serving the rendezvous store on port %d", tcp.port)
             return tcp, True

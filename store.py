@@ -157,8 +157,12 @@ rendezvous keys decide a job's membership, restarts and outcome: give the store 
 only on an address that only the job's hosts reach (``StoreServer(host=...)``,
 ``TCPStore(..., is_master=True, bind=...)``).
 
-Private helpers the upper modules may use: ``_seconds`` (a timeout given in seconds or as a
-``timedelta``) and ``_Pace`` (when a long wait should tell a person about itself).
+Sections, in order: Errors and wire format, Server, Client, Command line.
+
+Private helpers the upper modules (``rendezvous``, ``elastic``) may use, and no others: ``_seconds``
+(a timeout given in seconds or as a ``timedelta``), ``_Pace`` (when a long wait should tell a person
+about itself), ``_keepalive`` (TCP keepalive on a socket), ``_recv_exactly`` (n bytes or ``EOFError``),
+``_read_token_file``. A helper two modules need lives here, in the lowest one.
 """
 
 __version__ = "0.1.0"
@@ -193,6 +197,9 @@ if sys.version_info < (3, 8):
     raise ImportError(_OLD)
 
 log = logging.getLogger(__name__)
+
+
+# --------------------------------------------------------------------------- Errors and wire format
 
 PROTOCOL_VERSION = 1
 MAX_KEY_SIZE = 64 * 1024
@@ -373,7 +380,7 @@ def _read_token_file(path):
     return token
 
 
-# --------------------------------------------------------------------------------------------- server
+# ------------------------------------------------------------------------------------------- Server
 
 class _Reader:
     """Parses one request payload; any inconsistency raises _Malformed."""
@@ -1523,7 +1530,7 @@ def _key_text(key):
     return key.decode("utf-8", "replace")
 
 
-# --------------------------------------------------------------------------------------------- client
+# ------------------------------------------------------------------------------------------- Client
 
 class _Unresolved(Exception):
     """The store's host name does not resolve (yet: a pod's name or a late DNS record may appear)."""
@@ -1561,10 +1568,11 @@ class _Pace:
         return True
 
 
-def _keepalive(sock):
-    """Notice a store host that vanished without closing (power loss, cut link) in about 15 s."""
+def _keepalive(sock, idle=5, interval=2, count=5):
+    """Notice a peer that vanished without closing (power loss, cut link): after about
+    idle + interval * count seconds of silence (15 s by default) the kernel fails our reads."""
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
-    for name, value in (("TCP_KEEPIDLE", 5), ("TCP_KEEPINTVL", 2), ("TCP_KEEPCNT", 5)):
+    for name, value in (("TCP_KEEPIDLE", idle), ("TCP_KEEPINTVL", interval), ("TCP_KEEPCNT", count)):
         if hasattr(socket, name):
             sock.setsockopt(socket.IPPROTO_TCP, getattr(socket, name), value)
 
@@ -2353,11 +2361,12 @@ def _recv_frame(sock, limit):
 
 
 def _recv_exactly(sock, size):
+    """Exactly `size` bytes from a blocking socket; EOFError when the peer closes first."""
     data = b""
     while len(data) < size:
         chunk = sock.recv(size - len(data))
         if not chunk:
-            raise EOFError("the server closed the connection during the handshake")
+            raise EOFError("the peer closed the connection after %d of %d bytes" % (len(data), size))
         data += chunk
     return data
 
@@ -2499,7 +2508,7 @@ class PrefixStore:
         self.close()
 
 
-# --------------------------------------------------------------------------------------------- CLI
+# ------------------------------------------------------------------------------------- Command line
 
 def _main(argv=None):
     import argparse

@@ -228,9 +228,10 @@ def test_get_timeout_names_the_key_and_leaves_the_client_usable(client):
 
 def test_a_long_get_waits_on_the_socket_longer_than_the_server_does(server):
     """The server answers a get that runs out of time with a TIMEOUT naming the keys. The client's
-    own receive timeout must run out later: it used to be left at the store timeout whenever that
-    was within 10% of what the get needed (timeouts of 45 s and more, the default 300 s among
-    them), so the client gave up first and reported a silent store instead of the missing key.
+    own receive timeout must run out later, also when the store timeout is within 10% of what the
+    get needs (timeouts of 45 s and more, the default 300 s among them): were the socket's timeout
+    left at the store timeout, the client would give up first and report a silent store instead
+    of the missing key.
     Waiting a minute here would be slow; the kernel's SO_RCVTIMEO on the socket tells the same."""
     def receive_timeout(c):
         sec, usec = store._TIMEVAL.unpack(c._sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO,
@@ -436,7 +437,7 @@ def test_a_set_interrupted_while_sending_closes_the_client_rather_than_corrupt_t
             sys.setprofile(None)
             signal.signal(signal.SIGINT, previous)
             proc.send_signal(signal.SIGCONT)
-        # the next request's bytes used to complete the interrupted frame and be stored as its value
+        # the next request's bytes must not complete the interrupted frame and be stored as its value
         with pytest.raises(StoreConnectionError, match="interrupted \\(KeyboardInterrupt\\) while being sent"):
             c.set("victim", b"V" * size)
         assert not other.check(["big"]) and not other.check(["victim"])

@@ -12,7 +12,7 @@ import time
 import pytest
 
 from conftest import ROOT
-from agent_scripts.harness import Launcher, SCRIPTS, env, wait_for
+from agent_scripts.harness import SCRIPTS, Launcher, clean_env, env, wait_for, write_script
 from ports import free_port
 
 import elastic as ops
@@ -212,13 +212,18 @@ def test_nested_scopes_keep_their_own_timers(server, spawn):
     assert w.wait(HANG_GUARD) == 0
 
 
+def started_server(tmp_path, use_pidfd):
+    """A started server that watches exits through pidfds or by polling (skips where it cannot)."""
+    if use_pidfd and not hasattr(os, "pidfd_open"):
+        pytest.skip("no os.pidfd_open on this Python")
+    srv = ops.FileTimerServer(str(tmp_path / "timer.fifo"), max_interval=0.05, use_pidfd=use_pidfd)
+    srv.start()
+    return srv
+
+
 @pytest.mark.parametrize("use_pidfd", [True, False], ids=["pidfd", "polling"])
 def test_timers_of_dead_process_dropped(tmp_path, spawn, use_pidfd):
-    srv = ops.FileTimerServer(str(tmp_path / "timer.fifo"), max_interval=0.05)
-    if use_pidfd and not srv._use_pidfd:
-        pytest.skip("no os.pidfd_open on this Python")
-    srv._use_pidfd = use_pidfd
-    srv.start()
+    srv = started_server(tmp_path, use_pidfd)
     try:
         w = spawn("dies", srv.file_path)
         assert read_line(w) == "in"
@@ -311,6 +316,63 @@ def test_timer_path_from_environment(tmp_path):
     assert ops._file_timer_path({"TORCHELASTIC_TIMER_FILE": "/tmp/t.fifo"}, "/run/x") == "/tmp/t.fifo"
 
 
+# The file timer through a real launcher (`python3 elastic.py ...`).
+HANG = textwrap.dedent("""
+    import os, signal, sys, time
+    import elastic
+    folder = sys.argv[1]
+    rank, attempt = os.environ["RANK"], os.environ["TORCHELASTIC_RESTART_COUNT"]
+
+    def mark(name):
+        with open(os.path.join(folder, name + ".tmp"), "w") as f:
+            f.write(str(os.getpid()))
+        os.replace(os.path.join(folder, name + ".tmp"), os.path.join(folder, name))
+
+    def wait_file(name):
+        deadline = time.monotonic() + 30
+        while not os.path.exists(os.path.join(folder, name)) and time.monotonic() < deadline:
+            time.sleep(0.01)
+
+    if attempt == "0" and rank == "0":
+        # the sibling: inside a long scope of its own; only the group restart may stop it
+        signal.signal(signal.SIGTERM, lambda *a: (mark("sibling-sigterm"), os._exit(0)))
+        with elastic.expires(after=60, scope="calm-step"):
+            mark("sibling-in")
+            time.sleep(30)
+        mark("sibling-out")
+    elif attempt == "0":
+        wait_file("sibling-in")
+        with elastic.expires(after=0.5, scope="hang-step"):
+            mark("hang-in")
+            time.sleep(30)
+        mark("hang-out")
+    else:
+        mark("attempt%s-rank%s" % (attempt, rank))
+""")
+
+
+def test_hung_worker_killed_group_restarted_sibling_left_alone(tmp_path):
+    folder = tmp_path / "io"
+    folder.mkdir()
+    hang = write_script(tmp_path, "hang.py", HANG)
+    a = Launcher(["--standalone", "--nproc-per-node", "2", "--max-restarts", "1", "--shutdown-timeout", "5",
+                  "--monitor-interval", "0.05", hang, str(folder)], tmp_path,
+                 environ=clean_env(TORCHELASTIC_ENABLE_FILE_TIMER=1))
+    try:
+        assert a.wait(HANG_GUARD) == 0, a.err()
+        err = a.err()
+        names = sorted(os.listdir(str(folder)))
+        assert names == ["attempt1-rank0", "attempt1-rank1", "hang-in", "sibling-in", "sibling-sigterm"], names
+        # the sibling was stopped by the group restart (SIGTERM), not by the watchdog; the hung worker
+        # never left its scope
+        assert "overran scope hang-step" in err and "sent SIGKILL" in err
+        assert "overran file-timer scope hang-step" in err and "restarting the worker group (1/1)" in err
+        assert "calm-step" not in err
+        assert "all 2 workers succeeded" in err
+    finally:
+        a.stop()
+
+
 class _Records(logging.Handler):
     """The elastic logger's records, kept in a list (the launcher's main() may have stopped them from
     propagating to the root logger, where caplog listens)."""
@@ -342,11 +404,7 @@ def records():
 
 @pytest.mark.parametrize("use_pidfd", [True, False], ids=["pidfd", "polling"])
 def test_out_of_range_fields_refused_once_and_other_timers_fire(tmp_path, records, use_pidfd):
-    srv = ops.FileTimerServer(str(tmp_path / "timer.fifo"), max_interval=0.05)
-    if use_pidfd and not srv._use_pidfd:
-        pytest.skip("no os.pidfd_open on this Python")
-    srv._use_pidfd = use_pidfd
-    srv.start()
+    srv = started_server(tmp_path, use_pidfd)
     bystander, victim = sleeper(), sleeper()
     try:
         past = time.time() - 1
