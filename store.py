@@ -2299,12 +2299,13 @@ def _agent_store_at(port):
 
 def _host_server(bind, port, token, multi_tenant, listen_fd):
     """A started server for a master, and whether it is a shared multi_tenant one."""
-    if not multi_tenant or port == 0:
+    if not multi_tenant:
         return StoreServer(bind, port, token=token, listen_fd=listen_fd).start(), False
     with _TENANTS_LOCK:
-        entry = _TENANTS.get(port)
+        entry = _TENANTS.get(port) if port else None   # port 0: a new server, which later tenants may share
         if entry is None or entry[0]._stopping:
-            entry = _TENANTS[port] = [StoreServer(bind, port, token=token, listen_fd=listen_fd).start(), 0]
+            server = StoreServer(bind, port, token=token, listen_fd=listen_fd).start()
+            entry = _TENANTS[server.port] = [server, 0]
         entry[1] += 1
         return entry[0], True
 

@@ -1789,10 +1789,8 @@ def test_queues_errors_and_clone_match_torchs_tcpstore(torch_python):
 # torch's TCPStore signature (issue 16): what the ported torch cases do not pin
 
 def test_multi_tenant_masters_share_one_server_until_the_last_closes():
-    first = TCPStore("127.0.0.1", 0, 1, True)   # a free port, then two tenants on it
-    port = first.port
-    first.close()
-    a = TCPStore("127.0.0.1", port, 1, True, multi_tenant=True)
+    a = TCPStore("127.0.0.1", 0, 1, True, multi_tenant=True)   # port 0: the port the first tenant got
+    port = a.port
     b = TCPStore("127.0.0.1", port, 1, True, multi_tenant=True)
     others = []
     try:
