@@ -1653,13 +1653,21 @@ class TCPStore:
             self._call(_QPUSH, _INIT_FIELD + _field(b""))
         if self._server is None or joined >= world_size:
             return
-        seconds = max(0.0, deadline - time.monotonic())
-        try:
-            self._call(_QPOP, _I64.pack(_wire_ms(seconds)) + _INIT_FIELD, seconds, ("init/",))
-        except StoreTimeout:
-            joined = self._call(_GET, _I64.pack(0) + _ONE_KEY + _INIT_FIELD, 0.0, ("init/",))[4:]
-            raise StoreTimeout("Timed out after %d seconds waiting for clients. %s/%d clients joined."
-                               % (math.ceil(self.timeout), joined.decode(), world_size)) from None
+        gap = 2.0   # a person hears of a long wait after 2 s, then at gaps doubling up to 10 s
+        while True:
+            left = deadline - time.monotonic()
+            seconds = max(0.0, min(left, gap))
+            try:
+                self._call(_QPOP, _I64.pack(_wire_ms(seconds)) + _INIT_FIELD, seconds, ("init/",))
+                return
+            except StoreTimeout:
+                joined = self._call(_GET, _I64.pack(0) + _ONE_KEY + _INIT_FIELD, 0.0, ("init/",))[4:].decode()
+            if seconds >= left:
+                raise StoreTimeout("Timed out after %d seconds waiting for clients. %s/%d clients joined."
+                                   % (math.ceil(self.timeout), joined, world_size)) from None
+            log.warning("store on port %d: waiting for clients, %s/%d joined (%d s left)",
+                        self.port, joined, world_size, round(deadline - time.monotonic()))
+            gap = min(gap * 2, 10.0)
 
     @property
     def server(self):

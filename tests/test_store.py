@@ -1957,3 +1957,11 @@ def test_world_size_counts_match_torchs_tcpstore(torch_python):
     import json
     result = json.loads(out.stdout.strip().splitlines()[-1])
     assert result["ours"] == result["torch"]
+
+
+def test_a_master_waiting_for_clients_says_so_and_its_timeout_names_the_count(narration):
+    with pytest.raises(StoreTimeout, match=r"^Timed out after 3 seconds waiting for clients\. 1/2 clients "
+                                           r"joined\.$"):
+        TCPStore("127.0.0.1", 0, 2, True, 2.5)
+    lines = [line for _, line in narration.lines if "waiting for clients" in line]
+    assert lines and "1/2 joined" in lines[0], narration.lines
