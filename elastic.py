@@ -155,10 +155,54 @@ writable with 100 MiB free; GPUs visible (``nvidia-smi -L`` narrowed by ``CUDA_V
 CPUs in the affinity mask enough for ``--nproc-per-node``. A node that cannot meet the others prints
 its own row and why, and exits 1.
 
+Console: every launcher line (elastic's, rendezvous's and store's loggers, through the one handler
+main() installs) reads ``2026-12-07T14:03:07.125+01:00 [elasticrun] text``: ISO 8601 local time with
+its UTC offset and milliseconds, as syslog (RFC 5424) and Slurm's iso8601_ms write; ``WARNING:`` or
+``ERROR:`` before the text when it is one. ``LOGLEVEL`` (a name or a number, INFO by default) works
+as in torchrun. Worker output keeps its own prefix template. A launcher line never continues a
+worker's unterminated last line when the output is a file (a Slurm output file, a redirect).
+
+Stopping: "stopping 8 workers (SIGTERM), waiting up to 30 s; send the signal again to kill now". A
+second stop signal during the grace period kills the workers (SIGKILL) at once; workers still alive
+when the grace runs out are named before they are killed.
+
+Event log (``--event-log PATH``; by default ``events.jsonl`` in the run's log folder, which is then
+kept; ``--event-log none`` turns it off; ``LocalElasticAgent(event_log=PATH or True)``): one JSON
+object a line, written and fsync'd as each event happens; the console lines are printed from the
+same events, so the two never disagree. Every event has ``time`` (epoch seconds, ms), ``event``,
+``run_id`` and ``host`` (this node's host name); the others add::
+
+    start           version backend endpoint nnodes nproc max_restarts log_dir event_log addr pid role
+    rendezvous      why: start | failure | peer failure | nodes waiting | member lost
+    round           round nodes world_size (workers) group_rank ranks [first, last] master duration
+                    (seconds in rendezvous) members [{addr, id, ranks}]
+    scale_change    from_nodes to_nodes                       (a round of another size than the last)
+    worker_started  rank local_rank pid attempt
+    worker_exited   rank local_rank pid code signal (one of the two is null) by_agent attempt
+    succeeded       workers
+    failure         rank local_rank failure_host pid code signal message failure_time error_file
+                    (null unless it exists) stderr_log failures (how many in the job)  (the root cause)
+    node_lost       round reason                              (a member died or left)
+    restart         why count max [rank]                      (count: job-wide restarts)
+    restarted       why total detect stop rendezvous start    (seconds: the failure to its detection,
+                    to the old group stopped and failures exchanged, to the new round, to workers started)
+    gave_up         max
+    stop_signal     signal
+    stopping        workers signal grace can_hurry ranks
+    kill            why: grace over | second signal; grace signal alive [{rank, pid}]
+    exit            state code (the launcher's exit status) restarts workers_started elapsed
+                    [signal] [error]
+
+Status: ``elasticrun status --rdzv-endpoint H:P --rdzv-id ID [--json]`` reads a live run from its
+store (``rendezvous.describe_run`` for the rounds, members, heartbeats and waiting nodes; the
+agents' own ``agent/<group rank>``, ``role/<group rank>`` and ``failure/<group rank>`` keys in each
+round's store for hosts, pids, ranks, restarts and failures) with ``check``, ``get`` and
+``multi_get`` only: it never joins or changes the run, and takes ``--rdzv-conf token_file=...``.
+
 Sections, in order: States, streams, specs; Error channel; Process plumbing; Python workers (the
 bootstrap and the fork server); Worker processes (the handles and starters); Worker group; Local
-rendezvous; Agent; Stacks; Job control; File timer: worker side; File timer: server; Health check;
-Slurm; Pre-flight check; Command line.
+rendezvous; Events; Agent; Stacks; Job control; File timer: worker side; File timer: server;
+Health check; Slurm; Pre-flight check; Command line.
 
 Borrowed private helpers, and only these: from ``store`` the ones its docstring lists
 (``_recv_exactly``, ``_Pace`` and ``_read_token_file`` here); from ``rendezvous`` ``_BACKENDS``
@@ -385,12 +429,13 @@ class RunResult:
     the last attempt that the agent stopped but had to SIGKILL after the grace period (not failures),
     each a ProcessFailure with its ``stack``."""
 
-    def __init__(self, state, return_values=None, failures=None, root_cause=None):
+    def __init__(self, state, return_values=None, failures=None, root_cause=None, restart_count=0):
         self.state = state
         self.return_values = return_values or {}
         self.failures = failures or {}
         self.root_cause = root_cause      # (global_rank, ProcessFailure) of the whole job, or None
         self.outlived_grace = {}
+        self.restart_count = restart_count   # restarts of the whole job (the most any node made)
 
     def is_failed(self):
         return self.state == WorkerState.FAILED
@@ -521,8 +566,9 @@ class ProcessFailure:
     what the file said. `timestamp` is the error file's (epoch seconds) or when the exit was seen."""
 
     def __init__(self, local_rank, pid, exitcode, error_file=None, message=None, timestamp=None,
-                 rank=None, role="default", host=None, exit_time=None, traceback=None):
+                 rank=None, role="default", host=None, exit_time=None, traceback=None, stderr_log=None):
         self.local_rank = local_rank
+        self.stderr_log = stderr_log     # the worker's stderr.log, when its stderr went to a file
         self.pid = pid
         self.exitcode = exitcode
         self.error_file = error_file
@@ -559,7 +605,8 @@ class ProcessFailure:
         return {"local_rank": self.local_rank, "pid": self.pid, "exitcode": self.exitcode,
                 "error_file": self.error_file, "message": self.message, "timestamp": self.timestamp,
                 "rank": self.rank, "role": self.role, "host": self.host, "exit_time": self.exit_time,
-                "traceback": self.traceback, "error_file_data": self.error_file_data, "stack": self.stack}
+                "traceback": self.traceback, "error_file_data": self.error_file_data, "stack": self.stack,
+                "stderr_log": self.stderr_log}
 
     @classmethod
     def _from_dict(cls, d):
@@ -568,6 +615,7 @@ class ProcessFailure:
         f.error_file = d.get("error_file")
         f.error_file_data = d.get("error_file_data")
         f.stack = d.get("stack")
+        f.stderr_log = d.get("stderr_log")
         return f
 
     def __repr__(self):
@@ -622,6 +670,14 @@ def _fmt_time(t):
     return time.strftime("%Y-%m-%d_%H:%M:%S", time.localtime(t))
 
 
+def _error_file_exists(f):
+    """Whether the failure's error file was there: read on its own node (the data travels with the
+    failure), or, on this node, found now."""
+    if f.error_file_data is not None:
+        return True
+    return bool(f.error_file) and f.host == _hostname() and os.path.exists(f.error_file)
+
+
 def _format_failure(rank, f):
     code = "%s (%s)" % (f.exitcode, f.signal_name()) if f.signal_name() else str(f.exitcode)
     lines = [
@@ -629,9 +685,11 @@ def _format_failure(rank, f):
         "  host       : %s" % f.host,
         "  rank       : %s (local_rank: %s, role: %s)" % (rank, f.local_rank, f.role),
         "  exitcode   : %s (pid: %s)" % (code, f.pid),
-        "  error_file : %s" % (f.error_file or "<none>"),
-        "  message    : %s" % f.message,
+        "  error_file : %s" % (f.error_file if _error_file_exists(f) else "<none written>"),
     ]
+    if f.stderr_log:
+        lines.append("  stderr     : %s" % f.stderr_log)
+    lines.append("  message    : %s" % f.message)
     if f.traceback:
         lines.append("  traceback  :")
         lines.extend("    " + line for line in f.traceback.rstrip("\n").split("\n"))
@@ -641,10 +699,18 @@ def _format_failure(rank, f):
     return lines
 
 
-def _format_report(name, failures, outlived_grace=None):
+def _format_report(name, failures, outlived_grace=None, restarts=None, log_dir=None):
+    """The failure report; `outlived_grace`: workers the agent stopped that were SIGKILLed after the
+    grace period (not failures); `restarts` (job-wide count, budget) and this node's `log_dir` when
+    known."""
     root_rank, root = _first(failures)
     bar = "=" * 72
-    lines = [bar, "%s FAILED" % name, bar, "Root cause (first failure):", "[rank %s]:" % root_rank]
+    lines = [bar, "%s FAILED" % name]
+    if restarts is not None:
+        lines.append("restarts   : %d of %d (job-wide)" % restarts)
+    if log_dir:
+        lines.append("log folder : %s (on %s)" % (log_dir, _hostname()))
+    lines += [bar, "Root cause (first failure):", "[rank %s]:" % root_rank]
     lines += _format_failure(root_rank, root)
     others = sorted((kv for kv in failures.items() if kv[0] != root_rank),
                     key=lambda kv: (kv[1].exit_time, kv[0]))
@@ -1924,6 +1990,7 @@ class _WorkerGroup:
         import threading
         self._stack_lock = threading.Lock()
         self.outlived_grace = {}   # global rank -> ProcessFailure of a worker SIGKILLed after the grace
+        self.stopped_ranks = set()     # the workers still running when stop() began
 
     def start(self, stopping=lambda: False):
         """Start the workers in local-rank order; when `stopping()` turns true, start no more (the
@@ -1969,7 +2036,8 @@ class _WorkerGroup:
         failures = {}
         for rank, w in failed.items():
             f = ProcessFailure(w.local_rank, w.pid, w.exitcode, w.error_file, rank=rank, role=role,
-                               exit_time=w.exit_time)
+                               exit_time=w.exit_time,
+                               stderr_log=w.log_paths[1] if w.dests[1] != "console" else None)
             if w.pid in scopes:
                 f.message = "%s (overran file-timer scope %s)" % (f.message, scopes[w.pid])
             if w.stack:
@@ -1982,14 +2050,19 @@ class _WorkerGroup:
     def return_values(self):
         return {w.global_rank: w.handle.result for w in self.workers}
 
-    def stop(self, sig, grace):
-        """Tear the attempt down (see the class); the second call does nothing."""
+    def stop(self, sig, grace, events=None, hurry=None):
+        """Tear the attempt down (see the class); the second call does nothing. `events` narrates
+        it; `hurry` (a stop flag) ends the grace at once when its signal comes a second time."""
         if self._stopped:
             return
         self._stopped = True
+        events = events or _Events()
+        hurry = hurry or _NoStop()
         if self._timer is not None:
             self._timer.set_worker_pids(())  # from now on their pids may be reused by anyone
         started = [w for w in self.workers if w.handle is not None]   # all, unless start() stopped
+        running = [w for w in started if w.poll() is None]
+        self.stopped_ranks = {w.global_rank for w in running}
         for w in started:
             w.handle.signal(sig)
         groups = {w.pid for w in started}
@@ -2003,8 +2076,17 @@ class _WorkerGroup:
                         strays.append(pid)
                     except OSError:
                         pass
-        self._wait_gone(started, strays, time.monotonic() + grace,
-                        before_kill=lambda left: self._outlived_grace(left, sig, grace))
+        if running:
+            events.emit("stopping", workers=len(running), signal=_signal_name(sig), grace=grace,
+                        can_hurry=hurry.hurry_fd is not None and hurry.signum is not None,
+                        ranks=[w.global_rank for w in running])
+        left = self._wait_gone(started, strays, time.monotonic() + grace, hurry, bool(running),
+                               before_kill=lambda left: self._outlived_grace(left, sig, grace))
+        if left:
+            again = hurry.again
+            events.emit("kill", why="second signal" if again else "grace over", grace=grace,
+                        signal=_signal_name(again) if again else None,
+                        alive=[{"rank": w.global_rank, "pid": w.pid} for w in left])
         for w in started:
             if w.poll() is None:
                 w.handle.wait()
@@ -2049,30 +2131,37 @@ class _WorkerGroup:
             self.outlived_grace[w.global_rank] = f
 
     @staticmethod
-    def _wait_gone(workers, strays, deadline, before_kill=None):
-        """Wait until every worker's group and every stray is gone, or `deadline`; then SIGKILL the
-        groups that are left. It sleeps on the workers' own descriptors while they run; a group's
-        other members and the strays have none, so those are looked at every 5 ms."""
+    def _wait_gone(workers, strays, deadline, hurry, narrate=False, before_kill=None):
+        """Wait until every worker's group and every stray is gone, `deadline`, or `hurry` says a
+        stop signal came again; then SIGKILL the groups that are left (after `before_kill(left)`
+        when the grace ran out, not when told to hurry), and return their workers.
+        It sleeps on the workers' own descriptors while they run; a group's other members and the
+        strays have none, so those are looked at every 5 ms."""
         import select
         pending = list(workers)
+        pace = _store._Pace()
         while True:
             pending = [w for w in pending if w.poll() is None or _group_alive(w.pid)]
             strays = [pid for pid in strays if _alive(pid)]
             left = deadline - time.monotonic()
-            if not (pending or strays) or left <= 0:
+            if not (pending or strays) or left <= 0 or hurry.again:
                 break
+            if narrate and pending and pace.due():
+                log.info("still waiting for %s to exit: %s (%d s left)", _plural(len(pending), "worker"),
+                         _ranks_text([{"rank": w.global_rank, "pid": w.pid} for w in pending]), round(left))
             fds = [w.handle.wait_fd for w in pending if w.exitcode is None]
             if fds and None not in fds:
                 poller = select.poll()
-                for fd in set(fds):
+                for fd in set(fds) | ({hurry.hurry_fd} - {None}):
                     poller.register(fd, select.POLLIN)
-                poller.poll(left * 1000.0)
+                poller.poll(min(left, 1.0) * 1000.0)   # at least once a second: the narration
             else:
                 time.sleep(min(0.005, left))
-        if pending and before_kill is not None:
+        if pending and before_kill is not None and not hurry.again:
             before_kill(pending)
         for w in pending:
             w.handle.signal(signal.SIGKILL)
+        return pending
 
 
 # --------------------------------------------------------------------------------- Local rendezvous
@@ -2129,6 +2218,163 @@ class _LocalRendezvous:
         return True
 
 
+# ------------------------------------------------------------------------------------------- Events
+# Everything the agent does that an operator may want to know happens once, as an event: one JSON
+# line in the event log, and, from the same fields, the line the console shows. Keys: see the module
+# docstring ("Event log").
+
+_EVENT_LEVELS = {"worker_started": logging.DEBUG,
+                 "rendezvous": logging.DEBUG, "kill": logging.WARNING, "node_lost": logging.WARNING,
+                 "failure": logging.WARNING}
+
+
+def _plural(n, word):
+    return "%d %s%s" % (n, word, "" if n == 1 else "s")
+
+
+def _seconds(s):
+    return "%.0f s" % s if s >= 100 else "%.3g s" % s
+
+
+def _how_ended(e):
+    if e.get("signal"):
+        return "killed by %s" % e["signal"]
+    return "exited with code %s" % e.get("code")
+
+
+def _ranks_text(workers):
+    return ", ".join("rank %s (pid %s)" % (w["rank"], w["pid"]) for w in workers)
+
+
+def _say_start(e):
+    return ("elasticrun %(version)s: run %(run_id)s, rendezvous %(backend)s at %(endpoint)s, nnodes "
+            "%(nnodes)s, nproc %(nproc)s, max restarts %(max_restarts)s, log folder %(log_dir)s, this node "
+            "%(addr)s (host %(host)s, pid %(pid)s)" % e)
+
+
+_EVENT_MEMBERS_MAX = 64   # a round event lists its members up to this many nodes
+
+
+def _say_round(e):
+    hosts = "..." if e["members"] is None else ", ".join(m.get("host") or m["addr"] for m in e["members"])
+    return ("rendezvous round %s done in %s: %s (%s), world size %d; this node is group rank %d with "
+            "ranks %d-%d (master %s)" % (e["round"], _seconds(e["duration"]), _plural(e["nodes"], "node"),
+                                         hosts, e["world_size"], e["group_rank"], e["ranks"][0],
+                                         e["ranks"][1], e["master"]))
+
+
+def _say_failure(e):
+    return "worker failure: rank %s (local rank %s) on %s, pid %s, %s: %s" % (
+        e["rank"], e["local_rank"], e["failure_host"], e["pid"], _how_ended(e), e["message"])
+
+
+def _say_restart(e):
+    if e["why"] in ("failure", "peer failure"):
+        return "%s: restarting the worker group (%d/%d)" % (e["why"], e["count"], e["max"])
+    return "%s: restarting the worker group (restart budget untouched)" % e["why"]
+
+
+def _say_restarted(e):
+    return ("workers running again %s after the %s (detect %s, stop %s, rendezvous %s, start %s)"
+            % (_seconds(e["total"]), e["why"], _seconds(e["detect"]), _seconds(e["stop"]),
+               _seconds(e["rendezvous"]), _seconds(e["start"])))
+
+
+def _say_stopping(e):
+    text = "stopping %s (%s), waiting up to %s" % (_plural(e["workers"], "worker"), e["signal"],
+                                                  _seconds(e["grace"]))
+    return text + ("; send the signal again to kill now" if e["can_hurry"] else "")
+
+
+def _say_kill(e):
+    if e["why"] == "second signal":
+        return "second %s: killing %s now (SIGKILL): %s" % (
+            e["signal"], _plural(len(e["alive"]), "worker"), _ranks_text(e["alive"]))
+    return "%s still alive after the %s grace: %s; killing them (SIGKILL)" % (
+        _plural(len(e["alive"]), "worker"), _seconds(e["grace"]), _ranks_text(e["alive"]))
+
+
+def _say_exit(e):
+    if e["state"] == WorkerState.STOPPED:
+        done = ("%s torn down" % _plural(e["workers_started"], "worker") if e["workers_started"]
+                else "no worker had started")
+        return "stopped by %s; %s; exit status %s" % (e["signal"], done, e["code"])
+    if e["state"] == WorkerState.SUCCEEDED:
+        return "exit status 0 after %s (%s)" % (_seconds(e["elapsed"]), _plural(e["restarts"], "restart"))
+    return "exit status %s after %s (%s, %s)" % (e["code"], _seconds(e["elapsed"]), e["state"],
+                                                  e.get("error") or _plural(e["restarts"], "restart"))
+
+
+_SAY = {
+    "start": _say_start,
+    "rendezvous": lambda e: "joining rendezvous (%s)" % e["why"],
+    "round": _say_round,
+    "scale_change": lambda e: "the job changed size: %d -> %d nodes" % (e["from_nodes"], e["to_nodes"]),
+    "worker_started": lambda e: "worker rank %(rank)s (local rank %(local_rank)s) started: pid %(pid)s" % e,
+    "worker_exited": lambda e: "worker rank %s (pid %s) %s%s" % (
+        e["rank"], e["pid"], _how_ended(e), " (stopped by the agent)" if e["by_agent"] else ""),
+    "succeeded": lambda e: "all %s succeeded" % _plural(e["workers"], "worker"),
+    "failure": _say_failure,
+    "node_lost": lambda e: "a node was lost from round %s: %s" % (e["round"], e["reason"]),
+    "restart": _say_restart,
+    "restarted": _say_restarted,
+    "gave_up": lambda e: "worker group failed; restart budget (%d) spent" % e["max"],
+    "stop_signal": lambda e: "received %s" % e["signal"],
+    "stopping": _say_stopping,
+    "kill": _say_kill,
+    "exit": _say_exit,
+}
+
+
+class _Events:
+    """The run's events: each one written to the event log (when there is one) as one JSON object on
+    a line, fsync'd, then narrated on the console from the same fields, so the two never disagree.
+    A log that cannot be written is reported once and dropped; the narration goes on."""
+
+    def __init__(self, path=None, run_id="none", clock=time.time):
+        self.path, self._run_id, self._clock = path, run_id, clock
+        self._fd = None
+        if path:
+            try:
+                self._fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | getattr(os, "O_CLOEXEC", 0),
+                                   0o644)
+            except OSError as e:
+                log.warning("cannot write the event log %s: %s", path, e.strerror or e)
+
+    def emit(self, kind, **fields):
+        return self.emit_all(kind, [fields])[0]
+
+    def emit_all(self, kind, many):
+        """Events of one kind that happen together (one per worker): one write and one fsync."""
+        import json
+        now = round(self._clock(), 3)
+        records = []
+        for fields in many:
+            record = {"time": now, "event": kind, "run_id": self._run_id, "host": _hostname()}
+            record.update(fields)
+            records.append(record)
+        if self._fd is not None and records:
+            try:
+                os.write(self._fd, "".join(json.dumps(r) + "\n" for r in records).encode())
+                os.fsync(self._fd)
+            except OSError as e:
+                log.warning("cannot write the event log %s: %s; no more events go there", self.path,
+                            e.strerror or e)
+                self.close()
+        say = _SAY.get(kind)
+        for record in records if say is not None else ():
+            level = _EVENT_LEVELS.get(kind, logging.INFO)
+            if kind == "worker_exited":   # a worker's own exit, unless it failed, is no news
+                level = logging.WARNING if record["code"] != 0 and not record["by_agent"] else logging.DEBUG
+            log.log(level, "%s", say(record))
+        return records
+
+    def close(self):
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+
 # -------------------------------------------------------------------------------------------- Agent
 
 class _SignalStop(ElasticError):
@@ -2143,14 +2389,18 @@ class _StopFlag:
     """What the launcher's signal handler does: note the first signal, and raise _SignalStop only
     while the agent is in a wait that is safe to abandon (armed). Elsewhere (reading the fork
     server, tearing down) an exception could lose data mid-read, so the agent checks the note at
-    its next safe point instead."""
+    its next safe point instead. A second signal is noted in `again` and makes `hurry_fd`
+    readable for good: a teardown waiting out its grace period kills at once."""
 
     def __init__(self):
         self.signum = None
+        self.again = None
         self.armed = 0
         self.listener = None       # the agent's: (kind, signum) of each signal, in the handler
         self._from_job = None      # the stop signal another node sent us (not to be told again)
         self._own_copy_seen = False
+        self.hurry_fd, self._hurry_w = os.pipe()
+        os.set_blocking(self._hurry_w, False)
 
     def handler(self, signum, frame):
         if self.signum is None:
@@ -2163,7 +2413,16 @@ class _StopFlag:
             # the scheduler's own copy of the signal that another node already passed on (a whole
             # job preempted at once): the same stop, not a second signal
             self._own_copy_seen = True
+        elif self.again is None:
+            self.again = signum
+            try:
+                os.write(self._hurry_w, b"!")
+            except OSError:
+                pass
 
+    def close(self):
+        for fd in (self.hurry_fd, self._hurry_w):
+            os.close(fd)
     def other_handler(self, signum, frame):
         """A signal that stops nothing: one to forward (checkpointing), or the stack signal."""
         if self.listener is not None:
@@ -2199,7 +2458,7 @@ class _StopFlag:
 class _NoStop:
     """The stop flag of an agent run from Python: signals are the caller's business."""
     armed = 0
-    listener = None
+    signum = again = hurry_fd = listener = None
 
     def stop_from_job(self, signum):
         log.warning("another node was stopped by %s; this agent, run from Python, leaves stopping "
@@ -2291,11 +2550,13 @@ class LocalElasticAgent:
     it becomes the subreaper of its callable workers' descendants, and teardown kills every process
     below it except its own helpers, also one a worker forked without exec that left its group.
     ``stack_signal``: the signal Python workers dump their stacks on (see Stacks); None for the
-    default (SIGRTMIN+6), 0 for no dumps."""
+    default (SIGRTMIN+6), 0 for no dumps. ``event_log``: a path for the event log (JSON lines, see
+    the module docstring), True for ``events.jsonl`` in the run's log folder, None for none (the
+    events are still narrated)."""
 
     def __init__(self, spec, *, logs_specs=None, start_method="spawn", exit_barrier_timeout=300,
                  shutdown_timeout=30, log_line_prefix_template=None, health_check_port=None,
-                 fork_server=None, stop_flag=None, adopt_orphans=False, stack_signal=None):
+                 fork_server=None, stop_flag=None, adopt_orphans=False, stack_signal=None, event_log=None):
         if start_method not in ("spawn", "fork", "forkserver"):
             raise ValueError("start_method must be spawn, fork or forkserver, got %r" % (start_method,))
         self._spec = spec
@@ -2326,6 +2587,14 @@ class LocalElasticAgent:
         self._restart_count = 0
         self._health = None        # _HealthServer while run() runs with a health-check port
         self._timer = None         # FileTimerServer while run() runs with the file timer on
+        self._event_log = event_log
+        self._events = _Events()   # run() opens the event log; narration only until then
+        self._job_restarts = 0     # the most restarts any member of the round has made
+        self._nodes = None         # node count of the last round
+        self._exits_told = set()   # (attempt, rank) whose worker_exited event was emitted
+        self._workers_started = 0
+        self._restarting = None    # (why, failure time, detected, stopped) of a restart under way
+        self._rdzv_done = None     # when the last round completed (time.time())
         self.last_progress_time = time.time()
 
     # -- what /healthz and callers read --------------------------------------------------------------
@@ -2364,19 +2633,32 @@ class LocalElasticAgent:
         self._tree_token = _new_tree_token()
         self._reaper = _Reaper(self._tree_token)
         self._logs._make_root(self._run_id())
+        began = time.monotonic()
+        path = self._event_log
+        if path is True:
+            path = os.path.join(self._logs.root_log_dir, "events.jsonl")
+        self._events = _Events(path or None, self._run_id())
+        self._events.emit("start", **self._summary())
+        self._exits_told, self._workers_started, self._restarting, self._nodes = set(), 0, None, None
+        exit_fields = {"code": 1}
         try:
             self._start_servers()
             self._start_control()
             result = self._run_loop()
             if self._group is not None:
                 result.outlived_grace = dict(self._group.outlived_grace)
+            exit_fields["code"] = (0 if not result.is_failed()
+                                   else result.root_cause[1].launcher_exit_code())
             return result
         except _SignalStop as e:
+            exit_fields.update(code=128 + e.signum, signal=_signal_name(e.signum))
+            self._events.emit("stop_signal", signal=_signal_name(e.signum))
             self._set_state(WorkerState.STOPPED)
             self._stop_group(e.signum)
             self._wait_stop_seen()
             raise
-        except BaseException:
+        except BaseException as e:
+            exit_fields["error"] = "%s: %s" % (type(e).__name__, e)
             if self._state not in (WorkerState.SUCCEEDED, WorkerState.FAILED, WorkerState.STOPPED):
                 self._set_state(WorkerState.FAILED)
             raise
@@ -2389,8 +2671,31 @@ class LocalElasticAgent:
                 self._handler.shutdown()
             except Exception as e:  # never let a leaving-the-run error hide the outcome
                 log.debug("rendezvous shutdown: %s", e)
-            if self._state == WorkerState.SUCCEEDED:
+            self._events.emit("exit", state=self._state, restarts=self._job_restarts,
+                              workers_started=self._workers_started,
+                              elapsed=round(time.monotonic() - began, 3), **exit_fields)
+            self._events.close()
+            if self._state == WorkerState.SUCCEEDED and not (path and os.path.dirname(path) == self._logs.root_log_dir):
                 self._logs._cleanup()
+
+    def _summary(self):
+        """The start event's fields: what this node runs, where, and with which settings."""
+        params = getattr(self._handler, "params", None)
+        backend = endpoint = nnodes = "local"
+        if params is not None:
+            backend, nnodes = params.backend, "%d:%d" % (params.min_nodes, params.max_nodes)
+            if params.min_nodes == params.max_nodes:
+                nnodes = str(params.min_nodes)
+            if params.backend == "etcd":
+                endpoint = ",".join(params.endpoints)
+            else:
+                port = getattr(getattr(self._handler, "store", None), "port", params.port)
+                endpoint = "%s:%s" % (params.host, port)
+        addr = getattr(self._handler, "local_addr", None) or self._spec.local_addr or _hostname()
+        return {"version": __version__, "backend": backend, "endpoint": endpoint, "nnodes": nnodes,
+                "nproc": self._spec.local_world_size, "max_restarts": self._spec.max_restarts,
+                "log_dir": self._logs.root_log_dir, "event_log": self._events.path, "addr": addr,
+                "pid": os.getpid(), "role": self._spec.role}
 
     def _start_servers(self):
         """The file timer (when the environment asks for it) and /healthz (with a port)."""
@@ -2566,6 +2871,7 @@ class LocalElasticAgent:
             self._stop.check()
             self._start_group()
             outcome, failures = self._monitor()
+            detected = time.time()
             if outcome == _SUCCESS:
                 return self._succeeded()
             if outcome == _STORE_LOST:
@@ -2575,23 +2881,50 @@ class LocalElasticAgent:
                 self._stop_group(signal.SIGTERM)
                 raise _rdzv.RendezvousConnectionError(
                     "lost the store mid-run: %s; this node's workers were stopped" % failures)
+            self._tell_exits(failures)
             self._set_state(WorkerState.UNHEALTHY)
+            if outcome == _BROKEN:
+                self._events.emit("node_lost", round=self._peers.round, reason=self._peers.broken_reason())
             self._stop_group(signal.SIGTERM)
             if outcome in (_MEMBERSHIP, _BROKEN):
-                log.info("%s: restarting the worker group (restart budget untouched)", outcome)
+                self._events.emit("restart", why=outcome, count=self._job_restarts, max=spec.max_restarts)
+                self._restarting = (outcome, detected, detected, time.time())
                 continue
             # a failure here or on a peer
             job = self._peers.failures(failures)
             root_rank, root = _first(job)
+            self._events.emit("failure", **_failure_fields(root_rank, root, len(job)))
             if self._restart_count < spec.max_restarts:
                 self._restart_count += 1
-                log.info("%s (rank %s: %s); restarting the worker group (%d/%d)", outcome, root_rank,
-                         root.message, self._restart_count, spec.max_restarts)
+                self._job_restarts = max(self._job_restarts + 1, self._restart_count)
+                self._events.emit("restart", why=outcome, count=self._job_restarts, max=spec.max_restarts,
+                                  rank=root_rank)
+                # a peer's clock may run ahead of ours: a failure is never seen before it happened
+                self._restarting = (outcome, min(root.exit_time, detected), detected, time.time())
                 continue
             self._set_state(WorkerState.FAILED)
             self._peers.give_up()
-            log.info("worker group failed; restart budget (%d) spent", spec.max_restarts)
-            return RunResult(WorkerState.FAILED, failures=job, root_cause=(root_rank, root))
+            self._events.emit("gave_up", max=spec.max_restarts)
+            return RunResult(WorkerState.FAILED, failures=job, root_cause=(root_rank, root),
+                             restart_count=self._job_restarts)
+
+    def _tell_exits(self, first=()):
+        """worker_exited for every worker of the attempt whose exit is known and not yet told; the
+        ranks in `first` (the failures that ended the attempt) before the others, not by the agent."""
+        group = self._group
+        if group is None:
+            return
+        attempt = self._attempt - 1
+        exits = []
+        for w in sorted(group.workers, key=lambda w: (w.global_rank not in first, w.global_rank)):
+            if w.handle is None or w.exitcode is None or (attempt, w.global_rank) in self._exits_told:
+                continue
+            self._exits_told.add((attempt, w.global_rank))
+            code = w.exitcode
+            exits.append({"rank": w.global_rank, "local_rank": w.local_rank, "pid": w.pid,
+                          "code": code if code >= 0 else None, "signal": _signal_name(-code) if code < 0 else None,
+                          "by_agent": w.global_rank in group.stopped_ranks, "attempt": attempt})
+        self._events.emit_all("worker_exited", exits)
 
     def _succeeded(self):
         """Every worker exited 0: the exit barrier, then success, unless another node gave up
@@ -2599,14 +2932,15 @@ class LocalElasticAgent:
         values = self._group.return_values()
         self._set_state(WorkerState.SUCCEEDED)
         self._stop_group(signal.SIGTERM)
-        log.info("all %d workers succeeded", len(values))
+        self._events.emit("succeeded", workers=len(values))
         if self._peers.exit_barrier(self._exit_barrier_timeout):
-            return RunResult(WorkerState.SUCCEEDED, return_values=values)
+            return RunResult(WorkerState.SUCCEEDED, return_values=values, restart_count=self._job_restarts)
         self._set_state(WorkerState.FAILED)
         job = self._peers.failures({})
         self._peers.give_up()
         log.info("another node failed for good while this node waited at the exit barrier")
-        return RunResult(WorkerState.FAILED, failures=job, root_cause=_first(job))
+        return RunResult(WorkerState.FAILED, failures=job, root_cause=_first(job),
+                         restart_count=self._job_restarts)
 
     def _closed_by_another_node(self):
         """The run was closed: the job's end, a success unless a node gave up while this one was
@@ -2616,32 +2950,59 @@ class LocalElasticAgent:
             job = self._peers.failures({})
             self._peers.outcome_seen()
             log.info("the run was closed by another node after the job failed")
-            return RunResult(WorkerState.FAILED, failures=job, root_cause=_first(job))
+            return RunResult(WorkerState.FAILED, failures=job, root_cause=_first(job),
+                             restart_count=self._job_restarts)
         log.info("the run was closed by another node; nothing left to do here")
         self._set_state(WorkerState.SUCCEEDED)
-        return RunResult(WorkerState.SUCCEEDED)
+        return RunResult(WorkerState.SUCCEEDED, restart_count=self._job_restarts)
 
     def _rendezvous(self):
         spec = self._spec
         if self._state != WorkerState.INIT:
             self._set_state(WorkerState.INIT)
+        why = "start" if self._restarting is None else self._restarting[0]
+        self._events.emit("rendezvous", why=why)
+        began = time.monotonic()
         with self._stop:
             info = self._handler.next_rendezvous()
         self._peers = _Peers(info, self._handler, self._stop, self._run_id(),
                              self._shutdown_timeout + _OUTCOME_WAIT)
         lws = spec.local_world_size
         if info.world_size > 1:
-            info.store.set("role/%d" % info.rank, "%s\n%d" % (spec.role, lws))
+            # what `elasticrun status` shows of this node, beside the role the ranks are made from
+            info.store.multi_set(["agent/%d" % info.rank, "role/%d" % info.rank],
+                                 [self._agent_record(), "%s\n%d" % (spec.role, lws)])
             peers = [v.decode().split("\n") for v in
                      info.store.multi_get(["role/%d" % r for r in range(info.world_size)])]
+            self._job_restarts = max([self._job_restarts] + _restarts_of(info.store, info.world_size))
         else:
             peers = [[spec.role, str(lws)]]
         r = self._ranks = _RankAssignment([(role, int(n)) for role, n in peers], info.rank, spec.role,
                                           spec.master_addr or info.master_addr,
                                           spec.master_port or info.master_port)
-        log.info("rendezvous round %s done: %d node(s), world size %d; this node is group rank %d "
-                 "with ranks %d-%d (master %s:%s)", getattr(info, "round", "?"), info.world_size,
-                 r.world_size, info.rank, r.base_rank, r.base_rank + lws - 1, r.master_addr, r.master_port)
+        # the member list costs every node O(nodes) bytes: named in the event for a modest round only
+        members = None
+        if info.world_size <= _EVENT_MEMBERS_MAX:
+            members = getattr(info, "members", None) or [(spec.local_addr or _hostname(), None)]
+        bases = list(itertools.accumulate([0] + [int(n) for _, n in peers]))
+        if self._nodes is not None and self._nodes != info.world_size:
+            self._events.emit("scale_change", from_nodes=self._nodes, to_nodes=info.world_size)
+        self._nodes = info.world_size
+        self._events.emit(
+            "round", round=getattr(info, "round", None), nodes=info.world_size, world_size=r.world_size,
+            group_rank=info.rank, ranks=[r.base_rank, r.base_rank + lws - 1],
+            master="%s:%s" % (r.master_addr, r.master_port), duration=round(time.monotonic() - began, 3),
+            members=None if members is None else [
+                {"addr": m[0], "id": m[1], "host": m[2] if len(m) > 2 else None,
+                 "ranks": [bases[i], bases[i + 1] - 1]} for i, m in enumerate(members)])
+        self._rdzv_done = time.time()
+
+    def _agent_record(self):
+        import json
+        spec = self._spec
+        return json.dumps({"host": _hostname(), "pid": os.getpid(), "restarts": self._job_restarts,
+                           "max_restarts": spec.max_restarts, "nproc": spec.local_world_size,
+                           "log_dir": self._logs.root_log_dir, "event_log": self._events.path})
 
     def _worker_env(self, local_rank, error_file):
         spec = self._spec
@@ -2694,12 +3055,23 @@ class LocalElasticAgent:
             self._timer.set_worker_pids([w.pid for w in workers])
         self._set_state(WorkerState.HEALTHY)
         self.last_progress_time = time.time()
-        log.debug("started %d workers (attempt %d): pids %s", len(workers), self._attempt - 1,
-                  [w.pid for w in workers])
+        self._workers_started += len(workers)
+        now = time.time()
+        self._events.emit_all("worker_started", [
+            {"rank": w.global_rank, "local_rank": w.local_rank, "pid": w.pid, "attempt": self._attempt - 1}
+            for w in workers])
+        if self._restarting is not None:
+            why, failed, detected, stopped = self._restarting
+            rdzv_done = self._rdzv_done
+            self._restarting = None
+            self._events.emit("restarted", why=why, total=round(now - failed, 3),
+                              detect=round(detected - failed, 3), stop=round(stopped - detected, 3),
+                              rendezvous=round(rdzv_done - stopped, 3), start=round(now - rdzv_done, 3))
 
     def _stop_group(self, sig):
         if self._group is not None:
-            self._group.stop(sig, self._shutdown_timeout)
+            self._group.stop(sig, self._shutdown_timeout, self._events, self._stop)
+            self._tell_exits()
 
     # -- monitor -------------------------------------------------------------------------------------
 
@@ -2765,6 +3137,29 @@ def _serve_health(port, status_fn):
     return health
 
 
+def _restarts_of(store, world_size):
+    """The restart counts the round's agents published (agent/<group rank>; older agents publish none)."""
+    import json
+    keys = ["agent/%d" % r for r in range(world_size)]
+    keys = [k for k in keys if store.check([k])]
+    counts = []
+    for value in store.multi_get(keys) if keys else []:
+        try:
+            counts.append(int(json.loads(value.decode())["restarts"]))
+        except (ValueError, KeyError, TypeError):
+            pass
+    return counts
+
+
+def _failure_fields(rank, f, count):
+    """The failure event's fields for the root cause `f` (global rank `rank`) of `count` failures."""
+    return {"rank": rank, "local_rank": f.local_rank, "failure_host": f.host, "pid": f.pid,
+            "code": f.exitcode if f.exitcode is None or f.exitcode >= 0 else None,
+            "signal": f.signal_name() or None, "message": f.message, "failure_time": f.exit_time,
+            "error_file": f.error_file if f.error_file_data is not None else None,
+            "stderr_log": f.stderr_log, "failures": count}
+
+
 class _Peers:
     """The rest of the job for one round, through the round's store: their failures, joiners and
     lost members, the failure exchange, and the exit barrier. A one-node round has no peers."""
@@ -2774,6 +3169,7 @@ class _Peers:
         self._failed_key = "elasticrun/%s/failed" % run_id   # on the handler's store: outlives rounds
         self._outcome_wait = outcome_wait
         self._ignore_broken = False
+        self.round = getattr(info, "round", None)
 
     def check(self):
         """One look: a peer's failure, nodes waiting, a member lost; None when all is well."""
@@ -2781,7 +3177,8 @@ class _Peers:
         if self._info.world_size > 1 and store.check(["failed"]):
             return _PEER_FAILURE
         if self._handler.num_nodes_waiting() > 0:
-            return _MEMBERSHIP
+            # the survivors of a dead member wait for the next round too: that is not a scale-up
+            return _BROKEN if self._broken_in_store() else _MEMBERSHIP
         broken = getattr(self._handler, "round_broken", None)
         if broken is not None and broken() and not self._ignore_broken:
             if store.check(["exit/count"]):
@@ -2793,19 +3190,43 @@ class _Peers:
             return _BROKEN
         return None
 
+    def _broken_in_store(self):
+        ask = getattr(self._handler, "broken_reason", None)
+        try:
+            return ask is not None and ask() is not None
+        except Exception:
+            return False
+
+    def broken_reason(self):
+        """Why the round broke, naming the lost member's host when the reason names its rank."""
+        import re
+        ask = getattr(self._handler, "broken_reason", None)
+        try:
+            why = ask() if ask is not None else None
+        except Exception as e:
+            why = "the store is unreachable (%s)" % e
+        if why is None:
+            return "a member died or left"
+        members = getattr(self._info, "members", None) or []
+        found = re.search(r"rank (\d+)", why)
+        if found and int(found.group(1)) < len(members):
+            member = members[int(found.group(1))]
+            why += " (host %s)" % (member[2] if len(member) > 2 and member[2] else member[0])
+        return why
+
     def failures(self, local):
         """Failures of the whole job for this round: ours published, then everyone's read back.
         Without the store, what this node knows."""
         import json
         info = self._info
-        if info.world_size <= 1:
-            return local
         store = info.store
         try:
-            if local:
+            if local:   # published on a one-node round too: `elasticrun status` reads it
                 store.set("failure/%d" % info.rank, json.dumps(
                     {str(r): f._to_dict() for r, f in local.items()}))
                 store.add("failed", 1)
+            if info.world_size <= 1:
+                return local
             job = dict(local)
             for r in range(info.world_size):
                 key = "failure/%d" % r
@@ -2877,6 +3298,23 @@ class _Peers:
             except _store.StoreTimeout:
                 pass
 
+    def _wait_release(self, store, deadline, nodes):
+        """Wait for the exit barrier's release until `deadline` (StoreTimeout then), saying at a
+        human pace how many nodes have finished."""
+        pace = _store._Pace()
+        while True:
+            left = deadline - time.monotonic()
+            try:
+                with self._stop:
+                    store.wait(["exit/release"], max(0.001, min(left, 1.0)))
+                return
+            except _store.StoreTimeout:
+                if left <= 1.0:
+                    raise
+            if pace.due():
+                log.info("exit barrier: waiting for the other nodes to finish: %d of %d done (%d s left)",
+                         store.add("exit/count", 0), nodes, round(deadline - time.monotonic()))
+
     def exit_barrier(self, timeout):
         """Wait up to `timeout` seconds for every node to finish; False when one of them failed for
         good meanwhile."""
@@ -2888,8 +3326,7 @@ class _Peers:
         try:
             if store.add("exit/count", 1) >= info.world_size:
                 store.set("exit/release", "done")
-            with self._stop:
-                store.wait(["exit/release"], timeout)
+            self._wait_release(store, start + timeout, info.world_size)
             release = store.get("exit/release")
             if release == b"done":
                 self._handler.set_closed()
@@ -5021,6 +5458,8 @@ _OPTIONS = [
     (("--check",), "check", "flag", False,
      "pre-flight check on every node, same options as the job: endpoint, addresses, ports, clocks, "
      "versions, script checksum, log dir, GPUs/CPUs; no worker; exit 0/1"),
+    (("--event-log", "--event_log"), "event_log", "str", None,
+     "JSON-lines event log (default: events.jsonl in the run's log folder; 'none': off)"),
 ]
 
 
@@ -5049,6 +5488,11 @@ def _usage():
         lines.append("  %-44s %s%s" % (flag, text, "" if kind == "flag" or default in (None, "")
                                         else " (default %s)" % default))
     lines.append("  %-44s %s" % ("-h, --help / --version", "this text / the version"))
+    lines += ["", "Every launcher line starts with its time (ISO 8601, local, with the UTC offset); LOGLEVEL",
+              "(DEBUG, INFO, WARNING...) sets how much is said. A second stop signal kills the workers at once.",
+              "", "       elasticrun status --rdzv-endpoint HOST[:PORT] --rdzv-id ID [--json]",
+              "shows a running job (round, members, nodes waiting, restarts, last failure) without changing",
+              "it; elasticrun status --help for more."]
     return "\n".join(lines) + "\n"
 
 
@@ -5246,7 +5690,7 @@ class _LaunchConfig:
     __slots__ = ("rdzv", "nproc", "role", "max_restarts", "monitor_interval", "master_addr", "master_port",
                  "start_method", "shutdown_timeout", "exit_barrier_timeout", "prefix_template", "logs",
                  "signals", "health_check_port", "script", "script_args", "mode", "slurm_token",
-                 "stack_signal", "forward_signals")
+                 "stack_signal", "forward_signals", "event_log")
 
     def __init__(self, **fields):
         for name in self.__slots__:
@@ -5416,7 +5860,8 @@ def _config_from_args(args, environ, check=False):
         script=o["training_script"], script_args=list(o["training_script_args"]),
         mode=modes[0] if modes else "script",
         slurm_token=bool(o["slurm"] and not o["standalone"] and rdzv.token is not None),
-        stack_signal=stack_signal, forward_signals=forward_signals)
+        stack_signal=stack_signal, forward_signals=forward_signals,
+        event_log=_event_log_path(o["event_log"]))
 
 
 def _check_program(program):
@@ -5448,6 +5893,18 @@ def _job_signals(environ, stop_signals):
                           "another with ELASTICRUN_STACK_SIGNAL (or change ELASTICRUN_FORWARD_SIGNALS or "
                           "--signals-to-handle)" % _stack_signal_name(stack))
     return stack, [s for s in forward if s not in stop_signals]
+
+
+def _event_log_path(value):
+    """True (the default: in the run's log folder), None ('none' or empty: off), or a checked path."""
+    if value is None:
+        return True
+    if value.strip().lower() in ("", "none", "off", "0"):
+        return None
+    folder = os.path.dirname(os.path.abspath(value))
+    if not os.path.isdir(folder) or not os.access(folder, os.W_OK | os.X_OK):
+        raise _UsageError("--event-log %s: folder %s is not a writable directory" % (value, folder))
+    return os.path.abspath(value)
 
 
 def _logs_specs(o):
@@ -5491,22 +5948,79 @@ def _entrypoint(c):
 _LOG_HANDLERS = []
 
 
+_READ_BACK = {}   # fd of an output stream -> a read-only descriptor of the same file, or None
+
+
+def _end_line(stream):
+    """Start the launcher's next line on a line of its own: a worker sharing the output file may
+    have left its last line unterminated. Only a regular file (a Slurm output file, a redirect)
+    can be read back (through a read-only descriptor: the stream's own is write-only); a terminal
+    or a pipe is left as it is."""
+    try:
+        stream.flush()
+        fd = stream.fileno()
+    except (OSError, ValueError, AttributeError):
+        return
+    if fd not in _READ_BACK:
+        import stat
+        _READ_BACK[fd] = None
+        try:
+            if stat.S_ISREG(os.fstat(fd).st_mode):
+                _READ_BACK[fd] = os.open("/proc/self/fd/%d" % fd, os.O_RDONLY | os.O_CLOEXEC)
+        except OSError:
+            pass
+    reader = _READ_BACK[fd]
+    try:
+        if reader is not None:
+            size = os.fstat(reader).st_size
+            if size > 0 and os.pread(reader, 1, size - 1) != b"\n":
+                stream.write("\n")
+    except (OSError, ValueError):
+        pass
+
+
+class _LineFormatter(logging.Formatter):
+    """``2026-12-07T14:03:07.125+01:00 [elasticrun] message``: ISO 8601 local time with its UTC
+    offset and milliseconds (as syslog's RFC 5424 and Slurm's iso8601_ms write), then the level
+    for warnings and errors."""
+
+    def format(self, record):
+        t = record.created
+        stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(t))
+        offset = time.strftime("%z", time.localtime(t)) or "+0000"
+        text = record.getMessage()
+        if record.exc_info:
+            text += "\n" + self.formatException(record.exc_info)
+        level = "" if record.levelno < logging.WARNING else record.levelname + ": "
+        return "%s.%03d%s:%s [elasticrun] %s%s" % (stamp, int(t * 1000) % 1000, offset[:3], offset[3:],
+                                                   level, text)
+
+
+class _LineHandler(logging.StreamHandler):
+    def emit(self, record):
+        _end_line(self.stream)
+        logging.StreamHandler.emit(self, record)
+
+
 def _configure_logging(environ):
-    level = environ.get("LOGLEVEL", "INFO").upper()
+    """The launcher's one handler, for elastic's, rendezvous's and store's loggers; LOGLEVEL as in
+    torchrun (a name or a number; INFO by default)."""
+    level = environ.get("LOGLEVEL", "INFO").strip().upper()
+    level = int(level) if level.isdigit() else getattr(logging, level, logging.INFO)
+    if not isinstance(level, int):
+        level = logging.INFO
+    loggers = [log, logging.getLogger(_rdzv.__name__), logging.getLogger(_store.__name__)]
     for old in _LOG_HANDLERS:
-        log.removeHandler(old)
-        logging.getLogger(_rdzv.__name__).removeHandler(old)
+        for logger in loggers:
+            logger.removeHandler(old)
     del _LOG_HANDLERS[:]
-    handler = logging.StreamHandler(sys.stderr)
+    handler = _LineHandler(sys.stderr)
     _LOG_HANDLERS.append(handler)
-    handler.setFormatter(logging.Formatter("[elasticrun] %(message)s"))
-    log.addHandler(handler)
-    log.setLevel(getattr(logging, level, logging.INFO) if not level.isdigit() else int(level))
-    log.propagate = False
-    rlog = logging.getLogger(_rdzv.__name__)
-    rlog.addHandler(handler)
-    rlog.setLevel(log.level if log.level <= logging.DEBUG else logging.WARNING)
-    rlog.propagate = False
+    handler.setFormatter(_LineFormatter())
+    for logger in loggers:
+        logger.addHandler(handler)
+        logger.setLevel(level)
+        logger.propagate = False
 
 
 def main(argv=None):
@@ -5532,6 +6046,8 @@ def _main(argv, program=False):
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["stacks"]:
         return _stacks_command(argv[1:])
+    if argv[:1] == ["status"]:
+        return _status_main(argv[1:], environ)
     try:
         args = _parse_args(argv, environ)
         if args.check:
@@ -5565,9 +6081,10 @@ def _main(argv, program=False):
     try:
         return _run_job(c, stop, server, environ)
     except _SignalStop as e:
-        log.info("stopped by %s; workers torn down", _signal_name(e.signum))
+        log.info("stopped by %s before any worker started", _signal_name(e.signum))
         return 128 + e.signum
     finally:
+        stop.close()
         if server is not None:
             server.close(wait=not program)   # a program about to exit need not reap it
         for sig, old in previous.items():
@@ -5626,6 +6143,160 @@ def _stacks_command(argv):
     return 0 if answers else 1
 
 
+_STATUS_USAGE = """usage: elasticrun status --rdzv-endpoint HOST[:PORT] --rdzv-id ID [--rdzv-backend c10d|etcd]
+                        [--rdzv-conf token_file=PATH] [--json]
+
+Show a running job from its rendezvous store without joining it or changing anything: the current
+round, its members (host, ranks, how long ago each heartbeat was seen), nodes waiting, restarts used,
+the last failure and whether the run is closed. It watches the heartbeats for about one
+heartbeat_interval (--rdzv-conf heartbeat_interval=..., 5 s by default). The etcd form:
+--rdzv-backend etcd --rdzv-endpoint http://host:2379. PET_RDZV_* variables work as for a launch.
+"""
+
+
+def _status_main(argv, environ):
+    """``elasticrun status``: read a run's state from its store and print it. Exit 0, 1 when the store
+    cannot be read, 2 for bad arguments."""
+    import json
+    options = {"--rdzv-endpoint": "rdzv_endpoint", "--rdzv-id": "rdzv_id", "--rdzv-backend": "rdzv_backend",
+               "--rdzv-conf": "rdzv_conf"}
+    o = {dest: environ.get("PET_" + dest.upper(), "") for dest in options.values()}
+    as_json = False
+    i = 0
+    try:
+        while i < len(argv):
+            name, eq, value = argv[i].partition("=")
+            name = name.replace("_", "-")
+            if name in ("-h", "--help"):
+                sys.stdout.write(_STATUS_USAGE)
+                return 0
+            if name == "--json" and not eq:
+                as_json = True
+            elif name in options:
+                if not eq:
+                    i += 1
+                    if i >= len(argv):
+                        raise _UsageError("option %s needs a value" % name)
+                    value = argv[i]
+                o[options[name]] = value
+            else:
+                raise _UsageError("status: unrecognized argument %s" % argv[i])
+            i += 1
+        if not o["rdzv_endpoint"] or not o["rdzv_id"]:
+            raise _UsageError("status needs --rdzv-endpoint and --rdzv-id")
+        backend = o["rdzv_backend"] or ("etcd" if o["rdzv_endpoint"].startswith("http") else "c10d")
+        if backend not in ("c10d", "store", "etcd", "static"):
+            raise _UsageError("status: --rdzv-backend %r is not c10d, etcd or static" % backend)
+        conf = _parse_conf(o["rdzv_conf"])
+        if backend == "static":
+            conf.setdefault("rank", "0")
+        try:
+            params = _rdzv.RendezvousParameters(backend, o["rdzv_endpoint"], o["rdzv_id"], 1, 1, **conf)
+        except ValueError as e:
+            raise _UsageError(str(e))
+    except _UsageError as e:
+        sys.stderr.write("elasticrun status: error: %s\n" % e)
+        return 2
+    try:
+        store = _rdzv.open_run_store(params, timeout=min(params.read_timeout, 10.0))
+    except _rdzv.RendezvousError as e:
+        sys.stderr.write("elasticrun status: error: %s\n" % e)
+        return 1
+    try:
+        info = _run_status(store, params)
+    except (_store.StoreError, _rdzv.RendezvousError, ValueError) as e:
+        sys.stderr.write("elasticrun status: error: cannot read run %r: %s\n" % (params.run_id, e))
+        return 1
+    finally:
+        store.close()
+    if as_json:
+        sys.stdout.write(json.dumps(info, indent=1, sort_keys=True) + "\n")
+    else:
+        sys.stdout.write(_format_status(info, backend, o["rdzv_endpoint"]))
+    return 0
+
+
+def _run_status(store, params):
+    """describe_run's view of the run, with what the agents published in their rounds (elastic's
+    own keys, under each round's prefix): their host, pid, ranks and restart counts, and the most
+    recent failure. Reads only (check, get, multi_get)."""
+    import json
+    info = _rdzv.describe_run(store, params.run_id, observe=params.heartbeat_interval * 1.2)
+    info["restarts"] = None
+    info["max_restarts"] = None
+    info["last_failure"] = None
+    r = info["round"]
+
+    def read(user, names):
+        present = [n for n in names if user.check([n])]
+        return dict(zip(present, user.multi_get(present))) if present else {}
+
+    if r is not None:
+        user = _store.PrefixStore(info["rounds"][r]["user_prefix"], store)
+        n = len(info["members"])
+        agents = read(user, ["agent/%d" % i for i in range(n)])
+        roles = read(user, ["role/%d" % i for i in range(n)])
+        base = 0
+        for m in info["members"]:
+            agent = agents.get("agent/%d" % m["rank"])
+            record = json.loads(agent.decode()) if agent else {}
+            role = roles.get("role/%d" % m["rank"], b"").decode().split("\n")
+            nproc = int(role[1]) if len(role) == 2 else record.get("nproc")
+            m.update(host=record.get("host") or m.get("host") or m["addr"], pid=record.get("pid"), role=role[0] or None,
+                     restarts=record.get("restarts"), log_dir=record.get("log_dir"))
+            if nproc:
+                m["ranks"] = [base, base + nproc - 1]
+                base += nproc
+            if record.get("restarts") is not None:
+                info["restarts"] = max(info["restarts"] or 0, record["restarts"])
+                info["max_restarts"] = record.get("max_restarts")
+    for rr in sorted(info["rounds"], reverse=True):
+        user = _store.PrefixStore(info["rounds"][rr]["user_prefix"], store)
+        if not user.check(["failed"]):
+            continue
+        found = read(user, ["failure/%d" % i for i in range(info["rounds"][rr]["nodes"])])
+        failures = {}
+        for value in found.values():
+            for rank, d in json.loads(value.decode()).items():
+                failures[int(rank)] = ProcessFailure._from_dict(d)
+        if failures:
+            rank, f = _first(failures)
+            info["last_failure"] = dict(_failure_fields(rank, f, len(failures)), round=rr)
+            break
+    info["rounds"] = {str(k): v for k, v in info["rounds"].items()}
+    return info
+
+
+def _format_status(info, backend, endpoint):
+    lines = ["run %s (%s at %s)%s" % (info["run_id"], backend, endpoint, ": closed" if info["closed"] else "")]
+    if info["round"] is None:
+        lines.append("  no round has formed yet")
+    else:
+        state = "broken: %s" % info["broken"] if info["broken"] else "running"
+        lines.append("  round %d: %s, master %s, %s" % (info["round"], _plural(len(info["members"]), "node"),
+                                                        info["master"], state))
+        for m in info["members"]:
+            age = m.get("heartbeat_age")
+            beat = ("heartbeat %.1f s ago" % age if isinstance(age, (int, float))
+                    else "heartbeat key gone" if age == "gone"
+                    else "no heartbeat seen while watching")
+            ranks = "ranks %d-%d" % tuple(m["ranks"]) if m.get("ranks") else "ranks ?"
+            lines.append("    node %d: %s (%s), %s, pid %s, %s" % (m["rank"], m.get("host") or m["addr"],
+                                                                    m["addr"], ranks, m.get("pid") or "?", beat))
+    waiting = info["waiting"]
+    lines.append("  nodes waiting: %d%s" % (len(waiting), " (%s)" % ", ".join(w["addr"] for w in waiting)
+                                            if waiting else ""))
+    if info["restarts"] is not None:
+        lines.append("  restarts used: %s of %s" % (info["restarts"], info["max_restarts"]))
+    f = info["last_failure"]
+    if f:
+        lines.append("  last failure (round %s): rank %s on %s, pid %s, %s: %s" % (
+            f["round"], f["rank"], f["failure_host"], f["pid"], _how_ended(f), f["message"]))
+    else:
+        lines.append("  last failure: none")
+    return "\n".join(lines) + "\n"
+
+
 def _run_job(c, stop, server, environ):
     """Build the agent from the config through its public arguments, run it, report from its
     RunResult. Returns the exit status."""
@@ -5647,9 +6318,11 @@ def _run_job(c, stop, server, environ):
                               exit_barrier_timeout=c.exit_barrier_timeout, shutdown_timeout=c.shutdown_timeout,
                               log_line_prefix_template=c.prefix_template,
                               health_check_port=c.health_check_port, fork_server=server, stop_flag=stop,
-                              adopt_orphans=True, stack_signal=c.stack_signal or 0)
+                              adopt_orphans=True, stack_signal=c.stack_signal or 0, event_log=c.event_log)
     try:
         result = agent.run()
+    except _SignalStop as e:
+        return 128 + e.signum     # the agent said what it stopped
     except _rdzv.RendezvousError as e:
         log.error("rendezvous failed: %s", e)
         return 1
@@ -5665,7 +6338,10 @@ def _run_job(c, stop, server, environ):
     if not result.is_failed():
         return 0
     err = ChildFailedError(c.script, result.failures, result.outlived_grace)
-    sys.stderr.write(err.format_msg() + "\n")
+    _end_line(sys.stderr)
+    sys.stderr.write(_format_report(c.script, result.failures, result.outlived_grace,
+                                    restarts=(result.restart_count, c.max_restarts),
+                                    log_dir=c.logs.root_log_dir) + "\n")
     _copy_root_cause(err, environ.get("TORCHELASTIC_ERROR_FILE"))
     return result.root_cause[1].launcher_exit_code()
 

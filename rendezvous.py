@@ -18,6 +18,11 @@ Usage::
     handler.num_nodes_waiting()            # poll: > 0 -> nodes wait to join, restart at the new size
     handler.set_closed()                   # end the run for every node
     handler.shutdown()                     # leave (the others see the round as broken)
+    handler.broken_reason()                # why the round broke (one store read), or None
+
+    store = open_run_store(params)         # from outside the run: a client that never serves,
+    describe_run(store, "job42")           # and the run's rounds, members, beats and waiting nodes,
+                                           # read with check/get/multi_get only (elasticrun status)
 
 Backends. ``c10d`` (alias ``store``): endpoint ``host[:port]`` (default port 29400, ``[v6addr]:port``
 for IPv6). The node the host names (its host name, an address of one of its interfaces, or a name
@@ -132,7 +137,7 @@ __version__ = "0.1.0"
 __all__ = [
     "RendezvousParameters", "RendezvousHandler", "RendezvousInfo", "get_rendezvous_handler",
     "RendezvousError", "RendezvousTimeoutError", "RendezvousClosedError", "RendezvousConnectionError",
-    "EtcdStore",
+    "EtcdStore", "describe_run", "open_run_store",
 ]
 
 import base64
@@ -508,6 +513,11 @@ class RendezvousHandler:
     def get_run_id(self):
         return self._params.run_id
 
+    @property
+    def params(self):
+        """The RendezvousParameters this handler runs with (to read, not to change)."""
+        return self._params
+
     # -- joining
 
     def next_rendezvous(self):
@@ -841,6 +851,19 @@ class RendezvousHandler:
         """True once a member of the current round died or left, or the store was lost (no store I/O)."""
         return self._broken.is_set()
 
+    def broken_reason(self):
+        """Why the current round is broken (a member died or left), None while it is whole. Reads the
+        store, unlike round_broken(): other members may know before this node's heartbeat does."""
+        if self._round is None:
+            return None
+        if self._lost is not None:
+            return "rendezvous store lost: %s" % self._lost
+        key = self._keys.round(self._round, "broken")
+        with self._mapped_errors():
+            if not self._store.check([key]) or int(self._store.get(key)) <= 0:
+                return None
+        return self._why(self._round)
+
     # -- run state
 
     def num_nodes_waiting(self):
@@ -994,6 +1017,91 @@ class _MappedErrors:
         if isinstance(error, _store.StoreError):
             raise RendezvousError("rendezvous store error: %s" % error) from error
         return False
+
+
+def describe_run(store, run_id, observe=0.0):
+    """What the store says of run `run_id`, read without joining and without writing (only ``check``,
+    ``get`` and ``multi_get``): a dict with ``closed``, ``round`` (the last round formed, or None),
+    ``members`` (rank, addr, id, heartbeat age in seconds: how long ago its beat was seen to change
+    while we watched for `observe` seconds, None when it did not, ``gone`` when its ephemeral key
+    vanished), ``master``, ``broken`` (the reason, or None), ``waiting`` (records of the nodes waiting
+    in the next round), ``rounds`` (every round formed: its number -> ``nodes``, its member
+    count, and ``user_prefix``, the prefix of the keys its agents wrote) and ``world`` (the member
+    count of the last round)."""
+    keys = _Keys(run_id)
+
+    def read(names):
+        """{name: bytes} of the names that exist (two operations when they all do)."""
+        present = names if names and store.check(names) else [n for n in names if store.check([n])]
+        return dict(zip(present, store.multi_get(present))) if present else {}
+
+    first = read([keys.closed, keys.open])
+    info = {"run_id": run_id, "closed": keys.closed in first, "round": None, "members": [],
+            "master": None, "broken": None, "waiting": [], "rounds": {}}
+    top = int(first.get(keys.open, b"0"))
+    world = 0
+    for r in range(top, max(-1, top - 1000), -1):
+        done = read([keys.round(r, "done")]).get(keys.round(r, "done"))
+        if done is not None and done.startswith(b"{"):
+            outcome = json.loads(done.decode("utf-8"))
+            nodes = outcome["world_size"] if "world_size" in outcome else len(outcome["members"])
+            if info["round"] is None:
+                info["round"], info["master"] = r, "%s:%s" % (outcome["master_addr"], outcome["master_port"])
+                members = outcome.get("members")
+                if members is None:   # the member list in a key of its own
+                    members = json.loads(read([keys.round(r, "members")]).get(keys.round(r, "members"), b"[]"))
+                info["members"] = [{"rank": i, "addr": m[0], "id": m[1], "host": m[2] if len(m) > 2 else None}
+                                   for i, m in enumerate(members)]
+                world = nodes
+            info["rounds"][r] = {"nodes": nodes, "user_prefix": keys.round(r, "user")}
+    r = info["round"]
+    if r is not None:
+        state = read([keys.round(r, "broken"), keys.round(r, "broken_why")])
+        if int(state.get(keys.round(r, "broken"), b"0")) > 0:
+            info["broken"] = state.get(keys.round(r, "broken_why"), b"unknown").decode("utf-8", "replace")
+        _watch_beats(store, [keys.round(r, "hb/%d" % m["rank"]) for m in info["members"]], info["members"],
+                     observe, read)
+    nxt = max(top, 0 if r is None else r + 1)     # where joiners wait: the open round
+    arrived = read([keys.round(nxt, "arrive"), keys.round(nxt, "done")])
+    if keys.round(nxt, "done") not in arrived:
+        joins = int(arrived.get(keys.round(nxt, "arrive"), b"0")) & _SLOT_MASK
+        records = read([keys.round(nxt, "node/%d" % s) for s in range(1, joins + 1)])
+        for name, data in sorted(records.items()):
+            try:
+                record = json.loads(data.decode("utf-8"))
+            except ValueError:
+                continue
+            if "withdrawn" not in record:
+                info["waiting"].append({"addr": record.get("addr"), "id": record.get("id"),
+                                        "rejoin": bool(record.get("rejoin"))})
+    info["world"] = world
+    return info
+
+
+def _watch_beats(store, names, members, observe, read):
+    """Set each member's ``heartbeat_age``: watch its beat for up to `observe` seconds."""
+    start = time.monotonic()
+    seen = read(names)
+    changed = {}
+    while len(changed) < len(names):
+        left = start + observe - time.monotonic()
+        if left <= 0:
+            break
+        time.sleep(min(0.1, left))
+        now_values = read(names)
+        for name in names:
+            if name not in changed and now_values.get(name) != seen.get(name) and name in now_values:
+                changed[name] = time.monotonic()
+    end = time.monotonic()
+    final = read(names)
+    for name, member in zip(names, members):
+        member["heartbeat"] = final.get(name, b"").decode("utf-8", "replace") or None
+        if name in changed:
+            member["heartbeat_age"] = round(end - changed[name], 1)
+        elif name not in final and name in seen:
+            member["heartbeat_age"] = "gone"
+        else:
+            member["heartbeat_age"] = None
 
 
 # ------------------------------------------------------------------------------------- etcd backend
@@ -1802,3 +1910,19 @@ def get_rendezvous_handler(params):
         return RendezvousHandler(store, params, hosts_store=False)
     raise ValueError("rdzv backend %r is unknown" % params.backend)
 
+
+def open_run_store(params, timeout=10.0):
+    """A client of the run's store that never serves it: for reading a run from outside
+    (``describe_run``), with the token of ``params.token_file``."""
+    if params.backend == "etcd":
+        try:
+            return EtcdStore(params.endpoints, timeout=timeout)
+        except _store.StoreError as e:
+            raise RendezvousConnectionError("cannot reach etcd at %s: %s" % (", ".join(params.endpoints), e)) from e
+    token = _read_token(params.token_file) if params.token_file else None
+    try:
+        return _store.TCPStore(params.host, params.port, timeout=timeout, token=token)
+    except _store.StoreAuthError as e:
+        raise RendezvousError(str(e)) from e
+    except _store.StoreError as e:
+        raise RendezvousConnectionError(str(e)) from e
