@@ -1646,8 +1646,8 @@ class TCPStore:
     def _join(self, world_size, deadline):
         """torch's world-size handshake: every store made with a world_size counts itself in one
         key (so ``num_keys`` counts it, as torch's does; as in torch, no key a caller can name reaches
-        it), and the master waits until `world_size` have. The one whose count completes it wakes the master through a queue of the
-        same name (queues are not keys), so nobody polls."""
+        it), and the master waits until `world_size` have. The one whose count completes it wakes
+        the master through a queue of the same name (queues are not keys), so nobody polls."""
         joined = _I64.unpack(self._call(_ADD, _INIT_FIELD + _I64.pack(1)))[0]
         if joined == world_size and self._server is None and self._features & _F_QUEUE:
             self._call(_QPUSH, _INIT_FIELD + _field(b""))
