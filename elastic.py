@@ -2669,9 +2669,7 @@ class LocalElasticAgent:
             stack_signal = _default_stack_signal()
         self._stacks_trigger = stack_signal or None   # this signal to the agent: the job's stacks, logged
         self._stack_signal = stack_signal if stack_signal and _is_python_spec(spec) else None
-        self._control = None       # _JobControl while run() runs on a multi-node capable handler
-        self._forwarded = {}       # signal -> when it was last forwarded to the workers
-        self._stop_acked = False   # this node has counted itself among those that heard of a stop
+        self._control = None       # _NodeControl while run() runs
         self._state = WorkerState.UNKNOWN
         self._group = None         # _WorkerGroup of the running attempt
         self._ranks = None         # _RankAssignment of the current round
@@ -2736,9 +2734,11 @@ class LocalElasticAgent:
         self._events.emit("start", **self._summary())
         self._exits_told, self._workers_started, self._restarting, self._nodes = set(), 0, None, None
         exit_fields = {"code": 1}
+        self._control = _NodeControl(self._handler, self._stop, self._run_id(), self._stacks_trigger,
+                                     lambda: self._group, self)
         try:
             self._start_servers()
-            self._start_control()
+            self._control.start()
             result = self._run_loop()
             if self._group is not None:
                 result.outlived_grace = dict(self._group.outlived_grace)
@@ -2750,7 +2750,7 @@ class LocalElasticAgent:
             self._events.emit("stop_signal", signal=_signal_name(e.signum))
             self._set_state(WorkerState.STOPPED)
             self._stop_group(e.signum)
-            self._wait_stop_seen()
+            self._control.wait_stop_seen()
             raise
         except BaseException as e:
             exit_fields["error"] = "%s: %s" % (type(e).__name__, e)
@@ -2760,7 +2760,7 @@ class LocalElasticAgent:
         finally:
             self._stop_group(signal.SIGTERM)
             self._stop_servers()
-            self._stop_control()
+            self._control.close()
             self._reaper.close(clean=True)
             try:
                 self._handler.shutdown()
@@ -2808,145 +2808,6 @@ class LocalElasticAgent:
                     server.stop()
                 except Exception as e:  # never let a server's stop hide the run's outcome
                     log.debug("stopping %s: %s", name[1:], e)
-
-    # -- the job's control channel (see Job control) -------------------------------------------------
-
-    def _start_control(self):
-        """Join the job's control channel (not for the local rendezvous of an agent without a handler),
-        and hear this process's signals (a stop, a signal to forward, the stack signal)."""
-        self._stop.listener = self._on_local_signal
-        store = getattr(self._handler, "store", None)
-        if store is None or isinstance(self._handler, _LocalRendezvous):
-            return
-        control = _JobControl(store, self._run_id(), self._on_job_event)
-        try:
-            control.start()
-        except Exception as e:   # the job runs without; the rendezvous will say what is wrong
-            log.warning("no job-wide stop, signals or stacks: %s", e)
-            control.close()
-            return
-        self._control = control
-
-    def _stop_control(self):
-        self._stop.listener = None
-        control, self._control = self._control, None
-        if control is not None:
-            control.close()
-
-    def _on_local_signal(self, kind, signum):
-        """In the signal handler: a stop is told to every node; the stack signal asks the job for its
-        stacks; any other signal goes to this node's workers and every other node's."""
-        control = self._control
-        if kind == "stop":
-            if control is not None:
-                control.publish("stop", signum)
-        elif signum == self._stacks_trigger:
-            if control is not None:
-                control.in_background(self._log_job_stacks)
-        elif self._forward_due(signum):
-            self._forward(signum)
-            if control is not None:
-                control.publish("signal", signum)
-
-    def _on_job_event(self, n, kind, arg, origin, own):
-        """In the watcher thread: event `n` of the job's control channel."""
-        if kind == "stacks":
-            self._answer_stacks(n)
-            return
-        if kind == "stop":
-            if not own:
-                log.warning("the agent at %s was stopped by %s: stopping this node the same way", origin,
-                            _signal_name(int(arg)))
-                self._stop.stop_from_job(int(arg))
-            self._stop_seen()
-            return
-        if own:
-            return
-        signum = int(arg)
-        if kind == "signal" and self._forward_due(signum):
-            log.info("forwarding %s (sent to the agent at %s) to this node's workers", _signal_name(signum),
-                     origin)
-            self._forward(signum)
-
-    def _stop_seen(self):
-        """Count this node, once, among those that know of the job's stop (see _wait_stop_seen)."""
-        if self._stop_acked:
-            return
-        self._stop_acked = True
-        prefix = _control_prefix(self._run_id())
-        store = self._control.store
-        if int(store.add(prefix + "stop_seen", 1)) >= (self.group_world_size or 1):
-            store.set(prefix + "stop_all_seen", "1")
-
-    def _wait_stop_seen(self):
-        """On the node serving the store, after its own teardown: wait (at most _STOP_SEEN_WAIT
-        seconds) until every node has heard of the stop, for leaving takes the store away, and a
-        node that loses it first stops as "lost the store" (exit 1) instead of 128+N."""
-        control = self._control
-        if control is None or not getattr(self._handler, "hosts_store", False) or (self.group_world_size or 1) <= 1:
-            return
-        key = _control_prefix(self._run_id()) + "stop_all_seen"
-        try:
-            try:
-                control.store.wait([key], 1.0)
-            except _store.StoreTimeout:
-                log.info("keeping the store up until every node has heard of the stop (%g s at most)",
-                         _STOP_SEEN_WAIT - 1.0)
-                control.store.wait([key], _STOP_SEEN_WAIT - 1.0)
-        except Exception as e:
-            log.warning("leaving with the store before every node heard of the stop: %s", e)
-
-    def _forward_due(self, signum):
-        """Once per signal per _FORWARD_WINDOW: under Slurm every agent gets the same signal and
-        also hears of it from the others."""
-        now, last = time.monotonic(), self._forwarded.get(signum)
-        if last is not None and now - last < _FORWARD_WINDOW:
-            return False
-        self._forwarded[signum] = now
-        return True
-
-    def _forward(self, signum):
-        """`signum` to each running worker (the worker alone: its children may not expect it)."""
-        group = self._group
-        for w in [] if group is None else list(group.workers):
-            if w.handle is not None and w.exitcode is None:
-                try:
-                    os.kill(w.pid, signum)
-                except OSError:
-                    pass
-
-    def _answer_stacks(self, n):
-        import json
-        group = self._group
-        workers = [] if group is None else [w for w in group.workers if w.handle is not None]
-        stacks = {} if group is None else group.stacks([w for w in workers if w.exitcode is None])
-        # an answer stays under 1 MiB however many workers (etcd refuses requests over 1.5 MiB)
-        room = max(2048, (1 << 20) // max(1, len(workers)))
-
-        def cut(text):
-            return text if len(text) <= room else text[:room] + "\n... (cut at %d characters)\n" % room
-
-        answer = {"host": _hostname(), "pid": os.getpid(), "group_rank": self.group_rank,
-                  "nodes": self.group_world_size or 1, "state": self._state,
-                  "workers": [{"rank": w.global_rank, "local_rank": w.local_rank, "pid": w.pid,
-                               "stack": cut(stacks.get(w) or "exited with code %s" % w.exitcode)}
-                              for w in workers]}
-        base = "%sstacks/%d/" % (_control_prefix(self._run_id()), n)
-        store = self._control.store
-        k = int(store.add(base + "count", 1))
-        store.set(base + str(k), json.dumps(answer))
-
-    def _log_job_stacks(self):
-        control = self._control
-        if control is None:
-            return
-        try:
-            answers, nodes = _collect_stacks(control.store, self._run_id(), control.origin)
-        except Exception as e:
-            log.warning("could not collect the job's stacks: %s", e)
-            return
-        log.warning("the job's stacks (asked with %s):\n%s", _stack_signal_name(self._stacks_trigger),
-                    _format_stacks(answers, nodes))
 
     def _run_id(self):
         try:
@@ -3697,6 +3558,160 @@ class _JobControl:
                 log.debug("job control: closing: %s", e)
             if self._threads:
                 self._threads[0].join(1.0)
+
+
+class _NodeControl:
+    """This node's part in job control, for one run: hears this process's signals through the stop
+    flag's listener (a stop, a signal to forward, the stack signal) and the job's events through a
+    _JobControl (not on the local rendezvous of an agent without a handler), and acts on the node's
+    running workers. ``group()`` is the running _WorkerGroup or None; ``node`` has the agent's
+    ``group_rank``, ``group_world_size`` and ``state``."""
+
+    def __init__(self, handler, stop, run_id, stacks_trigger, group, node):
+        self._handler, self._stop, self._run_id = handler, stop, run_id
+        self._stacks_trigger = stacks_trigger   # this signal to the agent: the job's stacks, logged
+        self._group, self._node = group, node
+        self._channel = None       # _JobControl once started on a multi-node capable handler
+        self._forwarded = {}       # signal -> when it was last forwarded to the workers
+        self._stop_acked = False   # this node has counted itself among those that heard of a stop
+
+    def start(self):
+        self._stop.listener = self._on_local_signal
+        store = getattr(self._handler, "store", None)
+        if store is None or isinstance(self._handler, _LocalRendezvous):
+            return
+        channel = _JobControl(store, self._run_id, self._on_job_event)
+        try:
+            channel.start()
+        except Exception as e:   # the job runs without; the rendezvous will say what is wrong
+            log.warning("no job-wide stop, signals or stacks: %s", e)
+            channel.close()
+            return
+        self._channel = channel
+
+    def close(self):
+        self._stop.listener = None
+        channel, self._channel = self._channel, None
+        if channel is not None:
+            channel.close()
+
+    def _nodes(self):
+        return self._node.group_world_size or 1
+
+    def _on_local_signal(self, kind, signum):
+        """In the signal handler: a stop is told to every node; the stack signal asks the job for its
+        stacks; any other signal goes to this node's workers and every other node's."""
+        channel = self._channel
+        if kind == "stop":
+            if channel is not None:
+                channel.publish("stop", signum)
+        elif signum == self._stacks_trigger:
+            if channel is not None:
+                channel.in_background(self._log_job_stacks)
+        elif self._forward_due(signum):
+            self._forward(signum)
+            if channel is not None:
+                channel.publish("signal", signum)
+
+    def _on_job_event(self, n, kind, arg, origin, own):
+        """In the watcher thread: event `n` of the job's control channel."""
+        if kind == "stacks":
+            self._answer_stacks(n)
+            return
+        if kind == "stop":
+            if not own:
+                log.warning("the agent at %s was stopped by %s: stopping this node the same way", origin,
+                            _signal_name(int(arg)))
+                self._stop.stop_from_job(int(arg))
+            self._stop_seen()
+            return
+        if own:
+            return
+        signum = int(arg)
+        if kind == "signal" and self._forward_due(signum):
+            log.info("forwarding %s (sent to the agent at %s) to this node's workers", _signal_name(signum),
+                     origin)
+            self._forward(signum)
+
+    def _stop_seen(self):
+        """Count this node, once, among those that know of the job's stop (see wait_stop_seen)."""
+        if self._stop_acked:
+            return
+        self._stop_acked = True
+        prefix = _control_prefix(self._run_id)
+        store = self._channel.store
+        if int(store.add(prefix + "stop_seen", 1)) >= self._nodes():
+            store.set(prefix + "stop_all_seen", "1")
+
+    def wait_stop_seen(self):
+        """On the node serving the store, after its own teardown: wait (at most _STOP_SEEN_WAIT
+        seconds) until every node has heard of the stop, for leaving takes the store away, and a
+        node that loses it first stops as "lost the store" (exit 1) instead of 128+N."""
+        channel = self._channel
+        if channel is None or not getattr(self._handler, "hosts_store", False) or self._nodes() <= 1:
+            return
+        key = _control_prefix(self._run_id) + "stop_all_seen"
+        try:
+            try:
+                channel.store.wait([key], 1.0)
+            except _store.StoreTimeout:
+                log.info("keeping the store up until every node has heard of the stop (%g s at most)",
+                         _STOP_SEEN_WAIT - 1.0)
+                channel.store.wait([key], _STOP_SEEN_WAIT - 1.0)
+        except Exception as e:
+            log.warning("leaving with the store before every node heard of the stop: %s", e)
+
+    def _forward_due(self, signum):
+        """Once per signal per _FORWARD_WINDOW: under Slurm every agent gets the same signal and
+        also hears of it from the others."""
+        now, last = time.monotonic(), self._forwarded.get(signum)
+        if last is not None and now - last < _FORWARD_WINDOW:
+            return False
+        self._forwarded[signum] = now
+        return True
+
+    def _forward(self, signum):
+        """`signum` to each running worker (the worker alone: its children may not expect it)."""
+        group = self._group()
+        for w in [] if group is None else list(group.workers):
+            if w.handle is not None and w.exitcode is None:
+                try:
+                    os.kill(w.pid, signum)
+                except OSError:
+                    pass
+
+    def _answer_stacks(self, n):
+        import json
+        group = self._group()
+        workers = [] if group is None else [w for w in group.workers if w.handle is not None]
+        stacks = {} if group is None else group.stacks([w for w in workers if w.exitcode is None])
+        # an answer stays under 1 MiB however many workers (etcd refuses requests over 1.5 MiB)
+        room = max(2048, (1 << 20) // max(1, len(workers)))
+
+        def cut(text):
+            return text if len(text) <= room else text[:room] + "\n... (cut at %d characters)\n" % room
+
+        answer = {"host": _hostname(), "pid": os.getpid(), "group_rank": self._node.group_rank,
+                  "nodes": self._nodes(), "state": self._node.state,
+                  "workers": [{"rank": w.global_rank, "local_rank": w.local_rank, "pid": w.pid,
+                               "stack": cut(stacks.get(w) or "exited with code %s" % w.exitcode)}
+                              for w in workers]}
+        base = "%sstacks/%d/" % (_control_prefix(self._run_id), n)
+        store = self._channel.store
+        k = int(store.add(base + "count", 1))
+        store.set(base + str(k), json.dumps(answer))
+
+    def _log_job_stacks(self):
+        channel = self._channel
+        if channel is None:
+            return
+        try:
+            answers, nodes = _collect_stacks(channel.store, self._run_id, channel.origin)
+        except Exception as e:
+            log.warning("could not collect the job's stacks: %s", e)
+            return
+        log.warning("the job's stacks (asked with %s):\n%s", _stack_signal_name(self._stacks_trigger),
+                    _format_stacks(answers, nodes))
 
 
 def _collect_stacks(store, run_id, origin, timeout=_STACKS_TIMEOUT):
