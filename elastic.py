@@ -5399,9 +5399,81 @@ def _check_main(args, environ):
     return _run_check(c, args.log_dir, environ, problems)
 
 
+def _check_addresses(node, c, handler, listener, hosts, world):
+    """What the round taught this node: its address, the endpoint's real port (--standalone), whether
+    the endpoint is reachable from here, and the ports it serves or needs."""
+    node.facts.update(addr=handler.local_addr, listen=listener.port, nonce=listener.nonce)
+    port = c.rdzv.port
+    if hosts and not port:   # --standalone: the store picked its port
+        port = getattr(handler.store, "port", port)
+        node.facts["endpoints"] = [[host, port] for host, _ in node.facts.get("endpoints", ())]
+    _check_reach_endpoint(node)
+    if c.rdzv.backend != "etcd":
+        node.facts["ports"].insert(0, "rdzv %d %s" % (port, "served here" if hosts else "-"))
+    if hosts and c.master_port == port:
+        node.issue(_FAIL, "ports", "--master-port %d is the rendezvous port, served by this node: give "
+                   "the workers another port" % port)
+    node.cells["ports"] = ", ".join(node.facts["ports"]) or "-"
+    _check_address(node, handler.local_addr, world)
+
+
+def _check_lead(c, store, rank, keys):
+    """On the leading node: every report read, the job-wide checks, the table printed, and each
+    node's verdict published."""
+    import json
+    present = keys if store.check(keys) else [key for key in keys if store.check([key])]
+    reports = dict(zip(present, store.multi_get(present)))
+    nodes = {r: _CheckNode(json.loads(reports[key].decode())) if key in reports else None
+             for r, key in enumerate(keys)}
+    if c.rdzv.backend != "etcd" and not any(n is not None and "served here" in n.cells.get("ports", "")
+                                            for n in nodes.values()):
+        nodes[rank].issue(_WARN, "ports", "no checking node serves the rendezvous store (a store that "
+                          "outlives jobs?): if none should run, stop what serves %s" % c.rdzv.endpoint)
+    _check_across(nodes, rank, c.master_port)
+    sys.stdout.write(_check_table(nodes, _check_title(c)))
+    sys.stdout.flush()
+    ok = not any(n is None or n.failed() for n in nodes.values())
+    store.multi_set(["check/verdict/%d" % r for r in range(len(keys))],
+                    [json.dumps({"ok": ok, "issues": n.issues if n else []}) for n in nodes.values()])
+
+
+def _check_exchange(node, c, store, rank, world, hosts):
+    """Publish this node's report, let the leader (the node serving the store, else rank 0) judge
+    them all, read this node's verdict; the exit status."""
+    import json
+    timeout = c.rdzv.read_timeout
+    if hosts:
+        store.set("check/host", str(rank))
+    store.set("check/report/%d" % rank, node.to_json())
+    keys = ["check/report/%d" % r for r in range(world)]
+    leader = None
+    if hosts or rank == 0:
+        try:
+            store.wait(keys, timeout)
+        except _store.StoreTimeout:
+            pass
+        leader = int(store.get("check/host")) if store.check(["check/host"]) else 0
+    if leader == rank:
+        _check_lead(c, store, rank, keys)
+    key = "check/verdict/%d" % rank
+    store.wait([key], timeout + 60 + world)
+    verdict = json.loads(store.get(key).decode())
+    for status, column, advice in verdict["issues"]:
+        (log.error if status == _FAIL else log.warning)("check: %s %s: %s", status, column, advice)
+    log.info("check %s%s", "passed" if verdict["ok"] else "FAILED",
+             "" if leader == rank else " (the table is on the node serving the store, or rank 0)")
+    if store.add("check/finished", 1) >= world:
+        store.set("check/all_finished", "1")
+    if hosts:   # the others still read from our store
+        try:
+            store.wait(["check/all_finished"], timeout)
+        except _store.StoreTimeout:
+            pass
+    return 0 if verdict["ok"] else 1
+
+
 def _run_check(c, log_dir, environ, problems=()):
     """The pre-flight check of this node (see the section comment). Returns the exit status."""
-    import json
     node = _check_local(c, log_dir, environ)
     for text in problems:
         node.issue(_FAIL, "gpus", text)
@@ -5422,63 +5494,9 @@ def _run_check(c, log_dir, environ, problems=()):
             return _check_alone(node, c, "could not meet the other nodes through the rendezvous at %s (%s): "
                                 "start the check on every node with the same options, and check that the "
                                 "endpoint's host runs it and its port is open" % (c.rdzv.endpoint, e))
-        store, rank, world = info.store, info.rank, info.world_size
         hosts = bool(getattr(handler, "hosts_store", False))
-        node.facts.update(addr=handler.local_addr, listen=listener.port, nonce=listener.nonce)
-        port = c.rdzv.port
-        if hosts and not port:   # --standalone: the store picked its port
-            port = getattr(handler.store, "port", port)
-            node.facts["endpoints"] = [[host, port] for host, _ in node.facts.get("endpoints", ())]
-        _check_reach_endpoint(node)
-        if c.rdzv.backend != "etcd":
-            node.facts["ports"].insert(0, "rdzv %d %s" % (port, "served here" if hosts else "-"))
-        if hosts and c.master_port == port:
-            node.issue(_FAIL, "ports", "--master-port %d is the rendezvous port, served by this node: give "
-                       "the workers another port" % port)
-        node.cells["ports"] = ", ".join(node.facts["ports"]) or "-"
-        _check_address(node, handler.local_addr, world)
-        timeout = c.rdzv.read_timeout
-        if hosts:
-            store.set("check/host", str(rank))
-        store.set("check/report/%d" % rank, node.to_json())
-        keys = ["check/report/%d" % r for r in range(world)]
-        leader = None
-        if hosts or rank == 0:
-            try:
-                store.wait(keys, timeout)
-            except _store.StoreTimeout:
-                pass
-            leader = int(store.get("check/host")) if store.check(["check/host"]) else 0
-        if leader == rank:
-            present = keys if store.check(keys) else [key for key in keys if store.check([key])]
-            reports = dict(zip(present, store.multi_get(present)))
-            nodes = {r: _CheckNode(json.loads(reports[key].decode())) if key in reports else None
-                     for r, key in enumerate(keys)}
-            if c.rdzv.backend != "etcd" and not any(n is not None and "served here" in n.cells.get("ports", "")
-                                                    for n in nodes.values()):
-                nodes[rank].issue(_WARN, "ports", "no checking node serves the rendezvous store (a store that "
-                                  "outlives jobs?): if none should run, stop what serves %s" % c.rdzv.endpoint)
-            _check_across(nodes, rank, c.master_port)
-            sys.stdout.write(_check_table(nodes, _check_title(c)))
-            sys.stdout.flush()
-            ok = not any(n is None or n.failed() for n in nodes.values())
-            store.multi_set(["check/verdict/%d" % r for r in range(world)],
-                            [json.dumps({"ok": ok, "issues": n.issues if n else []}) for n in nodes.values()])
-        key = "check/verdict/%d" % rank
-        store.wait([key], timeout + 60 + world)
-        verdict = json.loads(store.get(key).decode())
-        for status, column, advice in verdict["issues"]:
-            (log.error if status == _FAIL else log.warning)("check: %s %s: %s", status, column, advice)
-        log.info("check %s%s", "passed" if verdict["ok"] else "FAILED",
-                 "" if leader == rank else " (the table is on the node serving the store, or rank 0)")
-        if store.add("check/finished", 1) >= world:
-            store.set("check/all_finished", "1")
-        if hosts:   # the others still read from our store
-            try:
-                store.wait(["check/all_finished"], timeout)
-            except _store.StoreTimeout:
-                pass
-        return 0 if verdict["ok"] else 1
+        _check_addresses(node, c, handler, listener, hosts, info.world_size)
+        return _check_exchange(node, c, info.store, info.rank, info.world_size, hosts)
     except (_rdzv.RendezvousError, _store.StoreError) as e:
         log.error("check: lost the other nodes during the check (%s): run it again", e)
         return 1
