@@ -4029,7 +4029,7 @@ class FileTimerServer:
         self._recheck = False    # the allowed set changed: the thread re-judges every timer
         self._thread = None
         self._stopping = False
-        self._fifo = self._wake_r = self._wake_w = self._lock_fd = None
+        self._pipe = None        # _TimerPipe while started
         self._pids = _PidWatch(hasattr(os, "pidfd_open") if use_pidfd is None else use_pidfd)
         self._bad_lines = 0
         self._request_count = 0  # well-formed requests read (acquire and release)
@@ -4041,19 +4041,7 @@ class FileTimerServer:
     def start(self):
         if self._thread is not None:
             raise RuntimeError("FileTimerServer already started")
-        self._lock_fd = _claim_timer_file(self.file_path)
-        try:
-            _make_fifo(self.file_path)
-            # O_RDWR: we are a writer too, so open never blocks for a writer and reads never see
-            # EOF when the last worker closes its end.
-            self._fifo = os.open(self.file_path, os.O_RDWR | os.O_NONBLOCK)
-        except BaseException:
-            _release_timer_file(self.file_path, self._lock_fd)
-            self._lock_fd = None
-            raise
-        self._wake_r, self._wake_w = os.pipe()
-        os.set_blocking(self._wake_r, False)
-        os.set_blocking(self._wake_w, False)
+        self._pipe = _TimerPipe(self.file_path)
         self._stopping = False
         import threading
         self._thread = threading.Thread(target=self._loop, name="elastic-file-timer", daemon=self.daemon)
@@ -4067,26 +4055,13 @@ class FileTimerServer:
         self._stopping = True
         self._wake()
         thread.join()
-        for fd in [self._fifo, self._wake_r, self._wake_w]:
-            try:
-                os.close(fd)
-            except OSError:
-                pass
+        pipe, self._pipe = self._pipe, None
         self._pids.close()
         with self._cond:
             self._timers.clear()
             self._held.clear()
-        self._fifo = self._wake_r = self._wake_w = None
         self._complaints.flush()
-        import stat
-        try:
-            # only while we hold the lock: the path is ours, not a successor's
-            if stat.S_ISFIFO(os.lstat(self.file_path).st_mode):
-                os.unlink(self.file_path)
-        except OSError:
-            pass
-        _release_timer_file(self.file_path, self._lock_fd)
-        self._lock_fd = None
+        pipe.close()
 
     def set_worker_pids(self, pids, starting=False):
         """Only signal these workers and processes in their sessions (None, the default: anyone but
@@ -4123,17 +4098,15 @@ class FileTimerServer:
 
     # -- the watchdog thread
     def _wake(self):
-        if self._wake_w is not None:
-            try:
-                os.write(self._wake_w, b"x")
-            except OSError:  # full: a wake-up is pending anyway
-                pass
+        pipe = self._pipe
+        if pipe is not None:
+            pipe.wake()
 
     def _loop(self):
         import select
         poller = select.poll()
-        poller.register(self._fifo, select.POLLIN)
-        poller.register(self._wake_r, select.POLLIN)
+        poller.register(self._pipe.fifo, select.POLLIN)
+        poller.register(self._pipe.wake_r, select.POLLIN)
         pending = b""
         while not self._stopping:
             try:
@@ -4141,7 +4114,7 @@ class FileTimerServer:
             except Exception as e:  # the watchdog must outlive any single bad case
                 self._complaints.warn("file timer: watchdog pass failed: %s: %s", type(e).__name__, e)
                 import select
-                select.select([self._wake_r], [], [], self.max_interval)  # no busy loop; stop() wakes it
+                select.select([self._pipe.wake_r], [], [], self.max_interval)  # no busy loop; stop() wakes it
             with self._cond:
                 self._last_progress_time = time.time()
                 self._cond.notify_all()
@@ -4153,13 +4126,10 @@ class FileTimerServer:
         except InterruptedError:
             events = []
         for fd, _ in events:
-            if fd == self._fifo:
+            if fd == self._pipe.fifo:
                 pending = self._read_requests(pending, poller)
-            elif fd == self._wake_r:
-                try:
-                    os.read(self._wake_r, 512)
-                except OSError:
-                    pass
+            elif fd == self._pipe.wake_r:
+                self._pipe.drain_wake()
             else:
                 for pid in self._pids.exited(fd):
                     self._drop_pid(pid, poller)
@@ -4190,7 +4160,7 @@ class FileTimerServer:
         # At most 16 reads a pass: a writer that never stops can delay expiries by one pass only,
         # and a line with no end costs at most _MAX_PENDING bytes.
         for _ in range(16):
-            lines, pending, too_long = _read_lines(self._fifo, pending)
+            lines, pending, too_long = _read_lines(self._pipe.fifo, pending)
             if lines is None:
                 break
             for line in lines:
@@ -4224,7 +4194,7 @@ class FileTimerServer:
         elif pid <= 1 or pid == os.getpid():
             self._complaints.warn("file timer: refused a timer for pid %d (scope %s): never signalled",
                                   pid, scope)
-        elif not self._starting and not self._may_signal(pid):
+        elif not self._starting and not _may_signal(self._allowed, pid):
             self._complaints.warn("file timer: refused a timer for pid %d (scope %s): not a worker of "
                                   "this agent", pid, scope)
         elif (pid, scope) not in self._timers and \
@@ -4244,7 +4214,7 @@ class FileTimerServer:
                 return
             pids = {pid for pid, _ in self._timers}
         for pid in pids:
-            if self._may_signal(pid):
+            if _may_signal(self._allowed, pid):
                 continue
             if pid in held:  # it overran while the workers were being named
                 self._complaints.warn("file timer: pid %d overran a scope but is not a worker of "
@@ -4266,15 +4236,6 @@ class FileTimerServer:
         for pid in pids:
             if not _alive(pid):
                 self._drop_pid(pid, poller)
-
-    def _may_signal(self, pid):
-        allowed = self._allowed
-        if allowed is None or pid in allowed:
-            return True
-        try:
-            return os.getsid(pid) in allowed  # workers lead their own sessions
-        except OSError:
-            return False
 
     def _expire(self, now, poller):
         with self._cond:
@@ -4300,7 +4261,7 @@ class FileTimerServer:
                     self._timers.pop((pid, s), None)
             return
         with self._cond:
-            may, starting = self._may_signal(pid), self._starting
+            may, starting = _may_signal(self._allowed, pid), self._starting
             if not may and starting:  # perhaps a worker whose pid the agent has not named yet
                 self._held.add(pid)
                 return
@@ -4326,6 +4287,64 @@ class FileTimerServer:
         log.warning("file timer: pid %d overran scope %s by %.3fs; %s %s", pid, scope, now - exp,
                     "sent" if sent else "could not send", _signal_name(sig))
         self._drop_pid(pid, poller)
+
+
+def _may_signal(allowed, pid):
+    """Whether the file timer may signal `pid`: anyone (`allowed` None), a worker named in `allowed`,
+    or a process in a worker's session (workers lead their own sessions)."""
+    if allowed is None or pid in allowed:
+        return True
+    try:
+        return os.getsid(pid) in allowed
+    except OSError:
+        return False
+
+
+class _TimerPipe:
+    """The file timer's ends: the FIFO at `path` (claimed through its lock file, made with mode 0600)
+    and a wake pipe that ends the watchdog's poll. ``close()`` removes the FIFO, then the claim."""
+
+    def __init__(self, path):
+        self.path = path
+        self._lock_fd = _claim_timer_file(path)
+        try:
+            _make_fifo(path)
+            # O_RDWR: we are a writer too, so open never blocks for a writer and reads never see
+            # EOF when the last worker closes its end.
+            self.fifo = os.open(path, os.O_RDWR | os.O_NONBLOCK)
+        except BaseException:
+            _release_timer_file(path, self._lock_fd)
+            raise
+        self.wake_r, self._wake_w = os.pipe()
+        os.set_blocking(self.wake_r, False)
+        os.set_blocking(self._wake_w, False)
+
+    def wake(self):
+        try:
+            os.write(self._wake_w, b"x")
+        except OSError:  # full: a wake-up is pending anyway
+            pass
+
+    def drain_wake(self):
+        try:
+            os.read(self.wake_r, 512)
+        except OSError:
+            pass
+
+    def close(self):
+        import stat
+        for fd in (self.fifo, self.wake_r, self._wake_w):
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+        try:
+            # only while we hold the lock: the path is ours, not a successor's
+            if stat.S_ISFIFO(os.lstat(self.path).st_mode):
+                os.unlink(self.path)
+        except OSError:
+            pass
+        _release_timer_file(self.path, self._lock_fd)
 
 
 class _PidWatch:
