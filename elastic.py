@@ -2421,6 +2421,70 @@ _SAY = {
 }
 
 
+def _event_log_path(event_log, log_dir):
+    """The event log's path from the agent's ``event_log`` (True: events.jsonl in the log folder)."""
+    return os.path.join(log_dir, "events.jsonl") if event_log is True else (event_log or None)
+
+
+def _start_fields(handler, spec, log_dir, event_log):
+    """The start event's fields: what this node runs, where, and with which settings."""
+    params = getattr(handler, "params", None)
+    backend = endpoint = nnodes = "local"
+    if params is not None:
+        backend, nnodes = params.backend, "%d:%d" % (params.min_nodes, params.max_nodes)
+        if params.min_nodes == params.max_nodes:
+            nnodes = str(params.min_nodes)
+        if params.backend == "etcd":
+            endpoint = ",".join(params.endpoints)
+        else:
+            port = getattr(getattr(handler, "store", None), "port", params.port)
+            endpoint = "%s:%s" % (params.host, port)
+    addr = getattr(handler, "local_addr", None) or spec.local_addr or _hostname()
+    return {"version": __version__, "backend": backend, "endpoint": endpoint, "nnodes": nnodes,
+            "nproc": spec.local_world_size, "max_restarts": spec.max_restarts, "log_dir": log_dir,
+            "event_log": event_log, "addr": addr, "pid": os.getpid(), "role": spec.role}
+
+
+def _round_fields(info, ranks, peers, local_addr, duration):
+    """The round event's fields: `ranks` this node's _RankAssignment, `peers` every node's
+    (role, worker count) in group-rank order."""
+    members = None
+    # the member list costs every node O(nodes) bytes: named in the event for a modest round only
+    if info.world_size <= _EVENT_MEMBERS_MAX:
+        known = getattr(info, "members", None) or [(local_addr or _hostname(), None)]
+        bases = list(itertools.accumulate([0] + [int(n) for _, n in peers]))
+        members = [{"addr": m[0], "id": m[1], "host": m[2] if len(m) > 2 else None,
+                    "ranks": [bases[i], bases[i + 1] - 1]} for i, m in enumerate(known)]
+    return {"round": getattr(info, "round", None), "nodes": info.world_size, "world_size": ranks.world_size,
+            "group_rank": info.rank, "ranks": [ranks.base_rank, ranks.base_rank + ranks.local_world_size - 1],
+            "master": "%s:%s" % (ranks.master_addr, ranks.master_port), "duration": round(duration, 3),
+            "members": members}
+
+
+def _restarted_fields(restarting, rdzv_done, now):
+    """The restarted event's fields: where the time of a restart went, from `restarting` (why, the
+    failure's time, detected, stopped), the round's end and `now` (the workers started)."""
+    why, failed, detected, stopped = restarting
+    return {"why": why, "total": round(now - failed, 3), "detect": round(detected - failed, 3),
+            "stop": round(stopped - detected, 3), "rendezvous": round(rdzv_done - stopped, 3),
+            "start": round(now - rdzv_done, 3)}
+
+
+def _untold_exits(group, attempt, told, first=()):
+    """The worker_exited events of `group` (attempt `attempt`) whose exit is known and not yet in
+    `told` (which they join): the ranks in `first` (the failures that ended the attempt) first."""
+    exits = []
+    for w in sorted(group.workers, key=lambda w: (w.global_rank not in first, w.global_rank)):
+        if w.handle is None or w.exitcode is None or (attempt, w.global_rank) in told:
+            continue
+        told.add((attempt, w.global_rank))
+        code = w.exitcode
+        exits.append({"rank": w.global_rank, "local_rank": w.local_rank, "pid": w.pid,
+                      "code": code if code >= 0 else None, "signal": _signal_name(-code) if code < 0 else None,
+                      "by_agent": w.global_rank in group.stopped_ranks, "attempt": attempt})
+    return exits
+
+
 class _Events:
     """The run's events: each one written to the event log (when there is one) as one JSON object on
     a line, fsync'd, then narrated on the console from the same fields, so the two never disagree.
@@ -2727,11 +2791,9 @@ class LocalElasticAgent:
         self._reaper = _Reaper(self._tree_token)
         self._logs._make_root(self._run_id())
         began = time.monotonic()
-        path = self._event_log
-        if path is True:
-            path = os.path.join(self._logs.root_log_dir, "events.jsonl")
-        self._events = _Events(path or None, self._run_id())
-        self._events.emit("start", **self._summary())
+        path = _event_log_path(self._event_log, self._logs.root_log_dir)
+        self._events = _Events(path, self._run_id())
+        self._events.emit("start", **_start_fields(self._handler, self._spec, self._logs.root_log_dir, path))
         self._exits_told, self._workers_started, self._restarting, self._nodes = set(), 0, None, None
         exit_fields = {"code": 1}
         self._control = _NodeControl(self._handler, self._stop, self._run_id(), self._stacks_trigger,
@@ -2772,25 +2834,6 @@ class LocalElasticAgent:
             self._events.close()
             if self._state == WorkerState.SUCCEEDED and not (path and os.path.dirname(path) == self._logs.root_log_dir):
                 self._logs._cleanup()
-
-    def _summary(self):
-        """The start event's fields: what this node runs, where, and with which settings."""
-        params = getattr(self._handler, "params", None)
-        backend = endpoint = nnodes = "local"
-        if params is not None:
-            backend, nnodes = params.backend, "%d:%d" % (params.min_nodes, params.max_nodes)
-            if params.min_nodes == params.max_nodes:
-                nnodes = str(params.min_nodes)
-            if params.backend == "etcd":
-                endpoint = ",".join(params.endpoints)
-            else:
-                port = getattr(getattr(self._handler, "store", None), "port", params.port)
-                endpoint = "%s:%s" % (params.host, port)
-        addr = getattr(self._handler, "local_addr", None) or self._spec.local_addr or _hostname()
-        return {"version": __version__, "backend": backend, "endpoint": endpoint, "nnodes": nnodes,
-                "nproc": self._spec.local_world_size, "max_restarts": self._spec.max_restarts,
-                "log_dir": self._logs.root_log_dir, "event_log": self._events.path, "addr": addr,
-                "pid": os.getpid(), "role": self._spec.role}
 
     def _start_servers(self):
         """The file timer (when the environment asks for it) and /healthz (with a port)."""
@@ -2865,22 +2908,10 @@ class LocalElasticAgent:
                              restart_count=self._job_restarts)
 
     def _tell_exits(self, first=()):
-        """worker_exited for every worker of the attempt whose exit is known and not yet told; the
-        ranks in `first` (the failures that ended the attempt) before the others, not by the agent."""
-        group = self._group
-        if group is None:
-            return
-        attempt = self._attempt - 1
-        exits = []
-        for w in sorted(group.workers, key=lambda w: (w.global_rank not in first, w.global_rank)):
-            if w.handle is None or w.exitcode is None or (attempt, w.global_rank) in self._exits_told:
-                continue
-            self._exits_told.add((attempt, w.global_rank))
-            code = w.exitcode
-            exits.append({"rank": w.global_rank, "local_rank": w.local_rank, "pid": w.pid,
-                          "code": code if code >= 0 else None, "signal": _signal_name(-code) if code < 0 else None,
-                          "by_agent": w.global_rank in group.stopped_ranks, "attempt": attempt})
-        self._events.emit_all("worker_exited", exits)
+        """worker_exited for every exit of the attempt not yet told, those of `first` first."""
+        if self._group is not None:
+            self._events.emit_all("worker_exited", _untold_exits(self._group, self._attempt - 1,
+                                                                 self._exits_told, first))
 
     def _succeeded(self):
         """Every worker exited 0: the exit barrier, then success, unless another node gave up
@@ -2936,21 +2967,10 @@ class LocalElasticAgent:
         r = self._ranks = _RankAssignment([(role, int(n)) for role, n in peers], info.rank, spec.role,
                                           spec.master_addr or info.master_addr,
                                           spec.master_port or info.master_port)
-        # the member list costs every node O(nodes) bytes: named in the event for a modest round only
-        members = None
-        if info.world_size <= _EVENT_MEMBERS_MAX:
-            members = getattr(info, "members", None) or [(spec.local_addr or _hostname(), None)]
-        bases = list(itertools.accumulate([0] + [int(n) for _, n in peers]))
         if self._nodes is not None and self._nodes != info.world_size:
             self._events.emit("scale_change", from_nodes=self._nodes, to_nodes=info.world_size)
         self._nodes = info.world_size
-        self._events.emit(
-            "round", round=getattr(info, "round", None), nodes=info.world_size, world_size=r.world_size,
-            group_rank=info.rank, ranks=[r.base_rank, r.base_rank + lws - 1],
-            master="%s:%s" % (r.master_addr, r.master_port), duration=round(time.monotonic() - began, 3),
-            members=None if members is None else [
-                {"addr": m[0], "id": m[1], "host": m[2] if len(m) > 2 else None,
-                 "ranks": [bases[i], bases[i + 1] - 1]} for i, m in enumerate(members)])
+        self._events.emit("round", **_round_fields(info, r, peers, spec.local_addr, time.monotonic() - began))
         self._rdzv_done = time.time()
 
     def _agent_record(self):
@@ -3017,12 +3037,8 @@ class LocalElasticAgent:
             {"rank": w.global_rank, "local_rank": w.local_rank, "pid": w.pid, "attempt": self._attempt - 1}
             for w in workers])
         if self._restarting is not None:
-            why, failed, detected, stopped = self._restarting
-            rdzv_done = self._rdzv_done
+            self._events.emit("restarted", **_restarted_fields(self._restarting, self._rdzv_done, now))
             self._restarting = None
-            self._events.emit("restarted", why=why, total=round(now - failed, 3),
-                              detect=round(detected - failed, 3), stop=round(stopped - detected, 3),
-                              rendezvous=round(rdzv_done - stopped, 3), start=round(now - rdzv_done, 3))
 
     def _stop_group(self, sig):
         if self._group is not None:
