@@ -2421,7 +2421,7 @@ _SAY = {
 }
 
 
-def _event_log_path(event_log, log_dir):
+def _event_log_file(event_log, log_dir):
     """The event log's path from the agent's ``event_log`` (True: events.jsonl in the log folder)."""
     return os.path.join(log_dir, "events.jsonl") if event_log is True else (event_log or None)
 
@@ -2791,7 +2791,7 @@ class LocalElasticAgent:
         self._reaper = _Reaper(self._tree_token)
         self._logs._make_root(self._run_id())
         began = time.monotonic()
-        path = _event_log_path(self._event_log, self._logs.root_log_dir)
+        path = _event_log_file(self._event_log, self._logs.root_log_dir)
         self._events = _Events(path, self._run_id())
         self._events.emit("start", **_start_fields(self._handler, self._spec, self._logs.root_log_dir, path))
         self._exits_told, self._workers_started, self._restarting, self._nodes = set(), 0, None, None
