@@ -2051,6 +2051,57 @@ class _LogPump:
             self._thread.join(left)
 
 
+class _WorkerSetup:
+    """How one run makes each attempt's workers: a folder per worker under the run's log folder
+    (``attempt_<n>/<local rank>``: error file, stack file), its environment (rank variables,
+    torchelastic's, the tree mark, the timer and stack files), output streams and line prefix."""
+
+    def __init__(self, spec, logs, prefix_template, run_id, tree_token, timer=None, stack_signal=None):
+        self._spec, self._logs, self._prefix_template = spec, logs, prefix_template
+        self._run_id, self._tree_token = run_id, tree_token
+        self._timer_file = None if timer is None else timer.file_path
+        self._stack_signal = stack_signal
+
+    def workers(self, attempt, ranks, restart_count):
+        """The workers of attempt number `attempt` for the round's _RankAssignment `ranks`."""
+        from string import Template
+        spec = self._spec
+        attempt_dir = os.path.join(self._logs.root_log_dir, "attempt_%d" % attempt)
+        prefix = Template(self._prefix_template)
+        workers = []
+        for local_rank in range(spec.local_world_size):
+            rank_dir = os.path.join(attempt_dir, str(local_rank))
+            os.makedirs(rank_dir)
+            rank = ranks.base_rank + local_rank
+            workers.append(_Worker(
+                local_rank, rank, self.env(ranks, local_rank, os.path.join(rank_dir, "error.json"), restart_count),
+                self._logs.streams(local_rank, rank), rank_dir,
+                prefix.safe_substitute(role_name=spec.role, local_rank=local_rank, rank=rank)))
+        return workers
+
+    def env(self, ranks, local_rank, error_file, restart_count):
+        """The environment variables one worker gets beside the launcher's."""
+        spec = self._spec
+        env = ranks.env(local_rank, spec.role)
+        env.update({
+            "TORCHELASTIC_RESTART_COUNT": str(restart_count),
+            "TORCHELASTIC_MAX_RESTARTS": str(spec.max_restarts),
+            "TORCHELASTIC_RUN_ID": self._run_id,
+            "TORCHELASTIC_USE_AGENT_STORE": str(False),
+            "TORCHELASTIC_ERROR_FILE": error_file,
+            "TORCH_NCCL_ASYNC_ERROR_HANDLING": os.environ.get("TORCH_NCCL_ASYNC_ERROR_HANDLING", "1"),
+            _TREE_VAR: _tree_mark(self._tree_token, os.environ.get(_TREE_VAR)),
+        })
+        if spec.local_world_size > 1 and "OMP_NUM_THREADS" not in os.environ:
+            env["OMP_NUM_THREADS"] = "1"
+        if self._timer_file is not None:
+            env["TORCHELASTIC_TIMER_FILE"] = self._timer_file
+        if self._stack_signal is not None:
+            env[_STACK_FILE_VAR] = os.path.join(os.path.dirname(error_file), "stack.txt")
+            env[_STACK_SIGNAL_VAR] = str(self._stack_signal)
+        return env
+
+
 class _WorkerGroup:
     """The workers of one attempt, their log pump, and their teardown.
 
@@ -2724,6 +2775,7 @@ class LocalElasticAgent:
         self._exit_barrier_timeout = float(exit_barrier_timeout)
         self._shutdown_timeout = float(shutdown_timeout)
         self._prefix_template = log_line_prefix_template or _DEFAULT_PREFIX_TEMPLATE
+        self._setup = None         # _WorkerSetup while run() runs
         self._handler = spec.rdzv_handler or _LocalRendezvous(addr=spec.local_addr)
         self._starter = _starter(spec, start_method, fork_server, adopt_orphans)
         self._stop = stop_flag or _NoStop()
@@ -2800,6 +2852,8 @@ class LocalElasticAgent:
                                      lambda: self._group, self)
         try:
             self._start_servers()
+            self._setup = _WorkerSetup(self._spec, self._logs, self._prefix_template, self._run_id(),
+                                       self._tree_token, self._timer, self._stack_signal)
             self._control.start()
             result = self._run_loop()
             if self._group is not None:
@@ -2980,42 +3034,9 @@ class LocalElasticAgent:
                            "max_restarts": spec.max_restarts, "nproc": spec.local_world_size,
                            "log_dir": self._logs.root_log_dir, "event_log": self._events.path})
 
-    def _worker_env(self, local_rank, error_file):
-        spec = self._spec
-        env = self._ranks.env(local_rank, spec.role)
-        env.update({
-            "TORCHELASTIC_RESTART_COUNT": str(self._restart_count),
-            "TORCHELASTIC_MAX_RESTARTS": str(spec.max_restarts),
-            "TORCHELASTIC_RUN_ID": self._run_id(),
-            "TORCHELASTIC_USE_AGENT_STORE": str(False),
-            "TORCHELASTIC_ERROR_FILE": error_file,
-            "TORCH_NCCL_ASYNC_ERROR_HANDLING": os.environ.get("TORCH_NCCL_ASYNC_ERROR_HANDLING", "1"),
-            _TREE_VAR: _tree_mark(self._tree_token, os.environ.get(_TREE_VAR)),
-        })
-        if spec.local_world_size > 1 and "OMP_NUM_THREADS" not in os.environ:
-            env["OMP_NUM_THREADS"] = "1"
-        if self._timer is not None:
-            env["TORCHELASTIC_TIMER_FILE"] = self._timer.file_path
-        if self._stack_signal is not None:
-            env[_STACK_FILE_VAR] = os.path.join(os.path.dirname(error_file), "stack.txt")
-            env[_STACK_SIGNAL_VAR] = str(self._stack_signal)
-        return env
-
     def _start_group(self):
-        from string import Template
-        spec, ranks = self._spec, self._ranks
-        attempt_dir = os.path.join(self._logs.root_log_dir, "attempt_%d" % self._attempt)
+        workers = self._setup.workers(self._attempt, self._ranks, self._restart_count)
         self._attempt += 1
-        prefix = Template(self._prefix_template)
-        workers = []
-        for local_rank in range(spec.local_world_size):
-            rank_dir = os.path.join(attempt_dir, str(local_rank))
-            os.makedirs(rank_dir)
-            rank = ranks.base_rank + local_rank
-            workers.append(_Worker(
-                local_rank, rank, self._worker_env(local_rank, os.path.join(rank_dir, "error.json")),
-                self._logs.streams(local_rank, rank), rank_dir,
-                prefix.safe_substitute(role_name=spec.role, local_rank=local_rank, rank=rank)))
         if self._timer is not None:
             self._timer.pop_expired()          # the last attempt's expiries are reported already
             # until the new pids are named, timers are held: a worker is never missed, nobody
