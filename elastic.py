@@ -2143,11 +2143,19 @@ class _WorkerGroup:
             self._reaper.watch(w.pid)
         self._pump.start()
 
-    def wait_fds(self):
-        """(fds to wait on, True when every live worker has one: else poll at a short interval)."""
-        fds = [fd for w in self.workers for fd in w.wait_fds()]
-        pollable = all(w.exitcode is not None or w.handle.wait_fd is not None for w in self.workers)
-        return fds, pollable
+    def wait(self, timeout, interruptible):
+        """Sleep until a worker may have exited or returned its value, or `timeout` seconds pass (at
+        most 0.01 s when a live worker has no fd to wait on), inside `interruptible` (the stop flag's
+        safe wait); then poll()."""
+        import select
+        if not all(w.exitcode is not None or w.handle.wait_fd is not None for w in self.workers):
+            timeout = min(timeout, 0.01)
+        poller = select.poll()
+        for fd in [fd for w in self.workers for fd in w.wait_fds()]:
+            poller.register(fd, select.POLLIN)
+        with interruptible:
+            ready = [fd for fd, _ in poller.poll(timeout * 1000.0)]
+        return self.poll(ready)
 
     def poll(self, ready=()):
         """(workers done, {global rank: failed worker}); takes in return values that are `ready`,
@@ -3070,23 +3078,13 @@ class LocalElasticAgent:
 
     def _monitor(self):
         """Wait until the group succeeds or something calls for a stop; returns (outcome, failures)."""
-        import select
         interval = self._spec.monitor_interval
         # a one-node round still watches for joiners (scale-up); only our own local round has none
         multi = not isinstance(self._handler, _LocalRendezvous)
         next_check = time.monotonic() + interval
         while True:
             self._stop.check()
-            fds, pollable = self._group.wait_fds()
-            timeout = max(0.0, next_check - time.monotonic())
-            if not pollable:
-                timeout = min(timeout, 0.01)
-            poller = select.poll()
-            for fd in fds:
-                poller.register(fd, select.POLLIN)
-            with self._stop:
-                ready = [fd for fd, _ in poller.poll(timeout * 1000.0)]
-            done, failed = self._group.poll(ready)
+            done, failed = self._group.wait(max(0.0, next_check - time.monotonic()), self._stop)
             if failed:
                 return _FAILURE, self._group.failures(failed, self._spec.role)
             if done == len(self._group.workers):
