@@ -2129,7 +2129,14 @@ class _WorkerGroup:
 
     def start(self, stopping=lambda: False):
         """Start the workers in local-rank order; when `stopping()` turns true, start no more (the
-        caller answers the stop signal; stop() tears down the ones started)."""
+        caller answers the stop signal; stop() tears down the ones started). Once all have started,
+        their pids are the only ones the file timer may signal."""
+        if self._timer is not None:
+            self._timer.pop_expired()          # the last attempt's expiries are reported already
+            # until the new pids are named, timers are held: a worker is never missed, nobody
+            # else is signalled
+            self._timer.set_worker_pids((), starting=True)
+            self._timer.before_signal = self.dump_stack   # the report shows where it hung
         started = []
         for w in self.workers:
             if stopping():
@@ -2142,6 +2149,8 @@ class _WorkerGroup:
         for w in started:
             self._reaper.watch(w.pid)
         self._pump.start()
+        if self._timer is not None and not stopping():
+            self._timer.set_worker_pids([w.pid for w in self.workers])
 
     def wait(self, timeout, interruptible):
         """Sleep until a worker may have exited or returned its value, or `timeout` seconds pass (at
@@ -3045,19 +3054,10 @@ class LocalElasticAgent:
     def _start_group(self):
         workers = self._setup.workers(self._attempt, self._ranks, self._restart_count)
         self._attempt += 1
-        if self._timer is not None:
-            self._timer.pop_expired()          # the last attempt's expiries are reported already
-            # until the new pids are named, timers are held: a worker is never missed, nobody
-            # else is signalled
-            self._timer.set_worker_pids((), starting=True)
         self._group = _WorkerGroup(workers, self._starter, self._reaper, self._tree_token, self._timer)
-        if self._timer is not None:
-            self._timer.before_signal = self._group.dump_stack   # the report shows where it hung
         # a stop signal is answered between two workers, not after the last of many
         self._group.start(stopping=self._stop.requested)
         self._stop.check()   # every worker asked for is known now, so teardown finds them all
-        if self._timer is not None:
-            self._timer.set_worker_pids([w.pid for w in workers])
         self._set_state(WorkerState.HEALTHY)
         self.last_progress_time = time.time()
         self._workers_started += len(workers)
