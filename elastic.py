@@ -2811,8 +2811,7 @@ class LocalElasticAgent:
         self._tree_token = None    # marks every worker's tree in its environment (run() sets it)
         self._attempt = 0
         self._restart_count = 0
-        self._health = None        # _HealthServer while run() runs with a health-check port
-        self._timer = None         # FileTimerServer while run() runs with the file timer on
+        self._servers = _NodeServers()
         self._event_log = event_log
         self._events = _Events()   # run() opens the event log; narration only until then
         self._job_restarts = 0     # the most restarts any member of the round has made
@@ -2868,9 +2867,10 @@ class LocalElasticAgent:
         self._control = _NodeControl(self._handler, self._stop, self._run_id(), self._stacks_trigger,
                                      lambda: self._group, self)
         try:
-            self._start_servers()
+            self._servers.start(self._logs.root_log_dir, self._run_id(), self._health_check_port,
+                                _health_status_fn(self))
             self._setup = _WorkerSetup(self._spec, self._logs, self._prefix_template, self._run_id(),
-                                       self._tree_token, self._timer, self._stack_signal)
+                                       self._tree_token, self._servers.timer, self._stack_signal)
             self._control.start()
             result = self._run_loop()
             if self._group is not None:
@@ -2892,7 +2892,7 @@ class LocalElasticAgent:
             raise
         finally:
             self._stop_group(signal.SIGTERM)
-            self._stop_servers()
+            self._servers.stop()
             self._control.close()
             self._reaper.close(clean=True)
             try:
@@ -2905,23 +2905,6 @@ class LocalElasticAgent:
             self._events.close()
             if self._state == WorkerState.SUCCEEDED and not (path and os.path.dirname(path) == self._logs.root_log_dir):
                 self._logs._cleanup()
-
-    def _start_servers(self):
-        """The file timer (when the environment asks for it) and /healthz (with a port)."""
-        self._timer = _serve_file_timer(_file_timer_path(os.environ, self._logs.root_log_dir),
-                                        self._run_id())
-        if self._health_check_port is not None:
-            self._health = _serve_health(self._health_check_port, _health_status_fn(self))
-
-    def _stop_servers(self):
-        for name in ("_health", "_timer"):
-            server = getattr(self, name)
-            setattr(self, name, None)
-            if server is not None:
-                try:
-                    server.stop()
-                except Exception as e:  # never let a server's stop hide the run's outcome
-                    log.debug("stopping %s: %s", name[1:], e)
 
     def _run_id(self):
         try:
@@ -3025,18 +3008,10 @@ class LocalElasticAgent:
             info = self._handler.next_rendezvous()
         self._peers = _Peers(info, self._handler, self._stop, self._run_id(),
                              self._shutdown_timeout + _OUTCOME_WAIT)
-        lws = spec.local_world_size
+        peers = _share_roles(info, spec.role, spec.local_world_size, self._agent_record())
         if info.world_size > 1:
-            # what `elasticrun status` shows of this node, beside the role the ranks are made from
-            info.store.multi_set(["agent/%d" % info.rank, "role/%d" % info.rank],
-                                 [self._agent_record(), "%s\n%d" % (spec.role, lws)])
-            peers = [v.decode().split("\n") for v in
-                     info.store.multi_get(["role/%d" % r for r in range(info.world_size)])]
             self._job_restarts = max([self._job_restarts] + _restarts_of(info.store, info.world_size))
-        else:
-            peers = [[spec.role, str(lws)]]
-        r = self._ranks = _RankAssignment([(role, int(n)) for role, n in peers], info.rank, spec.role,
-                                          spec.master_addr or info.master_addr,
+        r = self._ranks = _RankAssignment(peers, info.rank, spec.role, spec.master_addr or info.master_addr,
                                           spec.master_port or info.master_port)
         if self._nodes is not None and self._nodes != info.world_size:
             self._events.emit("scale_change", from_nodes=self._nodes, to_nodes=info.world_size)
@@ -3045,6 +3020,7 @@ class LocalElasticAgent:
         self._rdzv_done = time.time()
 
     def _agent_record(self):
+        """What `elasticrun status` shows of this node."""
         import json
         spec = self._spec
         return json.dumps({"host": _hostname(), "pid": os.getpid(), "restarts": self._job_restarts,
@@ -3054,7 +3030,7 @@ class LocalElasticAgent:
     def _start_group(self):
         workers = self._setup.workers(self._attempt, self._ranks, self._restart_count)
         self._attempt += 1
-        self._group = _WorkerGroup(workers, self._starter, self._reaper, self._tree_token, self._timer)
+        self._group = _WorkerGroup(workers, self._starter, self._reaper, self._tree_token, self._servers.timer)
         # a stop signal is answered between two workers, not after the last of many
         self._group.start(stopping=self._stop.requested)
         self._stop.check()   # every worker asked for is known now, so teardown finds them all
@@ -3101,6 +3077,42 @@ class LocalElasticAgent:
                     if outcome is not None:
                         return outcome, {}
 
+
+
+class _NodeServers:
+    """What an agent serves beside its workers while run() runs: the file timer (when the environment
+    asks for it) and /healthz (with a port)."""
+
+    def __init__(self):
+        self.timer = None    # FileTimerServer
+        self.health = None   # _HealthServer
+
+    def start(self, log_dir, run_id, health_port, status_fn):
+        self.timer = _serve_file_timer(_file_timer_path(os.environ, log_dir), run_id)
+        if health_port is not None:
+            self.health = _serve_health(health_port, status_fn)
+
+    def stop(self):
+        for name in ("health", "timer"):
+            server = getattr(self, name)
+            setattr(self, name, None)
+            if server is not None:
+                try:
+                    server.stop()
+                except Exception as e:  # never let a server's stop hide the run's outcome
+                    log.debug("stopping %s: %s", name, e)
+
+
+def _share_roles(info, role, local_world_size, record):
+    """Every node's (role, worker count) in group-rank order, the ranks' ground: this node's are
+    published on the round's store beside its `record` (what `elasticrun status` shows of it), then
+    all are read back. A one-node round needs no store."""
+    if info.world_size <= 1:
+        return [(role, local_world_size)]
+    info.store.multi_set(["agent/%d" % info.rank, "role/%d" % info.rank],
+                         [record, "%s\n%d" % (role, local_world_size)])
+    values = info.store.multi_get(["role/%d" % r for r in range(info.world_size)])
+    return [(r, int(n)) for r, n in (v.decode().split("\n") for v in values)]
 
 
 def _serve_file_timer(path, run_id):
