@@ -2788,7 +2788,6 @@ class LocalElasticAgent:
             raise ValueError("start_method must be spawn, fork or forkserver, got %r" % (start_method,))
         self._spec = spec
         self._logs = logs_specs or DefaultLogsSpecs()
-        self._start_method = start_method
         self._exit_barrier_timeout = float(exit_barrier_timeout)
         self._shutdown_timeout = float(shutdown_timeout)
         self._prefix_template = log_line_prefix_template or _DEFAULT_PREFIX_TEMPLATE
@@ -2797,11 +2796,7 @@ class LocalElasticAgent:
         self._starter = _starter(spec, start_method, fork_server, adopt_orphans)
         self._stop = stop_flag or _NoStop()
         self._health_check_port = health_check_port
-        # Python workers dump their stacks on this signal (None: never asked)
-        if stack_signal is None:
-            stack_signal = _default_stack_signal()
-        self._stacks_trigger = stack_signal or None   # this signal to the agent: the job's stacks, logged
-        self._stack_signal = stack_signal if stack_signal and _is_python_spec(spec) else None
+        self._stacks_trigger, self._stack_signal = _stack_signals(stack_signal, spec)
         self._control = None       # _NodeControl while run() runs
         self._state = WorkerState.UNKNOWN
         self._group = None         # _WorkerGroup of the running attempt
@@ -3357,6 +3352,14 @@ def _default_stack_signal():
     their default action dumps core; a real-time signal nobody else sends is free."""
     low = getattr(signal, "SIGRTMIN", None)
     return None if low is None else int(low) + 6
+
+
+def _stack_signals(stack_signal, spec):
+    """(the signal that asks the agent for the job's stacks, the one `spec`'s workers dump theirs on)
+    from the agent's ``stack_signal`` (None: the default; 0: none); a program worker gets none."""
+    if stack_signal is None:
+        stack_signal = _default_stack_signal()
+    return stack_signal or None, stack_signal if stack_signal and _is_python_spec(spec) else None
 
 
 def _parse_stack_signal(text):
