@@ -2520,7 +2520,7 @@ def _round_fields(info, ranks, peers, local_addr, duration):
     # the member list costs every node O(nodes) bytes: named in the event for a modest round only
     if info.world_size <= _EVENT_MEMBERS_MAX:
         known = getattr(info, "members", None) or [(local_addr or _hostname(), None)]
-        bases = list(itertools.accumulate([0] + [int(n) for _, n in peers]))
+        bases = list(itertools.accumulate([0] + [n for _, n in peers]))
         members = [{"addr": m[0], "id": m[1], "host": m[2] if len(m) > 2 else None,
                     "ranks": [bases[i], bases[i + 1] - 1]} for i, m in enumerate(known)]
     return {"round": getattr(info, "round", None), "nodes": info.world_size, "world_size": ranks.world_size,
@@ -2791,7 +2791,6 @@ class LocalElasticAgent:
         self._exit_barrier_timeout = float(exit_barrier_timeout)
         self._shutdown_timeout = float(shutdown_timeout)
         self._prefix_template = log_line_prefix_template or _DEFAULT_PREFIX_TEMPLATE
-        self._setup = None         # _WorkerSetup while run() runs
         self._handler = spec.rdzv_handler or _LocalRendezvous(addr=spec.local_addr)
         self._starter = _starter(spec, start_method, fork_server, adopt_orphans)
         self._stop = stop_flag or _NoStop()
@@ -2799,6 +2798,7 @@ class LocalElasticAgent:
         self._stacks_trigger, self._stack_signal = _stack_signals(stack_signal, spec)
         self._control = None       # _NodeControl while run() runs
         self._state = WorkerState.UNKNOWN
+        self._setup = None         # _WorkerSetup while run() runs
         self._group = None         # _WorkerGroup of the running attempt
         self._ranks = None         # _RankAssignment of the current round
         self._peers = None         # _Peers of the current round
