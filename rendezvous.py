@@ -91,14 +91,22 @@ Liveness, O(nodes) store work per interval in total: each member ``add``\\s 1 to
 counter every ``heartbeat_interval``, reads the counter of ONE neighbour (rank + 1, in a ring) and the
 round's ``broken`` counter: three operations per member per interval. The observer measures silence
 with its own ``time.monotonic()``: a counter unchanged for ``heartbeat_timeout`` means that neighbour
-is dead, and the observer marks the round broken. Every dead member has a live predecessor in the ring
-unless all are dead, so one death is always seen. ``round_broken()`` reads a local flag (free to poll).
-A store whose object has ``set_ephemeral`` (etcd leases; the TCP store, whose server deletes such a
-key when its client's connection closes) gets heartbeat and ``alive`` keys that vanish with their
-writer; a vanished key counts as dead at once. Peeks at such keys never block: a ``compare_set``
-that expects a value no beat writes returns the value, or the expected value itself when the key is
-gone. Losing the store connection marks the round broken and
-the next call raises ``RendezvousConnectionError`` instead of hanging.
+is dead, and the observer marks the round broken. Silence is counted only over time the observer's
+own loop ran on schedule: after a loop that took far longer than the interval (this process was
+frozen by SIGSTOP or a stalled VM, or the store did not answer) the count starts again, so a node
+that was itself frozen never blames its peers for the beats it could not see. Every dead member has
+a live predecessor in the ring unless all are dead, so one death is always seen. ``round_broken()``
+reads a local flag (free to poll). A store whose object has ``set_ephemeral`` (etcd leases; the TCP
+store, whose server deletes such a key when its client's connection closes) gets heartbeat and
+``alive`` keys that vanish with their writer; a vanished key counts as dead at once. Peeks at such
+keys never block: a ``compare_set`` that expects a value no beat writes returns the value, or the
+expected value itself when the key is gone. When the store also has ``wait_gone`` (ours, and etcd by
+a watch), a member sleeps between beats in one parked ``wait_gone`` on its neighbour's heartbeat key
+and the round's ``intact`` key, which marking a round broken deletes: a member whose process dies is
+known the moment its connection closes (etcd: when its lease, ``heartbeat_timeout``, ends), and every
+other member the moment after, with no polling; the heartbeat timeout is left for silent failures (a
+cut link, a frozen host). Losing the store connection marks the round broken and the next call
+raises ``RendezvousConnectionError`` instead of hanging.
 
 Key layout (``R`` = the run id, percent-quoted so run ids never overlap; ``r`` = round number)::
 
@@ -114,6 +122,7 @@ Key layout (``R`` = the run id, percent-quoted so run ids never overlap; ``r`` =
     elastic/R/r/frozen          the member count the FREEZE add returned
     elastic/R/r/done            outcome: JSON members and master address, or "closed", or "retry"
     elastic/R/r/hb/<rank>       heartbeat counter of the member with that rank
+    elastic/R/r/intact          set with done; deleted when the round breaks (wakes wait_gone)
     elastic/R/r/broken          > 0 once a member died or left; reason in broken_why
     elastic/R/r/user/...        RendezvousInfo.store: the agents' own keys for this round
 
@@ -495,9 +504,9 @@ class RendezvousHandler:
         """Join the next round and block until it completes with this node in it."""
         params = self._params
         deadline = time.monotonic() + params.join_timeout
-        self._stop_heartbeat()
         with self._mapped_errors():
             if self._closed_seen or self._store.check([self._keys.closed]):
+                self._stop_heartbeat()
                 self._closed_seen = True
                 if not self._joined:
                     raise RendezvousClosedError(
@@ -511,8 +520,9 @@ class RendezvousHandler:
                 r = max(r, previous + 1)
             if self._round is not None and not self._broken.is_set():
                 self._leave_round("node %s rejoined" % self.node_id)
+            self._stop_heartbeat()
             self._round, self._rank, self._world_size = None, None, 0
-            self._broken.clear()
+            self._broken = threading.Event()    # a fresh flag: a late old heartbeat thread sets its own
             while True:
                 info = self._try_round(r, deadline, rejoin=previous is not None and r == previous + 1)
                 if info is not None:
@@ -712,7 +722,8 @@ class RendezvousHandler:
         else:
             outcome = json.dumps({"members": [[e["addr"], e["id"]] for e in members],
                                   "master_addr": members[0]["addr"], "master_port": members[0]["port"]})
-        store.set(keys.open, str(r + 1))
+        # intact before done: a member's heartbeat parks on it from its first beat
+        store.multi_set([keys.open, keys.round(r, "intact")], [str(r + 1), "1"])
         store.compare_set(keys.round(r, "done"), "", outcome)
 
     # -- liveness
@@ -736,41 +747,101 @@ class RendezvousHandler:
         self._beat_stop = self._beat_thread = None
         if stop is not None:
             stop.set()
+            if self._lost is None and self._watches_gone() and self._round is not None:
+                try:   # our own key ends the thread's parked wait_gone (we leave this round anyway)
+                    self._store.delete_key(self._keys.round(self._round, "hb/%d" % self._rank))
+                except _store.StoreError as e:
+                    log.debug("could not wake the heartbeat thread: %s", e)
             if thread is not threading.current_thread():
                 thread.join(self._params.read_timeout)
 
+    def _watches_gone(self):
+        """Whether the store can park a wait for a key to vanish (``wait_gone``): then a death
+        that closes the dead node's connection (or ends its etcd lease) is known at once."""
+        store = self._store
+        return (self._ephemeral and callable(getattr(store, "wait_gone", None))
+                and getattr(store, "supports_gone", True))
+
     def _heartbeat(self, r, rank, world_size, stop):
+        """Beat, watch the neighbour, learn that the round broke; until `stop` (see the docstring).
+
+        With ``wait_gone`` the thread sleeps in one parked request on the neighbour's heartbeat
+        key, the round's ``intact`` key and its own key, so the neighbour's death, a broken
+        round or ``_stop_heartbeat`` wake it at once; the broken counter is read only then.
+        """
         store, keys, params = self._store, self._keys, self._params
+        broken_flag = self._broken
         mine = keys.round(r, "hb/%d" % rank)
         neighbour = (rank + 1) % world_size if world_size > 1 else None
         their = keys.round(r, "hb/%d" % neighbour) if neighbour is not None else None
-        broken = keys.round(r, "broken")
-        beats, seen, changed = 0, None, time.monotonic()
-        # the first beat at a random point of the interval spreads a large round's beats over time
-        if stop.wait(random.uniform(0, min(params.heartbeat_interval, params.heartbeat_timeout / 4))):
+        broken, intact = keys.round(r, "broken"), keys.round(r, "intact")
+        gone = self._watches_gone()
+        beats, seen, changed, woke = 0, None, time.monotonic(), False
+        # silence is judged only over time this loop ran on schedule: a loop that took much longer
+        # than the interval means this process was frozen (SIGSTOP, a stalled VM) or the store did
+        # not answer, and a peer is not to blame for the beats we could not see meanwhile
+        stall = min(2 * params.heartbeat_interval, (params.heartbeat_interval + params.heartbeat_timeout) / 2)
+        last = time.monotonic()
+        # a random point of the interval for the first sleep spreads a large round's beats over
+        # time; with wait_gone we first beat at once and wait for the neighbour's first beat, so
+        # that its death is watched from the start
+        spread = random.uniform(0, min(params.heartbeat_interval, params.heartbeat_timeout / 4))
+        if not gone and stop.wait(spread):
             return
-        while True:
+        first = gone and their is not None
+        while not stop.is_set():
             try:
                 beats += 1
                 self._beat(mine, beats)
-                if their is not None and not self._broken.is_set():
+                if first:
+                    first = False
+                    try:
+                        store.wait([their], params.heartbeat_interval)
+                        seen = _NO_BEAT         # it existed: from now on, missing means vanished
+                    except _store.StoreTimeout:
+                        pass
+                if (woke or not gone) and not broken_flag.is_set() and store.add(broken, 0) > 0:
+                    log.info("round %d of run %r is broken: %s", r, params.run_id, self._why(r))
+                    broken_flag.set()
+                if their is not None and not broken_flag.is_set():
                     value = self._peek(their)
                     now = time.monotonic()
+                    if now - last > stall:
+                        changed = now           # we stood still: start the silence clock again
+                    last = now
+                    if stop.is_set():
+                        return
                     if value is None and seen is not None:
-                        self._declare_dead(r, neighbour, "its heartbeat key vanished")
+                        self._declare_dead(r, neighbour, "its heartbeat key vanished", broken_flag)
                     elif value != seen:
                         seen, changed = value, now
                     elif now - changed > params.heartbeat_timeout:
-                        self._declare_dead(r, neighbour, "no heartbeat for %.1f s" % (now - changed))
-                if not self._broken.is_set() and store.add(broken, 0) > 0:
-                    log.info("round %d of run %r is broken: %s", r, params.run_id, self._why(r))
-                    self._broken.set()
+                        self._declare_dead(r, neighbour, "no heartbeat for %.1f s" % (now - changed), broken_flag)
+                woke = False
+                if gone and not broken_flag.is_set():
+                    watch = [intact, mine] + ([their] if seen is not None else [])
+                    pause, spread = spread, params.heartbeat_interval
+                    try:
+                        store.wait_gone(watch, pause)
+                        woke = True
+                    except _store.StoreTimeout:
+                        continue
+                    if stop.is_set():
+                        return
+                    if store.check(watch):      # woken, yet nothing is gone: never spin on it
+                        woke = False
+                        stop.wait(params.heartbeat_interval)
+                    continue
             except _store.StoreConnectionError as e:
+                if stop.is_set():
+                    return
                 self._lost = e
-                self._broken.set()
+                broken_flag.set()
                 log.warning("rendezvous store lost: %s", e)
                 return
             except _store.StoreError as e:
+                if stop.is_set():
+                    return
                 log.warning("heartbeat of round %d failed: %s", r, e)
             if stop.wait(params.heartbeat_interval):
                 return
@@ -801,16 +872,17 @@ class RendezvousHandler:
         except _store.StoreError:
             return "unknown"
 
-    def _declare_dead(self, r, rank, why):
+    def _declare_dead(self, r, rank, why, flag):
         log.warning("round %d of run %r: member with rank %d is dead (%s)", r, self._params.run_id, rank, why)
-        self._mark_broken(r, "member with rank %d is dead: %s" % (rank, why))
+        self._mark_broken(r, "member with rank %d is dead: %s" % (rank, why), flag)
 
-    def _mark_broken(self, r, why):
+    def _mark_broken(self, r, why, flag=None):
         store, keys = self._store, self._keys
         store.set(keys.round(r, "broken_why"), why)
         store.add(keys.round(r, "broken"), 1)
         store.set(keys.round(r + 1, "gate"), "1")      # the survivors may form the next round
-        self._broken.set()
+        store.delete_key(keys.round(r, "intact"))       # wakes every member's parked wait_gone
+        (flag or self._broken).set()
 
     def _leave_round(self, why):
         try:
@@ -858,9 +930,9 @@ class RendezvousHandler:
 
     def shutdown(self):
         """Leave the run: stop heartbeats and tell the round's other members. Returns True."""
-        self._stop_heartbeat()
         if self._round is not None and self._lost is None:
             self._leave_round("node %s left" % self.node_id)
+        self._stop_heartbeat()
         self._round = None
         if self._owns_store and not self.hosts_store:
             self._close_store()
@@ -1371,8 +1443,9 @@ class EtcdStore:
             found.update(states)
             return found
 
-    def _watch(self, states, start_revision, deadline, keys):
-        """Follow the keys in `states` from `start_revision` until each holds a value."""
+    def _watch(self, states, start_revision, deadline, keys, gone=False):
+        """Follow the keys in `states` from `start_revision` until each holds a value (`gone`:
+        until one of them is deleted)."""
         members = self._members
         index, member = members.pick()
         remaining = deadline - time.monotonic()
@@ -1425,8 +1498,10 @@ class EtcdStore:
                         kv = event.get("kv", {})
                         key = _etcd_unb64(kv.get("key"))
                         if key in states:
+                            if gone and event.get("type") == "DELETE":
+                                return
                             states[key] = None if event.get("type") == "DELETE" else _etcd_unb64(kv.get("value"))
-                    if all(value is not None for value in states.values()):
+                    if not gone and all(value is not None for value in states.values()):
                         return
             except _store.StoreTimeout:
                 raise
@@ -1539,6 +1614,28 @@ class EtcdStore:
         """Wait until every key exists; StoreTimeout names them if `timeout` passes first."""
         keys = _etcd_keys(keys)
         self._wait_for(keys, self.timeout if timeout is None else _store._seconds(timeout))
+
+    def wait_gone(self, keys, timeout=None):
+        """Wait until at least one of `keys` does not exist (deleted, or its lease ended: a dead
+        client's ephemeral key goes about ``lease_ttl`` after it stopped renewing); StoreTimeout
+        if `timeout` passes first. A range, then a watch for a DELETE from the revision after it."""
+        keys = _etcd_keys(keys)
+        ekeys = [self._k(k) for k in keys]
+        deadline = time.monotonic() + (self.timeout if timeout is None else _store._seconds(timeout))
+        delay = 0.05
+        while True:
+            revision, found = self._read(ekeys, deadline=max(deadline, time.monotonic() + 1.0))
+            if len(found) < len(set(ekeys)):
+                return
+            try:
+                self._watch(dict.fromkeys(ekeys), revision + 1, deadline, keys, gone=True)
+                return
+            except _EtcdStreamBroken as e:
+                log.debug("etcd watch ended early (%s); reading again", e)
+                pause = min(delay * random.uniform(0.5, 1.5), deadline - time.monotonic())
+                if pause > 0:
+                    time.sleep(pause)
+                delay = min(delay * 2, 1.0)
 
     def check(self, keys):
         keys = _etcd_keys(keys)

@@ -59,6 +59,7 @@ that many ``bytes`` fields::
     MSET   9   count:u32 (key value)*                 -
     APPEND 10  key value                              -
     EPHEMERAL 11 key value                            -   (only when features has bit 0)
+    GONE   12  timeout_ms:i64 keys                    -   (only when features has bit 2)
 
     reply status: OK 0 (result follows), TIMEOUT 1, ERROR 2 (a UTF-8 message follows)
     welcome/verdict status: READY 0, PROOF 1, VERSION 2 (mismatch), BUSY 3 (connection limit), REFUSED 4
@@ -72,6 +73,10 @@ connection closes (``close()``, or the client process dies and its kernel closes
 a later write by anyone (SET, ADD, CAS, APPEND, MSET) made it an ordinary key first, or another
 connection's EPHEMERAL took it over. Liveness for free: a key that vanishes with its writer (as
 etcd's leases do, and the rendezvous relies on that when it can).
+GONE is WAIT turned around: it is answered once any one of its keys does not exist (at once when one
+is missing already; otherwise when one is deleted, by DELETE or by its ephemeral owner's connection
+closing), or with TIMEOUT. It lets a peer learn of a client's death the moment its connection
+closes, with nothing polling (bit 2 of ``features``; ``wait_gone`` in the client).
 
 The same-host socket. A request over TCP through the loopback costs the kernel nearly twice what it
 costs over a Unix socket, and on a busy host the kernel's share is most of a request's cost. So a
@@ -140,10 +145,11 @@ _MAGIC = b"EKVS"
 _HANDSHAKE_FRAME_LIMIT = 256
 _CHALLENGE_SIZE = 32
 
-_SET, _GET, _ADD, _CAS, _WAIT, _CHECK, _DELETE, _COUNT, _MSET, _APPEND, _EPHEMERAL = range(1, 12)
+_SET, _GET, _ADD, _CAS, _WAIT, _CHECK, _DELETE, _COUNT, _MSET, _APPEND, _EPHEMERAL, _GONE = range(1, 13)
 _F_EPHEMERAL = 1                  # features bit: the server knows EPHEMERAL
 _F_LOCAL = 2                      # features bit: an offer of the same-host socket follows
-_FEATURES = _F_EPHEMERAL          # what this server sends after READY
+_F_GONE = 4                       # features bit: the server knows GONE
+_FEATURES = _F_EPHEMERAL | _F_GONE   # what this server sends after READY
 _LOCAL_MAGIC = b"EKVL"            # the hello on the same-host socket
 _TICKET_SIZE = 16                 # random bytes that let one same-host connection in, once
 _OK, _TIMEOUT, _ERROR = 0, 1, 2
@@ -344,14 +350,16 @@ class _Conn:
 
 
 class _Waiter:
-    """A parked GET or WAIT: answered when its last missing key appears, or at its deadline."""
+    """A parked GET or WAIT: answered when its last missing key appears, or at its deadline.
+    A parked GONE (`gone`): answered when any of its keys is deleted, or at its deadline."""
 
-    __slots__ = ("conn", "rid", "keys", "missing", "want_values", "done")
+    __slots__ = ("conn", "rid", "keys", "missing", "want_values", "done", "gone")
 
-    def __init__(self, conn, rid, keys, want_values):
+    def __init__(self, conn, rid, keys, want_values, gone=False):
         self.conn, self.rid, self.keys, self.want_values = conn, rid, keys, want_values
         self.missing = 0
         self.done = False
+        self.gone = gone
 
 
 _WAKE = "wake"                    # the poller's object for the server's own wake-up socket
@@ -456,6 +464,7 @@ class StoreServer:
         self._data = {}
         self._waiters = {}          # key -> {waiter: None}, an insertion-ordered set
         self._owners = {}           # ephemeral key -> the connection whose closing deletes it
+        self._gone = {}             # key -> {parked GONE waiter: None}
         self._deadlines = []        # heap of (deadline, seq, parked waiter or connection in its handshake)
         self._seq = 0
         self._conns = 0
@@ -468,7 +477,7 @@ class StoreServer:
             _SET: self._op_set, _GET: self._op_get, _ADD: self._op_add, _CAS: self._op_cas,
             _WAIT: self._op_wait, _CHECK: self._op_check, _DELETE: self._op_delete,
             _COUNT: self._op_count, _MSET: self._op_mset, _APPEND: self._op_append,
-            _EPHEMERAL: self._op_ephemeral,
+            _EPHEMERAL: self._op_ephemeral, _GONE: self._op_gone,
         }
 
     @staticmethod
@@ -637,6 +646,8 @@ class StoreServer:
             for key in conn.owned:
                 del self._owners[key]
                 self._data.pop(key, None)
+                if key in self._gone:
+                    self._vanished(key)
             conn.owned = None
         if conn.ticket is not None:
             del self._tickets[conn.ticket]
@@ -947,7 +958,10 @@ class StoreServer:
         r.end()
         if key in self._owners:
             self._disown(key)
-        return _HEAD.pack(_HEAD_SIZE + 1, _OK, rid) + (b"\x01" if self._data.pop(key, None) is not None else b"\x00")
+        existed = self._data.pop(key, None) is not None
+        if existed and key in self._gone:
+            self._vanished(key)
+        return _HEAD.pack(_HEAD_SIZE + 1, _OK, rid) + (b"\x01" if existed else b"\x00")
 
     def _op_count(self, conn, rid, payload):
         r = _Reader(payload, _HEAD_SIZE)
@@ -966,6 +980,37 @@ class StoreServer:
         if _lone_key(payload) in self._data:
             return _HEAD.pack(_HEAD_SIZE, _OK, rid)
         return self._park(conn, rid, _Reader(payload, _HEAD_SIZE), want_values=False)
+
+    def _op_gone(self, conn, rid, payload):
+        r = _Reader(payload, _HEAD_SIZE)
+        timeout_ms = r.i64()
+        keys = r.keys()
+        r.end()
+        data = self._data
+        if not all(k in data for k in keys):
+            return _HEAD.pack(_HEAD_SIZE, _OK, rid)
+        if timeout_ms == 0:
+            return _HEAD.pack(_HEAD_SIZE, _TIMEOUT, rid)
+        waiter = _Waiter(conn, rid, keys, False, gone=True)
+        for key in dict.fromkeys(keys):
+            self._gone.setdefault(key, {})[waiter] = None
+        conn.waiters.add(waiter)
+        if timeout_ms > 0:
+            self._seq += 1
+            heapq.heappush(self._deadlines, (time.monotonic() + timeout_ms / 1000.0, self._seq, waiter))
+        return None
+
+    def _vanished(self, key):
+        """`key` was deleted: answer every GONE parked on it."""
+        for waiter in self._gone.pop(key):
+            if waiter.done:
+                continue
+            waiter.done = True
+            self._unpark(waiter)
+            conn = waiter.conn
+            conn.waiters.discard(waiter)
+            conn.wbuf += _HEAD.pack(_HEAD_SIZE, _OK, waiter.rid)
+            self._dirty.append(conn)
 
     def _park(self, conn, rid, r, want_values):
         timeout_ms = r.i64()
@@ -996,12 +1041,13 @@ class StoreServer:
         return missing
 
     def _unpark(self, waiter):
+        table = self._gone if waiter.gone else self._waiters
         for key in waiter.keys:
-            parked = self._waiters.get(key)
+            parked = table.get(key)
             if parked is not None:
                 parked.pop(waiter, None)
                 if not parked:
-                    del self._waiters[key]
+                    del table[key]
 
     def _wake(self, key):
         for waiter in self._waiters.pop(key):
@@ -1629,6 +1675,21 @@ class TCPStore:
     def supports_ephemeral(self):
         """Whether the server knows ``set_ephemeral`` (an older one does not)."""
         return bool(self._features & _F_EPHEMERAL)
+
+    def wait_gone(self, keys, timeout=None):
+        """Wait until at least one of `keys` does not exist (deleted, or gone with the connection
+        that set it ephemeral); StoreTimeout names them if `timeout` passes first."""
+        keys = _as_keys(keys)
+        if not self.supports_gone:
+            raise StoreError("the store at %s does not know wait_gone: it runs an older store.py"
+                             % self._where())
+        seconds, ms = self._wait_ms(timeout)
+        self._call(_GONE, _I64.pack(ms) + _keys_field(keys), seconds, keys)
+
+    @property
+    def supports_gone(self):
+        """Whether the server knows ``wait_gone`` (an older one does not)."""
+        return bool(self._features & _F_GONE)
 
     @property
     def timeout(self):

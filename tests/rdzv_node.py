@@ -4,7 +4,7 @@
     python3 rdzv_node.py BACKEND ENDPOINT RUN_ID MIN MAX LOCAL_ADDR [key=value ...]
 
 Prints one JSON object per line: first {"event": "ready", ...}, then one answer per command read from
-stdin: next (join a round), broken (block until round_broken()), waiting (num_nodes_waiting()),
+stdin: next (join a round), broken (block until round_broken()), isbroken (round_broken() now), waiting (num_nodes_waiting()),
 until_waiting (block until num_nodes_waiting() > 0), close, closed, shutdown, exit.
 A rendezvous error answers {"event": "error", "type": ..., "message": ...}.
 """
@@ -49,6 +49,8 @@ def main(argv):
                 while not handler.round_broken():
                     time.sleep(_POLL)
                 emit(event="broken")
+            elif command == "isbroken":
+                emit(event="isbroken", value=handler.round_broken())
             elif command == "waiting":
                 emit(event="waiting", n=handler.num_nodes_waiting())
             elif command == "until_waiting":

@@ -280,6 +280,21 @@ def test_node_killed_after_the_round_survivors_reform(spawn, server):
     check_round(rounds, 2)
 
 
+def test_member_killed_is_known_at_once_not_after_the_heartbeat_timeout(spawn, server):
+    """A member's process dies: its store connection closes, its heartbeat key vanishes, and its
+    ring neighbour (parked on that key) marks the round broken, which wakes every survivor. The
+    heartbeat settings here would take minutes, so only the closed connection can do it in time."""
+    conf = ["heartbeat_interval=100", "heartbeat_timeout=600", "join_timeout=60", "last_call_timeout=0.3"]
+    nodes = clients(spawn, server.port, 3, 2, 3, conf=conf)
+    check_round(join(nodes), 3)
+    with S.TCPStore("127.0.0.1", server.port, timeout=HANG) as probe:
+        probe.wait(["elastic/job/0/hb/%d" % rank for rank in range(3)], HANG)   # every member beats
+    nodes[1].kill()
+    for node in (nodes[0], nodes[2]):
+        node.ask("broken", "broken")
+    check_round(join([nodes[0], nodes[2]]), 2)
+
+
 def test_joiner_killed_during_the_last_call_is_left_out(spawn, server):
     """A node that joins and dies while the closer's last call runs is not made a member (torch
     drops it too): the round forms with the live nodes instead of breaking as soon as it starts.
@@ -341,6 +356,34 @@ def test_member_leaving_breaks_the_round_for_the_others(spawn, server):
     check_round(join(nodes), 2)
     nodes[1].ask("shutdown", "shutdown")
     nodes[0].ask("broken", "broken")
+
+
+def test_a_frozen_store_host_does_not_blame_its_peer_for_its_own_silence(spawn):
+    """The node that hosts the store is stopped (SIGSTOP) for several heartbeat timeouts. Its peer
+    is stopped too, a little before, and continued a little after: so when the host runs again,
+    the peer has not beaten for longer than the timeout by the wall clock, but for only a moment
+    of the host's own running time. A node counts silence only over time it ran itself."""
+    conf = ["heartbeat_interval=0.25", "heartbeat_timeout=2.5", "join_timeout=60", "last_call_timeout=0.3"]
+    nodes, port = host_and_nodes(spawn, 2, 2, 2, conf=conf)
+    check_round(join(nodes), 2)
+    host, peer = nodes[0].proc.pid, nodes[1].proc.pid
+    hb = ["elastic/job/0/hb/0", "elastic/job/0/hb/1"]
+    with S.TCPStore("127.0.0.1", port, timeout=HANG) as probe:
+        probe.wait(hb, HANG)
+        os.kill(peer, signal.SIGSTOP)
+        os.kill(host, signal.SIGSTOP)
+        try:
+            time.sleep(6.0)                # the freeze itself
+        finally:
+            os.kill(host, signal.SIGCONT)
+            time.sleep(0.3)                # the host runs alone: its peer's silence starts to count
+            os.kill(peer, signal.SIGCONT)
+        after = [int(v) for v in probe.multi_get(hb)]
+        while min(int(v) - a for v, a in zip(probe.multi_get(hb), after)) < 8:   # both beat on
+            time.sleep(0.05)
+        assert probe.add("elastic/job/0/broken", 0) == 0, probe.get("elastic/job/0/broken_why")
+    for node in nodes:
+        assert node.ask("isbroken", "isbroken")["value"] is False
 
 
 def test_store_host_dying_gives_connection_errors_not_hangs(spawn):

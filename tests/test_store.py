@@ -830,6 +830,42 @@ def test_another_connections_ephemeral_write_takes_the_key_over(server, client):
     assert client.get("k") == b"second"
 
 
+def test_wait_gone_wakes_when_a_killed_clients_ephemeral_key_vanishes(server, client):
+    """GONE: parked until one of its keys is deleted (by DELETE, or by the close of the
+    connection that set it ephemeral), with nothing polling; at once when one is missing."""
+    code = ("import sys; sys.path.insert(0, sys.argv[1]); import store\n"
+            "s = store.TCPStore('127.0.0.1', int(sys.argv[2]), timeout=10)\n"
+            "s.set_ephemeral('alive', 'x'); s.set('ready', '1'); sys.stdin.read()\n")
+    proc = subprocess.Popen([sys.executable, "-c", code, ROOT, str(server.port)], stdin=subprocess.PIPE)
+    try:
+        assert client.supports_gone
+        client.wait_gone(["alive", "never-set"], 0)          # one is missing: answered at once
+        client.wait(["ready"], 30)
+        client.set("stays", "1")
+        with pytest.raises(StoreTimeout):
+            client.wait_gone(["alive", "stays"], 0.05)
+        woke = []
+        waiter = TCPStore("127.0.0.1", server.port, timeout=10)
+        t = threading.Thread(target=lambda: woke.append(waiter.wait_gone(["stays", "alive"], 60) or "woke"))
+        t.start()
+        proc.kill()
+        t.join(60)
+        waiter.close()
+        assert woke == ["woke"] and not client.check(["alive"])
+        client.set("doomed", "1")
+        t = threading.Thread(target=lambda: woke.append(client.wait_gone(["doomed"], 60) or "deleted"))
+        t.start()
+        time.sleep(0.05)       # usually parked by now; answered the same way if it was not
+        client.delete_key("doomed")
+        t.join(60)
+        assert woke == ["woke", "deleted"]
+        assert client.get("stays") == b"1"                   # the client is still usable
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait()
+
+
 def test_ephemeral_on_a_server_without_it_is_refused_clearly():
     """A server older than EPHEMERAL sends no features byte; the client refuses without sending
     the op (which such a server would answer by closing the connection)."""
@@ -869,7 +905,7 @@ def test_welcome_and_verdict_carry_the_features_byte():
     try:
         with socket.create_connection(("127.0.0.1", srv.port), timeout=10) as sock:
             sock.sendall(frame(b"EKVS\x01"))
-            assert recv_frame(sock) == bytes([0, 1, 1])   # READY, version 1, features: EPHEMERAL
+            assert recv_frame(sock) == bytes([0, 1, 1 | 4])   # READY, version 1, features: EPHEMERAL, GONE
             sock.sendall(request(11, 7, field(b"e") + field(b"v")))
             assert recv_frame(sock) == struct.pack(">BI", 0, 7)
         with TCPStore("127.0.0.1", tsrv.port, token="s3cret", timeout=5) as c:
@@ -884,7 +920,7 @@ def same_host_offer(sock):
     """Hello on a raw TCP socket; returns the offered (name, ticket) of the same-host socket."""
     sock.sendall(frame(b"EKVS\x01"))
     welcome = recv_frame(sock)
-    assert welcome[:3] == bytes([0, 1, 1 | 2]), welcome   # READY, version, EPHEMERAL | offer
+    assert welcome[:3] == bytes([0, 1, 1 | 2 | 4]), welcome   # READY, version, EPHEMERAL | offer | GONE
     size = welcome[3]
     name, ticket = welcome[4:4 + size], welcome[4 + size:]
     assert name.startswith(b"\0") and len(ticket) == 16
@@ -939,7 +975,7 @@ def test_the_same_host_socket_lets_in_only_a_live_ticket_and_only_once():
             assert answer is None
             sock, answer = redeem(name, b"EKVL\x01" + ticket)
             opened.append(sock)
-            assert answer == bytes([0, 1, 1])            # READY, version, EPHEMERAL
+            assert answer == bytes([0, 1, 1 | 4])        # READY, version, EPHEMERAL | GONE
             assert closed_by_peer(tcp)                   # the TCP connection it came from is closed
             sock.sendall(request(1, 5, field(b"k") + field(b"v")))
             assert recv_frame(sock) == struct.pack(">BI", 0, 5)
