@@ -41,20 +41,21 @@ The algorithm: one round is an atomic counter plus one wake-up key. Every joiner
 the round's counter; the value returned is its slot (1, 2, 3, ...). It writes its record (id, address,
 a free port) under that slot and then blocks on the round's ``done`` key with one parked ``get``::
 
-    node    add(arrive,1)  set(node/slot)        wait(done) ........................ get(done) -> rank
+    node    add(arrive,1)  set(node/slot)        wait(done) ..... get(done), get(rank/slot) -> rank
     slot 1 ----[1]------------[rec]---------------------------------------------------+
     slot 2 ----[2]------------[rec]  <- the closer: slot == min_nodes                  |
                                      wait(gate)   previous round released? (r > 0)     |
                                      wait(full, last_call_timeout)  slot max sets full |
                                      add(arrive, FREEZE) -> exact member count, atomic |
                                      multi_get(node/1..n), drop the dead, sort,        |
-                                     compare_set(done) --------------------------------+
+                                     multi_set(rank/1..n, members), compare_set(done) -+
     slot 3 ----[3]------------[rec]  (arrived during the last call: a member)
     late   ----[FREEZE+4]  -> round closed: join the next round and wait there
 
 Exactly one node (the one whose ``add`` returned ``min_nodes``) closes a round, so there is no
-compare-and-set loop: per round each node does about six store operations and the closer one
-``multi_get``, O(nodes) in all. The ``FREEZE`` add both counts the members exactly and turns every
+compare-and-set loop: per round each node does about seven store operations of a few dozen bytes
+each (``done`` holds the world size and master address, ``rank/<slot>`` the node's rank) and the
+closer one ``multi_get`` and one ``multi_set`` of n records, O(nodes) operations and bytes in all. The ``FREEZE`` add both counts the members exactly and turns every
 later ``add`` into a "too late" answer, with no lock. ``done`` is written with ``compare_set`` so that
 ``set_closed()`` can race the closer and exactly one outcome wins. Ranks: members sorted by (address,
 node id) (static: by node rank), so a node keeps its rank across rounds when membership allows; when
@@ -120,7 +121,9 @@ Key layout (``R`` = the run id, percent-quoted so run ids never overlap; ``r`` =
     elastic/R/r/closer          id of the node closing the round (changed only by a takeover)
     elastic/R/r/closer_hb       the closer's heartbeat counter while it waits
     elastic/R/r/frozen          the member count the FREEZE add returned
-    elastic/R/r/done            outcome: JSON members and master address, or "closed", or "retry"
+    elastic/R/r/rank/<slot>     JSON {"rank": k or null (not a member), "next": host name of rank k+1}
+    elastic/R/r/members         JSON [[address, node id, host name], ...] by rank (read on demand)
+    elastic/R/r/done            outcome: JSON world size and master address, or "closed", or "retry"
     elastic/R/r/hb/<rank>       heartbeat counter of the member with that rank
     elastic/R/r/intact          set with done; deleted when the round breaks (wakes wait_gone)
     elastic/R/r/broken          > 0 once a member died or left; reason in broken_why
@@ -413,7 +416,7 @@ def _etcd_url(raw):
 class RendezvousInfo:
     """What a completed round gives this node."""
 
-    __slots__ = ("store", "rank", "world_size", "master_addr", "master_port", "round", "members")
+    __slots__ = ("store", "rank", "world_size", "master_addr", "master_port", "round", "_members")
 
     def __init__(self, store, rank, world_size, master_addr, master_port, round, members=()):
         self.store = store                  # PrefixStore private to this run and round
@@ -422,11 +425,29 @@ class RendezvousInfo:
         self.master_addr = master_addr      # rank-0 node's address
         self.master_port = master_port      # a free port on the rank-0 node, new each round
         self.round = round
-        self.members = list(members)        # (address, node id) by rank
+        self._members = members
+
+    @property
+    def members(self):
+        """(address, node id, host name) of each member, by rank; read from the store on first use
+        (a round of n nodes does not send every node all n records)."""
+        if isinstance(self._members, _LazyMembers):
+            self._members = self._members.load()
+        return list(self._members)
 
     def __repr__(self):
         return ("RendezvousInfo(rank=%d, world_size=%d, master_addr=%r, master_port=%d, round=%d)"
                 % (self.rank, self.world_size, self.master_addr, self.master_port, self.round))
+
+
+class _LazyMembers:
+    """The round's member list, read from its ``members`` key when first asked for."""
+
+    def __init__(self, store, key):
+        self.store, self.key = store, key
+
+    def load(self):
+        return [tuple(m) for m in json.loads(self.store.get(self.key).decode("utf-8"))]
 
 
 class _Keys:
@@ -474,7 +495,8 @@ class RendezvousHandler:
         self.hosts_store = hosts_store
         self._owns_store = owns_store
         self._keys = _Keys(params.run_id)
-        self.local_addr = params.local_addr or socket.gethostname()
+        self.host_name = socket.gethostname()    # names this node in others' messages (never resolved)
+        self.local_addr = params.local_addr or self.host_name
         self.node_id = node_id or _node_id()
         self._order = list(order) if order is not None else [self.local_addr, self.node_id]
         # etcd leases, or a TCP store server that knows EPHEMERAL: keys that vanish with their writer
@@ -489,6 +511,7 @@ class RendezvousHandler:
         self._beat_thread = None
         self._closed_seen = False
         self._joined = False            # next_rendezvous has joined a round at least once
+        self._next_host = None          # host name of the member we watch (rank + 1)
 
     @property
     def store(self):
@@ -542,7 +565,7 @@ class RendezvousHandler:
             log.debug("round %d of run %r closed before we arrived", r, params.run_id)
             return None
         slot = value & _SLOT_MASK
-        record = {"id": self.node_id, "addr": self.local_addr, "order": self._order,
+        record = {"id": self.node_id, "addr": self.local_addr, "host": self.host_name, "order": self._order,
                   "port": _free_port(), "rejoin": rejoin}
         if self._ephemeral and r > 0:
             # a spare or a returning member, likely to wait for the running round to end: the alive
@@ -563,20 +586,21 @@ class RendezvousHandler:
         if outcome.startswith("error:"):
             raise RendezvousError(outcome[len("error:"):])
         result = json.loads(outcome)
-        members = [tuple(m) for m in result["members"]]
-        ids = [m[1] for m in members]
-        if self.node_id not in ids:
+        mine = json.loads(store.get(keys.round(r, "rank/%d" % slot)).decode("utf-8"))
+        rank, world_size = mine["rank"], result["world_size"]
+        if rank is None:
             log.info("round %d of run %r formed without this node (max_nodes=%d); waiting for the next",
                      r, params.run_id, params.max_nodes)
             return None
-        rank = ids.index(self.node_id)
-        self._round, self._rank, self._world_size = r, rank, len(members)
-        self._start_heartbeat(r, rank, len(members))
+        self._round, self._rank, self._world_size = r, rank, world_size
+        self._next_host = mine.get("next")
+        self._start_heartbeat(r, rank, world_size)
         prefix = keys.round(r, "user")
         log.info("rendezvous round %d of run %r complete: rank %d of %d, master %s:%d",
-                 r, params.run_id, rank, len(members), result["master_addr"], result["master_port"])
-        return RendezvousInfo(_store.PrefixStore(prefix, store), rank, len(members),
-                              result["master_addr"], result["master_port"], r, members)
+                 r, params.run_id, rank, world_size, result["master_addr"], result["master_port"])
+        return RendezvousInfo(_store.PrefixStore(prefix, store), rank, world_size,
+                              result["master_addr"], result["master_port"], r,
+                              _LazyMembers(store, keys.round(r, "members")))
 
     def _await(self, r, key, deadline, slot, watch_closer=False):
         """The value of `key`, waiting until `deadline`; a timeout names the join count.
@@ -677,7 +701,7 @@ class RendezvousHandler:
                 raise self._timeout(r, None)
             previous = store.get(keys.round(r - 1, "done"))
             if previous.startswith(b"{"):   # a round ran before this one: wait for it to end
-                world = len(json.loads(previous.decode("utf-8"))["members"])
+                world = json.loads(previous.decode("utf-8"))["world_size"]
                 silent = _Silence([keys.round(r - 1, "hb/%d" % i) for i in range(world)], self._peek_all,
                                   params.heartbeat_timeout)
                 if not wait_beating(keys.round(r, "gate"), deadline, silent):
@@ -720,10 +744,23 @@ class RendezvousHandler:
             outcome = "error:two nodes of run %r claim the same static rank: %s" % (
                 params.run_id, sorted(o[0] for o in orders))
         else:
-            outcome = json.dumps({"members": [[e["addr"], e["id"]] for e in members],
-                                  "master_addr": members[0]["addr"], "master_port": members[0]["port"]})
+            outcome = json.dumps({"world_size": len(members), "master_addr": members[0]["addr"],
+                                  "master_port": members[0]["port"]})
+        # every joiner reads done (small) and then its own slot's rank key: O(1) bytes per node,
+        # where a member list in done would send every node all n records (O(n^2) in all)
+        names, values = [keys.open, keys.round(r, "intact")], [str(r + 1), "1"]
+        if outcome.startswith("{"):
+            hosts = [e.get("host") or e["addr"] for e in members]
+            ranks = {e["slot"]: k for k, e in enumerate(members)}
+            for joiner in range(1, joined + 1):
+                k = ranks.get(joiner)
+                names.append(keys.round(r, "rank/%d" % joiner))
+                values.append(json.dumps({"rank": k, "next": hosts[(k + 1) % len(members)]} if k is not None
+                                         else {"rank": None}))
+            names.append(keys.round(r, "members"))
+            values.append(json.dumps([[e["addr"], e["id"], e.get("host")] for e in members]))
         # intact before done: a member's heartbeat parks on it from its first beat
-        store.multi_set([keys.open, keys.round(r, "intact")], [str(r + 1), "1"])
+        store.multi_set(names, values)
         store.compare_set(keys.round(r, "done"), "", outcome)
 
     # -- liveness

@@ -311,8 +311,8 @@ def test_joiner_killed_during_the_last_call_is_left_out(spawn, server):
         probe.wait(["elastic/job/0/node/3"], HANG)
         rounds = [node.expect("round") for node in (nodes[0], nodes[2])]
         check_round(rounds, 2)
-        done = json.loads(probe.get("elastic/job/0/done"))
-    assert nodes[1].ready["id"] not in [m[1] for m in done["members"]]
+        members = json.loads(probe.get("elastic/job/0/members"))
+    assert nodes[1].ready["id"] not in [m[1] for m in members]
 
 
 def test_joiner_hung_during_the_last_call_is_left_out(spawn, server):
@@ -346,8 +346,8 @@ def test_dead_spare_does_not_displace_a_live_member(spawn, server):
         probe.wait(["elastic/job/1/closer"], HANG)          # and closes round 1
         members[1].send("next")                             # the other saw the round break
         first = members[0].expect("round")
-        done = json.loads(probe.get("elastic/job/%d/done" % first["round"]))
-        assert sorted(m[1] for m in done["members"]) == sorted(node.ready["id"] for node in members)
+        chosen = json.loads(probe.get("elastic/job/%d/members" % first["round"]))
+        assert sorted(m[1] for m in chosen) == sorted(node.ready["id"] for node in members)
         check_round([first, members[1].expect("round")], 2)
 
 
@@ -545,8 +545,8 @@ def test_etcd_dead_spare_does_not_displace_a_live_member(spawn, etcd_binary, tmp
             probe.wait(["elastic/job/1/closer"], HANG)
             members[1].send("next")
             first = members[0].expect("round")
-            done = json.loads(probe.get("elastic/job/%d/done" % first["round"]))
-            assert sorted(m[1] for m in done["members"]) == sorted(node.ready["id"] for node in members)
+            chosen = json.loads(probe.get("elastic/job/%d/members" % first["round"]))
+            assert sorted(m[1] for m in chosen) == sorted(node.ready["id"] for node in members)
             check_round([first, members[1].expect("round")], 2)
 
 
