@@ -702,8 +702,8 @@ class RendezvousHandler:
             previous = store.get(keys.round(r - 1, "done"))
             if previous.startswith(b"{"):   # a round ran before this one: wait for it to end
                 world = json.loads(previous.decode("utf-8"))["world_size"]
-                silent = _Silence([keys.round(r - 1, "hb/%d" % i) for i in range(world)], self._peek_all,
-                                  params.heartbeat_timeout)
+                silent = _AllSilent([keys.round(r - 1, "hb/%d" % i) for i in range(world)], self._peek_all,
+                                    params.heartbeat_timeout, self._stall_limit())
                 if not wait_beating(keys.round(r, "gate"), deadline, silent):
                     raise self._timeout(r, None)
                 if silent.fired:
@@ -800,82 +800,139 @@ class RendezvousHandler:
                 and getattr(store, "supports_gone", True))
 
     def _heartbeat(self, r, rank, world_size, stop):
-        """Beat, watch the neighbour, learn that the round broke; until `stop` (see the docstring).
+        """Beat, watch the neighbour and learn that the round broke, until `stop` (see the docstring)."""
+        try:
+            if self._watches_gone():
+                self._watch_beating(r, rank, world_size, stop)
+            else:
+                self._poll_beating(r, rank, world_size, stop)
+        except _store.StoreConnectionError as e:
+            if not stop.is_set():
+                self._lost = e
+                self._broken.set()
+                log.warning("rendezvous store lost: %s", e)
 
-        With ``wait_gone`` the thread sleeps in one parked request on the neighbour's heartbeat
-        key, the round's ``intact`` key and its own key, so the neighbour's death, a broken
-        round or ``_stop_heartbeat`` wake it at once; the broken counter is read only then.
-        """
+    def _stall_limit(self):
+        """A loop of the heartbeat that took longer than this was not on schedule (see _Silence)."""
+        params = self._params
+        return min(2 * params.heartbeat_interval, (params.heartbeat_interval + params.heartbeat_timeout) / 2)
+
+    def _watch_beating(self, r, rank, world_size, stop):
+        """The heartbeat over a store with ``wait_gone``: one parked request per interval (``beat``)
+        that sets our key and waits on the neighbour's key, the round's ``intact`` key and our own,
+        so the neighbour's death, a broken round or ``_stop_heartbeat`` wake it at once. The broken
+        counter is read only when woken; the neighbour's value comes back with each timeout."""
         store, keys, params = self._store, self._keys, self._params
         broken_flag = self._broken
         mine = keys.round(r, "hb/%d" % rank)
         neighbour = (rank + 1) % world_size if world_size > 1 else None
         their = keys.round(r, "hb/%d" % neighbour) if neighbour is not None else None
         broken, intact = keys.round(r, "broken"), keys.round(r, "intact")
-        gone = self._watches_gone()
-        beats, seen, changed, woke = 0, None, time.monotonic(), False
-        # silence is judged only over time this loop ran on schedule: a loop that took much longer
-        # than the interval means this process was frozen (SIGSTOP, a stalled VM) or the store did
-        # not answer, and a peer is not to blame for the beats we could not see meanwhile
-        stall = min(2 * params.heartbeat_interval, (params.heartbeat_interval + params.heartbeat_timeout) / 2)
-        last = time.monotonic()
-        # a random point of the interval for the first sleep spreads a large round's beats over
-        # time; with wait_gone we first beat at once and wait for the neighbour's first beat, so
-        # that its death is watched from the start
-        spread = random.uniform(0, min(params.heartbeat_interval, params.heartbeat_timeout / 4))
-        if not gone and stop.wait(spread):
-            return
-        first = gone and their is not None
+        silence = _Silence(params.heartbeat_timeout, self._stall_limit())
+        beats = 1
+        self._beat(mine, beats)             # at once, then wait for the neighbour's first beat
+        seen = None
+        if their is not None:
+            try:
+                store.wait([their], params.heartbeat_interval)
+                seen = _NO_BEAT             # it existed: from now on, missing means vanished
+            except _store.StoreTimeout:
+                pass
+        # the first sleep ends at a random point of the interval: a large round's beats spread out
+        pause = random.uniform(0, min(params.heartbeat_interval, params.heartbeat_timeout / 4))
         while not stop.is_set():
+            try:
+                watched = their if seen is not None else None
+                beats += 1
+                gone, value = self._beat_watching(mine, beats, [intact, mine] + ([watched] if watched else []),
+                                                  pause, watched)
+                pause = params.heartbeat_interval
+                if stop.is_set():
+                    return
+                if gone:
+                    if store.add(broken, 0) > 0:
+                        log.info("round %d of run %r is broken: %s", r, params.run_id, self._why(r))
+                        broken_flag.set()
+                        return
+                    if watched is not None and self._peek(their) is None:
+                        self._declare_dead(r, neighbour, "its heartbeat key vanished", broken_flag)
+                        return
+                    stop.wait(params.heartbeat_interval)    # woken, yet nothing is gone: never spin
+                    continue
+                if their is None:
+                    continue
+                if watched is None:
+                    value = self._peek(their)
+                    if value is None:
+                        continue
+                silent = silence.observe(value)
+                if seen is None:
+                    seen = value
+                if silent is not None:
+                    self._declare_dead(r, neighbour, "no heartbeat for %.1f s" % silent, broken_flag)
+                    return
+            except _store.StoreConnectionError:
+                raise
+            except _store.StoreError as e:
+                if stop.is_set():
+                    return
+                log.warning("heartbeat of round %d failed: %s", r, e)
+                stop.wait(params.heartbeat_interval)
+
+    def _beat_watching(self, key, beats, watch, timeout, their):
+        """Beat at `key`, then wait up to `timeout` for a key of `watch` to vanish. Returns (True,
+        None) when one did, else (False, the value of `their`)."""
+        store = self._store
+        if getattr(store, "supports_beat", False) and callable(getattr(store, "beat", None)):
+            values = store.beat(key, str(beats), watch, timeout)
+            if values is None:
+                return True, None
+            return False, values[-1] if their is not None else None
+        store.set_ephemeral(key, str(beats))
+        try:
+            store.wait_gone(watch, timeout)
+            return True, None
+        except _store.StoreTimeout:
+            pass
+        if their is None:
+            return False, None
+        value = self._peek(their)
+        return value is None, value
+
+    def _poll_beating(self, r, rank, world_size, stop):
+        """The heartbeat over a store without ``wait_gone``: beat, peek at the neighbour and read the
+        broken counter, every heartbeat_interval."""
+        store, keys, params = self._store, self._keys, self._params
+        broken_flag = self._broken
+        mine = keys.round(r, "hb/%d" % rank)
+        neighbour = (rank + 1) % world_size if world_size > 1 else None
+        their = keys.round(r, "hb/%d" % neighbour) if neighbour is not None else None
+        broken = keys.round(r, "broken")
+        silence = _Silence(params.heartbeat_timeout, self._stall_limit())
+        beats, seen = 0, None
+        # the first beat at a random point of the interval spreads a large round's beats over time
+        if stop.wait(random.uniform(0, min(params.heartbeat_interval, params.heartbeat_timeout / 4))):
+            return
+        while True:
             try:
                 beats += 1
                 self._beat(mine, beats)
-                if first:
-                    first = False
-                    try:
-                        store.wait([their], params.heartbeat_interval)
-                        seen = _NO_BEAT         # it existed: from now on, missing means vanished
-                    except _store.StoreTimeout:
-                        pass
-                if (woke or not gone) and not broken_flag.is_set() and store.add(broken, 0) > 0:
-                    log.info("round %d of run %r is broken: %s", r, params.run_id, self._why(r))
-                    broken_flag.set()
                 if their is not None and not broken_flag.is_set():
                     value = self._peek(their)
-                    now = time.monotonic()
-                    if now - last > stall:
-                        changed = now           # we stood still: start the silence clock again
-                    last = now
                     if stop.is_set():
                         return
                     if value is None and seen is not None:
                         self._declare_dead(r, neighbour, "its heartbeat key vanished", broken_flag)
-                    elif value != seen:
-                        seen, changed = value, now
-                    elif now - changed > params.heartbeat_timeout:
-                        self._declare_dead(r, neighbour, "no heartbeat for %.1f s" % (now - changed), broken_flag)
-                woke = False
-                if gone and not broken_flag.is_set():
-                    watch = [intact, mine] + ([their] if seen is not None else [])
-                    pause, spread = spread, params.heartbeat_interval
-                    try:
-                        store.wait_gone(watch, pause)
-                        woke = True
-                    except _store.StoreTimeout:
-                        continue
-                    if stop.is_set():
-                        return
-                    if store.check(watch):      # woken, yet nothing is gone: never spin on it
-                        woke = False
-                        stop.wait(params.heartbeat_interval)
-                    continue
-            except _store.StoreConnectionError as e:
-                if stop.is_set():
-                    return
-                self._lost = e
-                broken_flag.set()
-                log.warning("rendezvous store lost: %s", e)
-                return
+                    else:
+                        seen = value if value is not None else seen
+                        silent = silence.observe(value)
+                        if silent is not None:
+                            self._declare_dead(r, neighbour, "no heartbeat for %.1f s" % silent, broken_flag)
+                if not broken_flag.is_set() and store.add(broken, 0) > 0:
+                    log.info("round %d of run %r is broken: %s", r, params.run_id, self._why(r))
+                    broken_flag.set()
+            except _store.StoreConnectionError:
+                raise
             except _store.StoreError as e:
                 if stop.is_set():
                     return
@@ -992,17 +1049,41 @@ class RendezvousHandler:
 
 
 class _Silence:
-    """Callable: True once the values read from `names` have not changed for `timeout` seconds."""
+    """How long a watched value has stayed the same, counted only over time the watcher ran.
 
-    def __init__(self, names, peek, timeout):
-        self.names, self.peek, self.timeout = names, peek, timeout
-        self.seen, self.changed, self.fired = None, time.monotonic(), False
+    ``observe(value)`` after each look: returns the silence in seconds once the value has not
+    changed for longer than `timeout`, else None. A look that came more than `stall` seconds after
+    the previous one means the watcher itself stood still (SIGSTOP, a stalled VM) or the store did
+    not answer; the count then starts again, so a node never blames a peer for its own silence.
+    """
+
+    def __init__(self, timeout, stall):
+        self.timeout, self.stall = timeout, stall
+        self.seen, self.changed, self.last = None, time.monotonic(), time.monotonic()
+
+    def observe(self, value):
+        now = time.monotonic()
+        if now - self.last > self.stall:
+            self.changed = now
+        self.last = now
+        if value != self.seen:
+            self.seen, self.changed = value, now
+            return None
+        silent = now - self.changed
+        return silent if silent > self.timeout else None
+
+
+class _AllSilent:
+    """Callable: True once the values read from `names` have not changed for `timeout` seconds
+    (counted as _Silence counts)."""
+
+    def __init__(self, names, peek, timeout, stall):
+        self.names, self.peek = names, peek
+        self.silence = _Silence(timeout, stall)
+        self.fired = False
 
     def __call__(self):
-        values, now = self.peek(self.names), time.monotonic()
-        if values != self.seen:
-            self.seen, self.changed = values, now
-        elif now - self.changed > self.timeout:
+        if self.silence.observe(self.peek(self.names)) is not None:
             self.fired = True
         return self.fired
 

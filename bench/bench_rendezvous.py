@@ -14,7 +14,8 @@ once (min_nodes = max_nodes = N). Printed per N:
 
     ranked     seconds from the moment the LAST node called next_rendezvous() to the moment EVERY
                node holds its rank (best of --repeat runs)
-    ops/node   store operations one node made to get its rank (mean; the closer's is the max)
+    ops/node   store operations one node made until every node was ranked, its heartbeat's first
+               beats included (mean; the closer's is the max)
     join cpu   store server CPU seconds from the release to the last rank
     hb ops     store operations per node per heartbeat interval, steady state
     hb load    store server CPU, % of one core, over --steady seconds of heartbeats
@@ -38,7 +39,7 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEFAULT_TORCH_PYTHON = os.path.join(ROOT, ".venv-torch", "bin", "python")
 _STORE_OPS = ("set", "get", "add", "compare_set", "wait", "check", "delete_key", "multi_get", "multi_set",
-              "append", "set_ephemeral", "wait_gone", "num_keys")
+              "append", "set_ephemeral", "wait_gone", "beat", "num_keys")
 _TICK = os.sysconf("SC_CLK_TCK")
 
 

@@ -866,6 +866,34 @@ def test_wait_gone_wakes_when_a_killed_clients_ephemeral_key_vanishes(server, cl
         proc.wait()
 
 
+def test_beat_sets_its_key_and_answers_with_values_or_at_a_deletion(server, client):
+    """BEAT: set the key ephemeral, then park as GONE; at the timeout the watched values come back."""
+    other = TCPStore("127.0.0.1", server.port, timeout=10)
+    try:
+        assert client.supports_beat
+        other.set("peer", "7")
+        assert client.beat("mine", "1", ["mine", "peer"], 0.05) == [b"1", b"7"]
+        assert other.get("mine") == b"1"
+        assert client.beat("mine", "2", ["missing"], 5) is None        # one is gone already
+        woke = []
+        t = threading.Thread(target=lambda: woke.append(client.beat("mine", "3", ["mine", "peer"], 60)))
+        t.start()
+        other.wait(["mine"])
+        while other.get("mine") != b"3":
+            time.sleep(0.01)
+        other.delete_key("peer")
+        t.join(60)
+        assert woke == [None]
+    finally:
+        other.close()
+    client.close()
+    deadline = time.monotonic() + 10
+    with TCPStore("127.0.0.1", server.port, timeout=10) as probe:
+        while probe.check(["mine"]):                 # the beaten key is ephemeral
+            assert time.monotonic() < deadline, "the beaten key outlived its client"
+            time.sleep(0.01)
+
+
 def test_ephemeral_on_a_server_without_it_is_refused_clearly():
     """A server older than EPHEMERAL sends no features byte; the client refuses without sending
     the op (which such a server would answer by closing the connection)."""
@@ -905,7 +933,7 @@ def test_welcome_and_verdict_carry_the_features_byte():
     try:
         with socket.create_connection(("127.0.0.1", srv.port), timeout=10) as sock:
             sock.sendall(frame(b"EKVS\x01"))
-            assert recv_frame(sock) == bytes([0, 1, 1 | 4])   # READY, version 1, features: EPHEMERAL, GONE
+            assert recv_frame(sock) == bytes([0, 1, 1 | 4 | 8])   # READY, version 1, features: EPHEMERAL, GONE, BEAT
             sock.sendall(request(11, 7, field(b"e") + field(b"v")))
             assert recv_frame(sock) == struct.pack(">BI", 0, 7)
         with TCPStore("127.0.0.1", tsrv.port, token="s3cret", timeout=5) as c:
@@ -920,7 +948,7 @@ def same_host_offer(sock):
     """Hello on a raw TCP socket; returns the offered (name, ticket) of the same-host socket."""
     sock.sendall(frame(b"EKVS\x01"))
     welcome = recv_frame(sock)
-    assert welcome[:3] == bytes([0, 1, 1 | 2 | 4]), welcome   # READY, version, EPHEMERAL | offer | GONE
+    assert welcome[:3] == bytes([0, 1, 1 | 2 | 4 | 8]), welcome   # READY, version, EPHEMERAL | offer | GONE | BEAT
     size = welcome[3]
     name, ticket = welcome[4:4 + size], welcome[4 + size:]
     assert name.startswith(b"\0") and len(ticket) == 16
@@ -975,7 +1003,7 @@ def test_the_same_host_socket_lets_in_only_a_live_ticket_and_only_once():
             assert answer is None
             sock, answer = redeem(name, b"EKVL\x01" + ticket)
             opened.append(sock)
-            assert answer == bytes([0, 1, 1 | 4])        # READY, version, EPHEMERAL | GONE
+            assert answer == bytes([0, 1, 1 | 4 | 8])    # READY, version, EPHEMERAL | GONE | BEAT
             assert closed_by_peer(tcp)                   # the TCP connection it came from is closed
             sock.sendall(request(1, 5, field(b"k") + field(b"v")))
             assert recv_frame(sock) == struct.pack(">BI", 0, 5)
