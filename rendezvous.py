@@ -109,6 +109,14 @@ other member the moment after, with no polling; the heartbeat timeout is left fo
 cut link, a frozen host). Losing the store connection marks the round broken and the next call
 raises ``RendezvousConnectionError`` instead of hanging.
 
+Narration. A wait that lasts longer than about 2 s says, at INFO on this module's logger, what it
+waits for and how long it will still wait, then again every ~10 s (the gap grows by half each time,
+up to a minute; never two lines within a second): "waiting for nodes: 1 of 2 joined (min 2), 583 s
+left"; "last call: 3 of 1:4 joined, closing in 27 s"; "waiting for round 2 to end: 1 node(s)
+waiting to join, 590 s left". A broken round is said once, naming the node by the host name its
+join record carries (never resolved): "round 3 broken: node gpu07 (rank 5) silent for 15 s; waiting
+for a new round".
+
 Key layout (``R`` = the run id, percent-quoted so run ids never overlap; ``r`` = round number)::
 
     elastic/R/closed            "1" once set_closed()
@@ -542,7 +550,7 @@ class RendezvousHandler:
             if previous is not None:
                 r = max(r, previous + 1)
             if self._round is not None and not self._broken.is_set():
-                self._leave_round("node %s rejoined" % self.node_id)
+                self._leave_round("node %s (rank %d) rejoined" % (self.host_name, self._rank))
             self._stop_heartbeat()
             self._round, self._rank, self._world_size = None, None, 0
             self._broken = threading.Event()    # a fresh flag: a late old heartbeat thread sets its own
@@ -612,16 +620,24 @@ class RendezvousHandler:
         store, params, keys = self._store, self._params, self._keys
         seen, changed, suspect = None, time.monotonic(), ""
         alive, beats = keys.round(r, "alive/%d" % slot) if watch_closer else None, 1
+        narrator = _Narrator()
+        check = time.monotonic() + params.heartbeat_interval
         while True:
-            remaining = deadline - time.monotonic()
+            now = time.monotonic()
+            remaining = deadline - now
             if remaining <= 0:
                 raise self._timeout(r, slot)
             try:
-                store.wait([key], min(remaining, params.heartbeat_interval) if watch_closer else remaining)
+                store.wait([key], max(0.0, min(remaining, check - now if watch_closer else remaining,
+                                               narrator.until())))
                 return store.get(key).decode("utf-8")
             except _store.StoreTimeout:
-                if not watch_closer:
-                    continue
+                pass
+            if narrator.due():
+                narrator.say(self._joining_status(r, deadline))
+            if not watch_closer or time.monotonic() < check:
+                continue
+            check = time.monotonic() + params.heartbeat_interval
             if alive is not None:
                 beats += 1
                 self._beat(alive, beats)
@@ -639,6 +655,26 @@ class RendezvousHandler:
                 if dead is not None:
                     self._close_round(r, deadline, dead=dead, slot=slot)
                 seen, changed = None, time.monotonic()
+
+    def _joining_status(self, r, deadline):
+        """What a joiner waits for, for the narration (two store reads)."""
+        store, params, keys = self._store, self._params, self._keys
+        value = store.add(keys.round(r, "arrive"), 0)
+        joined, left = value & _SLOT_MASK, max(0, deadline - time.monotonic())
+        if value >= _FREEZE:
+            return "round %d closed with %d node(s); waiting for its outcome, %.0f s left" % (r, joined, left)
+        if joined < params.min_nodes:
+            return "waiting for nodes: %d of %d joined (min %d), %.0f s left" % (
+                joined, params.max_nodes, params.min_nodes, left)
+        if r > 0 and not store.check([keys.round(r, "gate")]):
+            return "waiting for round %d to end: %d node(s) waiting to join, %.0f s left" % (r - 1, joined, left)
+        return "waiting for round %d to close: %d of %s joined, %.0f s left" % (r, joined, self._span(), left)
+
+    def _span(self):
+        params = self._params
+        if params.min_nodes == params.max_nodes:
+            return str(params.max_nodes)
+        return "%d:%d" % (params.min_nodes, params.max_nodes)
 
     def _take_over(self, r, suspect, silence):
         """Claim round r's closing from `suspect`, the closer we saw silent; its id when we won.
@@ -682,19 +718,39 @@ class RendezvousHandler:
         store.add(beat, 1)
         joiners = _Joiners(self, r, slot)
 
-        def wait_beating(key, until, all_silent=None):
+        def wait_beating(key, until, all_silent=None, status=None):
+            narrator = _Narrator()
+            check = time.monotonic() + params.heartbeat_interval
             while True:
-                left = until - time.monotonic()
+                now = time.monotonic()
+                left = until - now
                 if left <= 0:
                     return False
                 try:
-                    store.wait([key], min(left, params.heartbeat_interval))
+                    store.wait([key], max(0.0, min(left, check - now, narrator.until())))
                     return True
                 except _store.StoreTimeout:
-                    store.add(beat, 1)
-                    joiners.watch()
-                    if all_silent is not None and all_silent():
-                        return True
+                    pass
+                if status is not None and narrator.due():
+                    narrator.say(status(until))
+                if time.monotonic() < check:
+                    continue
+                check = time.monotonic() + params.heartbeat_interval
+                store.add(beat, 1)
+                joiners.watch()
+                if all_silent is not None and all_silent():
+                    return True
+
+        def joined():
+            return store.add(keys.round(r, "arrive"), 0) & _SLOT_MASK
+
+        def gate_status(until):
+            return "waiting for round %d to end: %d node(s) waiting to join, %.0f s left" % (
+                r - 1, joined(), max(0, until - time.monotonic()))
+
+        def last_call_status(until):
+            return "last call: %d of %s joined, closing in %.0f s" % (
+                joined(), self._span(), max(0, until - time.monotonic()))
 
         if r > 0:
             if not wait_beating(keys.round(r - 1, "done"), deadline):
@@ -704,13 +760,14 @@ class RendezvousHandler:
                 world = json.loads(previous.decode("utf-8"))["world_size"]
                 silent = _AllSilent([keys.round(r - 1, "hb/%d" % i) for i in range(world)], self._peek_all,
                                     params.heartbeat_timeout, self._stall_limit())
-                if not wait_beating(keys.round(r, "gate"), deadline, silent):
+                if not wait_beating(keys.round(r, "gate"), deadline, silent, gate_status):
                     raise self._timeout(r, None)
                 if silent.fired:
                     log.warning("round %d of run %r: every member of round %d is silent; forming round %d",
                                 r, params.run_id, r - 1, r)
         if params.min_nodes < params.max_nodes and dead is None:
-            wait_beating(keys.round(r, "full"), min(deadline, time.monotonic() + params.last_call_timeout))
+            wait_beating(keys.round(r, "full"), min(deadline, time.monotonic() + params.last_call_timeout),
+                         status=last_call_status)
         value = store.add(keys.round(r, "arrive"), _FREEZE)
         frozen = keys.round(r, "frozen")
         if value < 2 * _FREEZE:                       # we froze it: the count is exact
@@ -851,25 +908,23 @@ class RendezvousHandler:
                     return
                 if gone:
                     if store.add(broken, 0) > 0:
-                        log.info("round %d of run %r is broken: %s", r, params.run_id, self._why(r))
+                        log.info("round %d broken: %s; waiting for a new round", r, self._why(r))
                         broken_flag.set()
                         return
                     if watched is not None and self._peek(their) is None:
-                        self._declare_dead(r, neighbour, "its heartbeat key vanished", broken_flag)
+                        self._declare_dead(r, neighbour, "is gone (its store connection closed)", broken_flag)
                         return
                     stop.wait(params.heartbeat_interval)    # woken, yet nothing is gone: never spin
                     continue
                 if their is None:
                     continue
                 if watched is None:
-                    value = self._peek(their)
-                    if value is None:
-                        continue
+                    value = self._peek(their)       # None until its first beat: silence counts
                 silent = silence.observe(value)
-                if seen is None:
+                if seen is None and value is not None:
                     seen = value
                 if silent is not None:
-                    self._declare_dead(r, neighbour, "no heartbeat for %.1f s" % silent, broken_flag)
+                    self._declare_dead(r, neighbour, "silent for %.0f s" % silent, broken_flag)
                     return
             except _store.StoreConnectionError:
                 raise
@@ -922,14 +977,14 @@ class RendezvousHandler:
                     if stop.is_set():
                         return
                     if value is None and seen is not None:
-                        self._declare_dead(r, neighbour, "its heartbeat key vanished", broken_flag)
+                        self._declare_dead(r, neighbour, "is gone (its store connection closed)", broken_flag)
                     else:
                         seen = value if value is not None else seen
                         silent = silence.observe(value)
                         if silent is not None:
-                            self._declare_dead(r, neighbour, "no heartbeat for %.1f s" % silent, broken_flag)
+                            self._declare_dead(r, neighbour, "silent for %.0f s" % silent, broken_flag)
                 if not broken_flag.is_set() and store.add(broken, 0) > 0:
-                    log.info("round %d of run %r is broken: %s", r, params.run_id, self._why(r))
+                    log.info("round %d broken: %s; waiting for a new round", r, self._why(r))
                     broken_flag.set()
             except _store.StoreConnectionError:
                 raise
@@ -967,8 +1022,10 @@ class RendezvousHandler:
             return "unknown"
 
     def _declare_dead(self, r, rank, why, flag):
-        log.warning("round %d of run %r: member with rank %d is dead (%s)", r, self._params.run_id, rank, why)
-        self._mark_broken(r, "member with rank %d is dead: %s" % (rank, why), flag)
+        """The member we watch (rank `rank`) is dead: `why` says how we know ("silent for 15 s")."""
+        what = "node %s (rank %d) %s" % (self._next_host or "?", rank, why)
+        log.warning("round %d broken: %s; waiting for a new round", r, what)
+        self._mark_broken(r, what, flag)
 
     def _mark_broken(self, r, why, flag=None):
         store, keys = self._store, self._keys
@@ -1025,7 +1082,7 @@ class RendezvousHandler:
     def shutdown(self):
         """Leave the run: stop heartbeats and tell the round's other members. Returns True."""
         if self._round is not None and self._lost is None:
-            self._leave_round("node %s left" % self.node_id)
+            self._leave_round("node %s (rank %d) left" % (self.host_name, self._rank))
         self._stop_heartbeat()
         self._round = None
         if self._owns_store and not self.hosts_store:
@@ -1046,6 +1103,30 @@ class RendezvousHandler:
 
     def _mapped_errors(self):
         return _MappedErrors(self)
+
+
+class _Narrator:
+    """Says what a wait waits for, at a human pace: once the wait has lasted FIRST seconds, then
+    every GAP seconds, the gap growing by half each time up to MOST; never two lines within a
+    second. ``until()``: seconds to the next line (cap a blocking wait with it), ``due()``,
+    ``say(text)`` logs it (INFO, this module's logger)."""
+
+    FIRST, GAP, MOST = 2.0, 10.0, 60.0
+
+    def __init__(self):
+        self.next = time.monotonic() + self.FIRST
+        self.gap = self.GAP
+
+    def until(self):
+        return max(0.0, self.next - time.monotonic())
+
+    def due(self):
+        return time.monotonic() >= self.next
+
+    def say(self, text):
+        log.info("%s", text)
+        self.next = time.monotonic() + max(1.0, self.gap)
+        self.gap = min(self.gap * 1.5, self.MOST)
 
 
 class _Silence:

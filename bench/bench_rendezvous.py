@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Rendezvous at scale: join-to-ranked time, store work per node, store CPU and memory; torch beside.
 
-    python3 bench/bench_rendezvous.py [--nodes 8,64,256,1024,4096] [--procs 16] [--repeat 1]
+    python3 bench/bench_rendezvous.py [--quick] [--nodes 8,64,256,1024,4096] [--procs 16] [--repeat 1]
                                       [--steady 15] [--conf k=v,...] [--timeline]
                                       [--cap 90] [--torch-max 256] [--torch-python PATH]
 
@@ -306,7 +306,9 @@ def _torch_best(nodes, repeat, python, cap):
 
 
 def _ms(seconds, cap):
-    return "%.0fms" % (seconds * 1e3) if seconds is not None else ">%ds" % cap
+    if seconds is None:
+        return ">%ds" % cap
+    return "%.1fms" % (seconds * 1e3) if seconds < 0.1 else "%.0fms" % (seconds * 1e3)
 
 
 def main():
@@ -317,6 +319,7 @@ def main():
     parser.add_argument("--steady", type=float, default=15.0,
                         help="seconds of steady-state heartbeats measured (0: skip; default 15)")
     parser.add_argument("--conf", default="", help="rdzv conf for the nodes, k=v,... (default: the defaults)")
+    parser.add_argument("--quick", action="store_true", help="8, 64 and 256 nodes, no steady state")
     parser.add_argument("--timeline", action="store_true", help="print when the round's keys appeared")
     parser.add_argument("--torch-python", default=os.environ.get("ELASTIC_TEST_TORCH_PYTHON", DEFAULT_TORCH_PYTHON))
     parser.add_argument("--torch-max", type=int, default=256, help="largest N torch is run at (default 256)")
@@ -334,6 +337,8 @@ def main():
         print(json.dumps({"seconds": run_torch(args.torch_child, "bench%d" % args.run)}))
         return 0
     conf = dict(item.split("=", 1) for item in args.conf.split(",") if item)
+    if args.quick:
+        args.nodes, args.steady = "8,64,256", 0
     counts = [int(n) for n in args.nodes.split(",")]
     have_torch = os.path.exists(args.torch_python)
     print("rendezvous at scale: nodes in %d processes, each with its own store connection and heartbeat; "

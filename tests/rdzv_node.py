@@ -35,6 +35,7 @@ def main(argv):
     except rendezvous.RendezvousError as e:
         emit(event="error", type=type(e).__name__, message=str(e))
         return 1
+    handler.host_name = os.environ.get("RDZV_NODE_HOST", handler.host_name)   # how others name us
     emit(event="ready", pid=os.getpid(), hosts=handler.hosts_store, port=getattr(handler.store, "port", None),
          id=handler.node_id)
     for line in sys.stdin:

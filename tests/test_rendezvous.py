@@ -1,7 +1,9 @@
 """rendezvous.py: parameters, rounds, ranks, elasticity, liveness, closing; real processes on 127.0.0.1."""
 import json
+import logging
 import os
 import queue
+import re
 import signal
 import socket
 import subprocess
@@ -565,3 +567,114 @@ def test_waiting_node_forms_a_round_when_every_running_member_died(spawn, server
         node.kill()
     alone = late.expect("round")
     assert (alone["world_size"], alone["rank"], alone["round"]) == (1, 0, 1)
+
+
+# ------------------------------------------------------------------------------------- narration
+
+class Said(logging.Handler):
+    """The rendezvous logger's INFO lines, as (time, text), with a wait for one that matches."""
+
+    def __init__(self):
+        super().__init__(logging.INFO)
+        self.lines, self.cond = [], threading.Condition()
+
+    def emit(self, record):
+        with self.cond:
+            self.lines.append((record.created, record.getMessage()))
+            self.cond.notify_all()
+
+    def wait_for(self, pattern):
+        """The first line matching `pattern` (a regex): its match object."""
+        with self.cond:
+            ok = self.cond.wait_for(lambda: any(re.search(pattern, text) for _, text in self.lines), HANG)
+            assert ok, "no line matching %r in %r" % (pattern, [text for _, text in self.lines])
+            return next(re.search(pattern, text) for _, text in self.lines if re.search(pattern, text))
+
+    def count(self, pattern, n):
+        """Wait until `n` lines match `pattern`."""
+        with self.cond:
+            assert self.cond.wait_for(
+                lambda: sum(1 for _, text in self.lines if re.search(pattern, text)) >= n, HANG), self.lines
+
+    def paced(self, pattern):
+        """No two lines matching `pattern` within a second of each other."""
+        times = sorted(t for t, text in self.lines if re.search(pattern, text))
+        return all(b - a >= 0.99 for a, b in zip(times, times[1:]))
+
+
+@pytest.fixture
+def said():
+    handler = Said()
+    logger = logging.getLogger(R.__name__)
+    level = logger.level
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    try:
+        yield handler
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
+
+
+def start_joining(handler):
+    """next_rendezvous() in a thread; returns a list that receives its result (or its error, when
+    the test ends it by closing the handler)."""
+    result = []
+
+    def join():
+        try:
+            result.append(handler.next_rendezvous())
+        except R.RendezvousError as e:
+            result.append(e)
+    threading.Thread(target=join, daemon=True).start()
+    return result
+
+
+def test_a_wait_for_nodes_says_how_many_joined_and_how_long_is_left(server, closing, said):
+    closing.extend(make_handlers(server.port, "narrated", 2, 2, 2, join_timeout=600))
+    start_joining(closing[0])
+    match = said.wait_for(r"waiting for nodes: (\d+) of 2 joined \(min 2\), (\d+) s left")
+    assert match.group(1) == "1" and 560 <= int(match.group(2)) <= 600
+    start_joining(closing[1])
+    said.count(r"rendezvous round 0 of run 'narrated' complete", 2)
+    assert said.paced("waiting for")
+
+
+def test_a_long_wait_for_nodes_speaks_again_at_a_human_pace(server, closing, said):
+    closing.extend(make_handlers(server.port, "paced", 2, 2, 2, join_timeout=600))
+    start_joining(closing[0])
+    said.wait_for(r"waiting for nodes: 1 of 2 joined")
+    with said.cond:
+        said.cond.wait_for(lambda: len(said.lines) >= 2, HANG)   # the second line, ~10 s later
+    texts = [text for _, text in said.lines if "waiting" in text]
+    assert all(t.startswith("waiting for nodes: 1 of 2 joined (min 2)") for t in texts), texts
+    left = [int(re.search(r"(\d+) s left", t).group(1)) for t in texts]
+    assert left[0] > left[1]
+    assert said.paced("waiting for")
+
+
+def test_the_last_call_says_how_many_joined_and_when_it_closes(server, closing, said):
+    closing.extend(make_handlers(server.port, "last", 3, 1, 3, last_call_timeout=30, join_timeout=600))
+    start_joining(closing[0])                         # slot 1 = min_nodes: the closer, in its last call
+    match = said.wait_for(r"last call: (\d+) of 1:3 joined, closing in (\d+) s")
+    assert match.group(1) == "1" and 20 <= int(match.group(2)) <= 30
+    for handler in closing[1:]:                       # slot 3 = max_nodes: the round closes at once
+        start_joining(handler)
+    said.count(r"rendezvous round 0 of run 'last' complete: rank \d of 3", 3)
+    assert said.paced("last call")
+
+
+def test_a_broken_round_names_the_silent_node_by_its_host_name(spawn, server, closing, said, monkeypatch):
+    conf = FAST + ["last_call_timeout=0.3"]
+    closing.extend(make_handlers(server.port, "job", 1, 2, 2, heartbeat_interval=0.2, heartbeat_timeout=1.0))
+    monkeypatch.setenv("RDZV_NODE_HOST", "gpu07")
+    other = clients(spawn, server.port, 1, 2, 2, conf=conf)[0]
+    start_joining(closing[0])
+    other.send("next")
+    other.expect("round")
+    said.wait_for(r"rendezvous round 0 of run 'job' complete")
+    with S.TCPStore("127.0.0.1", server.port, timeout=HANG) as probe:
+        probe.wait(["elastic/job/0/hb/0", "elastic/job/0/hb/1"], HANG)
+    os.kill(other.proc.pid, signal.SIGSTOP)           # alive, connected, silent
+    match = said.wait_for(r"round 0 broken: node (\S+) \(rank \d\) silent for (\d+) s; waiting for a new round")
+    assert match.group(1) == "gpu07" and int(match.group(2)) >= 1
