@@ -24,6 +24,21 @@ desired)`` sets ``desired`` when the current value equals ``expected`` (or when 
 ``expected`` is empty) and returns the value the key now has (``expected`` itself when the key is
 missing and ``expected`` is not empty).
 
+Queues, as in torch 2.x: ``queue_push(key, value)`` appends, ``queue_pop(key, block=True,
+timeout=None)`` removes the oldest value (waiting for one, or ``QueueEmptyError`` at once with
+``block=False``), ``queue_len(key)`` counts. A queue lives beside the keys, not among them: ``get``,
+``num_keys`` and ``delete_key`` never see it, while ``check`` and ``wait`` take a non-empty queue for
+its key existing (torch's rule). Each value goes to exactly one pop; pops that wait are served
+oldest first, and every ``wait`` on the key wakes (torch's wakes one). ``clone()`` is another
+client on its own connection; ``has_extended_api()`` is True; ``list_keys()`` names every key (not
+the queues); ``barrier(key, world_size, timeout=None)`` returns once ``world_size`` callers came. Errors are ``RuntimeError``s, as
+torch's are; a timeout reads like torch's (``wait timeout after 100ms, keys: k``).
+
+Connecting retries until the timeout while the host name does not resolve (pods and DNS records
+often appear after the job starts) or the server refuses or can't be reached, and a wait longer than
+about 2 s is told on this module's logger (WARNING), then about every 10 s: "store gpu07:29400
+refuses connections (retrying, 590 s left)", "store host gpu07 does not resolve yet (...)".
+
 A client is one socket shared by all the threads that use it. When its connection ends (the server
 went away, ``close()``, or a request interrupted by Ctrl-C while part of a frame may have been sent
 or a reply lost), every later call raises ``StoreConnectionError`` saying which; a request
@@ -42,8 +57,8 @@ that many ``bytes`` fields::
     client                                   server
       | -- hello   "EKVS" version:u8 -------->  |
       | <- welcome status:u8 version:u8 [features:u8 [offer] | challenge:32]
-      | -- proof   HMAC-SHA256(token, challenge) ->   (only when status is PROOF)
-      | <- verdict status:u8 [features:u8 [offer]]    (READY, or REFUSED and the server closes)
+      | -- proof   HMAC-SHA256(token, challenge) nonce:32 ->   (only when status is PROOF)
+      | <- verdict status:u8 [server-proof:32 features:u8 [offer]]  (READY, or REFUSED and it closes)
       | -- request op:u8 id:u32 args ------->  |  } any number, pipelined; replies may come out of
       | <- reply   status:u8 id:u32 result --  |  } order (a parked get answers later)
 
@@ -59,16 +74,23 @@ that many ``bytes`` fields::
     MSET   9   count:u32 (key value)*                 -
     APPEND 10  key value                              -
     EPHEMERAL 11 key value                            -   (only when features has bit 0)
-    GONE   12  timeout_ms:i64 keys                    -   (only when features has bit 2)
-    BEAT   13  key value timeout_ms:i64 keys          gone:u8 [one value per key] (features bit 3)
+    QPUSH  13  key value                              -                    (only when features has bit 3)
+    QPOP   14  timeout_ms:i64 key                     the oldest value     (bit 3; TIMEOUT: still empty)
+    QLEN   15  key                                    queue length:i64     (bit 3)
+    LIST   16  -                                      keys: every key name (bit 4)
+    GONE   17  timeout_ms:i64 keys                    -                    (bit 5)
+    BEAT   18  key value timeout_ms:i64 keys          gone:u8 [one value per key] (bit 6)
 
     reply status: OK 0 (result follows), TIMEOUT 1, ERROR 2 (a UTF-8 message follows)
     welcome/verdict status: READY 0, PROOF 1, VERSION 2 (mismatch), BUSY 3 (connection limit), REFUSED 4
 
 ``features`` follows READY (in the welcome, or in the verdict after a proof); bit 0 says the server
-knows EPHEMERAL, bit 1 that an offer of the same-host socket follows (below). A server older than
-EPHEMERAL sends no features byte (and closes a connection that sends it an unknown op), so the client
-checks the bit and refuses ``set_ephemeral`` with a clear ``StoreError`` instead of sending it.
+knows EPHEMERAL, bit 1 that an offer of the same-host socket follows (below), bit 3 that it knows
+the queue ops, bit 4 that it knows LIST, bits 5 and 6 GONE and BEAT. A server older than EPHEMERAL sends no features byte (and
+closes a connection that sends it an unknown op), so the client checks the bit and refuses
+``set_ephemeral``, a queue op or ``list_keys`` with a clear ``StoreError`` instead of sending it. A
+QPOP with a timeout is parked like a GET and answered by the QPUSH that hands it its value; with
+``timeout_ms`` 0 it is answered at once.
 EPHEMERAL is SET with the key bound to the sending connection: the server deletes the key when that
 connection closes (``close()``, or the client process dies and its kernel closes the socket), unless
 a later write by anyone (SET, ADD, CAS, APPEND, MSET) made it an ordinary key first, or another
@@ -77,10 +99,10 @@ etcd's leases do, and the rendezvous relies on that when it can).
 GONE is WAIT turned around: it is answered once any one of its keys does not exist (at once when one
 is missing already; otherwise when one is deleted, by DELETE or by its ephemeral owner's connection
 closing), or with TIMEOUT. It lets a peer learn of a client's death the moment its connection
-closes, with nothing polling (bit 2 of ``features``; ``wait_gone`` in the client). BEAT is a
+closes, with nothing polling (bit 5 of ``features``; ``wait_gone`` in the client). BEAT is a
 heartbeat in one request: EPHEMERAL of its key and value, then GONE of its keys; it answers OK with
 gone = 1 when one of them is deleted, or at its timeout with gone = 0 and their values (``beat`` in
-the client, bit 3). A node that beats and watches a peer this way costs the server one request per
+the client, bit 6). A node that beats and watches a peer this way costs the server one request per
 interval instead of three.
 
 The same-host socket. A request over TCP through the loopback costs the kernel nearly twice what it
@@ -108,21 +130,46 @@ and lock real clients out. The clock starts at accept, and a client sends its he
 connected, so the time counted is mostly the server working through a burst of connections (16,000
 clients connecting at once take it about a second) and a loaded client host scheduling the client;
 10 s leaves a wide margin for both. Anything malformed (unknown op, lengths that don't add up,
-oversized frame, a request before the handshake) closes that one connection, is logged in one line,
-and changes nothing stored: a request is fully parsed before it is applied. Values are never pickled.
+oversized frame, a request before the handshake) closes that one connection, is logged in one line
+(three a host in 10 s, the rest summed up in one line when the 10 s end; see ``_Logbook``), and
+changes nothing stored: a request is fully parsed before it is applied. Values are never pickled.
+One client costs a bounded amount: see the limits in ``StoreServer``'s docstring.
 
-Authentication is optional: a server given a token sends a random challenge and accepts only the HMAC
-of it under the same token (compared with ``hmac.compare_digest``); a client without the right token
-gets ``StoreAuthError`` and nothing else.
+Authentication is optional, and mutual. A server given a token sends a random challenge and accepts
+only the HMAC of it under the same token; the client sends its own random nonce with that proof, and
+the server's READY carries its HMAC (under another label) of the nonce and the challenge, which the
+client checks before it trusts anything the server says. So a client without the right token gets
+``StoreAuthError`` and nothing else, and a client with a token refuses, with ``StoreAuthError``, a
+server that cannot prove it knows the token: one that never asks for it (any program that took the
+port first) or answers with a wrong proof. Proofs are compared with ``hmac.compare_digest``, in
+constant time: a server must not tell an attacker, by how fast it refuses, how much of a guess was
+right. (``hmac`` is imported when a token is first used, never at import time: hashlib's OpenSSL
+costs a process ~4 MiB that a store without a token never needs.) A client older than the nonce
+sends its proof alone and gets in as it used to, without checking the server. The token guards the
+handshake, not the bytes after it (there is no encryption): on a network where someone can read and
+rewrite traffic, run the store on a private network or a tunnel.
+
+Without a token, anyone who can reach the port can read and write every key, and the launcher's
+rendezvous keys decide a job's membership, restarts and outcome: give the store a token, or listen
+only on an address that only the job's hosts reach (``StoreServer(host=...)``,
+``TCPStore(..., is_master=True, bind=...)``).
+
+Sections, in order: Errors and wire format, Server, Client, Command line.
+
+Private helpers the upper modules (``rendezvous``, ``elastic``) may use, and no others: ``_seconds``
+(a timeout given in seconds or as a ``timedelta``), ``_Pace`` (when a long wait should tell a person
+about itself), ``_keepalive`` (TCP keepalive on a socket), ``_recv_exactly`` (n bytes or ``EOFError``),
+``_read_token_file``. A helper two modules need lives here, in the lowest one.
 """
 
 __version__ = "0.1.0"
 __all__ = [
     "TCPStore", "PrefixStore", "StoreServer",
-    "StoreError", "StoreTimeout", "StoreConnectionError", "StoreAuthError",
+    "StoreError", "StoreTimeout", "StoreConnectionError", "StoreAuthError", "QueueEmptyError",
     "MAX_KEY_SIZE", "MAX_VALUE_SIZE", "MAX_FRAME_SIZE", "PROTOCOL_VERSION", "HANDSHAKE_TIMEOUT",
 ]
 
+import collections
 import errno
 import heapq
 import logging
@@ -137,25 +184,45 @@ import threading
 import time
 import weakref
 
+# Python 3.6 and 3.7 must reach this check, so this file keeps to syntax 3.6 can parse.
+if sys.version_info < (3, 8):
+    _OLD = "store needs Python 3.8 or newer, this is Python %s" % sys.version.split()[0]
+    if __name__ == "__main__":   # the command line: one line and the status of a bad environment
+        sys.stderr.write(_OLD + "\n")
+        sys.exit(2)
+    raise ImportError(_OLD)
+
 log = logging.getLogger(__name__)
+
+
+# --------------------------------------------------------------------------- Errors and wire format
 
 PROTOCOL_VERSION = 1
 MAX_KEY_SIZE = 64 * 1024
 MAX_VALUE_SIZE = 256 * 1024 * 1024
 MAX_FRAME_SIZE = MAX_VALUE_SIZE + 2 * MAX_KEY_SIZE + 64
 DEFAULT_MAX_CONNECTIONS = 100000
+DEFAULT_MAX_PARKED = 100000
+DEFAULT_MAX_PARKED_PER_CONNECTION = 10000
 HANDSHAKE_TIMEOUT = 10.0
 
 _MAGIC = b"EKVS"
 _HANDSHAKE_FRAME_LIMIT = 256
 _CHALLENGE_SIZE = 32
+_OUTPUT_LIMIT = 4 * 1024 * 1024   # replies queued for one connection before we stop reading its requests
+_PARKED_FLOOR = 16                # parked requests every connection may hold, whatever the total
+_TURN_REQUESTS = 256              # pipelined requests of one connection answered before the others get a turn
 
-_SET, _GET, _ADD, _CAS, _WAIT, _CHECK, _DELETE, _COUNT, _MSET, _APPEND, _EPHEMERAL, _GONE, _BEAT = range(1, 14)
+_SET, _GET, _ADD, _CAS, _WAIT, _CHECK, _DELETE, _COUNT, _MSET, _APPEND, _EPHEMERAL = range(1, 12)
 _F_EPHEMERAL = 1                  # features bit: the server knows EPHEMERAL
 _F_LOCAL = 2                      # features bit: an offer of the same-host socket follows
-_F_GONE = 4                       # features bit: the server knows GONE
-_F_BEAT = 8                       # features bit: the server knows BEAT
-_FEATURES = _F_EPHEMERAL | _F_GONE | _F_BEAT   # what this server sends after READY
+_QPUSH, _QPOP, _QLEN, _LIST = 13, 14, 15, 16
+_GONE, _BEAT = 17, 18
+_F_QUEUE = 8                      # features bit: the server knows QPUSH, QPOP and QLEN
+_F_LIST = 16                      # features bit: the server knows LIST
+_F_GONE = 32                      # features bit: the server knows GONE
+_F_BEAT = 64                      # features bit: the server knows BEAT
+_FEATURES = _F_EPHEMERAL | _F_QUEUE | _F_LIST | _F_GONE | _F_BEAT   # what this server sends after READY
 _LOCAL_MAGIC = b"EKVL"            # the hello on the same-host socket
 _TICKET_SIZE = 16                 # random bytes that let one same-host connection in, once
 _OK, _TIMEOUT, _ERROR = 0, 1, 2
@@ -171,8 +238,9 @@ _LONGEST = 365 * 86400.0           # the longest a client waits for a reply, how
 _ADD_REPLY = struct.Struct(">IBIq")
 
 
-class StoreError(Exception):
-    """Root of this module's errors."""
+class StoreError(RuntimeError):
+    """Root of this module's errors. A ``RuntimeError``, as torch's store errors are, so code written
+    for torch (``except RuntimeError``) catches ours."""
 
 
 class StoreTimeout(StoreError, TimeoutError):
@@ -187,16 +255,35 @@ class StoreAuthError(StoreError):
     """The server requires a token and ours was missing or wrong."""
 
 
+class QueueEmptyError(StoreError):
+    """``queue_pop(key, block=False)`` found the queue empty (torch's ``QueueEmptyError``)."""
+
+
 class _Malformed(Exception):
     """A frame that breaks the protocol: its connection is closed."""
 
 
 def _seconds(timeout):
-    """Accept seconds or a datetime.timedelta, as torch does."""
-    seconds = timeout.total_seconds() if hasattr(timeout, "total_seconds") else float(timeout)
-    if seconds < 0:
-        raise ValueError("timeout must be >= 0 seconds, got %r" % (timeout,))
+    """Accept seconds or a datetime.timedelta, as torch does. Any length is fine, up to infinity:
+    a timeout longer than the wire or the kernel can carry means waiting for good (see _wire_ms)."""
+    try:
+        seconds = timeout.total_seconds() if hasattr(timeout, "total_seconds") else float(timeout)
+    except OverflowError:   # an int too large for a float: longer than any wait
+        seconds = float("inf")
+    except (TypeError, ValueError):
+        raise TypeError("a timeout is a number of seconds or a datetime.timedelta, got %r" % (timeout,)) from None
+    if not seconds >= 0:   # also NaN, which no comparison would ever end
+        raise ValueError("timeout must be a number of seconds >= 0, got %r" % (timeout,))
     return seconds
+
+
+_FOREVER_MS = 2 ** 53   # timeouts from here on (about 285,000 years) are sent as "forever"
+
+
+def _wire_ms(seconds):
+    """A timeout as the wire's timeout_ms: milliseconds, or -1 (wait forever) for one it can't carry."""
+    ms = seconds * 1000
+    return int(ms) if ms < _FOREVER_MS else -1
 
 
 def _key_bytes(key):
@@ -262,8 +349,15 @@ def _proof(token, challenge):
     return hmac.new(token, b"elasticrun-store-v1" + challenge, "sha256").digest()
 
 
-def _same(a, b):
+def _server_proof(token, nonce, challenge):
+    """What the server answers a client's nonce with: the token's HMAC over another label and other
+    data than a client's proof (of another length, too), so no answer of one side serves the other."""
     import hmac
+    return hmac.new(token, b"elasticrun-store-v1-server" + nonce + challenge, "sha256").digest()
+
+
+def _same(a, b):
+    import hmac   # both sides hold a token whenever this runs: _proof has imported hmac already
     return hmac.compare_digest(a, b)
 
 
@@ -285,7 +379,7 @@ def _read_token_file(path):
     return token
 
 
-# --------------------------------------------------------------------------------------------- server
+# ------------------------------------------------------------------------------------------- Server
 
 class _Reader:
     """Parses one request payload; any inconsistency raises _Malformed."""
@@ -339,7 +433,7 @@ class _Reader:
 
 class _Conn:
     __slots__ = ("sock", "peer", "rbuf", "wbuf", "state", "challenge", "waiters", "events", "closed", "owned",
-                 "done", "local", "ticket")
+                 "done", "local", "ticket", "paused", "owed")
 
     def __init__(self, sock, peer, local):
         self.sock, self.peer, self.local = sock, peer, local   # local: came in on the same-host socket
@@ -353,6 +447,16 @@ class _Conn:
         self.owned = None               # keys set with EPHEMERAL: deleted when we close
         self.done = False               # past the handshake (or closed): its deadline no longer applies
         self.ticket = None              # the same-host ticket it was offered, until redeemed
+        # Back-pressure. A client that sends requests without reading the replies would make us queue
+        # replies without end (a thousand gets of a 1 MiB value take 1 GiB), so past _OUTPUT_LIMIT of
+        # queued replies we stop: requests already read wait unparsed in rbuf, and the answers of
+        # parked gets that come due wait in `owed` as (request id, the values), references to the
+        # stored values rather than copies. `paused` says either holds something, to be taken up
+        # once the client has read enough of its replies. A connection is also paused after
+        # _TURN_REQUESTS pipelined requests in one turn of the loop, and resumed in the next, so
+        # that a flood on one connection delays the others by one short turn, not by a whole read.
+        self.paused = False
+        self.owed = None
 
 
 class _Waiter:
@@ -367,6 +471,123 @@ class _Waiter:
         self.missing = 0
         self.done = False
         self.gone = gone
+
+
+class _Logbook:
+    """The server's warnings, rate-limited per peer host and written by a thread of their own.
+
+    A peer that sends garbage as fast as it can would otherwise have us write a line per connection
+    (tens of thousands a second), and a write to a stderr that is a full pipe nobody drains blocks:
+    the serving thread must never wait on either. So each (host, kind) gets ``burst`` lines in full
+    per ``window`` seconds; the rest are counted and summed up in one line when the window ends
+    ("N more bad connections from H in the last T s"). Lines go to a bounded queue that a daemon
+    thread, started at the first line, hands to ``logging``; when that thread is stuck in a write,
+    lines beyond the queue's room are counted and the count is logged once it gets going again.
+    """
+
+    def __init__(self, window=10.0, burst=3, hosts=256, room=1000):
+        self.window, self.burst, self.hosts, self.room = window, burst, hosts, room
+        self._tally = {}            # (host, kind) -> [window start, lines written, lines held back, last]
+        self._due = None            # when the earliest window with lines held back ends
+        self._queue = collections.deque()
+        self._dropped = 0
+        self._cond = threading.Condition(threading.Lock())
+        self._thread = None
+
+    def warn(self, peer, kind, fmt, *args):
+        """Log `fmt % args` unless `peer`'s host has had its share of `kind` lines in this window."""
+        if not log.isEnabledFor(logging.WARNING):
+            return
+        host = peer[0] if isinstance(peer, tuple) else str(peer)
+        key = (host, kind)
+        tally = self._tally
+        entry = tally.get(key)
+        now = time.monotonic()
+        if entry is None:
+            if len(tally) >= self.hosts:
+                self.tick(now)   # forget windows that ended
+                if len(tally) >= self.hosts:
+                    key = ("other hosts", kind)
+                    entry = tally.get(key)
+            if entry is None:
+                entry = tally[key] = [now, 0, 0, None]
+        elif now - entry[0] >= self.window:   # a new window
+            if entry[2]:
+                self.tick(now)
+            entry = tally[key] = [now, 0, 0, None]
+        if entry[1] < self.burst:
+            entry[1] += 1
+            self._emit(fmt % args)
+        else:
+            entry[2] += 1
+            entry[3] = (fmt, args)
+            if self._due is None or entry[0] + self.window < self._due:
+                self._due = entry[0] + self.window
+
+    def next_due(self):
+        """Seconds until a summary line is due, or None."""
+        return None if self._due is None else max(0.0, self._due - time.monotonic())
+
+    def tick(self, now=None, final=False):
+        """Sum up the windows that ended (every window when `final`), and forget them."""
+        now = time.monotonic() if now is None else now
+        due = None
+        for key, entry in list(self._tally.items()):
+            start, _, held, last = entry
+            if now - start < self.window and not final:
+                if held and (due is None or start + self.window < due):
+                    due = start + self.window
+                continue
+            del self._tally[key]
+            if held:
+                host, kind = key
+                text = last[0] % last[1]
+                self._emit("store: %d more %s from %s in the last %.3g s (the last: %s)"
+                           % (held, kind, host, now - start, text[7:] if text.startswith("store: ") else text))
+        self._due = due
+
+    def _emit(self, line):
+        with self._cond:
+            if len(self._queue) >= self.room:
+                self._dropped += 1
+                return
+            self._queue.append(line)
+            self._cond.notify()
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._write, name="store-log", daemon=True)
+                self._thread.start()
+
+    def _write(self):
+        while True:
+            with self._cond:
+                while not self._queue:
+                    self._cond.wait()
+                line = self._queue.popleft()
+                dropped, self._dropped = self._dropped, 0
+            if line is None:
+                return
+            if dropped:
+                log.warning("store: %d warnings were dropped: the log was not being written fast enough", dropped)
+            log.warning("%s", line)
+
+    def close(self, timeout=1.0):
+        """Let the thread write what is queued, then end; wait up to `timeout` seconds for it, so
+        that a program that exits next still prints the last summary (unless its stderr is stuck)."""
+        with self._cond:
+            thread = self._thread
+            if thread is None:
+                return
+            self._queue.append(None)
+            self._cond.notify()
+        if thread is not threading.current_thread():
+            thread.join(timeout)
+
+
+class _Popper(_Waiter):
+    """A parked QPOP: handed the next value pushed to its queue (``keys`` holds its one key), or
+    TIMEOUT at its deadline."""
+
+    __slots__ = ()
 
 
 _WAKE = "wake"                    # the poller's object for the server's own wake-up socket
@@ -430,15 +651,33 @@ class StoreServer:
     ``start()`` runs it in a daemon thread, ``serve_forever()`` in the calling thread, ``stop()`` ends
     either from any thread. ``port=0`` picks a free port; read it back from ``.port``.
     ``local_socket=False`` keeps every client on TCP (see "The same-host socket" above).
+
+    ``host`` is the address to listen on: ``"0.0.0.0"`` (every interface, the default, as torch's
+    TCPStore does), or one address, such as the one the other nodes reach this host at, so that the
+    store is not offered on networks that have no business with it.
+
+    Limits, so that one client costs a bounded amount whatever it sends: at most ``max_connections``
+    connections; at most ``max_parked_per_connection`` gets, waits and queue pops parked (waiting) per
+    connection and ``max_parked`` in all, a request beyond them answered with an error that names
+    the limit (every connection may park 16 whatever the total, so one client's flood never turns
+    the others away); and a client that does not read its replies stops being read once 4 MiB of
+    them are queued.
     """
 
     def __init__(self, host="0.0.0.0", port=0, *, token=None, max_connections=DEFAULT_MAX_CONNECTIONS,
-                 backlog=65535, handshake_timeout=HANDSHAKE_TIMEOUT, local_socket=True):
-        if max_connections < 1:
-            raise ValueError("max_connections must be at least 1, got %r" % (max_connections,))
+                 backlog=65535, handshake_timeout=HANDSHAKE_TIMEOUT, local_socket=True,
+                 max_parked=DEFAULT_MAX_PARKED, max_parked_per_connection=DEFAULT_MAX_PARKED_PER_CONNECTION):
+        for name, value in (("max_connections", max_connections), ("max_parked", max_parked),
+                            ("max_parked_per_connection", max_parked_per_connection)):
+            if not isinstance(value, int) or value < 1:
+                raise ValueError("%s must be an int of at least 1, got %r" % (name, value))
         _check_port(port)
+        if not isinstance(host, str):
+            raise TypeError("host must be an address as a str, got %s" % type(host).__name__)
         self.host = host
         self.max_connections = max_connections
+        self.max_parked = max_parked
+        self.max_parked_per_connection = max_parked_per_connection
         self.handshake_timeout = _seconds(handshake_timeout)
         self._token = _token_bytes(token) if token else None
         self._raise_fd_limit(max_connections)
@@ -471,11 +710,17 @@ class StoreServer:
         self._data = {}
         self._waiters = {}          # key -> {waiter: None}, an insertion-ordered set
         self._owners = {}           # ephemeral key -> the connection whose closing deletes it
+        self._queues = {}           # key -> deque of values pushed and not yet popped; never empty
+        self._poppers = {}          # key -> {parked QPOP: None}, the longest-waiting first
         self._gone = {}             # key -> {parked GONE waiter: None}
         self._deadlines = []        # heap of (deadline, seq, parked waiter or connection in its handshake)
         self._seq = 0
         self._conns = 0
+        self._parked = 0            # parked waiters, over all connections
         self._dirty = []            # connections with replies queued during this turn
+        self._backlog = []          # paused connections whose client has caught up (see _Conn.paused)
+        self._logbook = _Logbook()
+        self._warn = self._logbook.warn
         self._stopping = False
         self._life = threading.Lock()   # orders start, serve_forever and stop
         self._serving = None        # the thread that serves (or will: start() sets it)
@@ -484,7 +729,8 @@ class StoreServer:
             _SET: self._op_set, _GET: self._op_get, _ADD: self._op_add, _CAS: self._op_cas,
             _WAIT: self._op_wait, _CHECK: self._op_check, _DELETE: self._op_delete,
             _COUNT: self._op_count, _MSET: self._op_mset, _APPEND: self._op_append,
-            _EPHEMERAL: self._op_ephemeral, _GONE: self._op_gone, _BEAT: self._op_beat,
+            _EPHEMERAL: self._op_ephemeral, _QPUSH: self._op_qpush, _QPOP: self._op_qpop,
+            _QLEN: self._op_qlen, _LIST: self._op_list, _GONE: self._op_gone, _BEAT: self._op_beat,
         }
 
     @staticmethod
@@ -553,7 +799,15 @@ class StoreServer:
         poll, objects = self._poller.poll, self._poller.objects_by_fd()
         try:
             while not self._stopping:
-                for fd, mask in poll(self._next_timeout() if self._deadlines else None):
+                timeout = self._next_timeout() if self._deadlines else None
+                if self._logbook._due is not None:
+                    due = self._logbook.next_due()
+                    if due == 0.0:
+                        self._logbook.tick()
+                    timeout = due if timeout is None else min(timeout, due)
+                if self._backlog:
+                    timeout = 0
+                for fd, mask in poll(timeout):
                     conn = objects.get(fd)   # None: closed earlier in this turn
                     if conn.__class__ is _Conn:
                         if mask & _READABLE:
@@ -574,6 +828,11 @@ class StoreServer:
                     for conn in dirty:
                         if not conn.closed:
                             self._flush(conn)
+                if self._backlog:   # those that join it meanwhile wait for the next turn
+                    backlog, self._backlog = self._backlog, []
+                    for conn in backlog:
+                        if conn.paused and not conn.closed:
+                            self._catch_up(conn)
         finally:
             self._shutdown()
 
@@ -588,6 +847,8 @@ class StoreServer:
         if self._spare_fd is not None:
             os.close(self._spare_fd)
             self._spare_fd = None
+        self._logbook.tick(final=True)
+        self._logbook.close()
         self._stopped.set()
 
     # -- connections
@@ -614,8 +875,7 @@ class StoreServer:
             conn = _Conn(sock, peer, local)
             self._conns += 1
             self._poller.register(sock, _READ, conn)
-            self._seq += 1
-            heapq.heappush(self._deadlines, (time.monotonic() + self.handshake_timeout, self._seq, conn))
+            self._push_deadline(time.monotonic() + self.handshake_timeout, conn)
 
     def _turn_away_one(self, listener):
         """Out of descriptors: free the spare one to accept a client just to tell it why we can't."""
@@ -637,7 +897,8 @@ class StoreServer:
             sock.close()
         except OSError:
             pass
-        log.warning("store: out of file descriptors with %d connections; turning clients away", self._conns)
+        self._warn("this host", "connections turned away", "store: out of file descriptors with %d connections; "
+                   "turning clients away", self._conns)
         self._spare_fd = os.open(os.devnull, os.O_RDONLY)
 
     def _close(self, conn):
@@ -645,10 +906,12 @@ class StoreServer:
             return
         conn.closed = conn.done = True
         self._conns -= 1
+        self._parked -= len(conn.waiters)
         for waiter in conn.waiters:
             waiter.done = True
             self._unpark(waiter)
         conn.waiters.clear()
+        conn.owed = None
         if conn.owned:
             for key in conn.owned:
                 del self._owners[key]
@@ -663,7 +926,7 @@ class StoreServer:
         conn.sock.close()
 
     def _drop(self, conn, why):
-        log.warning("store: closing connection from %s: %s", _peer_text(conn.peer), why)
+        self._warn(conn.peer, "bad connections", "store: closing connection from %s: %s", _peer_text(conn.peer), why)
         self._close(conn)
 
     def _on_readable(self, conn):
@@ -691,7 +954,11 @@ class StoreServer:
                 if reply is not None:
                     self._flush(conn, reply)
                 return
-        chunk = self._inview[:size].tobytes()
+        self._parse(conn, self._inview[:size].tobytes())
+
+    def _parse(self, conn, chunk):
+        """Answer the requests in what `conn` sent before (its rbuf) and `chunk`, until the replies
+        queued for it pass _OUTPUT_LIMIT; keep the rest in rbuf."""
         if conn.rbuf:
             buf = conn.rbuf
             buf += chunk
@@ -699,8 +966,17 @@ class StoreServer:
             buf = chunk
         pos, size = 0, len(buf)
         ops = self._ops
+        wbuf = conn.wbuf
+        turn = _TURN_REQUESTS
         try:
             while size - pos >= 4 and not conn.closed:
+                # the client is not reading: neither do we (see _Conn.paused); or it has had its turn
+                turn -= 1
+                if len(wbuf) > _OUTPUT_LIMIT or not turn:
+                    self._pause(conn)
+                    if not turn:
+                        self._backlog.append(conn)
+                    break
                 (length,) = _U32.unpack_from(buf, pos)
                 limit = MAX_FRAME_SIZE if conn.state == "ready" else _HANDSHAKE_FRAME_LIMIT
                 if length > limit:
@@ -735,6 +1011,29 @@ class StoreServer:
         if conn.wbuf:
             self._flush(conn)
 
+    def _pause(self, conn):
+        """Stop reading `conn` until its client has taken enough of its replies."""
+        conn.paused = True
+        if conn.events != _WRITE:
+            conn.events = _WRITE
+            self._poller.modify(conn.sock, _WRITE)
+
+    def _catch_up(self, conn):
+        """The client of a paused connection has read enough: queue the answers owed to it, then
+        parse the requests it sent meanwhile, each until the output limit is reached again."""
+        conn.paused = False
+        owed, wbuf = conn.owed, conn.wbuf
+        while owed:
+            if len(wbuf) > _OUTPUT_LIMIT:
+                self._pause(conn)
+                break
+            rid, values = owed.popleft()
+            wbuf += self._values_reply(rid, values)
+        if not conn.paused and len(conn.rbuf) >= 4:
+            self._parse(conn, b"")
+        if conn.wbuf and not conn.closed:
+            self._flush(conn)
+
     def _handshake(self, conn, payload):
         if conn.state == "hello" and conn.local:
             self._redeem(conn, payload)
@@ -742,12 +1041,12 @@ class StoreServer:
             if len(payload) != 5 or payload[:4] != _MAGIC:
                 raise _Malformed("not a store client (bad hello)")
             if payload[4] != PROTOCOL_VERSION:
-                log.warning("store: client %s speaks protocol %d, we speak %d",
-                            _peer_text(conn.peer), payload[4], PROTOCOL_VERSION)
+                self._warn(conn.peer, "clients of another version", "store: client %s speaks protocol %d, we speak %d",
+                           _peer_text(conn.peer), payload[4], PROTOCOL_VERSION)
                 self._final(conn, bytes([_VERSION, PROTOCOL_VERSION]))
             elif self._conns > self.max_connections:
-                log.warning("store: turning away %s: %d connections reached the limit",
-                            _peer_text(conn.peer), self.max_connections)
+                self._warn(conn.peer, "connections turned away", "store: turning away %s: %d connections reached "
+                           "the limit", _peer_text(conn.peer), self.max_connections)
                 self._final(conn, bytes([_BUSY, PROTOCOL_VERSION]))
             elif self._token is None:
                 self._ready(conn, bytes([_READY, PROTOCOL_VERSION]))
@@ -756,10 +1055,15 @@ class StoreServer:
                 conn.challenge = os.urandom(_CHALLENGE_SIZE)
                 conn.wbuf += _U32.pack(2 + _CHALLENGE_SIZE) + bytes([_PROOF, PROTOCOL_VERSION]) + conn.challenge
         elif conn.state == "proof":
-            if _same(payload, _proof(self._token, conn.challenge)):
-                self._ready(conn, bytes([_READY]))
+            # proof, then the client's nonce for us to prove ourselves; a client older than mutual
+            # authentication sends the proof alone, and gets in without our proof, as it used to
+            proof, nonce = payload[:_CHALLENGE_SIZE], payload[_CHALLENGE_SIZE:]
+            if len(nonce) in (0, _CHALLENGE_SIZE) and _same(proof, _proof(self._token, conn.challenge)):
+                ours = _server_proof(self._token, nonce, conn.challenge) if nonce else b""
+                self._ready(conn, bytes([_READY]) + ours)
             else:
-                log.warning("store: client %s failed authentication", _peer_text(conn.peer))
+                self._warn(conn.peer, "failed authentications", "store: client %s failed authentication",
+                           _peer_text(conn.peer))
                 self._final(conn, bytes([_REFUSED]))
         else:
             raise _Malformed("data after the final answer")
@@ -805,7 +1109,7 @@ class StoreServer:
             return
         owner = self._tickets.pop(payload[5:], None)
         if owner is None:
-            log.warning("store: refused a same-host connection with an unknown ticket")
+            self._warn(conn.peer, "bad connections", "store: refused a same-host connection with an unknown ticket")
             self._final(conn, bytes([_REFUSED, PROTOCOL_VERSION]))
             return
         owner.ticket = None
@@ -834,7 +1138,7 @@ class StoreServer:
             except OSError:
                 self._close(conn)
                 return
-            if sent == len(data) and conn.events == _READ and conn.state == "ready":
+            if sent == len(data) and conn.events == _READ and conn.state == "ready" and not conn.paused:
                 if data is wbuf:
                     wbuf.clear()   # the usual case: all out, nothing to change
                 return
@@ -848,10 +1152,12 @@ class StoreServer:
         # a client that doesn't read its answers stops being read until it catches up
         if not conn.wbuf:
             events = _READ
-        elif len(conn.wbuf) > 4 * 1024 * 1024:
+        elif len(conn.wbuf) > _OUTPUT_LIMIT:
             events = _WRITE
         else:
             events = _READ | _WRITE
+        if conn.paused and events != _WRITE:   # caught up: what waited for it is next
+            self._backlog.append(conn)
         if events != conn.events:
             conn.events = events
             self._poller.modify(conn.sock, events)
@@ -959,8 +1265,9 @@ class StoreServer:
         r = _Reader(payload, _HEAD_SIZE)
         keys = r.keys()
         r.end()
-        data = self._data
-        return _HEAD.pack(_HEAD_SIZE + 1, _OK, rid) + (b"\x01" if all(k in data for k in keys) else b"\x00")
+        data, queues = self._data, self._queues   # a non-empty queue counts as its key existing, as in torch
+        return _HEAD.pack(_HEAD_SIZE + 1, _OK, rid) + (b"\x01" if all(k in data or k in queues for k in keys)
+                                                       else b"\x00")
 
     def _op_delete(self, conn, rid, payload):
         r = _Reader(payload, _HEAD_SIZE)
@@ -1027,12 +1334,14 @@ class StoreServer:
             return self._gone_answer(waiter, True)
         if timeout_ms == 0:
             return self._gone_answer(waiter, False)
+        if not self._may_park(conn):
+            return self._refuse_parking(conn, rid)
         for key in dict.fromkeys(keys):
             self._gone.setdefault(key, {})[waiter] = None
         conn.waiters.add(waiter)
+        self._parked += 1
         if timeout_ms > 0:
-            self._seq += 1
-            heapq.heappush(self._deadlines, (time.monotonic() + timeout_ms / 1000.0, self._seq, waiter))
+            self._push_deadline(time.monotonic() + timeout_ms / 1000.0, waiter)
         return None
 
     def _vanished(self, key):
@@ -1044,6 +1353,7 @@ class StoreServer:
             self._unpark(waiter)
             conn = waiter.conn
             conn.waiters.discard(waiter)
+            self._parked -= 1
             conn.wbuf += self._gone_answer(waiter, True)
             self._dirty.append(conn)
 
@@ -1054,29 +1364,67 @@ class StoreServer:
         waiter = _Waiter(conn, rid, keys, want_values)
         if not self._register(waiter):
             return self._answer(waiter)
-        if timeout_ms == 0:
+        if timeout_ms == 0 or not self._may_park(conn):
             waiter.done = True
             self._unpark(waiter)
-            return _HEAD.pack(_HEAD_SIZE, _TIMEOUT, rid)
+            if timeout_ms == 0:
+                return _HEAD.pack(_HEAD_SIZE, _TIMEOUT, rid)
+            return self._refuse_parking(conn, rid)
         conn.waiters.add(waiter)
+        self._parked += 1
         if timeout_ms > 0:
-            self._seq += 1
-            heapq.heappush(self._deadlines, (time.monotonic() + timeout_ms / 1000.0, self._seq, waiter))
+            self._push_deadline(time.monotonic() + timeout_ms / 1000.0, waiter)
         return None
 
+    def _may_park(self, conn):
+        """Whether `conn` may park one more request (see the limits in the class docstring)."""
+        held = len(conn.waiters)
+        return held < _PARKED_FLOOR or held < self.max_parked_per_connection and self._parked < self.max_parked
+
+    def _refuse_parking(self, conn, rid):
+        if len(conn.waiters) >= self.max_parked_per_connection:
+            why = ("this connection already has %d gets, waits and queue pops waiting, the most one connection "
+                   "may have (max_parked_per_connection)" % len(conn.waiters))
+        else:
+            why = ("the store already holds %d gets, waits and queue pops waiting, the most it holds from all "
+                   "clients (max_parked)" % self._parked)
+        self._warn(conn.peer, "refused gets and waits", "store: refused a get or wait from %s: %s",
+                   _peer_text(conn.peer), why)
+        return self._error(rid, "the store refused to wait for the key(s): " + why)
+
+    def _push_deadline(self, deadline, item):
+        """Add a parked waiter's or a new connection's deadline.
+
+        Entries that ended early (answered, closed) stay in the heap until they reach its top, which
+        for a get that asked to wait a year is a year: so when most entries are dead, sweep them out.
+        At most one live entry per parked waiter and per connection, so the heap stays within twice
+        those plus a constant, at an amortized cost of O(1) a push.
+        """
+        heap = self._deadlines
+        if len(heap) > 2 * (self._parked + self._conns) + 1024:
+            heap[:] = [entry for entry in heap if not entry[2].done]
+            heapq.heapify(heap)
+        self._seq += 1
+        heapq.heappush(heap, (deadline, self._seq, item))
+
     def _register(self, waiter):
-        """Park `waiter` on each of its missing keys; returns how many are missing."""
+        """Park `waiter` on each of its missing keys; returns how many are missing. A WAIT takes a
+        non-empty queue for its key existing (as torch's does); a GET wants values only."""
         data, waiters = self._data, self._waiters
+        queues = () if waiter.want_values else self._queues
         missing = 0
         for key in dict.fromkeys(waiter.keys):   # a key named twice is still one key to wait for
-            if key not in data:
+            if key not in data and key not in queues:
                 missing += 1
                 waiters.setdefault(key, {})[waiter] = None
         waiter.missing = missing
         return missing
 
     def _unpark(self, waiter):
-        table = self._gone if waiter.gone else self._waiters
+        if waiter.__class__ is _Popper:
+            table = self._poppers
+        else:
+            table = self._gone if waiter.gone else self._waiters
         for key in waiter.keys:
             parked = table.get(key)
             if parked is not None:
@@ -1094,24 +1442,105 @@ class StoreServer:
                 self._unpark(waiter)
                 if self._register(waiter) == 0:
                     waiter.done = True
-                    conn = waiter.conn
-                    conn.waiters.discard(waiter)
-                    conn.wbuf += self._answer(waiter)
-                    self._dirty.append(conn)
+                    waiter.conn.waiters.discard(waiter)
+                    self._parked -= 1
+                    self._deliver(waiter.conn, waiter.rid, self._values(waiter))
 
-    def _answer(self, waiter):
+    def _deliver(self, conn, rid, values):
+        """Queue the answer of a parked request that came due (`values` as _values_reply takes them):
+        now, or owed while its client is not reading (see _Conn.paused)."""
+        if conn.paused or len(conn.wbuf) > _OUTPUT_LIMIT:
+            if conn.owed is None:
+                conn.owed = collections.deque()
+            conn.owed.append((rid, values))
+            if not conn.paused:
+                self._pause(conn)
+        else:
+            conn.wbuf += self._values_reply(rid, values)
+        self._dirty.append(conn)
+
+    def _values(self, waiter):
+        """The values a get waits for (references, not copies), or None for a wait."""
         if waiter.want_values:
             data = self._data
-            values = [data[k] for k in waiter.keys]
-            size = _HEAD_SIZE + 4 * len(values) + sum(map(len, values))
-            if size > MAX_FRAME_SIZE:   # each value fits, but not all of them in one reply
-                return self._error(waiter.rid, "the values of these %d keys take %d bytes, over the frame "
-                                   "limit of %d bytes (MAX_FRAME_SIZE); get them in smaller groups"
-                                   % (len(values), size, MAX_FRAME_SIZE))
-            body = b"".join(map(_field, values))
+            return [data[k] for k in waiter.keys]
+        return None
+
+    def _answer(self, waiter):
+        return self._values_reply(waiter.rid, self._values(waiter))
+
+    def _values_reply(self, rid, values):
+        if values is None:
+            return _HEAD.pack(_HEAD_SIZE, _OK, rid)
+        size = _HEAD_SIZE + 4 * len(values) + sum(map(len, values))
+        if size > MAX_FRAME_SIZE:   # each value fits, but not all of them in one reply
+            return self._error(rid, "the values of these %d keys take %d bytes, over the frame "
+                               "limit of %d bytes (MAX_FRAME_SIZE); get them in smaller groups"
+                               % (len(values), size, MAX_FRAME_SIZE))
+        return _HEAD.pack(size, _OK, rid) + b"".join(map(_field, values))
+
+    # queues: beside the keys, not among them (num_keys, get and delete_key never see one)
+
+    def _op_qpush(self, conn, rid, payload):
+        r = _Reader(payload, _HEAD_SIZE)
+        key, value = r.key(), r.value()
+        r.end()
+        poppers = self._poppers.get(key)
+        if poppers:   # the longest-waiting pop takes the value straight away
+            popper = next(iter(poppers))
+            popper.done = True
+            self._unpark(popper)
+            popper.conn.waiters.discard(popper)
+            self._parked -= 1
+            self._deliver(popper.conn, popper.rid, [value])   # the reply of a one-key get: the value
         else:
-            body = b""
-        return _HEAD.pack(_HEAD_SIZE + len(body), _OK, waiter.rid) + body
+            queue = self._queues.get(key)
+            if queue is None:
+                queue = self._queues[key] = collections.deque()
+            queue.append(value)
+            if key in self._waiters:   # a WAIT on the key is answered by a non-empty queue
+                self._wake(key)
+        return _HEAD.pack(_HEAD_SIZE, _OK, rid)
+
+    def _op_qpop(self, conn, rid, payload):
+        r = _Reader(payload, _HEAD_SIZE)
+        timeout_ms = r.i64()
+        key = r.key()
+        r.end()
+        queue = self._queues.get(key)
+        if queue:
+            value = queue.popleft()
+            if not queue:
+                del self._queues[key]
+            return _HEAD.pack(_HEAD_SIZE + 4 + len(value), _OK, rid) + _field(value)
+        if timeout_ms == 0:
+            return _HEAD.pack(_HEAD_SIZE, _TIMEOUT, rid)
+        if not self._may_park(conn):
+            return self._refuse_parking(conn, rid)
+        popper = _Popper(conn, rid, [key], False)
+        self._poppers.setdefault(key, {})[popper] = None
+        conn.waiters.add(popper)
+        self._parked += 1
+        if timeout_ms > 0:
+            self._push_deadline(time.monotonic() + timeout_ms / 1000.0, popper)
+        return None
+
+    def _op_list(self, conn, rid, payload):
+        r = _Reader(payload, _HEAD_SIZE)
+        r.end()
+        keys = list(self._data)
+        size = _HEAD_SIZE + 4 + 4 * len(keys) + sum(map(len, keys))
+        if size > MAX_FRAME_SIZE:
+            return self._error(rid, "the names of all %d keys take %d bytes, over the frame limit of %d bytes "
+                               "(MAX_FRAME_SIZE)" % (len(keys), size, MAX_FRAME_SIZE))
+        body = _U32.pack(len(keys)) + b"".join(map(_field, keys))
+        return _HEAD.pack(_HEAD_SIZE + len(body), _OK, rid) + body
+
+    def _op_qlen(self, conn, rid, payload):
+        r = _Reader(payload, _HEAD_SIZE)
+        key = r.key()
+        r.end()
+        return _ADD_REPLY.pack(_HEAD_SIZE + 8, _OK, rid, len(self._queues.get(key, ())))
 
     def _next_timeout(self):
         # capped: a client may ask to wait for centuries, which epoll's millisecond int can't hold
@@ -1130,6 +1559,7 @@ class StoreServer:
             waiter.done = True
             self._unpark(waiter)
             waiter.conn.waiters.discard(waiter)
+            self._parked -= 1
             waiter.conn.wbuf += (self._gone_answer(waiter, False) if waiter.gone
                                  else _HEAD.pack(_HEAD_SIZE, _TIMEOUT, waiter.rid))
             self._dirty.append(waiter.conn)
@@ -1166,21 +1596,49 @@ def _key_text(key):
     return key.decode("utf-8", "replace")
 
 
-# --------------------------------------------------------------------------------------------- client
+# ------------------------------------------------------------------------------------------- Client
+
+class _Unresolved(Exception):
+    """The store's host name does not resolve (yet: a pod's name or a late DNS record may appear)."""
+
 
 def _resolve(host, port):
-    """Resolve once, before any retry loop: name lookups can stall for seconds."""
+    """The addresses of host:port. Called once per connection attempt, never in a tight loop: a
+    lookup can stall for seconds."""
     try:
         infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
     except socket.gaierror as e:
-        raise StoreConnectionError("cannot resolve store host %r: %s" % (host, e)) from e
+        raise _Unresolved(e.strerror or str(e)) from e
+    except UnicodeError as e:   # not a name at all ("a..b"): waiting will not fix it
+        raise StoreConnectionError("the store host %r is not a valid host name: %s" % (host, e)) from e
     return [(family, sockaddr) for family, _, _, _, sockaddr in infos]
 
 
-def _keepalive(sock):
-    """Notice a store host that vanished without closing (power loss, cut link) in about 15 s."""
+class _Pace:
+    """When a long wait tells a person about itself: first after `first` seconds, then at gaps that
+    double up to `most` seconds; never a line per retry, never two within a second. The upper
+    modules may pace their own waits with it."""
+
+    def __init__(self, first=2.0, most=10.0, clock=time.monotonic):
+        self._clock, self._most = clock, most
+        self._gap = max(first, 1.0)
+        self._next = clock() + first
+
+    def due(self):
+        """True when the next line is due (and then the one after is scheduled)."""
+        now = self._clock()
+        if now < self._next:
+            return False
+        self._gap = min(self._gap * 2, self._most)
+        self._next = now + self._gap
+        return True
+
+
+def _keepalive(sock, idle=5, interval=2, count=5):
+    """Notice a peer that vanished without closing (power loss, cut link): after about
+    idle + interval * count seconds of silence (15 s by default) the kernel fails our reads."""
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
-    for name, value in (("TCP_KEEPIDLE", 5), ("TCP_KEEPINTVL", 2), ("TCP_KEEPCNT", 5)):
+    for name, value in (("TCP_KEEPIDLE", idle), ("TCP_KEEPINTVL", interval), ("TCP_KEEPCNT", count)):
         if hasattr(socket, name):
             sock.setsockopt(socket.IPPROTO_TCP, getattr(socket, name), value)
 
@@ -1190,14 +1648,19 @@ class TCPStore:
 
     One socket per client, safe to share between threads: requests are pipelined with ids, and
     whichever waiting thread is reading hands the others their replies.
+
+    ``bind`` (with ``is_master``): the address the server listens on, every interface by default as
+    torch's does; give one address (that ``host`` reaches) to keep the store off other networks.
     """
 
-    def __init__(self, host, port, *, is_master=False, timeout=300.0, token=None):
+    def __init__(self, host, port, *, is_master=False, timeout=300.0, token=None, bind=None):
         _check_port(port)
         self.timeout = timeout
         self._server = None
         if is_master:
-            self._server = StoreServer("::" if ":" in host else "0.0.0.0", port, token=token).start()
+            if bind is None:
+                bind = "::" if ":" in host else "0.0.0.0"
+            self._server = StoreServer(bind, port, token=token).start()
             port = self._server.port
             # a master dropped without close() stops its server and frees its port, as torch's does;
             # the finalizer and the server thread hold the server only, never this client
@@ -1232,9 +1695,16 @@ class TCPStore:
         return "%s:%s" % (self.host, self.port)
 
     def _connect(self, deadline):
-        addresses = _resolve(self.host, self.port)
-        delay, last = 0.01, None
+        """Connect, retrying until `deadline` while the host name does not resolve or the server
+        refuses or can't be reached (as torch does: pods and DNS records often appear after the job
+        starts), and telling the log what it waits for at a human pace."""
+        pace, delay, last = _Pace(), 0.01, None
         while True:
+            try:
+                addresses = _resolve(self.host, self.port)
+            except _Unresolved as e:
+                addresses, last = (), e
+                delay = max(delay, 0.25)   # a lookup may ask a DNS server: never many a second
             for family, sockaddr in addresses:
                 sock = socket.socket(family, socket.SOCK_STREAM)
                 try:
@@ -1253,16 +1723,31 @@ class TCPStore:
                 except (OSError, EOFError) as e:
                     sock.close()
                     last = e
-            if time.monotonic() + delay > deadline:
-                raise StoreConnectionError("could not connect to the store at %s within %.1f s: %s"
-                                           % (self._where(), self.timeout, _describe(last)))
-            time.sleep(delay * random.uniform(0.5, 1.5))
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise StoreConnectionError("could not connect to the store at %s (connect timeout after %s): "
+                                           "%s" % (self._where(), _ms(self.timeout), self._obstacle(last)))
+            if pace.due():
+                log.warning("%s (retrying, %d s left)", self._obstacle(last, narrate=True), round(left))
+            time.sleep(min(left, delay * random.uniform(0.5, 1.5)))   # the last try comes at the deadline
             delay = min(delay * 2, 1.0)
+
+    def _obstacle(self, error, narrate=False):
+        """What keeps us from the store, for the log (`narrate`) or the final error."""
+        if isinstance(error, _Unresolved):
+            if narrate:
+                return "store host %s does not resolve yet" % self.host
+            return "the host name %r does not resolve (%s)" % (self.host, error)
+        if narrate:
+            if isinstance(error, ConnectionRefusedError):
+                return "store %s refuses connections" % self._where()
+            return "store %s: %s" % (self._where(), _describe(error))
+        return _describe(error)
 
     def _handshake(self, sock, deadline):
         """Hello, and the proof when the server asks for one; returns the server's offer of its
         same-host socket (empty when it made none)."""
-        sock.settimeout(max(0.05, deadline - time.monotonic()))
+        sock.settimeout(max(0.05, min(_LONGEST, deadline - time.monotonic())))
         sock.sendall(_U32.pack(5) + _MAGIC + bytes([PROTOCOL_VERSION]))
         welcome = _recv_frame(sock, _HANDSHAKE_FRAME_LIMIT)
         if len(welcome) < 2:
@@ -1278,11 +1763,21 @@ class TCPStore:
         if status == _PROOF:
             if self._token is None:
                 raise StoreAuthError("the store at %s requires a token and none was given" % self._where())
-            sock.sendall(_field(_proof(self._token, welcome[2:])))
+            challenge, nonce = welcome[2:], os.urandom(_CHALLENGE_SIZE)
+            sock.sendall(_field(_proof(self._token, challenge) + nonce))
             verdict = _recv_frame(sock, _HANDSHAKE_FRAME_LIMIT)
             if verdict[:1] != bytes([_READY]):
-                raise StoreAuthError("the store at %s refused our token" % self._where())
-            features, offer = verdict[1:2], verdict[2:]
+                raise StoreAuthError("the store at %s refused our token (a wrong token, or a store.py too old to "
+                                     "prove it knows the token)" % self._where())
+            if not _same(verdict[1:1 + _CHALLENGE_SIZE], _server_proof(self._token, nonce, challenge)):
+                raise StoreAuthError("the store at %s did not prove it knows the token; refusing it (is another "
+                                     "program holding its port?)" % self._where())
+            features, offer = verdict[1 + _CHALLENGE_SIZE:2 + _CHALLENGE_SIZE], verdict[2 + _CHALLENGE_SIZE:]
+        elif status == _READY and self._token is not None:
+            # a store of this token asks for it: one that lets us in without, knows nothing of it
+            raise StoreAuthError("the store at %s did not ask for the token, so it cannot prove it is the "
+                                 "token's store; refusing it (is another program holding its port, or does the "
+                                 "store run without a token?)" % self._where())
         elif status != _READY:
             raise EOFError("unexpected welcome status %d" % status)
         self._features = features[0] if features else 0   # an older server sends none
@@ -1316,8 +1811,9 @@ class TCPStore:
 
     # -- request plumbing
 
-    def _call(self, op, body, wait=None, keys=()):
+    def _call(self, op, body, wait=None, keys=(), empty=None):
         """Send one request and return the reply body. `wait`: seconds the server may park it.
+        `empty`: the error to raise for TIMEOUT instead of StoreTimeout (a non-blocking pop's).
 
         Interrupted anywhere (Ctrl-C), a request leaves the client usable, or closed with a reason
         when part of a frame may have been sent or a reply lost: never holding a lock or a role
@@ -1344,8 +1840,10 @@ class TCPStore:
         if status == _OK:
             return result
         if status == _TIMEOUT:
-            raise StoreTimeout("timed out after %.3g s waiting for key(s) %s in the store at %s"
-                               % (wait, ", ".join(repr(k) for k in keys), self._where()))
+            if empty is not None:
+                raise empty
+            raise StoreTimeout("wait timeout after %s, keys: %s (store at %s)"
+                               % (_ms(wait), ", ".join(keys), self._where()))
         raise StoreError(result.decode("utf-8", "replace"))
 
     def _exchange(self, op, body):
@@ -1386,13 +1884,13 @@ class TCPStore:
         """As the only reader: the reply to `rid`. Usually it is one whole frame in one recv, checked
         and returned right here."""
         try:
-            if self._armed != seconds:
-                self._arm(sock, seconds)
             try:
+                if self._armed != seconds:   # inside: a close() from another thread may come first
+                    self._arm(sock, seconds)
                 chunk = sock.recv(65536)
             except (socket.timeout, BlockingIOError):
-                raise StoreTimeout("no answer from the store at %s within %.1f s"
-                                   % (self._where(), seconds)) from None
+                raise StoreTimeout("timeout after %s: no answer from the store at %s"
+                                   % (_ms(seconds), self._where())) from None
             except OSError as e:
                 self._broken(_describe(e))
             size = len(chunk)
@@ -1441,8 +1939,8 @@ class TCPStore:
         patience = self._patience(wait)
         deadline = time.monotonic() + patience
         if not self._send_lock.acquire(timeout=patience):   # held through another thread's round trip
-            raise StoreTimeout("the store at %s left another request unanswered for %.1f s"
-                               % (self._where(), patience))
+            raise StoreTimeout("timeout after %s: the store at %s left another request unanswered"
+                               % (_ms(patience), self._where()))
         me, rid = _get_ident(), None
         try:
             try:
@@ -1492,7 +1990,7 @@ class TCPStore:
                     reply = replies.pop(rid, None)
                 if reply is not None:
                     return reply
-                raise StoreTimeout("no answer from the store at %s" % self._where())
+                raise StoreTimeout("timeout: no answer from the store at %s" % self._where())
         return self._read_own(rid, deadline, me)
 
     def _read_own(self, rid, deadline, me):
@@ -1559,15 +2057,14 @@ class TCPStore:
                     return frid, status, body
             remaining = deadline - time.monotonic()
             if remaining <= 0:
-                raise StoreTimeout("no answer from the store at %s" % self._where())
+                raise StoreTimeout("timeout: no answer from the store at %s" % self._where())
             if sock is None:
                 raise StoreConnectionError(self._gone)
             try:
                 self._arm(sock, remaining)
                 chunk = sock.recv(max(65536, end - len(buf)) if len(buf) >= _HEAD.size else 65536)
             except (socket.timeout, BlockingIOError):   # BlockingIOError: SO_RCVTIMEO ran out
-                raise StoreTimeout("no answer from the store at %s within %.1f s"
-                                   % (self._where(), remaining)) from None
+                raise StoreTimeout("timeout: no answer from the store at %s" % self._where()) from None
             except OSError as e:
                 self._broken(_describe(e))
             if not chunk:
@@ -1636,7 +2133,7 @@ class TCPStore:
 
     def _wait_ms(self, timeout):
         seconds = self.timeout if timeout is None else _seconds(timeout)
-        return seconds, int(seconds * 1000)
+        return seconds, _wire_ms(seconds)
 
     # -- the API
 
@@ -1653,6 +2150,8 @@ class TCPStore:
         """Add `amount` to the integer at `key` (missing counts as 0); returns the new value."""
         if amount.__class__ is not int and not isinstance(amount, int):
             raise TypeError("add takes an int, got %s" % type(amount).__name__)
+        if not -0x8000000000000000 <= amount <= 0x7FFFFFFFFFFFFFFF:
+            raise ValueError("add: %d is outside the signed 64-bit range the store counts in" % amount)
         return _I64.unpack(self._call(_ADD, _key_field(key) + _I64.pack(amount)))[0]
 
     def compare_set(self, key, expected, desired):
@@ -1751,6 +2250,68 @@ class TCPStore:
         """Whether the server knows ``beat`` (an older one does not)."""
         return bool(self._features & _F_BEAT)
 
+    def queue_push(self, key, value):
+        """Append `value` to the queue named `key`. Queues live beside keys: see "Queues" above."""
+        self._need_queues()
+        self._call(_QPUSH, _key_field(key) + _field(_value_bytes(value)))
+
+    def queue_pop(self, key, block=True, timeout=None):
+        """The oldest value of the queue `key`, removed from it. With `block`, wait up to `timeout`
+        (default: the store timeout) for one to be pushed, then raise StoreTimeout; without,
+        raise QueueEmptyError at once when the queue is empty. Each value goes to one pop only."""
+        self._need_queues()
+        seconds, ms = self._wait_ms(timeout) if block else (0.0, 0)
+        empty = None if block else QueueEmptyError("queue is empty: %s (store at %s)" % (key, self._where()))
+        return self._call(_QPOP, _I64.pack(ms) + _key_field(key), seconds, (key,), empty)[4:]
+
+    def queue_len(self, key):
+        """How many values wait in the queue `key` (0 for a queue never pushed to)."""
+        self._need_queues()
+        return _I64.unpack(self._call(_QLEN, _key_field(key)))[0]
+
+    def _need_queues(self):
+        if not self._features & _F_QUEUE:
+            raise StoreError("the store at %s does not know queues: it runs an older store.py"
+                             % self._where())
+
+    def has_extended_api(self):
+        """True, as torch's TCPStore: ``append``, ``multi_get`` and ``multi_set`` are served."""
+        return True
+
+    def list_keys(self):
+        """The names of every key in the store (not the queues), in no particular order."""
+        if not self._features & _F_LIST:
+            raise StoreError("the store at %s does not know list_keys: it runs an older store.py"
+                             % self._where())
+        body = self._call(_LIST, b"")
+        (count,) = _U32.unpack_from(body)
+        keys, pos = [], 4
+        for _ in range(count):
+            (size,) = _U32.unpack_from(body, pos)
+            keys.append(body[pos + 4:pos + 4 + size].decode("utf-8", "replace"))
+            pos += 4 + size
+        return keys
+
+    def barrier(self, key, world_size, timeout=None):
+        """Return once `world_size` callers have called ``barrier(key, world_size)``; StoreTimeout
+        after `timeout` (default: the store timeout). A key serves one barrier: it counts in the keys
+        ``key/num_members`` and ``key/last_member``, as torch's PrefixStore does (torch's TCPStore
+        counts in `key` itself)."""
+        _check_world_size(world_size)
+        seconds = self.timeout if timeout is None else _seconds(timeout)
+        if self.add(key + "/num_members", 1) == world_size:
+            self.set(key + "/last_member", "1")
+        try:
+            self.wait([key + "/last_member"], seconds)
+        except StoreTimeout:
+            raise StoreTimeout("barrier timeout after %s, key: %s (store at %s)"
+                               % (_ms(seconds), key, self._where())) from None
+
+    def clone(self):
+        """A new client of the same store on a connection of its own, with this one's timeout and
+        token; it never hosts the server. (torch clones a store per thread; ours may also be shared.)"""
+        return TCPStore(self.host, self.port, timeout=self.timeout, token=self._token)
+
     @property
     def timeout(self):
         """Seconds a request waits for its answer (and `get`/`wait` for their keys) by default."""
@@ -1789,10 +2350,20 @@ def _wake(sleeper):
         sleeper.release()
 
 
+def _check_world_size(world_size):
+    if world_size.__class__ is not int and not isinstance(world_size, int) or world_size < 1:
+        raise ValueError("barrier: world_size must be an int of at least 1, got %r" % (world_size,))
+
+
 def _as_keys(keys):
     if isinstance(keys, str):
         raise TypeError("pass a list of keys, not a single str")
     return list(keys)
+
+
+def _ms(seconds):
+    """A duration as torch's store messages give it ("wait timeout after 100ms")."""
+    return "%dms" % round(seconds * 1000)
 
 
 def _describe(error):
@@ -1812,11 +2383,12 @@ def _recv_frame(sock, limit):
 
 
 def _recv_exactly(sock, size):
+    """Exactly `size` bytes from a blocking socket; EOFError when the peer closes first."""
     data = b""
     while len(data) < size:
         chunk = sock.recv(size - len(data))
         if not chunk:
-            raise EOFError("the server closed the connection during the handshake")
+            raise EOFError("the peer closed the connection after %d of %d bytes" % (len(data), size))
         data += chunk
     return data
 
@@ -1824,7 +2396,13 @@ def _recv_exactly(sock, size):
 class PrefixStore:
     """A view of `store` whose keys all live under ``prefix/``."""
 
+    _owns = False   # True for a clone(): closing it closes the store it cloned
+
     def __init__(self, prefix, store):
+        if store is None:
+            raise ValueError("PrefixStore: store argument cannot be None")
+        if not isinstance(prefix, str):
+            raise TypeError("PrefixStore: prefix must be a str, got %s" % type(prefix).__name__)
         self.prefix = prefix
         self.underlying_store = store
 
@@ -1864,6 +2442,34 @@ class PrefixStore:
     def append(self, key, value):
         self.underlying_store.append(self._k(key), value)
 
+    def queue_push(self, key, value):
+        self.underlying_store.queue_push(self._k(key), value)
+
+    def queue_pop(self, key, block=True, timeout=None):
+        return self.underlying_store.queue_pop(self._k(key), block, timeout)
+
+    def queue_len(self, key):
+        return self.underlying_store.queue_len(self._k(key))
+
+    def has_extended_api(self):
+        has = getattr(self.underlying_store, "has_extended_api", None)
+        return bool(has and has())
+
+    def list_keys(self):
+        """The keys under this prefix, without it."""
+        start = self.prefix + "/"
+        return [key[len(start):] for key in self.underlying_store.list_keys() if key.startswith(start)]
+
+    def barrier(self, key, world_size, timeout=None):
+        self.underlying_store.barrier(self._k(key), world_size, timeout)
+
+    def clone(self):
+        """The same view over a clone of the underlying store (a connection of its own, which
+        closing this clone closes)."""
+        clone = PrefixStore(self.prefix, self.underlying_store.clone())
+        clone._owns = True
+        return clone
+
     def set_timeout(self, timeout):
         self.underlying_store.set_timeout(timeout)
 
@@ -1872,7 +2478,10 @@ class PrefixStore:
         return self.underlying_store.timeout
 
     def close(self):
-        """A prefix view owns nothing; closing it leaves the underlying store open."""
+        """A prefix view owns nothing, and closing it leaves the underlying store open; except a
+        clone(), which closes the connection it was given."""
+        if self._owns:
+            self.underlying_store.close()
 
     def __enter__(self):
         return self
@@ -1881,7 +2490,7 @@ class PrefixStore:
         self.close()
 
 
-# --------------------------------------------------------------------------------------------- CLI
+# ------------------------------------------------------------------------------------- Command line
 
 def _main(argv=None):
     import argparse

@@ -4,14 +4,19 @@
 
     python3 bench/bench_launcher.py [--torch-python PATH] [--runs N]
 
-Measures, for both launchers (`--standalone --nproc-per-node 2`):
-  launch   wall time of a whole run of a trivial 2-worker script (median of N)
+Measures, for both launchers (`--standalone --nproc-per-node 2`), ours by two routes: the modules
+with their bytecode cached (`python3 -m elastic`, what `pip install` gives) and the one-file bundle
+(`python3 elasticrun.pyz`, built by tools/make_bundle.py with bytecode for this Python):
+  launch   wall time of a whole run of a trivial 2-worker script (median of N; the routes take
+           turns round by round, and the bundle is also launched built without bytecode, as it
+           was before issue 19, to show what the bytecode buys)
   restart  a worker's last act (it prints a timestamp, then exits 1) to the first line of its
            restarted copy (--max-restarts 1)
   exit     a worker's last act before failing to the launcher's exit (the other worker sleeps and
            must be torn down)
   rss      the launcher process's peak RSS (VmHWM) while its workers run
-Targets (issue 4): launch >= 20x faster, restart < 100 ms, exit < 100 ms, rss < 20 MiB.
+Targets (issue 4): launch >= 20x faster, restart < 100 ms, exit < 100 ms, rss < 20 MiB; (issue 19)
+the bundle launches as fast as the modules.
 """
 import argparse
 import os
@@ -37,12 +42,21 @@ if mode in ("fail", "sleep"):
 '''
 
 
-def launchers(torch_python):
+def launchers(torch_python, folder):
     # `python3 -m elastic` is what the `elasticrun` console script runs: the module from its .pyc
     # (a script path would be compiled from source on every start)
     ours = [sys.executable, "-m", "elastic"]
     theirs = [torch_python, "-m", "torch.distributed.run"] if torch_python else None
-    return {"elasticrun": ours, "torchrun": theirs}
+    return {"elasticrun": ours, "elasticrun.pyz": [sys.executable, build_bundle(folder, "elasticrun.pyz")],
+            "torchrun": theirs}
+
+
+def build_bundle(folder, name, *options):
+    """The one-file bundle as a user builds it (by default with bytecode for this Python)."""
+    path = os.path.join(folder, name)
+    subprocess.run([sys.executable, os.path.join(ROOT, "tools", "make_bundle.py"), "-o", path] + list(options),
+                   check=True, stdout=subprocess.PIPE)
+    return path
 
 
 def run(cmd, args, env=None):
@@ -58,14 +72,20 @@ def _timed(cmd):
     return time.time() - t0
 
 
-def bench_launch(cmd, script, runs):
-    times = []
-    for _ in range(runs):
-        dt, p = run(cmd, [script])
-        if p.returncode != 0:
-            raise RuntimeError("launch failed: %s" % p.stderr.decode()[-2000:])
-        times.append(dt)
-    return statistics.median(times)
+def bench_launch(cmds, script, runs):
+    """Launch times of every route, taken in turns round by round, so that the machine's load moving
+    during the benchmark weighs on all routes alike; torchrun (seconds a launch) takes part in the
+    first max(2, runs // 2) rounds only. Returns {name: [seconds per round]}."""
+    times = {name: [] for name in cmds}
+    for i in range(runs):
+        for name, cmd in cmds.items():
+            if name == "torchrun" and i >= max(2, runs // 2):
+                continue
+            dt, p = run(cmd, [script])
+            if p.returncode != 0:
+                raise RuntimeError("%s launch failed: %s" % (name, p.stderr.decode()[-2000:]))
+            times[name].append(dt)
+    return times
 
 
 def stamps(out):
@@ -130,7 +150,8 @@ def bench_rss(cmd, script):
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--torch-python", default=os.path.join(ROOT, ".venv-torch", "bin", "python"))
+    ap.add_argument("--torch-python", default=os.environ.get("ELASTIC_TEST_TORCH_PYTHON")
+                    or os.path.join(ROOT, ".venv-torch", "bin", "python"))
     ap.add_argument("--runs", type=int, default=5)
     args = ap.parse_args()
     torch_python = args.torch_python if os.path.exists(args.torch_python) else None
@@ -149,26 +170,38 @@ def main():
         f.write(TRIVIAL)
     with open(stamp, "w") as f:
         f.write(STAMP)
+    cmds = launchers(torch_python, tmp)
+    for name in [n for n, cmd in cmds.items() if cmd is None]:
+        print("%s: not available" % name)
+        del cmds[name]
+    # the bundle as it was before it carried bytecode: every launch compiles the modules (launch only)
+    sources_only = [sys.executable, build_bundle(tmp, "sources-only.pyz", "--bytecode-for", "none")]
+    launch = bench_launch(dict(cmds, sources_only=sources_only), trivial, args.runs)
     results = {}
-    for name, cmd in launchers(torch_python).items():
-        if cmd is None:
-            print("%s: not available" % name)
-            continue
-        runs = args.runs if name == "elasticrun" else max(2, args.runs // 2)
+    for name, cmd in cmds.items():
+        runs = max(2, args.runs // 2) if name == "torchrun" else args.runs
         results[name] = {
-            "launch": bench_launch(cmd, trivial, runs),
+            "launch": statistics.median(launch[name]),
             "restart": bench_restart(cmd, stamp, runs),
             "exit": bench_exit(cmd, stamp, runs),
             "rss": bench_rss(cmd, stamp),
         }
-        print("%-10s launch %7.1f ms  restart %7.1f ms  exit %7.1f ms  rss %6.1f MiB" % (
+        print("%-14s launch %7.1f ms  restart %7.1f ms  exit %7.1f ms  rss %6.1f MiB" % (
             name, results[name]["launch"] * 1e3, results[name]["restart"] * 1e3,
             results[name]["exit"] * 1e3, results[name]["rss"]), flush=True)
-    if len(results) == 2:
-        ours, theirs = results["elasticrun"], results["torchrun"]
-        print("ratios (torchrun / elasticrun): launch %.1fx  restart %.1fx  exit %.1fx  rss %.1fx" % (
-            theirs["launch"] / ours["launch"], theirs["restart"] / ours["restart"],
+    for route in ("elasticrun", "elasticrun.pyz"):
+        if "torchrun" not in results:
+            break
+        ours, theirs = results[route], results["torchrun"]
+        print("ratios (torchrun / %s): launch %.1fx  restart %.1fx  exit %.1fx  rss %.1fx" % (
+            route, theirs["launch"] / ours["launch"], theirs["restart"] / ours["restart"],
             theirs["exit"] / ours["exit"], theirs["rss"] / ours["rss"]))
+    for route in ("elasticrun.pyz", "sources_only"):   # same round, same load: ratios of pairs
+        ratios = sorted(b / m for b, m in zip(launch[route], launch["elasticrun"]))
+        print("launch %s / modules: %.2fx (rounds %.2f-%.2f; %.1f ms against %.1f ms)" % (
+            "bundle" if route == "elasticrun.pyz" else "bundle without bytecode", statistics.median(ratios),
+            ratios[0], ratios[-1], statistics.median(launch[route]) * 1e3,
+            statistics.median(launch["elasticrun"]) * 1e3))
     ours = results["elasticrun"]
     print("targets: launch >= 20x torchrun, restart < 100 ms (%s), exit < 100 ms (%s), rss < 20 MiB (%s)" % (
         "ok" if ours["restart"] < 0.1 else "MISSED", "ok" if ours["exit"] < 0.1 else "MISSED",

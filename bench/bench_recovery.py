@@ -57,8 +57,9 @@ from etcd_cluster import EtcdCluster  # noqa: E402
 HANG_GUARD = 60.0
 
 # The tests' job (worker, rendezvous conf, agent options), so the figures are those of the scenarios
-# the tests prove (test_netns needs pytest, as the tests do).
-from test_netns import AGENT_OPTIONS, RDZV_CONF, Job  # noqa: E402
+# the tests prove; and the tests' one polling helper.
+from netns import AGENT_OPTIONS, RDZV_CONF, Job  # noqa: E402
+from agent_scripts.harness import wait_for  # noqa: E402
 
 
 class ScenarioFailed(Exception):
@@ -145,20 +146,6 @@ class _Job(Job):
             agent.close()
 
 
-def _until(condition, what, timeout=HANG_GUARD, job=None):
-    """Poll for a state other processes write (a file, a log line); the timeout is a hang guard.
-
-    Polling only decides when to look: the figures come from the stamps the processes wrote."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = condition()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise ScenarioFailed("gave up waiting for %s%s" % (what, ("\n" + job.outputs()) if job else ""))
-        time.sleep(0.02)
-
-
 @contextlib.contextmanager
 def _setup(backend, etcd_binary, etcd_members=1):
     """A 3-host network (the bench on the bridge too), a temp dir, etcd when `backend` is etcd."""
@@ -186,7 +173,7 @@ def _setup(backend, etcd_binary, etcd_members=1):
 def _start_all(job):
     for i in range(3):
         job.start(i)
-    _until(lambda: job.running_at({0, 1, 2}, 3), "3 workers at world size 3", job=job)
+    wait_for(lambda: job.running_at({0, 1, 2}, 3), HANG_GUARD, "3 workers at world size 3", explain=job.outputs)
 
 
 def _lose_host_2(backend, etcd_binary, how):
@@ -198,7 +185,8 @@ def _lose_host_2(backend, etcd_binary, how):
         else:
             fault = time.time()
             net.link_down(2)
-        first = _until(lambda: job.running_at({0, 1}, 2, after=fault), "survivors at world size 2", job=job)
+        first = wait_for(lambda: job.running_at({0, 1}, 2, after=fault), HANG_GUARD, "survivors at world size 2",
+                         explain=job.outputs)
         notice = job.first_notice({0, 1}, fault)
         return _row(notice, fault, max(first.values()) - fault)
 
@@ -207,10 +195,11 @@ def _scale_up(backend, etcd_binary):
     with _setup(backend, etcd_binary) as (net, etcd, job):
         job.start(0)
         job.start(1)
-        _until(lambda: job.running_at({0, 1}, 2), "2 workers at world size 2", job=job)
+        wait_for(lambda: job.running_at({0, 1}, 2), HANG_GUARD, "2 workers at world size 2", explain=job.outputs)
         joined = time.time()
         job.start(2)
-        first = _until(lambda: job.running_at({0, 1, 2}, 3, after=joined), "3 workers at world size 3", job=job)
+        first = wait_for(lambda: job.running_at({0, 1, 2}, 3, after=joined), HANG_GUARD, "3 workers at world size 3",
+                         explain=job.outputs)
         notice = job.first_notice({0, 1}, joined)
         return _row(notice, joined, max(first.values()) - joined, "from the third agent's exec")
 
@@ -276,7 +265,7 @@ def _store_host_killed(backend, etcd_binary):
 
         def noticed():
             return all("lost the store" in job.agents[i].text() for i in survivors)
-        _until(noticed, "both surviving agents to report the lost store", job=job)
+        wait_for(noticed, HANG_GUARD, "both surviving agents to report the lost store", explain=job.outputs)
         # a real job's workers fail now too (their peer on host 0 is gone): make ours fail
         job.release_workers("fail")
         failed = time.time()
@@ -287,7 +276,7 @@ def _store_host_killed(backend, etcd_binary):
                 if i not in exits and job.agents[i].proc.poll() is not None:
                     exits[i] = time.time()
             return len(exits) == len(survivors)
-        _until(exited, "the surviving agents to exit", job=job)
+        wait_for(exited, HANG_GUARD, "the surviving agents to exit", explain=job.outputs)
         codes = [job.agents[i].proc.returncode for i in survivors]
         notice = job.first_notice(set(survivors), fault)
         restarts = len(job.starts()) - starts_before
@@ -307,7 +296,7 @@ def _row(notice, fault, recovery, note="", ok=True):
 
 
 def _short(text, width=70):
-    text = text.replace("[elasticrun] ", "").strip()
+    text = text.split("[elasticrun] ", 1)[-1].strip()   # the time and the tag go
     return text if len(text) <= width else text[:width - 3] + "..."
 
 
@@ -380,7 +369,7 @@ def main(argv=None):
             print("%s %s, run %d/%d ..." % (name, backend, k + 1, args.repeat), file=sys.stderr, flush=True)
             try:
                 row = fn(backend, etcd_binary)
-            except ScenarioFailed as e:
+            except (ScenarioFailed, AssertionError) as e:   # AssertionError: wait_for's hang guard
                 failed = True
                 print("  FAILED: %s" % e, file=sys.stderr, flush=True)
                 notes.append("FAILED: %s" % _short(str(e).splitlines()[0]))

@@ -31,7 +31,13 @@ import os
 import shutil
 import signal
 import subprocess
+import sys
 import time
+
+from agent_scripts.harness import wait_for
+
+_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+HANG_GUARD = 60.0
 
 _counter = itertools.count()
 
@@ -206,3 +212,98 @@ class Network:
 
     def __exit__(self, *exc):
         self.close()
+
+
+# One agent per host (elastic.py), one worker each. The worker appends a line to a log file that every
+# host shares (namespaces share the file system), then finishes at once when the world has the size
+# the scenario ends at, and otherwise waits for a release file (or to be stopped by its agent).
+
+WORKER = r"""
+import os, sys, time
+log, finish_at, release = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+e = os.environ
+with open(log, "a") as f:
+    f.write("start %s %s %s %s %d %.3f\n" % (e["TEST_HOST"], e["RANK"], e["WORLD_SIZE"],
+                                           e["TORCHELASTIC_RESTART_COUNT"], os.getpid(), time.time()))
+if int(e["WORLD_SIZE"]) == finish_at:
+    sys.exit(0)
+while not os.path.exists(release):
+    time.sleep(0.05)
+with open(release) as f:  # "fail": act as a real worker whose peer died (its collective errors out)
+    sys.exit(3 if f.read() == "fail" else 0)
+"""
+
+RDZV_CONF = ("heartbeat_interval=0.5,heartbeat_timeout=2,last_call_timeout=1,join_timeout=60,"
+             "read_timeout=10,close_timeout=5")
+
+
+AGENT_OPTIONS = ["--monitor-interval", "0.1", "--shutdown-timeout", "2", "--exit-barrier-timeout", "20"]
+
+
+class Job:
+    """Agents on the hosts of `net`, all running WORKER; their output goes to files in `tmp`.
+
+    bench/bench_recovery.py runs the same jobs, starting the agents its own way (start()).
+    """
+
+    def __init__(self, net, tmp, backend, endpoint, nnodes, finish_at=-1, max_restarts=0, conf=RDZV_CONF,
+                 job_id="netjob"):
+        self.max_restarts, self.conf, self.job_id = max_restarts, conf, job_id
+        self.net, self.tmp = net, str(tmp)
+        self.log, self.release = os.path.join(self.tmp, "starts.log"), os.path.join(self.tmp, "release")
+        self.worker = os.path.join(self.tmp, "worker.py")
+        with open(self.worker, "w") as f:
+            f.write(WORKER)
+        self.backend, self.endpoint, self.nnodes, self.finish_at = backend, endpoint, nnodes, finish_at
+        self.agents = {}
+
+    def argv(self, i):
+        return ([sys.executable, os.path.join(_ROOT, "elastic.py"), "--nnodes", self.nnodes, "--nproc-per-node", "1",
+                 "--rdzv-backend", self.backend, "--rdzv-endpoint", self.endpoint, "--rdzv-id", self.job_id,
+                 "--rdzv-conf", self.conf, "--local-addr", self.net.addr(i), "--max-restarts", str(self.max_restarts)]
+                + AGENT_OPTIONS + [self.worker, self.log, str(self.finish_at), self.release])
+
+    def env(self, i):
+        return dict(os.environ, TEST_HOST="h%d" % i, PYTHONUNBUFFERED="1")
+
+    def start(self, i):
+        out = open(os.path.join(self.tmp, "agent%d.log" % i), "wb")
+        try:
+            self.agents[i] = self.net.popen(i, self.argv(i), stdout=out, stderr=subprocess.STDOUT, env=self.env(i))
+        finally:
+            out.close()
+        return self.agents[i]
+
+    def release_workers(self, content=""):
+        tmp = self.release + ".tmp"
+        with open(tmp, "w") as f:
+            f.write(content)
+        os.replace(tmp, self.release)
+
+    def output(self, i):
+        with open(os.path.join(self.tmp, "agent%d.log" % i), "rb") as f:
+            return f.read().decode("utf-8", "replace")
+
+    def starts(self):
+        """[(host, rank, world, restart_count, pid, wall time)] in the order the workers started."""
+        try:
+            with open(self.log) as f:
+                rows = [line.split() for line in f if line.startswith("start ")]
+        except FileNotFoundError:
+            return []
+        return [(r[1], int(r[2]), int(r[3]), int(r[4]), int(r[5]), float(r[6])) for r in rows]
+
+    def wait_starts(self, world, count):
+        """Wait until `count` workers started in a world of `world`; returns those rows."""
+        wait_for(lambda: len([s for s in self.starts() if s[2] == world]) >= count, HANG_GUARD,
+                 "%d workers at world size %d" % (count, world), explain=self.outputs)
+        return [s for s in self.starts() if s[2] == world]
+
+    def outputs(self):
+        return "\n".join("--- agent %d\n%s" % (i, self.output(i)) for i in sorted(self.agents))
+
+    def wait(self, i):
+        try:
+            return self.agents[i].wait(HANG_GUARD)
+        except subprocess.TimeoutExpired:
+            raise AssertionError("agent %d did not finish:\n%s" % (i, self.outputs())) from None

@@ -237,6 +237,9 @@ def test_spec_validation():
         LocalElasticAgent(WorkerSpec("r", 1, funcs.happy), start_method="thread")
 
 
+PRINTER = os.path.join(SCRIPTS, "printer.py")
+
+
 @pytest.mark.parametrize("argv, needle", [
     (["--nnodes", "x", "s.py"], "--nnodes"),
     (["--nproc-per-node", "zero", "s.py"], "--nproc-per-node"),
@@ -255,6 +258,30 @@ def test_spec_validation():
     ([], "training_script"),
     (["no/such/script.py"], "no such script"),
     (["--log-dir", "/proc/nope", os.path.join(SCRIPTS, "printer.py")], "--log-dir"),
+    # numbers: negative, nan, inf and huge values never reach a wait or a loop
+    (["--nnodes", "100000000000000000000", PRINTER], "--nnodes"),
+    (["--nnodes", "1:100000000000000000000", PRINTER], "--nnodes"),
+    (["--nproc-per-node", "99999999999", PRINTER], "--nproc-per-node"),
+    (["--max-restarts", "-1", PRINTER], "--max-restarts"),
+    (["--max-restarts", "99999999999999999999", PRINTER], "--max-restarts"),
+    (["--monitor-interval", "1e300", PRINTER], "--monitor-interval"),
+    (["--shutdown-timeout", "inf", PRINTER], "--shutdown-timeout"),
+    (["--shutdown-timeout", "1e300", PRINTER], "--shutdown-timeout"),
+    (["--exit-barrier-timeout", "-1", PRINTER], "--exit-barrier-timeout"),
+    (["--exit-barrier-timeout", "1e300", PRINTER], "--exit-barrier-timeout"),
+    (["--standalone", "--rdzv-conf", "join_timeout=1e300", PRINTER], "join_timeout"),
+    (["--standalone", "--rdzv-conf", "heartbeat_timeout=inf", PRINTER], "heartbeat_timeout"),
+    (["--standalone", "--rdzv-conf", "read_timeout=nan", PRINTER], "read_timeout"),
+    (["--standalone", "--rdzv-conf", "close_timeout=-1", PRINTER], "close_timeout"),
+    # run ids are data: ones no encoding makes usable are refused, naming the rule
+    (["--rdzv-id", "x" * 300, PRINTER], "--rdzv-id is 300 characters long: at most 255"),
+    (["--rdzv-id", "a\nb", PRINTER], "control characters"),
+    (["--rdzv-id", "", PRINTER], "--rdzv-id must not be empty"),
+    # --no-python: the program must be one exec can start
+    (["--no-python", "no-such-program-anywhere"], "--no-python: no such program"),
+    (["--no-python", "/no/such/program"], "--no-python: no such program"),
+    (["--no-python", PRINTER], "--no-python: %s is not an executable file" % PRINTER),
+    (["--no-python", SCRIPTS], "is not an executable file"),
 ])
 def test_cli_errors_exit_2_with_one_line(argv, needle, capsys):
     assert elastic.main(argv) == 2
@@ -266,13 +293,15 @@ def test_cli_reads_pet_environment_and_both_spellings():
     env = {"PET_NPROC_PER_NODE": "3", "PET_MAX_RESTARTS": "2", "PET_STANDALONE": "1"}
     script = os.path.join(SCRIPTS, "printer.py")
     args = elastic._parse_args(["--monitor_interval", "0.5", "--rdzv-id=abc", script, "-x"], env)
+    before = dict(vars(args))
     c = elastic._config_from_args(args, env)
-    assert c.nproc == 3 and args.max_restarts == 2 and args.standalone
-    assert args.monitor_interval == 0.5 and c.backend == "c10d" and c.conf["is_host"] == "1"
-    assert args.training_script_args == ["-x"]
+    assert vars(args) == before     # the parsed options are read, never changed
+    assert c.nproc == 3 and c.max_restarts == 2 and c.monitor_interval == 0.5
+    assert c.rdzv.backend == "c10d" and c.rdzv.is_host and c.rdzv.local_addr == "127.0.0.1"
+    assert (c.mode, c.script, c.script_args) == ("script", script, ["-x"])
     assert elastic._parse_nproc("cpu") == os.cpu_count()
     assert elastic._parse_nproc("auto") >= 1
-    assert elastic._config_from_args(elastic._parse_args([script], {}), {}).backend == "static"
+    assert elastic._config_from_args(elastic._parse_args([script], {}), {}).rdzv.backend == "static"
 
 
 def test_cli_error_for_bad_pet_value(capsys):
@@ -291,3 +320,61 @@ def test_cli_error_for_bad_pet_value(capsys):
 def test_signal_names_in_failures():
     f = ProcessFailure(0, 5, -signal.SIGTERM)
     assert f.signal_name() == "SIGTERM" and f.launcher_exit_code() == 143
+
+
+# Every start path gives whole lines: 8 workers share the console and print 300 lines each, all at
+# once (lines.py waits for every rank first; argv[2] is its meeting folder).
+LINES = os.path.join(SCRIPTS, "lines.py")
+API_RUNS = {
+    "script through python_command": """
+        cmd = elastic.python_command(sys.argv[1], ["300", sys.argv[2]])
+        spec = elastic.WorkerSpec("w", 8, cmd[0], cmd[1:], monitor_interval=0.05)
+        sys.exit(elastic.LocalElasticAgent(spec).run().is_failed())""",
+    "callable": """
+        sys.path.insert(0, os.path.dirname(sys.argv[1]))
+        import lines
+        spec = elastic.WorkerSpec("w", 8, lines.lines, ("300", sys.argv[2]), monitor_interval=0.05)
+        sys.exit(elastic.LocalElasticAgent(spec).run().is_failed())""",
+    "main([...])": """
+        sys.exit(elastic.main(["--standalone", "--nproc-per-node", "8", sys.argv[1], "300", sys.argv[2]]))""",
+}
+
+
+@pytest.mark.parametrize("how", sorted(API_RUNS))
+def test_console_gets_whole_lines_from_every_start_path(tmp_path, how):
+    import re
+    import subprocess
+    import textwrap
+    code = "import os, sys\nimport elastic\n" + textwrap.dedent(API_RUNS[how])
+    meet = tmp_path / "meet"
+    meet.mkdir()
+    # one pipe shared by every worker, as a console is
+    p = subprocess.run([sys.executable, "-c", code, LINES, str(meet)], stdout=subprocess.PIPE,
+                       stderr=subprocess.PIPE, cwd=str(tmp_path),
+                       env=dict(os.environ, PYTHONPATH=os.path.dirname(HERE)), timeout=120)
+    assert p.returncode == 0, p.stderr.decode()
+    lines = p.stdout.decode().splitlines()
+    whole = re.compile(r"rank [0-7] line \d+ x{80}\Z")
+    corrupted = [line for line in lines if not whole.match(line)]
+    assert corrupted == [] and len(lines) == 8 * 300, (len(corrupted), corrupted[:3])
+
+
+def test_every_state_is_reachable_through_the_transition_table():
+    states = {value for name, value in vars(WorkerState).items() if name.isupper()}
+    assert set(elastic._TRANSITIONS) == states
+    seen, todo = set(), [WorkerState.UNKNOWN]
+    while todo:
+        state = todo.pop()
+        if state not in seen:
+            seen.add(state)
+            todo.extend(elastic._TRANSITIONS[state])
+    assert seen == states
+    agent = LocalElasticAgent(WorkerSpec("r", 1, funcs.happy, monitor_interval=0.05))
+    assert agent.state == WorkerState.UNKNOWN     # built, not run
+    assert agent.run().state == agent.state == WorkerState.SUCCEEDED
+
+
+def test_a_program_that_cannot_start_raises_its_own_error(tmp_path):
+    spec = WorkerSpec("r", 2, str(tmp_path / "no-such-program"), monitor_interval=0.05)
+    with pytest.raises(FileNotFoundError):
+        LocalElasticAgent(spec, shutdown_timeout=2).run()

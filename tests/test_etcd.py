@@ -8,6 +8,7 @@ import time
 
 import pytest
 
+from agent_scripts.harness import wait_for
 from conftest import ROOT
 from etcd_cluster import EtcdCluster
 from ports import free_port
@@ -42,14 +43,6 @@ def _reap(procs):
         if proc.poll() is None:
             proc.kill()
         proc.communicate()
-
-
-def _until(condition, what, timeout=HANG_GUARD):
-    """Wait for a condition that has no event to wait on (a remote state); a hang guard only."""
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, "gave up waiting for " + what
-        time.sleep(0.05)
 
 
 # ------------------------------------------------------------------------------------------ parsing
@@ -170,12 +163,12 @@ def test_get_blocks_on_a_watch_until_another_process_sets_the_key(etcd):
     proc = _child(GETTER, etcd.endpoints[0])
     try:
         # the getter has read the key as missing and opened its watch: only now set it
-        _until(lambda: etcd.metric("etcd_debugging_mvcc_watcher_total") >= 1, "the getter's watch")
+        wait_for(lambda: etcd.metric("etcd_debugging_mvcc_watcher_total") >= 1, HANG_GUARD, "the getter's watch")
         with EtcdStore(etcd.endpoints, prefix="w") as s:
             s.set("late", "hello")
             assert proc.stdout.readline() == b"hello\n"
             s.set("a", "1")
-            _until(lambda: etcd.metric("etcd_debugging_mvcc_watcher_total") >= 1, "the wait's watch")
+            wait_for(lambda: etcd.metric("etcd_debugging_mvcc_watcher_total") >= 1, HANG_GUARD, "the wait's watch")
             s.set("b", "2")
             assert proc.stdout.readline() == b"both\n"
         assert proc.wait(HANG_GUARD) == 0
@@ -254,7 +247,7 @@ def test_ephemeral_keys_outlive_the_ttl_while_alive_and_vanish_after_sigkill(etc
             assert s.check(["alive"])
             proc.send_signal(signal.SIGKILL)
             proc.wait()
-            _until(lambda: not s.check(["alive"]), "the dead client's ephemeral key to vanish", 20)
+            wait_for(lambda: not s.check(["alive"]), 20, "the dead client's ephemeral key to vanish")
             assert s.check(["plain"])
     finally:
         _reap([proc])
@@ -322,9 +315,10 @@ def test_cluster_keeps_working_when_a_member_is_killed(cluster3):
             blocked = {}
             getter = threading.Thread(target=lambda: blocked.update(v=s.get("after")), daemon=True)
             getter.start()
-            _until(lambda: cluster3.metric("etcd_debugging_mvcc_watcher_total", current) >= 1, "the watch")
+            wait_for(lambda: cluster3.metric("etcd_debugging_mvcc_watcher_total", current) >= 1, HANG_GUARD,
+                     "the watch")
             s.set("go", "1")
-            _until(lambda: int(s.get("counter")) >= count, "the adders to get going")
+            wait_for(lambda: int(s.get("counter")) >= count, HANG_GUARD, "the adders to get going")
             cluster3.kill(current)
             # the blocked get resumes its watch on another member; new writes go elsewhere too
             s.set("after", "yes")
@@ -425,7 +419,7 @@ def test_a_gateway_under_v3beta_is_found_and_used_for_everything(etcd):
             got = []
             t = threading.Thread(target=lambda: got.append(s.get("late")))
             t.start()
-            _until(lambda: "/v3beta/watch" in front.paths, "the get to watch")
+            wait_for(lambda: "/v3beta/watch" in front.paths, HANG_GUARD, "the get to watch")
             with EtcdStore([front.endpoint], prefix="old", timeout=10) as other:
                 other.set("late", "here")
             t.join(HANG_GUARD)

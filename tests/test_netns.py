@@ -9,7 +9,8 @@ import time
 import pytest
 
 from conftest import ROOT, need
-from netns import Network, netns_problem
+from agent_scripts.harness import wait_for
+from netns import RDZV_CONF, Job, Network, netns_problem
 
 HANG_GUARD = 60.0
 
@@ -34,10 +35,7 @@ def test_network_has_private_addresses_and_cleans_up(netns_ok):
         assert net.addr(0) + "/24" in out.stdout.decode()
         sleeper = net.popen(1, ["sleep", "600"])
         # `ip netns exec` enters the namespace, then execs: until then the pid is not listed there
-        deadline = time.monotonic() + 30
-        while sleeper.pid not in net.pids(1):
-            assert time.monotonic() < deadline, "the sleeper never showed up in host 1"
-            time.sleep(0.05)
+        wait_for(lambda: sleeper.pid in net.pids(1), 30, "the sleeper to show up in host 1")
     listed = subprocess.run(["ip", "netns", "list"], stdout=subprocess.PIPE).stdout.decode()
     assert not any(name in listed for name in names)
     assert sleeper.poll() is not None
@@ -123,10 +121,8 @@ def test_etcd_client_fails_over_when_its_members_host_is_cut_off(netns_ok, etcd_
                                stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
             assert client.stdout.readline() == b"ready\n", client.stderr.read().decode()
             # the client's blocked get watches on member 0 (its first endpoint): cut that host off
-            deadline = time.monotonic() + HANG_GUARD
-            while members.metric("etcd_debugging_mvcc_watcher_total", 0) < 1:
-                assert time.monotonic() < deadline, "no watch on member 0"
-                time.sleep(0.05)
+            wait_for(lambda: members.metric("etcd_debugging_mvcc_watcher_total", 0) >= 1, HANG_GUARD,
+                     "a watch on member 0")
             net.link_down(0)
             client.stdin.write(b"go\n")
             client.stdin.flush()
@@ -142,109 +138,6 @@ def test_etcd_client_fails_over_when_its_members_host_is_cut_off(netns_ok, etcd_
 
 # ------------------------------------------------------------------ the agent on several hosts
 #
-# One agent per host (elastic.py), one worker each. The worker appends a line to a log file that every
-# host shares (namespaces share the file system), then finishes at once when the world has the size
-# the scenario ends at, and otherwise waits for a release file (or to be stopped by its agent).
-
-WORKER = r"""
-import os, sys, time
-log, finish_at, release = sys.argv[1], int(sys.argv[2]), sys.argv[3]
-e = os.environ
-with open(log, "a") as f:
-    f.write("start %s %s %s %s %d %.3f\n" % (e["TEST_HOST"], e["RANK"], e["WORLD_SIZE"],
-                                           e["TORCHELASTIC_RESTART_COUNT"], os.getpid(), time.time()))
-if int(e["WORLD_SIZE"]) == finish_at:
-    sys.exit(0)
-while not os.path.exists(release):
-    time.sleep(0.05)
-with open(release) as f:  # "fail": act as a real worker whose peer died (its collective errors out)
-    sys.exit(3 if f.read() == "fail" else 0)
-"""
-
-RDZV_CONF = ("heartbeat_interval=0.5,heartbeat_timeout=2,last_call_timeout=1,join_timeout=60,"
-             "read_timeout=10,close_timeout=5")
-
-
-AGENT_OPTIONS = ["--monitor-interval", "0.1", "--shutdown-timeout", "2", "--exit-barrier-timeout", "20"]
-
-
-class Job:
-    """Agents on the hosts of `net`, all running WORKER; their output goes to files in `tmp`.
-
-    bench/bench_recovery.py runs the same jobs, starting the agents its own way (start()).
-    """
-
-    def __init__(self, net, tmp, backend, endpoint, nnodes, finish_at=-1, max_restarts=0, conf=RDZV_CONF,
-                 job_id="netjob"):
-        self.max_restarts, self.conf, self.job_id = max_restarts, conf, job_id
-        self.net, self.tmp = net, str(tmp)
-        self.log, self.release = os.path.join(self.tmp, "starts.log"), os.path.join(self.tmp, "release")
-        self.worker = os.path.join(self.tmp, "worker.py")
-        with open(self.worker, "w") as f:
-            f.write(WORKER)
-        self.backend, self.endpoint, self.nnodes, self.finish_at = backend, endpoint, nnodes, finish_at
-        self.agents = {}
-
-    def argv(self, i):
-        return ([sys.executable, os.path.join(ROOT, "elastic.py"), "--nnodes", self.nnodes, "--nproc-per-node", "1",
-                 "--rdzv-backend", self.backend, "--rdzv-endpoint", self.endpoint, "--rdzv-id", self.job_id,
-                 "--rdzv-conf", self.conf, "--local-addr", self.net.addr(i), "--max-restarts", str(self.max_restarts)]
-                + AGENT_OPTIONS + [self.worker, self.log, str(self.finish_at), self.release])
-
-    def env(self, i):
-        return dict(os.environ, TEST_HOST="h%d" % i, PYTHONUNBUFFERED="1")
-
-    def start(self, i):
-        out = open(os.path.join(self.tmp, "agent%d.log" % i), "wb")
-        try:
-            self.agents[i] = self.net.popen(i, self.argv(i), stdout=out, stderr=subprocess.STDOUT, env=self.env(i))
-        finally:
-            out.close()
-        return self.agents[i]
-
-    def release_workers(self, content=""):
-        tmp = self.release + ".tmp"
-        with open(tmp, "w") as f:
-            f.write(content)
-        os.replace(tmp, self.release)
-
-    def output(self, i):
-        with open(os.path.join(self.tmp, "agent%d.log" % i), "rb") as f:
-            return f.read().decode("utf-8", "replace")
-
-    def starts(self):
-        """[(host, rank, world, restart_count, pid, wall time)] in the order the workers started."""
-        try:
-            with open(self.log) as f:
-                rows = [line.split() for line in f if line.startswith("start ")]
-        except FileNotFoundError:
-            return []
-        return [(r[1], int(r[2]), int(r[3]), int(r[4]), int(r[5]), float(r[6])) for r in rows]
-
-    def wait_starts(self, world, count):
-        """Wait until `count` workers started in a world of `world`; returns those rows."""
-        _until(lambda: len([s for s in self.starts() if s[2] == world]) >= count,
-               "%d workers at world size %d; agents said:\n%s" % (count, world, self.outputs()))
-        return [s for s in self.starts() if s[2] == world]
-
-    def outputs(self):
-        return "\n".join("--- agent %d\n%s" % (i, self.output(i)) for i in sorted(self.agents))
-
-    def wait(self, i):
-        try:
-            return self.agents[i].wait(HANG_GUARD)
-        except subprocess.TimeoutExpired:
-            raise AssertionError("agent %d did not finish:\n%s" % (i, self.outputs())) from None
-
-
-def _until(condition, what, timeout=HANG_GUARD):
-    """Wait for a state another process produces (a log line); the timeout is only a hang guard."""
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, "gave up waiting for " + what
-        time.sleep(0.05)
-
-
 def _pid_alive(pid):
     try:
         os.kill(pid, 0)
@@ -285,7 +178,7 @@ def test_survivors_reform_without_a_lost_node(agent_ok, request, tmp_path, fault
         print("%s %s: fault to survivors running at world size 2: %.2f s"
               % (backend, fault, min(s[5] for s in again) - fault_at))
         if fault == "sigkill":  # the killed agent's worker must not outlive it
-            _until(lambda: not _pid_alive(lost_worker), "the SIGKILLed agent's worker to die", 20)
+            wait_for(lambda: not _pid_alive(lost_worker), 20, "the SIGKILLed agent's worker to die")
 
 
 def test_a_late_node_scales_the_job_up(agent_ok, tmp_path):
@@ -331,7 +224,7 @@ def test_losing_the_c10d_store_host_fails_fast_with_a_clear_error(agent_ok, tmp_
         job.wait_starts(3, 3)
         killed_at = time.monotonic()
         os.kill(job.agents[0].pid, signal.SIGKILL)  # the agent that hosts the store, store and all
-        _until(lambda: all("lost the store" in job.output(i) for i in (1, 2)), "both agents to notice")
+        wait_for(lambda: all("lost the store" in job.output(i) for i in (1, 2)), HANG_GUARD, "both agents to notice")
         noticed = time.monotonic() - killed_at
         # a real job's workers now fail too (their peer on host 0 is gone): the agents want to
         # restart, and must give up at once with a clear error instead of waiting for a store

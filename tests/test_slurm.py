@@ -1,7 +1,18 @@
 """--slurm: Slurm's compressed host lists and srun's environment turned into launcher options."""
+import os
+import re
+import sys
+
 import pytest
 
 import elastic as ops
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from agent_scripts.harness import Launcher, clean_env, write_script  # noqa: E402
+from ports import free_port  # noqa: E402
+
+GUARD = 30  # seconds: hang guards only, never a claim about speed
+FAST = ["--monitor-interval", "0.05"]
 
 
 @pytest.mark.parametrize("text, hosts", [
@@ -93,22 +104,21 @@ def test_ipv6_first_host_is_bracketed():
 
 
 def slurm_args(argv, env):
-    args = ops._parse_args(argv + ["train.py"], env)
-    ops._apply_slurm(args, env)
-    return args
+    """The option values --slurm gives (as _config_from_args sees them)."""
+    return ops._slurm_values(ops._parse_args(argv + ["train.py"], env), env)
 
 
 def test_launcher_options_from_slurm_and_explicit_ones_win():
     env = srun_env(SLURM_NODEID="0", SLURM_STEP_NODELIST="gpu[01-02]")
-    args = slurm_args(["--slurm"], env)
-    assert (args.nnodes, args.node_rank, args.rdzv_endpoint, args.rdzv_id, args.rdzv_backend) == (
+    o = slurm_args(["--slurm"], env)
+    assert (o["nnodes"], o["node_rank"], o["rdzv_endpoint"], o["rdzv_id"], o["rdzv_backend"]) == (
         "2", 0, "gpu01:29400", "4242.0", "c10d")
-    assert args.rdzv_conf == "is_host=1"  # node 0 hosts: Slurm's short names need not match gethostname()
-    args = slurm_args(["--slurm", "--rdzv-conf", "join_timeout=5"], srun_env(SLURM_STEP_NODELIST="gpu[01-02]"))
-    assert args.rdzv_conf == "join_timeout=5,is_host=0"
+    assert o["rdzv_conf"] == "is_host=1"  # node 0 hosts: Slurm's short names need not match gethostname()
+    o = slurm_args(["--slurm", "--rdzv-conf", "join_timeout=5"], srun_env(SLURM_STEP_NODELIST="gpu[01-02]"))
+    assert o["rdzv_conf"] == "join_timeout=5,is_host=0"
     env = dict(env, PET_RDZV_ID="mine")
-    args = slurm_args(["--slurm", "--nnodes", "1:2", "--rdzv-endpoint", "127.0.0.1:5000"], env)
-    assert (args.nnodes, args.rdzv_endpoint, args.rdzv_id, args.rdzv_conf) == ("1:2", "127.0.0.1:5000", "mine", "")
+    o = slurm_args(["--slurm", "--nnodes", "1:2", "--rdzv-endpoint", "127.0.0.1:5000"], env)
+    assert (o["nnodes"], o["rdzv_endpoint"], o["rdzv_id"], o["rdzv_conf"]) == ("1:2", "127.0.0.1:5000", "mine", "")
 
 
 def test_slurm_environment_errors_are_usage_errors():
@@ -117,4 +127,115 @@ def test_slurm_environment_errors_are_usage_errors():
     env = srun_env(SLURM_STEP_NODELIST="127.0.0.[1-2]")
     with pytest.raises(ops._UsageError, match="rendezvous with itself"):
         slurm_args(["--slurm"], env)
-    assert slurm_args(["--slurm", "--rdzv-endpoint", "127.0.0.1:5000"], env).rdzv_endpoint == "127.0.0.1:5000"
+    assert slurm_args(["--slurm", "--rdzv-endpoint", "127.0.0.1:5000"], env)["rdzv_endpoint"] == "127.0.0.1:5000"
+
+
+# --slurm through real launchers.
+RANKS = "import os\nprint('RANK=%s WORLD=%s RUN=%s' % (os.environ['RANK'], os.environ['WORLD_SIZE'], " \
+        "os.environ['TORCHELASTIC_RUN_ID']), flush=True)\n"
+
+
+
+def srun_node_env(node_id, nodelist, **extra):
+    return clean_env(SLURM_JOB_ID="4242", SLURM_STEP_ID="7", SLURM_NNODES="2", SLURM_STEP_NUM_NODES="2",
+                      SLURM_NODEID=node_id, SLURM_JOB_NODELIST=nodelist, SLURM_STEP_NODELIST=nodelist,
+                      SLURM_PROCID=node_id, **extra)
+
+
+def test_slurm_two_nodes_explicit_endpoint_wins(tmp_path):
+    ranks = write_script(tmp_path, "ranks.py", RANKS)
+    # Slurm's own endpoint would be node1:29400; the explicit one wins, so no name is looked up
+    args = ["--slurm", "--nproc-per-node", "2", "--rdzv-endpoint", "127.0.0.1:%d" % free_port(),
+            "--rdzv-conf", "last_call_timeout=1,join_timeout=%d" % GUARD] + FAST + [ranks]
+    nodes = []
+    try:
+        for node_id in ("0", "1"):
+            nodes.append(Launcher(args, tmp_path, "node%s" % node_id, environ=srun_node_env(node_id, "node[1-2]")))
+        seen = []
+        for node in nodes:
+            assert node.wait(GUARD) == 0, node.err()
+            seen += re.findall(r"RANK=(\d) WORLD=(\d) RUN=(\S+)", node.out())
+        assert sorted(seen) == [(str(r), "4", "4242.7") for r in range(4)]
+    finally:
+        for node in nodes:
+            node.stop()
+
+
+def test_slurm_multi_node_loopback_endpoint_refused(tmp_path):
+    ranks = write_script(tmp_path, "ranks.py", RANKS)
+    a = Launcher(["--slurm", ranks], tmp_path, environ=srun_node_env("0", "127.0.0.[1-2]"))
+    try:
+        assert a.wait(GUARD) == 2
+        lines = a.err().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("elasticrun: error: --slurm:"), lines
+        assert "127.0.0.1" in lines[0] and "rendezvous with itself" in lines[0]
+        assert a.out() == ""
+    finally:
+        a.stop()
+
+
+# The store of a --slurm job has a token every node derives alike from a per-user secret in the home
+# folder (the one thing the job's nodes share that other users can't read): one write by anyone else
+# can no longer forge a failure, grant restarts or end the run.
+PROBE = "import os, store\n" \
+        "if os.environ['RANK'] == '0':\n" \
+        "    host, port = os.environ['PROBE_ENDPOINT'].rsplit(':', 1)\n" \
+        "    try:\n" \
+        "        store.TCPStore(host, int(port), timeout=10).set('elastic/x/closed', '1')\n" \
+        "        print('PROBE OPEN', flush=True)\n" \
+        "    except store.StoreAuthError:\n" \
+        "        print('PROBE REFUSED', flush=True)\n"
+
+
+def test_slurm_store_has_a_token_the_nodes_share(tmp_path):
+    probe = write_script(tmp_path, "probe.py", PROBE)
+    endpoint = "127.0.0.1:%d" % free_port()
+    args = ["--slurm", "--rdzv-endpoint", endpoint, "--rdzv-conf", "last_call_timeout=1,join_timeout=%d" % GUARD
+            ] + FAST + [probe]
+    home = tmp_path / "home"
+    home.mkdir()
+    nodes = []
+    try:
+        for node_id in ("0", "1"):
+            nodes.append(Launcher(args, tmp_path, "node%s" % node_id,
+                                  environ=srun_node_env(node_id, "node[1-2]", HOME=home, PROBE_ENDPOINT=endpoint)))
+        for node in nodes:
+            assert node.wait(GUARD) == 0, node.err()
+        assert "PROBE REFUSED" in nodes[0].out() + nodes[1].out()
+        secret = home / ".elasticrun" / "secret"
+        assert secret.stat().st_mode & 0o777 == 0o600
+    finally:
+        for node in nodes:
+            node.stop()
+
+
+def test_slurm_token_per_job_and_refused_when_others_can_read_the_secret(tmp_path):
+    env = {"HOME": str(tmp_path)}
+    a, b = ops._slurm_token(env, "4242.7"), ops._slurm_token(env, "4242.7")
+    assert a == b and a != ops._slurm_token(env, "4242.8") and len(a) == 64
+    os.chmod(str(tmp_path / ".elasticrun" / "secret"), 0o644)
+    with pytest.raises(ops._UsageError, match="readable by you alone"):
+        ops._slurm_token(env, "4242.7")
+    # an explicit token file wins: no secret is needed
+    o = slurm_args(["--slurm", "--rdzv-conf", "token_file=%s" % __file__], srun_env(SLURM_STEP_NODELIST="gpu[01-02]"))
+    assert ops._store_token(o, "c10d", ops._parse_conf(o["rdzv_conf"]), "4242.0", {"HOME": "/nonexistent"}) is None
+
+
+def test_slurm_nodes_with_different_secrets_are_told_why(tmp_path):
+    probe = write_script(tmp_path, "probe.py", "pass\n")
+    endpoint = "127.0.0.1:%d" % free_port()
+    nodes = []
+    try:
+        for node_id in ("0", "1"):
+            home = tmp_path / ("home%s" % node_id)   # homes not shared: each node makes its own secret
+            home.mkdir()
+            conf = "join_timeout=%d,is_host=%d" % (GUARD, node_id == "0")   # node 0 serves the store
+            args = ["--slurm", "--rdzv-endpoint", endpoint, "--rdzv-conf", conf] + FAST + [probe]
+            nodes.append(Launcher(args, tmp_path, "node%s" % node_id, environ=srun_node_env(node_id, "node[1-2]",
+                                                                                             HOME=home)))
+        assert nodes[1].wait(GUARD) == 2, nodes[1].err()
+        lines = nodes[1].err().splitlines()
+        assert len(lines) == 1 and "refused our token" in lines[0] and "~/.elasticrun/secret" in lines[0], lines
+    finally:
+        for node in nodes:
+            node.stop()

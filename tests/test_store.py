@@ -6,6 +6,7 @@ check the documented protocol rather than the client's idea of it.
 """
 import datetime
 import gc
+import logging
 import os
 import signal
 import socket
@@ -19,8 +20,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 
 import store
-from store import (PrefixStore, StoreAuthError, StoreConnectionError, StoreError, StoreServer,
-                   StoreTimeout, TCPStore)
+from store import (PrefixStore, QueueEmptyError, StoreAuthError, StoreConnectionError, StoreError,
+                   StoreServer, StoreTimeout, TCPStore)
 
 from conftest import ROOT
 
@@ -42,6 +43,46 @@ def client(server):
         yield c
     finally:
         c.close()
+
+
+class Narration(logging.Handler):
+    """Keeps the store logger's lines with the monotonic time each came."""
+
+    def __init__(self):
+        super().__init__(logging.DEBUG)
+        self.lines = []
+
+    def emit(self, record):
+        self.lines.append((time.monotonic(), record.getMessage()))
+
+    def retrying(self):
+        return [(when, line) for when, line in self.lines if "retrying" in line]
+
+
+@pytest.fixture
+def narration():
+    handler = Narration()
+    store.log.addHandler(handler)
+    try:
+        yield handler
+    finally:
+        store.log.removeHandler(handler)
+
+
+def wait_until(condition, what, guard=30.0):
+    """Wait for a server-side state the test can't be told of otherwise; `guard` only catches hangs."""
+    deadline = time.monotonic() + guard
+    while not condition():
+        assert time.monotonic() < deadline, "never happened: " + what
+        time.sleep(0.01)
+
+
+def closed_port():
+    probe = socket.socket()
+    probe.bind(("127.0.0.1", 0))
+    port = probe.getsockname()[1]
+    probe.close()
+    return port
 
 
 # -------------------------------------------------------------------------------- raw protocol helpers
@@ -175,10 +216,10 @@ def test_multi_get_append(client):
 
 def test_get_timeout_names_the_key_and_leaves_the_client_usable(client):
     client.set_timeout(0.2)
-    with pytest.raises(StoreTimeout, match="'never'") as info:
+    with pytest.raises(StoreTimeout, match="keys: never ") as info:
         client.get("never")
     assert isinstance(info.value, TimeoutError)
-    with pytest.raises(StoreTimeout, match="'k1', 'k2'"):
+    with pytest.raises(StoreTimeout, match="keys: k1, k2 "):
         client.wait(["k1", "k2"], timeout=0.1)
     client.set_timeout(10)
     client.set("after", "ok")
@@ -187,9 +228,10 @@ def test_get_timeout_names_the_key_and_leaves_the_client_usable(client):
 
 def test_a_long_get_waits_on_the_socket_longer_than_the_server_does(server):
     """The server answers a get that runs out of time with a TIMEOUT naming the keys. The client's
-    own receive timeout must run out later: it used to be left at the store timeout whenever that
-    was within 10% of what the get needed (timeouts of 45 s and more, the default 300 s among
-    them), so the client gave up first and reported a silent store instead of the missing key.
+    own receive timeout must run out later, also when the store timeout is within 10% of what the
+    get needs (timeouts of 45 s and more, the default 300 s among them): were the socket's timeout
+    left at the store timeout, the client would give up first and report a silent store instead
+    of the missing key.
     Waiting a minute here would be slow; the kernel's SO_RCVTIMEO on the socket tells the same."""
     def receive_timeout(c):
         sec, usec = store._TIMEVAL.unpack(c._sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO,
@@ -395,7 +437,7 @@ def test_a_set_interrupted_while_sending_closes_the_client_rather_than_corrupt_t
             sys.setprofile(None)
             signal.signal(signal.SIGINT, previous)
             proc.send_signal(signal.SIGCONT)
-        # the next request's bytes used to complete the interrupted frame and be stored as its value
+        # the next request's bytes must not complete the interrupted frame and be stored as its value
         with pytest.raises(StoreConnectionError, match="interrupted \\(KeyboardInterrupt\\) while being sent"):
             c.set("victim", b"V" * size)
         assert not other.check(["big"]) and not other.check(["victim"])
@@ -595,8 +637,79 @@ def test_connect_gives_up_with_a_clear_error():
     probe.bind(("127.0.0.1", 0))
     port = probe.getsockname()[1]
     probe.close()
-    with pytest.raises(StoreConnectionError, match="could not connect to the store at 127.0.0.1:%d" % port):
+    with pytest.raises(StoreConnectionError, match="could not connect to the store at 127.0.0.1:%d "
+                       r"\(connect timeout after 300ms\): Connection refused" % port):
         TCPStore("127.0.0.1", port, timeout=0.3)
+
+
+def test_a_refused_connect_is_narrated_at_a_human_pace_until_the_server_appears(narration):
+    """Issue 17: a store that refuses connections used to be silent until the join timeout."""
+    port = closed_port()
+    result = []
+    start = time.monotonic()
+    t = threading.Thread(target=lambda: result.append(TCPStore("127.0.0.1", port, timeout=60)))
+    t.start()
+    srv = None
+    try:
+        wait_until(lambda: any("127.0.0.1:%d " % port in line for _, line in narration.lines),
+                   "something said about the wait")
+        time.sleep(max(0.0, start + 3.5 - time.monotonic()))   # the scenario: the server comes 3.5 s late
+        srv = StoreServer("127.0.0.1", port).start()
+        t.join(30)
+        end = time.monotonic()
+        assert result, "client never connected"
+        result[0].set("k", "v")
+        assert result[0].get("k") == b"v"
+    finally:
+        if result:
+            result[0].close()
+        if srv is not None:
+            srv.stop()
+    lines = [(when, line) for when, line in narration.retrying() if "127.0.0.1:%d " % port in line]
+    assert lines, narration.lines
+    first_at, first = lines[0]
+    left = int(first.rsplit(", ", 1)[1].split()[0])
+    assert first == "store 127.0.0.1:%d refuses connections (retrying, %d s left)" % (port, left)
+    assert 50 <= left <= 59
+    assert first_at - start >= 1.0          # not at the first refusal: only a wait of seconds is told
+    times = [start] + [when for when, _ in lines]
+    assert all(b - a >= 1.0 for a, b in zip(times, times[1:])), lines   # never two lines within a second
+    assert len(lines) <= end - start, lines
+
+
+def test_the_pace_of_narration_first_after_2_s_then_backing_off_to_10_s():
+    now = [100.0]
+    pace = store._Pace(clock=lambda: now[0])
+    said = []
+    while now[0] < 160.0:
+        if pace.due():
+            said.append(now[0] - 100.0)
+        now[0] += 0.25   # a retry loop's turn
+    assert said == [2.0, 6.0, 14.0, 24.0, 34.0, 44.0, 54.0]
+
+
+def test_a_host_name_that_does_not_resolve_is_retried_until_the_timeout(narration, monkeypatch):
+    """torch retries a name that does not resolve (pods and late DNS records appear after the job
+    starts); we used to give up at once. One lookup per attempt, never a tight loop of them."""
+    lookups = []
+    real = socket.getaddrinfo
+
+    def counted(host, *args, **kwargs):
+        lookups.append(host)
+        return real(host, *args, **kwargs)
+
+    monkeypatch.setattr(socket, "getaddrinfo", counted)
+    with pytest.raises(StoreConnectionError) as info:
+        TCPStore("nonexistent.invalid", 29400, timeout=3)
+    message = str(info.value)
+    assert message.startswith("could not connect to the store at nonexistent.invalid:29400 "
+                              "(connect timeout after 3000ms): the host name 'nonexistent.invalid' "
+                              "does not resolve ("), message
+    assert isinstance(info.value, RuntimeError)
+    lines = [line for _, line in narration.retrying() if "nonexistent.invalid" in line]
+    assert lines and lines[0].startswith("store host nonexistent.invalid does not resolve yet (retrying, "), lines
+    ours = [host for host in lookups if host == "nonexistent.invalid"]   # other threads may look up too
+    assert 2 <= len(ours) <= 15, lookups   # retried, about 4 lookups a second at most
 
 
 def test_server_going_away_fails_a_blocked_get_instead_of_hanging():
@@ -708,6 +821,274 @@ def test_a_blocked_get_is_told_its_client_was_closed(server):
         assert str(e) == "this client of the store at 127.0.0.1:%d was closed" % server.port
     with pytest.raises(StoreConnectionError, match="was closed"):
         c.set("k", "v")
+
+
+# -------------------------------------------------------------------------------- torch's other API
+
+def test_store_errors_are_runtime_errors_as_torchs_are(client):
+    """torch's store errors are RuntimeErrors and scripts say `except RuntimeError`; ours keep their
+    builtin bases too."""
+    for cls in (StoreError, StoreTimeout, StoreConnectionError, StoreAuthError, QueueEmptyError):
+        assert issubclass(cls, RuntimeError)
+    assert issubclass(StoreTimeout, TimeoutError) and issubclass(StoreConnectionError, ConnectionError)
+    client.set_timeout(0.1)
+    try:
+        client.get("missing")
+    except RuntimeError as e:
+        assert isinstance(e, StoreTimeout)
+    else:
+        pytest.fail("no timeout")
+
+
+def test_timeouts_read_like_torchs(client):
+    """torch's tests and users' scripts match "timeout" in the message (torch: `wait timeout after
+    100ms, keys: /the_key`)."""
+    with pytest.raises(RuntimeError, match="^wait timeout after 100ms, keys: the_key "):
+        client.wait(["the_key"], datetime.timedelta(milliseconds=100))
+    client.set_timeout(datetime.timedelta(milliseconds=250))
+    with pytest.raises(StoreTimeout, match="^wait timeout after 250ms, keys: a b, c "):
+        client.multi_get(["a b", "c"])
+    with pytest.raises(StoreTimeout, match="^wait timeout after 0ms, keys: x "):
+        client.wait(["x"], 0)
+
+
+def test_prefix_store_refuses_a_missing_store():
+    with pytest.raises(ValueError, match="store argument cannot be None"):
+        PrefixStore("p", None)
+    with pytest.raises(TypeError, match="prefix must be a str"):
+        PrefixStore(None, object())
+
+
+def test_queue_push_pop_len_keep_order_and_a_non_blocking_pop_says_empty(client):
+    client.queue_push("q", "a")
+    client.queue_push("q", b"\x00b")
+    assert (client.queue_len("q"), client.queue_len("never-pushed")) == (2, 0)
+    assert client.queue_pop("q") == b"a"
+    assert client.queue_pop("q", block=False) == b"\x00b"
+    assert client.queue_len("q") == 0
+    with pytest.raises(QueueEmptyError, match="^queue is empty: q ") as info:
+        client.queue_pop("q", False)
+    assert isinstance(info.value, RuntimeError)
+    client.queue_push("q", "")
+    assert client.queue_pop("q", block=False) == b""   # an empty value is a value
+
+
+def test_a_blocking_pop_waits_for_a_push_or_times_out_like_a_wait(server, client):
+    client.set_timeout(0.3)
+    with pytest.raises(StoreTimeout, match="^wait timeout after 300ms, keys: q "):
+        client.queue_pop("q")
+    with pytest.raises(StoreTimeout, match="^wait timeout after 100ms, keys: q "):
+        client.queue_pop("q", timeout=0.1)
+    client.set_timeout(30)
+    got = []
+    t = threading.Thread(target=lambda: got.append(client.queue_pop("q")))
+    t.start()
+    try:
+        wait_until(lambda: b"q" in server._poppers, "the pop parked")
+        with TCPStore("127.0.0.1", server.port, timeout=10) as other:
+            other.queue_push("q", "late")
+            assert other.queue_len("q") == 0   # handed to the parked pop, not queued
+    finally:
+        t.join(30)
+    assert got == [b"late"]
+
+
+def test_each_value_goes_to_exactly_one_pop_the_longest_waiting_first(server):
+    poppers = [TCPStore("127.0.0.1", server.port, timeout=30) for _ in range(4)]
+    got = {}
+    threads = [threading.Thread(target=lambda i=i, c=c: got.__setitem__(i, c.queue_pop("jobs")))
+               for i, c in enumerate(poppers)]
+    try:
+        for i, t in enumerate(threads):   # one at a time, so the order they wait in is known
+            t.start()
+            wait_until(lambda: len(server._poppers.get(b"jobs", ())) == i + 1, "pop %d parked" % i)
+        with TCPStore("127.0.0.1", server.port, timeout=10) as pusher:
+            for n in range(6):
+                pusher.queue_push("jobs", str(n))
+            for t in threads:
+                t.join(30)
+            assert got == {0: b"0", 1: b"1", 2: b"2", 3: b"3"}
+            assert pusher.queue_len("jobs") == 2
+            assert [pusher.queue_pop("jobs"), pusher.queue_pop("jobs")] == [b"4", b"5"]
+    finally:
+        for c in poppers:
+            c.close()
+
+
+def test_a_pop_that_gave_up_or_whose_client_left_takes_nothing(server, client):
+    with pytest.raises(StoreTimeout):
+        client.queue_pop("q", timeout=0.05)
+    leaving = TCPStore("127.0.0.1", server.port, timeout=30)
+    errors = []
+
+    def pop():
+        try:
+            leaving.queue_pop("q")
+        except StoreConnectionError as e:
+            errors.append(e)
+
+    t = threading.Thread(target=pop)
+    t.start()
+    try:
+        wait_until(lambda: b"q" in server._poppers, "the pop parked")
+        leaving.close()
+        t.join(30)
+        wait_until(lambda: b"q" not in server._poppers, "the server dropped the closed client's pop")
+    finally:
+        leaving.close()
+        t.join(30)
+    assert errors
+    client.queue_push("q", "kept")
+    assert client.queue_len("q") == 1
+    assert client.queue_pop("q") == b"kept"
+
+
+def test_queues_live_beside_keys_and_count_for_check_and_wait_as_in_torch(client):
+    client.queue_push("q", "item")
+    assert client.check(["q"])
+    client.wait(["q"], timeout=5)
+    assert client.num_keys() == 0
+    assert not client.delete_key("q") and client.queue_len("q") == 1
+    with pytest.raises(StoreTimeout):
+        client.wait(["q", "other"], timeout=0.05)
+    client.set_timeout(0.1)
+    with pytest.raises(StoreTimeout):
+        client.get("q")                    # get reads values, never a queue
+    client.set("q", "value")
+    assert client.queue_pop("q") == b"item" and client.get("q") == b"value"
+    assert client.delete_key("q") and not client.check(["q"])
+
+
+def test_a_push_answers_a_parked_wait_but_not_a_parked_get(server, client):
+    results = {}
+    with TCPStore("127.0.0.1", server.port, timeout=30) as waiter, \
+            TCPStore("127.0.0.1", server.port, timeout=30) as getter:
+        def wait():
+            waiter.wait(["w", "w"], timeout=30)
+            results["wait"] = "answered"
+
+        def get():
+            results["get"] = getter.get("w")
+
+        threads = [threading.Thread(target=wait), threading.Thread(target=get)]
+        for t in threads:
+            t.start()
+        try:
+            wait_until(lambda: len(server._waiters.get(b"w", ())) == 2, "the wait and the get parked")
+            client.queue_push("w", "x")
+            threads[0].join(30)
+            assert results == {"wait": "answered"}
+            assert len(server._waiters.get(b"w", ())) == 1   # the get still waits for a value
+            client.set("w", "value")
+        finally:
+            for t in threads:
+                t.join(30)
+    assert results == {"wait": "answered", "get": b"value"}
+    assert client.queue_len("w") == 1
+
+
+def test_queue_ops_on_the_wire(server):
+    """QPUSH 13, QPOP 14, QLEN 15 and LIST 16 as the module docstring gives them."""
+    sock = raw_connect(server.port)
+    try:
+        sock.sendall(request(14, 1, struct.pack(">q", -1) + field(b"q"))    # parks: the queue is empty
+                     + request(15, 2, field(b"q"))
+                     + request(13, 3, field(b"q") + field(b"v1"))
+                     + request(13, 4, field(b"q") + field(b"v2"))
+                     + request(15, 5, field(b"q"))
+                     + request(14, 6, struct.pack(">q", 0) + field(b"q"))
+                     + request(14, 7, struct.pack(">q", 0) + field(b"q"))
+                     + request(1, 8, field(b"key") + field(b"v"))
+                     + request(16, 9))
+        replies = {}
+        for _ in range(9):
+            reply = recv_frame(sock)
+            status, rid = struct.unpack_from(">BI", reply)
+            replies[rid] = (status, reply[5:])
+        assert replies == {1: (0, field(b"v1")), 2: (0, struct.pack(">q", 0)), 3: (0, b""), 4: (0, b""),
+                           5: (0, struct.pack(">q", 1)), 6: (0, field(b"v2")), 7: (1, b""), 8: (0, b""),
+                           9: (0, struct.pack(">I", 1) + field(b"key"))}
+    finally:
+        sock.close()
+
+
+def test_clone_is_another_connection_to_the_same_store(server):
+    with TCPStore("127.0.0.1", server.port, timeout=7) as c:
+        assert c.has_extended_api()
+        twin = c.clone()
+        try:
+            assert twin._sock is not c._sock and twin.timeout == 7 and twin.server is None
+            twin.set("k", "v")
+            assert c.get("k") == b"v"
+        finally:
+            twin.close()
+        c.set("still", "here")   # closing the clone leaves the original alone
+        assert c.get("still") == b"here"
+
+
+def test_a_clone_of_the_master_carries_its_token_and_leaves_the_server_to_it():
+    master = TCPStore("127.0.0.1", 0, is_master=True, token="s3cret", timeout=10)
+    try:
+        twin = master.clone()
+        twin.set("from-clone", "1")
+        twin.close()
+        assert master.get("from-clone") == b"1"
+    finally:
+        master.close()
+
+
+def test_prefix_store_passes_queues_clone_and_extended_api_through(client):
+    view = PrefixStore("pre", client)
+    view.queue_push("q", "a")
+    assert client.queue_len("pre/q") == 1 and view.queue_len("q") == 1
+    assert view.queue_pop("q", block=False) == b"a"
+    with pytest.raises(QueueEmptyError):
+        view.queue_pop("q", False)
+    assert view.has_extended_api()
+    assert not PrefixStore("p", object()).has_extended_api()
+    twin = view.clone()
+    try:
+        assert isinstance(twin, PrefixStore) and twin.prefix == "pre"
+        assert twin.underlying_store is not client
+        twin.set("x", "1")
+        assert client.get("pre/x") == b"1"
+    finally:
+        twin.close()
+    with pytest.raises(StoreConnectionError, match="was closed"):   # a clone owns its connection
+        twin.get("x")
+    view.close()
+    assert view.get("x") == b"1"                                    # a plain view owns nothing
+
+
+def test_list_keys_names_the_keys_not_the_queues(client):
+    client.multi_set(["a", "b/c"], ["1", "2"])
+    client.queue_push("q", "x")
+    assert sorted(client.list_keys()) == ["a", "b/c"]
+    assert PrefixStore("b", client).list_keys() == ["c"]
+    client.delete_key("a")
+    assert client.list_keys() == ["b/c"]
+
+
+def test_barrier_returns_once_world_size_callers_came(server):
+    clients = [TCPStore("127.0.0.1", server.port, timeout=30) for _ in range(3)]
+    passed = []
+    threads = [threading.Thread(target=lambda c=c: (c.barrier("gate", 3), passed.append(c))) for c in clients[:2]]
+    try:
+        for t in threads:
+            t.start()
+        wait_until(lambda: len(server._waiters.get(b"gate/last_member", ())) == 2, "two callers waiting")
+        assert passed == []
+        clients[2].barrier("gate", 3)
+        for t in threads:
+            t.join(30)
+        assert len(passed) == 2
+        with pytest.raises(StoreTimeout, match="^barrier timeout after 50ms, key: other "):
+            clients[0].barrier("other", 2, datetime.timedelta(milliseconds=50))
+        with pytest.raises(ValueError, match="world_size"):
+            clients[0].barrier("bad", 0)
+    finally:
+        for c in clients:
+            c.close()
 
 
 # -------------------------------------------------------------------------------- scale
@@ -894,7 +1275,7 @@ def test_beat_sets_its_key_and_answers_with_values_or_at_a_deletion(server, clie
             time.sleep(0.01)
 
 
-def test_ephemeral_on_a_server_without_it_is_refused_clearly():
+def test_ephemeral_and_queues_on_a_server_without_them_are_refused_clearly():
     """A server older than EPHEMERAL sends no features byte; the client refuses without sending
     the op (which such a server would answer by closing the connection)."""
     lst = socket.socket()
@@ -921,6 +1302,11 @@ def test_ephemeral_on_a_server_without_it_is_refused_clearly():
             assert not c.supports_ephemeral
             with pytest.raises(StoreError, match="does not know set_ephemeral"):
                 c.set_ephemeral("k", "v")
+            for op in (lambda: c.queue_push("q", "v"), lambda: c.queue_pop("q"), lambda: c.queue_len("q")):
+                with pytest.raises(StoreError, match="does not know queues: it runs an older store.py"):
+                    op()
+            with pytest.raises(StoreError, match="does not know list_keys"):
+                c.list_keys()
     finally:
         t.join(10)
         lst.close()
@@ -933,7 +1319,9 @@ def test_welcome_and_verdict_carry_the_features_byte():
     try:
         with socket.create_connection(("127.0.0.1", srv.port), timeout=10) as sock:
             sock.sendall(frame(b"EKVS\x01"))
-            assert recv_frame(sock) == bytes([0, 1, 1 | 4 | 8])   # READY, version 1, features: EPHEMERAL, GONE, BEAT
+            welcome = recv_frame(sock)
+            assert welcome[:2] == bytes([0, 1]) and len(welcome) == 3   # READY, version 1, features
+            assert welcome[2] & 0x79 == 0x79 and not welcome[2] & 2   # EPHEMERAL, queues, LIST, GONE, BEAT; no offer
             sock.sendall(request(11, 7, field(b"e") + field(b"v")))
             assert recv_frame(sock) == struct.pack(">BI", 0, 7)
         with TCPStore("127.0.0.1", tsrv.port, token="s3cret", timeout=5) as c:
@@ -948,7 +1336,7 @@ def same_host_offer(sock):
     """Hello on a raw TCP socket; returns the offered (name, ticket) of the same-host socket."""
     sock.sendall(frame(b"EKVS\x01"))
     welcome = recv_frame(sock)
-    assert welcome[:3] == bytes([0, 1, 1 | 2 | 4 | 8]), welcome   # READY, version, EPHEMERAL | offer | GONE | BEAT
+    assert welcome[:2] == bytes([0, 1]) and welcome[2] & (1 | 2) == 1 | 2, welcome   # READY, version, EPHEMERAL | offer
     size = welcome[3]
     name, ticket = welcome[4:4 + size], welcome[4 + size:]
     assert name.startswith(b"\0") and len(ticket) == 16
@@ -1003,7 +1391,7 @@ def test_the_same_host_socket_lets_in_only_a_live_ticket_and_only_once():
             assert answer is None
             sock, answer = redeem(name, b"EKVL\x01" + ticket)
             opened.append(sock)
-            assert answer == bytes([0, 1, 1 | 4 | 8])    # READY, version, EPHEMERAL | GONE | BEAT
+            assert answer[:2] == bytes([0, 1]) and answer[2] & 1   # READY, version, features: EPHEMERAL
             assert closed_by_peer(tcp)                   # the TCP connection it came from is closed
             sock.sendall(request(1, 5, field(b"k") + field(b"v")))
             assert recv_frame(sock) == struct.pack(">BI", 0, 5)
@@ -1391,3 +1779,72 @@ def test_a_wait_of_centuries_and_a_key_named_twice(server, client):
         assert struct.unpack_from(">BI", reply) == (0, 1) and reply[5:] == field(b"here") * 2
     finally:
         sock.close()
+
+
+TORCH_QUEUES_AND_ERRORS = r"""
+import json, sys
+sys.path.insert(0, sys.argv[1])
+import store
+from datetime import timedelta
+import torch.distributed as dist
+
+def run(s, prefix_store):
+    out = []
+    def rec(f):
+        try:
+            v = f()
+            out.append(v.decode("latin-1") if isinstance(v, bytes) else v)
+        except Exception as e:
+            # the class name for queue errors, and whether the error is a RuntimeError saying "timeout"
+            out.append([type(e).__name__ if "Queue" in type(e).__name__ else "error",
+                        isinstance(e, RuntimeError), "timeout" in str(e)])
+    base = s.num_keys()
+    rec(lambda: s.queue_push("q", "a"))
+    rec(lambda: s.queue_push("q", b"\x00b"))
+    rec(lambda: s.queue_len("q"))
+    rec(lambda: s.queue_len("never"))
+    rec(lambda: s.check(["q"]))
+    rec(lambda: s.wait(["q"], timedelta(seconds=5)))
+    rec(lambda: s.num_keys() - base)
+    rec(lambda: s.delete_key("q"))
+    rec(lambda: s.queue_pop("q"))
+    rec(lambda: s.queue_pop("q", block=False))
+    rec(lambda: s.check(["q"]))
+    rec(lambda: s.queue_pop("q", False))
+    rec(lambda: s.set_timeout(timedelta(milliseconds=200)))
+    rec(lambda: s.queue_pop("q"))
+    rec(lambda: s.wait(["the_key"], timedelta(milliseconds=100)))
+    rec(lambda: s.get("missing"))
+    rec(lambda: s.has_extended_api())
+    rec(lambda: prefix_store("p", None))
+    view = prefix_store("p", s)
+    rec(lambda: view.queue_push("pq", "z"))
+    rec(lambda: s.queue_len("p/pq"))
+    rec(lambda: view.queue_pop("pq"))
+    rec(lambda: view.has_extended_api())
+    twin = s.clone()
+    rec(lambda: twin.set("cloned", "1"))
+    rec(lambda: s.get("cloned"))
+    view.set("pk", "1")
+    rec(lambda: sorted(s.list_keys()))
+    rec(lambda: view.list_keys())
+    rec(lambda: s.barrier("bar", 1))   # (the keys a barrier counts in differ: see TCPStore.barrier)
+    rec(lambda: view.barrier("bar", 1, timedelta(seconds=5)))
+    rec(lambda: s.barrier("bar2", 2, timedelta(milliseconds=100)))
+    return out
+
+theirs = dist.TCPStore("127.0.0.1", 0, is_master=True, timeout=timedelta(seconds=10), use_libuv=True)
+mine = store.TCPStore("127.0.0.1", 0, is_master=True, timeout=10)
+print(json.dumps({"torch": run(theirs, dist.PrefixStore), "ours": run(mine, store.PrefixStore)}))
+"""
+
+
+def test_queues_errors_and_clone_match_torchs_tcpstore(torch_python):
+    """The same calls on torch's TCPStore and ours give the same results and the same kinds of error.
+    (The wire protocols differ, so this compares behaviour, not bytes.)"""
+    out = subprocess.run([torch_python, "-c", TORCH_QUEUES_AND_ERRORS, ROOT], capture_output=True, text=True,
+                         timeout=120)
+    assert out.returncode == 0, out.stderr
+    import json
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    assert result["ours"] == result["torch"]

@@ -1,5 +1,6 @@
 """File timer (hang watchdog): torchelastic's FIFO wire format, real worker processes, real signals."""
 import json
+import logging
 import os
 import select
 import signal
@@ -11,6 +12,8 @@ import time
 import pytest
 
 from conftest import ROOT
+from agent_scripts.harness import SCRIPTS, Launcher, clean_env, env, wait_for, write_script
+from ports import free_port
 
 import elastic as ops
 
@@ -209,13 +212,18 @@ def test_nested_scopes_keep_their_own_timers(server, spawn):
     assert w.wait(HANG_GUARD) == 0
 
 
+def started_server(tmp_path, use_pidfd):
+    """A started server that watches exits through pidfds or by polling (skips where it cannot)."""
+    if use_pidfd and not hasattr(os, "pidfd_open"):
+        pytest.skip("no os.pidfd_open on this Python")
+    srv = ops.FileTimerServer(str(tmp_path / "timer.fifo"), max_interval=0.05, use_pidfd=use_pidfd)
+    srv.start()
+    return srv
+
+
 @pytest.mark.parametrize("use_pidfd", [True, False], ids=["pidfd", "polling"])
 def test_timers_of_dead_process_dropped(tmp_path, spawn, use_pidfd):
-    srv = ops.FileTimerServer(str(tmp_path / "timer.fifo"), max_interval=0.05)
-    if use_pidfd and not srv._use_pidfd:
-        pytest.skip("no os.pidfd_open on this Python")
-    srv._use_pidfd = use_pidfd
-    srv.start()
+    srv = started_server(tmp_path, use_pidfd)
     try:
         w = spawn("dies", srv.file_path)
         assert read_line(w) == "in"
@@ -306,3 +314,297 @@ def test_timer_path_from_environment(tmp_path):
     assert ops._file_timer_path({}, str(tmp_path)) is None
     assert ops._file_timer_path({"TORCHELASTIC_ENABLE_FILE_TIMER": "1"}, "/run/x") == "/run/x/timer.fifo"
     assert ops._file_timer_path({"TORCHELASTIC_TIMER_FILE": "/tmp/t.fifo"}, "/run/x") == "/tmp/t.fifo"
+
+
+# The file timer through a real launcher (`python3 elastic.py ...`).
+HANG = textwrap.dedent("""
+    import os, signal, sys, time
+    import elastic
+    folder = sys.argv[1]
+    rank, attempt = os.environ["RANK"], os.environ["TORCHELASTIC_RESTART_COUNT"]
+
+    def mark(name):
+        with open(os.path.join(folder, name + ".tmp"), "w") as f:
+            f.write(str(os.getpid()))
+        os.replace(os.path.join(folder, name + ".tmp"), os.path.join(folder, name))
+
+    def wait_file(name):
+        deadline = time.monotonic() + 30
+        while not os.path.exists(os.path.join(folder, name)) and time.monotonic() < deadline:
+            time.sleep(0.01)
+
+    if attempt == "0" and rank == "0":
+        # the sibling: inside a long scope of its own; only the group restart may stop it
+        signal.signal(signal.SIGTERM, lambda *a: (mark("sibling-sigterm"), os._exit(0)))
+        with elastic.expires(after=60, scope="calm-step"):
+            mark("sibling-in")
+            time.sleep(30)
+        mark("sibling-out")
+    elif attempt == "0":
+        wait_file("sibling-in")
+        with elastic.expires(after=0.5, scope="hang-step"):
+            mark("hang-in")
+            time.sleep(30)
+        mark("hang-out")
+    else:
+        mark("attempt%s-rank%s" % (attempt, rank))
+""")
+
+
+def test_hung_worker_killed_group_restarted_sibling_left_alone(tmp_path):
+    folder = tmp_path / "io"
+    folder.mkdir()
+    hang = write_script(tmp_path, "hang.py", HANG)
+    a = Launcher(["--standalone", "--nproc-per-node", "2", "--max-restarts", "1", "--shutdown-timeout", "5",
+                  "--monitor-interval", "0.05", hang, str(folder)], tmp_path,
+                 environ=clean_env(TORCHELASTIC_ENABLE_FILE_TIMER=1))
+    try:
+        assert a.wait(HANG_GUARD) == 0, a.err()
+        err = a.err()
+        names = sorted(os.listdir(str(folder)))
+        assert names == ["attempt1-rank0", "attempt1-rank1", "hang-in", "sibling-in", "sibling-sigterm"], names
+        # the sibling was stopped by the group restart (SIGTERM), not by the watchdog; the hung worker
+        # never left its scope
+        assert "overran scope hang-step" in err and "sent SIGKILL" in err
+        assert "overran file-timer scope hang-step" in err and "restarting the worker group (1/1)" in err
+        assert "calm-step" not in err
+        assert "all 2 workers succeeded" in err
+    finally:
+        a.stop()
+
+
+class _Records(logging.Handler):
+    """The elastic logger's records, kept in a list (the launcher's main() may have stopped them from
+    propagating to the root logger, where caplog listens)."""
+
+    def __init__(self):
+        super().__init__(logging.DEBUG)
+        self.records = []
+
+    def emit(self, record):
+        self.records.append(record)
+
+    def lines(self, level=logging.WARNING):
+        return [r.getMessage() for r in self.records if r.levelno >= level]
+
+
+@pytest.fixture
+def records():
+    logger = logging.getLogger(MODULE)
+    handler = _Records()
+    old_level = logger.level
+    logger.addHandler(handler)
+    logger.setLevel(logging.DEBUG)
+    try:
+        yield handler
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(old_level)
+
+
+@pytest.mark.parametrize("use_pidfd", [True, False], ids=["pidfd", "polling"])
+def test_out_of_range_fields_refused_once_and_other_timers_fire(tmp_path, records, use_pidfd):
+    srv = started_server(tmp_path, use_pidfd)
+    bystander, victim = sleeper(), sleeper()
+    try:
+        past = time.time() - 1
+        bad = [request(2 ** 31, "big-pid", past, signal.SIGKILL),
+               request(2 ** 63, "huge-pid", past, signal.SIGKILL),
+               request(bystander.pid, "big-signal", past, 2 ** 31),
+               request(bystander.pid, "huge-signal", past, 2 ** 63),
+               request(bystander.pid, "no-such-signal", past, signal.NSIG),
+               request(bystander.pid, "huge-time", 10 ** 400, signal.SIGKILL),
+               b"[" * 60000 + b"\n"]  # nested past the JSON decoder's recursion limit
+        for line in bad:
+            write_raw(srv.file_path, line)
+        assert srv._wait(lambda: srv._bad_lines == len(bad), HANG_GUARD), srv._bad_lines
+        write_raw(srv.file_path, request(victim.pid, "good", past, signal.SIGTERM))
+        assert victim.wait(HANG_GUARD) == -signal.SIGTERM
+        assert [(p, s) for p, s, _ in srv.pop_expired()] == [(victim.pid, "good")]
+        assert bystander.poll() is None and srv.active_timers() == []
+        # many more passes: a bad line was logged when read, never again on each pass
+        for i in range(20):
+            write_raw(srv.file_path, request(os.getpid(), "noop-%d" % i, -1, 0))
+        assert srv._wait(lambda: srv._request_count == 21, HANG_GUARD)
+        assert srv._thread.is_alive()
+        assert len(records.lines()) <= len(bad) + 1, records.lines()
+    finally:
+        srv.stop()
+        for p in (bystander, victim):
+            p.kill()
+            p.wait()
+
+
+def test_a_flood_of_garbage_is_summarised_not_logged_line_by_line(server, records):
+    start = time.monotonic()
+    for i in range(50):
+        write_raw(server.file_path, b"junk %d\n" % i * 40)
+    assert server._wait(lambda: server._bad_lines == 2000, HANG_GUARD)
+    elapsed = time.monotonic() - start
+    warned = [line for line in records.lines() if "malformed" in line]
+    # a short burst in full, then one summary, per interval
+    assert len(warned) <= (ops._LOG_BURST + 1) * (1 + int(elapsed / ops._LOG_SUMMARY_INTERVAL)), warned
+    server.stop()
+    summarised = [int(line.split()[2]) for line in records.lines() if " more bad requests " in line]
+    assert summarised and len(warned) + sum(summarised) == 2000, records.lines()  # every one counted
+
+
+def test_second_server_on_a_live_pipe_refused_first_keeps_serving(tmp_path):
+    path = str(tmp_path / "timer.fifo")
+    first = ops.FileTimerServer(path)
+    first.start()
+    try:
+        inode = os.stat(path).st_ino
+        second = ops.FileTimerServer(path)
+        with pytest.raises(ops.ElasticError) as info:
+            second.start()
+        assert path in str(info.value) and "another" in str(info.value)
+        assert os.stat(path).st_ino == inode  # the first server's pipe is still there
+        ops.FileTimerClient(path).acquire("still-served", time.time() + 60)
+        assert first._wait(lambda: first._request_count == 1, HANG_GUARD)
+        second.stop()  # a server that never started removes nothing
+        assert os.stat(path).st_ino == inode
+    finally:
+        first.stop()
+    again = ops.FileTimerServer(path)  # the first one left: the path is free again
+    again.start()
+    again.stop()
+
+
+def test_stale_pipe_of_a_killed_server_is_reused(tmp_path):
+    path = str(tmp_path / "timer.fifo")
+    code = ("import sys, time; sys.path.insert(0, %r); import elastic; s = elastic.FileTimerServer(%r); "
+            "s.start(); print('up', flush=True); time.sleep(60)" % (ROOT, path))
+    p = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, start_new_session=True)
+    try:
+        assert read_line(p) == "up"
+        with pytest.raises(ops.ElasticError, match="another"):
+            ops.FileTimerServer(path).start()
+    finally:
+        p.kill()
+        p.wait()
+        p.stdout.close()
+    assert os.path.exists(path)  # SIGKILL left its pipe behind
+    srv = ops.FileTimerServer(path)
+    srv.start()
+    try:
+        ops.FileTimerClient(path).release("x")
+        assert srv._wait(lambda: srv._request_count == 1, HANG_GUARD)
+    finally:
+        srv.stop()
+
+
+def test_a_foreign_reader_on_the_pipe_is_refused_too(tmp_path):
+    """A server that takes no lock (torch's own, an older launcher) is found by its open read end."""
+    path = str(tmp_path / "timer.fifo")
+    os.mkfifo(path, 0o600)
+    reader = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+    try:
+        with pytest.raises(ops.ElasticError, match="another"):
+            ops.FileTimerServer(path).start()
+        assert os.path.exists(path)
+    finally:
+        os.close(reader)
+
+
+def test_non_workers_refused_while_workers_start_and_after(server, records):
+    worker, outsider = sleeper(), sleeper()
+    try:
+        past = time.time() - 1
+        server.set_worker_pids((), starting=True)  # pids not known yet: hold what comes, signal nothing
+        write_raw(server.file_path, request(worker.pid, "early", past, signal.SIGTERM))
+        write_raw(server.file_path, request(outsider.pid, "evil", past, signal.SIGKILL))
+        assert server._wait(lambda: server._request_count == 2, HANG_GUARD)
+        assert worker.poll() is None and outsider.poll() is None and server.pop_expired() == []
+        server.set_worker_pids([worker.pid])  # the early request was a worker's: fired now
+        assert worker.wait(HANG_GUARD) == -signal.SIGTERM
+        assert server._wait(lambda: not server.active_timers(), HANG_GUARD)
+        assert [(p, s) for p, s, _ in server.pop_expired()] == [(worker.pid, "early")]
+        assert outsider.poll() is None
+        assert any("refused" in line and str(outsider.pid) in line for line in records.lines())
+        server.set_worker_pids(())  # no workers (rendezvous, restart): nobody may be signalled
+        write_raw(server.file_path, request(outsider.pid, "evil-2", past, signal.SIGKILL))
+        assert server._wait(lambda: server._request_count == 3, HANG_GUARD)
+        assert server.active_timers() == [] and outsider.poll() is None
+    finally:
+        for p in (worker, outsider):
+            p.kill()
+            p.wait()
+
+
+def test_launcher_in_rendezvous_signals_no_one(tmp_path):
+    fifo = str(tmp_path / "timer.fifo")
+    store_port = free_port()
+    launcher = Launcher(["--nnodes", "2", "--rdzv-backend", "c10d",
+                         "--rdzv-endpoint", "127.0.0.1:%d" % store_port,
+                         "--nproc-per-node", "1", os.path.join(SCRIPTS, "printer.py")], tmp_path,
+                        environ=env(TORCHELASTIC_TIMER_FILE=fifo))
+    outsider = sleeper()
+    try:
+        wait_for(lambda: os.path.exists(fifo), HANG_GUARD, "the launcher's timer pipe")
+        write_raw(fifo, request(outsider.pid, "evil", time.time() - 1, signal.SIGKILL))
+        wait_for(lambda: outsider.poll() is not None or "refused" in launcher.err(), HANG_GUARD,
+                 "the request handled")
+        assert outsider.poll() is None, launcher.err()
+        assert "pid %d" % outsider.pid in launcher.err()
+    finally:
+        launcher.stop()
+        outsider.kill()
+        outsider.wait()
+
+
+LONG_WORKER = textwrap.dedent("""
+    import os, sys, time
+    import elastic
+    folder = sys.argv[1]
+    open(os.path.join(folder, "ready"), "w").close()
+    while not os.path.exists(os.path.join(folder, "go")):
+        time.sleep(0.01)
+    with elastic.expires(after=60, scope="after-the-second-launcher"):
+        pass
+""")
+
+
+def test_second_launcher_on_the_same_timer_file_exits_2(tmp_path):
+    fifo = str(tmp_path / "timer.fifo")
+    folder = tmp_path / "io"
+    folder.mkdir()
+    script = tmp_path / "long.py"
+    script.write_text(LONG_WORKER)
+    environ = env(TORCHELASTIC_TIMER_FILE=fifo)
+    first = Launcher(["--standalone", str(script), str(folder)], tmp_path, name="first", environ=environ)
+    second = None
+    try:
+        wait_for(lambda: (folder / "ready").exists(), HANG_GUARD, "the first launcher's worker")
+        second = Launcher(["--standalone", str(script), str(folder)], tmp_path, name="second",
+                          environ=environ)
+        assert second.wait(HANG_GUARD) == 2, second.err()
+        err = second.err()
+        assert fifo in err and "another launcher" in err and "Traceback" not in err, err
+        (folder / "go").touch()
+        assert first.wait(HANG_GUARD) == 0, first.err()
+    finally:
+        first.stop()
+        if second is not None:
+            second.stop()
+
+
+def test_client_refuses_what_the_server_would_drop(tmp_path):
+    path = str(tmp_path / "timer.fifo")
+    for sig in (2 ** 31, signal.NSIG, -2 ** 40):
+        with pytest.raises(ValueError, match="signal"):
+            ops.FileTimerClient(path, signal=sig)
+    with pytest.raises(ValueError, match="after"):
+        ops.expires(after=float("nan"))
+
+
+def test_a_timer_without_end_is_kept_not_fired(server):
+    victim = sleeper()
+    try:
+        write_raw(server.file_path, request(victim.pid, "forever", float("inf"), signal.SIGKILL))
+        assert server._wait(lambda: server._request_count == 1, HANG_GUARD)
+        assert server.active_timers() == [(victim.pid, "forever", float("inf"))] and server._bad_lines == 0
+        assert victim.poll() is None
+    finally:
+        victim.kill()
+        victim.wait()

@@ -4,7 +4,9 @@ import shutil
 import subprocess
 import sys
 
-from conftest import ROOT
+import pytest
+
+from conftest import ROOT, pyenv_python
 
 STORE_ONLY = r"""
 import sys
@@ -131,3 +133,42 @@ def test_all_three_vendored_in_a_package_run_a_two_worker_job(tmp_path):
     assert out.returncode == 0, out.stderr
     assert sorted(line for line in out.stdout.splitlines() if line.startswith("rank")) == [
         "rank 0 of 2", "rank 1 of 2"]
+
+
+def test_all_three_alone_run_under_isolated_mode(tmp_path):
+    """`python3 -I -S elastic.py`: -I leaves the script's folder off sys.path, the siblings are found anyway."""
+    _copy(["store.py", "rendezvous.py", "elastic.py"], tmp_path / "three")
+    (tmp_path / "worker.py").write_text(WORKER)
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONHOME")}
+    out = subprocess.run([sys.executable, "-I", "-S", str(tmp_path / "three" / "elastic.py"), "--standalone",
+                          "--nproc-per-node", "2", "worker.py"], cwd=str(tmp_path), env=env, capture_output=True,
+                         text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert sorted(line for line in out.stdout.splitlines() if line.startswith("rank")) == [
+        "rank 0 of 2", "rank 1 of 2"]
+
+
+@pytest.mark.parametrize("minor", ["3.6", "3.7"])
+@pytest.mark.parametrize("route", ["elastic.py", "-m elastic", "store.py"])
+def test_too_old_python_exits_2_with_one_line(tmp_path, minor, route):
+    """Below 3.8 each entry point says which version it needs, in one line, and exits 2 at once."""
+    python = pyenv_python(minor)
+    if python is None:
+        pytest.skip("no pyenv Python %s" % minor)
+    _copy(["store.py", "rendezvous.py", "elastic.py"], tmp_path)
+    (tmp_path / "worker.py").write_text(WORKER)
+    argv = route.split() + (["--port", "0"] if route == "store.py" else ["--standalone", "worker.py"])
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONHOME")}
+    out = subprocess.run([python] + argv, cwd=str(tmp_path), env=env, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 2, (out.stdout, out.stderr)
+    assert out.stdout == ""
+    assert len(out.stderr.splitlines()) == 1 and "needs Python 3.8 or newer" in out.stderr, out.stderr
+
+
+@pytest.mark.parametrize("name", ["elastic.py", "store.py"])
+def test_entry_files_keep_to_python_3_6_syntax(name):
+    """What lets 3.6 and 3.7 reach the version check; a guard for machines without those Pythons
+    (ast's feature_version is best-effort, the run under 3.6 above is the real check)."""
+    import ast
+    with open(os.path.join(ROOT, name)) as f:
+        ast.parse(f.read(), name, feature_version=(3, 6))

@@ -21,6 +21,23 @@ def env(**extra):
     return e
 
 
+def clean_env(**extra):
+    """env() without the SLURM_*, PET_* and TORCHELASTIC_* variables the developer's shell may hold."""
+    e = env()
+    for k in list(e):
+        if k.startswith(("SLURM_", "PET_", "TORCHELASTIC_")):
+            del e[k]
+    e.update({k: str(v) for k, v in extra.items()})
+    return e
+
+
+def write_script(folder, name, text):
+    path = os.path.join(str(folder), name)
+    with open(path, "w") as f:
+        f.write(text)
+    return path
+
+
 class Launcher:
     """One `python3 elastic.py ...` in its own session, output in files; always killed in stop()."""
 
@@ -58,9 +75,10 @@ class Launcher:
 class StoreProcess:
     """`python3 store.py` on a free port of 127.0.0.1, for agents that must outlive each other."""
 
-    def __init__(self):
+    def __init__(self, token_file=None):
+        token = ["--token-file", token_file] if token_file else []
         self.proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "store.py"), "--host", "127.0.0.1",
-                                      "--port", "0"], stdout=subprocess.PIPE, env=env())
+                                      "--port", "0"] + token, stdout=subprocess.PIPE, env=env())
         line = self.proc.stdout.readline().decode()
         if not line.startswith("listening on"):
             self.stop()
@@ -74,8 +92,10 @@ class StoreProcess:
         self.proc.stdout.close()
 
 
-def wait_for(condition, timeout=60, what="condition"):
-    """Poll `condition` (files written by other processes: there is no event to wait on)."""
+def wait_for(condition, timeout=60, what="condition", explain=None):
+    """Poll `condition` until it returns something true, and return that. For states other processes
+    produce (files, log lines, a remote metric): there is no event to wait on. The timeout is a hang
+    guard only; on it, AssertionError names `what`, followed by `explain()` when given."""
     deadline = time.monotonic() + timeout
     delay = 0.01
     while True:
@@ -83,7 +103,7 @@ def wait_for(condition, timeout=60, what="condition"):
         if value:
             return value
         if time.monotonic() > deadline:
-            raise AssertionError("timed out waiting for %s" % what)
+            raise AssertionError("timed out waiting for %s%s" % (what, "\n" + explain() if explain else ""))
         time.sleep(delay)
         delay = min(delay * 2, 0.1)
 
