@@ -2052,18 +2052,26 @@ class _LogPump:
 
 
 class _WorkerSetup:
-    """How one run makes each attempt's workers: a folder per worker under the run's log folder
-    (``attempt_<n>/<local rank>``: error file, stack file), its environment (rank variables,
-    torchelastic's, the tree mark, the timer and stack files), output streams and line prefix."""
+    """How an agent makes each attempt's worker group: a folder per worker under the run's log
+    folder (``attempt_<n>/<local rank>``: error file, stack file), its environment (rank variables,
+    torchelastic's, the tree mark, the timer and stack files), output streams and line prefix, and
+    the group's starter, reaper and file timer. ``begin()`` names what each run() has anew."""
 
-    def __init__(self, spec, logs, prefix_template, run_id, tree_token, timer=None, stack_signal=None):
+    def __init__(self, spec, logs, prefix_template, starter, stack_signal=None):
         self._spec, self._logs, self._prefix_template = spec, logs, prefix_template
-        self._run_id, self._tree_token = run_id, tree_token
-        self._timer_file = None if timer is None else timer.file_path
-        self._stack_signal = stack_signal
+        self._starter, self._stack_signal = starter, stack_signal
+        self._run_id = self._tree_token = self._reaper = self._timer = None
+
+    def begin(self, run_id, tree_token, reaper, timer=None):
+        self._run_id, self._tree_token, self._reaper, self._timer = run_id, tree_token, reaper, timer
+
+    def group(self, attempt, ranks, restart_count):
+        """The _WorkerGroup of attempt number `attempt` for the round's _RankAssignment `ranks`."""
+        return _WorkerGroup(self.workers(attempt, ranks, restart_count), self._starter, self._reaper,
+                            self._tree_token, self._timer)
 
     def workers(self, attempt, ranks, restart_count):
-        """The workers of attempt number `attempt` for the round's _RankAssignment `ranks`."""
+        """The workers of attempt number `attempt` (not started)."""
         from string import Template
         spec = self._spec
         attempt_dir = os.path.join(self._logs.root_log_dir, "attempt_%d" % attempt)
@@ -2094,8 +2102,8 @@ class _WorkerSetup:
         })
         if spec.local_world_size > 1 and "OMP_NUM_THREADS" not in os.environ:
             env["OMP_NUM_THREADS"] = "1"
-        if self._timer_file is not None:
-            env["TORCHELASTIC_TIMER_FILE"] = self._timer_file
+        if self._timer is not None:
+            env["TORCHELASTIC_TIMER_FILE"] = self._timer.file_path
         if self._stack_signal is not None:
             env[_STACK_FILE_VAR] = os.path.join(os.path.dirname(error_file), "stack.txt")
             env[_STACK_SIGNAL_VAR] = str(self._stack_signal)
@@ -2790,20 +2798,18 @@ class LocalElasticAgent:
         self._logs = logs_specs or DefaultLogsSpecs()
         self._exit_barrier_timeout = float(exit_barrier_timeout)
         self._shutdown_timeout = float(shutdown_timeout)
-        self._prefix_template = log_line_prefix_template or _DEFAULT_PREFIX_TEMPLATE
         self._handler = spec.rdzv_handler or _LocalRendezvous(addr=spec.local_addr)
-        self._starter = _starter(spec, start_method, fork_server, adopt_orphans)
         self._stop = stop_flag or _NoStop()
         self._health_check_port = health_check_port
-        self._stacks_trigger, self._stack_signal = _stack_signals(stack_signal, spec)
+        self._stacks_trigger, worker_stack_signal = _stack_signals(stack_signal, spec)
+        self._setup = _WorkerSetup(spec, self._logs, log_line_prefix_template or _DEFAULT_PREFIX_TEMPLATE,
+                                   _starter(spec, start_method, fork_server, adopt_orphans), worker_stack_signal)
         self._control = None       # _NodeControl while run() runs
         self._state = WorkerState.UNKNOWN
-        self._setup = None         # _WorkerSetup while run() runs
         self._group = None         # _WorkerGroup of the running attempt
         self._ranks = None         # _RankAssignment of the current round
         self._peers = None         # _Peers of the current round
         self._reaper = None
-        self._tree_token = None    # marks every worker's tree in its environment (run() sets it)
         self._attempt = 0
         self._restart_count = 0
         self._servers = _NodeServers()
@@ -2850,8 +2856,8 @@ class LocalElasticAgent:
 
     def run(self):
         self._set_state(WorkerState.INIT)
-        self._tree_token = _new_tree_token()
-        self._reaper = _Reaper(self._tree_token)
+        tree_token = _new_tree_token()   # marks every worker's tree in its environment
+        self._reaper = _Reaper(tree_token)
         self._logs._make_root(self._run_id())
         began = time.monotonic()
         path = _event_log_file(self._event_log, self._logs.root_log_dir)
@@ -2864,8 +2870,7 @@ class LocalElasticAgent:
         try:
             self._servers.start(self._logs.root_log_dir, self._run_id(), self._health_check_port,
                                 _health_status_fn(self))
-            self._setup = _WorkerSetup(self._spec, self._logs, self._prefix_template, self._run_id(),
-                                       self._tree_token, self._servers.timer, self._stack_signal)
+            self._setup.begin(self._run_id(), tree_token, self._reaper, self._servers.timer)
             self._control.start()
             result = self._run_loop()
             if self._group is not None:
@@ -3023,9 +3028,9 @@ class LocalElasticAgent:
                            "log_dir": self._logs.root_log_dir, "event_log": self._events.path})
 
     def _start_group(self):
-        workers = self._setup.workers(self._attempt, self._ranks, self._restart_count)
+        self._group = self._setup.group(self._attempt, self._ranks, self._restart_count)
+        workers = self._group.workers
         self._attempt += 1
-        self._group = _WorkerGroup(workers, self._starter, self._reaper, self._tree_token, self._servers.timer)
         # a stop signal is answered between two workers, not after the last of many
         self._group.start(stopping=self._stop.requested)
         self._stop.check()   # every worker asked for is known now, so teardown finds them all
