@@ -2800,7 +2800,6 @@ class LocalElasticAgent:
         self._shutdown_timeout = float(shutdown_timeout)
         self._handler = spec.rdzv_handler or _LocalRendezvous(addr=spec.local_addr)
         self._stop = stop_flag or _NoStop()
-        self._health_check_port = health_check_port
         self._stacks_trigger, worker_stack_signal = _stack_signals(stack_signal, spec)
         self._setup = _WorkerSetup(spec, self._logs, log_line_prefix_template or _DEFAULT_PREFIX_TEMPLATE,
                                    _starter(spec, start_method, fork_server, adopt_orphans), worker_stack_signal)
@@ -2812,7 +2811,7 @@ class LocalElasticAgent:
         self._reaper = None
         self._attempt = 0
         self._restart_count = 0
-        self._servers = _NodeServers()
+        self._servers = _NodeServers(health_check_port)
         self._event_log = event_log
         self._events = _Events()   # run() opens the event log; narration only until then
         self._job_restarts = 0     # the most restarts any member of the round has made
@@ -2868,8 +2867,7 @@ class LocalElasticAgent:
         self._control = _NodeControl(self._handler, self._stop, self._run_id(), self._stacks_trigger,
                                      lambda: self._group, self)
         try:
-            self._servers.start(self._logs.root_log_dir, self._run_id(), self._health_check_port,
-                                _health_status_fn(self))
+            self._servers.start(self._logs.root_log_dir, self._run_id(), _health_status_fn(self))
             self._setup.begin(self._run_id(), tree_token, self._reaper, self._servers.timer)
             self._control.start()
             result = self._run_loop()
@@ -3008,7 +3006,8 @@ class LocalElasticAgent:
             info = self._handler.next_rendezvous()
         self._peers = _Peers(info, self._handler, self._stop, self._run_id(),
                              self._shutdown_timeout + _OUTCOME_WAIT)
-        peers = _share_roles(info, spec.role, spec.local_world_size, self._agent_record())
+        record = _agent_record(spec, self._job_restarts, self._logs.root_log_dir, self._events.path)
+        peers = _share_roles(info, spec.role, spec.local_world_size, record)
         if info.world_size > 1:
             self._job_restarts = max([self._job_restarts] + _restarts_of(info.store, info.world_size))
         r = self._ranks = _RankAssignment(peers, info.rank, spec.role, spec.master_addr or info.master_addr,
@@ -3018,14 +3017,6 @@ class LocalElasticAgent:
         self._nodes = info.world_size
         self._events.emit("round", **_round_fields(info, r, peers, spec.local_addr, time.monotonic() - began))
         self._rdzv_done = time.time()
-
-    def _agent_record(self):
-        """What `elasticrun status` shows of this node."""
-        import json
-        spec = self._spec
-        return json.dumps({"host": _hostname(), "pid": os.getpid(), "restarts": self._job_restarts,
-                           "max_restarts": spec.max_restarts, "nproc": spec.local_world_size,
-                           "log_dir": self._logs.root_log_dir, "event_log": self._events.path})
 
     def _start_group(self):
         self._group = self._setup.group(self._attempt, self._ranks, self._restart_count)
@@ -3083,14 +3074,15 @@ class _NodeServers:
     """What an agent serves beside its workers while run() runs: the file timer (when the environment
     asks for it) and /healthz (with a port)."""
 
-    def __init__(self):
+    def __init__(self, health_port=None):
+        self._health_port = health_port
         self.timer = None    # FileTimerServer
         self.health = None   # _HealthServer
 
-    def start(self, log_dir, run_id, health_port, status_fn):
+    def start(self, log_dir, run_id, status_fn):
         self.timer = _serve_file_timer(_file_timer_path(os.environ, log_dir), run_id)
-        if health_port is not None:
-            self.health = _serve_health(health_port, status_fn)
+        if self._health_port is not None:
+            self.health = _serve_health(self._health_port, status_fn)
 
     def stop(self):
         for name in ("health", "timer"):
@@ -3101,6 +3093,14 @@ class _NodeServers:
                     server.stop()
                 except Exception as e:  # never let a server's stop hide the run's outcome
                     log.debug("stopping %s: %s", name, e)
+
+
+def _agent_record(spec, restarts, log_dir, event_log):
+    """What `elasticrun status` shows of a node."""
+    import json
+    return json.dumps({"host": _hostname(), "pid": os.getpid(), "restarts": restarts,
+                       "max_restarts": spec.max_restarts, "nproc": spec.local_world_size,
+                       "log_dir": log_dir, "event_log": event_log})
 
 
 def _share_roles(info, role, local_world_size, record):
