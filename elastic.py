@@ -213,8 +213,8 @@ from it.
 __version__ = "0.1.0"
 __all__ = [
     "WorkerSpec", "WorkerState", "Std", "DefaultLogsSpecs", "LocalElasticAgent", "RunResult",
-    "ProcessFailure", "ChildFailedError", "ElasticError", "record", "main",
-    "FileTimerServer", "FileTimerClient", "configure", "expires",
+    "ProcessFailure", "ChildFailedError", "ElasticError", "record", "ErrorHandler", "get_error_handler",
+    "main", "FileTimerServer", "FileTimerClient", "FileTimerRequest", "configure", "expires",
 ]
 
 import itertools
@@ -472,6 +472,74 @@ def _write_error_file(exc, path=None):
         _write_json_atomic(path, _error_payload(type(exc), exc, exc.__traceback__))
     except OSError as e:
         log.warning("could not write the error file %s: %s", path, e)
+
+
+class ErrorHandler:
+    """torchelastic's error handler, for programs that report their own errors (``record`` is the
+    usual way). ``initialize()`` turns on ``faulthandler`` for all threads, so a fatal signal
+    prints Python stacks; ``record_exception(e)`` writes `e` to ``TORCHELASTIC_ERROR_FILE``
+    (atomically; nothing when the variable is unset); ``dump_error_file(path, error_code)`` copies
+    a child's error file into this process's own, setting ``errorCode`` inside its message. A
+    subclass may override ``_get_error_file_path()`` to send errors elsewhere."""
+
+    def __init__(self):
+        self._fn_name = None
+
+    def _get_error_file_path(self):
+        return os.environ.get("TORCHELASTIC_ERROR_FILE")
+
+    def set_entrypoint_fn_name(self, name):
+        """Name the entrypoint in the log lines of record_exception and record_success."""
+        self._fn_name = name
+
+    def initialize(self):
+        try:
+            import faulthandler
+            faulthandler.enable(all_threads=True)
+        except Exception as e:   # stderr closed or not a real file: run on without it
+            log.warning("could not enable faulthandler: %s: %s", type(e).__name__, e)
+
+    def record_exception(self, e):
+        if self._fn_name:
+            log.debug("entrypoint %s failed: %s: %s", self._fn_name, type(e).__name__, e)
+        path = self._get_error_file_path()
+        if path:
+            _write_error_file(e, path)
+
+    def record_success(self):
+        """A success leaves no error file; with an entrypoint name it is logged (debug)."""
+        if self._fn_name:
+            log.debug("entrypoint %s succeeded", self._fn_name)
+
+    def override_error_code_in_rootcause_data(self, rootcause_error_file, rootcause_error, error_code=0):
+        """Set ``errorCode`` in the message of `rootcause_error` (the JSON read from
+        `rootcause_error_file`); a file whose message is a plain string is left as it is."""
+        msg = rootcause_error.get("message") if isinstance(rootcause_error, dict) else None
+        if isinstance(msg, dict):
+            msg["errorCode"] = error_code
+        else:
+            log.warning("error file %s has no message object: errorCode %s not set",
+                        rootcause_error_file, error_code)
+
+    def dump_error_file(self, rootcause_error_file, error_code=0):
+        """Copy the child's error file into ours, with `error_code` (the child's exit code, which a
+        child killed by a signal could not write itself) when it is not 0."""
+        import json
+        with open(rootcause_error_file) as f:
+            data = json.load(f)
+        if error_code:
+            self.override_error_code_in_rootcause_data(rootcause_error_file, data, error_code)
+        path = self._get_error_file_path()
+        if not path:
+            log.error("no TORCHELASTIC_ERROR_FILE of our own to copy the child's error file %s into",
+                      rootcause_error_file)
+            return
+        _write_json_atomic(path, data)
+
+
+def get_error_handler():
+    """A new ErrorHandler (torch's function of that name, a seam for a build to swap its own in)."""
+    return ErrorHandler()
 
 
 def record(fn=None):
