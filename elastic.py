@@ -544,7 +544,9 @@ def get_error_handler():
 
 def record(fn=None):
     """Decorator: an exception escaping `fn` is written to ``TORCHELASTIC_ERROR_FILE`` (atomically,
-    torchelastic's format) and re-raised. ``SystemExit`` is not an error and passes through."""
+    torchelastic's format) and re-raised. ``SystemExit`` is not an error: ``SystemExit(0)`` (a
+    ``sys.exit(0)`` in a script run as a function, ``--run-path``) returns None, as torchelastic's
+    does, and any other code passes through."""
     import functools
 
     def wrap(f):
@@ -552,7 +554,9 @@ def record(fn=None):
         def wrapper(*args, **kwargs):
             try:
                 return f(*args, **kwargs)
-            except SystemExit:
+            except SystemExit as e:
+                if e.code == 0:
+                    return None
                 raise
             except ChildFailedError as e:
                 _copy_root_cause(e, os.environ.get("TORCHELASTIC_ERROR_FILE"))
