@@ -573,7 +573,8 @@ _ERROR_FILE_LIMIT = 1 << 20   # bytes of an error file the agent reads; a longer
 
 
 def _read_error_file(path):
-    """(message, traceback, timestamp, raw) from an error file; Nones when missing or unreadable.
+    """(message, traceback, timestamp, raw) from an error file; Nones when missing or unreadable,
+    ValueError when it is a file but not torchelastic's JSON (not JSON, or no ``message`` key).
 
     The worker controls that path, so it is opened without blocking (a FIFO would wait for a writer
     forever), read only when it is a regular file (/dev/zero never ends), and at most
@@ -606,9 +607,11 @@ def _read_error_file(path):
                 % (max(st.st_size, len(raw)), _ERROR_FILE_LIMIT >> 10), tail, None, None)
     try:
         data = json.loads(raw.decode("utf-8"))
-    except ValueError:
-        return None, None, None, None
-    msg = data.get("message") if isinstance(data, dict) else None
+    except ValueError as e:
+        raise ValueError("the error file %s is not JSON (%s)" % (path, e)) from None
+    if not isinstance(data, dict) or "message" not in data:
+        raise ValueError("the error file %s has no 'message' key: not torchelastic's format" % path)
+    msg = data["message"]
     if isinstance(msg, dict):
         extra = msg.get("extraInfo") or {}
         ts = extra.get("timestamp")
@@ -635,7 +638,9 @@ def _read_at_most(fd, limit):
 
 class ProcessFailure:
     """One failed worker: ranks, pid, exit code (negative: killed by that signal), its error file and
-    what the file said. `timestamp` is the error file's (epoch seconds) or when the exit was seen."""
+    what the file said. `timestamp` is the error file's (epoch seconds) or when the exit was seen.
+    An error file that is there but not torchelastic's JSON raises ValueError, as torchelastic's
+    does (the agent reports such a worker all the same, naming the file)."""
 
     def __init__(self, local_rank, pid, exitcode, error_file=None, message=None, timestamp=None,
                  rank=None, role="default", host=None, exit_time=None, traceback=None, stderr_log=None):
@@ -693,6 +698,20 @@ class ProcessFailure:
     def __repr__(self):
         return "ProcessFailure(rank=%s, local_rank=%s, pid=%s, exitcode=%s)" % (
             self.rank, self.local_rank, self.pid, self.exitcode)
+
+
+def _worker_failure(local_rank, pid, exitcode, error_file, **kwargs):
+    """The agent's ProcessFailure: an error file that is not torchelastic's JSON is named in the
+    message, and never costs the report the worker's exit code."""
+    try:
+        return ProcessFailure(local_rank, pid, exitcode, error_file, **kwargs)
+    except ValueError as e:
+        f = ProcessFailure(local_rank, pid, exitcode, None, **kwargs)
+        f.error_file = error_file
+        if exitcode is None or exitcode >= 0:
+            f.message = "exited with code %s" % exitcode
+        f.message = "%s; %s" % (f.message, e)
+        return f
 
 
 _FULL_BELOW = 64 * 1024   # bytes free under which a log folder's file system counts as full
@@ -2107,9 +2126,9 @@ class _WorkerGroup:
         scopes = {} if self._timer is None else {pid: s for pid, s, _ in self._timer.pop_expired()}
         failures = {}
         for rank, w in failed.items():
-            f = ProcessFailure(w.local_rank, w.pid, w.exitcode, w.error_file, rank=rank, role=role,
-                               exit_time=w.exit_time,
-                               stderr_log=w.log_paths[1] if w.dests[1] != "console" else None)
+            f = _worker_failure(w.local_rank, w.pid, w.exitcode, w.error_file, rank=rank, role=role,
+                                exit_time=w.exit_time,
+                                stderr_log=w.log_paths[1] if w.dests[1] != "console" else None)
             if w.pid in scopes:
                 f.message = "%s (overran file-timer scope %s)" % (f.message, scopes[w.pid])
             if w.stack:
@@ -2196,9 +2215,9 @@ class _WorkerGroup:
                 w.global_rank, w.pid, grace, _signal_name(sig))
             log.warning("%s; %s:\n%s", what, _stack_site(w.stack), w.stack)
             _write_stack_error(w, "%s; %s" % (what, _stack_site(w.stack)))
-            f = ProcessFailure(w.local_rank, w.pid, -signal.SIGKILL, w.error_file, rank=w.global_rank,
-                               role=w.env.get("ROLE_NAME", "default"),
-                               message="%s; %s" % (what, _stack_site(w.stack)))
+            f = _worker_failure(w.local_rank, w.pid, -signal.SIGKILL, w.error_file, rank=w.global_rank,
+                                role=w.env.get("ROLE_NAME", "default"),
+                                message="%s; %s" % (what, _stack_site(w.stack)))
             f.stack = w.stack
             self.outlived_grace[w.global_rank] = f
 

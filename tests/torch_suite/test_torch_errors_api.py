@@ -69,8 +69,6 @@ class ApiTest(unittest.TestCase):
     def tearDown(self):
         shutil.rmtree(self.test_dir)
 
-    @xfail("ProcessFailure accepts an error file without a 'message' key ({'unknown_key': ...}); "
-           "torch raises")
     def test_failure_incorrect_reply_file(self):
         with open(self.test_error_file, "w") as fp:
             json.dump({"unknown_key": "unknown_value"}, fp)
