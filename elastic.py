@@ -770,22 +770,24 @@ def _error_file_exists(f):
 
 
 def _format_failure(rank, f):
-    code = "%s (%s)" % (f.exitcode, f.signal_name()) if f.signal_name() else str(f.exitcode)
+    # torchelastic's labels and column (scripts match "exitcode  : -11 (pid: 997) (SIGSEGV)"),
+    # with our own lines (role, stderr, message, stack) in the same column
+    sig = " (%s)" % f.signal_name() if f.signal_name() else ""
     lines = [
-        "  time       : %s" % _fmt_time(f.exit_time),
-        "  host       : %s" % f.host,
-        "  rank       : %s (local_rank: %s, role: %s)" % (rank, f.local_rank, f.role),
-        "  exitcode   : %s (pid: %s)" % (code, f.pid),
-        "  error_file : %s" % (f.error_file if _error_file_exists(f) else "<none written>"),
+        "  time      : %s" % _fmt_time(f.exit_time),
+        "  host      : %s" % f.host,
+        "  rank      : %s (local_rank: %s, role: %s)" % (rank, f.local_rank, f.role),
+        "  exitcode  : %s (pid: %s)%s" % (f.exitcode, f.pid, sig),
+        "  error_file: %s" % (f.error_file if _error_file_exists(f) else "<none written>"),
     ]
     if f.stderr_log:
-        lines.append("  stderr     : %s" % f.stderr_log)
-    lines.append("  message    : %s" % f.message)
+        lines.append("  stderr    : %s" % f.stderr_log)
+    lines.append("  message   : %s" % f.message)
     if f.traceback:
-        lines.append("  traceback  :")
+        lines.append("  traceback :")
         lines.extend("    " + line for line in f.traceback.rstrip("\n").split("\n"))
     if f.stack:
-        lines.append("  stack      : (where it was when the agent killed it)")
+        lines.append("  stack     : (where it was when the agent killed it)")
         lines.extend("    " + line for line in f.stack.rstrip("\n").split("\n"))
     return lines
 

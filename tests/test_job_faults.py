@@ -199,7 +199,7 @@ def test_a_hostile_error_file_neither_hangs_nor_exhausts_the_agent(tmp_path, kin
     try:
         assert a.wait(60) == 5, a.err()[-2000:]
         report = a.err()
-        assert "exitcode   : 5" in report
+        assert "exitcode  : 5" in report
         assert len(report) < 3 << 20
         if kind == "big":
             assert "ValueError: the real end" in report   # the traceback's tail is kept

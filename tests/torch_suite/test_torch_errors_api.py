@@ -195,8 +195,6 @@ class ApiTest(unittest.TestCase):
                 raise_child_failure_error_fn("trainer")
             self.assertFalse(os.path.isfile(self.test_error_file))
 
-    @xfail("the report line reads 'exitcode   : -11 (SIGSEGV) (pid: 997)'; torch's has "
-           "'exitcode  : -11' (two spaces before the colon)")
     def test_child_failed_error_signal_name_in_message(self):
         pf = self.failure_without_error_file(exitcode=-signal.SIGSEGV)
         error_msg = str(ChildFailedError("trainer.par", {0: pf}))
