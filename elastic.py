@@ -84,7 +84,9 @@ workers, an excepthook installed by a small bootstrap) writes torchelastic's JSO
 The agent reads it without blocking, only when it is a regular file, and at most its last 1 MiB.
 A worker the agent kills (file timer, or SIGKILL after the grace) writes none: the agent writes it
 for the worker, with the worker's stack in ``extraInfo.stack`` (see Stacks), and the launcher's
-own error file carries that too.
+own error file carries that too. ``ErrorHandler`` is torch's object for the same (``initialize``,
+``record_exception``, ``dump_error_file``); ``ProcessFailure`` raises ValueError on an error file
+that is not this JSON, as torch's does, and the agent reports that worker all the same.
 
 Stacks: Python workers (scripts through the bootstrap or the fork server, callables) arm
 ``faulthandler.register(STACK_SIGNAL, all_threads=True)`` at start, writing to ``stack.txt`` beside
@@ -110,7 +112,8 @@ on that store (``elasticrun/<run id>/ctl/<n>``, one parked wait per agent, no tr
 File timer (hang watchdog), on with ``TORCHELASTIC_ENABLE_FILE_TIMER=1`` (a pipe in the run's log
 folder) or ``TORCHELASTIC_TIMER_FILE=PATH``. Workers get ``TORCHELASTIC_TIMER_FILE`` and guard a step
 with ``with elastic.expires(after=60): step()`` (torch's ``FileTimerClient`` works too: same pipe,
-same format). Each request is one JSON line, written in one ``write`` of at most PIPE_BUF bytes::
+same format). Each request is one JSON line (``FileTimerRequest(...).to_json()``, for clients of
+one's own), written in one ``write`` of at most PIPE_BUF bytes::
 
     worker                                              agent (FileTimerServer thread)
       {"version": 1, "pid": P, "scope_id": S,  --FIFO-->  timers[(P, S)] = (T, N); sleeps in poll
@@ -3775,6 +3778,43 @@ _PID_T_MAX = (1 << 31) - 1  # a request's pid and signal must fit the kernel's i
 _NSIG = signal.NSIG         # and a signal to send is below this
 
 
+class FileTimerRequest:
+    """One timer request as it travels on the pipe (torch's class, for clients of one's own):
+    ``to_json()`` is the line a FileTimerServer reads, written with a newline in one ``write``. A
+    negative ``expiration_time`` (epoch seconds) releases the timer of (``worker_pid``,
+    ``scope_id``); ``signal`` is what the server sends that process when the timer expires."""
+
+    __slots__ = ("version", "worker_pid", "scope_id", "expiration_time", "signal")
+
+    def __init__(self, worker_pid, scope_id, expiration_time, signal=0):
+        self.version = 1
+        self.worker_pid = worker_pid
+        self.scope_id = scope_id
+        self.expiration_time = expiration_time
+        self.signal = signal
+
+    @property
+    def worker_id(self):   # torch's name for it, from its generic TimerRequest
+        return self.worker_pid
+
+    def _fields(self):
+        return (self.version, self.worker_pid, self.scope_id, self.expiration_time, self.signal)
+
+    def __eq__(self, other):
+        return isinstance(other, FileTimerRequest) and self._fields() == other._fields()
+
+    __hash__ = None   # mutable, compared by value
+
+    def __repr__(self):
+        return "FileTimerRequest(worker_pid=%r, scope_id=%r, expiration_time=%r, signal=%r)" % (
+            self.worker_pid, self.scope_id, self.expiration_time, self.signal)
+
+    def to_json(self):
+        import json
+        return json.dumps({"version": self.version, "pid": self.worker_pid, "scope_id": self.scope_id,
+                           "expiration_time": self.expiration_time, "signal": self.signal})
+
+
 class FileTimerClient:
     """Sends timer requests to a ``FileTimerServer`` through its named pipe (torch's format).
 
@@ -3796,10 +3836,8 @@ class FileTimerClient:
         self._send(scope_id, -1, 0)
 
     def _send(self, scope_id, expiration_time, sig):
-        import json
         import select
-        line = json.dumps({"version": 1, "pid": os.getpid(), "scope_id": scope_id,
-                           "expiration_time": expiration_time, "signal": sig}) + "\n"
+        line = FileTimerRequest(os.getpid(), scope_id, expiration_time, sig).to_json() + "\n"
         data = line.encode("utf-8")
         limit = getattr(select, "PIPE_BUF", 512)
         if len(data) > limit:
