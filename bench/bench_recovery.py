@@ -1,34 +1,47 @@
 #!/usr/bin/env python3
 # SPDX-License-Identifier: BSD-3-Clause
-"""Detection and recovery times of node failures, on simulated hosts (issue 6).
+"""Detection and recovery times of node failures, on simulated hosts (issues 6 and 18), ours beside torchrun's.
 
-    sudo python3 bench/bench_recovery.py [--repeat N] [--only NAME,NAME]
+    sudo python3 bench/bench_recovery.py [--repeat N] [--only NAME,NAME] [--no-torch]
 
 Builds the multi-host setup of tests/test_netns.py (tests/netns.py: one network namespace per
 "host", veth pairs on a bridge; tests/etcd_cluster.py: real etcd members inside the hosts), runs
 one agent per host (`elastic.py --nnodes 2:3 --nproc-per-node 1`, one worker each, the tests' agent
 options and --rdzv-conf), injects a fault and reads the times off two clocks the processes write
 themselves: every agent's output line, stamped by this script the moment it arrives through a pipe,
-and every worker's start marker (the worker writes `start HOST RANK WORLD RESTART PID TIME` on start).
+and every worker's markers (the worker writes `start HOST RANK WORLD RESTART PID TIME` on start and
+`term HOST RANK PID TIME` when SIGTERM reaches it).
 
-    scenario          fault                                      backends
-    sigkill           host 2's agent SIGKILLed                   c10d, etcd (one etcd member, host 0)
-    link-down         host 2's link taken down at the bridge     c10d, etcd
-    scale-up          a third agent started beside 2 running     c10d, etcd
-    etcd-member       etcd member 0 of 3 SIGKILLed (every        etcd
-                      client's first endpoint)
-    etcd-leader       the raft leader of the 3 members SIGKILLed etcd
-    store-host        the agent serving the c10d store killed    c10d
+    scenario       fault                                            backends
+    sigkill        host 2's agent SIGKILLed (not the store's host)  c10d, etcd (one etcd member, host 0)
+    link-down      host 2's link taken down at the bridge           c10d, etcd
+    scale-up       a third agent started beside 2 running           c10d, etcd
+    stop-signal    SIGTERM to host 2's agent (a node preempted)     c10d
+    etcd-member    etcd member 0 of 3 SIGKILLed (every              etcd
+                   client's first endpoint)
+    etcd-leader    the raft leader of the 3 members SIGKILLed       etcd
+    store-host     the agent serving the c10d store SIGKILLed;      c10d
+                   the workers then fail, as a real job's would
+    store-host-wk  the same, the workers left alone                 c10d
 
     detection  fault -> the first line any survivor prints about it (e.g. "member ... is dead",
-               "restarting the worker group", "lost the store"); "-" when no survivor said anything
+               "restarting the worker group", "lost the store"; stop-signal: or the first SIGTERM
+               to another node's worker); "-" when no survivor said anything
     recovery   fault -> every survivor's worker started again at the new world size (scale-up: the
                third agent's start -> all three running at world size 3; etcd-*: the kill ->
                a write through EtcdStore answered again; store-host: the kill -> both surviving
-               agents exited, their workers made to fail once both noticed, as a real job's would)
+               agents exited, their workers made to fail once both noticed; store-host-wk: the
+               kill -> every worker of hosts 1 and 2 gone; stop-signal: the signal -> all three
+               agents exited, the note says when every node's worker had SIGTERM)
 
-Figures are medians over --repeat runs. A scenario that hangs past the guard is reported and the
-others still run; the exit status is then 1. Needs root, iproute2 and etcd: without them it says
+torchrun (torch.distributed.run from ELASTIC_TEST_TORCH_PYTHON, default /work/venv-torch/bin/python)
+runs the same job on the same hosts with its c10d rendezvous, the same timeouts where it has them,
+for every c10d scenario it can take part in (its etcd backend speaks etcd's v2 API only). Where it
+does not act at all it is watched TORCH_BOUND seconds and the note says what it did meanwhile
+(e.g. "workers still running"); its recovery is then "-" and the ratio ">N": at least N times ours.
+
+Figures are medians over --repeat runs. A scenario of ours that hangs past the guard is reported and
+the others still run; the exit status is then 1. Needs root, iproute2 and etcd: without them it says
 why on one line and exits 2. Every process started is SIGKILLed and every namespace deleted in a
 `finally` (Network.close()).
 """
