@@ -548,6 +548,9 @@ def main(argv=None):
     torch_problem = "skipped (--no-torch)" if args.no_torch else None
     if torch_problem is None and not os.path.exists(TORCH_PYTHON):
         torch_problem = "n/a: no torch python at %s (ELASTIC_TEST_TORCH_PYTHON)" % TORCH_PYTHON
+    # a SIGTERM (or a `kill` from a shell whose background jobs ignore SIGINT) still runs the finally
+    # blocks: every process killed, every namespace deleted
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     etcd_binary = shutil.which("etcd")
     only = set(filter(None, args.only.split(",")))
     results = []
