@@ -207,8 +207,18 @@ class _Job(Job):
 
     def first_notice(self, hosts, after):
         """(time, host, text) of the first line any of `hosts` printed after `after`, or None."""
-        seen = [(ts, i, text) for i in hosts if i in self.agents for ts, text in self.agents[i].lines_after(after)]
+        seen = [(ts, i, text) for i in hosts if i in self.agents for ts, text in self.agents[i].lines_after(after)
+                if text.strip()]
         return min(seen) if seen else None
+
+    def last_errors(self, after):
+        """"hN: <last line naming an error>" for every agent that printed one after `after`."""
+        found = []
+        for i, agent in sorted(self.agents.items()):
+            errors = [text for _, text in agent.lines_after(after) if "Error" in text or "ERROR" in text]
+            if errors:
+                found.append("h%d: %s" % (i, _short(errors[-1].split("] ", 1)[-1], 110)))
+        return "; ".join(found)
 
     def outputs(self):
         return "\n".join("--- agent %d\n%s" % (i, a.text()[-3000:]) for i, a in sorted(self.agents.items()))
@@ -248,12 +258,12 @@ def _start_all(job):
     wait_for(lambda: job.running_at({0, 1, 2}, 3), HANG_GUARD, "3 workers at world size 3", explain=job.outputs)
 
 
-def _within(impl, predicate, what, job):
+def _within(impl, predicate, what, job, bound=TORCH_BOUND):
     """predicate's value once true; ours must get there (else the scenario failed), torchrun may
-    not: for it, None after TORCH_BOUND seconds."""
+    not: for it, None after `bound` seconds."""
     if impl == "ours":
         return wait_for(predicate, HANG_GUARD, what, explain=job.outputs)
-    deadline = time.monotonic() + TORCH_BOUND
+    deadline = time.monotonic() + bound
     while time.monotonic() < deadline:
         value = predicate()
         if value:
@@ -297,9 +307,13 @@ def _scale_up(impl, backend, etcd_binary):
         wait_for(lambda: job.running_at({0, 1}, 2), HANG_GUARD, "2 workers at world size 2", explain=job.outputs)
         joined = time.time()
         job.start(2)
-        first = wait_for(lambda: job.running_at({0, 1, 2}, 3, after=joined), HANG_GUARD, "3 workers at world size 3",
-                         explain=job.outputs)
+        first = _within(impl, lambda: job.running_at({0, 1, 2}, 3, after=joined), "3 workers at world size 3", job,
+                        bound=HANG_GUARD)
         notice = job.first_notice({0, 1}, joined)
+        if first is None:
+            restarted = len([row for row in job.starts() if row[5] > joined])
+            return _row(notice, joined, None, "no world of 3 in %.0f s (%d worker starts after the join); %s" % (
+                HANG_GUARD, restarted, job.last_errors(joined) or "no error printed"))
         return _row(notice, joined, max(first.values()) - joined, "from the third agent's exec")
 
 
