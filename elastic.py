@@ -2096,6 +2096,7 @@ class LocalElasticAgent:
             job = self._peers.failures(failures)
             root_rank, root = _first(job)
             if self._restart_count < spec.max_restarts:
+                self._count_root_cause(root_rank, root)   # raises when this node must leave
                 self._restart_count += 1
                 log.info("%s (rank %s: %s); restarting the worker group (%d/%d)", outcome, root_rank,
                          root.message, self._restart_count, spec.max_restarts)
@@ -2104,6 +2105,16 @@ class LocalElasticAgent:
             self._peers.give_up()
             log.info("worker group failed; restart budget (%d) spent", spec.max_restarts)
             return RunResult(WorkerState.FAILED, failures=job, root_cause=(root_rank, root))
+
+    def _count_root_cause(self, root_rank, root):
+        """A failure caused by this node's own worker counts against the node: with exclusion on
+        (``--rdzv-conf exclude_after=K``) the handler raises RendezvousExcludedError at the K-th, and
+        the node leaves the job instead of restarting (its workers are stopped already)."""
+        note = getattr(self._handler, "note_root_cause", None)
+        r = self._ranks
+        if note is None or not r.base_rank <= root_rank < r.base_rank + r.local_world_size:
+            return
+        note("rank %d exited: %s" % (root_rank, root.message))
 
     def _succeeded(self):
         """Every worker exited 0: the exit barrier, then success, unless another node gave up
@@ -2389,6 +2400,10 @@ class _Peers:
         good meanwhile."""
         info = self._info
         if info.world_size <= 1:
+            try:   # the job's end: a run id reused later is refused, as after a job of many nodes
+                self._handler.set_closed()
+            except Exception as e:
+                log.warning("could not close the run: %s (the workers of this node succeeded)", e)
             return True
         store = info.store
         start = time.monotonic()
@@ -3512,6 +3527,11 @@ _OPTIONS = [
 ]
 
 
+# The status of a node excluded from its run: it left after its workers caused exclude_after
+# failures, or its host came back before exclude_cooldown ended (sysexits' EX_TEMPFAIL).
+_EXIT_EXCLUDED = 75
+
+
 class _UsageError(ElasticError):
     """Bad arguments or an unusable environment: one line, exit status 2."""
 
@@ -3755,7 +3775,8 @@ def _rdzv_params(o):
     conf = _parse_conf(o["rdzv_conf"])
     if o["standalone"]:
         if max_nodes != 1:
-            log.warning("--standalone runs one node; ignoring --nnodes %s", o["nnodes"])
+            raise _UsageError("--standalone runs one node, so it cannot take --nnodes %s: drop one of the "
+                              "two options" % o["nnodes"])
         min_nodes = max_nodes = 1
         backend, endpoint, run_id = "c10d", "127.0.0.1:0", _random_uuid()
         conf["is_host"] = "1"
@@ -3767,16 +3788,32 @@ def _rdzv_params(o):
     elif not endpoint:
         raise _UsageError("--rdzv-backend %s needs --rdzv-endpoint" % backend)
     try:
+        job = _job_settings(o)
         params = _rdzv.RendezvousParameters(backend, endpoint, run_id, min_nodes, max_nodes,
-                                            local_addr=o["local_addr"], **conf)
+                                            local_addr=o["local_addr"], job=job, **conf)
         if o["local_addr"] is None and params.host is not None and _is_loopback_name(params.host):
             # every node is on this machine; the host name would make each worker resolve it (slow
             # resolvers stall init_process_group for seconds)
             params = _rdzv.RendezvousParameters(backend, endpoint, run_id, min_nodes, max_nodes,
-                                                local_addr="127.0.0.1", **conf)
+                                                local_addr="127.0.0.1", job=job, **conf)
     except ValueError as e:
         raise _UsageError(str(e))
     return params
+
+
+def _job_settings(o):
+    """What every node of a run must share beyond --nnodes (the rendezvous refuses a node that
+    differs): --nproc-per-node as given, and the script with its arguments, shortened, with a
+    checksum of the whole (a stale argument list on one node is caught, cheaply)."""
+    import json
+    import zlib
+    words = [flag for flag, dest in (("-m", "module"), ("--no-python", "no_python"), ("--run-path", "run_path"))
+             if o[dest]] + [o["training_script"]] + list(o["training_script_args"])
+    text = " ".join(words)
+    if len(text) > 80:
+        text = text[:77] + "..."
+    script = "%s [crc32 %08x]" % (text, zlib.crc32(json.dumps(words).encode("utf-8")))
+    return {"nproc_per_node": str(o["nproc_per_node"]).strip(), "script": script}
 
 
 def _config_from_args(args, environ):
@@ -3872,7 +3909,7 @@ def _configure_logging(environ):
     log.propagate = False
     rlog = logging.getLogger(_rdzv.__name__)
     rlog.addHandler(handler)
-    rlog.setLevel(log.level if log.level <= logging.DEBUG else logging.WARNING)
+    rlog.setLevel(log.level)   # its INFO lines narrate: spares, round outcomes, exclusion counts
     rlog.propagate = False
 
 
@@ -3953,6 +3990,15 @@ def _run_job(c, stop, server, environ):
                               health_check_port=c.health_check_port, fork_server=server, stop_flag=stop)
     try:
         result = agent.run()
+    except _rdzv.RendezvousExcludedError as e:
+        log.error("this node leaves the job: %s", e)
+        return _EXIT_EXCLUDED
+    except (_rdzv.RendezvousMismatchError, _rdzv.RendezvousClosedError) as e:
+        if isinstance(e, _rdzv.RendezvousClosedError) and not e.late:
+            log.error("rendezvous failed: %s", e)
+            return 1
+        sys.stderr.write("elasticrun: error: %s\n" % e)    # a mistake in the options (--rdzv-id...)
+        return 2
     except _rdzv.RendezvousError as e:
         log.error("rendezvous failed: %s", e)
         return 1
