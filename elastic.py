@@ -2098,8 +2098,8 @@ class LocalElasticAgent:
             if self._restart_count < spec.max_restarts:
                 self._count_root_cause(root_rank, root)   # raises when this node must leave
                 self._restart_count += 1
-                log.info("%s (rank %s: %s); restarting the worker group (%d/%d)", outcome, root_rank,
-                         root.message, self._restart_count, spec.max_restarts)
+                log.info("%s (rank %s on %s: %s); restarting the worker group (%d/%d)", outcome, root_rank,
+                         root.host, root.message, self._restart_count, spec.max_restarts)
                 continue
             self._set_state(WorkerState.FAILED)
             self._peers.give_up()
@@ -3810,8 +3810,8 @@ def _job_settings(o):
     words = [flag for flag, dest in (("-m", "module"), ("--no-python", "no_python"), ("--run-path", "run_path"))
              if o[dest]] + [o["training_script"]] + list(o["training_script_args"])
     text = " ".join(words)
-    if len(text) > 80:
-        text = text[:77] + "..."
+    if len(text) > 100:   # both ends tell: the script's path and its last arguments
+        text = text[:40] + "..." + text[-57:]
     script = "%s [crc32 %08x]" % (text, zlib.crc32(json.dumps(words).encode("utf-8")))
     return {"nproc_per_node": str(o["nproc_per_node"]).strip(), "script": script}
 
@@ -3991,7 +3991,7 @@ def _run_job(c, stop, server, environ):
     try:
         result = agent.run()
     except _rdzv.RendezvousExcludedError as e:
-        log.error("this node leaves the job: %s", e)
+        log.error("excluded: %s", e)
         return _EXIT_EXCLUDED
     except (_rdzv.RendezvousMismatchError, _rdzv.RendezvousClosedError) as e:
         if isinstance(e, _rdzv.RendezvousClosedError) and not e.late:

@@ -656,8 +656,8 @@ class RendezvousHandler:
             log.info("%s: failure %d of %d within %g s that this node caused (exclude_after)",
                      self.local_addr, len(self._faults), params.exclude_after, params.exclude_window)
             return
-        reason = "its workers were the root cause of %d failures within %g s, the last: %s" % (
-            len(self._faults), params.exclude_window, why)
+        reason = "its workers were the root cause of %d failure%s within %g s, the last: %s" % (
+            len(self._faults), "s" if len(self._faults) > 1 else "", params.exclude_window, why)
         if self.hosts_store:
             log.warning("this node (%s) serves the rendezvous store, so it stays although %s",
                         self.local_addr, reason)

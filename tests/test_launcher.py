@@ -419,7 +419,7 @@ def test_a_finished_runs_id_reused_fails_loudly(tmp_path):
             if name == "first1":
                 assert [p.wait(60) for p in procs] == [0, 0], procs[0].err() + procs[1].err()
         again = procs[-1]
-        assert again.wait(60) == 1, again.err()
+        assert again.wait(60) == 2, again.err()   # a mistake in the options: --rdzv-id
         assert "closed before this node joined" in again.err() and "run id" in again.err()
         assert sorted(dumps(out)) == ["default_0_0_2", "default_1_0_2"]   # the second job started nothing
     finally:
