@@ -3802,9 +3802,11 @@ def _rdzv_params(o):
 
 
 def _job_settings(o):
-    """What every node of a run must share beyond --nnodes (the rendezvous refuses a node that
-    differs): --nproc-per-node as given, and the script with its arguments, shortened, with a
-    checksum of the whole (a stale argument list on one node is caught, cheaply)."""
+    """What the nodes of one role must share, beyond --nnodes which every node shares (the
+    rendezvous refuses a node that differs): --nproc-per-node as given (``auto``, ``gpu`` and
+    ``cpu`` compare as words, so nodes with other GPU counts still meet), and the script with its
+    arguments, shortened, with a checksum of the whole (a stale argument list on one node is caught,
+    cheaply). Nodes of different --role values may differ in both."""
     import json
     import zlib
     words = [flag for flag, dest in (("-m", "module"), ("--no-python", "no_python"), ("--run-path", "run_path"))
@@ -3813,7 +3815,8 @@ def _job_settings(o):
     if len(text) > 100:   # both ends tell: the script's path and its last arguments
         text = text[:40] + "..." + text[-57:]
     script = "%s [crc32 %08x]" % (text, zlib.crc32(json.dumps(words).encode("utf-8")))
-    return {"nproc_per_node": str(o["nproc_per_node"]).strip(), "script": script}
+    role = " (role %s)" % o["role"]
+    return {"nproc_per_node" + role: str(o["nproc_per_node"]).strip(), "script" + role: script}
 
 
 def _config_from_args(args, environ):

@@ -625,17 +625,25 @@ class RendezvousHandler:
                     "(exclude_cooldown), or give the job another run id"
                     % (self.local_addr, params.run_id, _utc(record["since"]), record["why"],
                        _utc(record["until"])), host=self.local_addr, until=record["until"])
-        mine = json.dumps({"host": self.local_addr, "settings": params.job}, sort_keys=True)
-        theirs = json.loads(store.compare_set(keys.job, "", mine).decode("utf-8"))
-        differ = ["%s %s here, %s in the run" % (name, params.job.get(name, "(none)"),
-                                                 theirs["settings"].get(name, "(none)"))
-                  for name in sorted(set(params.job) | set(theirs["settings"]))
-                  if params.job.get(name) != theirs["settings"].get(name)]
-        if differ:
-            raise RendezvousMismatchError(
-                "this node does not match run %r (as its first node, %s, started it): %s; refusing to "
-                "join (start every node with the same options, or give this job its own run id)"
-                % (params.run_id, theirs["host"], "; ".join(differ)))
+        mine = params.job
+        value = json.dumps({"host": self.local_addr, "settings": mine}, sort_keys=True).encode("utf-8")
+        current = store.compare_set(keys.job, "", value)
+        while current != value:
+            record = json.loads(current.decode("utf-8"))
+            theirs = record["settings"]
+            differ = ["%s %s here, %s in the run" % (name, mine[name], theirs[name])
+                      for name in sorted(mine) if name in theirs and mine[name] != theirs[name]]
+            if differ:
+                raise RendezvousMismatchError(
+                    "this node does not match run %r (as its first node, %s, started it): %s; refusing "
+                    "to join (start every node with the same options, or give this job its own run id)"
+                    % (params.run_id, record["host"], "; ".join(differ)))
+            if set(mine) <= set(theirs):
+                return
+            # settings the run has no value for yet (the first node of another role): add ours
+            value = json.dumps({"host": record["host"], "settings": dict(mine, **theirs)},
+                               sort_keys=True).encode("utf-8")
+            current, value = store.compare_set(keys.job, current, value), value
 
     def note_root_cause(self, why):
         """Count one job failure whose root cause was this node's workers (`why` says which).

@@ -50,7 +50,7 @@ def test_a_node_with_other_settings_is_refused_naming_both_values(tmp_path):
             client.wait(["elastic/job/job"])       # the run's record holds the first node's settings
         wrong = [("nnodes", c10d(store, "2:3", "job", "127.0.0.2") + [ENVDUMP, str(out)], "nnodes 2:3 here, 2 in"),
                  ("nproc", c10d(store, "2", "job", "127.0.0.2", "--nproc-per-node", "2") + [ENVDUMP, str(out)],
-                  "nproc_per_node 2 here, 1 in"),
+                  "nproc_per_node (role default) 2 here, 1 in"),
                  ("args", c10d(store, "2", "job", "127.0.0.2") + [ENVDUMP, str(out), "5"], "script ")]
         for name, args, said in wrong:
             p = Launcher(args, tmp_path, name, environ=clean_env())
@@ -60,13 +60,43 @@ def test_a_node_with_other_settings_is_refused_naming_both_values(tmp_path):
             assert said in err and "does not match run 'job'" in err, err
             assert "127.0.0.1" in err              # whose settings the run has
         said = procs[-1].err()       # the script's line, its last arguments kept, on both sides
-        assert "/env 5 [crc32" in said and "/env [crc32" in said and "script /work" in said, said
+        assert "/env 5 [crc32" in said and "/env [crc32" in said and "script (role default) /work" in said, said
         second = Launcher(c10d(store, "2", "job", "127.0.0.2") + [ENVDUMP, str(out)], tmp_path, "second",
                           environ=clean_env())
         procs.append(second)
         assert first.wait(60) == 0, first.err()
         assert second.wait(60) == 0, second.err()
         assert sorted(os.listdir(str(out))) == ["default_0_0_2.json", "default_1_0_2.json"]
+    finally:
+        stop_all(procs, store)
+
+
+def test_nodes_of_a_role_must_agree_while_roles_may_differ(tmp_path):
+    """--nproc-per-node and the script are compared among nodes of one --role: the first node of
+    another role adds that role's values to the run's record, and a later node of it must match."""
+    out = tmp_path / "env"
+    out.mkdir()
+    store = StoreProcess()
+    procs = []
+
+    def launch(name, addr, role, nproc):
+        p = Launcher(c10d(store, "3", "roles", addr, "--role", role, "--nproc-per-node", nproc) + [ENVDUMP, str(out)],
+                     tmp_path, name, environ=clean_env())
+        procs.append(p)
+        return p
+
+    try:
+        with _store.TCPStore("127.0.0.1", store.port, timeout=60) as client:
+            trainer = launch("trainer", "127.0.0.1", "trainer", "1")
+            client.wait(["elastic/roles/job"])
+            ps = launch("ps", "127.0.0.2", "ps", "2")
+            wait_for(lambda: b"(role ps)" in client.get("elastic/roles/job"), what="the ps settings recorded")
+        wrong = launch("wrong", "127.0.0.3", "ps", "3")
+        assert wrong.wait(60) == 2, wrong.err()
+        assert "nproc_per_node (role ps) 3 here, 2 in the run" in wrong.err(), wrong.err()
+        last = launch("last", "127.0.0.3", "ps", "2")
+        assert [p.wait(60) for p in (trainer, ps, last)] == [0, 0, 0], trainer.err() + ps.err() + last.err()
+        assert len(os.listdir(str(out))) == 5
     finally:
         stop_all(procs, store)
 
