@@ -3802,8 +3802,8 @@ def _rdzv_params(o):
 
 
 def _job_settings(o):
-    """What the nodes of one role must share, beyond --nnodes which every node shares (the
-    rendezvous refuses a node that differs): --nproc-per-node as given (``auto``, ``gpu`` and
+    """What the nodes of a run must share (the rendezvous refuses a node that differs): --nnodes;
+    and among the nodes of one role: --nproc-per-node as given (``auto``, ``gpu`` and
     ``cpu`` compare as words, so nodes with other GPU counts still meet), and the script with its
     arguments, shortened, with a checksum of the whole (a stale argument list on one node is caught,
     cheaply). Nodes of different --role values may differ in both."""
@@ -3815,8 +3815,10 @@ def _job_settings(o):
     if len(text) > 100:   # both ends tell: the script's path and its last arguments
         text = text[:40] + "..." + text[-57:]
     script = "%s [crc32 %08x]" % (text, zlib.crc32(json.dumps(words).encode("utf-8")))
+    min_nodes, max_nodes = _parse_nnodes(o["nnodes"])
     role = " (role %s)" % o["role"]
-    return {"nproc_per_node" + role: str(o["nproc_per_node"]).strip(), "script" + role: script}
+    return {"nnodes": "%d" % min_nodes if min_nodes == max_nodes else "%d:%d" % (min_nodes, max_nodes),
+            "nproc_per_node" + role: str(o["nproc_per_node"]).strip(), "script" + role: script}
 
 
 def _config_from_args(args, environ):

@@ -101,12 +101,14 @@ that expects a value no beat writes returns the value, or the expected value its
 gone. Losing the store connection marks the round broken and
 the next call raises ``RendezvousConnectionError`` instead of hanging.
 
-Mistakes refused. A node's first join compares its job settings with the run's record (``job``,
-written by the run's first node with ``compare_set``): ``nnodes`` (min_nodes:max_nodes) and what the
-caller passes as ``RendezvousParameters(job=...)`` (the launcher: ``nproc_per_node`` and ``script``, a
-checksum of the script path and arguments). A node that differs gets ``RendezvousMismatchError``
-naming each differing value on both sides, before it takes a slot, so the run is untouched. A
-closed run refuses every node that had not joined it (``RendezvousClosedError`` with ``late``).
+Mistakes refused. A node's first join compares the settings the caller passes as
+``RendezvousParameters(job={name: value})`` with the run's record (``job``, written by the run's
+first node with ``compare_set``; a setting the record lacks is added, so the first node of another
+role records that role's values). The launcher passes ``nnodes``, and ``nproc_per_node (role R)``
+and ``script (role R)`` (the script line, shortened, with a checksum of the path and arguments). A
+node that differs gets ``RendezvousMismatchError`` naming each differing value on both sides,
+before it takes a slot, so the run is untouched. A closed run refuses every node that had not
+joined it (``RendezvousClosedError`` with ``late``).
 
 Bad nodes and spares (off by default). With ``exclude_after=K`` (``exclude_window`` 3600 s,
 ``exclude_cooldown`` 3600 s), the caller reports each job failure whose root cause was this node's
@@ -326,8 +328,8 @@ class RendezvousParameters:
     ``config`` keeps the ``--rdzv-conf`` values as given; the checked values are attributes
     (``join_timeout``, ``heartbeat_interval``, ``is_host`` (None when not given), ``host``, ``port``,
     ``exclude_after`` (0: off), ``exclude_window``, ``exclude_cooldown``...). ``job``: the settings
-    every node of the run must share, ``{name: value}`` (the launcher gives ``nproc_per_node`` and
-    ``script``); ``nnodes`` is added from min_nodes and max_nodes (see "Mistakes refused").
+    the nodes of the run must share, ``{name: value}`` (the launcher gives ``nnodes``, and
+    ``nproc_per_node`` and ``script`` of its role); see "Mistakes refused" in the module docstring.
     """
 
     def __init__(self, backend, endpoint, run_id, min_nodes, max_nodes, local_addr=None, *, job=None,
@@ -370,11 +372,9 @@ class RendezvousParameters:
             raise ValueError("rdzv conf token_file=%r cannot be read" % (token_file,))
         self.token_file = token_file or None
         self._exclusion_settings(backend)
-        nnodes = "%d" % self.min_nodes if self.min_nodes == self.max_nodes else "%d:%d" % (
-            self.min_nodes, self.max_nodes)
         if job is not None and not isinstance(job, dict):
             raise ValueError("job must be a dict of setting names and values, got %r" % (job,))
-        self.job = dict({"nnodes": nnodes}, **{str(k): str(v) for k, v in (job or {}).items()})
+        self.job = {str(k): str(v) for k, v in (job or {}).items()}
         self.rank = None
         if backend == "static":
             if self.min_nodes != self.max_nodes:

@@ -170,10 +170,10 @@ def test_workers_drift(tmp_path, barrier_timeout):
     try:
         for i, sleep in enumerate(("0", "1.5")):
             agents.append(Launcher(c10d(store, "2", "drift", "--exit-barrier-timeout", str(barrier_timeout))
-                                   + [ENVDUMP, str(out), sleep], tmp_path, "agent%d" % i))
+                                   + [ENVDUMP, str(out)], tmp_path, "agent%d" % i, environ=env(ENVDUMP_AFTER=sleep)))
         for a in agents:
             assert a.wait(60) == 0, a.err()
-            assert a.err().count("rendezvous round") == 1, a.err()
+            assert a.err().count("rendezvous round 0 done") == 1 and "round 1" not in a.err(), a.err()
         assert sorted(dumps(out)) == ["default_0_0_2", "default_1_0_2"]
     finally:
         for a in agents:
@@ -187,10 +187,11 @@ def test_no_exit_barrier_on_failure_and_job_wide_root_cause(tmp_path):
     store = StoreProcess()
     agents = []
     try:
-        agents.append(Launcher(c10d(store, "2", "nobarrier", "--exit-barrier-timeout", "60",
+        # two roles: nodes of one role must run the same script with the same worker count
+        agents.append(Launcher(c10d(store, "2", "nobarrier", "--exit-barrier-timeout", "60", "--role", "a",
                                     "--local-addr", "127.0.0.1") + [FAIL, "exit", "9"],
                                tmp_path, "a", environ=env(FAIL_RANK=0)))
-        agents.append(Launcher(c10d(store, "2", "nobarrier", "--exit-barrier-timeout", "60",
+        agents.append(Launcher(c10d(store, "2", "nobarrier", "--exit-barrier-timeout", "60", "--role", "b",
                                     "--nproc-per-node", "2", "--local-addr", "127.0.0.2")
                                + [os.path.join(SCRIPTS, "stamp.py"), "fail"],
                                tmp_path, "b", environ=env(FAIL_RANK=0)))
