@@ -41,6 +41,11 @@ Data flow of one agent (one per node)::
                                   read the job's; restart while max_restarts allows, else FAILED
                                   (every node gives up together)
         a peer's failure ........ same as a local failure (restart counts stay equal job-wide)
+        this node's worker the
+        root cause, K-th time ... with --rdzv-conf exclude_after=K (within exclude_window): the node
+                                  leaves instead of restarting, excluded from the run for
+                                  exclude_cooldown; the launcher exits 75 (also when an excluded
+                                  host comes back too soon); a spare takes its place
         nodes waiting / member
         dead (round broken) ..... UNHEALTHY; stop the group and re-rendezvous, budget untouched
         the store lost .......... stop the group; the launcher exits 1 ("lost the store")
@@ -52,6 +57,11 @@ States (``WorkerState``), set in one place (``LocalElasticAgent._set_state``), m
 ``_TRANSITIONS``: UNKNOWN (built, not run) -> INIT (rendezvous) -> HEALTHY (workers running) ->
 SUCCEEDED | UNHEALTHY (tearing down to restart) | STOPPED (a stop signal) | FAILED; UNHEALTHY ->
 INIT | FAILED | STOPPED. ``/healthz`` reads only this state.
+
+Mistakes refused (exit 2, one line naming both values): a node whose --nnodes, or whose
+--nproc-per-node or script line (path and arguments, checksummed) differ from those of the run's
+nodes of its --role; a run id whose run has finished (one node or many: a job's end closes its run);
+--standalone with --nnodes above 1.
 
 Nodes agree on the outcome: a node that gives up marks it in the store, and the node serving the
 store keeps it up until every member has seen it (bounded: shutdown_timeout + 30 s).
