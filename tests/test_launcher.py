@@ -4,6 +4,7 @@ import glob
 import json
 import os
 import signal
+import subprocess
 import sys
 
 import pytest
@@ -94,9 +95,10 @@ def test_restarts_counted_then_budget_spent(tmp_path):
         starts = [line.split() for line in a.out().splitlines() if line.startswith("start")]
         assert sorted(s[3] for s in starts if s[2] == "0") == ["0", "1", "2"]
         assert a.err().count("restarting the worker group") == 2
-        assert "started 2 workers" in a.err()          # LOGLEVEL=DEBUG adds detail
+        assert "worker rank 1 (local rank 1) started" in a.err()      # LOGLEVEL=DEBUG adds detail
         (run_dir,) = os.listdir(str(logs))
-        assert sorted(os.listdir(os.path.join(str(logs), run_dir))) == ["attempt_0", "attempt_1", "attempt_2"]
+        assert sorted(os.listdir(os.path.join(str(logs), run_dir))) == [
+            "attempt_0", "attempt_1", "attempt_2", "events.jsonl"]
     finally:
         a.stop()
 
@@ -232,12 +234,12 @@ def test_scale_down_when_an_agent_is_sigkilled(tmp_path):
 
 
 def test_console_logs_tee_filters_and_fresh_interpreters(tmp_path):
-    """--tee with the prefix, --ranks-filter, --log-dir files; the same with ELASTICRUN_FORKSERVER=0
-    (a new interpreter per worker) and with --run-path (multiprocessing, spawn)."""
+    """--tee with the prefix, --ranks-filter, --log-dir files; the same with ELASTICRUN_FORKSERVER=1
+    (the fork server) and with --run-path (multiprocessing, spawn)."""
     printer = os.path.join(SCRIPTS, "printer.py")
     procs = []
     try:
-        for i, (extra, environ) in enumerate([([], None), ([], env(ELASTICRUN_FORKSERVER=0)),
+        for i, (extra, environ) in enumerate([([], None), ([], env(ELASTICRUN_FORKSERVER=1)),
                                               (["--run-path"], None)]):
             logs = tmp_path / ("logs%d" % i)
             a = Launcher(["--standalone", "--nproc-per-node", "3", "--tee", "3", "--ranks-filter", "0,2",
@@ -281,12 +283,12 @@ def _stdout_log_complete(logs, rank):
 def test_tee_to_a_stalled_console_never_blocks_a_worker(tmp_path):
     """--tee with a console nobody reads (its pipe full): the workers still write all their output
     to their stdout.log; once the console is read again it gets every line, in order, prefixed and
-    whole, the last one without a newline too, before the launcher exits. For the fork server, a
-    new interpreter per worker (ELASTICRUN_FORKSERVER=0) and --run-path (multiprocessing)."""
+    whole, the last one without a newline too, before the launcher exits. For a new interpreter per
+    worker, the fork server (ELASTICRUN_FORKSERVER=1) and --run-path (multiprocessing)."""
     import subprocess
     lines = 20000   # about 1 MB a rank: many times what the console's pipe buffer holds
     chatty = os.path.join(SCRIPTS, "chatty.py")
-    for i, (extra, environ) in enumerate([([], None), ([], env(ELASTICRUN_FORKSERVER=0)),
+    for i, (extra, environ) in enumerate([([], None), ([], env(ELASTICRUN_FORKSERVER=1)),
                                           (["--run-path"], None)]):
         logs = tmp_path / ("logs%d" % i)
         r, w = os.pipe()   # the launcher's stdout; not read until the workers are done
@@ -397,7 +399,7 @@ def test_script_worker_sees_a_plain_python_run(tmp_path):
         "    sys.exit('bye now')\n")
     procs = []
     try:
-        for i, environ in enumerate([None, env(ELASTICRUN_FORKSERVER=0)]):
+        for i, environ in enumerate([None, env(ELASTICRUN_FORKSERVER=1)]):
             a = Launcher(["--standalone"] + FAST + [str(tmp_path / "main.py"), "ok"], tmp_path, "ok%d" % i,
                          environ=environ)
             procs.append(a)
@@ -450,7 +452,7 @@ def test_script_workers_objects_are_finalized_at_exit(tmp_path):
         "keep = Final(os.path.join(sys.argv[1], 'finalized'))\n")
     procs = []
     try:
-        for i, environ in enumerate([None, env(ELASTICRUN_FORKSERVER=0)]):
+        for i, environ in enumerate([None, env(ELASTICRUN_FORKSERVER=1)]):
             out = tmp_path / ("run%d" % i)
             out.mkdir()
             procs.append(Launcher(["--standalone"] + FAST + [str(tmp_path / "main.py"), str(out)], tmp_path,
@@ -482,7 +484,7 @@ def test_zipapps_directories_symlinks_and_tracebacks_as_under_python(tmp_path):
     cases = [(app, "app ['x']\n"), (tmp_path / "app.pyz", "app ['x']\n"), (links / "train.py", "helper\n")]
     procs = []
     try:
-        for i, environ in enumerate([None, env(ELASTICRUN_FORKSERVER=0)]):
+        for i, environ in enumerate([None, env(ELASTICRUN_FORKSERVER=1)]):
             for j, (path, expected) in enumerate(cases):
                 procs.append(Launcher(["--standalone"] + FAST + [str(path), "x"], tmp_path, "c%d%d" % (i, j),
                                       environ=environ))
@@ -506,7 +508,7 @@ def test_local_rank_macro_in_script_args_for_every_kind_of_worker(tmp_path):
                                       "sys.stdout.write('%s %s\\n' % (os.environ['LOCAL_RANK'], sys.argv[1:]))\n")
     procs = []
     try:
-        for i, (extra, environ) in enumerate([([], None), ([], env(ELASTICRUN_FORKSERVER=0)),
+        for i, (extra, environ) in enumerate([([], None), ([], env(ELASTICRUN_FORKSERVER=1)),
                                               (["--run-path"], None)]):
             procs.append(Launcher(["--standalone", "--nproc-per-node", "2"] + FAST + extra
                                   + [str(tmp_path / "show.py"), "--out=dir_${local_rank}", "$x"],
@@ -580,7 +582,7 @@ def test_stop_signal_in_the_exit_barrier_exits_128_plus_n(tmp_path):
             agents.append(Launcher(c10d(store, "2", "barrier-stop", "--exit-barrier-timeout", "60")
                                    + [script, str(folder / "never")], tmp_path, node, environ=env(NODE=node)))
         a = agents[0]
-        wait_for(lambda: "all 1 workers succeeded" in a.err(), what="a's workers to succeed")
+        wait_for(lambda: "all 1 worker succeeded" in a.err(), what="a's workers to succeed")
         os.kill(a.pid, signal.SIGTERM)
         assert a.wait(60) == 128 + signal.SIGTERM, a.err()
         assert "stopped by SIGTERM" in a.err()
@@ -588,3 +590,114 @@ def test_stop_signal_in_the_exit_barrier_exits_128_plus_n(tmp_path):
         for a in agents:
             a.stop()
         store.stop()
+
+
+def test_script_workers_are_what_torchrun_starts(tmp_path):
+    """A worker is `python -u SCRIPT ARGS` as torchrun's: its command line shows the script and its
+    arguments (`ps`, `pkill -f train.py`), and the launcher's interpreter flags do not leak into it
+    (`python3 -I -S elasticrun.pyz` must not give workers -I -S: no site-packages, no torch)."""
+    import subprocess
+    bundle = tmp_path / "elasticrun.pyz"
+    subprocess.run([sys.executable, os.path.join(ROOT, "tools", "make_bundle.py"), "-o", str(bundle)],
+                   check=True, stdout=subprocess.DEVNULL, timeout=60)
+    identity = os.path.join(SCRIPTS, "identity.py")
+    procs = []
+    try:
+        a = Launcher(["--standalone", "--nproc-per-node", "2"] + FAST + [identity, str(tmp_path), "--lr", "0.1"],
+                     tmp_path, "a", cmd=[sys.executable, "-I", "-S", str(bundle)])
+        procs.append(a)
+        assert a.wait() == 0, a.err()
+        plain = subprocess.run([sys.executable, "-u", identity, str(tmp_path), "--lr", "0.1"], env=env(),
+                               timeout=60)
+        assert plain.returncode == 0
+    finally:
+        for p in procs:
+            p.stop()
+    with open(str(tmp_path / "identity.plain.json")) as f:
+        want = json.load(f)
+    for rank in (0, 1):
+        with open(str(tmp_path / ("identity.%d.json" % rank))) as f:
+            got = json.load(f)
+        assert got["cmdline"][0] == sys.executable and got["cmdline"][-4:] == [identity, str(tmp_path), "--lr", "0.1"]
+        assert "--nproc-per-node" not in got["cmdline"]     # not the launcher's command line
+        assert got["flags"] == want["flags"]
+        assert got["argv"] == want["argv"] and got["loader"] == want["loader"]
+        # the bundle adds itself to the workers' PYTHONPATH (documented), nothing else differs
+        assert [p for p in got["path"] if p != str(bundle)] == want["path"]
+        assert not got["boot_in_env"]
+
+
+
+@pytest.mark.parametrize("run_id", ["../esc", "../../esc", "a/b", "job.42", "none",
+                                    "8c1f0e6e-0d2b-4a3c-9f7e-2f5d1c9b7a10", "x" * 255])
+def test_run_ids_are_data_never_paths(tmp_path, run_id):
+    """A run id names the run's log folder encoded: it never leaves --log-dir, whatever it holds."""
+    logs = tmp_path / "x" / "logs"
+    a = Launcher(["--log-dir", str(logs), "--redirects", "3", "--rdzv-id", run_id] + FAST
+                 + [os.path.join(SCRIPTS, "printer.py")], tmp_path)
+    try:
+        assert a.wait() == 0, a.err()
+    finally:
+        a.stop()
+    runs = os.listdir(str(logs))
+    assert len(runs) == 1, runs
+    assert os.path.exists(os.path.join(str(logs), runs[0], "attempt_0", "0", "stdout.log"))
+    assert sorted(os.listdir(str(tmp_path))) == ["agent.err", "agent.out", "x"]
+    assert os.listdir(str(tmp_path / "x")) == ["logs"]
+
+
+def test_a_full_log_file_system_is_named_in_the_report(tmp_path):
+    """Workers that die because their log folder's file system is full cannot say so themselves (their
+    stderr and error file are there): the report says ENOSPC and names the folder."""
+    full = tmp_path / "full"
+    full.mkdir()
+    if subprocess.call(["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(full)],
+                       stderr=subprocess.DEVNULL) != 0:
+        pytest.skip("cannot mount a tmpfs here (needs root)")
+    a = None
+    try:
+        script = tmp_path / "flood.py"
+        script.write_text("import sys\nfor _ in range(1024):\n    sys.stdout.write('x' * 1023 + '\\n')\n")
+        a = Launcher(["--standalone", "--log-dir", str(full), "--redirects", "3"] + FAST + [str(script)],
+                     tmp_path)
+        assert a.wait() != 0, a.err()
+        err = a.err()
+        assert "ENOSPC" in err, err
+        assert "message    : exited with code" in err and str(full) in err.split("ENOSPC")[0], err
+    finally:
+        if a is not None:
+            a.stop()
+        subprocess.call(["umount", "-l", str(full)])
+
+
+def listening_addresses(port):
+    """The local addresses something listens on at TCP `port` (from /proc/net/tcp and tcp6)."""
+    found = set()
+    for path in ("/proc/net/tcp", "/proc/net/tcp6"):
+        with open(path) as f:
+            for line in f.read().splitlines()[1:]:
+                local, state = line.split()[1], line.split()[3]
+                address, hex_port = local.split(":")
+                if state == "0A" and int(hex_port, 16) == port:
+                    found.add(address)
+    return found
+
+
+def test_standalone_store_takes_a_random_token_and_listens_on_loopback(tmp_path):
+    """Without a token one write to the store controls a job; --standalone always has one."""
+    import re
+    import store
+    go = tmp_path / "go"
+    script = tmp_path / "wait.py"
+    script.write_text("import os, time\nwhile not os.path.exists(%r):\n    time.sleep(0.01)\n" % str(go))
+    a = Launcher(["--standalone"] + FAST + [str(script)], tmp_path, environ=env(LOGLEVEL="DEBUG"))
+    try:
+        port = int(wait_for(lambda: re.search(r"serving the rendezvous store on port (\d+)", a.err()),
+                            what="the store's port").group(1))
+        with pytest.raises(store.StoreAuthError):
+            store.TCPStore("127.0.0.1", port, timeout=10).set("elastic/closed", "1")
+        assert listening_addresses(port) == {"0100007F"}   # 127.0.0.1 only
+        go.write_text("")
+        assert a.wait() == 0, a.err()
+    finally:
+        a.stop()

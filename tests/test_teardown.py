@@ -9,7 +9,7 @@ import pytest
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
-from agent_scripts.harness import SCRIPTS, Launcher, alive, kill_all, wait_for  # noqa: E402
+from agent_scripts.harness import SCRIPTS, Launcher, alive, env, kill_all, wait_for  # noqa: E402
 
 FORKER = os.path.join(SCRIPTS, "forker.py")
 BASE = ["--standalone", "--nproc-per-node", "2", "--monitor-interval", "0.05", "--shutdown-timeout", "0.5"]
@@ -163,3 +163,34 @@ def test_launcher_sigkill_kills_the_daemons_of_a_launcher_it_runs(tmp_path):
     sigkill_launcher_then_check(
         Launcher(["--standalone", "--no-python", sys.executable, ELASTIC] + BASE + [DAEMONISER, str(out)],
                  tmp_path), out)
+
+
+# A worker that forks without exec, calls setsid and forks again leaves a daemon in no worker group.
+# A script worker's daemon (a new interpreter, the default) has the worker's exec'd environment,
+# mark included; a forked one's environment is the launcher's: only the subreaper (the fork server,
+# or the launcher for --run-path) still has it below itself.
+NOFORK = os.path.join(SCRIPTS, "nofork_daemon.py")
+
+
+@pytest.mark.parametrize("mode", ["script", "fork-server", "run-path"])
+def test_no_orphans_from_workers_that_fork_without_exec(tmp_path, mode):
+    extra = ["--run-path", "--start-method", "fork"] if mode == "run-path" else []
+    environ = env(ELASTICRUN_FORKSERVER="1") if mode == "fork-server" else None
+    pids = []
+    a = Launcher(BASE + extra + ["--max-restarts", "1", NOFORK, str(tmp_path), "fail"], tmp_path,
+                 environ=environ)
+    try:
+        assert a.wait() == 3, a.err()
+        pids = job_pids(tmp_path, 4)()
+        assert len(pids) == 8                      # 2 attempts x 2 workers x (worker + daemon)
+        assert not [p for p in pids if alive(p)]   # the launcher killed them before exiting
+    finally:
+        a.stop()
+        kill_all(pids)
+
+
+@pytest.mark.parametrize("mode", ["script", "fork-server"])
+def test_no_orphans_from_workers_that_fork_without_exec_after_launcher_sigkill(tmp_path, mode):
+    environ = env(ELASTICRUN_FORKSERVER="1") if mode == "fork-server" else None
+    sigkill_launcher_then_check(Launcher(BASE + [NOFORK, str(tmp_path), "sleep"], tmp_path, environ=environ),
+                                tmp_path)
