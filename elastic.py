@@ -2764,6 +2764,10 @@ class LocalElasticAgent:
             raise
         except BaseException as e:
             exit_fields["error"] = "%s: %s" % (type(e).__name__, e)
+            if isinstance(e, _rdzv.RendezvousExcludedError):
+                exit_fields["code"] = _EXIT_EXCLUDED
+            elif isinstance(e, _rdzv.RendezvousMismatchError) or getattr(e, "late", False):
+                exit_fields["code"] = 2       # a mistake in the options, as the launcher exits
             if self._state not in (WorkerState.SUCCEEDED, WorkerState.FAILED, WorkerState.STOPPED):
                 self._set_state(WorkerState.FAILED)
             raise
