@@ -224,3 +224,48 @@ def test_exclusion_settings_are_checked():
             params(**conf)
     with pytest.raises(ValueError, match="static"):
         rendezvous.RendezvousParameters("static", "127.0.0.1:1", "x", 1, 1, exclude_after="1")
+
+
+def test_on_three_hosts_the_bad_one_is_excluded_and_the_spare_steps_in(tmp_path):
+    """The same on simulated hosts (network namespaces; each node is known by its own address): host
+    0 serves the store and runs well, host 1's worker always fails, host 2 is the spare."""
+    from conftest import need
+    from netns import RDZV_CONF, Network, netns_problem
+    problem = netns_problem()
+    need(problem is None, problem or "")
+    work = tmp_path / "work"
+    work.mkdir()
+    with Network(3) as net:
+        procs, outs = {}, {}
+
+        def start(i, bad):
+            outs[i] = str(tmp_path / ("h%d.log" % i))
+            argv = [sys.executable, os.path.join(os.path.dirname(HERE), "elastic.py"), "--nnodes", "2:2",
+                    "--rdzv-backend", "c10d", "--rdzv-endpoint", net.addr(0) + ":29400", "--rdzv-id", "netbad",
+                    "--rdzv-conf", RDZV_CONF + ",exclude_after=1", "--local-addr", net.addr(i),
+                    "--max-restarts", "2"] + FAST + [FLAKY, str(work)]
+            with open(outs[i], "wb") as out:
+                procs[i] = net.popen(i, argv, stdout=out, stderr=out,
+                                     env=clean_env(NODE="h%d" % i, BAD_NODE="1" if bad else "0"))
+
+        def said(i):
+            with open(outs[i]) as f:
+                return f.read()
+
+        start(0, False)
+        start(1, True)
+        for i in (0, 1):
+            wait_for(lambda: "round 0 done" in said(i) or "rendezvous round 0" in said(i), what="round 0",
+                     explain=lambda: said(0) + said(1))
+        start(2, False)
+        wait_for(lambda: "waits as a spare" in said(2), what="the spare's narration", explain=lambda: said(2))
+        (work / "go").touch()
+        assert procs[1].wait(60) == EXCLUDED, said(1)
+        assert "host %s leaves run 'netbad'" % net.addr(1) in said(1), said(1)
+        wait_for(lambda: "restarting the worker group (1/2)" in said(0), what="host 0's restart",
+                 explain=lambda: said(0))
+        (work / "ok").touch()
+        assert procs[0].wait(60) == 0, said(0)
+        assert procs[2].wait(60) == 0, said(2)
+        assert "spare %s steps in" % net.addr(2) in said(2), said(2)
+        assert sorted(f for f in os.listdir(str(work)) if f.startswith("done_")) == ["done_h0_0_2", "done_h2_1_2"]
