@@ -3318,21 +3318,13 @@ class _Peers:
             return False
 
     def broken_reason(self):
-        """Why the round broke, naming the lost member's host when the reason names its rank."""
-        import re
+        """Why the round broke, as the rendezvous says it (it names the lost member's host)."""
         ask = getattr(self._handler, "broken_reason", None)
         try:
             why = ask() if ask is not None else None
         except Exception as e:
             why = "the store is unreachable (%s)" % e
-        if why is None:
-            return "a member died or left"
-        members = getattr(self._info, "members", None) or []
-        found = re.search(r"rank (\d+)", why)
-        if found and int(found.group(1)) < len(members):
-            member = members[int(found.group(1))]
-            why += " (host %s)" % (member[2] if len(member) > 2 and member[2] else member[0])
-        return why
+        return "a member died or left" if why is None else why
 
     def failures(self, local):
         """Failures of the whole job for this round: ours published, then everyone's read back.
