@@ -737,7 +737,7 @@ class RendezvousHandler:
             self._store.set(self._keys.excluded(self.local_addr), json.dumps(
                 {"host": self.local_addr, "since": since, "until": until, "why": reason}))
             if self._round is not None and self._lost is None:
-                self._leave_round("node %s (%s) excluded: %s" % (self.node_id, self.local_addr, reason))
+                self._leave_round("node %s (%s) excluded: %s" % (self.host_name, self.local_addr, reason))
         raise RendezvousExcludedError(
             "host %s leaves run %r, excluded until %s (exclude_cooldown=%g s): %s"
             % (self.local_addr, params.run_id, _utc(until), params.exclude_cooldown, reason),
