@@ -6558,8 +6558,11 @@ def _format_status(info, backend, endpoint):
             lines.append("    node %d: %s (%s), %s, pid %s, %s" % (m["rank"], m.get("host") or m["addr"],
                                                                     m["addr"], ranks, m.get("pid") or "?", beat))
     waiting = info["waiting"]
-    lines.append("  nodes waiting: %d%s" % (len(waiting), " (%s)" % ", ".join(w["addr"] for w in waiting)
-                                            if waiting else ""))
+    nnodes = str(info.get("settings", {}).get("nnodes", ""))
+    full = bool(nnodes) and info["round"] is not None and not info["broken"] and len(info["members"]) >= int(
+        nnodes.rpartition(":")[2])
+    lines.append("  nodes waiting: %d%s" % (len(waiting), " (%s)" % ", ".join(
+        w["addr"] + (" spare" if full and not w.get("rejoin") else "") for w in waiting) if waiting else ""))
     if info["restarts"] is not None:
         lines.append("  restarts used: %s of %s" % (info["restarts"], info["max_restarts"]))
     f = info["last_failure"]

@@ -1471,8 +1471,9 @@ def describe_run(store, run_id, observe=0.0):
     while we watched for `observe` seconds, None when it did not, ``gone`` when its ephemeral key
     vanished), ``master``, ``broken`` (the reason, or None), ``waiting`` (records of the nodes waiting
     in the next round), ``rounds`` (every round formed: its number -> ``nodes``, its member
-    count, and ``user_prefix``, the prefix of the keys its agents wrote) and ``world`` (the member
-    count of the last round)."""
+    count, and ``user_prefix``, the prefix of the keys its agents wrote), ``world`` (the member
+    count of the last round) and ``settings`` (the job settings the run's nodes share, as recorded
+    by its first node; empty when none were given)."""
     keys = _Keys(run_id)
 
     def read(names):
@@ -1480,9 +1481,14 @@ def describe_run(store, run_id, observe=0.0):
         present = names if names and store.check(names) else [n for n in names if store.check([n])]
         return dict(zip(present, store.multi_get(present))) if present else {}
 
-    first = read([keys.closed, keys.open])
+    first = read([keys.closed, keys.open, keys.job])
     info = {"run_id": run_id, "closed": keys.closed in first, "round": None, "members": [],
-            "master": None, "broken": None, "waiting": [], "rounds": {}}
+            "master": None, "broken": None, "waiting": [], "rounds": {}, "settings": {}}
+    if keys.job in first:
+        try:
+            info["settings"] = json.loads(first[keys.job].decode("utf-8"))["settings"]
+        except (ValueError, KeyError, TypeError):
+            pass
     top = int(first.get(keys.open, b"0"))
     world = 0
     for r in range(top, max(-1, top - 1000), -1):

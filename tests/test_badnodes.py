@@ -2,6 +2,7 @@
 workers keep failing leaving the job while a spare takes its place. Real launchers on one machine,
 told apart by their --local-addr (127.0.0.x), meeting on a store process."""
 import os
+import subprocess
 import sys
 import time
 
@@ -159,6 +160,10 @@ def test_a_failing_node_is_excluded_and_a_spare_takes_its_place(tmp_path):
             wait_for(lambda: "rendezvous round 0 done" in p.err(), what="round 0", explain=p.err)
         spare = launch("spare", "127.0.0.3", False)
         wait_for(lambda: "waits as a spare" in spare.err(), what="the spare's narration", explain=spare.err)
+        status = subprocess.run([sys.executable, os.path.join(os.path.dirname(HERE), "elastic.py"), "status",
+                                 "--rdzv-endpoint", store.endpoint, "--rdzv-id", "spares"],
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=clean_env(), timeout=60)
+        assert "nodes waiting: 1 (127.0.0.3 spare)" in status.stdout.decode(), status.stdout.decode()
         (work / "go").touch()
         assert bad.wait(60) == EXCLUDED, bad.err()
         said = bad.err()
