@@ -274,3 +274,30 @@ def test_on_three_hosts_the_bad_one_is_excluded_and_the_spare_steps_in(tmp_path)
         assert procs[2].wait(60) == 0, said(2)
         assert "spare %s steps in" % net.addr(2) in said(2), said(2)
         assert sorted(f for f in os.listdir(str(work)) if f.startswith("done_")) == ["done_h0_0_2", "done_h2_1_2"]
+
+
+def test_settings_and_exclusion_on_etcd(etcd_binary, tmp_path):
+    """The run's settings record and an exclusion work the same over etcd (compare_set, check, get)."""
+    from etcd_cluster import EtcdCluster
+    with EtcdCluster(etcd_binary, tmp_path, size=1) as cluster:
+        handlers = []
+        try:
+            def handler(addr, job, **conf):
+                params = rendezvous.RendezvousParameters("etcd", cluster.endpoints[0], "etcdrun", 1, 1,
+                                                         local_addr=addr, job=job, **conf)
+                h = rendezvous.get_rendezvous_handler(params)
+                handlers.append(h)
+                return h
+            first = handler("10.0.0.1", {"nnodes": "1", "script (role default)": "t.py [crc32 1]"},
+                            exclude_after="1")
+            info = first.next_rendezvous()
+            assert info.world_size == 1
+            with pytest.raises(rendezvous.RendezvousMismatchError, match=r"script \(role default\) t.py a"):
+                handler("10.0.0.2", {"nnodes": "1", "script (role default)": "t.py a [crc32 2]"}).next_rendezvous()
+            with pytest.raises(rendezvous.RendezvousExcludedError):
+                first.note_root_cause("rank 0 exited")
+            with pytest.raises(rendezvous.RendezvousExcludedError, match="host 10.0.0.1 was excluded"):
+                handler("10.0.0.1", {"nnodes": "1", "script (role default)": "t.py [crc32 1]"}).next_rendezvous()
+        finally:
+            for h in handlers:
+                h.close()
