@@ -3060,7 +3060,7 @@ class LocalElasticAgent:
             root_rank, root = _first(job)
             self._events.emit("failure", **_failure_fields(root_rank, root, len(job)))
             if self._restart_count < spec.max_restarts:
-                self._count_root_cause(root_rank, root)   # raises when this node must leave
+                _count_root_cause(self._handler, self._ranks, root_rank, root)   # raises: leave the job
                 self._restart_count += 1
                 self._job_restarts = max(self._job_restarts + 1, self._restart_count)
                 self._events.emit("restart", why=outcome, count=self._job_restarts, max=spec.max_restarts,
@@ -3080,16 +3080,6 @@ class LocalElasticAgent:
             self._events.emit_all("worker_exited", _untold_exits(self._group, self._attempt - 1,
                                                                  self._exits_told, first))
 
-    def _count_root_cause(self, root_rank, root):
-        """A failure caused by this node's own worker counts against the node: with exclusion on
-        (``--rdzv-conf exclude_after=K``) the handler raises RendezvousExcludedError at the K-th, and
-        the node leaves the job instead of restarting (its workers are stopped already)."""
-        note = getattr(self._handler, "note_root_cause", None)
-        r = self._ranks
-        if note is None or not r.base_rank <= root_rank < r.base_rank + r.local_world_size:
-            return
-        note("rank %d exited: %s" % (root_rank, root.message))
-
     def _succeeded(self):
         """Every worker exited 0: the exit barrier, then success, unless another node gave up
         meanwhile (then the job failed, here too)."""
@@ -3099,26 +3089,28 @@ class LocalElasticAgent:
         self._events.emit("succeeded", workers=len(values))
         if self._peers.exit_barrier(self._exit_barrier_timeout):
             return RunResult(WorkerState.SUCCEEDED, return_values=values, restart_count=self._job_restarts)
-        self._set_state(WorkerState.FAILED)
-        job = self._peers.failures({})
-        self._peers.give_up()
-        log.info("another node failed for good while this node waited at the exit barrier")
-        return RunResult(WorkerState.FAILED, failures=job, root_cause=_first(job),
-                         restart_count=self._job_restarts)
+        return self._failed_elsewhere(self._peers.give_up, "another node failed for good while this node "
+                                      "waited at the exit barrier")
 
     def _closed_by_another_node(self):
         """The run was closed: the job's end, a success unless a node gave up while this one was
         between rounds (then its last round's store names the root cause)."""
         if self._peers is not None and self._peers.failed_for_good():
-            self._set_state(WorkerState.FAILED)
-            job = self._peers.failures({})
-            self._peers.outcome_seen()
-            log.info("the run was closed by another node after the job failed")
-            return RunResult(WorkerState.FAILED, failures=job, root_cause=_first(job),
-                             restart_count=self._job_restarts)
+            return self._failed_elsewhere(self._peers.outcome_seen,
+                                          "the run was closed by another node after the job failed")
         log.info("the run was closed by another node; nothing left to do here")
         self._set_state(WorkerState.SUCCEEDED)
         return RunResult(WorkerState.SUCCEEDED, restart_count=self._job_restarts)
+
+    def _failed_elsewhere(self, acknowledge, why):
+        """Another node gave up on the job: it failed here too, with the job's failures as that
+        node published them; `acknowledge()` tells the others this node knows."""
+        self._set_state(WorkerState.FAILED)
+        job = self._peers.failures({})
+        acknowledge()
+        log.info("%s", why)
+        return RunResult(WorkerState.FAILED, failures=job, root_cause=_first(job),
+                         restart_count=self._job_restarts)
 
     def _rendezvous(self):
         spec = self._spec
@@ -3277,6 +3269,16 @@ def _restarts_of(store, world_size):
         except (ValueError, KeyError, TypeError):
             pass
     return counts
+
+
+def _count_root_cause(handler, ranks, root_rank, root):
+    """A failure caused by this node's own worker counts against the node: with exclusion on
+    (``--rdzv-conf exclude_after=K``) the handler raises RendezvousExcludedError at the K-th, and
+    the node leaves the job instead of restarting (its workers are stopped already)."""
+    note = getattr(handler, "note_root_cause", None)
+    if note is None or not ranks.base_rank <= root_rank < ranks.base_rank + ranks.local_world_size:
+        return
+    note("rank %d exited: %s" % (root_rank, root.message))
 
 
 def _failure_fields(rank, f, count):
