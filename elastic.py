@@ -2671,6 +2671,21 @@ def _untold_exits(group, attempt, told, first=()):
     return exits
 
 
+def _exit_fields(result=None, error=None):
+    """The exit event's code (the launcher's exit status), and the stop signal or the error, from
+    what run() returns or raises."""
+    if isinstance(error, _SignalStop):
+        return {"code": 128 + error.signum, "signal": _signal_name(error.signum)}
+    if error is not None:
+        code = 1
+        if isinstance(error, _rdzv.RendezvousExcludedError):
+            code = _EXIT_EXCLUDED
+        elif isinstance(error, _rdzv.RendezvousMismatchError) or getattr(error, "late", False):
+            code = 2       # a mistake in the options, as the launcher exits
+        return {"code": code, "error": "%s: %s" % (type(error).__name__, error)}
+    return {"code": 0 if not result.is_failed() else result.root_cause[1].launcher_exit_code()}
+
+
 class _Events:
     """The run's events: each one written to the event log (when there is one) as one JSON object on
     a line, fsync'd, then narrated on the console from the same fields, so the two never disagree.
@@ -2983,22 +2998,17 @@ class LocalElasticAgent:
             result = self._run_loop()
             if self._group is not None:
                 result.outlived_grace = dict(self._group.outlived_grace)
-            exit_fields["code"] = (0 if not result.is_failed()
-                                   else result.root_cause[1].launcher_exit_code())
+            exit_fields = _exit_fields(result=result)
             return result
         except _SignalStop as e:
-            exit_fields.update(code=128 + e.signum, signal=_signal_name(e.signum))
+            exit_fields = _exit_fields(error=e)
             self._events.emit("stop_signal", signal=_signal_name(e.signum))
             self._set_state(WorkerState.STOPPED)
             self._stop_group(e.signum)
             self._control.wait_stop_seen()
             raise
         except BaseException as e:
-            exit_fields["error"] = "%s: %s" % (type(e).__name__, e)
-            if isinstance(e, _rdzv.RendezvousExcludedError):
-                exit_fields["code"] = _EXIT_EXCLUDED
-            elif isinstance(e, _rdzv.RendezvousMismatchError) or getattr(e, "late", False):
-                exit_fields["code"] = 2       # a mistake in the options, as the launcher exits
+            exit_fields = _exit_fields(error=e)
             if self._state not in (WorkerState.SUCCEEDED, WorkerState.FAILED, WorkerState.STOPPED):
                 self._set_state(WorkerState.FAILED)
             raise
