@@ -51,3 +51,28 @@ def pyenv_python(minor):
         if os.access(path, os.X_OK):
             return path
     return None
+
+
+# --- tests/torch_suite: PyTorch's own test suites ported to our modules (issue 16) ----------------
+# They start many processes, so they run on the README's Python (3.11) only, or wherever asked for
+# with `-m torch_suite` or ELASTIC_TORCH_SUITE=1. Their worker scripts in bin/ are not test modules.
+collect_ignore_glob = ["torch_suite/bin/*"]
+_TORCH_SUITE = os.path.join(ROOT, "tests", "torch_suite") + os.sep
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "torch_suite: a case ported from PyTorch's own tests (slow, "
+                                       "process-heavy; runs on Python 3.11 or with -m torch_suite)")
+
+
+@pytest.hookimpl(tryfirst=True)   # before -m deselects by marker
+def pytest_collection_modifyitems(config, items):
+    wanted = (sys.version_info[:2] == (3, 11) or os.environ.get("ELASTIC_TORCH_SUITE") == "1"
+              or "torch_suite" in (config.getoption("markexpr", "") or ""))
+    skip = pytest.mark.skip(reason="torch suite runs on Python 3.11 only (or -m torch_suite, "
+                                   "ELASTIC_TORCH_SUITE=1)")
+    for item in items:
+        if str(item.fspath).startswith(_TORCH_SUITE):
+            item.add_marker(pytest.mark.torch_suite)
+            if not wanted:
+                item.add_marker(skip)

@@ -1,0 +1,330 @@
+"""PyTorch's test/distributed/elastic/agent/server/test/local_elastic_agent_test.py, all of it, run
+against our LocalElasticAgent and rendezvous backends.
+
+Each torch test name runs its torch body (agent_cases.py) with torch's backend: ``c10d`` on a free
+local port, ``etcd`` on one etcd server shared by the module (torch's setUpClass), ``etcd-v2`` skipped
+(our etcd backend speaks the v3 API). A body runs in a child interpreter in its own session, killed
+whatever happens: the torch venv's when the workers need torch, else this one.
+"""
+import os
+import signal
+import subprocess
+import sys
+import unittest
+
+import pytest
+
+from conftest import need
+from etcd_cluster import EtcdCluster
+from ports import free_port
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+CASES = os.path.join(HERE, "agent_cases.py")
+HANG_GUARD = 240   # seconds: only catches a hang, never times anything
+
+
+def xfail(reason):
+    return pytest.mark.xfail(strict=True, reason="issue 16: " + reason)
+
+
+# Why cases fail today (each strict: a fix turns the case into a failure that asks for the mark to go)
+_ETCD_IS_HOST = xfail("RendezvousParameters(backend='etcd', is_host=True) raises ValueError 'rdzv conf "
+                      "is_host is not for the etcd backend'; torch ignores the key for etcd (with the key "
+                      "left out, this case passes today)")
+_TENSOR_NONE = xfail("a torch.Tensor returned by a function worker comes back as None "
+                     "(assertIsInstance(None, torch.Tensor))")
+_CONSTANTS = xfail("elastic has no TORCHELASTIC_TIMER_FILE / TORCHELASTIC_HEALTH_CHECK_PORT constants "
+                   "(torch's local_elastic_agent module exports them): AttributeError")
+_AGENT_INTERNALS = xfail("LocalElasticAgent has no _remaining_restarts, get_worker_group() or "
+                         "_total_execution_time (torch's agent attributes the case asserts on): AttributeError")
+_NO_BARRIER = xfail("nothing to patch: elastic has no store barrier helper (torch patches "
+                    "torch.distributed.elastic.utils.store.barrier to fail and expects one call and a "
+                    "successful job); our exit barrier, LocalElasticAgent._exit_barrier, is skipped for a "
+                    "1-node run: AttributeError")
+_NO_START_PROCESSES = xfail("nothing to patch: elastic has no start_processes (torch's process-context "
+                            "factory), LocalElasticAgent no _monitor_workers and run() takes no role: "
+                            "AttributeError")
+# Not strict: fails in some runs only (issue 16, "gloo workers abort as they exit")
+_GLOO_EXIT_ABORT = pytest.mark.xfail(strict=False, reason=(
+    "issue 16 (flaky): a gloo worker sometimes aborts as it exits, SIGABRT 'terminate called without an "
+    "active exception', and the job fails; remove when it happens 0 in 50 runs"))
+
+
+@pytest.fixture(scope="module")
+def etcd_endpoint(tmp_path_factory):
+    import shutil
+    binary = shutil.which("etcd")
+    need(binary, "etcd not installed (apt-get install etcd-server)")
+    cluster = EtcdCluster(binary, tmp_path_factory.mktemp("etcd"), size=1)
+    cluster.start()
+    try:
+        yield cluster.endpoints[0]
+    finally:
+        cluster.stop()
+
+
+def _env():
+    return {k: v for k, v in os.environ.items()
+            if not k.startswith(("PET_", "TORCHELASTIC_", "MASTER_", "RANK", "LOCAL_RANK", "WORLD_SIZE",
+                                 "TORCH_NCCL_ASYNC_ERROR_HANDLING"))}
+
+
+class LocalElasticAgentTest(unittest.TestCase):
+    @pytest.fixture(autouse=True)
+    def _fixtures(self, request, tmp_path):
+        self._request = request
+        self._tmp = tmp_path
+
+    def run_test_with_backend(self, backend, test_to_run, torch=False):
+        """torch's helper: pick the endpoint for `backend`, then run the body `test_to_run`."""
+        if backend == "etcd-v2":
+            self.skipTest("etcd v2 API: our etcd backend speaks v3 (through etcd's HTTP/JSON gateway)")
+        if backend == "etcd":
+            endpoint = self._request.getfixturevalue("etcd_endpoint")
+        else:
+            endpoint = "127.0.0.1:%d" % free_port()   # torch: localhost and a free port
+        python = self._request.getfixturevalue("torch_python") if torch else sys.executable
+        out_path = self._tmp / "case.out"
+        with open(out_path, "wb") as out:
+            proc = subprocess.Popen([python, CASES, test_to_run, backend, endpoint], stdout=out,
+                                    stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=_env(),
+                                    cwd=str(self._tmp), start_new_session=True)
+        try:
+            code = proc.wait(HANG_GUARD)
+        finally:
+            try:
+                os.killpg(proc.pid, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                pass
+            proc.wait()
+        output = out_path.read_text(errors="replace")
+        if code != 0:
+            self.fail("%s (%s) exited %s:\n%s" % (test_to_run, backend, code, output[-6000:]))
+
+    # -- dummy_compute: tensors returned by function workers
+    @_TENSOR_NONE
+    def test_dummy_compute_c10d(self):
+        self.run_test_with_backend("c10d", "dummy_compute", torch=True)
+
+    @_ETCD_IS_HOST
+    def test_dummy_compute_etcd(self):
+        self.run_test_with_backend("etcd", "dummy_compute", torch=True)
+
+    def test_dummy_compute_etcd_v2(self):
+        self.run_test_with_backend("etcd-v2", "dummy_compute", torch=True)
+
+    def test_run_happy_function_c10d(self):
+        self.run_test_with_backend("c10d", "run_happy_function")
+
+    @_ETCD_IS_HOST
+    def test_run_happy_function_etcd(self):
+        self.run_test_with_backend("etcd", "run_happy_function")
+
+    def test_run_happy_function_etcd_v2(self):
+        self.run_test_with_backend("etcd-v2", "run_happy_function")
+
+    @_ETCD_IS_HOST
+    def test_check_master_addr_port_override_etcd(self):
+        self.run_test_with_backend("etcd", "check_master_addr_port_override")
+
+    def test_check_master_addr_port_override_etcd_v2(self):
+        self.run_test_with_backend("etcd-v2", "check_master_addr_port_override")
+
+    @_CONSTANTS
+    def test_run_agent_local_watchdog_setup_enabled_etcd(self):
+        self.run_test_with_backend("etcd", "run_agent_local_watchdog_setup_enabled")
+
+    @_CONSTANTS
+    def test_run_agent_local_watchdog_setup_enabled_c10d(self):
+        self.run_test_with_backend("c10d", "run_agent_local_watchdog_setup_enabled")
+
+    @_CONSTANTS
+    def test_run_agent_local_watchdog_setup_disabled_etcd(self):
+        self.run_test_with_backend("etcd", "run_agent_local_watchdog_setup_disabled")
+
+    @_CONSTANTS
+    def test_run_agent_local_watchdog_setup_disabled_c10d(self):
+        self.run_test_with_backend("c10d", "run_agent_local_watchdog_setup_disabled")
+
+    @_CONSTANTS
+    def test_run_agent_healthcheck_setup_enabled_etcd(self):
+        self.run_test_with_backend("etcd", "run_agent_healthcheck_setup_enabled")
+
+    @_CONSTANTS
+    def test_run_agent_healthcheck_setup_enabled_c10d(self):
+        self.run_test_with_backend("c10d", "run_agent_healthcheck_setup_enabled")
+
+    @_CONSTANTS
+    def test_run_agent_healthcheck_setup_disabled_etcd(self):
+        self.run_test_with_backend("etcd", "run_agent_healthcheck_setup_disabled")
+
+    @_CONSTANTS
+    def test_run_agent_healthcheck_setup_disabled_c10d(self):
+        self.run_test_with_backend("c10d", "run_agent_healthcheck_setup_disabled")
+
+    @_ETCD_IS_HOST
+    def test_run_check_env_function_etcd(self):
+        self.run_test_with_backend("etcd", "run_check_env_function")
+
+    def test_run_check_nccl_async_error_handling_env_c10d(self):
+        self.run_test_with_backend("c10d", "run_check_nccl_async_error_handling_env")
+
+    def test_run_check_nccl_async_error_handling_env_default_c10d(self):
+        self.run_test_with_backend("c10d", "run_check_nccl_async_error_handling_env_default")
+
+    def test_run_function_with_return_value_c10d(self):
+        self.run_test_with_backend("c10d", "run_function_with_return_value")
+
+    @_ETCD_IS_HOST
+    def test_run_function_with_return_value_etcd(self):
+        self.run_test_with_backend("etcd", "run_function_with_return_value")
+
+    def test_run_function_with_return_value_etcd_v2(self):
+        self.run_test_with_backend("etcd-v2", "run_function_with_return_value")
+
+    @_GLOO_EXIT_ABORT
+    def test_simple_dist_sum_c10d(self):
+        self.run_test_with_backend("c10d", "simple_dist_sum", torch=True)
+
+    @_ETCD_IS_HOST
+    def test_simple_dist_sum_etcd(self):
+        self.run_test_with_backend("etcd", "simple_dist_sum", torch=True)
+
+    def test_simple_dist_sum_etcd_v2(self):
+        self.run_test_with_backend("etcd-v2", "simple_dist_sum", torch=True)
+
+    @_GLOO_EXIT_ABORT
+    def test_run_distributed_sum_homogeneous_c10d(self):
+        self.run_test_with_backend("c10d", "run_distributed_sum_homogeneous", torch=True)
+
+    @_GLOO_EXIT_ABORT
+    def test_run_with_custom_log_lines(self):
+        self.run_test_with_backend("c10d", "run_with_custom_log_lines", torch=True)
+
+    @_ETCD_IS_HOST
+    def test_run_distributed_sum_homogeneous_etcd(self):
+        self.run_test_with_backend("etcd", "run_distributed_sum_homogeneous", torch=True)
+
+    def test_run_distributed_sum_homogeneous_etcd_v2(self):
+        self.run_test_with_backend("etcd-v2", "run_distributed_sum_homogeneous", torch=True)
+
+    @_GLOO_EXIT_ABORT
+    def test_run_distributed_sum_heterogeneous_c10d(self):
+        self.run_test_with_backend("c10d", "run_distributed_sum_heterogeneous", torch=True)
+
+    @_ETCD_IS_HOST
+    def test_run_distributed_sum_heterogeneous_etcd(self):
+        self.run_test_with_backend("etcd", "run_distributed_sum_heterogeneous", torch=True)
+
+    def test_run_distributed_sum_heterogeneous_etcd_v2(self):
+        self.run_test_with_backend("etcd-v2", "run_distributed_sum_heterogeneous", torch=True)
+
+    def test_run_sad_function_c10d(self):
+        self.run_test_with_backend("c10d", "run_sad_function")
+
+    @_ETCD_IS_HOST
+    def test_run_sad_function_etcd(self):
+        self.run_test_with_backend("etcd", "run_sad_function")
+
+    def test_run_sad_function_etcd_v2(self):
+        self.run_test_with_backend("etcd-v2", "run_sad_function")
+
+    @_AGENT_INTERNALS
+    def test_run_bipolar_function_c10d(self):
+        self.run_test_with_backend("c10d", "run_bipolar_function")
+
+    @_ETCD_IS_HOST
+    def test_run_bipolar_function_etcd(self):
+        self.run_test_with_backend("etcd", "run_bipolar_function")
+
+    def test_run_bipolar_function_etcd_v2(self):
+        self.run_test_with_backend("etcd-v2", "run_bipolar_function")
+
+    @_ETCD_IS_HOST
+    def test_correct_rank_assignment_heterogeneous_etcd(self):
+        self.run_test_with_backend("etcd", "correct_rank_assignment_heterogeneous")
+
+    def test_correct_rank_assignment_heterogeneous_etcd_v2(self):
+        self.run_test_with_backend("etcd-v2", "correct_rank_assignment_heterogeneous")
+
+    @_ETCD_IS_HOST
+    def test_correct_rank_assignment_homogeneous_etcd(self):
+        self.run_test_with_backend("etcd", "correct_rank_assignment_homogeneous")
+
+    def test_correct_rank_assignment_homogeneous_etcd_v2(self):
+        self.run_test_with_backend("etcd-v2", "correct_rank_assignment_homogeneous")
+
+    @_ETCD_IS_HOST
+    def test_double_agent_fault_tolerance_etcd(self):
+        self.run_test_with_backend("etcd", "double_agent_fault_tolerance", torch=True)
+
+    def test_double_agent_fault_tolerance_etcd_v2(self):
+        self.run_test_with_backend("etcd-v2", "double_agent_fault_tolerance", torch=True)
+
+    def test_no_exit_barrier_on_failure(self):
+        self.skipTest("broken in torch 2.13 itself (run against torch's own modules: it hangs): both "
+                      "agents get is_host=True, the second cannot bind the c10d port (EADDRINUSE, "
+                      "RendezvousConnectionError) and the first waits out the join timeout for it; ours "
+                      "does the same. torch's CI does not run this file")
+        self.run_test_with_backend("c10d", "no_exit_barrier_on_failure")
+
+    @_GLOO_EXIT_ABORT
+    def test_double_agent_elastic_c10d(self):
+        self.run_test_with_backend("c10d", "double_agent_elastic", torch=True)
+
+    @_ETCD_IS_HOST
+    def test_double_agent_elastic_etcd(self):
+        self.run_test_with_backend("etcd", "double_agent_elastic", torch=True)
+
+    def test_double_agent_elastic_etcd_v2(self):
+        self.run_test_with_backend("etcd-v2", "double_agent_elastic", torch=True)
+
+    def test_torch_rpc_c10d(self):
+        self.run_test_with_backend("c10d", "torch_rpc", torch=True)
+
+    @_ETCD_IS_HOST
+    def test_torch_rpc_etcd(self):
+        self.run_test_with_backend("etcd", "torch_rpc", torch=True)
+
+    def test_torch_rpc_etcd_v2(self):
+        self.run_test_with_backend("etcd-v2", "torch_rpc", torch=True)
+
+    @_ETCD_IS_HOST
+    def test_workers_drift_success_etcd(self):
+        self.run_test_with_backend("etcd", "workers_drift_success")
+
+    def test_workers_drift_success_etcd_v2(self):
+        self.run_test_with_backend("etcd-v2", "workers_drift_success")
+
+    @_ETCD_IS_HOST
+    def test_workers_drift_fail_etcd(self):
+        self.run_test_with_backend("etcd", "workers_drift_fail")
+
+    def test_workers_drift_fail_etcd_v2(self):
+        self.run_test_with_backend("etcd-v2", "workers_drift_fail")
+
+    @_NO_BARRIER
+    def test_barrier_failed_c10d(self):
+        self.run_test_with_backend("c10d", "barrier_failed")
+
+    @_NO_BARRIER
+    def test_barrier_failed_etcd(self):
+        self.run_test_with_backend("etcd", "barrier_failed")
+
+    def test_barrier_failed_etcd_v2(self):
+        self.run_test_with_backend("etcd-v2", "barrier_failed")
+
+    @_NO_START_PROCESSES
+    def test_shutdown_called_c10d(self):
+        self.run_test_with_backend("c10d", "shutdown_called")
+
+    @_NO_START_PROCESSES
+    def test_shutdown_called_etcd(self):
+        self.run_test_with_backend("etcd", "shutdown_called")
+
+    def test_shutdown_called_etcd_v2(self):
+        self.run_test_with_backend("etcd-v2", "shutdown_called")
+
+    @_TENSOR_NONE
+    def test_rank_restart_after_failure(self):
+        self.run_test_with_backend("c10d", "fail_rank_one_once", torch=True)
