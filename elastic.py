@@ -122,7 +122,8 @@ the backend names) and ``_free_port``. Nothing above this module borrows from it
 __version__ = "0.1.0"
 __all__ = [
     "WorkerSpec", "WorkerState", "Std", "DefaultLogsSpecs", "LocalElasticAgent", "RunResult",
-    "ProcessFailure", "ChildFailedError", "ElasticError", "record", "main",
+    "ProcessFailure", "ChildFailedError", "ElasticError", "record", "main", "parse_min_max_nnodes",
+    "TORCHELASTIC_TIMER_FILE", "TORCHELASTIC_HEALTH_CHECK_PORT",
     "FileTimerServer", "FileTimerClient", "configure", "expires",
 ]
 
@@ -163,6 +164,9 @@ except ImportError:  # top-level modules
 log = logging.getLogger(__name__)
 
 _DEFAULT_PREFIX_TEMPLATE = "[${role_name}${local_rank}]:"
+# the environment variables that turn on the file timer and the health check (torch's constants)
+TORCHELASTIC_TIMER_FILE = "TORCHELASTIC_TIMER_FILE"
+TORCHELASTIC_HEALTH_CHECK_PORT = "TORCHELASTIC_HEALTH_CHECK_PORT"
 
 
 class ElasticError(Exception):
@@ -2170,7 +2174,7 @@ class LocalElasticAgent:
         if spec.local_world_size > 1 and "OMP_NUM_THREADS" not in os.environ:
             env["OMP_NUM_THREADS"] = "1"
         if self._timer is not None:
-            env["TORCHELASTIC_TIMER_FILE"] = self._timer.file_path
+            env[TORCHELASTIC_TIMER_FILE] = self._timer.file_path
         return env
 
     def _start_group(self):
@@ -2511,7 +2515,7 @@ class expires:
 def _default_timer_client():
     global _timer_client_configured
     if _timer_client_configured is None:
-        path = os.environ.get("TORCHELASTIC_TIMER_FILE")
+        path = os.environ.get(TORCHELASTIC_TIMER_FILE)
         if not path:
             raise RuntimeError("expires() needs a timer client: call configure(FileTimerClient(path)) "
                                "or run under the launcher with the file timer on")
@@ -3086,7 +3090,7 @@ def _file_timer_path(environ, directory):
     ``TORCHELASTIC_ENABLE_FILE_TIMER=1`` (then ``directory/timer.fifo``; give it a local directory
     such as the agent's temporary run folder: some network file systems refuse FIFOs).
     """
-    path = environ.get("TORCHELASTIC_TIMER_FILE")
+    path = environ.get(TORCHELASTIC_TIMER_FILE)
     if path:
         return path
     if environ.get("TORCHELASTIC_ENABLE_FILE_TIMER") == "1":
@@ -3567,13 +3571,15 @@ def _parse_args(argv, environ):
             break
         if not word.startswith("-") or word == "-":
             break
-        if word in ("-h", "--help"):
+        name, eq, value = word.partition("=")
+        if name.startswith("--") and name not in by_name:
+            name = _full_name(name, by_name)   # an unambiguous prefix, as argparse allows: --redirect
+        if name in ("-h", "--help"):
             sys.stdout.write(_usage())
             raise _Exit(0)
-        if word == "--version":
+        if name == "--version":
             sys.stdout.write("elasticrun %s\n" % __version__)
             raise _Exit(0)
-        name, eq, value = word.partition("=")
         if name not in by_name and not word.startswith("--") and word[:2] in by_name and len(word) > 2:
             name, eq, value = word[:2], "=", word[2:]      # -r3
         option = by_name.get(name)
@@ -3600,6 +3606,19 @@ def _parse_args(argv, environ):
     return args
 
 
+def _full_name(name, by_name):
+    """The long option `name` is a prefix of: `name` itself when it is none's; _UsageError naming the
+    candidates when it is a prefix of several options (spellings of one option count once)."""
+    matches = {}   # an option's first name -> the spelling `name` is a prefix of
+    for n in list(by_name) + ["--help", "--version"]:
+        if n.startswith("--") and n.startswith(name):
+            first = next(m for m in by_name[n][0] if m.startswith("--")) if n in by_name else n
+            matches.setdefault(first, n)
+    if len(matches) > 1:
+        raise _UsageError("ambiguous option %s could match %s" % (name, ", ".join(sorted(matches))))
+    return matches.popitem()[1] if matches else name
+
+
 def _convert(value, kind, name):
     try:
         result = {"str": str, "int": int, "float": float}[kind](value)
@@ -3619,12 +3638,19 @@ def _random_uuid():
     return "%s-%s-%s-%s-%s" % (h[:8], h[8:12], h[12:16], h[16:20], h[20:])
 
 
+def parse_min_max_nnodes(nnodes):
+    """torchrun's ``--nnodes`` value as ``(min_nodes, max_nodes)``: ``"N"`` or ``"MIN:MAX"``.
+    ``ValueError`` for a part that is not a number, ``RuntimeError`` for more than two parts (torch's)."""
+    parts = str(nnodes).split(":")
+    if len(parts) > 2:
+        raise RuntimeError("nnodes=%s is not in \"MIN:MAX\" format" % nnodes)
+    return int(parts[0]), int(parts[-1])
+
+
 def _parse_nnodes(text):
-    lo, sep, hi = str(text).partition(":")
     try:
-        lo = int(lo)
-        hi = int(hi) if sep else lo
-    except ValueError:
+        lo, hi = parse_min_max_nnodes(str(text).strip())
+    except (ValueError, RuntimeError):
         raise _UsageError("--nnodes %r is not N or MIN:MAX" % text)
     if lo < 1 or hi < lo:
         raise _UsageError("--nnodes %r needs 1 <= MIN <= MAX" % text)
@@ -3691,15 +3717,24 @@ def _parse_signals(text):
     return sigs
 
 
+def _unquote(text):
+    """`text` without one pair of matching outer quotes: a value quoted for a shell that never saw it
+    (a job spec, a YAML file) reads as the shell would have passed it."""
+    text = text.strip()
+    if len(text) >= 2 and text[0] == text[-1] and text[0] in "'\"":
+        return text[1:-1].strip()
+    return text
+
+
 def _parse_conf(text):
     conf = {}
-    for part in text.split(","):
+    for part in _unquote(text).split(","):
         if not part.strip():
             continue
         k, sep, v = part.partition("=")
         if not sep or not k.strip():
             raise _UsageError("--rdzv-conf %r: %r is not key=value" % (text, part))
-        conf[k.strip()] = v.strip()
+        conf[_unquote(k)] = _unquote(v)
     return conf
 
 
@@ -3738,7 +3773,7 @@ def _slurm_values(args, environ):
 def _health_check_port(value, environ):
     name = "--health-check-port"
     if value is None:
-        text = environ.get("TORCHELASTIC_HEALTH_CHECK_PORT", "").strip()
+        text = environ.get(TORCHELASTIC_HEALTH_CHECK_PORT, "").strip()
         if not text:
             return None
         name = "TORCHELASTIC_HEALTH_CHECK_PORT"
@@ -3771,9 +3806,9 @@ def _rdzv_params(o):
                                             local_addr=o["local_addr"], **conf)
         if o["local_addr"] is None and params.host is not None and _is_loopback_name(params.host):
             # every node is on this machine; the host name would make each worker resolve it (slow
-            # resolvers stall init_process_group for seconds)
-            params = _rdzv.RendezvousParameters(backend, endpoint, run_id, min_nodes, max_nodes,
-                                                local_addr="127.0.0.1", **conf)
+            # resolvers stall init_process_group for seconds). Set, not built again: the conf's
+            # warnings are given once
+            params.local_addr = "127.0.0.1"
     except ValueError as e:
         raise _UsageError(str(e))
     return params
@@ -3951,6 +3986,19 @@ def _run_job(c, stop, server, environ):
                               exit_barrier_timeout=c.exit_barrier_timeout, shutdown_timeout=c.shutdown_timeout,
                               log_line_prefix_template=c.prefix_template,
                               health_check_port=c.health_check_port, fork_server=server, stop_flag=stop)
+    try:
+        return _agent_outcome(agent, c, stop, environ)
+    finally:
+        # as torch's launcher does; the agent's run() has left already (leaving twice is harmless), but
+        # a run() that never got that far has not
+        try:
+            handler.shutdown()
+        except Exception as e:  # never let a leaving-the-run error hide the outcome
+            log.debug("rendezvous shutdown: %s", e)
+
+
+def _agent_outcome(agent, c, stop, environ):
+    """Run the agent; the exit status of its RunResult (or of the error that ended it)."""
     try:
         result = agent.run()
     except _rdzv.RendezvousError as e:

@@ -34,7 +34,9 @@ Configuration (``--rdzv-conf``; every value checked, a bad one raises a one-line
 ``heartbeat_timeout`` 15, ``read_timeout`` 60 (seconds), ``is_host`` (bool), ``token_file`` (shared
 secret for the store; c10d and static only), ``rank`` (static only); torch's ``keep_alive_interval``
 and ``keep_alive_max_attempt`` (default 3) set ``heartbeat_interval`` and ``heartbeat_timeout``
-(their product) when those are not given. ``close_timeout`` is accepted for torchrun compatibility
+(their product) when those are not given, and torch's ``timeout`` sets ``join_timeout`` when that is
+not given. Keys it does not know are ignored with a warning naming them (as torch ignores them), and
+so is ``is_host`` for etcd. ``close_timeout`` is accepted for torchrun compatibility
 and checked, but nothing waits on it: closing here is a single store write.
 
 The algorithm: one round is an atomic counter plus one wake-up key. Every joiner does one ``add`` on
@@ -169,7 +171,7 @@ _TIMEOUTS = {
     "join_timeout": 600.0, "last_call_timeout": 30.0, "close_timeout": 30.0,
     "heartbeat_interval": 5.0, "heartbeat_timeout": 15.0, "read_timeout": 60.0,
 }
-_OTHER_KEYS = ("is_host", "token_file", "rank", "keep_alive_interval", "keep_alive_max_attempt")
+_OTHER_KEYS = ("is_host", "token_file", "rank", "keep_alive_interval", "keep_alive_max_attempt", "timeout")
 _TORCH_ONLY_KEYS = ("store_type", "use_libuv", "local_addr")   # accepted from torchrun users, unused
 _BACKENDS = ("c10d", "store", "static", "etcd")
 _CLOSED, _RETRY = "closed", "retry"
@@ -303,10 +305,16 @@ class RendezvousParameters:
             raise ValueError("local_addr must be a non-empty string, got %r" % (local_addr,))
         self.local_addr = local_addr.strip() if local_addr else None
         self.config = dict(config)
-        for key in self.config:
-            if key not in _TIMEOUTS and key not in _OTHER_KEYS and key not in _TORCH_ONLY_KEYS:
-                raise ValueError("unknown rdzv conf key %r; known keys: %s"
-                                 % (key, ", ".join(sorted(list(_TIMEOUTS) + list(_OTHER_KEYS)))))
+        # torch ignores keys it does not know (a job's conf may carry another backend's keys); a
+        # warning names them, so a misspelt key is seen
+        self.ignored_keys = sorted(k for k in self.config
+                                   if k not in _TIMEOUTS and k not in _OTHER_KEYS and k not in _TORCH_ONLY_KEYS)
+        if backend == "etcd" and "is_host" in self.config:
+            self.ignored_keys.append("is_host")   # etcd serves the rendezvous; torch ignores it too
+        for key in self.ignored_keys:
+            if key != "is_host":
+                log.warning("rdzv conf key %r is not known and is ignored; known keys: %s",
+                            key, ", ".join(sorted(list(_TIMEOUTS) + list(_OTHER_KEYS))))
         for key, default in _TIMEOUTS.items():
             value = self.config.get(key, default) if key in self.config else self._torch_keep_alive(key, default)
             try:
@@ -319,7 +327,9 @@ class RendezvousParameters:
         if self.heartbeat_timeout <= self.heartbeat_interval:
             raise ValueError("rdzv conf heartbeat_timeout=%g must exceed heartbeat_interval=%g"
                              % (self.heartbeat_timeout, self.heartbeat_interval))
-        self.is_host = _as_bool("is_host", self.config["is_host"]) if "is_host" in self.config else None
+        self.is_host = None
+        if "is_host" in self.config and "is_host" not in self.ignored_keys:
+            self.is_host = _as_bool("is_host", self.config["is_host"])
         token_file = self.config.get("token_file")
         if token_file is not None and (not isinstance(token_file, str) or not token_file):
             raise ValueError("rdzv conf token_file=%r is not a path" % (token_file,))
@@ -342,10 +352,9 @@ class RendezvousParameters:
         elif "rank" in self.config:
             raise ValueError("rdzv conf rank is only for the static backend, not %r" % backend)
         if backend == "etcd":
-            for key in ("token_file", "is_host"):
-                if key in self.config:
-                    raise ValueError("rdzv conf %s is not for the etcd backend (etcd serves the "
-                                     "rendezvous; secure it with etcd's own access control)" % key)
+            if "token_file" in self.config:
+                raise ValueError("rdzv conf token_file is not for the etcd backend (etcd serves the "
+                                 "rendezvous; secure it with etcd's own access control)")
             self.host, self.port = None, None
             self.endpoints = _parse_etcd_endpoints(self.endpoint)
         else:
@@ -353,7 +362,10 @@ class RendezvousParameters:
             self.host, self.port = _parse_endpoint(self.endpoint, default)
 
     def _torch_keep_alive(self, key, default):
-        """torch's names for the heartbeat: a node is dead after keep_alive_max_attempt (3) silent intervals."""
+        """torch's names for the heartbeat: a node is dead after keep_alive_max_attempt (3) silent
+        intervals; and for the join timeout: ``timeout`` (torch's static and etcd backends)."""
+        if key == "join_timeout":
+            return self.config.get("timeout", default)
         torch_style = "keep_alive_interval" in self.config or "keep_alive_max_attempt" in self.config
         if not torch_style:
             return default

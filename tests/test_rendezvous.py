@@ -107,7 +107,6 @@ def check_round(rounds, world_size):
     (dict(last_call_timeout=-1), "last_call_timeout=-1 must be a positive"),
     (dict(heartbeat_interval=5, heartbeat_timeout=2), "heartbeat_timeout=2 must exceed heartbeat_interval=5"),
     (dict(is_host="maybe"), "is_host='maybe' is not a boolean"),
-    (dict(joint_timeout=3), "unknown rdzv conf key 'joint_timeout'"),
     (dict(endpoint="host:http"), "port 'http' is not a number"),
     (dict(endpoint="host:70000"), "port 70000 is outside"),
     (dict(endpoint="[::1:29400"), "missing ']'"),
@@ -122,8 +121,8 @@ def check_round(rounds, world_size):
     (dict(endpoint="[node1]:1234"), "'node1' is not an IPv6 address"),
     (dict(endpoint="no de:1234"), "host 'no de' is not a host name"),
     (dict(backend="etcd", endpoint="http://127.0.0.1:2379", token_file=__file__), "token_file is not for the etcd"),
-    (dict(backend="etcd", endpoint="http://127.0.0.1:2379", is_host=1), "is_host is not for the etcd"),
     (dict(keep_alive_max_attempt=1), "keep_alive_max_attempt=1 must be an integer >= 2"),
+    (dict(timeout="soon"), "join_timeout='soon' is not a number"),
 ])
 def test_bad_parameters_raise_one_line_value_errors(kwargs, message):
     args = dict(backend="c10d", endpoint="127.0.0.1:29400", run_id="job", min_nodes=1, max_nodes=2)
@@ -132,6 +131,31 @@ def test_bad_parameters_raise_one_line_value_errors(kwargs, message):
         R.RendezvousParameters(**args)
     assert message in str(info.value)
     assert "\n" not in str(info.value)
+
+
+def test_unknown_conf_keys_are_ignored_with_a_warning_naming_them(caplog):
+    # torch ignores keys it does not know; a warning still shows a misspelt one
+    with caplog.at_level("WARNING", logger=R.__name__):
+        p = R.RendezvousParameters("c10d", "127.0.0.1:29400", "job", 1, 2, joint_timeout="3", foo="x")
+    assert p.ignored_keys == ["foo", "joint_timeout"]
+    assert p.join_timeout == 600.0
+    assert p.get("foo") == "x"
+    warned = [r.getMessage() for r in caplog.records]
+    assert len(warned) == 2 and "'joint_timeout'" in warned[1] and "'foo'" in warned[0]
+
+
+def test_torch_timeout_key_sets_the_join_timeout_unless_join_timeout_is_given():
+    p = R.RendezvousParameters("c10d", "127.0.0.1:29400", "job", 1, 2, timeout="5")
+    assert p.join_timeout == 5.0 and p.ignored_keys == []
+    p = R.RendezvousParameters("c10d", "127.0.0.1:29400", "job", 1, 2, timeout="5", join_timeout="7")
+    assert p.join_timeout == 7.0
+
+
+def test_etcd_ignores_is_host_as_torch_does(caplog):
+    with caplog.at_level("WARNING", logger=R.__name__):
+        p = R.RendezvousParameters("etcd", "http://127.0.0.1:2379", "job", 1, 2, is_host="1")
+    assert p.is_host is None and "is_host" in p.ignored_keys
+    assert not caplog.records
 
 
 @pytest.mark.parametrize("endpoint, host, port", [
