@@ -3797,7 +3797,8 @@ def _rdzv_params(o):
     if backend not in _rdzv._BACKENDS:
         raise _UsageError("--rdzv-backend %r is not one of %s" % (backend, ", ".join(_rdzv._BACKENDS)))
     if backend == "static":   # torchrun's options for it: node 0 serves the store at the master address
-        endpoint = "%s:%d" % (o["master_addr"] or "127.0.0.1", o["master_port"] or 29500)
+        endpoint = endpoint or _static_store_endpoint(o["master_addr"] or "127.0.0.1", o["master_port"],
+                                                      max_nodes)
         conf["rank"] = o["node_rank"]
     elif not endpoint:
         raise _UsageError("--rdzv-backend %s needs --rdzv-endpoint" % backend)
@@ -3812,6 +3813,20 @@ def _rdzv_params(o):
     except ValueError as e:
         raise _UsageError(str(e))
     return params
+
+
+def _static_store_endpoint(master_addr, master_port, nnodes):
+    """Where node 0 serves the static backend's store. torchrun's workers share its own store on
+    MASTER_PORT (they speak torch's store protocol to it); ours cannot, so with --master-port P the
+    workers get P and the store moves: to a free port when this is the only node, else to P+1."""
+    if master_port is None:
+        return "%s:29500" % master_addr   # workers get a fresh port
+    if nnodes == 1:
+        return "%s:0" % master_addr
+    if master_port + 1 > 65535:
+        raise _UsageError("--master-port %d leaves no port for the launcher's store (P+1 with several "
+                          "static nodes); choose a lower one or give --rdzv-endpoint" % master_port)
+    return "%s:%d" % (master_addr, master_port + 1)
 
 
 def _config_from_args(args, environ):
@@ -3837,13 +3852,16 @@ def _config_from_args(args, environ):
     health_check_port = _health_check_port(o["health_check_port"], environ)
     if not (o["module"] or o["no_python"]) and not os.path.exists(o["training_script"]):
         raise _UsageError("no such script: %s" % o["training_script"])
-    # the static backend's workers get a fresh port from node 0; the others' only when asked
-    static = rdzv.backend == "static"
+    # workers get the master address and port when asked (PET_* or the command line); else the
+    # rendezvous gives them a fresh port on node 0 each round
+    master_port = o["master_port"] if "master_port" in args._explicit else None
+    master_addr = None
+    if master_port is not None or "master_addr" in args._explicit:
+        master_addr = o["master_addr"] or ("127.0.0.1" if rdzv.backend == "static" else None)
     return _LaunchConfig(
         rdzv=rdzv, nproc=nproc, role=o["role"],
         max_restarts=o["max_restarts"], monitor_interval=o["monitor_interval"],
-        master_addr=None if static or "master_addr" not in args._explicit else o["master_addr"],
-        master_port=None if static or "master_port" not in args._explicit else o["master_port"],
+        master_addr=master_addr, master_port=master_port,
         start_method=o["start_method"], shutdown_timeout=o["shutdown_timeout"],
         exit_barrier_timeout=o["exit_barrier_timeout"],
         prefix_template=o["log_line_prefix_template"] or environ.get("TORCHELASTIC_LOG_LINE_PREFIX_TEMPLATE"),

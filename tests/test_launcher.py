@@ -327,13 +327,25 @@ def test_run_path_failure_reports_root_cause(tmp_path):
         a.stop()
 
 
+def _free_port_pair():
+    """A port P with P+1 free too (when they were looked at)."""
+    import socket
+    for _ in range(100):
+        with socket.socket() as a, socket.socket() as b:
+            a.bind(("127.0.0.1", 0))
+            port = a.getsockname()[1]
+            try:
+                b.bind(("127.0.0.1", port + 1))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError("no two consecutive free ports")
+
+
 def test_static_backend_two_nodes(tmp_path):
     out = tmp_path / "env"
     out.mkdir()
-    import socket
-    with socket.socket() as s:   # a free port for node 0's store (static needs it up front)
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = _free_port_pair()   # workers get P, node 0's store takes P+1
     agents = []
     try:
         for rank in (1, 0):
@@ -346,7 +358,7 @@ def test_static_backend_two_nodes(tmp_path):
         assert sorted(envs) == ["default_%d_0_4" % r for r in range(4)]
         for e in envs.values():
             assert int(e["RANK"]) // 2 == int(e["GROUP_RANK"])
-            assert e["MASTER_PORT"] != str(port)          # workers get a fresh port
+            assert e["MASTER_PORT"] == str(port)          # --master-port is the workers' (torchrun's)
     finally:
         for a in agents:
             a.stop()
@@ -580,3 +592,62 @@ def test_stop_signal_in_the_exit_barrier_exits_128_plus_n(tmp_path):
         for a in agents:
             a.stop()
         store.stop()
+
+
+BIND_MASTER_PORT = """
+import os, socket
+port = int(os.environ["MASTER_PORT"])
+print("rank %s master %s:%d" % (os.environ["RANK"], os.environ["MASTER_ADDR"], port), flush=True)
+if os.environ["LOCAL_RANK"] == "0":   # what init_method=tcp://MASTER_ADDR:MASTER_PORT does on rank 0
+    with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        s.bind(("127.0.0.1", port))
+"""
+
+
+def test_master_port_is_the_workers_and_left_free_for_them(tmp_path):
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    script = tmp_path / "bind.py"
+    script.write_text(BIND_MASTER_PORT)
+    a = Launcher(["--nproc-per-node", "2", "--master-addr", "localhost", "--master-port", str(port),
+                  "--tee", "3"] + FAST + [str(script)], tmp_path)
+    try:
+        assert a.wait() == 0, a.err()
+        for rank in (0, 1):
+            assert "rank %d master localhost:%d" % (rank, port) in a.out(), a.out()
+    finally:
+        a.stop()
+
+
+def test_option_prefixes_as_argparse_takes_them(tmp_path):
+    out = tmp_path / "env"
+    out.mkdir()
+    a = Launcher(["--standalone", "--nproc=2", "--redirect", "3", "--monitor-int=0.05"] + [ENVDUMP, str(out)],
+                 tmp_path, "a")
+    b = Launcher(["--standalone", "--r=3", ENVDUMP, str(out)], tmp_path, "b")
+    try:
+        assert a.wait() == 0, a.err()
+        assert sorted(dumps(out)) == ["default_0_0_2", "default_1_0_2"]
+        assert b.wait() == 2
+        assert b.err().startswith("elasticrun: error: ambiguous option --r could match ")
+        assert "--redirects" in b.err() and "--rdzv-conf" in b.err() and "--rdzv_conf" not in b.err()
+    finally:
+        a.stop()
+        b.stop()
+
+
+def test_unknown_rdzv_conf_keys_warn_once_and_the_job_runs(tmp_path):
+    out = tmp_path / "env"
+    out.mkdir()
+    # quoted as for a shell that never saw it (a job spec); torch's `timeout` and an unknown key
+    a = Launcher(["--nnodes", "1", "--rdzv-backend", "c10d", "--rdzv-endpoint", "127.0.0.1:0",
+                  "--rdzv-conf", "'is_host=1,timeout=30,colour=blue'"] + FAST + [ENVDUMP, str(out)], tmp_path)
+    try:
+        assert a.wait() == 0, a.err()
+        assert a.err().count("'colour'") == 1, a.err()
+        assert "'timeout'" not in a.err() and "'is_host" not in a.err()
+    finally:
+        a.stop()
