@@ -3657,7 +3657,9 @@ def _parse_nnodes(text):
     return lo, hi
 
 
-def _gpu_count():
+def _gpu_count(environ):
+    """GPUs this job may use: `nvidia-smi -L`'s, narrowed by CUDA_VISIBLE_DEVICES when it is set (as
+    torch.cuda.device_count() is: the list is read up to its first entry that names no GPU)."""
     import shutil
     import subprocess
     exe = shutil.which("nvidia-smi")
@@ -3667,20 +3669,40 @@ def _gpu_count():
         out = subprocess.run([exe, "-L"], capture_output=True, timeout=10).stdout.decode()
     except (OSError, subprocess.SubprocessError):
         return 0
-    return sum(1 for line in out.splitlines() if line.startswith("GPU "))
+    gpus = [line for line in out.splitlines() if line.startswith("GPU ")]
+    visible = environ.get("CUDA_VISIBLE_DEVICES")
+    if visible is None:
+        return len(gpus)
+    uuids = [line.rpartition("UUID: ")[2].rstrip(")").strip() for line in gpus]
+    seen = set()
+    for entry in (e.strip() for e in visible.split(",")):
+        index = int(entry) if entry.isdigit() else next(
+            (i for i, u in enumerate(uuids) if entry and u.startswith(entry)), None)
+        if index is None or index >= len(gpus) or index in seen:
+            break
+        seen.add(index)
+    return len(seen)
 
 
-def _parse_nproc(text):
+def _cpu_count():
+    """CPUs this process may run on (its affinity mask, as torch counts them), not the machine's."""
+    try:
+        return len(os.sched_getaffinity(0)) or 1
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
+def _parse_nproc(text, environ=None):
     text = str(text).strip()
     if text == "cpu":
-        return os.cpu_count() or 1
+        return _cpu_count()
     if text in ("gpu", "auto"):
-        n = _gpu_count()
+        n = _gpu_count(os.environ if environ is None else environ)
         if n:
             return n
         if text == "gpu":
-            raise _UsageError("--nproc-per-node gpu: nvidia-smi -L lists no GPU")
-        return os.cpu_count() or 1
+            raise _UsageError("--nproc-per-node gpu: no GPU (nvidia-smi -L, CUDA_VISIBLE_DEVICES)")
+        return _cpu_count()
     try:
         n = int(text)
     except ValueError:
@@ -3847,7 +3869,7 @@ def _config_from_args(args, environ):
     modes = [m for m in ("module", "no_python", "run_path") if o[m]]
     if len(modes) > 1:
         raise _UsageError("choose at most one of -m/--module, --no-python, --run-path")
-    nproc, logs = _parse_nproc(o["nproc_per_node"]), _logs_specs(o)
+    nproc, logs = _parse_nproc(o["nproc_per_node"], environ), _logs_specs(o)
     signals = _parse_signals(o["signals_to_handle"])
     health_check_port = _health_check_port(o["health_check_port"], environ)
     if not (o["module"] or o["no_python"]) and not os.path.exists(o["training_script"]):

@@ -272,8 +272,8 @@ def test_cli_reads_pet_environment_and_both_spellings():
     assert c.nproc == 3 and c.max_restarts == 2 and c.monitor_interval == 0.5
     assert c.rdzv.backend == "c10d" and c.rdzv.is_host and c.rdzv.local_addr == "127.0.0.1"
     assert (c.mode, c.script, c.script_args) == ("script", script, ["-x"])
-    assert elastic._parse_nproc("cpu") == os.cpu_count()
-    assert elastic._parse_nproc("auto") >= 1
+    assert elastic._parse_nproc("cpu", {}) == len(os.sched_getaffinity(0))
+    assert elastic._parse_nproc("auto", {}) >= 1
     assert elastic._config_from_args(elastic._parse_args([script], {}), {}).rdzv.backend == "static"
 
 
@@ -351,3 +351,37 @@ def test_a_program_that_cannot_start_raises_its_own_error(tmp_path):
     spec = WorkerSpec("r", 2, str(tmp_path / "no-such-program"), monitor_interval=0.05)
     with pytest.raises(FileNotFoundError):
         LocalElasticAgent(spec, shutdown_timeout=2).run()
+
+
+NPROC = "import os, sys; os.sched_setaffinity(0, {min(os.sched_getaffinity(0))}); import elastic; " \
+        "print(elastic._parse_nproc(sys.argv[1], os.environ))"
+
+
+def _nproc_in_child(value, path, cuda_visible=None):
+    import subprocess
+    env = dict(os.environ, PATH=path, PYTHONPATH=os.path.dirname(os.path.abspath(elastic.__file__)))
+    env.pop("CUDA_VISIBLE_DEVICES", None)
+    if cuda_visible is not None:
+        env["CUDA_VISIBLE_DEVICES"] = cuda_visible
+    run = subprocess.run([sys.executable, "-c", NPROC, value], env=env, capture_output=True, text=True,
+                         timeout=60)
+    assert run.returncode == 0, run.stderr
+    return int(run.stdout)
+
+
+def test_nproc_cpu_counts_the_affinity_mask_and_gpu_honours_cuda_visible_devices(tmp_path):
+    # one CPU allowed: cpu and auto (no GPU) count 1, as torch does, on any machine
+    bare = str(tmp_path / "none")
+    assert _nproc_in_child("cpu", bare) == 1
+    assert _nproc_in_child("auto", bare) == 1
+    smi = tmp_path / "bin" / "nvidia-smi"
+    smi.parent.mkdir()
+    smi.write_text("#!/bin/sh\n" + "".join(
+        "echo 'GPU %d: Fake (UUID: GPU-%d0000000-aaaa)'\n" % (i, i) for i in range(4)))
+    smi.chmod(0o755)
+    path = str(smi.parent)
+    assert _nproc_in_child("gpu", path) == 4
+    assert _nproc_in_child("auto", path, "1,3") == 2
+    assert _nproc_in_child("gpu", path, "GPU-20000000,0") == 2    # UUID prefixes, as CUDA takes them
+    assert _nproc_in_child("gpu", path, "2,7,1") == 1             # read up to the first bad entry
+    assert _nproc_in_child("auto", path, "") == 1                 # no GPU visible: the CPUs
