@@ -121,7 +121,7 @@ the backend names) and ``_free_port``. Nothing above this module borrows from it
 
 __version__ = "0.1.0"
 __all__ = [
-    "WorkerSpec", "WorkerState", "Std", "DefaultLogsSpecs", "LocalElasticAgent", "RunResult",
+    "WorkerSpec", "WorkerState", "WorkerGroup", "Std", "DefaultLogsSpecs", "LocalElasticAgent", "RunResult",
     "ProcessFailure", "ChildFailedError", "ElasticError", "record", "main", "parse_min_max_nnodes",
     "TORCHELASTIC_TIMER_FILE", "TORCHELASTIC_HEALTH_CHECK_PORT",
     "FileTimerServer", "FileTimerClient", "configure", "expires",
@@ -294,10 +294,18 @@ class WorkerSpec:
     """What to run on this node: `local_world_size` copies of `entrypoint` (a callable, or a program
     path run as a process with `args`). ``${local_rank}`` in string args is replaced per worker.
     Without `rdzv_handler` the node runs alone, and `local_addr` (default 127.0.0.1) is the workers'
-    MASTER_ADDR; with one, the handler says where the job's nodes are."""
+    MASTER_ADDR; with one, the handler says where the job's nodes are.
+
+    As torch's: `virtual_local_rank` gives every worker ``LOCAL_RANK=0`` and its own GPU as its only
+    visible device; `numa_binding` (``node``, ``socket``, ``exclusive``, ``core-complex``) binds each
+    worker to CPUs near its GPU (see _numa_plan); `duplicate_stdout_filters` /
+    `duplicate_stderr_filters` copy the tee'd lines holding any of these strings to
+    ``filtered_stdout.log`` / ``filtered_stderr.log`` in the attempt's log folder."""
 
     def __init__(self, role, local_world_size, entrypoint, args=(), rdzv_handler=None, max_restarts=3,
-                 monitor_interval=0.1, master_addr=None, master_port=None, local_addr=None):
+                 monitor_interval=0.1, master_addr=None, master_port=None, local_addr=None,
+                 virtual_local_rank=False, numa_binding=None, duplicate_stdout_filters=None,
+                 duplicate_stderr_filters=None):
         if int(local_world_size) < 1:
             raise ValueError("local_world_size must be at least 1, got %r" % (local_world_size,))
         if not (callable(entrypoint) or isinstance(entrypoint, str)):
@@ -306,6 +314,9 @@ class WorkerSpec:
             raise ValueError("max_restarts must be >= 0, got %r" % (max_restarts,))
         if float(monitor_interval) <= 0:
             raise ValueError("monitor_interval must be > 0, got %r" % (monitor_interval,))
+        if numa_binding is not None and numa_binding not in _NUMA_MODES:
+            raise ValueError("numa_binding must be one of %s, got %r"
+                             % (", ".join(_NUMA_MODES), numa_binding))
         self.role = role
         self.local_world_size = int(local_world_size)
         self.entrypoint = entrypoint
@@ -316,11 +327,29 @@ class WorkerSpec:
         self.master_addr = master_addr
         self.master_port = master_port
         self.local_addr = local_addr
+        self.virtual_local_rank = bool(virtual_local_rank)
+        self.numa_binding = numa_binding
+        self.duplicate_stdout_filters = list(duplicate_stdout_filters or ())
+        self.duplicate_stderr_filters = list(duplicate_stderr_filters or ())
 
     def get_entrypoint_name(self):
         if isinstance(self.entrypoint, str):
             return os.path.basename(self.entrypoint)
         return getattr(self.entrypoint, "__qualname__", repr(self.entrypoint))
+
+
+class WorkerGroup:
+    """A snapshot of a node's worker group, as torch's agent describes it (`get_worker_group()`)."""
+
+    def __init__(self, spec, state, group_rank=None, group_world_size=None, master_addr=None,
+                 master_port=None):
+        self.spec, self.state = spec, state
+        self.group_rank, self.group_world_size = group_rank, group_world_size
+        self.master_addr, self.master_port = master_addr, master_port
+
+    def __repr__(self):
+        return "WorkerGroup(role=%r, state=%s, group_rank=%s, group_world_size=%s)" % (
+            self.spec.role, self.state, self.group_rank, self.group_world_size)
 
 
 class RunResult:
@@ -1185,6 +1214,7 @@ def _exec_script(request):
     import types
     mode, script, args, env = request
     os.environ.update(env)
+    _take_cpu_binding(os.environ)
     _whole_line_stdio()
     # the launcher's own modules must not answer the script's `import store` (or rendezvous,
     # elastic): the script's directory may hold modules of those names
@@ -1259,6 +1289,7 @@ def _function_worker(fn, args, env, conn, out_path, err_path, parent_pid):
         pass
     _die_with_parent(_prctl(), parent_pid)
     os.environ.update(env)
+    _take_cpu_binding(os.environ)
     for path, fd in ((out_path, 1), (err_path, 2)):
         if path:
             sys.stdout.flush() if fd == 1 else sys.stderr.flush()
@@ -1383,6 +1414,149 @@ class _ForkedHandle(_Handle):
         return self._server.exits[self.pid]
 
 
+# Where a worker runs: torch's virtual local rank and NUMA binding, on what sysfs and nvidia-smi say.
+
+_NUMA_MODES = ("node", "socket", "exclusive", "core-complex")
+
+
+def _virtual_local_rank_env(local_rank, environ):
+    """LOCAL_RANK 0 and the worker's GPU (the local_rank-th visible one) as its only device."""
+    visible = environ.get("CUDA_VISIBLE_DEVICES")
+    if visible is None:
+        return {"LOCAL_RANK": "0", "CUDA_VISIBLE_DEVICES": str(local_rank)}
+    devices = visible.split(",")
+    if local_rank >= len(devices):
+        raise ValueError("local rank %d has no GPU in CUDA_VISIBLE_DEVICES=%s" % (local_rank, visible))
+    return {"LOCAL_RANK": "0", "CUDA_VISIBLE_DEVICES": devices[local_rank].strip()}
+
+
+def _cpu_list(text):
+    """The CPUs of a sysfs list such as ``0-3,8,10-11``."""
+    cpus = set()
+    for part in text.strip().split(","):
+        if part:
+            lo, _, hi = part.partition("-")
+            cpus.update(range(int(lo), int(hi or lo) + 1))
+    return cpus
+
+
+class _CpuTopology:
+    """The CPUs this process may run on, as sysfs groups them: by NUMA node, package (socket),
+    physical core and last-level cache. `root` and `allowed` are seams for tests."""
+
+    def __init__(self, root="/sys/devices/system", allowed=None):
+        self.allowed = set(os.sched_getaffinity(0) if allowed is None else allowed)
+        self.nodes = {}                     # NUMA node -> sorted allowed CPUs
+        node_dir = os.path.join(root, "node")
+        for name in sorted(os.listdir(node_dir)) if os.path.isdir(node_dir) else ():
+            if name.startswith("node") and name[4:].isdigit():
+                cpus = sorted(_cpu_list(self._read(os.path.join(node_dir, name, "cpulist"))) & self.allowed)
+                if cpus:
+                    self.nodes[int(name[4:])] = cpus
+        if not self.nodes:                  # no NUMA in sysfs: one node of every allowed CPU
+            self.nodes[0] = sorted(self.allowed)
+        cpu_dir = os.path.join(root, "cpu")
+        self.package, self.core, self.cache = {}, {}, {}
+        for cpu in self.allowed:
+            top = os.path.join(cpu_dir, "cpu%d" % cpu, "topology")
+            self.package[cpu] = self._read(os.path.join(top, "physical_package_id")) or "0"
+            self.core[cpu] = self._read(os.path.join(top, "thread_siblings_list")) or str(cpu)
+            cache = self._last_level_cache(os.path.join(cpu_dir, "cpu%d" % cpu, "cache"))
+            self.cache[cpu] = cache or str(cpu)
+
+    @staticmethod
+    def _read(path):
+        try:
+            with open(path) as f:
+                return f.read().strip()
+        except OSError:
+            return ""
+
+    def _last_level_cache(self, cache_dir):
+        """The CPU list sharing this CPU's highest-level cache (L3 on most machines)."""
+        best = (0, "")
+        for name in os.listdir(cache_dir) if os.path.isdir(cache_dir) else ():
+            level = self._read(os.path.join(cache_dir, name, "level"))
+            if name.startswith("index") and level.isdigit() and int(level) > best[0]:
+                best = (int(level), self._read(os.path.join(cache_dir, name, "shared_cpu_list")))
+        return best[1]
+
+
+def _gpu_numa_nodes(environ):
+    """The NUMA node of each GPU a worker sees, in device order (CUDA_VISIBLE_DEVICES' indices
+    honoured); [] without nvidia-smi or GPUs."""
+    import shutil
+    import subprocess
+    exe = shutil.which("nvidia-smi")
+    if not exe:
+        return []
+    try:
+        out = subprocess.run([exe, "--query-gpu=pci.bus_id", "--format=csv,noheader"], capture_output=True,
+                             timeout=10).stdout.decode()
+    except (OSError, subprocess.SubprocessError):
+        return []
+    nodes = []
+    for bus_id in (line.strip().lower() for line in out.splitlines() if ":" in line):
+        domain, bus = bus_id.split(":", 1)   # 00000000:dc:00.0 is sysfs' 0000:dc:00.0
+        path = "/sys/bus/pci/devices/%s:%s/numa_node" % (domain[-4:].rjust(4, "0"), bus)
+        node = _CpuTopology._read(path)
+        nodes.append(max(int(node), 0) if node.lstrip("-").isdigit() else 0)
+    visible = environ.get("CUDA_VISIBLE_DEVICES")
+    if visible is not None:
+        picked = []
+        for entry in visible.split(","):
+            if not entry.strip().isdigit() or int(entry) >= len(nodes):
+                break
+            picked.append(nodes[int(entry)])
+        nodes = picked
+    return nodes
+
+
+def _numa_plan(mode, nproc, topo, gpu_nodes=()):
+    """The CPUs of each local rank for --numa-binding `mode`. A worker's NUMA node is its GPU's (the
+    local_rank-th visible GPU, as torch binds); without one, local ranks are spread over the NUMA
+    nodes in blocks. ``node``: the node's CPUs; ``socket``: every CPU of the node's package;
+    ``exclusive``: the node's physical cores split evenly among the workers placed on it;
+    ``core-complex``: one last-level-cache group of the node's CPUs per worker, in turn."""
+    nodes = sorted(topo.nodes)
+    placed = [gpu_nodes[r] if r < len(gpu_nodes) and gpu_nodes[r] in topo.nodes
+              else nodes[r * len(nodes) // nproc] for r in range(nproc)]
+    plan = []
+    for r, node in enumerate(placed):
+        cpus = topo.nodes[node]
+        if mode == "socket":
+            package = topo.package[cpus[0]]
+            cpus = [c for n in nodes for c in topo.nodes[n] if topo.package[c] == package]
+        elif mode in ("exclusive", "core-complex"):
+            key = topo.core if mode == "exclusive" else topo.cache
+            groups = {}
+            for c in cpus:
+                groups.setdefault(key[c], []).append(c)
+            groups = sorted(groups.values())
+            peers = [q for q in range(nproc) if placed[q] == node]
+            i, k = peers.index(r), len(peers)
+            if mode == "exclusive" and len(groups) >= k:
+                cpus = [c for g in groups[i * len(groups) // k:(i + 1) * len(groups) // k] for c in g]
+            else:
+                cpus = groups[i % len(groups)]
+        plan.append(set(cpus))
+    return plan
+
+
+_CPUS_VAR = "ELASTICRUN_CPUS"   # a worker's --numa-binding CPUs, taken out of its environment at start
+
+
+def _take_cpu_binding(environ):
+    """In a worker, before its code runs: bind it to the CPUs the agent chose (threads it starts
+    inherit them) and drop the variable that carried them, so the script never sees it."""
+    text = environ.pop(_CPUS_VAR, None)
+    if text:
+        try:
+            os.sched_setaffinity(0, _cpu_list(text))
+        except (OSError, ValueError) as e:
+            sys.stderr.write("elasticrun: cannot bind to CPUs %s: %s\n" % (text, e))
+
+
 class _Worker:
     """One worker of an attempt: its ranks, environment, where its output goes, and its handle."""
 
@@ -1434,6 +1608,7 @@ class _ProgramStarter:
         prctl, parent = self._prctl or None, os.getpid()
         env = dict(os.environ)
         env.update(w.env)
+        cpus = {_CPUS_VAR: env.pop(_CPUS_VAR)} if _CPUS_VAR in env else {}
         files = []
         try:
             for dest, path in zip(w.dests, w.log_paths):
@@ -1442,7 +1617,7 @@ class _ProgramStarter:
                 files.append(None if dest == "console" else open(path, "ab", buffering=0))
             popen = subprocess.Popen(list(_with_local_rank(self._argv, w.local_rank)), env=env,
                                      stdout=files[0], stderr=files[1], start_new_session=True,
-                                     preexec_fn=lambda: _die_with_parent(prctl, parent))
+                                     preexec_fn=lambda: _start_program(prctl, parent, cpus))
         finally:
             for f in files:
                 if f is not None:
@@ -1451,6 +1626,12 @@ class _ProgramStarter:
 
     def finish(self, workers):
         pass
+
+
+def _start_program(prctl, parent, cpus):
+    """In a program worker between fork and exec."""
+    _die_with_parent(prctl, parent)
+    _take_cpu_binding(cpus)
 
 
 class _ForkServerStarter:
@@ -1530,12 +1711,13 @@ class _Tail:
 
     _MAX_PARTIAL = 1 << 16  # a longer line (a progress bar redrawn with \r) is cut, not hoarded
 
-    def __init__(self, path, console_fd, prefix):
+    def __init__(self, path, console_fd, prefix, filters=None):
         self.path = path
         self.console_fd = console_fd
         self.prefix = prefix.encode()
         self.partial = b""
         self._file = None
+        self._filters = None if filters is None else [f.encode() for f in filters]
 
     def read(self, size):
         """Up to `size` new bytes; b"" while there are none (or the file does not exist yet: a
@@ -1558,12 +1740,13 @@ class _Tail:
         """The complete lines of what was held back plus `data`, each prefixed; keeps the rest
         (ends it with a newline instead when `final`, or when it outgrows _MAX_PARTIAL)."""
         *lines, rest = (self.partial + data).split(b"\n")
-        out = b"".join(self.prefix + line + b"\n" for line in lines)
         if rest and (final or len(rest) > self._MAX_PARTIAL):
-            out += self.prefix + rest + b"\n"
+            lines.append(rest)
             rest = b""
         self.partial = rest
-        return out
+        if self._filters is not None:
+            lines = [line for line in lines if any(f in line for f in self._filters)]
+        return b"".join(self.prefix + line + b"\n" for line in lines)
 
     def close(self):
         if self._file is not None:
@@ -1587,6 +1770,7 @@ class _LogPump:
     def __init__(self, interval=0.1, stall_timeout=30.0):
         import threading
         self._tails = []
+        self._files = {}   # path -> fd of the duplicate files (see add_tail)
         self._interval = interval
         self._stall_timeout = stall_timeout
         self._progress = time.monotonic()  # last time the console took output
@@ -1594,12 +1778,20 @@ class _LogPump:
         self._abandoned = False
         self._thread = threading.Thread(target=self._run, name="elastic-log-pump", daemon=True)
 
-    def add_tail(self, path, console_fd, prefix):
-        self._tails.append(_Tail(path, console_fd, prefix))
+    def add_tail(self, path, console_fd, prefix, filters=None):
+        """Copy `path` to the fd `console_fd`; or, with `filters`, its lines holding any of them to
+        the file `console_fd` names (opened here once, shared by every tail that names it)."""
+        if filters is not None:
+            if console_fd not in self._files:
+                self._files[console_fd] = os.open(console_fd, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+            console_fd = self._files[console_fd]
+        self._tails.append(_Tail(path, console_fd, prefix, filters))
 
     def start(self):
         if self._tails:
             self._thread.start()
+        else:
+            self._close_files()
 
     def _write(self, fd, data):
         """All of `data` to the console fd: os.write may take part of it (a signal mid-write)."""
@@ -1642,6 +1834,12 @@ class _LogPump:
         finally:
             for t in self._tails:
                 t.close()
+            self._close_files()
+
+    def _close_files(self):
+        for fd in self._files.values():
+            os.close(fd)
+        self._files.clear()
 
     def stop(self):
         """Copy the rest to the console and end the thread (bounded by `stall_timeout`)."""
@@ -1672,10 +1870,11 @@ class _WorkerGroup:
     KILL_WAIT = 2.0
     CONSOLE_STALL = 30.0
 
-    def __init__(self, workers, starter, reaper, tree_token, timer=None):
+    def __init__(self, workers, starter, reaper, tree_token, timer=None, duplicates=()):
         self.workers = workers
         self._starter, self._reaper, self._token, self._timer = starter, reaper, tree_token, timer
         self._pump = _LogPump(stall_timeout=self.CONSOLE_STALL)
+        self._duplicates = duplicates      # ((path, filters) for stdout, for stderr): see WorkerSpec
         self._stopped = False
 
     def start(self, stopping=lambda: False):
@@ -1689,6 +1888,9 @@ class _WorkerGroup:
             started.append(w)
             for path, console_fd in w.tee_tails():
                 self._pump.add_tail(path, console_fd, w.prefix)
+                dup_path, filters = self._duplicates[console_fd - 1] if self._duplicates else (None, None)
+                if filters:
+                    self._pump.add_tail(path, dup_path, w.prefix, filters)
         self._starter.finish(started)
         for w in started:
             self._reaper.watch(w.pid)
@@ -1987,6 +2189,8 @@ class LocalElasticAgent:
         self._restart_count = 0
         self._health = None        # _HealthServer while run() runs with a health-check port
         self._timer = None         # FileTimerServer while run() runs with the file timer on
+        self._numa = None          # each local rank's CPUs with spec.numa_binding (first start)
+        self._run_started = self._run_ended = None   # time.monotonic() of run()'s start and end
         self.last_progress_time = time.time()
 
     # -- what /healthz and callers read --------------------------------------------------------------
@@ -2011,6 +2215,25 @@ class LocalElasticAgent:
     def world_size(self):
         return None if self._ranks is None else self._ranks.world_size
 
+    def get_worker_group(self, role=None):
+        """torch's view of this node's worker group: ``spec``, ``state``, ``group_rank``,
+        ``group_world_size``, ``master_addr``, ``master_port`` (a snapshot; None before a round)."""
+        ranks = self._ranks
+        master = (None, None) if ranks is None else (ranks.master_addr, ranks.master_port)
+        return WorkerGroup(self._spec, self._state, self.group_rank, self.group_world_size, *master)
+
+    # torch's agent attribute names, for scripts written against it
+    @property
+    def _remaining_restarts(self):
+        return self._spec.max_restarts - self._restart_count
+
+    @property
+    def _total_execution_time(self):
+        """Seconds the last run() took (so far, while it runs)."""
+        if self._run_started is None:
+            return 0.0
+        return (self._run_ended or time.monotonic()) - self._run_started
+
     def _set_state(self, new):
         """The one place the state changes; a move not in _TRANSITIONS is a bug, said loudly."""
         if new not in _TRANSITIONS[self._state]:
@@ -2021,6 +2244,7 @@ class LocalElasticAgent:
     # -- run -----------------------------------------------------------------------------------------
 
     def run(self):
+        self._run_started, self._run_ended = time.monotonic(), None
         self._set_state(WorkerState.INIT)
         self._tree_token = _new_tree_token()
         self._reaper = _Reaper(self._tree_token)
@@ -2046,6 +2270,7 @@ class LocalElasticAgent:
                 log.debug("rendezvous shutdown: %s", e)
             if self._state == WorkerState.SUCCEEDED:
                 self._logs._cleanup()
+            self._run_ended = time.monotonic()
 
     def _start_servers(self):
         """The file timer (when the environment asks for it) and /healthz (with a port)."""
@@ -2175,6 +2400,8 @@ class LocalElasticAgent:
             env["OMP_NUM_THREADS"] = "1"
         if self._timer is not None:
             env[TORCHELASTIC_TIMER_FILE] = self._timer.file_path
+        if spec.virtual_local_rank:
+            env.update(_virtual_local_rank_env(local_rank, os.environ))
         return env
 
     def _start_group(self):
@@ -2192,12 +2419,22 @@ class LocalElasticAgent:
                 local_rank, rank, self._worker_env(local_rank, os.path.join(rank_dir, "error.json")),
                 self._logs.streams(local_rank, rank), rank_dir,
                 prefix.safe_substitute(role_name=spec.role, local_rank=local_rank, rank=rank)))
+        if spec.numa_binding:
+            if self._numa is None:             # the machine's topology, read once per agent
+                self._numa = _numa_plan(spec.numa_binding, spec.local_world_size, _CpuTopology(),
+                                        _gpu_numa_nodes(os.environ))
+            for w in workers:
+                w.env[_CPUS_VAR] = ",".join(str(c) for c in sorted(self._numa[w.local_rank]))
         if self._timer is not None:
             self._timer.pop_expired()          # the last attempt's expiries are reported already
             # until the new pids are named, timers are held: a worker is never missed, nobody
             # else is signalled
             self._timer.set_worker_pids((), starting=True)
-        self._group = _WorkerGroup(workers, self._starter, self._reaper, self._tree_token, self._timer)
+        duplicates = [(os.path.join(attempt_dir, "filtered_%s.log" % name), filters)
+                      for name, filters in (("stdout", spec.duplicate_stdout_filters),
+                                            ("stderr", spec.duplicate_stderr_filters))]
+        self._group = _WorkerGroup(workers, self._starter, self._reaper, self._tree_token, self._timer,
+                                   [(path, f) if f else (None, None) for path, f in duplicates])
         # a stop signal is answered between two workers, not after the last of many
         self._group.start(stopping=self._stop.requested)
         self._stop.check()   # every worker asked for is known now, so teardown finds them all
@@ -3513,7 +3750,24 @@ _OPTIONS = [
     (("--health-check-port", "--health_check_port"), "health_check_port", "int", None,
      "serve GET /healthz on this port"),
     (("--slurm",), "slurm", "flag", False, "take nnodes, endpoint and run id from srun"),
+    (("--numa-binding", "--numa_binding"), "numa_binding", "str", None,
+     "bind each worker to CPUs near its GPU: node, socket, exclusive or core-complex"),
+    (("--virtual-local-rank", "--virtual_local_rank"), "virtual_local_rank", "flag", False,
+     "LOCAL_RANK=0 for every worker, its GPU its only visible device"),
+    (("--duplicate-stdout-filters", "--duplicate_stdout_filters"), "duplicate_stdout_filters", "str", "",
+     "a,b: tee'd stdout lines holding a or b also go to filtered_stdout.log (,, is a comma)"),
+    (("--duplicate-stderr-filters", "--duplicate_stderr_filters"), "duplicate_stderr_filters", "str", "",
+     "the same for stderr, to filtered_stderr.log"),
+    (("--logs-specs", "--logs_specs"), "logs_specs", "str", None,
+     "torchrun's LogsSpecs entry-point name: only 'default' (the built-in one)"),
+    (("--event-log-handler", "--event_log_handler"), "event_log_handler", "str", "null",
+     "torchrun's event handler name: accepted and ignored"),
 ]
+
+
+# torch.distributed.launch's options torchrun dropped: elasticrun is torchrun, so they are refused
+_LAUNCH_ONLY = dict.fromkeys(("--use-env", "--use_env"), " (torch.distributed.launch's: elasticrun is "
+                             "torchrun, workers always read LOCAL_RANK from the environment)")
 
 
 class _UsageError(ElasticError):
@@ -3584,7 +3838,7 @@ def _parse_args(argv, environ):
             name, eq, value = word[:2], "=", word[2:]      # -r3
         option = by_name.get(name)
         if option is None:
-            raise _UsageError("unrecognized option %s" % name)
+            raise _UsageError("unrecognized option %s%s" % (name, _LAUNCH_ONLY.get(name, "")))
         _, dest, kind, _, _ = option
         if kind == "flag":
             if eq:
@@ -3766,7 +4020,8 @@ class _LaunchConfig:
 
     __slots__ = ("rdzv", "nproc", "role", "max_restarts", "monitor_interval", "master_addr", "master_port",
                  "start_method", "shutdown_timeout", "exit_barrier_timeout", "prefix_template", "logs",
-                 "signals", "health_check_port", "script", "script_args", "mode")
+                 "signals", "health_check_port", "script", "script_args", "mode", "virtual_local_rank",
+                 "numa_binding", "duplicate_stdout_filters", "duplicate_stderr_filters")
 
     def __init__(self, **fields):
         for name in self.__slots__:
@@ -3872,6 +4127,13 @@ def _config_from_args(args, environ):
     nproc, logs = _parse_nproc(o["nproc_per_node"], environ), _logs_specs(o)
     signals = _parse_signals(o["signals_to_handle"])
     health_check_port = _health_check_port(o["health_check_port"], environ)
+    if o["numa_binding"] is not None and o["numa_binding"] not in _NUMA_MODES:
+        raise _UsageError("--numa-binding %r is not one of %s" % (o["numa_binding"], ", ".join(_NUMA_MODES)))
+    if o["virtual_local_rank"] and "CUDA_VISIBLE_DEVICES" in environ:
+        visible = environ["CUDA_VISIBLE_DEVICES"].split(",")
+        if len(visible) < nproc:
+            raise _UsageError("--virtual-local-rank: %d workers but CUDA_VISIBLE_DEVICES=%s lists %d GPUs"
+                              % (nproc, environ["CUDA_VISIBLE_DEVICES"], len(visible)))
     if not (o["module"] or o["no_python"]) and not os.path.exists(o["training_script"]):
         raise _UsageError("no such script: %s" % o["training_script"])
     # workers get the master address and port when asked (PET_* or the command line); else the
@@ -3889,10 +4151,23 @@ def _config_from_args(args, environ):
         prefix_template=o["log_line_prefix_template"] or environ.get("TORCHELASTIC_LOG_LINE_PREFIX_TEMPLATE"),
         logs=logs, signals=signals, health_check_port=health_check_port,
         script=o["training_script"], script_args=list(o["training_script_args"]),
-        mode=modes[0] if modes else "script")
+        mode=modes[0] if modes else "script", virtual_local_rank=o["virtual_local_rank"],
+        numa_binding=o["numa_binding"],
+        duplicate_stdout_filters=_parse_filters(o["duplicate_stdout_filters"]),
+        duplicate_stderr_filters=_parse_filters(o["duplicate_stderr_filters"]))
+
+
+def _parse_filters(text):
+    """torchrun's comma-separated filter list: ``a,b``, with ``,,`` for a comma inside a filter."""
+    return [f.replace("\0", ",") for f in text.replace(",,", "\0").split(",") if f]
 
 
 def _logs_specs(o):
+    # torchrun loads a LogsSpecs class from the `torchrun.logs_specs` entry points; its one built-in
+    # name is "default". A custom class is torch code for torch's agent: ours has only its own.
+    if o["logs_specs"] not in (None, "default"):
+        raise _UsageError("--logs-specs %r: elasticrun has only its built-in 'default' (torchrun's "
+                          "custom torchrun.logs_specs entry points are torch classes)" % o["logs_specs"])
     streams = []
     for dest in ("redirects", "tee"):
         try:
@@ -4021,7 +4296,10 @@ def _run_job(c, stop, server, environ):
     entrypoint, args = _entrypoint(c)
     spec = WorkerSpec(c.role, c.nproc, entrypoint, args, rdzv_handler=handler, max_restarts=c.max_restarts,
                       monitor_interval=c.monitor_interval, master_addr=c.master_addr,
-                      master_port=c.master_port, local_addr=c.rdzv.local_addr)
+                      master_port=c.master_port, local_addr=c.rdzv.local_addr,
+                      virtual_local_rank=c.virtual_local_rank, numa_binding=c.numa_binding,
+                      duplicate_stdout_filters=c.duplicate_stdout_filters,
+                      duplicate_stderr_filters=c.duplicate_stderr_filters)
     agent = LocalElasticAgent(spec, logs_specs=c.logs, start_method=c.start_method,
                               exit_barrier_timeout=c.exit_barrier_timeout, shutdown_timeout=c.shutdown_timeout,
                               log_line_prefix_template=c.prefix_template,

@@ -307,8 +307,8 @@ class RendezvousParameters:
         self.config = dict(config)
         # torch ignores keys it does not know (a job's conf may carry another backend's keys); a
         # warning names them, so a misspelt key is seen
-        self.ignored_keys = sorted(k for k in self.config
-                                   if k not in _TIMEOUTS and k not in _OTHER_KEYS and k not in _TORCH_ONLY_KEYS)
+        known = set(_TIMEOUTS) | set(_OTHER_KEYS) | set(_TORCH_ONLY_KEYS)
+        self.ignored_keys = sorted(k for k in self.config if k not in known)
         if backend == "etcd" and "is_host" in self.config:
             self.ignored_keys.append("is_host")   # etcd serves the rendezvous; torch ignores it too
         for key in self.ignored_keys:

@@ -30,8 +30,6 @@ def xfail(reason):
 # Why cases fail today (each strict: a fix turns the case into a failure that asks for the mark to go)
 _TENSOR_NONE = xfail("a torch.Tensor returned by a function worker comes back as None "
                      "(assertIsInstance(None, torch.Tensor))")
-_AGENT_INTERNALS = xfail("LocalElasticAgent has no _remaining_restarts, get_worker_group() or "
-                         "_total_execution_time (torch's agent attributes the case asserts on): AttributeError")
 _NO_BARRIER = xfail("nothing to patch: elastic has no store barrier helper (torch patches "
                     "torch.distributed.elastic.utils.store.barrier to fail and expects one call and a "
                     "successful job); our exit barrier, LocalElasticAgent._exit_barrier, is skipped for a "
@@ -101,6 +99,7 @@ class LocalElasticAgentTest(unittest.TestCase):
     def test_dummy_compute_c10d(self):
         self.run_test_with_backend("c10d", "dummy_compute", torch=True)
 
+    @_TENSOR_NONE
     def test_dummy_compute_etcd(self):
         self.run_test_with_backend("etcd", "dummy_compute", torch=True)
 
@@ -168,6 +167,7 @@ class LocalElasticAgentTest(unittest.TestCase):
     def test_simple_dist_sum_c10d(self):
         self.run_test_with_backend("c10d", "simple_dist_sum", torch=True)
 
+    @_GLOO_EXIT_ABORT
     def test_simple_dist_sum_etcd(self):
         self.run_test_with_backend("etcd", "simple_dist_sum", torch=True)
 
@@ -182,6 +182,7 @@ class LocalElasticAgentTest(unittest.TestCase):
     def test_run_with_custom_log_lines(self):
         self.run_test_with_backend("c10d", "run_with_custom_log_lines", torch=True)
 
+    @_GLOO_EXIT_ABORT
     def test_run_distributed_sum_homogeneous_etcd(self):
         self.run_test_with_backend("etcd", "run_distributed_sum_homogeneous", torch=True)
 
@@ -192,6 +193,7 @@ class LocalElasticAgentTest(unittest.TestCase):
     def test_run_distributed_sum_heterogeneous_c10d(self):
         self.run_test_with_backend("c10d", "run_distributed_sum_heterogeneous", torch=True)
 
+    @_GLOO_EXIT_ABORT
     def test_run_distributed_sum_heterogeneous_etcd(self):
         self.run_test_with_backend("etcd", "run_distributed_sum_heterogeneous", torch=True)
 
@@ -207,7 +209,6 @@ class LocalElasticAgentTest(unittest.TestCase):
     def test_run_sad_function_etcd_v2(self):
         self.run_test_with_backend("etcd-v2", "run_sad_function")
 
-    @_AGENT_INTERNALS
     def test_run_bipolar_function_c10d(self):
         self.run_test_with_backend("c10d", "run_bipolar_function")
 
@@ -246,6 +247,7 @@ class LocalElasticAgentTest(unittest.TestCase):
     def test_double_agent_elastic_c10d(self):
         self.run_test_with_backend("c10d", "double_agent_elastic", torch=True)
 
+    @_GLOO_EXIT_ABORT
     def test_double_agent_elastic_etcd(self):
         self.run_test_with_backend("etcd", "double_agent_elastic", torch=True)
 
