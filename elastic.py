@@ -110,6 +110,14 @@ the node rank, the c10d endpoint (first host of SLURM_STEP_NODELIST / SLURM_JOB_
 srun's environment; options given on the command line or as PET_* win. A multi-node job whose
 endpoint would be a loopback address is refused (exit 2) instead of every node meeting itself.
 
+Worker placement (torchrun 2.13's options): ``--numa-binding MODE`` binds each worker, in the worker
+before its code runs, to the CPUs ``_numa_plan`` picks from ``/sys/devices/system`` (the NUMA node of
+the worker's GPU, from ``nvidia-smi`` and ``/sys/bus/pci``; without GPUs local ranks are spread over
+the nodes in blocks); the set travels in ``ELASTICRUN_CPUS``, which the worker drops before the
+script runs. ``--virtual-local-rank`` gives each worker LOCAL_RANK=0 and only its GPU in
+CUDA_VISIBLE_DEVICES. ``--duplicate-std{out,err}-filters`` copy tee'd lines holding a filter to
+``filtered_std{out,err}.log`` in the attempt's folder (the log pump writes them).
+
 Sections, in order: States, streams, specs; Error channel; Process plumbing; Python workers (the
 bootstrap and the fork server); Worker processes (the handles and starters); Worker group; Local
 rendezvous; Agent; File timer: worker side; File timer: server; Health check; Slurm; Command line.
@@ -3789,7 +3797,8 @@ class _Args:
 def _usage():
     lines = ["usage: elasticrun [OPTIONS] SCRIPT [ARGS...]   (also: python3 -m elastic, python3 elastic.py)",
              "", "Launch a (multi-node) elastic job: torchrun without PyTorch. Every option also reads",
-             "PET_<NAME> from the environment (PET_NPROC_PER_NODE=4).", ""]
+             "PET_<NAME> from the environment (PET_NPROC_PER_NODE=4); an unambiguous prefix of a long",
+             "option (--nproc) is taken as that option.", ""]
     for names, dest, kind, default, text in _OPTIONS:
         flag = ", ".join(names) + ("" if kind == "flag" else " " + dest.upper())
         lines.append("  %-44s %s%s" % (flag, text, "" if kind == "flag" or default in (None, "")
@@ -4139,9 +4148,7 @@ def _config_from_args(args, environ):
     # workers get the master address and port when asked (PET_* or the command line); else the
     # rendezvous gives them a fresh port on node 0 each round
     master_port = o["master_port"] if "master_port" in args._explicit else None
-    master_addr = None
-    if master_port is not None or "master_addr" in args._explicit:
-        master_addr = o["master_addr"] or ("127.0.0.1" if rdzv.backend == "static" else None)
+    master_addr = o["master_addr"] if "master_addr" in args._explicit else None
     return _LaunchConfig(
         rdzv=rdzv, nproc=nproc, role=o["role"],
         max_restarts=o["max_restarts"], monitor_interval=o["monitor_interval"],

@@ -651,3 +651,82 @@ def test_unknown_rdzv_conf_keys_warn_once_and_the_job_runs(tmp_path):
         assert "'timeout'" not in a.err() and "'is_host" not in a.err()
     finally:
         a.stop()
+
+
+PLACEMENT = """
+import json, os, sys
+rank = os.environ["RANK"]
+print("apple %s" % rank, flush=True)
+print("pear, %s" % rank, flush=True)
+print("pear %s" % rank, flush=True)
+print("plum %s" % rank, file=sys.stderr, flush=True)
+with open(os.path.join(sys.argv[1], rank), "w") as f:
+    json.dump({"LOCAL_RANK": os.environ["LOCAL_RANK"], "GPU": os.environ.get("CUDA_VISIBLE_DEVICES"),
+               "cpus": sorted(os.sched_getaffinity(0)),
+               "leaked": [k for k in os.environ if k.startswith("ELASTICRUN_CPU")]}, f)
+"""
+
+
+def _placements(out):
+    return {int(name): json.loads((out / name).read_text()) for name in os.listdir(str(out))}
+
+
+def test_torchrun_2_13_worker_options(tmp_path):
+    script = tmp_path / "placement.py"
+    script.write_text(PLACEMENT)
+    logs = tmp_path / "logs"
+    allowed = sorted(os.sched_getaffinity(0))
+    procs = []
+    try:
+        for name, extra, environ, kind in (
+                ("virtual", ["--virtual-local-rank", "--numa-binding", "exclusive", "--tee", "3",
+                             "--duplicate-stdout-filters", "apple,pear,,", "--duplicate_stderr_filters=plum",
+                             "--log-dir", str(logs), "--logs-specs", "default", "--event-log-handler", "x"],
+                 env(CUDA_VISIBLE_DEVICES="5,7"), "script"),
+                ("program", ["--numa-binding", "node", "--no-python", sys.executable], None, "program"),
+                ("function", ["--numa-binding", "exclusive", "--run-path"], None, "function")):
+            out = tmp_path / name
+            out.mkdir()
+            a = Launcher(["--standalone", "--nproc-per-node", "2"] + FAST + extra + [str(script), str(out)],
+                         tmp_path, name, environ=environ)
+            procs.append(a)
+            assert a.wait() == 0, a.err()
+            got = _placements(out)
+            assert sorted(got) == [0, 1]
+            for rank, p in got.items():
+                assert p["leaked"] == [], kind      # the binding's carrier never reaches the script
+                assert set(p["cpus"]) <= set(allowed) and p["cpus"], kind
+            if name == "virtual":
+                assert [got[r]["LOCAL_RANK"] for r in (0, 1)] == ["0", "0"]
+                assert [got[r]["GPU"] for r in (0, 1)] == ["5", "7"]
+            else:
+                assert [got[r]["LOCAL_RANK"] for r in (0, 1)] == ["0", "1"]
+            if "exclusive" in extra and len(allowed) >= 2:
+                assert not set(got[0]["cpus"]) & set(got[1]["cpus"]), got
+            if "node" in extra:
+                assert got[0]["cpus"] == got[1]["cpus"]
+        stdout = glob.glob(str(logs / "*" / "attempt_0" / "filtered_stdout.log"))
+        stderr = glob.glob(str(logs / "*" / "attempt_0" / "filtered_stderr.log"))
+        assert len(stdout) == 1 and len(stderr) == 1
+        with open(stdout[0]) as f:
+            lines = sorted(f.read().splitlines())
+        assert lines == ["[default0]:apple 0", "[default0]:pear, 0", "[default1]:apple 1", "[default1]:pear, 1"]
+        with open(stderr[0]) as f:
+            assert sorted(f.read().splitlines()) == ["[default0]:plum 0", "[default1]:plum 1"]
+    finally:
+        for p in procs:
+            p.stop()
+
+
+@pytest.mark.parametrize("args, needle", [
+    (["--logs-specs", "mine"], "--logs-specs 'mine': elasticrun has only its built-in 'default'"),
+    (["--numa-binding", "nodes"], "--numa-binding 'nodes' is not one of node, socket, exclusive, core-complex"),
+    (["--use-env"], "unrecognized option --use-env (torch.distributed.launch's"),
+])
+def test_refused_torchrun_option_values(tmp_path, args, needle):
+    a = Launcher(["--standalone"] + args + [ENVDUMP, str(tmp_path)], tmp_path)
+    try:
+        assert a.wait() == 2
+        assert a.err().startswith("elasticrun: error: ") and needle in a.err(), a.err()
+    finally:
+        a.stop()

@@ -34,10 +34,6 @@ _NO_BARRIER = xfail("nothing to patch: elastic has no store barrier helper (torc
                     "torch.distributed.elastic.utils.store.barrier to fail and expects one call and a "
                     "successful job); our exit barrier, LocalElasticAgent._exit_barrier, is skipped for a "
                     "1-node run: AttributeError")
-_NO_START_PROCESSES = xfail("nothing to patch: elastic has no start_processes (torch's process-context "
-                            "factory), LocalElasticAgent no _monitor_workers and run() takes no role: "
-                            "AttributeError")
-# Not strict: fails in some runs only (issue 16, "gloo workers abort as they exit")
 _GLOO_EXIT_ABORT = pytest.mark.xfail(strict=False, reason=(
     "issue 16 (flaky): a gloo worker sometimes aborts as it exits, SIGABRT 'terminate called without an "
     "active exception', and the job fails; remove when it happens 0 in 50 runs"))
@@ -286,12 +282,16 @@ class LocalElasticAgentTest(unittest.TestCase):
     def test_barrier_failed_etcd_v2(self):
         self.run_test_with_backend("etcd-v2", "barrier_failed")
 
-    @_NO_START_PROCESSES
     def test_shutdown_called_c10d(self):
+        self.skipTest("torch internal: start_processes and LocalElasticAgent._monitor_workers (the case "
+                      "patches torch's process-context factory and asserts its close() is called once; "
+                      "ours has no process context to patch)")
         self.run_test_with_backend("c10d", "shutdown_called")
 
-    @_NO_START_PROCESSES
     def test_shutdown_called_etcd(self):
+        self.skipTest("torch internal: start_processes and LocalElasticAgent._monitor_workers (the case "
+                      "patches torch's process-context factory and asserts its close() is called once; "
+                      "ours has no process context to patch)")
         self.run_test_with_backend("etcd", "shutdown_called")
 
     def test_shutdown_called_etcd_v2(self):
