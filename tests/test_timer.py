@@ -212,12 +212,18 @@ def test_nested_scopes_keep_their_own_timers(server, spawn):
     assert w.wait(HANG_GUARD) == 0
 
 
-@pytest.mark.parametrize("use_pidfd", [True, False], ids=["pidfd", "polling"])
-def test_timers_of_dead_process_dropped(tmp_path, spawn, use_pidfd):
+def started_server(tmp_path, use_pidfd):
+    """A started server that watches exits through pidfds or by polling (skips where it cannot)."""
     if use_pidfd and not hasattr(os, "pidfd_open"):
         pytest.skip("no os.pidfd_open on this Python")
     srv = ops.FileTimerServer(str(tmp_path / "timer.fifo"), max_interval=0.05, use_pidfd=use_pidfd)
     srv.start()
+    return srv
+
+
+@pytest.mark.parametrize("use_pidfd", [True, False], ids=["pidfd", "polling"])
+def test_timers_of_dead_process_dropped(tmp_path, spawn, use_pidfd):
+    srv = started_server(tmp_path, use_pidfd)
     try:
         w = spawn("dies", srv.file_path)
         assert read_line(w) == "in"
@@ -398,10 +404,7 @@ def records():
 
 @pytest.mark.parametrize("use_pidfd", [True, False], ids=["pidfd", "polling"])
 def test_out_of_range_fields_refused_once_and_other_timers_fire(tmp_path, records, use_pidfd):
-    if use_pidfd and not hasattr(os, "pidfd_open"):
-        pytest.skip("no os.pidfd_open on this Python")
-    srv = ops.FileTimerServer(str(tmp_path / "timer.fifo"), max_interval=0.05, use_pidfd=use_pidfd)
-    srv.start()
+    srv = started_server(tmp_path, use_pidfd)
     bystander, victim = sleeper(), sleeper()
     try:
         past = time.time() - 1
