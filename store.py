@@ -57,8 +57,8 @@ that many ``bytes`` fields::
     client                                   server
       | -- hello   "EKVS" version:u8 -------->  |
       | <- welcome status:u8 version:u8 [features:u8 [offer] | challenge:32]
-      | -- proof   HMAC-SHA256(token, challenge) ->   (only when status is PROOF)
-      | <- verdict status:u8 [features:u8 [offer]]    (READY, or REFUSED and the server closes)
+      | -- proof   HMAC-SHA256(token, challenge) nonce:32 ->   (only when status is PROOF)
+      | <- verdict status:u8 [server-proof:32 features:u8 [offer]]  (READY, or REFUSED and it closes)
       | -- request op:u8 id:u32 args ------->  |  } any number, pipelined; replies may come out of
       | <- reply   status:u8 id:u32 result --  |  } order (a parked get answers later)
 
@@ -120,12 +120,29 @@ and lock real clients out. The clock starts at accept, and a client sends its he
 connected, so the time counted is mostly the server working through a burst of connections (16,000
 clients connecting at once take it about a second) and a loaded client host scheduling the client;
 10 s leaves a wide margin for both. Anything malformed (unknown op, lengths that don't add up,
-oversized frame, a request before the handshake) closes that one connection, is logged in one line,
-and changes nothing stored: a request is fully parsed before it is applied. Values are never pickled.
+oversized frame, a request before the handshake) closes that one connection, is logged in one line
+(three a host in 10 s, the rest summed up in one line when the 10 s end; see ``_Logbook``), and
+changes nothing stored: a request is fully parsed before it is applied. Values are never pickled.
+One client costs a bounded amount: see the limits in ``StoreServer``'s docstring.
 
-Authentication is optional: a server given a token sends a random challenge and accepts only the HMAC
-of it under the same token (compared with ``hmac.compare_digest``); a client without the right token
-gets ``StoreAuthError`` and nothing else.
+Authentication is optional, and mutual. A server given a token sends a random challenge and accepts
+only the HMAC of it under the same token; the client sends its own random nonce with that proof, and
+the server's READY carries its HMAC (under another label) of the nonce and the challenge, which the
+client checks before it trusts anything the server says. So a client without the right token gets
+``StoreAuthError`` and nothing else, and a client with a token refuses, with ``StoreAuthError``, a
+server that cannot prove it knows the token: one that never asks for it (any program that took the
+port first) or answers with a wrong proof. Proofs are compared with ``hmac.compare_digest``, in
+constant time: a server must not tell an attacker, by how fast it refuses, how much of a guess was
+right. (``hmac`` is imported when a token is first used, never at import time: hashlib's OpenSSL
+costs a process ~4 MiB that a store without a token never needs.) A client older than the nonce
+sends its proof alone and gets in as it used to, without checking the server. The token guards the
+handshake, not the bytes after it (there is no encryption): on a network where someone can read and
+rewrite traffic, run the store on a private network or a tunnel.
+
+Without a token, anyone who can reach the port can read and write every key, and the launcher's
+rendezvous keys decide a job's membership, restarts and outcome: give the store a token, or listen
+only on an address that only the job's hosts reach (``StoreServer(host=...)``,
+``TCPStore(..., is_master=True, bind=...)``).
 
 Sections, in order: Errors and wire format, Server, Client, Command line.
 
@@ -175,11 +192,16 @@ MAX_KEY_SIZE = 64 * 1024
 MAX_VALUE_SIZE = 256 * 1024 * 1024
 MAX_FRAME_SIZE = MAX_VALUE_SIZE + 2 * MAX_KEY_SIZE + 64
 DEFAULT_MAX_CONNECTIONS = 100000
+DEFAULT_MAX_PARKED = 100000
+DEFAULT_MAX_PARKED_PER_CONNECTION = 10000
 HANDSHAKE_TIMEOUT = 10.0
 
 _MAGIC = b"EKVS"
 _HANDSHAKE_FRAME_LIMIT = 256
 _CHALLENGE_SIZE = 32
+_OUTPUT_LIMIT = 4 * 1024 * 1024   # replies queued for one connection before we stop reading its requests
+_PARKED_FLOOR = 16                # parked requests every connection may hold, whatever the total
+_TURN_REQUESTS = 256              # pipelined requests of one connection answered before the others get a turn
 
 _SET, _GET, _ADD, _CAS, _WAIT, _CHECK, _DELETE, _COUNT, _MSET, _APPEND, _EPHEMERAL = range(1, 12)
 _F_EPHEMERAL = 1                  # features bit: the server knows EPHEMERAL
@@ -229,11 +251,26 @@ class _Malformed(Exception):
 
 
 def _seconds(timeout):
-    """Accept seconds or a datetime.timedelta, as torch does."""
-    seconds = timeout.total_seconds() if hasattr(timeout, "total_seconds") else float(timeout)
-    if seconds < 0:
-        raise ValueError("timeout must be >= 0 seconds, got %r" % (timeout,))
+    """Accept seconds or a datetime.timedelta, as torch does. Any length is fine, up to infinity:
+    a timeout longer than the wire or the kernel can carry means waiting for good (see _wire_ms)."""
+    try:
+        seconds = timeout.total_seconds() if hasattr(timeout, "total_seconds") else float(timeout)
+    except OverflowError:   # an int too large for a float: longer than any wait
+        seconds = float("inf")
+    except (TypeError, ValueError):
+        raise TypeError("a timeout is a number of seconds or a datetime.timedelta, got %r" % (timeout,)) from None
+    if not seconds >= 0:   # also NaN, which no comparison would ever end
+        raise ValueError("timeout must be a number of seconds >= 0, got %r" % (timeout,))
     return seconds
+
+
+_FOREVER_MS = 2 ** 53   # timeouts from here on (about 285,000 years) are sent as "forever"
+
+
+def _wire_ms(seconds):
+    """A timeout as the wire's timeout_ms: milliseconds, or -1 (wait forever) for one it can't carry."""
+    ms = seconds * 1000
+    return int(ms) if ms < _FOREVER_MS else -1
 
 
 def _key_bytes(key):
@@ -299,8 +336,15 @@ def _proof(token, challenge):
     return hmac.new(token, b"elasticrun-store-v1" + challenge, "sha256").digest()
 
 
-def _same(a, b):
+def _server_proof(token, nonce, challenge):
+    """What the server answers a client's nonce with: the token's HMAC over another label and other
+    data than a client's proof (of another length, too), so no answer of one side serves the other."""
     import hmac
+    return hmac.new(token, b"elasticrun-store-v1-server" + nonce + challenge, "sha256").digest()
+
+
+def _same(a, b):
+    import hmac   # both sides hold a token whenever this runs: _proof has imported hmac already
     return hmac.compare_digest(a, b)
 
 
@@ -376,7 +420,7 @@ class _Reader:
 
 class _Conn:
     __slots__ = ("sock", "peer", "rbuf", "wbuf", "state", "challenge", "waiters", "events", "closed", "owned",
-                 "done", "local", "ticket")
+                 "done", "local", "ticket", "paused", "owed")
 
     def __init__(self, sock, peer, local):
         self.sock, self.peer, self.local = sock, peer, local   # local: came in on the same-host socket
@@ -390,6 +434,16 @@ class _Conn:
         self.owned = None               # keys set with EPHEMERAL: deleted when we close
         self.done = False               # past the handshake (or closed): its deadline no longer applies
         self.ticket = None              # the same-host ticket it was offered, until redeemed
+        # Back-pressure. A client that sends requests without reading the replies would make us queue
+        # replies without end (a thousand gets of a 1 MiB value take 1 GiB), so past _OUTPUT_LIMIT of
+        # queued replies we stop: requests already read wait unparsed in rbuf, and the answers of
+        # parked gets that come due wait in `owed` as (request id, the values), references to the
+        # stored values rather than copies. `paused` says either holds something, to be taken up
+        # once the client has read enough of its replies. A connection is also paused after
+        # _TURN_REQUESTS pipelined requests in one turn of the loop, and resumed in the next, so
+        # that a flood on one connection delays the others by one short turn, not by a whole read.
+        self.paused = False
+        self.owed = None
 
 
 class _Waiter:
@@ -401,6 +455,116 @@ class _Waiter:
         self.conn, self.rid, self.keys, self.want_values = conn, rid, keys, want_values
         self.missing = 0
         self.done = False
+
+
+class _Logbook:
+    """The server's warnings, rate-limited per peer host and written by a thread of their own.
+
+    A peer that sends garbage as fast as it can would otherwise have us write a line per connection
+    (tens of thousands a second), and a write to a stderr that is a full pipe nobody drains blocks:
+    the serving thread must never wait on either. So each (host, kind) gets ``burst`` lines in full
+    per ``window`` seconds; the rest are counted and summed up in one line when the window ends
+    ("N more bad connections from H in the last T s"). Lines go to a bounded queue that a daemon
+    thread, started at the first line, hands to ``logging``; when that thread is stuck in a write,
+    lines beyond the queue's room are counted and the count is logged once it gets going again.
+    """
+
+    def __init__(self, window=10.0, burst=3, hosts=256, room=1000):
+        self.window, self.burst, self.hosts, self.room = window, burst, hosts, room
+        self._tally = {}            # (host, kind) -> [window start, lines written, lines held back, last]
+        self._due = None            # when the earliest window with lines held back ends
+        self._queue = collections.deque()
+        self._dropped = 0
+        self._cond = threading.Condition(threading.Lock())
+        self._thread = None
+
+    def warn(self, peer, kind, fmt, *args):
+        """Log `fmt % args` unless `peer`'s host has had its share of `kind` lines in this window."""
+        if not log.isEnabledFor(logging.WARNING):
+            return
+        host = peer[0] if isinstance(peer, tuple) else str(peer)
+        key = (host, kind)
+        tally = self._tally
+        entry = tally.get(key)
+        now = time.monotonic()
+        if entry is None:
+            if len(tally) >= self.hosts:
+                self.tick(now)   # forget windows that ended
+                if len(tally) >= self.hosts:
+                    key = ("other hosts", kind)
+                    entry = tally.get(key)
+            if entry is None:
+                entry = tally[key] = [now, 0, 0, None]
+        elif now - entry[0] >= self.window:   # a new window
+            if entry[2]:
+                self.tick(now)
+            entry = tally[key] = [now, 0, 0, None]
+        if entry[1] < self.burst:
+            entry[1] += 1
+            self._emit(fmt % args)
+        else:
+            entry[2] += 1
+            entry[3] = (fmt, args)
+            if self._due is None or entry[0] + self.window < self._due:
+                self._due = entry[0] + self.window
+
+    def next_due(self):
+        """Seconds until a summary line is due, or None."""
+        return None if self._due is None else max(0.0, self._due - time.monotonic())
+
+    def tick(self, now=None, final=False):
+        """Sum up the windows that ended (every window when `final`), and forget them."""
+        now = time.monotonic() if now is None else now
+        due = None
+        for key, entry in list(self._tally.items()):
+            start, _, held, last = entry
+            if now - start < self.window and not final:
+                if held and (due is None or start + self.window < due):
+                    due = start + self.window
+                continue
+            del self._tally[key]
+            if held:
+                host, kind = key
+                text = last[0] % last[1]
+                self._emit("store: %d more %s from %s in the last %.3g s (the last: %s)"
+                           % (held, kind, host, now - start, text[7:] if text.startswith("store: ") else text))
+        self._due = due
+
+    def _emit(self, line):
+        with self._cond:
+            if len(self._queue) >= self.room:
+                self._dropped += 1
+                return
+            self._queue.append(line)
+            self._cond.notify()
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._write, name="store-log", daemon=True)
+                self._thread.start()
+
+    def _write(self):
+        while True:
+            with self._cond:
+                while not self._queue:
+                    self._cond.wait()
+                line = self._queue.popleft()
+                dropped, self._dropped = self._dropped, 0
+            if line is None:
+                return
+            if dropped:
+                log.warning("store: %d warnings were dropped: the log was not being written fast enough", dropped)
+            log.warning("%s", line)
+
+    def close(self, timeout=1.0):
+        """Let the thread write what is queued, then end; wait up to `timeout` seconds for it, so
+        that a program that exits next still prints the last summary (unless its stderr is stuck)."""
+        with self._cond:
+            thread = self._thread
+            if thread is None:
+                return
+            self._queue.append(None)
+            self._cond.notify()
+        if thread is not threading.current_thread():
+            thread.join(timeout)
 
 
 class _Popper(_Waiter):
@@ -471,15 +635,33 @@ class StoreServer:
     ``start()`` runs it in a daemon thread, ``serve_forever()`` in the calling thread, ``stop()`` ends
     either from any thread. ``port=0`` picks a free port; read it back from ``.port``.
     ``local_socket=False`` keeps every client on TCP (see "The same-host socket" above).
+
+    ``host`` is the address to listen on: ``"0.0.0.0"`` (every interface, the default, as torch's
+    TCPStore does), or one address, such as the one the other nodes reach this host at, so that the
+    store is not offered on networks that have no business with it.
+
+    Limits, so that one client costs a bounded amount whatever it sends: at most ``max_connections``
+    connections; at most ``max_parked_per_connection`` gets, waits and queue pops parked (waiting) per
+    connection and ``max_parked`` in all, a request beyond them answered with an error that names
+    the limit (every connection may park 16 whatever the total, so one client's flood never turns
+    the others away); and a client that does not read its replies stops being read once 4 MiB of
+    them are queued.
     """
 
     def __init__(self, host="0.0.0.0", port=0, *, token=None, max_connections=DEFAULT_MAX_CONNECTIONS,
-                 backlog=65535, handshake_timeout=HANDSHAKE_TIMEOUT, local_socket=True):
-        if max_connections < 1:
-            raise ValueError("max_connections must be at least 1, got %r" % (max_connections,))
+                 backlog=65535, handshake_timeout=HANDSHAKE_TIMEOUT, local_socket=True,
+                 max_parked=DEFAULT_MAX_PARKED, max_parked_per_connection=DEFAULT_MAX_PARKED_PER_CONNECTION):
+        for name, value in (("max_connections", max_connections), ("max_parked", max_parked),
+                            ("max_parked_per_connection", max_parked_per_connection)):
+            if not isinstance(value, int) or value < 1:
+                raise ValueError("%s must be an int of at least 1, got %r" % (name, value))
         _check_port(port)
+        if not isinstance(host, str):
+            raise TypeError("host must be an address as a str, got %s" % type(host).__name__)
         self.host = host
         self.max_connections = max_connections
+        self.max_parked = max_parked
+        self.max_parked_per_connection = max_parked_per_connection
         self.handshake_timeout = _seconds(handshake_timeout)
         self._token = _token_bytes(token) if token else None
         self._raise_fd_limit(max_connections)
@@ -517,7 +699,11 @@ class StoreServer:
         self._deadlines = []        # heap of (deadline, seq, parked waiter or connection in its handshake)
         self._seq = 0
         self._conns = 0
+        self._parked = 0            # parked waiters, over all connections
         self._dirty = []            # connections with replies queued during this turn
+        self._backlog = []          # paused connections whose client has caught up (see _Conn.paused)
+        self._logbook = _Logbook()
+        self._warn = self._logbook.warn
         self._stopping = False
         self._life = threading.Lock()   # orders start, serve_forever and stop
         self._serving = None        # the thread that serves (or will: start() sets it)
@@ -596,7 +782,15 @@ class StoreServer:
         poll, objects = self._poller.poll, self._poller.objects_by_fd()
         try:
             while not self._stopping:
-                for fd, mask in poll(self._next_timeout() if self._deadlines else None):
+                timeout = self._next_timeout() if self._deadlines else None
+                if self._logbook._due is not None:
+                    due = self._logbook.next_due()
+                    if due == 0.0:
+                        self._logbook.tick()
+                    timeout = due if timeout is None else min(timeout, due)
+                if self._backlog:
+                    timeout = 0
+                for fd, mask in poll(timeout):
                     conn = objects.get(fd)   # None: closed earlier in this turn
                     if conn.__class__ is _Conn:
                         if mask & _READABLE:
@@ -617,6 +811,11 @@ class StoreServer:
                     for conn in dirty:
                         if not conn.closed:
                             self._flush(conn)
+                if self._backlog:   # those that join it meanwhile wait for the next turn
+                    backlog, self._backlog = self._backlog, []
+                    for conn in backlog:
+                        if conn.paused and not conn.closed:
+                            self._catch_up(conn)
         finally:
             self._shutdown()
 
@@ -631,6 +830,8 @@ class StoreServer:
         if self._spare_fd is not None:
             os.close(self._spare_fd)
             self._spare_fd = None
+        self._logbook.tick(final=True)
+        self._logbook.close()
         self._stopped.set()
 
     # -- connections
@@ -657,8 +858,7 @@ class StoreServer:
             conn = _Conn(sock, peer, local)
             self._conns += 1
             self._poller.register(sock, _READ, conn)
-            self._seq += 1
-            heapq.heappush(self._deadlines, (time.monotonic() + self.handshake_timeout, self._seq, conn))
+            self._push_deadline(time.monotonic() + self.handshake_timeout, conn)
 
     def _turn_away_one(self, listener):
         """Out of descriptors: free the spare one to accept a client just to tell it why we can't."""
@@ -680,7 +880,8 @@ class StoreServer:
             sock.close()
         except OSError:
             pass
-        log.warning("store: out of file descriptors with %d connections; turning clients away", self._conns)
+        self._warn("this host", "connections turned away", "store: out of file descriptors with %d connections; "
+                   "turning clients away", self._conns)
         self._spare_fd = os.open(os.devnull, os.O_RDONLY)
 
     def _close(self, conn):
@@ -688,10 +889,12 @@ class StoreServer:
             return
         conn.closed = conn.done = True
         self._conns -= 1
+        self._parked -= len(conn.waiters)
         for waiter in conn.waiters:
             waiter.done = True
             self._unpark(waiter)
         conn.waiters.clear()
+        conn.owed = None
         if conn.owned:
             for key in conn.owned:
                 del self._owners[key]
@@ -704,7 +907,7 @@ class StoreServer:
         conn.sock.close()
 
     def _drop(self, conn, why):
-        log.warning("store: closing connection from %s: %s", _peer_text(conn.peer), why)
+        self._warn(conn.peer, "bad connections", "store: closing connection from %s: %s", _peer_text(conn.peer), why)
         self._close(conn)
 
     def _on_readable(self, conn):
@@ -732,7 +935,11 @@ class StoreServer:
                 if reply is not None:
                     self._flush(conn, reply)
                 return
-        chunk = self._inview[:size].tobytes()
+        self._parse(conn, self._inview[:size].tobytes())
+
+    def _parse(self, conn, chunk):
+        """Answer the requests in what `conn` sent before (its rbuf) and `chunk`, until the replies
+        queued for it pass _OUTPUT_LIMIT; keep the rest in rbuf."""
         if conn.rbuf:
             buf = conn.rbuf
             buf += chunk
@@ -740,8 +947,17 @@ class StoreServer:
             buf = chunk
         pos, size = 0, len(buf)
         ops = self._ops
+        wbuf = conn.wbuf
+        turn = _TURN_REQUESTS
         try:
             while size - pos >= 4 and not conn.closed:
+                # the client is not reading: neither do we (see _Conn.paused); or it has had its turn
+                turn -= 1
+                if len(wbuf) > _OUTPUT_LIMIT or not turn:
+                    self._pause(conn)
+                    if not turn:
+                        self._backlog.append(conn)
+                    break
                 (length,) = _U32.unpack_from(buf, pos)
                 limit = MAX_FRAME_SIZE if conn.state == "ready" else _HANDSHAKE_FRAME_LIMIT
                 if length > limit:
@@ -776,6 +992,29 @@ class StoreServer:
         if conn.wbuf:
             self._flush(conn)
 
+    def _pause(self, conn):
+        """Stop reading `conn` until its client has taken enough of its replies."""
+        conn.paused = True
+        if conn.events != _WRITE:
+            conn.events = _WRITE
+            self._poller.modify(conn.sock, _WRITE)
+
+    def _catch_up(self, conn):
+        """The client of a paused connection has read enough: queue the answers owed to it, then
+        parse the requests it sent meanwhile, each until the output limit is reached again."""
+        conn.paused = False
+        owed, wbuf = conn.owed, conn.wbuf
+        while owed:
+            if len(wbuf) > _OUTPUT_LIMIT:
+                self._pause(conn)
+                break
+            rid, values = owed.popleft()
+            wbuf += self._values_reply(rid, values)
+        if not conn.paused and len(conn.rbuf) >= 4:
+            self._parse(conn, b"")
+        if conn.wbuf and not conn.closed:
+            self._flush(conn)
+
     def _handshake(self, conn, payload):
         if conn.state == "hello" and conn.local:
             self._redeem(conn, payload)
@@ -783,12 +1022,12 @@ class StoreServer:
             if len(payload) != 5 or payload[:4] != _MAGIC:
                 raise _Malformed("not a store client (bad hello)")
             if payload[4] != PROTOCOL_VERSION:
-                log.warning("store: client %s speaks protocol %d, we speak %d",
-                            _peer_text(conn.peer), payload[4], PROTOCOL_VERSION)
+                self._warn(conn.peer, "clients of another version", "store: client %s speaks protocol %d, we speak %d",
+                           _peer_text(conn.peer), payload[4], PROTOCOL_VERSION)
                 self._final(conn, bytes([_VERSION, PROTOCOL_VERSION]))
             elif self._conns > self.max_connections:
-                log.warning("store: turning away %s: %d connections reached the limit",
-                            _peer_text(conn.peer), self.max_connections)
+                self._warn(conn.peer, "connections turned away", "store: turning away %s: %d connections reached "
+                           "the limit", _peer_text(conn.peer), self.max_connections)
                 self._final(conn, bytes([_BUSY, PROTOCOL_VERSION]))
             elif self._token is None:
                 self._ready(conn, bytes([_READY, PROTOCOL_VERSION]))
@@ -797,10 +1036,15 @@ class StoreServer:
                 conn.challenge = os.urandom(_CHALLENGE_SIZE)
                 conn.wbuf += _U32.pack(2 + _CHALLENGE_SIZE) + bytes([_PROOF, PROTOCOL_VERSION]) + conn.challenge
         elif conn.state == "proof":
-            if _same(payload, _proof(self._token, conn.challenge)):
-                self._ready(conn, bytes([_READY]))
+            # proof, then the client's nonce for us to prove ourselves; a client older than mutual
+            # authentication sends the proof alone, and gets in without our proof, as it used to
+            proof, nonce = payload[:_CHALLENGE_SIZE], payload[_CHALLENGE_SIZE:]
+            if len(nonce) in (0, _CHALLENGE_SIZE) and _same(proof, _proof(self._token, conn.challenge)):
+                ours = _server_proof(self._token, nonce, conn.challenge) if nonce else b""
+                self._ready(conn, bytes([_READY]) + ours)
             else:
-                log.warning("store: client %s failed authentication", _peer_text(conn.peer))
+                self._warn(conn.peer, "failed authentications", "store: client %s failed authentication",
+                           _peer_text(conn.peer))
                 self._final(conn, bytes([_REFUSED]))
         else:
             raise _Malformed("data after the final answer")
@@ -846,7 +1090,7 @@ class StoreServer:
             return
         owner = self._tickets.pop(payload[5:], None)
         if owner is None:
-            log.warning("store: refused a same-host connection with an unknown ticket")
+            self._warn(conn.peer, "bad connections", "store: refused a same-host connection with an unknown ticket")
             self._final(conn, bytes([_REFUSED, PROTOCOL_VERSION]))
             return
         owner.ticket = None
@@ -875,7 +1119,7 @@ class StoreServer:
             except OSError:
                 self._close(conn)
                 return
-            if sent == len(data) and conn.events == _READ and conn.state == "ready":
+            if sent == len(data) and conn.events == _READ and conn.state == "ready" and not conn.paused:
                 if data is wbuf:
                     wbuf.clear()   # the usual case: all out, nothing to change
                 return
@@ -889,10 +1133,12 @@ class StoreServer:
         # a client that doesn't read its answers stops being read until it catches up
         if not conn.wbuf:
             events = _READ
-        elif len(conn.wbuf) > 4 * 1024 * 1024:
+        elif len(conn.wbuf) > _OUTPUT_LIMIT:
             events = _WRITE
         else:
             events = _READ | _WRITE
+        if conn.paused and events != _WRITE:   # caught up: what waited for it is next
+            self._backlog.append(conn)
         if events != conn.events:
             conn.events = events
             self._poller.modify(conn.sock, events)
@@ -1034,15 +1280,48 @@ class StoreServer:
         waiter = _Waiter(conn, rid, keys, want_values)
         if not self._register(waiter):
             return self._answer(waiter)
-        if timeout_ms == 0:
+        if timeout_ms == 0 or not self._may_park(conn):
             waiter.done = True
             self._unpark(waiter)
-            return _HEAD.pack(_HEAD_SIZE, _TIMEOUT, rid)
+            if timeout_ms == 0:
+                return _HEAD.pack(_HEAD_SIZE, _TIMEOUT, rid)
+            return self._refuse_parking(conn, rid)
         conn.waiters.add(waiter)
+        self._parked += 1
         if timeout_ms > 0:
-            self._seq += 1
-            heapq.heappush(self._deadlines, (time.monotonic() + timeout_ms / 1000.0, self._seq, waiter))
+            self._push_deadline(time.monotonic() + timeout_ms / 1000.0, waiter)
         return None
+
+    def _may_park(self, conn):
+        """Whether `conn` may park one more request (see the limits in the class docstring)."""
+        held = len(conn.waiters)
+        return held < _PARKED_FLOOR or held < self.max_parked_per_connection and self._parked < self.max_parked
+
+    def _refuse_parking(self, conn, rid):
+        if len(conn.waiters) >= self.max_parked_per_connection:
+            why = ("this connection already has %d gets, waits and queue pops waiting, the most one connection "
+                   "may have (max_parked_per_connection)" % len(conn.waiters))
+        else:
+            why = ("the store already holds %d gets, waits and queue pops waiting, the most it holds from all "
+                   "clients (max_parked)" % self._parked)
+        self._warn(conn.peer, "refused gets and waits", "store: refused a get or wait from %s: %s",
+                   _peer_text(conn.peer), why)
+        return self._error(rid, "the store refused to wait for the key(s): " + why)
+
+    def _push_deadline(self, deadline, item):
+        """Add a parked waiter's or a new connection's deadline.
+
+        Entries that ended early (answered, closed) stay in the heap until they reach its top, which
+        for a get that asked to wait a year is a year: so when most entries are dead, sweep them out.
+        At most one live entry per parked waiter and per connection, so the heap stays within twice
+        those plus a constant, at an amortized cost of O(1) a push.
+        """
+        heap = self._deadlines
+        if len(heap) > 2 * (self._parked + self._conns) + 1024:
+            heap[:] = [entry for entry in heap if not entry[2].done]
+            heapq.heapify(heap)
+        self._seq += 1
+        heapq.heappush(heap, (deadline, self._seq, item))
 
     def _register(self, waiter):
         """Park `waiter` on each of its missing keys; returns how many are missing. A WAIT takes a
@@ -1076,24 +1355,42 @@ class StoreServer:
                 self._unpark(waiter)
                 if self._register(waiter) == 0:
                     waiter.done = True
-                    conn = waiter.conn
-                    conn.waiters.discard(waiter)
-                    conn.wbuf += self._answer(waiter)
-                    self._dirty.append(conn)
+                    waiter.conn.waiters.discard(waiter)
+                    self._parked -= 1
+                    self._deliver(waiter.conn, waiter.rid, self._values(waiter))
 
-    def _answer(self, waiter):
+    def _deliver(self, conn, rid, values):
+        """Queue the answer of a parked request that came due (`values` as _values_reply takes them):
+        now, or owed while its client is not reading (see _Conn.paused)."""
+        if conn.paused or len(conn.wbuf) > _OUTPUT_LIMIT:
+            if conn.owed is None:
+                conn.owed = collections.deque()
+            conn.owed.append((rid, values))
+            if not conn.paused:
+                self._pause(conn)
+        else:
+            conn.wbuf += self._values_reply(rid, values)
+        self._dirty.append(conn)
+
+    def _values(self, waiter):
+        """The values a get waits for (references, not copies), or None for a wait."""
         if waiter.want_values:
             data = self._data
-            values = [data[k] for k in waiter.keys]
-            size = _HEAD_SIZE + 4 * len(values) + sum(map(len, values))
-            if size > MAX_FRAME_SIZE:   # each value fits, but not all of them in one reply
-                return self._error(waiter.rid, "the values of these %d keys take %d bytes, over the frame "
-                                   "limit of %d bytes (MAX_FRAME_SIZE); get them in smaller groups"
-                                   % (len(values), size, MAX_FRAME_SIZE))
-            body = b"".join(map(_field, values))
-        else:
-            body = b""
-        return _HEAD.pack(_HEAD_SIZE + len(body), _OK, waiter.rid) + body
+            return [data[k] for k in waiter.keys]
+        return None
+
+    def _answer(self, waiter):
+        return self._values_reply(waiter.rid, self._values(waiter))
+
+    def _values_reply(self, rid, values):
+        if values is None:
+            return _HEAD.pack(_HEAD_SIZE, _OK, rid)
+        size = _HEAD_SIZE + 4 * len(values) + sum(map(len, values))
+        if size > MAX_FRAME_SIZE:   # each value fits, but not all of them in one reply
+            return self._error(rid, "the values of these %d keys take %d bytes, over the frame "
+                               "limit of %d bytes (MAX_FRAME_SIZE); get them in smaller groups"
+                               % (len(values), size, MAX_FRAME_SIZE))
+        return _HEAD.pack(size, _OK, rid) + b"".join(map(_field, values))
 
     # queues: beside the keys, not among them (num_keys, get and delete_key never see one)
 
@@ -1107,8 +1404,8 @@ class StoreServer:
             popper.done = True
             self._unpark(popper)
             popper.conn.waiters.discard(popper)
-            popper.conn.wbuf += _HEAD.pack(_HEAD_SIZE + 4 + len(value), _OK, popper.rid) + _field(value)
-            self._dirty.append(popper.conn)
+            self._parked -= 1
+            self._deliver(popper.conn, popper.rid, [value])   # the reply of a one-key get: the value
         else:
             queue = self._queues.get(key)
             if queue is None:
@@ -1131,12 +1428,14 @@ class StoreServer:
             return _HEAD.pack(_HEAD_SIZE + 4 + len(value), _OK, rid) + _field(value)
         if timeout_ms == 0:
             return _HEAD.pack(_HEAD_SIZE, _TIMEOUT, rid)
+        if not self._may_park(conn):
+            return self._refuse_parking(conn, rid)
         popper = _Popper(conn, rid, [key], False)
         self._poppers.setdefault(key, {})[popper] = None
         conn.waiters.add(popper)
+        self._parked += 1
         if timeout_ms > 0:
-            self._seq += 1
-            heapq.heappush(self._deadlines, (time.monotonic() + timeout_ms / 1000.0, self._seq, popper))
+            self._push_deadline(time.monotonic() + timeout_ms / 1000.0, popper)
         return None
 
     def _op_list(self, conn, rid, payload):
@@ -1173,6 +1472,7 @@ class StoreServer:
             waiter.done = True
             self._unpark(waiter)
             waiter.conn.waiters.discard(waiter)
+            self._parked -= 1
             waiter.conn.wbuf += _HEAD.pack(_HEAD_SIZE, _TIMEOUT, waiter.rid)
             self._dirty.append(waiter.conn)
 
@@ -1260,14 +1560,19 @@ class TCPStore:
 
     One socket per client, safe to share between threads: requests are pipelined with ids, and
     whichever waiting thread is reading hands the others their replies.
+
+    ``bind`` (with ``is_master``): the address the server listens on, every interface by default as
+    torch's does; give one address (that ``host`` reaches) to keep the store off other networks.
     """
 
-    def __init__(self, host, port, *, is_master=False, timeout=300.0, token=None):
+    def __init__(self, host, port, *, is_master=False, timeout=300.0, token=None, bind=None):
         _check_port(port)
         self.timeout = timeout
         self._server = None
         if is_master:
-            self._server = StoreServer("::" if ":" in host else "0.0.0.0", port, token=token).start()
+            if bind is None:
+                bind = "::" if ":" in host else "0.0.0.0"
+            self._server = StoreServer(bind, port, token=token).start()
             port = self._server.port
             # a master dropped without close() stops its server and frees its port, as torch's does;
             # the finalizer and the server thread hold the server only, never this client
@@ -1354,7 +1659,7 @@ class TCPStore:
     def _handshake(self, sock, deadline):
         """Hello, and the proof when the server asks for one; returns the server's offer of its
         same-host socket (empty when it made none)."""
-        sock.settimeout(max(0.05, deadline - time.monotonic()))
+        sock.settimeout(max(0.05, min(_LONGEST, deadline - time.monotonic())))
         sock.sendall(_U32.pack(5) + _MAGIC + bytes([PROTOCOL_VERSION]))
         welcome = _recv_frame(sock, _HANDSHAKE_FRAME_LIMIT)
         if len(welcome) < 2:
@@ -1370,11 +1675,21 @@ class TCPStore:
         if status == _PROOF:
             if self._token is None:
                 raise StoreAuthError("the store at %s requires a token and none was given" % self._where())
-            sock.sendall(_field(_proof(self._token, welcome[2:])))
+            challenge, nonce = welcome[2:], os.urandom(_CHALLENGE_SIZE)
+            sock.sendall(_field(_proof(self._token, challenge) + nonce))
             verdict = _recv_frame(sock, _HANDSHAKE_FRAME_LIMIT)
             if verdict[:1] != bytes([_READY]):
-                raise StoreAuthError("the store at %s refused our token" % self._where())
-            features, offer = verdict[1:2], verdict[2:]
+                raise StoreAuthError("the store at %s refused our token (a wrong token, or a store.py too old to "
+                                     "prove it knows the token)" % self._where())
+            if not _same(verdict[1:1 + _CHALLENGE_SIZE], _server_proof(self._token, nonce, challenge)):
+                raise StoreAuthError("the store at %s did not prove it knows the token; refusing it (is another "
+                                     "program holding its port?)" % self._where())
+            features, offer = verdict[1 + _CHALLENGE_SIZE:2 + _CHALLENGE_SIZE], verdict[2 + _CHALLENGE_SIZE:]
+        elif status == _READY and self._token is not None:
+            # a store of this token asks for it: one that lets us in without, knows nothing of it
+            raise StoreAuthError("the store at %s did not ask for the token, so it cannot prove it is the "
+                                 "token's store; refusing it (is another program holding its port, or does the "
+                                 "store run without a token?)" % self._where())
         elif status != _READY:
             raise EOFError("unexpected welcome status %d" % status)
         self._features = features[0] if features else 0   # an older server sends none
@@ -1730,7 +2045,7 @@ class TCPStore:
 
     def _wait_ms(self, timeout):
         seconds = self.timeout if timeout is None else _seconds(timeout)
-        return seconds, int(seconds * 1000)
+        return seconds, _wire_ms(seconds)
 
     # -- the API
 
@@ -1747,6 +2062,8 @@ class TCPStore:
         """Add `amount` to the integer at `key` (missing counts as 0); returns the new value."""
         if amount.__class__ is not int and not isinstance(amount, int):
             raise TypeError("add takes an int, got %s" % type(amount).__name__)
+        if not -0x8000000000000000 <= amount <= 0x7FFFFFFFFFFFFFFF:
+            raise ValueError("add: %d is outside the signed 64-bit range the store counts in" % amount)
         return _I64.unpack(self._call(_ADD, _key_field(key) + _I64.pack(amount)))[0]
 
     def compare_set(self, key, expected, desired):
