@@ -1796,9 +1796,9 @@ class TCPStore:
         """As the only reader: the reply to `rid`. Usually it is one whole frame in one recv, checked
         and returned right here."""
         try:
-            if self._armed != seconds:
-                self._arm(sock, seconds)
             try:
+                if self._armed != seconds:   # inside: a close() from another thread may come first
+                    self._arm(sock, seconds)
                 chunk = sock.recv(65536)
             except (socket.timeout, BlockingIOError):
                 raise StoreTimeout("timeout after %s: no answer from the store at %s"
