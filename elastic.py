@@ -8,6 +8,7 @@ Standard library only, plus its siblings ``store`` and ``rendezvous`` (``store``
     $ python3 elastic.py --standalone --nproc-per-node 2 train.py --lr 0.1
     $ python3 -m elastic --nnodes 2 --rdzv-backend c10d --rdzv-endpoint host0:29400 -m pkg.train
     $ elasticrun --nnodes 1:4 --max-restarts 3 --rdzv-backend c10d --rdzv-endpoint host0 train.py
+    $ elasticrun stacks --rdzv-endpoint host0:29400 --rdzv-id job42   # every rank's stack, grouped
 
 and from Python::
 
@@ -44,7 +45,8 @@ Data flow of one agent (one per node)::
         nodes waiting / member
         dead (round broken) ..... UNHEALTHY; stop the group and re-rendezvous, budget untouched
         the store lost .......... stop the group; the launcher exits 1 ("lost the store")
-        a stop signal ........... STOPPED; stop the group; run() raises, main() exits 128+N
+        a stop signal ........... STOPPED; tell every node (Job control), stop the group; run()
+                                  raises, main() exits 128+N; a node told of it does the same
     RunResult (state, return values, every failure of the last attempt, root cause) -> main()'s
     report and exit status, and nothing else
 
@@ -67,9 +69,11 @@ from the agent SIGKILLs every live worker group when that pipe reaches end-of-fi
 descendant that left its group (a daemon, ``setsid cmd &``) is found by its environment: workers
 get ``ELASTICRUN_TREE`` holding a token unique to the agent, every program they start inherits it,
 and both teardown (same signal, same grace) and the watchdog also kill this user's processes whose
-/proc/<pid>/environ carries the token. Not found that way: a descendant that empties its
-environment, and one that a fork-server or ``--run-path`` worker forks *without exec* and that then
-leaves the group (/proc shows the environment a process was exec'd with, here the launcher's).
+/proc/<pid>/environ carries the token. A process forked *without exec* shows the launcher's
+environment there, so Python workers have a subreaper (PR_SET_CHILD_SUBREAPER) above them: the fork
+server for script workers, the launcher itself for ``--run-path`` ones. An orphan below it stays
+below it, and teardown signals and kills every process it finds there too (the fork server, which
+leaves when the agent's socket closes, kills them before it goes, also after a SIGKILLed agent).
 
 Error channel: each worker gets ``TORCHELASTIC_ERROR_FILE``; ``record`` (and, for Python script
 workers, an excepthook installed by a small bootstrap) writes torchelastic's JSON there atomically::
@@ -78,6 +82,30 @@ workers, an excepthook installed by a small bootstrap) writes torchelastic's JSO
                  "extraInfo": {"py_callstack": "<traceback>", "timestamp": "<epoch s>"}}}
 
 The agent reads it without blocking, only when it is a regular file, and at most its last 1 MiB.
+A worker the agent kills (file timer, or SIGKILL after the grace) writes none: the agent writes it
+for the worker, with the worker's stack in ``extraInfo.stack`` (see Stacks), and the launcher's
+own error file carries that too.
+
+Stacks: Python workers (scripts through the bootstrap or the fork server, callables) arm
+``faulthandler.register(STACK_SIGNAL, all_threads=True)`` at start, writing to ``stack.txt`` beside
+their error file (``ELASTICRUN_STACK_FILE``, which appears once armed; ``ELASTICRUN_STACK_SIGNAL``).
+The stack signal is ``SIGRTMIN+6`` (``ELASTICRUN_STACK_SIGNAL=NAME|SIGRTMIN+N|N|off`` overrides;
+not SIGUSR1/SIGUSR2, which Slurm's ``--signal`` and checkpointing code use, nor SIGQUIT). Before the
+file timer kills a worker and before teardown SIGKILLs one that outlived its grace, the agent sends
+it the stack signal and waits up to 1 s for the dump to stop growing; the report's ``stack`` lines,
+its message (``in stuck_here (train.py:12)``) and the error files carry it. A program worker
+(``--no-python``) is never sent it: "not a Python worker: no stack".
+
+Job control: every agent of a job (on a rendezvous handler with a store) watches numbered events
+on that store (``elasticrun/<run id>/ctl/<n>``, one parked wait per agent, no traffic while idle)::
+
+    stop N ...... a stop signal (--signals-to-handle) reached one agent: every agent stops as if it
+                  had received N (own grace per worker; every node exits 128+N)
+    signal N .... SIGUSR1/SIGUSR2 (ELASTICRUN_FORWARD_SIGNALS) reached one agent: forwarded to every
+                  worker of every node, nothing stops; once per signal per 2 s per agent (under
+                  Slurm every agent receives it as well as hearing of it)
+    stacks ...... every agent answers with its workers' stacks (``elasticrun stacks``, or the stack
+                  signal sent to any agent, which logs them), grouped by identical stack
 
 File timer (hang watchdog), on with ``TORCHELASTIC_ENABLE_FILE_TIMER=1`` (a pipe in the run's log
 folder) or ``TORCHELASTIC_TIMER_FILE=PATH``. Workers get ``TORCHELASTIC_TIMER_FILE`` and guard a step
@@ -118,13 +146,76 @@ script runs. ``--virtual-local-rank`` gives each worker LOCAL_RANK=0 and only it
 CUDA_VISIBLE_DEVICES. ``--duplicate-std{out,err}-filters`` copy tee'd lines holding a filter to
 ``filtered_std{out,err}.log`` in the attempt's folder (the log pump writes them).
 
+Pre-flight check: ``elasticrun --check [the job's options] SCRIPT [ARGS]`` on every node (``srun
+elasticrun --check --slurm ... train.py``) starts no worker. The nodes meet through the job's own
+rendezvous backend under the run id ``<run id>.check`` (the job's run is never joined or closed), the
+node serving the store (else rank 0) prints one table, one row a node, and every node exits 0 when
+nothing failed anywhere, else 1; each failed line says what to do. Checked: the endpoint resolves
+and is reachable from every node (with the local address, interface and address family that reach
+it); each node's advertised address (``--local-addr`` or the host name: what MASTER_ADDR is when it
+is rank 0) resolves, is not loopback in a multi-host job, and is reachable from the store host, which
+connects back to a listener each node opens for the check; the clock offset of each node against
+the store host (NTP-style over that connection, in ms; a warning beyond 0.1 s, a failure beyond 1 s);
+the rendezvous port served on its host and ``--master-port``, when given, free on the rank-0 node;
+the same Python version, elasticrun version and code digest, script checksum and arguments on every
+node (compared with the most common value); the log folder (``--log-dir`` or the temp folder)
+writable with 100 MiB free; GPUs visible (``nvidia-smi -L`` narrowed by ``CUDA_VISIBLE_DEVICES``) and
+CPUs in the affinity mask enough for ``--nproc-per-node``. A node that cannot meet the others prints
+its own row and why, and exits 1.
+
+Console: every launcher line (elastic's, rendezvous's and store's loggers, through the one handler
+main() installs) reads ``2026-12-07T14:03:07.125+01:00 [elasticrun] text``: ISO 8601 local time with
+its UTC offset and milliseconds, as syslog (RFC 5424) and Slurm's iso8601_ms write; ``WARNING:`` or
+``ERROR:`` before the text when it is one. ``LOGLEVEL`` (a name or a number, INFO by default) works
+as in torchrun. Worker output keeps its own prefix template. A launcher line never continues a
+worker's unterminated last line when the output is a file (a Slurm output file, a redirect).
+
+Stopping: "stopping 8 workers (SIGTERM), waiting up to 30 s; send the signal again to kill now". A
+second stop signal during the grace period kills the workers (SIGKILL) at once; workers still alive
+when the grace runs out are named before they are killed.
+
+Event log (``--event-log PATH``; by default ``events.jsonl`` in the run's log folder, which is then
+kept; ``--event-log none`` turns it off; ``LocalElasticAgent(event_log=PATH or True)``): one JSON
+object a line, written and fsync'd as each event happens; the console lines are printed from the
+same events, so the two never disagree. Every event has ``time`` (epoch seconds, ms), ``event``,
+``run_id`` and ``host`` (this node's host name); the others add::
+
+    start           version backend endpoint nnodes nproc max_restarts log_dir event_log addr pid role
+    rendezvous      why: start | failure | peer failure | nodes waiting | member lost
+    round           round nodes world_size (workers) group_rank ranks [first, last] master duration
+                    (seconds in rendezvous) members [{addr, id, ranks}]
+    scale_change    from_nodes to_nodes                       (a round of another size than the last)
+    worker_started  rank local_rank pid attempt
+    worker_exited   rank local_rank pid code signal (one of the two is null) by_agent attempt
+    succeeded       workers
+    failure         rank local_rank failure_host pid code signal message failure_time error_file
+                    (null unless it exists) stderr_log failures (how many in the job)  (the root cause)
+    node_lost       round reason                              (a member died or left)
+    restart         why count max [rank]                      (count: job-wide restarts)
+    restarted       why total detect stop rendezvous start    (seconds: the failure to its detection,
+                    to the old group stopped and failures exchanged, to the new round, to workers started)
+    gave_up         max
+    stop_signal     signal
+    stopping        workers signal grace can_hurry ranks
+    kill            why: grace over | second signal; grace signal alive [{rank, pid}]
+    exit            state code (the launcher's exit status) restarts workers_started elapsed
+                    [signal] [error]
+
+Status: ``elasticrun status --rdzv-endpoint H:P --rdzv-id ID [--json]`` reads a live run from its
+store (``rendezvous.describe_run`` for the rounds, members, heartbeats and waiting nodes; the
+agents' own ``agent/<group rank>``, ``role/<group rank>`` and ``failure/<group rank>`` keys in each
+round's store for hosts, pids, ranks, restarts and failures) with ``check``, ``get`` and
+``multi_get`` only: it never joins or changes the run, and takes ``--rdzv-conf token_file=...``.
+
 Sections, in order: States, streams, specs; Error channel; Process plumbing; Python workers (the
 bootstrap and the fork server); Worker processes (the handles and starters); Worker group; Local
-rendezvous; Agent; File timer: worker side; File timer: server; Health check; Slurm; Command line.
+rendezvous; Events; Agent; Stacks; Job control; File timer: worker side; File timer: server;
+Health check; Slurm; Pre-flight check; Command line.
 
 Borrowed private helpers, and only these: from ``store`` the ones its docstring lists
-(``_recv_exactly`` and ``_Pace`` here); from ``rendezvous`` ``_BACKENDS`` (the launcher asks it for
-the backend names) and ``_free_port``. Nothing above this module borrows from it.
+(``_recv_exactly``, ``_Pace`` and ``_read_token_file`` here); from ``rendezvous`` ``_BACKENDS``
+(the launcher asks it for the backend names) and ``_free_port``. Nothing above this module borrows
+from it.
 """
 
 __version__ = "0.1.0"
@@ -263,7 +354,7 @@ class DefaultLogsSpecs:
             self._own_dir = True
         else:
             os.makedirs(base, exist_ok=True)
-        self.root_log_dir = tempfile.mkdtemp(prefix="%s_" % run_id, dir=base)
+        self.root_log_dir = tempfile.mkdtemp(prefix="%s_" % _run_id_for_files(run_id), dir=base)
         return self.root_log_dir
 
     def _cleanup(self):
@@ -291,6 +382,18 @@ class DefaultLogsSpecs:
                 dest = "file"
             out.append(dest)
         return tuple(out)
+
+
+def _run_id_for_files(run_id):
+    """A run id as one file-name component: letters, digits, ``.``, ``_`` and ``-`` stay, every other
+    byte of its UTF-8 is ``%XX`` (so ``../x`` and ``a/b`` stay inside the log folder); one longer than
+    100 characters is cut and ends in a hash of the whole id, to stay well under NAME_MAX."""
+    out = "".join(chr(b) if chr(b).isalnum() and b < 128 or chr(b) in "._-" else "%%%02X" % b
+                  for b in run_id.encode("utf-8", "surrogateescape"))
+    if len(out) > 100:
+        import hashlib
+        out = out[:83] + "~" + hashlib.sha256(run_id.encode("utf-8", "surrogateescape")).hexdigest()[:16]
+    return out
 
 
 def _with_local_rank(args, local_rank):
@@ -363,13 +466,17 @@ class WorkerGroup:
 class RunResult:
     """The whole outcome of `LocalElasticAgent.run`, and all the launcher reports from: the final
     state, return values keyed by global rank, every failure of the last attempt across the job
-    (keyed by global rank), and the root cause among them."""
+    (keyed by global rank), and the root cause among them. ``outlived_grace``: this node's workers of
+    the last attempt that the agent stopped but had to SIGKILL after the grace period (not failures),
+    each a ProcessFailure with its ``stack``."""
 
-    def __init__(self, state, return_values=None, failures=None, root_cause=None):
+    def __init__(self, state, return_values=None, failures=None, root_cause=None, restart_count=0):
         self.state = state
         self.return_values = return_values or {}
         self.failures = failures or {}
         self.root_cause = root_cause      # (global_rank, ProcessFailure) of the whole job, or None
+        self.outlived_grace = {}
+        self.restart_count = restart_count   # restarts of the whole job (the most any node made)
 
     def is_failed(self):
         return self.state == WorkerState.FAILED
@@ -500,8 +607,9 @@ class ProcessFailure:
     what the file said. `timestamp` is the error file's (epoch seconds) or when the exit was seen."""
 
     def __init__(self, local_rank, pid, exitcode, error_file=None, message=None, timestamp=None,
-                 rank=None, role="default", host=None, exit_time=None, traceback=None):
+                 rank=None, role="default", host=None, exit_time=None, traceback=None, stderr_log=None):
         self.local_rank = local_rank
+        self.stderr_log = stderr_log     # the worker's stderr.log, when its stderr went to a file
         self.pid = pid
         self.exitcode = exitcode
         self.error_file = error_file
@@ -518,11 +626,13 @@ class ProcessFailure:
             elif exitcode is not None and exitcode < 0:
                 message = "Signal %d (%s) received by PID %s" % (-exitcode, _signal_name(-exitcode), pid)
             else:
-                message = "exited with code %s (no error file: see the worker's stderr)" % exitcode
+                message = ("exited with code %s (no error file: see the worker's stderr)" % exitcode
+                           if not error_file else _no_error_file(exitcode, os.path.dirname(error_file)))
         self.message = message
         if timestamp is None:
             timestamp = file_ts if file_ts is not None else int(self.exit_time)
         self.timestamp = timestamp
+        self.stack = None   # faulthandler's dump, asked for just before the agent killed it
 
     def signal_name(self):
         return _signal_name(-self.exitcode) if self.exitcode is not None and self.exitcode < 0 else ""
@@ -536,7 +646,8 @@ class ProcessFailure:
         return {"local_rank": self.local_rank, "pid": self.pid, "exitcode": self.exitcode,
                 "error_file": self.error_file, "message": self.message, "timestamp": self.timestamp,
                 "rank": self.rank, "role": self.role, "host": self.host, "exit_time": self.exit_time,
-                "traceback": self.traceback, "error_file_data": self.error_file_data}
+                "traceback": self.traceback, "error_file_data": self.error_file_data, "stack": self.stack,
+                "stderr_log": self.stderr_log}
 
     @classmethod
     def _from_dict(cls, d):
@@ -544,11 +655,32 @@ class ProcessFailure:
                 d["rank"], d["role"], d["host"], d["exit_time"], d["traceback"])
         f.error_file = d.get("error_file")
         f.error_file_data = d.get("error_file_data")
+        f.stack = d.get("stack")
+        f.stderr_log = d.get("stderr_log")
         return f
 
     def __repr__(self):
         return "ProcessFailure(rank=%s, local_rank=%s, pid=%s, exitcode=%s)" % (
             self.rank, self.local_rank, self.pid, self.exitcode)
+
+
+_FULL_BELOW = 64 * 1024   # bytes free under which a log folder's file system counts as full
+
+
+def _no_error_file(exitcode, folder):
+    """Why a failed worker left no error file, when its log folder tells: a full file system (its
+    stderr and error file live there, so the worker could not say so itself)."""
+    text = "exited with code %s (no error file: see the worker's stderr)" % exitcode
+    try:
+        st = os.statvfs(folder)
+    except OSError:
+        return text
+    free = st.f_bavail * st.f_frsize
+    if free < _FULL_BELOW or (st.f_files and not st.f_favail):
+        return ("exited with code %s and left no error file: its log folder %s is on a full file system "
+                "(ENOSPC: no space left on device; %d bytes free), so its stderr and error file there "
+                "are cut short or empty" % (exitcode, folder, free))
+    return text
 
 
 def _first(failures):
@@ -557,24 +689,34 @@ def _first(failures):
 
 
 class ChildFailedError(ElasticError):
-    """Workers of `name` failed; `failures` maps global rank to ProcessFailure."""
+    """Workers of `name` failed; `failures` maps global rank to ProcessFailure. `outlived_grace`:
+    workers stopped by the agent that had to be SIGKILLed (shown apart, with their stacks)."""
 
-    def __init__(self, name, failures):
+    def __init__(self, name, failures, outlived_grace=None):
         if not failures:
             raise ValueError("ChildFailedError needs at least one failure")
         self.name = name
         self.failures = failures
+        self.outlived_grace = outlived_grace or {}
         ElasticError.__init__(self, self.format_msg())
 
     def get_first_failure(self):
         return _first(self.failures)
 
     def format_msg(self):
-        return _format_report(self.name, self.failures)
+        return _format_report(self.name, self.failures, self.outlived_grace)
 
 
 def _fmt_time(t):
     return time.strftime("%Y-%m-%d_%H:%M:%S", time.localtime(t))
+
+
+def _error_file_exists(f):
+    """Whether the failure's error file was there: read on its own node (the data travels with the
+    failure), or, on this node, found now."""
+    if f.error_file_data is not None:
+        return True
+    return bool(f.error_file) and f.host == _hostname() and os.path.exists(f.error_file)
 
 
 def _format_failure(rank, f):
@@ -584,25 +726,43 @@ def _format_failure(rank, f):
         "  host       : %s" % f.host,
         "  rank       : %s (local_rank: %s, role: %s)" % (rank, f.local_rank, f.role),
         "  exitcode   : %s (pid: %s)" % (code, f.pid),
-        "  error_file : %s" % (f.error_file or "<none>"),
-        "  message    : %s" % f.message,
+        "  error_file : %s" % (f.error_file if _error_file_exists(f) else "<none written>"),
     ]
+    if f.stderr_log:
+        lines.append("  stderr     : %s" % f.stderr_log)
+    lines.append("  message    : %s" % f.message)
     if f.traceback:
         lines.append("  traceback  :")
         lines.extend("    " + line for line in f.traceback.rstrip("\n").split("\n"))
+    if f.stack:
+        lines.append("  stack      : (where it was when the agent killed it)")
+        lines.extend("    " + line for line in f.stack.rstrip("\n").split("\n"))
     return lines
 
 
-def _format_report(name, failures):
+def _format_report(name, failures, outlived_grace=None, restarts=None, log_dir=None):
+    """The failure report; `outlived_grace`: workers the agent stopped that were SIGKILLed after the
+    grace period (not failures); `restarts` (job-wide count, budget) and this node's `log_dir` when
+    known."""
     root_rank, root = _first(failures)
     bar = "=" * 72
-    lines = [bar, "%s FAILED" % name, bar, "Root cause (first failure):", "[rank %s]:" % root_rank]
+    lines = [bar, "%s FAILED" % name]
+    if restarts is not None:
+        lines.append("restarts   : %d of %d (job-wide)" % restarts)
+    if log_dir:
+        lines.append("log folder : %s (on %s)" % (log_dir, _hostname()))
+    lines += [bar, "Root cause (first failure):", "[rank %s]:" % root_rank]
     lines += _format_failure(root_rank, root)
     others = sorted((kv for kv in failures.items() if kv[0] != root_rank),
                     key=lambda kv: (kv[1].exit_time, kv[0]))
     if others:
         lines.append("Other failures:")
         for rank, f in others:
+            lines.append("[rank %s]:" % rank)
+            lines += _format_failure(rank, f)
+    if outlived_grace:
+        lines.append("Stopped by the agent, SIGKILLed after the grace period (not failures):")
+        for rank, f in sorted(outlived_grace.items()):
             lines.append("[rank %s]:" % rank)
             lines += _format_failure(rank, f)
     lines.append(bar)
@@ -625,6 +785,9 @@ def _copy_root_cause(err, path):
         data = dict(data)
     if isinstance(data["message"], dict):
         data["message"] = dict(data["message"], errorCode=f.exitcode)
+        if f.stack:
+            extra = data["message"].get("extraInfo")
+            data["message"]["extraInfo"] = dict(extra if isinstance(extra, dict) else {}, stack=f.stack)
     data["errorCode"] = f.exitcode
     try:
         _write_json_atomic(path, data)
@@ -656,6 +819,14 @@ def _prctl():
 
 
 _PR_SET_PDEATHSIG = 1
+_PR_SET_CHILD_SUBREAPER = 36
+
+
+def _set_subreaper(prctl, on=True):
+    """Make this process the one its orphaned descendants are re-parented to (Linux 3.4+), so that
+    they stay below it, where _descendants finds them."""
+    if prctl is not None:
+        prctl(_PR_SET_CHILD_SUBREAPER, 1 if on else 0)
 
 
 def _die_with_parent(prctl, parent_pid):
@@ -784,6 +955,65 @@ def _alive(pid):
         return True
     stat = _proc_stat(pid)
     return stat is None or stat[0] != b"Z"
+
+
+def _process_table():
+    """{pid: (state, ppid, pgid)} of every process /proc shows, read once."""
+    table = {}
+    try:
+        names = os.listdir("/proc")
+    except OSError:
+        return table
+    for name in names:
+        if not name.isdigit():
+            continue
+        try:
+            with open("/proc/%s/stat" % name, "rb") as f:
+                fields = f.read().rsplit(b")", 1)[1].split()
+            table[int(name)] = (fields[0], int(fields[1]), int(fields[2]))
+        except (OSError, IndexError, ValueError):
+            pass
+    return table
+
+
+def _descendants(root, skip=()):
+    """{pid: pgid} of the live processes below `root` (zombies aside), never `root` itself nor the
+    pids in `skip` (what is below those still counts). Under a subreaper (_set_subreaper) that is
+    every process it or its children started that is still alive, orphans included."""
+    children = {}
+    table = _process_table()
+    for pid, (_, ppid, _) in table.items():
+        children.setdefault(ppid, []).append(pid)
+    found, todo = {}, list(children.get(root, ()))
+    while todo:
+        pid = todo.pop()
+        todo.extend(children.get(pid, ()))
+        state, _, pgid = table[pid]
+        if pid not in skip and state != b"Z":
+            found[pid] = pgid
+    return found
+
+
+def _kill_descendants(root, skip=(), timeout=2.0):
+    """SIGKILL every process below `root` (see _descendants), again until none is left: one may fork
+    between our look and its death. Gives up after `timeout` seconds."""
+    deadline, killed = time.monotonic() + timeout, set()
+    while True:
+        pids = _descendants(root, skip)
+        for pid in pids:
+            try:
+                os.kill(pid, signal.SIGKILL)
+                killed.add(pid)
+            except OSError:
+                pass
+        if not pids or time.monotonic() >= deadline:
+            break
+        time.sleep(0.005)   # SIGKILL takes effect when the process is next scheduled
+    for pid in killed:   # the adopted ones are our children now: leave no zombies behind
+        try:
+            os.waitpid(pid, os.WNOHANG)
+        except ChildProcessError:
+            pass
 
 
 def _group_alive(pgid):
@@ -915,6 +1145,15 @@ def _b():
             tb = tb.tb_next  # our own bootstrap frames
         prev(t, v.with_traceback(tb) if tb is not None else v, tb)
     sys.excepthook = hook
+    path, sig = os.environ.get("ELASTICRUN_STACK_FILE"), os.environ.get("ELASTICRUN_STACK_SIGNAL")
+    if path and sig:   # elastic._arm_stack_dump
+        try:
+            import faulthandler
+            f = open(path + ".tmp", "w")
+            faulthandler.register(int(sig), file=f, all_threads=True, chain=False)
+            os.replace(path + ".tmp", path)
+        except Exception:
+            pass
     import io
     for name, fd in (("stdout", 1), ("stderr", 2)):   # elastic._whole_line_stdio
         old = getattr(sys, name)
@@ -958,8 +1197,10 @@ class _ForkServer:
     had imported (a script-local ``json.py`` will not shadow ``json``; our own ``store``,
     ``rendezvous`` and ``elastic`` are dropped from ``sys.modules``, so those names stay free).
 
-    The server is a child of the agent (PR_SET_PDEATHSIG), workers are its children (the same), so
-    a SIGKILLed agent takes all of them along. Over a socketpair::
+    The server is a child of the agent and leaves when the agent's end of the socket closes, killing
+    every process below it first (it is their subreaper: orphans of its workers stay below it);
+    workers are its children (PR_SET_PDEATHSIG). A SIGKILLed agent takes all of them along. Over a
+    socketpair::
 
         agent -> server   frame: u32 length, u8 flags (1: stdout fd, 2: stderr fd; the fds ride along
                           as SCM_RIGHTS), then NUL-separated: mode, script, argc, args..., KEY=VALUE...
@@ -1064,15 +1305,35 @@ class _ForkServer:
 
 def _fork_server_loop(sock, prctl, agent_pid):
     """The server's life: fork on request, report births and deaths. Returns only in a new worker."""
-    import array
-    import select
-    import socket
-    import struct
     try:
         os.setsid()
     except OSError:
         pass
-    _die_with_parent(prctl, agent_pid)
+    # The server adopts every orphan below its workers (a worker's child that forked again and
+    # called setsid is in no worker group and carries no mark), so teardown finds them among its
+    # descendants. It has no PR_SET_PDEATHSIG: it leaves when its socket reaches end-of-file, as it
+    # does when the agent dies, and kills what is below it first.
+    _set_subreaper(prctl)
+    if os.getppid() != agent_pid:   # the agent died before we got here
+        os._exit(1)
+    me = os.getpid()
+    try:
+        request = _fork_server_serve(sock, prctl)
+        if request is not None:   # in a new worker
+            return request
+    except BaseException:
+        if os.getpid() != me:   # a new worker failed before running its script
+            raise
+    _kill_descendants(me)
+    os._exit(0)
+
+
+def _fork_server_serve(sock, prctl):
+    """The server's loop; returns None when the agent has gone, the request in a new worker."""
+    import array
+    import select
+    import socket
+    import struct
     import gc
     gc.freeze()  # workers' collections skip what they inherit: fewer copy-on-write page copies
     handled = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT)
@@ -1105,7 +1366,7 @@ def _fork_server_loop(sock, prctl, agent_pid):
             continue
         head, anc, _, _ = sock.recvmsg(5, socket.CMSG_SPACE(2 * int_size))
         if not head:
-            os._exit(0)
+            return None
         fds = array.array("i")
         for level, kind, data in anc:
             if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
@@ -1115,7 +1376,7 @@ def _fork_server_loop(sock, prctl, agent_pid):
             size, flags = struct.unpack("!IB", head)
             body = _store._recv_exactly(sock, size)
         except EOFError:   # the agent is gone mid-request
-            os._exit(0)
+            return None
         fields = [f.decode("utf-8", "surrogateescape") for f in body.split(b"\0")]
         mode, script, argc = fields[0], fields[1], int(fields[2])
         args, env = fields[3:3 + argc], dict(f.split("=", 1) for f in fields[3 + argc:])
@@ -1218,11 +1479,29 @@ def _whole_line_stdio():
         setattr(sys, "__%s__" % name, new)
 
 
+def _arm_stack_dump():
+    """Arm faulthandler (every thread) on the launcher's stack signal, writing to the worker's own
+    stack file; both come in ELASTICRUN_STACK_SIGNAL and ELASTICRUN_STACK_FILE. The file appears
+    under its name only once the handler is in place: the agent signals a worker only then (the
+    signal's default action would end it). The bootstrap carries its own copy."""
+    path, sig = os.environ.get(_STACK_FILE_VAR), os.environ.get(_STACK_SIGNAL_VAR)
+    if not path or not sig:
+        return
+    try:
+        import faulthandler
+        f = open(path + ".tmp", "w")
+        faulthandler.register(int(sig), file=f, all_threads=True, chain=False)
+        os.replace(path + ".tmp", path)
+    except (OSError, ValueError, RuntimeError) as e:
+        sys.stderr.write("elasticrun: no stack dumps for this worker: %s\n" % e)
+
+
 def _exec_script(request):
     import types
     mode, script, args, env = request
     os.environ.update(env)
     _take_cpu_binding(os.environ)
+    _arm_stack_dump()
     _whole_line_stdio()
     # the launcher's own modules must not answer the script's `import store` (or rendezvous,
     # elastic): the script's directory may hold modules of those names
@@ -1284,6 +1563,9 @@ def _function_worker(fn, args, env, conn, out_path, err_path, parent_pid):
     """Body of a callable worker (a multiprocessing child)."""
     for s in (signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT):  # forked children inherit the launcher's
         signal.signal(s, signal.SIG_DFL)
+    for s in signal.valid_signals():   # and its forwarding and stack-signal handlers
+        if isinstance(getattr(signal.getsignal(s), "__self__", None), _StopFlag):
+            signal.signal(s, signal.SIG_DFL)
     signal.signal(signal.SIGINT, signal.default_int_handler)
     for fd in list(_REAPER_FDS):  # inherited through fork: the reaper must see EOF when the agent dies
         try:
@@ -1298,6 +1580,7 @@ def _function_worker(fn, args, env, conn, out_path, err_path, parent_pid):
     _die_with_parent(_prctl(), parent_pid)
     os.environ.update(env)
     _take_cpu_binding(os.environ)
+    _arm_stack_dump()
     for path, fd in ((out_path, 1), (err_path, 2)):
         if path:
             sys.stdout.flush() if fd == 1 else sys.stderr.flush()
@@ -1579,6 +1862,8 @@ class _Worker:
         self.handle = None
         self.exitcode = None
         self.exit_time = None
+        self.stack_file = env.get(_STACK_FILE_VAR)   # None: not a Python worker
+        self.stack = None                            # its dump, once asked for before a kill
 
     @property
     def pid(self):
@@ -1605,9 +1890,14 @@ class _Worker:
 # hands it out in finish(workers) (the fork server forks while we prepare the next worker).
 
 class _ProgramStarter:
+    """Programs (and scripts without a fork server) as subprocesses."""
+
     def __init__(self, entrypoint, args):
         self._argv = [entrypoint] + [str(a) for a in args]
         self._prctl = None   # resolved on first use: the fork-server path never needs ctypes here
+
+    def adopter(self, helpers):
+        return None   # what an exec'd program starts carries its environment, and the mark finds it
 
     def start(self, w):
         import subprocess
@@ -1665,16 +1955,34 @@ class _ForkServerStarter:
         for w in workers:
             w.handle = _ForkedHandle(self._server, self._server.next_pid())
 
+    def adopter(self, helpers):
+        """The fork server is the subreaper of every worker's descendants, and nothing else's."""
+        return self._server.pid, ()
+
 
 class _FunctionStarter:
     """Callables in multiprocessing children (spawn, fork or forkserver)."""
 
-    def __init__(self, fn, args, start_method, role):
+    def __init__(self, fn, args, start_method, role, adopt_orphans=False):
         import multiprocessing
         self._ctx = multiprocessing.get_context(start_method)
         self._fn, self._args, self._method, self._role = fn, tuple(args), start_method, role
+        self._adopt = adopt_orphans
+
+    def adopter(self, helpers):
+        """(the subreaper whose descendants teardown kills, the pids it spares), or None."""
+        if not self._adopt:
+            return None
+        import multiprocessing.resource_tracker as tracker
+        spared = set(helpers) | {getattr(tracker._resource_tracker, "_pid", None)}
+        forkserver = sys.modules.get("multiprocessing.forkserver")
+        if forkserver is not None:
+            spared.add(getattr(forkserver._forkserver, "_forkserver_pid", None))
+        return os.getpid(), spared
 
     def start(self, w):
+        if self._adopt:
+            _set_subreaper(_prctl())
         paths = [None if dest == "console" else path for dest, path in zip(w.dests, w.log_paths)]
         reader, writer = self._ctx.Pipe(duplex=False)
         # forkserver children have the forkserver for a parent, not us
@@ -1690,16 +1998,22 @@ class _FunctionStarter:
         pass
 
 
-def _starter(spec, start_method, fork_server=None):
+def _starter(spec, start_method, fork_server=None, adopt_orphans=False):
     """The starter for a spec's workers: callables in multiprocessing children; Python scripts (an
     entrypoint from python_command) from the fork server when there is one; other programs, and
     scripts without a fork server, as subprocesses."""
     if not isinstance(spec.entrypoint, str):
-        return _FunctionStarter(spec.entrypoint, spec.args, start_method, spec.role)
+        return _FunctionStarter(spec.entrypoint, spec.args, start_method, spec.role, adopt_orphans)
     script = _python_script(spec.entrypoint, spec.args) if fork_server is not None else None
     if script is not None:
         return _ForkServerStarter(fork_server, *script)
     return _ProgramStarter(spec.entrypoint, spec.args)
+
+
+def _is_python_spec(spec):
+    """Whether a spec's workers are Python (a callable, or a script from python_command): those arm
+    the stack dump; a program (``--no-python``) has no Python stack to give."""
+    return not isinstance(spec.entrypoint, str) or _python_script(spec.entrypoint, spec.args) is not None
 
 
 def _python_script(entrypoint, args):
@@ -1884,6 +2198,10 @@ class _WorkerGroup:
         self._pump = _LogPump(stall_timeout=self.CONSOLE_STALL)
         self._duplicates = duplicates      # ((path, filters) for stdout, for stderr): see WorkerSpec
         self._stopped = False
+        import threading
+        self._stack_lock = threading.Lock()
+        self.outlived_grace = {}   # global rank -> ProcessFailure of a worker SIGKILLed after the grace
+        self.stopped_ranks = set()     # the workers still running when stop() began
 
     def start(self, stopping=lambda: False):
         """Start the workers in local-rank order; when `stopping()` turns true, start no more (the
@@ -1932,27 +2250,57 @@ class _WorkerGroup:
         failures = {}
         for rank, w in failed.items():
             f = ProcessFailure(w.local_rank, w.pid, w.exitcode, w.error_file, rank=rank, role=role,
-                               exit_time=w.exit_time)
+                               exit_time=w.exit_time,
+                               stderr_log=w.log_paths[1] if w.dests[1] != "console" else None)
             if w.pid in scopes:
                 f.message = "%s (overran file-timer scope %s)" % (f.message, scopes[w.pid])
+            if w.stack:
+                f.stack = w.stack
+                f.message = "%s; %s" % (f.message, _stack_site(w.stack))
+                f.error_file_data = _write_stack_error(w, f.message) or f.error_file_data
             failures[rank] = f
         return failures
 
     def return_values(self):
         return {w.global_rank: w.handle.result for w in self.workers}
 
-    def stop(self, sig, grace):
-        """Tear the attempt down (see the class); the second call does nothing."""
+    def stop(self, sig, grace, events=None, hurry=None):
+        """Tear the attempt down (see the class); the second call does nothing. `events` narrates
+        it; `hurry` (a stop flag) ends the grace at once when its signal comes a second time."""
         if self._stopped:
             return
         self._stopped = True
+        events = events or _Events()
+        hurry = hurry or _NoStop()
         if self._timer is not None:
             self._timer.set_worker_pids(())  # from now on their pids may be reused by anyone
         started = [w for w in self.workers if w.handle is not None]   # all, unless start() stopped
+        running = [w for w in started if w.poll() is None]
+        self.stopped_ranks = {w.global_rank for w in running}
         for w in started:
             w.handle.signal(sig)
-        strays = _signal_marked(self._token, sig, {w.pid for w in started})
-        self._wait_gone(started, strays, time.monotonic() + grace)
+        groups = {w.pid for w in started}
+        strays = _signal_marked(self._token, sig, groups)
+        adopter = self._starter.adopter({self._reaper.pid})
+        if adopter is not None:
+            for pid, pgid in _descendants(*adopter).items():
+                if pgid not in groups:
+                    try:
+                        os.kill(pid, sig)
+                        strays.append(pid)
+                    except OSError:
+                        pass
+        if running:
+            events.emit("stopping", workers=len(running), signal=_signal_name(sig), grace=grace,
+                        can_hurry=hurry.hurry_fd is not None and hurry.signum is not None,
+                        ranks=[w.global_rank for w in running])
+        left = self._wait_gone(started, strays, time.monotonic() + grace, hurry, bool(running),
+                               before_kill=lambda left: self._outlived_grace(left, sig, grace))
+        if left:
+            again = hurry.again
+            events.emit("kill", why="second signal" if again else "grace over", grace=grace,
+                        signal=_signal_name(again) if again else None,
+                        alive=[{"rank": w.global_rank, "pid": w.pid} for w in left])
         for w in started:
             if w.poll() is None:
                 w.handle.wait()
@@ -1961,31 +2309,73 @@ class _WorkerGroup:
             w.handle.close()
         # after the reap: no worker is left to start another one meanwhile
         _kill_marked(self._token, self.KILL_WAIT)
+        if adopter is not None:
+            _kill_descendants(adopter[0], adopter[1], self.KILL_WAIT)
         self._pump.stop()
 
+    def stacks(self, workers=None):
+        """{worker: stack} of the live `workers` (default: all started), asked for all at once;
+        dumps are asked one batch at a time (a worker writes them all to one file)."""
+        if workers is None:
+            workers = [w for w in self.workers if w.handle is not None and w.exitcode is None]
+        with self._stack_lock:
+            return _ask_stacks(workers)
+
+    def dump_stack(self, pid):
+        """Ask the worker `pid` for its stack (the file timer, before it kills one); kept for the report."""
+        for w, stack in self.stacks([w for w in self.workers if w.handle is not None and w.pid == pid]).items():
+            w.stack = stack
+
+    def _outlived_grace(self, workers, sig, grace):
+        """Workers still there after `grace` seconds: where each one was, in the log and in its error
+        file, before the SIGKILL."""
+        for w, stack in self.stacks([w for w in workers if w.exitcode is None]).items():
+            w.stack = stack
+        for w in workers:
+            if w.exitcode is not None:
+                continue
+            what = "rank %d (pid %d) outlived the %g s grace period after %s: SIGKILL" % (
+                w.global_rank, w.pid, grace, _signal_name(sig))
+            log.warning("%s; %s:\n%s", what, _stack_site(w.stack), w.stack)
+            _write_stack_error(w, "%s; %s" % (what, _stack_site(w.stack)))
+            f = ProcessFailure(w.local_rank, w.pid, -signal.SIGKILL, w.error_file, rank=w.global_rank,
+                               role=w.env.get("ROLE_NAME", "default"),
+                               message="%s; %s" % (what, _stack_site(w.stack)))
+            f.stack = w.stack
+            self.outlived_grace[w.global_rank] = f
+
     @staticmethod
-    def _wait_gone(workers, strays, deadline):
-        """Wait until every worker's group and every stray is gone, or `deadline`; then SIGKILL the
-        groups that are left. It sleeps on the workers' own descriptors while they run; a group's
-        other members and the strays have none, so those are looked at every 5 ms."""
+    def _wait_gone(workers, strays, deadline, hurry, narrate=False, before_kill=None):
+        """Wait until every worker's group and every stray is gone, `deadline`, or `hurry` says a
+        stop signal came again; then SIGKILL the groups that are left (after `before_kill(left)`
+        when the grace ran out, not when told to hurry), and return their workers.
+        It sleeps on the workers' own descriptors while they run; a group's other members and the
+        strays have none, so those are looked at every 5 ms."""
         import select
         pending = list(workers)
+        pace = _store._Pace()
         while True:
             pending = [w for w in pending if w.poll() is None or _group_alive(w.pid)]
             strays = [pid for pid in strays if _alive(pid)]
             left = deadline - time.monotonic()
-            if not (pending or strays) or left <= 0:
+            if not (pending or strays) or left <= 0 or hurry.again:
                 break
+            if narrate and pending and pace.due():
+                log.info("still waiting for %s to exit: %s (%d s left)", _plural(len(pending), "worker"),
+                         _ranks_text([{"rank": w.global_rank, "pid": w.pid} for w in pending]), round(left))
             fds = [w.handle.wait_fd for w in pending if w.exitcode is None]
             if fds and None not in fds:
                 poller = select.poll()
-                for fd in set(fds):
+                for fd in set(fds) | ({hurry.hurry_fd} - {None}):
                     poller.register(fd, select.POLLIN)
-                poller.poll(left * 1000.0)
+                poller.poll(min(left, 1.0) * 1000.0)   # at least once a second: the narration
             else:
                 time.sleep(min(0.005, left))
+        if pending and before_kill is not None and not hurry.again:
+            before_kill(pending)
         for w in pending:
             w.handle.signal(signal.SIGKILL)
+        return pending
 
 
 # --------------------------------------------------------------------------------- Local rendezvous
@@ -2042,6 +2432,163 @@ class _LocalRendezvous:
         return True
 
 
+# ------------------------------------------------------------------------------------------- Events
+# Everything the agent does that an operator may want to know happens once, as an event: one JSON
+# line in the event log, and, from the same fields, the line the console shows. Keys: see the module
+# docstring ("Event log").
+
+_EVENT_LEVELS = {"worker_started": logging.DEBUG,
+                 "rendezvous": logging.DEBUG, "kill": logging.WARNING, "node_lost": logging.WARNING,
+                 "failure": logging.WARNING}
+
+
+def _plural(n, word):
+    return "%d %s%s" % (n, word, "" if n == 1 else "s")
+
+
+def _seconds(s):
+    return "%.0f s" % s if s >= 100 else "%.3g s" % s
+
+
+def _how_ended(e):
+    if e.get("signal"):
+        return "killed by %s" % e["signal"]
+    return "exited with code %s" % e.get("code")
+
+
+def _ranks_text(workers):
+    return ", ".join("rank %s (pid %s)" % (w["rank"], w["pid"]) for w in workers)
+
+
+def _say_start(e):
+    return ("elasticrun %(version)s: run %(run_id)s, rendezvous %(backend)s at %(endpoint)s, nnodes "
+            "%(nnodes)s, nproc %(nproc)s, max restarts %(max_restarts)s, log folder %(log_dir)s, this node "
+            "%(addr)s (host %(host)s, pid %(pid)s)" % e)
+
+
+_EVENT_MEMBERS_MAX = 64   # a round event lists its members up to this many nodes
+
+
+def _say_round(e):
+    hosts = "..." if e["members"] is None else ", ".join(m.get("host") or m["addr"] for m in e["members"])
+    return ("rendezvous round %s done in %s: %s (%s), world size %d; this node is group rank %d with "
+            "ranks %d-%d (master %s)" % (e["round"], _seconds(e["duration"]), _plural(e["nodes"], "node"),
+                                         hosts, e["world_size"], e["group_rank"], e["ranks"][0],
+                                         e["ranks"][1], e["master"]))
+
+
+def _say_failure(e):
+    return "worker failure: rank %s (local rank %s) on %s, pid %s, %s: %s" % (
+        e["rank"], e["local_rank"], e["failure_host"], e["pid"], _how_ended(e), e["message"])
+
+
+def _say_restart(e):
+    if e["why"] in ("failure", "peer failure"):
+        return "%s: restarting the worker group (%d/%d)" % (e["why"], e["count"], e["max"])
+    return "%s: restarting the worker group (restart budget untouched)" % e["why"]
+
+
+def _say_restarted(e):
+    return ("workers running again %s after the %s (detect %s, stop %s, rendezvous %s, start %s)"
+            % (_seconds(e["total"]), e["why"], _seconds(e["detect"]), _seconds(e["stop"]),
+               _seconds(e["rendezvous"]), _seconds(e["start"])))
+
+
+def _say_stopping(e):
+    text = "stopping %s (%s), waiting up to %s" % (_plural(e["workers"], "worker"), e["signal"],
+                                                  _seconds(e["grace"]))
+    return text + ("; send the signal again to kill now" if e["can_hurry"] else "")
+
+
+def _say_kill(e):
+    if e["why"] == "second signal":
+        return "second %s: killing %s now (SIGKILL): %s" % (
+            e["signal"], _plural(len(e["alive"]), "worker"), _ranks_text(e["alive"]))
+    return "%s still alive after the %s grace: %s; killing them (SIGKILL)" % (
+        _plural(len(e["alive"]), "worker"), _seconds(e["grace"]), _ranks_text(e["alive"]))
+
+
+def _say_exit(e):
+    if e["state"] == WorkerState.STOPPED:
+        done = ("%s torn down" % _plural(e["workers_started"], "worker") if e["workers_started"]
+                else "no worker had started")
+        return "stopped by %s; %s; exit status %s" % (e["signal"], done, e["code"])
+    if e["state"] == WorkerState.SUCCEEDED:
+        return "exit status 0 after %s (%s)" % (_seconds(e["elapsed"]), _plural(e["restarts"], "restart"))
+    return "exit status %s after %s (%s, %s)" % (e["code"], _seconds(e["elapsed"]), e["state"],
+                                                  e.get("error") or _plural(e["restarts"], "restart"))
+
+
+_SAY = {
+    "start": _say_start,
+    "rendezvous": lambda e: "joining rendezvous (%s)" % e["why"],
+    "round": _say_round,
+    "scale_change": lambda e: "the job changed size: %d -> %d nodes" % (e["from_nodes"], e["to_nodes"]),
+    "worker_started": lambda e: "worker rank %(rank)s (local rank %(local_rank)s) started: pid %(pid)s" % e,
+    "worker_exited": lambda e: "worker rank %s (pid %s) %s%s" % (
+        e["rank"], e["pid"], _how_ended(e), " (stopped by the agent)" if e["by_agent"] else ""),
+    "succeeded": lambda e: "all %s succeeded" % _plural(e["workers"], "worker"),
+    "failure": _say_failure,
+    "node_lost": lambda e: "a node was lost from round %s: %s" % (e["round"], e["reason"]),
+    "restart": _say_restart,
+    "restarted": _say_restarted,
+    "gave_up": lambda e: "worker group failed; restart budget (%d) spent" % e["max"],
+    "stop_signal": lambda e: "received %s" % e["signal"],
+    "stopping": _say_stopping,
+    "kill": _say_kill,
+    "exit": _say_exit,
+}
+
+
+class _Events:
+    """The run's events: each one written to the event log (when there is one) as one JSON object on
+    a line, fsync'd, then narrated on the console from the same fields, so the two never disagree.
+    A log that cannot be written is reported once and dropped; the narration goes on."""
+
+    def __init__(self, path=None, run_id="none", clock=time.time):
+        self.path, self._run_id, self._clock = path, run_id, clock
+        self._fd = None
+        if path:
+            try:
+                self._fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | getattr(os, "O_CLOEXEC", 0),
+                                   0o644)
+            except OSError as e:
+                log.warning("cannot write the event log %s: %s", path, e.strerror or e)
+
+    def emit(self, kind, **fields):
+        return self.emit_all(kind, [fields])[0]
+
+    def emit_all(self, kind, many):
+        """Events of one kind that happen together (one per worker): one write and one fsync."""
+        import json
+        now = round(self._clock(), 3)
+        records = []
+        for fields in many:
+            record = {"time": now, "event": kind, "run_id": self._run_id, "host": _hostname()}
+            record.update(fields)
+            records.append(record)
+        if self._fd is not None and records:
+            try:
+                os.write(self._fd, "".join(json.dumps(r) + "\n" for r in records).encode())
+                os.fsync(self._fd)
+            except OSError as e:
+                log.warning("cannot write the event log %s: %s; no more events go there", self.path,
+                            e.strerror or e)
+                self.close()
+        say = _SAY.get(kind)
+        for record in records if say is not None else ():
+            level = _EVENT_LEVELS.get(kind, logging.INFO)
+            if kind == "worker_exited":   # a worker's own exit, unless it failed, is no news
+                level = logging.WARNING if record["code"] != 0 and not record["by_agent"] else logging.DEBUG
+            log.log(level, "%s", say(record))
+        return records
+
+    def close(self):
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+
 # -------------------------------------------------------------------------------------------- Agent
 
 class _SignalStop(ElasticError):
@@ -2056,17 +2603,55 @@ class _StopFlag:
     """What the launcher's signal handler does: note the first signal, and raise _SignalStop only
     while the agent is in a wait that is safe to abandon (armed). Elsewhere (reading the fork
     server, tearing down) an exception could lose data mid-read, so the agent checks the note at
-    its next safe point instead."""
+    its next safe point instead. A second signal is noted in `again` and makes `hurry_fd`
+    readable for good: a teardown waiting out its grace period kills at once."""
 
     def __init__(self):
         self.signum = None
+        self.again = None
         self.armed = 0
+        self.listener = None       # the agent's: (kind, signum) of each signal, in the handler
+        self._from_job = None      # the stop signal another node sent us (not to be told again)
+        self._own_copy_seen = False
+        self.hurry_fd, self._hurry_w = os.pipe()
+        os.set_blocking(self._hurry_w, False)
 
     def handler(self, signum, frame):
         if self.signum is None:
             self.signum = signum
+            if self.listener is not None and signum != self._from_job:
+                self.listener("stop", signum)
             if self.armed:
                 raise _SignalStop(signum)
+        elif signum == self._from_job and not self._own_copy_seen:
+            # the scheduler's own copy of the signal that another node already passed on (a whole
+            # job preempted at once): the same stop, not a second signal
+            self._own_copy_seen = True
+        elif self.again is None:
+            self.again = signum
+            try:
+                os.write(self._hurry_w, b"!")
+            except OSError:
+                pass
+
+    def close(self):
+        for fd in (self.hurry_fd, self._hurry_w):
+            os.close(fd)
+    def other_handler(self, signum, frame):
+        """A signal that stops nothing: one to forward (checkpointing), or the stack signal."""
+        if self.listener is not None:
+            self.listener("signal", signum)
+
+    def stop_from_job(self, signum):
+        """Another node was stopped by `signum`: stop here as if it had come (any thread may call)."""
+        import threading
+        if self.signum is not None:
+            return
+        self._from_job = signum
+        if signal.getsignal(signum) == self.handler:   # the main thread answers it at once
+            signal.pthread_kill(threading.main_thread().ident, signum)
+        else:                                          # at the agent's next look
+            self.signum = signum
 
     def check(self):
         if self.signum is not None:
@@ -2087,6 +2672,11 @@ class _StopFlag:
 class _NoStop:
     """The stop flag of an agent run from Python: signals are the caller's business."""
     armed = 0
+    signum = again = hurry_fd = listener = None
+
+    def stop_from_job(self, signum):
+        log.warning("another node was stopped by %s; this agent, run from Python, leaves stopping "
+                    "to its caller", _signal_name(signum))
 
     def check(self):
         pass
@@ -2170,11 +2760,17 @@ class LocalElasticAgent:
     ``fork_server``: a ``_ForkServer`` forked before the caller started threads; Python-script workers
     (an entrypoint from ``python_command``) are then forked from it. ``stop_flag``: a ``_StopFlag``
     whose handler the caller installed for the signals it wants to end the run; None leaves signals
-    to the caller."""
+    to the caller. ``adopt_orphans``: for a process that runs nothing but the agent (the launcher):
+    it becomes the subreaper of its callable workers' descendants, and teardown kills every process
+    below it except its own helpers, also one a worker forked without exec that left its group.
+    ``stack_signal``: the signal Python workers dump their stacks on (see Stacks); None for the
+    default (SIGRTMIN+6), 0 for no dumps. ``event_log``: a path for the event log (JSON lines, see
+    the module docstring), True for ``events.jsonl`` in the run's log folder, None for none (the
+    events are still narrated)."""
 
     def __init__(self, spec, *, logs_specs=None, start_method="spawn", exit_barrier_timeout=300,
                  shutdown_timeout=30, log_line_prefix_template=None, health_check_port=None,
-                 fork_server=None, stop_flag=None):
+                 fork_server=None, stop_flag=None, adopt_orphans=False, stack_signal=None, event_log=None):
         if start_method not in ("spawn", "fork", "forkserver"):
             raise ValueError("start_method must be spawn, fork or forkserver, got %r" % (start_method,))
         self._spec = spec
@@ -2184,9 +2780,17 @@ class LocalElasticAgent:
         self._shutdown_timeout = float(shutdown_timeout)
         self._prefix_template = log_line_prefix_template or _DEFAULT_PREFIX_TEMPLATE
         self._handler = spec.rdzv_handler or _LocalRendezvous(addr=spec.local_addr)
-        self._starter = _starter(spec, start_method, fork_server)
+        self._starter = _starter(spec, start_method, fork_server, adopt_orphans)
         self._stop = stop_flag or _NoStop()
         self._health_check_port = health_check_port
+        # Python workers dump their stacks on this signal (None: never asked)
+        if stack_signal is None:
+            stack_signal = _default_stack_signal()
+        self._stacks_trigger = stack_signal or None   # this signal to the agent: the job's stacks, logged
+        self._stack_signal = stack_signal if stack_signal and _is_python_spec(spec) else None
+        self._control = None       # _JobControl while run() runs on a multi-node capable handler
+        self._forwarded = {}       # signal -> when it was last forwarded to the workers
+        self._stop_acked = False   # this node has counted itself among those that heard of a stop
         self._state = WorkerState.UNKNOWN
         self._group = None         # _WorkerGroup of the running attempt
         self._ranks = None         # _RankAssignment of the current round
@@ -2199,6 +2803,14 @@ class LocalElasticAgent:
         self._timer = None         # FileTimerServer while run() runs with the file timer on
         self._numa = None          # each local rank's CPUs with spec.numa_binding (first start)
         self._run_started = self._run_ended = None   # time.monotonic() of run()'s start and end
+        self._event_log = event_log
+        self._events = _Events()   # run() opens the event log; narration only until then
+        self._job_restarts = 0     # the most restarts any member of the round has made
+        self._nodes = None         # node count of the last round
+        self._exits_told = set()   # (attempt, rank) whose worker_exited event was emitted
+        self._workers_started = 0
+        self._restarting = None    # (why, failure time, detected, stopped) of a restart under way
+        self._rdzv_done = None     # when the last round completed (time.time())
         self.last_progress_time = time.time()
 
     # -- what /healthz and callers read --------------------------------------------------------------
@@ -2257,28 +2869,70 @@ class LocalElasticAgent:
         self._tree_token = _new_tree_token()
         self._reaper = _Reaper(self._tree_token)
         self._logs._make_root(self._run_id())
+        began = time.monotonic()
+        path = self._event_log
+        if path is True:
+            path = os.path.join(self._logs.root_log_dir, "events.jsonl")
+        self._events = _Events(path or None, self._run_id())
+        self._events.emit("start", **self._summary())
+        self._exits_told, self._workers_started, self._restarting, self._nodes = set(), 0, None, None
+        exit_fields = {"code": 1}
         try:
             self._start_servers()
-            return self._run_loop()
+            self._start_control()
+            result = self._run_loop()
+            if self._group is not None:
+                result.outlived_grace = dict(self._group.outlived_grace)
+            exit_fields["code"] = (0 if not result.is_failed()
+                                   else result.root_cause[1].launcher_exit_code())
+            return result
         except _SignalStop as e:
+            exit_fields.update(code=128 + e.signum, signal=_signal_name(e.signum))
+            self._events.emit("stop_signal", signal=_signal_name(e.signum))
             self._set_state(WorkerState.STOPPED)
             self._stop_group(e.signum)
+            self._wait_stop_seen()
             raise
-        except BaseException:
+        except BaseException as e:
+            exit_fields["error"] = "%s: %s" % (type(e).__name__, e)
             if self._state not in (WorkerState.SUCCEEDED, WorkerState.FAILED, WorkerState.STOPPED):
                 self._set_state(WorkerState.FAILED)
             raise
         finally:
             self._stop_group(signal.SIGTERM)
             self._stop_servers()
+            self._stop_control()
             self._reaper.close(clean=True)
             try:
                 self._handler.shutdown()
             except Exception as e:  # never let a leaving-the-run error hide the outcome
                 log.debug("rendezvous shutdown: %s", e)
-            if self._state == WorkerState.SUCCEEDED:
+            self._events.emit("exit", state=self._state, restarts=self._job_restarts,
+                              workers_started=self._workers_started,
+                              elapsed=round(time.monotonic() - began, 3), **exit_fields)
+            self._events.close()
+            if self._state == WorkerState.SUCCEEDED and not (path and os.path.dirname(path) == self._logs.root_log_dir):
                 self._logs._cleanup()
             self._run_ended = time.monotonic()
+
+    def _summary(self):
+        """The start event's fields: what this node runs, where, and with which settings."""
+        params = getattr(self._handler, "params", None)
+        backend = endpoint = nnodes = "local"
+        if params is not None:
+            backend, nnodes = params.backend, "%d:%d" % (params.min_nodes, params.max_nodes)
+            if params.min_nodes == params.max_nodes:
+                nnodes = str(params.min_nodes)
+            if params.backend == "etcd":
+                endpoint = ",".join(params.endpoints)
+            else:
+                port = getattr(getattr(self._handler, "store", None), "port", params.port)
+                endpoint = "%s:%s" % (params.host, port)
+        addr = getattr(self._handler, "local_addr", None) or self._spec.local_addr or _hostname()
+        return {"version": __version__, "backend": backend, "endpoint": endpoint, "nnodes": nnodes,
+                "nproc": self._spec.local_world_size, "max_restarts": self._spec.max_restarts,
+                "log_dir": self._logs.root_log_dir, "event_log": self._events.path, "addr": addr,
+                "pid": os.getpid(), "role": self._spec.role}
 
     def _start_servers(self):
         """The file timer (when the environment asks for it) and /healthz (with a port)."""
@@ -2296,6 +2950,145 @@ class LocalElasticAgent:
                     server.stop()
                 except Exception as e:  # never let a server's stop hide the run's outcome
                     log.debug("stopping %s: %s", name[1:], e)
+
+    # -- the job's control channel (see Job control) -------------------------------------------------
+
+    def _start_control(self):
+        """Join the job's control channel (not for the local rendezvous of an agent without a handler),
+        and hear this process's signals (a stop, a signal to forward, the stack signal)."""
+        self._stop.listener = self._on_local_signal
+        store = getattr(self._handler, "store", None)
+        if store is None or isinstance(self._handler, _LocalRendezvous):
+            return
+        control = _JobControl(store, self._run_id(), self._on_job_event)
+        try:
+            control.start()
+        except Exception as e:   # the job runs without; the rendezvous will say what is wrong
+            log.warning("no job-wide stop, signals or stacks: %s", e)
+            control.close()
+            return
+        self._control = control
+
+    def _stop_control(self):
+        self._stop.listener = None
+        control, self._control = self._control, None
+        if control is not None:
+            control.close()
+
+    def _on_local_signal(self, kind, signum):
+        """In the signal handler: a stop is told to every node; the stack signal asks the job for its
+        stacks; any other signal goes to this node's workers and every other node's."""
+        control = self._control
+        if kind == "stop":
+            if control is not None:
+                control.publish("stop", signum)
+        elif signum == self._stacks_trigger:
+            if control is not None:
+                control.in_background(self._log_job_stacks)
+        elif self._forward_due(signum):
+            self._forward(signum)
+            if control is not None:
+                control.publish("signal", signum)
+
+    def _on_job_event(self, n, kind, arg, origin, own):
+        """In the watcher thread: event `n` of the job's control channel."""
+        if kind == "stacks":
+            self._answer_stacks(n)
+            return
+        if kind == "stop":
+            if not own:
+                log.warning("the agent at %s was stopped by %s: stopping this node the same way", origin,
+                            _signal_name(int(arg)))
+                self._stop.stop_from_job(int(arg))
+            self._stop_seen()
+            return
+        if own:
+            return
+        signum = int(arg)
+        if kind == "signal" and self._forward_due(signum):
+            log.info("forwarding %s (sent to the agent at %s) to this node's workers", _signal_name(signum),
+                     origin)
+            self._forward(signum)
+
+    def _stop_seen(self):
+        """Count this node, once, among those that know of the job's stop (see _wait_stop_seen)."""
+        if self._stop_acked:
+            return
+        self._stop_acked = True
+        prefix = _control_prefix(self._run_id())
+        store = self._control.store
+        if int(store.add(prefix + "stop_seen", 1)) >= (self.group_world_size or 1):
+            store.set(prefix + "stop_all_seen", "1")
+
+    def _wait_stop_seen(self):
+        """On the node serving the store, after its own teardown: wait (at most _STOP_SEEN_WAIT
+        seconds) until every node has heard of the stop, for leaving takes the store away, and a
+        node that loses it first stops as "lost the store" (exit 1) instead of 128+N."""
+        control = self._control
+        if control is None or not getattr(self._handler, "hosts_store", False) or (self.group_world_size or 1) <= 1:
+            return
+        key = _control_prefix(self._run_id()) + "stop_all_seen"
+        try:
+            try:
+                control.store.wait([key], 1.0)
+            except _store.StoreTimeout:
+                log.info("keeping the store up until every node has heard of the stop (%g s at most)",
+                         _STOP_SEEN_WAIT - 1.0)
+                control.store.wait([key], _STOP_SEEN_WAIT - 1.0)
+        except Exception as e:
+            log.warning("leaving with the store before every node heard of the stop: %s", e)
+
+    def _forward_due(self, signum):
+        """Once per signal per _FORWARD_WINDOW: under Slurm every agent gets the same signal and
+        also hears of it from the others."""
+        now, last = time.monotonic(), self._forwarded.get(signum)
+        if last is not None and now - last < _FORWARD_WINDOW:
+            return False
+        self._forwarded[signum] = now
+        return True
+
+    def _forward(self, signum):
+        """`signum` to each running worker (the worker alone: its children may not expect it)."""
+        group = self._group
+        for w in [] if group is None else list(group.workers):
+            if w.handle is not None and w.exitcode is None:
+                try:
+                    os.kill(w.pid, signum)
+                except OSError:
+                    pass
+
+    def _answer_stacks(self, n):
+        import json
+        group = self._group
+        workers = [] if group is None else [w for w in group.workers if w.handle is not None]
+        stacks = {} if group is None else group.stacks([w for w in workers if w.exitcode is None])
+        # an answer stays under 1 MiB however many workers (etcd refuses requests over 1.5 MiB)
+        room = max(2048, (1 << 20) // max(1, len(workers)))
+
+        def cut(text):
+            return text if len(text) <= room else text[:room] + "\n... (cut at %d characters)\n" % room
+
+        answer = {"host": _hostname(), "pid": os.getpid(), "group_rank": self.group_rank,
+                  "nodes": self.group_world_size or 1, "state": self._state,
+                  "workers": [{"rank": w.global_rank, "local_rank": w.local_rank, "pid": w.pid,
+                               "stack": cut(stacks.get(w) or "exited with code %s" % w.exitcode)}
+                              for w in workers]}
+        base = "%sstacks/%d/" % (_control_prefix(self._run_id()), n)
+        store = self._control.store
+        k = int(store.add(base + "count", 1))
+        store.set(base + str(k), json.dumps(answer))
+
+    def _log_job_stacks(self):
+        control = self._control
+        if control is None:
+            return
+        try:
+            answers, nodes = _collect_stacks(control.store, self._run_id(), control.origin)
+        except Exception as e:
+            log.warning("could not collect the job's stacks: %s", e)
+            return
+        log.warning("the job's stacks (asked with %s):\n%s", _stack_signal_name(self._stacks_trigger),
+                    _format_stacks(answers, nodes))
 
     def _run_id(self):
         try:
@@ -2315,6 +3108,7 @@ class LocalElasticAgent:
             self._stop.check()
             self._start_group()
             outcome, failures = self._monitor()
+            detected = time.time()
             if outcome == _SUCCESS:
                 return self._succeeded()
             if outcome == _STORE_LOST:
@@ -2324,23 +3118,50 @@ class LocalElasticAgent:
                 self._stop_group(signal.SIGTERM)
                 raise _rdzv.RendezvousConnectionError(
                     "lost the store mid-run: %s; this node's workers were stopped" % failures)
+            self._tell_exits(failures)
             self._set_state(WorkerState.UNHEALTHY)
+            if outcome == _BROKEN:
+                self._events.emit("node_lost", round=self._peers.round, reason=self._peers.broken_reason())
             self._stop_group(signal.SIGTERM)
             if outcome in (_MEMBERSHIP, _BROKEN):
-                log.info("%s: restarting the worker group (restart budget untouched)", outcome)
+                self._events.emit("restart", why=outcome, count=self._job_restarts, max=spec.max_restarts)
+                self._restarting = (outcome, detected, detected, time.time())
                 continue
             # a failure here or on a peer
             job = self._peers.failures(failures)
             root_rank, root = _first(job)
+            self._events.emit("failure", **_failure_fields(root_rank, root, len(job)))
             if self._restart_count < spec.max_restarts:
                 self._restart_count += 1
-                log.info("%s (rank %s: %s); restarting the worker group (%d/%d)", outcome, root_rank,
-                         root.message, self._restart_count, spec.max_restarts)
+                self._job_restarts = max(self._job_restarts + 1, self._restart_count)
+                self._events.emit("restart", why=outcome, count=self._job_restarts, max=spec.max_restarts,
+                                  rank=root_rank)
+                # a peer's clock may run ahead of ours: a failure is never seen before it happened
+                self._restarting = (outcome, min(root.exit_time, detected), detected, time.time())
                 continue
             self._set_state(WorkerState.FAILED)
             self._peers.give_up()
-            log.info("worker group failed; restart budget (%d) spent", spec.max_restarts)
-            return RunResult(WorkerState.FAILED, failures=job, root_cause=(root_rank, root))
+            self._events.emit("gave_up", max=spec.max_restarts)
+            return RunResult(WorkerState.FAILED, failures=job, root_cause=(root_rank, root),
+                             restart_count=self._job_restarts)
+
+    def _tell_exits(self, first=()):
+        """worker_exited for every worker of the attempt whose exit is known and not yet told; the
+        ranks in `first` (the failures that ended the attempt) before the others, not by the agent."""
+        group = self._group
+        if group is None:
+            return
+        attempt = self._attempt - 1
+        exits = []
+        for w in sorted(group.workers, key=lambda w: (w.global_rank not in first, w.global_rank)):
+            if w.handle is None or w.exitcode is None or (attempt, w.global_rank) in self._exits_told:
+                continue
+            self._exits_told.add((attempt, w.global_rank))
+            code = w.exitcode
+            exits.append({"rank": w.global_rank, "local_rank": w.local_rank, "pid": w.pid,
+                          "code": code if code >= 0 else None, "signal": _signal_name(-code) if code < 0 else None,
+                          "by_agent": w.global_rank in group.stopped_ranks, "attempt": attempt})
+        self._events.emit_all("worker_exited", exits)
 
     def _succeeded(self):
         """Every worker exited 0: the exit barrier, then success, unless another node gave up
@@ -2348,14 +3169,15 @@ class LocalElasticAgent:
         values = self._group.return_values()
         self._set_state(WorkerState.SUCCEEDED)
         self._stop_group(signal.SIGTERM)
-        log.info("all %d workers succeeded", len(values))
+        self._events.emit("succeeded", workers=len(values))
         if self._peers.exit_barrier(self._exit_barrier_timeout):
-            return RunResult(WorkerState.SUCCEEDED, return_values=values)
+            return RunResult(WorkerState.SUCCEEDED, return_values=values, restart_count=self._job_restarts)
         self._set_state(WorkerState.FAILED)
         job = self._peers.failures({})
         self._peers.give_up()
         log.info("another node failed for good while this node waited at the exit barrier")
-        return RunResult(WorkerState.FAILED, failures=job, root_cause=_first(job))
+        return RunResult(WorkerState.FAILED, failures=job, root_cause=_first(job),
+                         restart_count=self._job_restarts)
 
     def _closed_by_another_node(self):
         """The run was closed: the job's end, a success unless a node gave up while this one was
@@ -2365,32 +3187,59 @@ class LocalElasticAgent:
             job = self._peers.failures({})
             self._peers.outcome_seen()
             log.info("the run was closed by another node after the job failed")
-            return RunResult(WorkerState.FAILED, failures=job, root_cause=_first(job))
+            return RunResult(WorkerState.FAILED, failures=job, root_cause=_first(job),
+                             restart_count=self._job_restarts)
         log.info("the run was closed by another node; nothing left to do here")
         self._set_state(WorkerState.SUCCEEDED)
-        return RunResult(WorkerState.SUCCEEDED)
+        return RunResult(WorkerState.SUCCEEDED, restart_count=self._job_restarts)
 
     def _rendezvous(self):
         spec = self._spec
         if self._state != WorkerState.INIT:
             self._set_state(WorkerState.INIT)
+        why = "start" if self._restarting is None else self._restarting[0]
+        self._events.emit("rendezvous", why=why)
+        began = time.monotonic()
         with self._stop:
             info = self._handler.next_rendezvous()
         self._peers = _Peers(info, self._handler, self._stop, self._run_id(),
                              self._shutdown_timeout + _OUTCOME_WAIT)
         lws = spec.local_world_size
         if info.world_size > 1:
-            info.store.set("role/%d" % info.rank, "%s\n%d" % (spec.role, lws))
+            # what `elasticrun status` shows of this node, beside the role the ranks are made from
+            info.store.multi_set(["agent/%d" % info.rank, "role/%d" % info.rank],
+                                 [self._agent_record(), "%s\n%d" % (spec.role, lws)])
             peers = [v.decode().split("\n") for v in
                      info.store.multi_get(["role/%d" % r for r in range(info.world_size)])]
+            self._job_restarts = max([self._job_restarts] + _restarts_of(info.store, info.world_size))
         else:
             peers = [[spec.role, str(lws)]]
         r = self._ranks = _RankAssignment([(role, int(n)) for role, n in peers], info.rank, spec.role,
                                           spec.master_addr or info.master_addr,
                                           spec.master_port or info.master_port)
-        log.info("rendezvous round %s done: %d node(s), world size %d; this node is group rank %d "
-                 "with ranks %d-%d (master %s:%s)", getattr(info, "round", "?"), info.world_size,
-                 r.world_size, info.rank, r.base_rank, r.base_rank + lws - 1, r.master_addr, r.master_port)
+        # the member list costs every node O(nodes) bytes: named in the event for a modest round only
+        members = None
+        if info.world_size <= _EVENT_MEMBERS_MAX:
+            members = getattr(info, "members", None) or [(spec.local_addr or _hostname(), None)]
+        bases = list(itertools.accumulate([0] + [int(n) for _, n in peers]))
+        if self._nodes is not None and self._nodes != info.world_size:
+            self._events.emit("scale_change", from_nodes=self._nodes, to_nodes=info.world_size)
+        self._nodes = info.world_size
+        self._events.emit(
+            "round", round=getattr(info, "round", None), nodes=info.world_size, world_size=r.world_size,
+            group_rank=info.rank, ranks=[r.base_rank, r.base_rank + lws - 1],
+            master="%s:%s" % (r.master_addr, r.master_port), duration=round(time.monotonic() - began, 3),
+            members=None if members is None else [
+                {"addr": m[0], "id": m[1], "host": m[2] if len(m) > 2 else None,
+                 "ranks": [bases[i], bases[i + 1] - 1]} for i, m in enumerate(members)])
+        self._rdzv_done = time.time()
+
+    def _agent_record(self):
+        import json
+        spec = self._spec
+        return json.dumps({"host": _hostname(), "pid": os.getpid(), "restarts": self._job_restarts,
+                           "max_restarts": spec.max_restarts, "nproc": spec.local_world_size,
+                           "log_dir": self._logs.root_log_dir, "event_log": self._events.path})
 
     def _worker_env(self, local_rank, error_file):
         spec = self._spec
@@ -2410,6 +3259,9 @@ class LocalElasticAgent:
             env[TORCHELASTIC_TIMER_FILE] = self._timer.file_path
         if spec.virtual_local_rank:
             env.update(_virtual_local_rank_env(local_rank, os.environ))
+        if self._stack_signal is not None:
+            env[_STACK_FILE_VAR] = os.path.join(os.path.dirname(error_file), "stack.txt")
+            env[_STACK_SIGNAL_VAR] = str(self._stack_signal)
         return env
 
     def _start_group(self):
@@ -2443,6 +3295,8 @@ class LocalElasticAgent:
                                             ("stderr", spec.duplicate_stderr_filters))]
         self._group = _WorkerGroup(workers, self._starter, self._reaper, self._tree_token, self._timer,
                                    [(path, f) if f else (None, None) for path, f in duplicates])
+        if self._timer is not None:
+            self._timer.before_signal = self._group.dump_stack   # the report shows where it hung
         # a stop signal is answered between two workers, not after the last of many
         self._group.start(stopping=self._stop.requested)
         self._stop.check()   # every worker asked for is known now, so teardown finds them all
@@ -2450,12 +3304,23 @@ class LocalElasticAgent:
             self._timer.set_worker_pids([w.pid for w in workers])
         self._set_state(WorkerState.HEALTHY)
         self.last_progress_time = time.time()
-        log.debug("started %d workers (attempt %d): pids %s", len(workers), self._attempt - 1,
-                  [w.pid for w in workers])
+        self._workers_started += len(workers)
+        now = time.time()
+        self._events.emit_all("worker_started", [
+            {"rank": w.global_rank, "local_rank": w.local_rank, "pid": w.pid, "attempt": self._attempt - 1}
+            for w in workers])
+        if self._restarting is not None:
+            why, failed, detected, stopped = self._restarting
+            rdzv_done = self._rdzv_done
+            self._restarting = None
+            self._events.emit("restarted", why=why, total=round(now - failed, 3),
+                              detect=round(detected - failed, 3), stop=round(stopped - detected, 3),
+                              rendezvous=round(rdzv_done - stopped, 3), start=round(now - rdzv_done, 3))
 
     def _stop_group(self, sig):
         if self._group is not None:
-            self._group.stop(sig, self._shutdown_timeout)
+            self._group.stop(sig, self._shutdown_timeout, self._events, self._stop)
+            self._tell_exits()
 
     # -- monitor -------------------------------------------------------------------------------------
 
@@ -2521,6 +3386,29 @@ def _serve_health(port, status_fn):
     return health
 
 
+def _restarts_of(store, world_size):
+    """The restart counts the round's agents published (agent/<group rank>; older agents publish none)."""
+    import json
+    keys = ["agent/%d" % r for r in range(world_size)]
+    keys = [k for k in keys if store.check([k])]
+    counts = []
+    for value in store.multi_get(keys) if keys else []:
+        try:
+            counts.append(int(json.loads(value.decode())["restarts"]))
+        except (ValueError, KeyError, TypeError):
+            pass
+    return counts
+
+
+def _failure_fields(rank, f, count):
+    """The failure event's fields for the root cause `f` (global rank `rank`) of `count` failures."""
+    return {"rank": rank, "local_rank": f.local_rank, "failure_host": f.host, "pid": f.pid,
+            "code": f.exitcode if f.exitcode is None or f.exitcode >= 0 else None,
+            "signal": f.signal_name() or None, "message": f.message, "failure_time": f.exit_time,
+            "error_file": f.error_file if f.error_file_data is not None else None,
+            "stderr_log": f.stderr_log, "failures": count}
+
+
 class _Peers:
     """The rest of the job for one round, through the round's store: their failures, joiners and
     lost members, the failure exchange, and the exit barrier. A one-node round has no peers."""
@@ -2530,6 +3418,7 @@ class _Peers:
         self._failed_key = "elasticrun/%s/failed" % run_id   # on the handler's store: outlives rounds
         self._outcome_wait = outcome_wait
         self._ignore_broken = False
+        self.round = getattr(info, "round", None)
 
     def check(self):
         """One look: a peer's failure, nodes waiting, a member lost; None when all is well."""
@@ -2537,7 +3426,8 @@ class _Peers:
         if self._info.world_size > 1 and store.check(["failed"]):
             return _PEER_FAILURE
         if self._handler.num_nodes_waiting() > 0:
-            return _MEMBERSHIP
+            # the survivors of a dead member wait for the next round too: that is not a scale-up
+            return _BROKEN if self._broken_in_store() else _MEMBERSHIP
         broken = getattr(self._handler, "round_broken", None)
         if broken is not None and broken() and not self._ignore_broken:
             if store.check(["exit/count"]):
@@ -2549,19 +3439,43 @@ class _Peers:
             return _BROKEN
         return None
 
+    def _broken_in_store(self):
+        ask = getattr(self._handler, "broken_reason", None)
+        try:
+            return ask is not None and ask() is not None
+        except Exception:
+            return False
+
+    def broken_reason(self):
+        """Why the round broke, naming the lost member's host when the reason names its rank."""
+        import re
+        ask = getattr(self._handler, "broken_reason", None)
+        try:
+            why = ask() if ask is not None else None
+        except Exception as e:
+            why = "the store is unreachable (%s)" % e
+        if why is None:
+            return "a member died or left"
+        members = getattr(self._info, "members", None) or []
+        found = re.search(r"rank (\d+)", why)
+        if found and int(found.group(1)) < len(members):
+            member = members[int(found.group(1))]
+            why += " (host %s)" % (member[2] if len(member) > 2 and member[2] else member[0])
+        return why
+
     def failures(self, local):
         """Failures of the whole job for this round: ours published, then everyone's read back.
         Without the store, what this node knows."""
         import json
         info = self._info
-        if info.world_size <= 1:
-            return local
         store = info.store
         try:
-            if local:
+            if local:   # published on a one-node round too: `elasticrun status` reads it
                 store.set("failure/%d" % info.rank, json.dumps(
                     {str(r): f._to_dict() for r, f in local.items()}))
                 store.add("failed", 1)
+            if info.world_size <= 1:
+                return local
             job = dict(local)
             for r in range(info.world_size):
                 key = "failure/%d" % r
@@ -2633,6 +3547,23 @@ class _Peers:
             except _store.StoreTimeout:
                 pass
 
+    def _wait_release(self, store, deadline, nodes):
+        """Wait for the exit barrier's release until `deadline` (StoreTimeout then), saying at a
+        human pace how many nodes have finished."""
+        pace = _store._Pace()
+        while True:
+            left = deadline - time.monotonic()
+            try:
+                with self._stop:
+                    store.wait(["exit/release"], max(0.001, min(left, 1.0)))
+                return
+            except _store.StoreTimeout:
+                if left <= 1.0:
+                    raise
+            if pace.due():
+                log.info("exit barrier: waiting for the other nodes to finish: %d of %d done (%d s left)",
+                         store.add("exit/count", 0), nodes, round(deadline - time.monotonic()))
+
     def exit_barrier(self, timeout):
         """Wait up to `timeout` seconds for every node to finish; False when one of them failed for
         good meanwhile."""
@@ -2644,8 +3575,7 @@ class _Peers:
         try:
             if store.add("exit/count", 1) >= info.world_size:
                 store.set("exit/release", "done")
-            with self._stop:
-                store.wait(["exit/release"], timeout)
+            self._wait_release(store, start + timeout, info.world_size)
             release = store.get("exit/release")
             if release == b"done":
                 self._handler.set_closed()
@@ -2656,6 +3586,343 @@ class _Peers:
         except Exception as e:  # a barrier problem never fails a successful node
             log.warning("exit barrier: %s (the workers of this node succeeded)", e)
         return True
+
+
+# ------------------------------------------------------------------------------------------- Stacks
+# Where a worker is: faulthandler's dump of all its threads, asked for with the stack signal.
+
+_STACK_FILE_VAR = "ELASTICRUN_STACK_FILE"
+_STACK_SIGNAL_VAR = "ELASTICRUN_STACK_SIGNAL"
+_STACK_WAIT = 1.0       # seconds the agent waits for the dumps it asked for
+_NOT_PYTHON = "not a Python worker: no stack"
+
+
+def _default_stack_signal():
+    """SIGRTMIN+6 where real-time signals exist, else None (no dumps). Not SIGUSR1/SIGUSR2: Slurm's
+    ``--signal`` and many training scripts use those for checkpointing; not SIGQUIT or SIGABRT:
+    their default action dumps core; a real-time signal nobody else sends is free."""
+    low = getattr(signal, "SIGRTMIN", None)
+    return None if low is None else int(low) + 6
+
+
+def _parse_stack_signal(text):
+    """ELASTICRUN_STACK_SIGNAL's value: a name (SIGUSR2), SIGRTMIN+N, a number; 0, off or none: no
+    dumps. ValueError with a sentence otherwise."""
+    t = text.strip().upper()
+    if t in ("", "0", "OFF", "NONE"):
+        return None
+    low, high = getattr(signal, "SIGRTMIN", None), getattr(signal, "SIGRTMAX", None)
+    try:
+        if t.isdigit():
+            n = int(t)
+        elif t.startswith("SIGRTMIN") and low is not None:
+            n = int(low) + int(t[len("SIGRTMIN"):] or 0)
+        else:
+            n = int(getattr(signal, t if t.startswith("SIG") else "SIG" + t))
+    except (AttributeError, ValueError):
+        n = -1
+    if n in (signal.SIGKILL, signal.SIGSTOP) or not 0 < n < signal.NSIG or (
+            high is not None and n > int(high)):
+        raise ValueError("ELASTICRUN_STACK_SIGNAL=%r is not a signal a worker can catch" % text)
+    return n
+
+
+def _stack_signal_name(sig):
+    low = getattr(signal, "SIGRTMIN", None)
+    if low is not None and sig is not None and sig >= int(low) and sig not in set(signal.Signals):
+        return "SIGRTMIN+%d" % (sig - int(low))
+    return _signal_name(sig)
+
+
+def _ask_stacks(workers):
+    """Ask every live Python worker of `workers` for its stack at once, then wait (up to _STACK_WAIT
+    seconds in all) until each dump has stopped growing. Returns {worker: its dump, or a sentence
+    saying why there is none}. One caller at a time per worker (see _WorkerGroup.stacks)."""
+    asked, stacks = {}, {}
+    for w in workers:
+        if w.stack_file is None:
+            stacks[w] = _NOT_PYTHON
+            continue
+        try:
+            size = os.stat(w.stack_file).st_size
+            sig = int(w.env[_STACK_SIGNAL_VAR])
+        except (OSError, KeyError, ValueError):
+            stacks[w] = "no stack: the worker had not armed its stack dump yet"
+            continue
+        try:
+            os.kill(w.pid, sig)   # the worker alone: its own children may never have armed
+        except OSError:
+            stacks[w] = "no stack: the worker is gone"
+            continue
+        asked[w] = [size, size]   # where its dump starts, its size at the last look
+    deadline = time.monotonic() + _STACK_WAIT
+    while asked:
+        time.sleep(0.01)   # faulthandler writes from a signal handler: no event to wait on
+        for w, seen in list(asked.items()):
+            try:
+                size = os.stat(w.stack_file).st_size
+            except OSError:
+                size = seen[1]
+            if size > seen[0] and size == seen[1]:   # a dump that did not grow for 10 ms
+                stacks[w] = _trim_dump(_read_dump(w.stack_file, seen[0], size))
+                if stacks[w].endswith("\n"):
+                    del asked[w]
+                    continue
+            seen[1] = size
+        if time.monotonic() >= deadline:
+            for w, seen in asked.items():
+                stacks[w] = _trim_dump(_read_dump(w.stack_file, seen[0], seen[1])) if seen[1] > seen[0] else (
+                    "no stack: the worker wrote none within %g s" % _STACK_WAIT)
+            break
+    return stacks
+
+
+def _read_dump(path, start, end):
+    try:
+        with open(path, "rb") as f:
+            f.seek(start)
+            return f.read(min(end - start, 1 << 20)).decode("utf-8", "replace")
+    except OSError:
+        return ""
+
+
+def _trim_dump(text):
+    """A dump without the launcher's own frames below the script (the fork server's, the
+    bootstrap's): they are the same in every worker and say nothing."""
+    ours = (__file__, "<string>", "<elasticrun>")
+    blocks = []
+    for block in text.rstrip("\n").split("\n\n"):
+        lines = block.split("\n")
+        while len(lines) > 2 and any(lines[-1].strip().startswith('File "%s"' % o) for o in ours):
+            lines.pop()
+        blocks.append("\n".join(lines))
+    return "\n\n".join(blocks) + "\n"
+
+
+def _stack_site(stack):
+    """Where a dump says the main thread was: "in stuck_here (train.py:12)"; the main thread is
+    the last one faulthandler lists, and its innermost frame comes first."""
+    import re
+    if not stack:
+        return "no stack"
+    blocks = [b for b in stack.split("\n\n") if 'File "' in b]
+    if not blocks:
+        return stack.strip().split("\n")[0]
+    m = re.search(r'File "(.*)", line (\d+) in (\S+)', blocks[-1])
+    if m is None:
+        return "no stack"
+    return "in %s (%s:%s)" % (m.group(3), os.path.basename(m.group(1)), m.group(2))
+
+
+def _write_stack_error(w, message):
+    """The error file of a worker the agent is killing, written for it when it wrote none (a
+    SIGKILL leaves no time to), with its stack in extraInfo; returns the data written, or None."""
+    if not w.error_file or os.path.exists(w.error_file):
+        return None
+    data = {"message": {"message": message, "extraInfo": {
+        "py_callstack": "", "stack": w.stack or "", "timestamp": str(int(time.time()))}}}
+    try:
+        _write_json_atomic(w.error_file, data)
+    except OSError as e:
+        log.debug("could not write %s: %s", w.error_file, e)
+        return None
+    return data
+
+
+# -------------------------------------------------------------------------------------- Job control
+# One channel for what concerns every node at once: a stop signal, a signal to forward, a request
+# for stacks. Events are numbered keys on the rendezvous handler's store (it outlives rounds)::
+#
+#     any agent / `elasticrun stacks`           every agent (a watcher thread, its own connection)
+#       n = add(ctl/count, 1)                     parked in wait([ctl/<next>]) -- no traffic while idle
+#       set(ctl/<n>, "<kind> <origin> <arg>") --> get(ctl/<next>); act; next += 1
+#                                                 stacks: add(ctl/stacks/<n>/count, 1) -> k,
+#                                                         set(ctl/stacks/<n>/<k>, {node's stacks})
+#
+# kinds: "stop N" (a stop signal reached the origin: stop the same way), "signal N" (forward N to
+# the workers, nothing stops), "stacks -" (answer with every worker's stack).
+
+_CONTROL_WAIT = 30.0    # seconds a watcher's parked wait lasts before it is renewed (one request)
+_FORWARD_WINDOW = 2.0   # a signal forwarded within this many seconds is not forwarded again
+_STACKS_TIMEOUT = 10.0  # seconds `elasticrun stacks` waits for every node's answer
+_STOP_SEEN_WAIT = 5.0   # seconds the store's node, stopping, waits for every node to hear of it
+
+
+def _control_prefix(run_id):
+    return "elasticrun/%s/ctl/" % run_id
+
+
+def _publish_event(store, prefix, kind, origin, arg):
+    """Append one event; returns its number."""
+    n = int(store.add(prefix + "count", 1))
+    store.set(prefix + str(n), "%s %s %s" % (kind, origin, arg))
+    return n
+
+
+class _JobControl:
+    """An agent's end of the job's control channel: a watcher thread that acts on every event after
+    the ones that existed when it started, and a publisher thread fed by ``publish()`` (a queue put,
+    so a signal handler may call it). Both use a connection of their own (``store.clone()``, when
+    the store has one), which ``close()`` closes to wake the watcher."""
+
+    def __init__(self, store, run_id, on_event):
+        import queue
+        self._prefix = _control_prefix(run_id)
+        self._on_event = on_event           # (n, kind, arg, origin, own) from the watcher thread
+        clone = getattr(store, "clone", None)
+        self._own = callable(clone)
+        self._store = clone() if self._own else store
+        if self._own:   # one parked get answers with the event itself: no second round trip
+            self._store.set_timeout(_CONTROL_WAIT)
+        self.origin = "%s:%d" % (_hostname(), os.getpid())
+        self._queue = queue.SimpleQueue()   # reentrant put: safe in a signal handler
+        self._closed = False
+        self._threads = []
+        self._next = None
+
+    def start(self):
+        import threading
+        self._next = int(self._store.add(self._prefix + "count", 0)) + 1
+        for target, name in ((self._watch, "elastic-job-watch"), (self._publish_loop, "elastic-job-publish")):
+            t = threading.Thread(target=target, name=name, daemon=True)
+            t.start()
+            self._threads.append(t)
+
+    def publish(self, kind, arg):
+        """Tell every agent of the job (this one's watcher skips its own stop and signal events)."""
+        self._queue.put((kind, arg))
+
+    def in_background(self, fn):
+        """Run `fn()` in a thread of its own, started from the publisher (not from a signal handler)."""
+        self._queue.put(fn)
+
+    @property
+    def store(self):
+        return self._store
+
+    def _publish_loop(self):
+        import threading
+        while True:
+            item = self._queue.get()
+            if item is None:
+                return
+            if callable(item):
+                threading.Thread(target=item, name="elastic-job-task", daemon=True).start()
+                continue
+            try:
+                _publish_event(self._store, self._prefix, item[0], self.origin, item[1])
+            except Exception as e:
+                log.warning("could not tell the other nodes (%s %s): %s", item[0], item[1], e)
+
+    def _watch(self):
+        while not self._closed:
+            key = self._prefix + str(self._next)
+            try:
+                if not self._own:
+                    self._store.wait([key], _CONTROL_WAIT)
+                text = self._store.get(key).decode("utf-8", "replace")
+            except _store.StoreTimeout:
+                continue
+            except Exception as e:   # the store is gone: the agent's own checks say so
+                if not self._closed:
+                    log.debug("job control: %s", e)
+                return
+            n, self._next = self._next, self._next + 1
+            parts = text.split(" ", 2)
+            if len(parts) != 3:
+                log.warning("job control: ignoring event %d: %r", n, text[:100])
+                continue
+            kind, origin, arg = parts
+            try:
+                self._on_event(n, kind, arg, origin, origin == self.origin)
+            except Exception as e:
+                log.warning("job control: acting on %s from %s: %s", kind, origin, e)
+
+    def close(self):
+        """Send what was published, then stop both threads (bounded)."""
+        self._closed = True
+        self._queue.put(None)
+        if len(self._threads) > 1:
+            self._threads[1].join(5.0)
+        if self._own:
+            try:
+                self._store.close()
+            except Exception as e:
+                log.debug("job control: closing: %s", e)
+            if self._threads:
+                self._threads[0].join(1.0)
+
+
+def _collect_stacks(store, run_id, origin, timeout=_STACKS_TIMEOUT):
+    """Ask every agent of the job `run_id` for its workers' stacks: (answers, nodes), `nodes` the
+    job's node count the answers gave (None: nobody answered within `timeout` seconds)."""
+    import json
+    prefix = _control_prefix(run_id)
+    n = _publish_event(store, prefix, "stacks", origin, "-")
+    base = "%sstacks/%d/" % (prefix, n)
+    deadline = time.monotonic() + timeout
+    answers, nodes = [], None
+    pace = _store._Pace()
+    while nodes is None or len(answers) < nodes:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            break
+        if pace.due():
+            log.info("waiting for the nodes' stacks: %d of %s answered (%d s left)", len(answers),
+                     "?" if nodes is None else nodes, round(left))
+        key = base + str(len(answers) + 1)
+        try:
+            store.wait([key], min(left, 1.0))
+        except _store.StoreTimeout:
+            continue
+        answer = json.loads(store.get(key).decode())
+        answers.append(answer)
+        nodes = max(nodes or 0, int(answer.get("nodes") or 1))
+    for k in range(1, len(answers) + 1):   # the store keeps nothing of a request once answered
+        try:
+            store.delete_key(base + str(k))
+        except Exception:
+            break
+    return answers, nodes
+
+
+def _rank_ranges(ranks):
+    """[0, 1, 2, 5, 7, 8] -> "0-2, 5, 7-8"."""
+    parts, ranks = [], sorted(ranks)
+    start = prev = ranks[0]
+    for r in ranks[1:] + [None]:
+        if r is not None and r == prev + 1:
+            prev = r
+            continue
+        parts.append(str(start) if start == prev else "%d-%d" % (start, prev))
+        start = prev = r
+    return ", ".join(parts)
+
+
+def _format_stacks(answers, nodes):
+    """The job's stacks grouped by identical stack, the biggest group first, so the odd rank out
+    comes last: "ranks 0-62, 64-127: in all_reduce (x.py:3)" then that stack once."""
+    import re
+    groups = {}
+    for a in answers:
+        for w in a.get("workers", ()):
+            text = w.get("stack") or "no stack"
+            same = re.sub(r"0x[0-9a-fA-F]+", "0x...", text).replace("Current thread", "Thread")
+            groups.setdefault(same, []).append(int(w["rank"]))
+    lines = []
+    for text, ranks in sorted(groups.items(), key=lambda kv: (-len(kv[1]), min(kv[1]))):
+        lines.append("%s %s: %s" % ("rank" if len(ranks) == 1 else "ranks", _rank_ranges(ranks), _stack_site(text)))
+        if 'File "' in text:
+            lines.extend("    " + line for line in text.rstrip("\n").split("\n"))
+    idle = ["%s (group rank %s, %s)" % (a.get("host"), a.get("group_rank"), a.get("state"))
+            for a in answers if not a.get("workers")]
+    if idle:
+        lines.append("nodes without workers: " + ", ".join(idle))
+    if nodes is None:
+        lines.append("no agent answered")
+    elif len(answers) < nodes:
+        lines.append("only %d of %d nodes answered in time" % (len(answers), nodes))
+    return "\n".join(lines)
 
 
 # -------------------------------------------------------------------------- File timer: worker side
@@ -2907,6 +4174,7 @@ class FileTimerServer:
         self._request_count = 0  # well-formed requests read (acquire and release)
         self._last_progress_time = time.time()
         self._complaints = _Throttle()
+        self.before_signal = None  # called with a pid just before it is signalled (the agent asks its stack)
 
     # -- agent-facing API
     def start(self):
@@ -3183,6 +4451,12 @@ class FileTimerServer:
         record = (pid, scope, exp)
         with self._cond:  # recorded first: the agent may see the death before we return
             self._expired.append(record)
+        hook = self.before_signal
+        if hook is not None:
+            try:
+                hook(pid)
+            except Exception as e:  # the stack is a bonus; the kill is the job
+                log.debug("file timer: asking pid %d for its stack: %s", pid, e)
         sent = self._pids.signal(pid, sig)
         if not sent:
             with self._cond:
@@ -3712,6 +4986,678 @@ def _slurm_options(environ, endpoint_given=False):
     }
 
 
+# --------------------------------------------------------------------------------- Pre-flight check
+# `elasticrun --check [job options] SCRIPT [ARGS]` on every node, before the job. The nodes meet
+# through the job's own rendezvous backend under the derived run id `<run id>.check` (so a check
+# never joins, consumes or closes the job's run), each node sends one report, and the leader (the
+# node serving the store, else rank 0) checks what needs two nodes, prints one table and hands every
+# node its verdict::
+#
+#     every node: local checks -> listener on a free port -> check round -> report/<rank>
+#     leader:     reads every report; connects back to each node's advertised address and port
+#                 (reachability, interface, family, clock offset NTP-style: offset = t_node - (t0+t1)/2
+#                 over the fastest of a few exchanges); compares versions and checksums against the
+#                 most common value; prints the table; writes verdict/<rank>
+#     every node: reads its verdict, logs its own failed lines, exits 0 (nothing failed anywhere) or 1
+#
+# A node that cannot meet the others prints its own findings and why it could not meet, and exits 1.
+
+_CHECK_CLOCK_WARN, _CHECK_CLOCK_FAIL = 0.1, 1.0       # seconds of clock offset from the leader
+_CHECK_MIN_FREE = 100 << 20                           # bytes free in the log folder
+_CHECK_CONNECT_TIMEOUT = 5.0
+_CHECK_COLUMNS = ("node", "address", "endpoint", "back", "clock", "ports", "python", "elasticrun",
+                  "script", "args", "log dir", "gpus", "cpus")
+_OK, _WARN, _FAIL = "ok", "warn", "FAIL"
+
+
+class _CheckNode:
+    """What one node found: a table cell per column and the problems, each (status, column, text
+    that says what to do). Travels as JSON in the check round's store."""
+
+    def __init__(self, data=None):
+        data = data or {}
+        self.cells = dict(data.get("cells", {}))
+        self.issues = [tuple(i) for i in data.get("issues", ())]
+        self.facts = dict(data.get("facts", {}))
+
+    def cell(self, column, text, status=_OK, advice=None):
+        self.cells[column] = text
+        if status != _OK:
+            self.issues.append((status, column, advice or text))
+
+    def issue(self, status, column, advice):
+        self.issues.append((status, column, advice))
+
+    def failed(self):
+        return any(status == _FAIL for status, _, _ in self.issues)
+
+    def to_json(self):
+        import json
+        return json.dumps({"cells": self.cells, "issues": self.issues, "facts": self.facts})
+
+
+def _family_name(family):
+    import socket
+    return "IPv6" if family == socket.AF_INET6 else "IPv4"
+
+
+def _interface_of(address):
+    """The name of this host's interface holding `address` (an IP string), or "?"."""
+    import ipaddress
+    import socket
+    try:
+        ip = ipaddress.ip_address(address.split("%", 1)[0])
+    except ValueError:
+        return "?"
+    if ip.is_loopback:
+        return "lo"
+    try:
+        if ip.version == 6:
+            with open("/proc/net/if_inet6") as f:   # address hex, index, prefix, scope, flags, name
+                for line in f:
+                    fields = line.split()
+                    if len(fields) >= 6 and fields[0] == ip.packed.hex():
+                        return fields[5]
+            return "?"
+        import fcntl
+        import struct
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+            for _, name in socket.if_nameindex():
+                # SIOCGIFADDR: the interface's primary IPv4 address at bytes 20-23 (a secondary
+                # address of an interface is not seen this way: "?")
+                try:
+                    answer = fcntl.ioctl(s.fileno(), 0x8915, struct.pack("256s", name.encode()[:15]))
+                except OSError:
+                    continue
+                if answer[20:24] == ip.packed:
+                    return name
+    except OSError:
+        pass
+    return "?"
+
+
+def _route_to(sockaddr, family):
+    """This host's address on the route to `sockaddr` (a UDP connect sends nothing)."""
+    import socket
+    with socket.socket(family, socket.SOCK_DGRAM) as s:
+        s.connect(sockaddr)
+        return s.getsockname()[0]
+
+
+def _resolve(host, port):
+    """getaddrinfo's (family, sockaddr) list for a TCP `host:port`; OSError when it does not resolve."""
+    import socket
+    return [(info[0], info[4]) for info in socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)]
+
+
+def _port_free(port):
+    """Whether a server could bind TCP `port` on every interface of this host now, IPv4 and IPv6
+    (torch's store listens on both)."""
+    import errno
+    import socket
+    for family, addr in ((socket.AF_INET, "0.0.0.0"), (socket.AF_INET6, "::")):
+        try:
+            with socket.socket(family, socket.SOCK_STREAM) as s:
+                s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                if family == socket.AF_INET6:
+                    s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+                s.bind((addr, port))
+        except OSError as e:
+            if family == socket.AF_INET6 and e.errno in (errno.EAFNOSUPPORT, errno.EADDRNOTAVAIL):
+                continue   # no IPv6 on this host
+            return False
+    return True
+
+
+def _sha256_file(path):
+    import hashlib
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _module_file(name):
+    """The file `python -m name` would run from the current folder, found without importing it."""
+    from importlib.machinery import PathFinder
+    path = [os.getcwd()] + sys.path[1:]
+    spec = None
+    parts = name.split(".")
+    for i, part in enumerate(parts):
+        spec = PathFinder.find_spec(part, path)
+        if spec is None:
+            return None
+        path = spec.submodule_search_locations
+        if path is not None and i == len(parts) - 1:   # a package: python -m runs its __main__
+            spec = PathFinder.find_spec("__main__", path)
+    return spec.origin if spec is not None and spec.origin not in (None, "built-in") else None
+
+
+def _script_path(c):
+    """The file the workers would run, or None when this node has none."""
+    import shutil
+    if c.mode == "module":
+        return _module_file(c.script)
+    if c.mode == "no_python" and os.sep not in c.script:
+        return shutil.which(c.script)
+    return c.script if os.path.isfile(c.script) else None
+
+
+def _elasticrun_code():
+    """The three modules' version and a digest of their code (catches a stale copy with the same
+    version number)."""
+    import hashlib
+    h = hashlib.sha256()
+    for module in (_store, _rdzv, sys.modules[__name__]):
+        try:   # the source, also from the zipapp (which runs bytecode beside it)
+            spec = getattr(module, "__spec__", None)   # under -m, __name__ is __main__, the loader's is not
+            h.update(module.__loader__.get_source(spec.name if spec else module.__name__).encode())
+        except (AttributeError, ImportError, OSError, TypeError):
+            h.update(b"?")
+    versions = {_store.__version__, _rdzv.__version__, __version__}
+    return "%s %s" % ("/".join(sorted(versions)), h.hexdigest()[:8])
+
+
+def _visible_gpus(environ):
+    """(GPUs the workers would see, physical GPUs): nvidia-smi -L, narrowed by CUDA_VISIBLE_DEVICES
+    the way CUDA reads it (up to the first entry that names no device)."""
+    physical = _gpu_count()
+    visible = environ.get("CUDA_VISIBLE_DEVICES")
+    if visible is None:
+        return physical, physical
+    count = 0
+    for entry in visible.split(","):
+        entry = entry.strip()
+        if entry.isdigit() and int(entry) < physical or entry.startswith(("GPU-", "MIG-")):
+            count += 1
+        else:
+            break
+    return min(count, physical), physical
+
+
+def _human_bytes(n):
+    for unit in ("B", "K", "M", "G", "T"):
+        if n < 1024 or unit == "T":
+            return "%.0f%s" % (n, unit) if unit == "B" else "%.1f%s" % (n, unit)
+        n /= 1024.0
+
+
+def _check_log_dir(node, log_dir):
+    """The log folder (or the temp folder the job would use) takes a file and has room."""
+    import tempfile
+    target = log_dir or tempfile.gettempdir()
+    existing = os.path.abspath(target)
+    while not os.path.isdir(existing):
+        parent = os.path.dirname(existing)
+        if parent == existing or os.path.exists(existing):
+            node.cell("log dir", "unusable", _FAIL,
+                      "log folder %s cannot be created here (%s is not a folder): give --log-dir a "
+                      "writable folder" % (target, existing))
+            return
+        existing = parent
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".elasticrun-check-", dir=existing)
+        try:
+            os.write(fd, b"check\n")
+        finally:
+            os.close(fd)
+            os.unlink(probe)
+    except OSError as e:
+        node.cell("log dir", "not writable", _FAIL,
+                  "log folder %s is not writable (%s: %s): give --log-dir a folder this user may write, "
+                  "or fix its permissions" % (target, existing, e.strerror or e))
+        return
+    st = os.statvfs(existing)
+    free = st.f_bavail * st.f_frsize
+    if free < _CHECK_MIN_FREE:
+        node.cell("log dir", "%s free" % _human_bytes(free), _FAIL,
+                  "log folder %s has only %s free: free space there or give --log-dir another folder"
+                  % (target, _human_bytes(free)))
+    else:
+        node.cell("log dir", "ok %s free" % _human_bytes(free))
+
+
+def _check_local(c, log_dir, environ):
+    """Everything one node can check alone, before meeting the others."""
+    import hashlib
+    import json
+    node = _CheckNode()
+    node.facts["host"] = _hostname()
+    node.facts["nproc"] = c.nproc
+    python = "%d.%d.%d" % sys.version_info[:3]
+    if sys.implementation.name != "cpython":
+        python += " " + sys.implementation.name
+    node.cell("python", python)
+    node.cell("elasticrun", _elasticrun_code())
+    path = _script_path(c)
+    if path is None:
+        node.cell("script", "missing", _FAIL, "%s %s is not on this node: copy it here (every node runs its "
+                  "own copy)" % ("module" if c.mode == "module" else "script", c.script))
+    else:
+        try:
+            node.cell("script", _sha256_file(path)[:8])
+        except OSError as e:
+            node.cell("script", "unreadable", _FAIL, "cannot read %s: %s" % (path, e.strerror or e))
+    node.facts["script_path"] = path or c.script
+    node.cell("args", hashlib.sha256(json.dumps([c.mode, c.script_args]).encode()).hexdigest()[:8])
+    _check_log_dir(node, log_dir)
+    gpus, physical = _visible_gpus(environ)
+    node.facts["gpus"] = gpus
+    if gpus and gpus < c.nproc:
+        node.cell("gpus", str(gpus), _FAIL,
+                  "%d workers but %d GPU(s) visible%s: lower --nproc-per-node to %d or make more GPUs "
+                  "visible" % (c.nproc, gpus, " (CUDA_VISIBLE_DEVICES=%s)" % environ["CUDA_VISIBLE_DEVICES"]
+                               if "CUDA_VISIBLE_DEVICES" in environ else "", gpus))
+    elif gpus > c.nproc:
+        node.cell("gpus", str(gpus), _WARN, "%d GPU(s) visible but only %d workers: %d GPU(s) stay idle "
+                  "(--nproc-per-node gpu uses them all)" % (gpus, c.nproc, gpus - c.nproc))
+    elif not gpus and physical:
+        node.cell("gpus", "0 of %d" % physical, _WARN, "CUDA_VISIBLE_DEVICES=%r hides every GPU of this node"
+                  % environ.get("CUDA_VISIBLE_DEVICES"))
+    else:
+        node.cell("gpus", str(gpus) if gpus else "none")
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        cpus = os.cpu_count() or 1
+    if cpus < c.nproc:
+        node.cell("cpus", str(cpus), _FAIL,
+                  "%d workers share %d CPU(s) this launcher may run on (affinity mask): give the node "
+                  "more CPUs (srun --cpus-per-task, taskset) or lower --nproc-per-node" % (c.nproc, cpus))
+    else:
+        node.cell("cpus", str(cpus))
+    ports = []
+    if c.master_port is not None:
+        free = _port_free(c.master_port)
+        node.facts["master_port_free"] = free
+        ports.append("master %d %s" % (c.master_port, "free" if free else "in use"))
+    node.facts["ports"] = ports
+    _check_endpoint_resolves(node, c.rdzv)
+    return node
+
+
+def _check_endpoint_resolves(node, params):
+    """The rendezvous endpoint resolves here; which local address, interface and family reach it."""
+    if params.backend == "etcd":
+        from urllib.parse import urlsplit
+        targets = [(urlsplit(url).hostname, urlsplit(url).port or 2379) for url in params.endpoints]
+    else:
+        targets = [(params.host, params.port)]
+    resolved = []
+    for host, port in targets:
+        try:
+            resolved.append((host, port, _resolve(host, port)))
+        except (OSError, UnicodeError) as e:
+            node.cell("endpoint", "no address", _FAIL, "the rendezvous endpoint %s does not resolve on this node "
+                      "(%s): fix DNS or /etc/hosts here, or give --rdzv-endpoint an address" % (host, e))
+            return
+    node.facts["endpoints"] = [[host, port] for host, port, _ in resolved]
+    family, sockaddr = resolved[0][2][0]
+    node.facts["endpoint_loopback"] = _is_loopback_ip(sockaddr[0])
+    try:
+        local = _route_to(sockaddr, family)
+        node.facts["route"] = "%s %s %s" % (local, _interface_of(local), _family_name(family))
+        node.facts["endpoint_local"] = local == sockaddr[0] or node.facts["endpoint_loopback"]
+    except OSError as e:
+        node.facts["route"] = "no route"
+        node.issue(_FAIL, "endpoint", "no route from this node to the rendezvous endpoint %s (%s): check "
+                   "the network configuration" % (sockaddr[0], e.strerror or e))
+    node.cell("endpoint", "resolves")
+
+
+def _check_reach_endpoint(node):
+    """After meeting: connect to every endpoint address as resolved here (the store host too)."""
+    import socket
+    bad = []
+    for host, port in node.facts.get("endpoints", ()):
+        try:
+            socket.create_connection((host, port), timeout=_CHECK_CONNECT_TIMEOUT).close()
+        except OSError as e:
+            bad.append("%s:%s (%s)" % (host, port, e.strerror or e))
+    if bad:
+        node.cell("endpoint", "unreachable", _FAIL, "cannot connect to %s from this node: check the "
+                  "firewall and that the address is the store host's" % ", ".join(bad))
+    elif "endpoint" in node.cells and node.cells["endpoint"] == "resolves":
+        node.cell("endpoint", "ok " + node.facts.get("route", ""))
+
+
+class _CheckListener:
+    """A TCP listener the leader connects back to: answers each b"t" with this node's nonce and clock
+    (`clock`, time.time by default)."""
+
+    def __init__(self, clock=time.time):
+        import socket
+        import threading
+        self._clock = clock
+        self.nonce = os.urandom(8).hex()
+        try:
+            self._sock = socket.socket(socket.AF_INET6, socket.SOCK_STREAM)
+            self._sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+            self._sock.bind(("::", 0))
+        except OSError:
+            self._sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            self._sock.bind(("0.0.0.0", 0))
+        self._sock.listen(64)
+        self.port = self._sock.getsockname()[1]
+        self._wake_r, self._wake_w = os.pipe()
+        self._thread = threading.Thread(target=self._serve, name="elasticrun-check", daemon=True)
+        self._thread.start()
+
+    def _serve(self):
+        import select
+        while True:
+            ready, _, _ = select.select([self._sock, self._wake_r], [], [])
+            if self._wake_r in ready:
+                return
+            try:
+                conn, _ = self._sock.accept()
+            except OSError:
+                continue
+            try:
+                conn.settimeout(_CHECK_CONNECT_TIMEOUT)
+                while conn.recv(1) == b"t":
+                    conn.sendall(("%s %.6f\n" % (self.nonce, self._clock())).encode())
+            except OSError:
+                pass
+            finally:
+                conn.close()
+
+    def close(self):
+        os.write(self._wake_w, b"x")
+        self._thread.join()
+        for fd in (self._wake_r, self._wake_w):
+            os.close(fd)
+        self._sock.close()
+
+
+def _connect_back(node):
+    """From the leader: reach `node`'s advertised address and listener; (status, cell, advice, offset)."""
+    import socket
+    addr, port, nonce = node.facts["addr"], node.facts["listen"], node.facts["nonce"]
+    try:
+        sock = socket.create_connection((addr, port), timeout=_CHECK_CONNECT_TIMEOUT)
+    except OSError as e:
+        return (_FAIL, "unreachable", "this node's address %s is not reachable from the leader (%s: %s): workers "
+                "would not reach MASTER_ADDR here; give --local-addr an address the other nodes can reach, or "
+                "open the firewall" % (addr, "port %d" % port, e.strerror or e), None)
+    try:
+        peer_family = _family_name(sock.family)
+        best = None
+        reader = sock.makefile("rb")
+        for _ in range(5):
+            t0 = time.time()
+            sock.sendall(b"t")
+            line = reader.readline().decode().split()
+            t1 = time.time()
+            if len(line) != 2 or line[0] != nonce:
+                return (_FAIL, "wrong peer", "%s:%d answers but is not this node's check: the address %s "
+                        "belongs to another machine; give --local-addr this node's own address"
+                        % (addr, port, addr), None)
+            sample = (t1 - t0, float(line[1]) - (t0 + t1) / 2)
+            best = min(best or sample, sample)
+        reader.close()
+        return (_OK, "ok " + peer_family, None, best)
+    except (OSError, ValueError) as e:
+        return (_FAIL, "broken", "the connection back to %s:%d broke (%s)" % (addr, port, e), None)
+    finally:
+        sock.close()
+
+
+def _common(values, leader_value):
+    """The most common value (ties: the leader's)."""
+    counts = {}
+    for v in values:
+        counts[v] = counts.get(v, 0) + 1
+    top = max(counts.values())
+    return leader_value if counts.get(leader_value) == top else max(counts, key=counts.get)
+
+
+_CHECK_SAME = (
+    ("python", "Python %s here, %s on most nodes: run the same Python on every node"),
+    ("elasticrun", "elasticrun %s here, %s on most nodes: install the same elasticrun on every node"),
+    ("script", "the script differs from most nodes (sha256 %s here, %s there): copy the same %s to every node"),
+    ("args", "the script's arguments differ from most nodes (digest %s here, %s there): give every node the "
+             "same command line"),
+)
+
+
+def _check_across(nodes, leader_rank, master_port, concurrency=32):
+    """The leader's part: connect back to every node, then compare the nodes' reports."""
+    from concurrent.futures import ThreadPoolExecutor
+    reported = [r for r in sorted(nodes) if nodes[r] is not None]
+    with ThreadPoolExecutor(max_workers=max(1, min(concurrency, len(reported)))) as pool:
+        answers = dict(zip(reported, pool.map(lambda r: _connect_back(nodes[r]), reported)))
+    for r in reported:
+        node = nodes[r]
+        status, cell, advice, sample = answers[r]
+        node.cell("back", cell, status, advice)
+        if sample is None:
+            node.cell("clock", "?")
+            continue
+        rtt, offset = sample
+        error = max(0.0, abs(offset) - rtt / 2)   # the part of the offset the round trip cannot explain
+        text = "%+d ms" % round(offset * 1000)
+        if error > _CHECK_CLOCK_FAIL:
+            node.cell("clock", text, _FAIL, "clock %+.3f s off the leader's: log times and the root cause "
+                      "across nodes go wrong; synchronise the clocks (chrony/NTP)" % offset)
+        elif error > _CHECK_CLOCK_WARN:
+            node.cell("clock", text, _WARN, "clock %+.0f ms off the leader's: run chrony/NTP" % (offset * 1000))
+        else:
+            node.cell("clock", text)
+    for column, advice in _CHECK_SAME:
+        values = [nodes[r].cells.get(column) for r in reported]
+        common = _common(values, nodes[leader_rank].cells.get(column) if nodes.get(leader_rank) else values[0])
+        for r in reported:
+            mine = nodes[r].cells.get(column)
+            if mine != common and mine not in ("missing", "unreadable"):
+                args = (mine, common) + ((nodes[r].facts.get("script_path"),) if column == "script" else ())
+                nodes[r].issue(_FAIL, column, advice % args)
+    if any(nodes[r].facts.get("gpus") for r in reported):
+        for r in reported:
+            if not nodes[r].facts.get("gpus"):
+                nodes[r].issue(_FAIL, "gpus", "no GPU visible here while other nodes have some: check the "
+                               "driver (nvidia-smi -L) and CUDA_VISIBLE_DEVICES on this node")
+    if master_port is not None and nodes.get(0) is not None and nodes[0].facts.get("master_port_free") is False:
+        nodes[0].issue(_FAIL, "ports", "--master-port %d is in use on this node, the rank-0 node whose workers "
+                       "serve it: stop what holds it or choose another port" % master_port)
+    for r in reported:
+        if r and nodes[r].facts.get("master_port_free") is False:
+            nodes[r].issue(_WARN, "ports", "--master-port %d is in use here: this node cannot be rank 0"
+                           % master_port)
+
+
+def _check_table(nodes, title):
+    """The table and the problem lines, as text."""
+    rows = [list(_CHECK_COLUMNS)]
+    for r in sorted(nodes):
+        node = nodes[r]
+        if node is None:
+            rows.append(["%d ?" % r] + ["-"] * (len(_CHECK_COLUMNS) - 1))
+            continue
+        marks = {}
+        for status, column, _ in node.issues:
+            if marks.get(column) != "!":
+                marks[column] = "!" if status == _FAIL else "?"
+        row = ["%d %s" % (r, node.facts.get("host", "?"))]
+        for column in _CHECK_COLUMNS[1:]:
+            row.append(node.cells.get(column, "-") + marks.get(column, ""))
+        rows.append(row)
+    widths = [max(len(row[i]) for row in rows) for i in range(len(_CHECK_COLUMNS))]
+    lines = [title] + ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows]
+    failed = warned = 0
+    for r in sorted(nodes):
+        if nodes[r] is None:
+            lines.append("FAIL node %d: sent no report (it died or lost the store during the check)" % r)
+            failed += 1
+            continue
+        for status, column, advice in nodes[r].issues:
+            lines.append("%-4s node %d (%s) %s: %s" % (status, r, nodes[r].facts.get("host", "?"), column, advice))
+            failed += status == _FAIL
+            warned += status == _WARN
+    lines.append("check %s: %d node(s), %d failed line(s), %d warning(s)"
+                 % ("FAILED" if failed else "passed", len(nodes), failed, warned))
+    return "\n".join(lines) + "\n"
+
+
+def _check_params(params):
+    """The job's rendezvous settings under the check's own run id."""
+    return _rdzv.RendezvousParameters(params.backend, params.endpoint, params.run_id + ".check",
+                                      params.min_nodes, params.max_nodes, local_addr=params.local_addr,
+                                      **params.config)
+
+
+def _check_title(c):
+    return "elasticrun check: run %s, rendezvous %s %s, nnodes %d:%d, %d worker(s) per node" % (
+        c.rdzv.run_id, c.rdzv.backend, c.rdzv.endpoint, c.rdzv.min_nodes, c.rdzv.max_nodes, c.nproc)
+
+
+def _check_alone(node, c, why):
+    """This node could not meet the others: its own findings, the reason, exit 1."""
+    node.issue(_FAIL, "endpoint", why)
+    node.cells["ports"] = ", ".join(node.facts.get("ports", ())) or "-"
+    if node.facts.get("master_port_free") is False:
+        node.issue(_FAIL, "ports", "--master-port %d is in use on this node: stop what holds it or choose "
+                   "another port" % c.master_port)
+    sys.stdout.write(_check_table({0: node}, _check_title(c)))
+    return 1
+
+
+def _check_main(args, environ):
+    """--check from the parsed options. A node where `--nproc-per-node gpu` finds no GPU gets a failed
+    line, not the job's usage error: exiting alone would leave the others waiting for it."""
+    import copy
+    wants_gpu = str(args.nproc_per_node).strip() == "gpu" and not _gpu_count(environ)
+    if wants_gpu:
+        args = copy.copy(args)
+        args.nproc_per_node = "cpu"
+    c = _config_from_args(args, environ, check=True)
+    _configure_logging(environ)
+    problems = ["--nproc-per-node gpu but nvidia-smi -L lists no GPU on this node: check the driver "
+                "(nvidia-smi) or give a number"] if wants_gpu else []
+    return _run_check(c, args.log_dir, environ, problems)
+
+
+def _run_check(c, log_dir, environ, problems=()):
+    """The pre-flight check of this node (see the section comment). Returns the exit status."""
+    import json
+    node = _check_local(c, log_dir, environ)
+    for text in problems:
+        node.issue(_FAIL, "gpus", text)
+    listener = _CheckListener()
+    handler = None
+    try:
+        try:
+            handler = _rdzv.get_rendezvous_handler(_check_params(c.rdzv))
+            log.info("check: meeting the other nodes (run %s.check, %s node(s), waiting up to %g s)",
+                     c.rdzv.run_id, c.rdzv.min_nodes if c.rdzv.min_nodes == c.rdzv.max_nodes else
+                     "%d-%d" % (c.rdzv.min_nodes, c.rdzv.max_nodes), c.rdzv.join_timeout)
+            info = handler.next_rendezvous()
+        except (ValueError, _rdzv.RendezvousError, _store.StoreError) as e:
+            if (handler is None and node.facts.get("endpoint_local") and c.rdzv.port
+                    and not _port_free(c.rdzv.port)):
+                node.issue(_FAIL, "ports", "the rendezvous port %d on this node (the endpoint's host) is held "
+                           "by a program that serves no store: stop it or choose another port" % c.rdzv.port)
+            return _check_alone(node, c, "could not meet the other nodes through the rendezvous at %s (%s): "
+                                "start the check on every node with the same options, and check that the "
+                                "endpoint's host runs it and its port is open" % (c.rdzv.endpoint, e))
+        store, rank, world = info.store, info.rank, info.world_size
+        hosts = bool(getattr(handler, "hosts_store", False))
+        node.facts.update(addr=handler.local_addr, listen=listener.port, nonce=listener.nonce)
+        port = c.rdzv.port
+        if hosts and not port:   # --standalone: the store picked its port
+            port = getattr(handler.store, "port", port)
+            node.facts["endpoints"] = [[host, port] for host, _ in node.facts.get("endpoints", ())]
+        _check_reach_endpoint(node)
+        if c.rdzv.backend != "etcd":
+            node.facts["ports"].insert(0, "rdzv %d %s" % (port, "served here" if hosts else "-"))
+        if hosts and c.master_port == port:
+            node.issue(_FAIL, "ports", "--master-port %d is the rendezvous port, served by this node: give "
+                       "the workers another port" % port)
+        node.cells["ports"] = ", ".join(node.facts["ports"]) or "-"
+        _check_address(node, handler.local_addr, world)
+        timeout = c.rdzv.read_timeout
+        if hosts:
+            store.set("check/host", str(rank))
+        store.set("check/report/%d" % rank, node.to_json())
+        keys = ["check/report/%d" % r for r in range(world)]
+        leader = None
+        if hosts or rank == 0:
+            try:
+                store.wait(keys, timeout)
+            except _store.StoreTimeout:
+                pass
+            leader = int(store.get("check/host")) if store.check(["check/host"]) else 0
+        if leader == rank:
+            present = keys if store.check(keys) else [key for key in keys if store.check([key])]
+            reports = dict(zip(present, store.multi_get(present)))
+            nodes = {r: _CheckNode(json.loads(reports[key].decode())) if key in reports else None
+                     for r, key in enumerate(keys)}
+            if c.rdzv.backend != "etcd" and not any(n is not None and "served here" in n.cells.get("ports", "")
+                                                    for n in nodes.values()):
+                nodes[rank].issue(_WARN, "ports", "no checking node serves the rendezvous store (a store that "
+                                  "outlives jobs?): if none should run, stop what serves %s" % c.rdzv.endpoint)
+            _check_across(nodes, rank, c.master_port)
+            sys.stdout.write(_check_table(nodes, _check_title(c)))
+            sys.stdout.flush()
+            ok = not any(n is None or n.failed() for n in nodes.values())
+            store.multi_set(["check/verdict/%d" % r for r in range(world)],
+                            [json.dumps({"ok": ok, "issues": n.issues if n else []}) for n in nodes.values()])
+        key = "check/verdict/%d" % rank
+        store.wait([key], timeout + 60 + world)
+        verdict = json.loads(store.get(key).decode())
+        for status, column, advice in verdict["issues"]:
+            (log.error if status == _FAIL else log.warning)("check: %s %s: %s", status, column, advice)
+        log.info("check %s%s", "passed" if verdict["ok"] else "FAILED",
+                 "" if leader == rank else " (the table is on the node serving the store, or rank 0)")
+        if store.add("check/finished", 1) >= world:
+            store.set("check/all_finished", "1")
+        if hosts:   # the others still read from our store
+            try:
+                store.wait(["check/all_finished"], timeout)
+            except _store.StoreTimeout:
+                pass
+        return 0 if verdict["ok"] else 1
+    except (_rdzv.RendezvousError, _store.StoreError) as e:
+        log.error("check: lost the other nodes during the check (%s): run it again", e)
+        return 1
+    except KeyboardInterrupt:
+        log.error("check: interrupted")
+        return 128 + signal.SIGINT
+    finally:
+        listener.close()
+        if handler is not None:
+            try:
+                handler.close() if getattr(handler, "hosts_store", False) else handler.shutdown()
+            except Exception as e:  # leaving is best effort
+                log.debug("check: leaving the rendezvous: %s", e)
+
+
+def _is_loopback_ip(text):
+    import ipaddress
+    try:
+        return ipaddress.ip_address(text.split("%", 1)[0]).is_loopback
+    except ValueError:
+        return False
+
+
+def _check_address(node, addr, world):
+    """This node's advertised address (what MASTER_ADDR is when it is rank 0) as it resolves here."""
+    try:
+        family, sockaddr = _resolve(addr, 0)[0]
+    except (OSError, UnicodeError) as e:
+        node.cell("address", "%s ?" % addr, _FAIL, "this node's address %s does not resolve here (%s): give "
+                  "--local-addr an address, or fix DNS or /etc/hosts" % (addr, e))
+        return
+    ip = sockaddr[0]
+    node.cell("address", "%s%s %s %s" % (addr, "" if ip == addr else "=" + ip, _interface_of(ip),
+                                         _family_name(family)))
+    if world > 1 and _is_loopback_ip(ip) and node.facts.get("endpoint_loopback") is False:
+        what = "is a loopback address" if ip == addr else "resolves to the loopback address %s here (a " \
+            "/etc/hosts entry?)" % ip
+        node.issue(_FAIL, "address", "this node's address %s %s: the others cannot reach it and its own workers "
+                   "would bind loopback; give --local-addr this node's network address" % (addr, what))
+
 # ------------------------------------------------------------------------------------- Command line
 
 _ENV_TRUE = ("1", "true", "yes", "on")
@@ -3770,6 +5716,11 @@ _OPTIONS = [
      "torchrun's LogsSpecs entry-point name: only 'default' (the built-in one)"),
     (("--event-log-handler", "--event_log_handler"), "event_log_handler", "str", "null",
      "torchrun's event handler name: accepted and ignored"),
+    (("--check",), "check", "flag", False,
+     "pre-flight check on every node, same options as the job: endpoint, addresses, ports, clocks, "
+     "versions, script checksum, log dir, GPUs/CPUs; no worker; exit 0/1"),
+    (("--event-log", "--event_log"), "event_log", "str", None,
+     "JSON-lines event log (default: events.jsonl in the run's log folder; 'none': off)"),
 ]
 
 
@@ -3804,6 +5755,11 @@ def _usage():
         lines.append("  %-44s %s%s" % (flag, text, "" if kind == "flag" or default in (None, "")
                                         else " (default %s)" % default))
     lines.append("  %-44s %s" % ("-h, --help / --version", "this text / the version"))
+    lines += ["", "Every launcher line starts with its time (ISO 8601, local, with the UTC offset); LOGLEVEL",
+              "(DEBUG, INFO, WARNING...) sets how much is said. A second stop signal kills the workers at once.",
+              "", "       elasticrun status --rdzv-endpoint HOST[:PORT] --rdzv-id ID [--json]",
+              "shows a running job (round, members, nodes waiting, restarts, last failure) without changing",
+              "it; elasticrun status --help for more."]
     return "\n".join(lines) + "\n"
 
 
@@ -3910,6 +5866,14 @@ def parse_min_max_nnodes(nnodes):
     return int(parts[0]), int(parts[-1])
 
 
+# Bounds of the numeric options: past them a value is a typo, and some would overflow a wait
+# (poll takes milliseconds in a C int) or start workers until the machine gives out.
+_MAX_NODES = 65536
+_MAX_NPROC = 65536
+_MAX_RESTARTS = 2 ** 31 - 1
+_MAX_SECONDS = 1e6   # about 11.5 days
+
+
 def _parse_nnodes(text):
     try:
         lo, hi = parse_min_max_nnodes(str(text).strip())
@@ -3917,12 +5881,29 @@ def _parse_nnodes(text):
         raise _UsageError("--nnodes %r is not N or MIN:MAX" % text)
     if lo < 1 or hi < lo:
         raise _UsageError("--nnodes %r needs 1 <= MIN <= MAX" % text)
+    if hi > _MAX_NODES:
+        raise _UsageError("--nnodes %r: at most %d nodes" % (text, _MAX_NODES))
     return lo, hi
 
 
-def _gpu_count(environ):
-    """GPUs this job may use: `nvidia-smi -L`'s, narrowed by CUDA_VISIBLE_DEVICES when it is set (as
-    torch.cuda.device_count() is: the list is read up to its first entry that names no GPU)."""
+# A run id is data: it names the run in the store and in file names, never a path. File names get
+# it encoded (_run_id_for_files); these are the ids no encoding makes usable.
+_MAX_RUN_ID = 255
+
+
+def _check_run_id(run_id, option="--rdzv-id"):
+    if not run_id:
+        raise _UsageError("%s must not be empty" % option)
+    if len(run_id) > _MAX_RUN_ID:
+        raise _UsageError("%s is %d characters long: at most %d" % (option, len(run_id), _MAX_RUN_ID))
+    if any(ord(ch) < 32 or ord(ch) == 127 for ch in run_id):
+        raise _UsageError("%s %r must not contain control characters" % (option, run_id))
+
+
+def _gpu_count(environ=None):
+    """GPUs this job may use: `nvidia-smi -L`'s, narrowed by CUDA_VISIBLE_DEVICES when `environ` sets
+    it (as torch.cuda.device_count() is: the list is read up to its first entry that names no GPU).
+    Without `environ`, the machine's."""
     import shutil
     import subprocess
     exe = shutil.which("nvidia-smi")
@@ -3933,7 +5914,7 @@ def _gpu_count(environ):
     except (OSError, subprocess.SubprocessError):
         return 0
     gpus = [line for line in out.splitlines() if line.startswith("GPU ")]
-    visible = environ.get("CUDA_VISIBLE_DEVICES")
+    visible = None if environ is None else environ.get("CUDA_VISIBLE_DEVICES")
     if visible is None:
         return len(gpus)
     uuids = [line.rpartition("UUID: ")[2].rstrip(")").strip() for line in gpus]
@@ -3970,8 +5951,8 @@ def _parse_nproc(text, environ=None):
         n = int(text)
     except ValueError:
         raise _UsageError("--nproc-per-node %r is not a number, auto, cpu or gpu" % text)
-    if n < 1:
-        raise _UsageError("--nproc-per-node must be at least 1, got %d" % n)
+    if not 1 <= n <= _MAX_NPROC:
+        raise _UsageError("--nproc-per-node must be between 1 and %d, got %d" % (_MAX_NPROC, n))
     return n
 
 
@@ -4029,8 +6010,9 @@ class _LaunchConfig:
 
     __slots__ = ("rdzv", "nproc", "role", "max_restarts", "monitor_interval", "master_addr", "master_port",
                  "start_method", "shutdown_timeout", "exit_barrier_timeout", "prefix_template", "logs",
-                 "signals", "health_check_port", "script", "script_args", "mode", "virtual_local_rank",
-                 "numa_binding", "duplicate_stdout_filters", "duplicate_stderr_filters")
+                 "signals", "health_check_port", "script", "script_args", "mode", "slurm_token",
+                 "stack_signal", "forward_signals", "event_log", "virtual_local_rank", "numa_binding",
+                 "duplicate_stdout_filters", "duplicate_stderr_filters")
 
     def __init__(self, **fields):
         for name in self.__slots__:
@@ -4069,8 +6051,9 @@ def _health_check_port(value, environ):
     return value
 
 
-def _rdzv_params(o):
-    """RendezvousParameters from the option values `o`; rendezvous.py checks them."""
+def _rdzv_params(o, environ=None):
+    """RendezvousParameters from the option values `o`; rendezvous.py checks them. The store gets a
+    token whenever the launcher can share one (see _store_token)."""
     min_nodes, max_nodes = _parse_nnodes(o["nnodes"])
     backend, endpoint, run_id = o["rdzv_backend"], o["rdzv_endpoint"], o["rdzv_id"]
     conf = _parse_conf(o["rdzv_conf"])
@@ -4082,15 +6065,17 @@ def _rdzv_params(o):
         conf["is_host"] = "1"
     if backend not in _rdzv._BACKENDS:
         raise _UsageError("--rdzv-backend %r is not one of %s" % (backend, ", ".join(_rdzv._BACKENDS)))
+    _check_run_id(run_id)
     if backend == "static":   # torchrun's options for it: node 0 serves the store at the master address
         endpoint = endpoint or _static_store_endpoint(o["master_addr"] or "127.0.0.1", o["master_port"],
                                                       max_nodes)
         conf["rank"] = o["node_rank"]
     elif not endpoint:
         raise _UsageError("--rdzv-backend %s needs --rdzv-endpoint" % backend)
+    token = _store_token(o, backend, conf, run_id, environ or {})
     try:
         params = _rdzv.RendezvousParameters(backend, endpoint, run_id, min_nodes, max_nodes,
-                                            local_addr=o["local_addr"], **conf)
+                                            local_addr=o["local_addr"], token=token, **conf)
         if o["local_addr"] is None and params.host is not None and _is_loopback_name(params.host):
             # every node is on this machine; the host name would make each worker resolve it (slow
             # resolvers stall init_process_group for seconds). Set, not built again: the conf's
@@ -4115,17 +6100,74 @@ def _static_store_endpoint(master_addr, master_port, nnodes):
     return "%s:%d" % (master_addr, master_port + 1)
 
 
-def _config_from_args(args, environ):
-    """The _LaunchConfig of parsed options (`args` is left as it was); _UsageError on a bad one."""
+def _store_token(o, backend, conf, run_id, environ):
+    """The store's token when the launcher can share one and none was given (``token_file``): under
+    --standalone a random one (only this process uses the store: workers never do, their
+    TORCHELASTIC_USE_AGENT_STORE is False); under --slurm one every node of the job derives alike
+    (_slurm_token). None otherwise: the nodes have nothing in common that others lack."""
+    if "token_file" in conf or backend not in ("c10d", "store"):
+        return None
+    if o["standalone"]:
+        return os.urandom(32).hex()
+    if o["slurm"]:
+        return _slurm_token(environ, run_id)
+    return None
+
+
+def _slurm_token(environ, run_id):
+    """A token for the Slurm job's store: HMAC-SHA256 of the run id (job.step) under a per-user
+    secret, ``~/.elasticrun/secret`` (0600, made on first use). Slurm's own variables are public
+    (squeue shows job ids) and the home folder is the one thing every node of a job shares that other
+    users cannot read. Made with link(2), so nodes racing to make it agree on one."""
+    import hmac
+    home = environ.get("HOME") or os.path.expanduser("~")
+    folder = os.path.join(home, ".elasticrun")
+    path = os.path.join(folder, "secret")
+    try:
+        os.makedirs(folder, mode=0o700, exist_ok=True)
+        if not os.path.exists(path):
+            tmp = "%s.%d.%s" % (path, os.getpid(), os.urandom(4).hex())
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            try:
+                os.write(fd, os.urandom(32).hex().encode() + b"\n")
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            try:
+                os.link(tmp, path)
+            except FileExistsError:
+                pass   # another node of the job made it first: use theirs
+            finally:
+                os.unlink(tmp)
+        st = os.stat(path)
+        if st.st_uid != os.getuid() or st.st_mode & 0o077:
+            raise _UsageError("--slurm: %s must be yours and readable by you alone (chmod 600 %s)"
+                              % (path, path))
+        secret = _store._read_token_file(path)
+    except (OSError, ValueError) as e:
+        raise _UsageError("--slurm: cannot use the per-user secret %s (%s); give every node one with "
+                          "--rdzv-conf token_file=F" % (path, getattr(e, "strerror", None) or e))
+    secret = secret if isinstance(secret, bytes) else secret.encode()
+    return hmac.new(secret, b"elasticrun-slurm\0" + run_id.encode("utf-8", "surrogateescape"),
+                    "sha256").hexdigest()
+
+
+def _config_from_args(args, environ, check=False):
+    """The _LaunchConfig of parsed options (`args` is left as it was); _UsageError on a bad one.
+    `check`: for --check, which reports a missing script or an unusable log folder itself."""
     o = _slurm_values(args, environ) if args.slurm else dict(vars(args))
+    if check:
+        o["log_dir"] = None
     if o["master_port"] is not None and not 0 < o["master_port"] < 65536:
         raise _UsageError("--master-port %d is not a TCP port" % o["master_port"])
-    rdzv = _rdzv_params(o)
-    for dest, ok, text in (("max_restarts", o["max_restarts"] >= 0, "must be >= 0"),
-                           ("monitor_interval", 0 < o["monitor_interval"] < float("inf"),
-                            "must be a number of seconds > 0"),
-                           ("shutdown_timeout", o["shutdown_timeout"] >= 0, "must be >= 0"),
-                           ("exit_barrier_timeout", o["exit_barrier_timeout"] >= 0, "must be >= 0"),
+    rdzv = _rdzv_params(o, environ)
+    seconds = "must be a number of seconds between 0 and %g" % _MAX_SECONDS
+    for dest, ok, text in (("max_restarts", 0 <= o["max_restarts"] <= _MAX_RESTARTS,
+                            "must be between 0 and %d" % _MAX_RESTARTS),
+                           ("monitor_interval", 0 < o["monitor_interval"] <= _MAX_SECONDS,
+                            "must be a number of seconds > 0 and at most %g" % _MAX_SECONDS),
+                           ("shutdown_timeout", 0 <= o["shutdown_timeout"] <= _MAX_SECONDS, seconds),
+                           ("exit_barrier_timeout", 0 <= o["exit_barrier_timeout"] <= _MAX_SECONDS, seconds),
                            ("start_method", o["start_method"] in ("spawn", "fork", "forkserver"),
                             "is not spawn, fork or forkserver")):
         if not ok:
@@ -4135,6 +6177,7 @@ def _config_from_args(args, environ):
         raise _UsageError("choose at most one of -m/--module, --no-python, --run-path")
     nproc, logs = _parse_nproc(o["nproc_per_node"], environ), _logs_specs(o)
     signals = _parse_signals(o["signals_to_handle"])
+    stack_signal, forward_signals = _job_signals(environ, signals)
     health_check_port = _health_check_port(o["health_check_port"], environ)
     if o["numa_binding"] is not None and o["numa_binding"] not in _NUMA_MODES:
         raise _UsageError("--numa-binding %r is not one of %s" % (o["numa_binding"], ", ".join(_NUMA_MODES)))
@@ -4143,8 +6186,10 @@ def _config_from_args(args, environ):
         if len(visible) < nproc:
             raise _UsageError("--virtual-local-rank: %d workers but CUDA_VISIBLE_DEVICES=%s lists %d GPUs"
                               % (nproc, environ["CUDA_VISIBLE_DEVICES"], len(visible)))
-    if not (o["module"] or o["no_python"]) and not os.path.exists(o["training_script"]):
+    if not (check or o["module"] or o["no_python"]) and not os.path.exists(o["training_script"]):
         raise _UsageError("no such script: %s" % o["training_script"])
+    if o["no_python"]:
+        _check_program(o["training_script"])
     # workers get the master address and port when asked (PET_* or the command line); else the
     # rendezvous gives them a fresh port on node 0 each round
     master_port = o["master_port"] if "master_port" in args._explicit else None
@@ -4158,7 +6203,10 @@ def _config_from_args(args, environ):
         prefix_template=o["log_line_prefix_template"] or environ.get("TORCHELASTIC_LOG_LINE_PREFIX_TEMPLATE"),
         logs=logs, signals=signals, health_check_port=health_check_port,
         script=o["training_script"], script_args=list(o["training_script_args"]),
-        mode=modes[0] if modes else "script", virtual_local_rank=o["virtual_local_rank"],
+        mode=modes[0] if modes else "script",
+        slurm_token=bool(o["slurm"] and not o["standalone"] and rdzv.token is not None),
+        stack_signal=stack_signal, forward_signals=forward_signals,
+        event_log=_event_log_path(o["event_log"]), virtual_local_rank=o["virtual_local_rank"],
         numa_binding=o["numa_binding"],
         duplicate_stdout_filters=_parse_filters(o["duplicate_stdout_filters"]),
         duplicate_stderr_filters=_parse_filters(o["duplicate_stderr_filters"]))
@@ -4167,6 +6215,49 @@ def _config_from_args(args, environ):
 def _parse_filters(text):
     """torchrun's comma-separated filter list: ``a,b``, with ``,,`` for a comma inside a filter."""
     return [f.replace("\0", ",") for f in text.replace(",,", "\0").split(",") if f]
+
+
+def _check_program(program):
+    """--no-python's program must be one exec can start: found on PATH (a bare name) or a file, and
+    executable."""
+    import shutil
+    path = program if os.sep in program else shutil.which(program)
+    if path is None or not os.path.exists(path):
+        raise _UsageError("--no-python: no such program: %s" % program)
+    if os.path.isdir(path) or not os.access(path, os.X_OK):
+        raise _UsageError("--no-python: %s is not an executable file" % program)
+
+
+def _job_signals(environ, stop_signals):
+    """(stack signal or None, [signals forwarded job-wide]) from ELASTICRUN_STACK_SIGNAL and
+    ELASTICRUN_FORWARD_SIGNALS (default SIGUSR1,SIGUSR2; a stop signal is never among them)."""
+    try:
+        stack = (_parse_stack_signal(environ[_STACK_SIGNAL_VAR]) if _STACK_SIGNAL_VAR in environ
+                 else _default_stack_signal())
+    except ValueError as e:
+        raise _UsageError(str(e))
+    try:
+        forward = _parse_signals(environ.get("ELASTICRUN_FORWARD_SIGNALS", "SIGUSR1,SIGUSR2"))
+    except _UsageError:
+        raise _UsageError("ELASTICRUN_FORWARD_SIGNALS=%r: not a list of signals that can be handled"
+                          % environ.get("ELASTICRUN_FORWARD_SIGNALS"))
+    if stack in forward or stack in stop_signals:
+        raise _UsageError("the stack signal %s is also a signal to forward or to stop on; choose "
+                          "another with ELASTICRUN_STACK_SIGNAL (or change ELASTICRUN_FORWARD_SIGNALS or "
+                          "--signals-to-handle)" % _stack_signal_name(stack))
+    return stack, [s for s in forward if s not in stop_signals]
+
+
+def _event_log_path(value):
+    """True (the default: in the run's log folder), None ('none' or empty: off), or a checked path."""
+    if value is None:
+        return True
+    if value.strip().lower() in ("", "none", "off", "0"):
+        return None
+    folder = os.path.dirname(os.path.abspath(value))
+    if not os.path.isdir(folder) or not os.access(folder, os.W_OK | os.X_OK):
+        raise _UsageError("--event-log %s: folder %s is not a writable directory" % (value, folder))
+    return os.path.abspath(value)
 
 
 def _logs_specs(o):
@@ -4215,22 +6306,79 @@ def _entrypoint(c):
 _LOG_HANDLERS = []
 
 
+_READ_BACK = {}   # fd of an output stream -> a read-only descriptor of the same file, or None
+
+
+def _end_line(stream):
+    """Start the launcher's next line on a line of its own: a worker sharing the output file may
+    have left its last line unterminated. Only a regular file (a Slurm output file, a redirect)
+    can be read back (through a read-only descriptor: the stream's own is write-only); a terminal
+    or a pipe is left as it is."""
+    try:
+        stream.flush()
+        fd = stream.fileno()
+    except (OSError, ValueError, AttributeError):
+        return
+    if fd not in _READ_BACK:
+        import stat
+        _READ_BACK[fd] = None
+        try:
+            if stat.S_ISREG(os.fstat(fd).st_mode):
+                _READ_BACK[fd] = os.open("/proc/self/fd/%d" % fd, os.O_RDONLY | os.O_CLOEXEC)
+        except OSError:
+            pass
+    reader = _READ_BACK[fd]
+    try:
+        if reader is not None:
+            size = os.fstat(reader).st_size
+            if size > 0 and os.pread(reader, 1, size - 1) != b"\n":
+                stream.write("\n")
+    except (OSError, ValueError):
+        pass
+
+
+class _LineFormatter(logging.Formatter):
+    """``2026-12-07T14:03:07.125+01:00 [elasticrun] message``: ISO 8601 local time with its UTC
+    offset and milliseconds (as syslog's RFC 5424 and Slurm's iso8601_ms write), then the level
+    for warnings and errors."""
+
+    def format(self, record):
+        t = record.created
+        stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(t))
+        offset = time.strftime("%z", time.localtime(t)) or "+0000"
+        text = record.getMessage()
+        if record.exc_info:
+            text += "\n" + self.formatException(record.exc_info)
+        level = "" if record.levelno < logging.WARNING else record.levelname + ": "
+        return "%s.%03d%s:%s [elasticrun] %s%s" % (stamp, int(t * 1000) % 1000, offset[:3], offset[3:],
+                                                   level, text)
+
+
+class _LineHandler(logging.StreamHandler):
+    def emit(self, record):
+        _end_line(self.stream)
+        logging.StreamHandler.emit(self, record)
+
+
 def _configure_logging(environ):
-    level = environ.get("LOGLEVEL", "INFO").upper()
+    """The launcher's one handler, for elastic's, rendezvous's and store's loggers; LOGLEVEL as in
+    torchrun (a name or a number; INFO by default)."""
+    level = environ.get("LOGLEVEL", "INFO").strip().upper()
+    level = int(level) if level.isdigit() else getattr(logging, level, logging.INFO)
+    if not isinstance(level, int):
+        level = logging.INFO
+    loggers = [log, logging.getLogger(_rdzv.__name__), logging.getLogger(_store.__name__)]
     for old in _LOG_HANDLERS:
-        log.removeHandler(old)
-        logging.getLogger(_rdzv.__name__).removeHandler(old)
+        for logger in loggers:
+            logger.removeHandler(old)
     del _LOG_HANDLERS[:]
-    handler = logging.StreamHandler(sys.stderr)
+    handler = _LineHandler(sys.stderr)
     _LOG_HANDLERS.append(handler)
-    handler.setFormatter(logging.Formatter("[elasticrun] %(message)s"))
-    log.addHandler(handler)
-    log.setLevel(getattr(logging, level, logging.INFO) if not level.isdigit() else int(level))
-    log.propagate = False
-    rlog = logging.getLogger(_rdzv.__name__)
-    rlog.addHandler(handler)
-    rlog.setLevel(log.level if log.level <= logging.DEBUG else logging.WARNING)
-    rlog.propagate = False
+    handler.setFormatter(_LineFormatter())
+    for logger in loggers:
+        logger.addHandler(handler)
+        logger.setLevel(level)
+        logger.propagate = False
 
 
 def main(argv=None):
@@ -4254,8 +6402,15 @@ def _main(argv, program=False):
     environ = os.environ
     from_command_line = argv is None
     argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["stacks"]:
+        return _stacks_command(argv[1:])
+    if argv[:1] == ["status"]:
+        return _status_main(argv[1:], environ)
     try:
-        c = _config_from_args(_parse_args(argv, environ), environ)
+        args = _parse_args(argv, environ)
+        if args.check:
+            return _check_main(args, environ)
+        c = _config_from_args(args, environ)
     except _UsageError as e:
         sys.stderr.write("elasticrun: error: %s\n" % e)
         return 2
@@ -4276,12 +6431,18 @@ def _main(argv, program=False):
             previous[sig] = signal.signal(sig, stop.handler)
         except (ValueError, OSError):
             pass
+    for sig in c.forward_signals + ([c.stack_signal] if c.stack_signal else []):
+        try:
+            previous[sig] = signal.signal(sig, stop.other_handler)
+        except (ValueError, OSError):
+            pass
     try:
         return _run_job(c, stop, server, environ)
     except _SignalStop as e:
-        log.info("stopped by %s; workers torn down", _signal_name(e.signum))
+        log.info("stopped by %s before any worker started", _signal_name(e.signum))
         return 128 + e.signum
     finally:
+        stop.close()
         if server is not None:
             server.close(wait=not program)   # a program about to exit need not reap it
         for sig, old in previous.items():
@@ -4291,6 +6452,209 @@ def _main(argv, program=False):
                 pass
 
 
+def _stacks_command(argv):
+    """``elasticrun stacks --rdzv-endpoint H:P --rdzv-id ID``: every worker's stack in a live job,
+    grouped by identical stack. Exit status 0 when some node answered, 1 when none did, 2 for a bad
+    option."""
+    import argparse
+    parser = argparse.ArgumentParser(prog="elasticrun stacks", description=(
+        "Print the Python stack of every worker of a running elasticrun job, grouped by identical "
+        "stack (the odd rank out comes last)."))
+    parser.add_argument("--rdzv-endpoint", "--rdzv_endpoint", required=True, help="the job's endpoint")
+    parser.add_argument("--rdzv-id", "--rdzv_id", required=True, help="the job's run id")
+    parser.add_argument("--rdzv-backend", "--rdzv_backend", default="c10d", help="c10d (default) or etcd")
+    parser.add_argument("--rdzv-conf", "--rdzv_conf", default="", help="token_file=F for a store with a token")
+    parser.add_argument("--timeout", type=float, default=_STACKS_TIMEOUT,
+                        help="seconds to wait for every node's answer (default %g)" % _STACKS_TIMEOUT)
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as e:
+        return e.code
+    try:
+        if not 0 < args.timeout < float("inf"):
+            raise _UsageError("--timeout must be a number of seconds > 0")
+        if args.rdzv_backend not in ("c10d", "store", "etcd"):
+            raise _UsageError("--rdzv-backend %r: stacks works with c10d and etcd" % args.rdzv_backend)
+        conf = _parse_conf(args.rdzv_conf)
+        conf.setdefault("join_timeout", str(args.timeout))
+        if args.rdzv_backend != "etcd":
+            conf["is_host"] = "0"      # a client of the job's store, never a second server
+        params = _rdzv.RendezvousParameters(args.rdzv_backend, args.rdzv_endpoint, args.rdzv_id, 1, 1, **conf)
+    except (_UsageError, ValueError) as e:
+        sys.stderr.write("elasticrun stacks: error: %s\n" % e)
+        return 2
+    _configure_logging(os.environ)
+    try:
+        handler = _rdzv.get_rendezvous_handler(params)
+    except (ValueError, _rdzv.RendezvousError) as e:
+        sys.stderr.write("elasticrun stacks: error: %s\n" % e)
+        return 1
+    try:
+        answers, nodes = _collect_stacks(handler.store, args.rdzv_id, "%s:%d" % (_hostname(), os.getpid()),
+                                         args.timeout)
+    except _store.StoreError as e:
+        sys.stderr.write("elasticrun stacks: error: %s\n" % e)
+        return 1
+    finally:
+        handler.close()
+    sys.stdout.write(_format_stacks(answers, nodes) + "\n")
+    return 0 if answers else 1
+
+
+_STATUS_USAGE = """usage: elasticrun status --rdzv-endpoint HOST[:PORT] --rdzv-id ID [--rdzv-backend c10d|etcd]
+                        [--rdzv-conf token_file=PATH] [--json]
+
+Show a running job from its rendezvous store without joining it or changing anything: the current
+round, its members (host, ranks, how long ago each heartbeat was seen), nodes waiting, restarts used,
+the last failure and whether the run is closed. It watches the heartbeats for about one
+heartbeat_interval (--rdzv-conf heartbeat_interval=..., 5 s by default). The etcd form:
+--rdzv-backend etcd --rdzv-endpoint http://host:2379. PET_RDZV_* variables work as for a launch.
+"""
+
+
+def _status_main(argv, environ):
+    """``elasticrun status``: read a run's state from its store and print it. Exit 0, 1 when the store
+    cannot be read, 2 for bad arguments."""
+    import json
+    options = {"--rdzv-endpoint": "rdzv_endpoint", "--rdzv-id": "rdzv_id", "--rdzv-backend": "rdzv_backend",
+               "--rdzv-conf": "rdzv_conf"}
+    o = {dest: environ.get("PET_" + dest.upper(), "") for dest in options.values()}
+    as_json = False
+    i = 0
+    try:
+        while i < len(argv):
+            name, eq, value = argv[i].partition("=")
+            name = name.replace("_", "-")
+            if name in ("-h", "--help"):
+                sys.stdout.write(_STATUS_USAGE)
+                return 0
+            if name == "--json" and not eq:
+                as_json = True
+            elif name in options:
+                if not eq:
+                    i += 1
+                    if i >= len(argv):
+                        raise _UsageError("option %s needs a value" % name)
+                    value = argv[i]
+                o[options[name]] = value
+            else:
+                raise _UsageError("status: unrecognized argument %s" % argv[i])
+            i += 1
+        if not o["rdzv_endpoint"] or not o["rdzv_id"]:
+            raise _UsageError("status needs --rdzv-endpoint and --rdzv-id")
+        backend = o["rdzv_backend"] or ("etcd" if o["rdzv_endpoint"].startswith("http") else "c10d")
+        if backend not in ("c10d", "store", "etcd", "static"):
+            raise _UsageError("status: --rdzv-backend %r is not c10d, etcd or static" % backend)
+        conf = _parse_conf(o["rdzv_conf"])
+        if backend == "static":
+            conf.setdefault("rank", "0")
+        try:
+            params = _rdzv.RendezvousParameters(backend, o["rdzv_endpoint"], o["rdzv_id"], 1, 1, **conf)
+        except ValueError as e:
+            raise _UsageError(str(e))
+    except _UsageError as e:
+        sys.stderr.write("elasticrun status: error: %s\n" % e)
+        return 2
+    try:
+        store = _rdzv.open_run_store(params, timeout=min(params.read_timeout, 10.0))
+    except _rdzv.RendezvousError as e:
+        sys.stderr.write("elasticrun status: error: %s\n" % e)
+        return 1
+    try:
+        info = _run_status(store, params)
+    except (_store.StoreError, _rdzv.RendezvousError, ValueError) as e:
+        sys.stderr.write("elasticrun status: error: cannot read run %r: %s\n" % (params.run_id, e))
+        return 1
+    finally:
+        store.close()
+    if as_json:
+        sys.stdout.write(json.dumps(info, indent=1, sort_keys=True) + "\n")
+    else:
+        sys.stdout.write(_format_status(info, backend, o["rdzv_endpoint"]))
+    return 0
+
+
+def _run_status(store, params):
+    """describe_run's view of the run, with what the agents published in their rounds (elastic's
+    own keys, under each round's prefix): their host, pid, ranks and restart counts, and the most
+    recent failure. Reads only (check, get, multi_get)."""
+    import json
+    info = _rdzv.describe_run(store, params.run_id, observe=params.heartbeat_interval * 1.2)
+    info["restarts"] = None
+    info["max_restarts"] = None
+    info["last_failure"] = None
+    r = info["round"]
+
+    def read(user, names):
+        present = [n for n in names if user.check([n])]
+        return dict(zip(present, user.multi_get(present))) if present else {}
+
+    if r is not None:
+        user = _store.PrefixStore(info["rounds"][r]["user_prefix"], store)
+        n = len(info["members"])
+        agents = read(user, ["agent/%d" % i for i in range(n)])
+        roles = read(user, ["role/%d" % i for i in range(n)])
+        base = 0
+        for m in info["members"]:
+            agent = agents.get("agent/%d" % m["rank"])
+            record = json.loads(agent.decode()) if agent else {}
+            role = roles.get("role/%d" % m["rank"], b"").decode().split("\n")
+            nproc = int(role[1]) if len(role) == 2 else record.get("nproc")
+            m.update(host=record.get("host") or m.get("host") or m["addr"], pid=record.get("pid"), role=role[0] or None,
+                     restarts=record.get("restarts"), log_dir=record.get("log_dir"))
+            if nproc:
+                m["ranks"] = [base, base + nproc - 1]
+                base += nproc
+            if record.get("restarts") is not None:
+                info["restarts"] = max(info["restarts"] or 0, record["restarts"])
+                info["max_restarts"] = record.get("max_restarts")
+    for rr in sorted(info["rounds"], reverse=True):
+        user = _store.PrefixStore(info["rounds"][rr]["user_prefix"], store)
+        if not user.check(["failed"]):
+            continue
+        found = read(user, ["failure/%d" % i for i in range(info["rounds"][rr]["nodes"])])
+        failures = {}
+        for value in found.values():
+            for rank, d in json.loads(value.decode()).items():
+                failures[int(rank)] = ProcessFailure._from_dict(d)
+        if failures:
+            rank, f = _first(failures)
+            info["last_failure"] = dict(_failure_fields(rank, f, len(failures)), round=rr)
+            break
+    info["rounds"] = {str(k): v for k, v in info["rounds"].items()}
+    return info
+
+
+def _format_status(info, backend, endpoint):
+    lines = ["run %s (%s at %s)%s" % (info["run_id"], backend, endpoint, ": closed" if info["closed"] else "")]
+    if info["round"] is None:
+        lines.append("  no round has formed yet")
+    else:
+        state = "broken: %s" % info["broken"] if info["broken"] else "running"
+        lines.append("  round %d: %s, master %s, %s" % (info["round"], _plural(len(info["members"]), "node"),
+                                                        info["master"], state))
+        for m in info["members"]:
+            age = m.get("heartbeat_age")
+            beat = ("heartbeat %.1f s ago" % age if isinstance(age, (int, float))
+                    else "heartbeat key gone" if age == "gone"
+                    else "no heartbeat seen while watching")
+            ranks = "ranks %d-%d" % tuple(m["ranks"]) if m.get("ranks") else "ranks ?"
+            lines.append("    node %d: %s (%s), %s, pid %s, %s" % (m["rank"], m.get("host") or m["addr"],
+                                                                    m["addr"], ranks, m.get("pid") or "?", beat))
+    waiting = info["waiting"]
+    lines.append("  nodes waiting: %d%s" % (len(waiting), " (%s)" % ", ".join(w["addr"] for w in waiting)
+                                            if waiting else ""))
+    if info["restarts"] is not None:
+        lines.append("  restarts used: %s of %s" % (info["restarts"], info["max_restarts"]))
+    f = info["last_failure"]
+    if f:
+        lines.append("  last failure (round %s): rank %s on %s, pid %s, %s: %s" % (
+            f["round"], f["rank"], f["failure_host"], f["pid"], _how_ended(f), f["message"]))
+    else:
+        lines.append("  last failure: none")
+    return "\n".join(lines) + "\n"
+
+
 def _run_job(c, stop, server, environ):
     """Build the agent from the config through its public arguments, run it, report from its
     RunResult. Returns the exit status."""
@@ -4298,7 +6662,11 @@ def _run_job(c, stop, server, environ):
         with stop:   # nothing to lose yet: a signal may interrupt joining the store
             handler = _rdzv.get_rendezvous_handler(c.rdzv)
     except (ValueError, _rdzv.RendezvousError) as e:
-        sys.stderr.write("elasticrun: error: %s\n" % e)
+        hint = ""
+        if c.slurm_token and isinstance(e.__cause__, _store.StoreAuthError):
+            hint = ("; under --slurm each node derives the token from ~/.elasticrun/secret, so every node "
+                    "needs the same file (a shared home folder), or pass --rdzv-conf token_file=F")
+        sys.stderr.write("elasticrun: error: %s%s\n" % (e, hint))
         return 2
     entrypoint, args = _entrypoint(c)
     spec = WorkerSpec(c.role, c.nproc, entrypoint, args, rdzv_handler=handler, max_restarts=c.max_restarts,
@@ -4310,7 +6678,8 @@ def _run_job(c, stop, server, environ):
     agent = LocalElasticAgent(spec, logs_specs=c.logs, start_method=c.start_method,
                               exit_barrier_timeout=c.exit_barrier_timeout, shutdown_timeout=c.shutdown_timeout,
                               log_line_prefix_template=c.prefix_template,
-                              health_check_port=c.health_check_port, fork_server=server, stop_flag=stop)
+                              health_check_port=c.health_check_port, fork_server=server, stop_flag=stop,
+                              adopt_orphans=True, stack_signal=c.stack_signal or 0, event_log=c.event_log)
     try:
         return _agent_outcome(agent, c, stop, environ)
     finally:
@@ -4326,6 +6695,8 @@ def _agent_outcome(agent, c, stop, environ):
     """Run the agent; the exit status of its RunResult (or of the error that ended it)."""
     try:
         result = agent.run()
+    except _SignalStop as e:
+        return 128 + e.signum     # the agent said what it stopped
     except _rdzv.RendezvousError as e:
         log.error("rendezvous failed: %s", e)
         return 1
@@ -4340,8 +6711,11 @@ def _agent_outcome(agent, c, stop, environ):
     stop.check()   # a signal that came while the agent could not be interrupted
     if not result.is_failed():
         return 0
-    err = ChildFailedError(c.script, result.failures)
-    sys.stderr.write(err.format_msg() + "\n")
+    err = ChildFailedError(c.script, result.failures, result.outlived_grace)
+    _end_line(sys.stderr)
+    sys.stderr.write(_format_report(c.script, result.failures, result.outlived_grace,
+                                    restarts=(result.restart_count, c.max_restarts),
+                                    log_dir=c.logs.root_log_dir) + "\n")
     _copy_root_cause(err, environ.get("TORCHELASTIC_ERROR_FILE"))
     return result.root_cause[1].launcher_exit_code()
 

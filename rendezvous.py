@@ -18,6 +18,11 @@ Usage::
     handler.num_nodes_waiting()            # poll: > 0 -> nodes wait to join, restart at the new size
     handler.set_closed()                   # end the run for every node
     handler.shutdown()                     # leave (the others see the round as broken)
+    handler.broken_reason()                # why the round broke (one store read), or None
+
+    store = open_run_store(params)         # from outside the run: a client that never serves,
+    describe_run(store, "job42")           # and the run's rounds, members, beats and waiting nodes,
+                                           # read with check/get/multi_get only (elasticrun status)
 
 Backends. ``c10d`` (alias ``store``): endpoint ``host[:port]`` (default port 29400, ``[v6addr]:port``
 for IPv6). The node the host names (its host name, an address of one of its interfaces, or a name
@@ -134,7 +139,7 @@ __version__ = "0.1.0"
 __all__ = [
     "RendezvousParameters", "RendezvousHandler", "RendezvousInfo", "get_rendezvous_handler",
     "RendezvousError", "RendezvousTimeoutError", "RendezvousClosedError", "RendezvousConnectionError",
-    "EtcdStore",
+    "EtcdStore", "describe_run", "open_run_store",
 ]
 
 import base64
@@ -171,6 +176,7 @@ _TIMEOUTS = {
     "join_timeout": 600.0, "last_call_timeout": 30.0, "close_timeout": 30.0,
     "heartbeat_interval": 5.0, "heartbeat_timeout": 15.0, "read_timeout": 60.0,
 }
+_MAX_SECONDS = 1e6                          # about 11.5 days
 _OTHER_KEYS = ("is_host", "token_file", "rank", "keep_alive_interval", "keep_alive_max_attempt", "timeout")
 _TORCH_ONLY_KEYS = ("store_type", "use_libuv", "local_addr")   # accepted from torchrun users, unused
 _BACKENDS = ("c10d", "store", "static", "etcd")
@@ -290,7 +296,8 @@ class RendezvousParameters:
     (``join_timeout``, ``heartbeat_interval``, ``is_host`` (None when not given), ``host``, ``port``...).
     """
 
-    def __init__(self, backend, endpoint, run_id, min_nodes, max_nodes, local_addr=None, **config):
+    def __init__(self, backend, endpoint, run_id, min_nodes, max_nodes, local_addr=None, *, token=None,
+                 **config):
         backend = str(backend or "").strip()
         if backend not in _BACKENDS:
             raise ValueError("rdzv backend %r is unknown; choose one of %s" % (backend, ", ".join(_BACKENDS)))
@@ -321,8 +328,9 @@ class RendezvousParameters:
                 seconds = float(value)
             except (TypeError, ValueError):
                 raise ValueError("rdzv conf %s=%r is not a number of seconds" % (key, value)) from None
-            if not seconds > 0 or seconds != seconds or seconds == float("inf"):
-                raise ValueError("rdzv conf %s=%r must be a positive number of seconds" % (key, value))
+            if not 0 < seconds <= _MAX_SECONDS:   # also nan and inf; past the cap a wait overflows
+                raise ValueError("rdzv conf %s=%r must be a number of seconds > 0 and at most %g"
+                                 % (key, value, _MAX_SECONDS))
             setattr(self, key, seconds)
         if self.heartbeat_timeout <= self.heartbeat_interval:
             raise ValueError("rdzv conf heartbeat_timeout=%g must exceed heartbeat_interval=%g"
@@ -336,6 +344,11 @@ class RendezvousParameters:
         if token_file and not os.access(token_file, os.R_OK):
             raise ValueError("rdzv conf token_file=%r cannot be read" % (token_file,))
         self.token_file = token_file or None
+        if token is not None and (not isinstance(token, (str, bytes)) or not token):
+            raise ValueError("rdzv token must be a non-empty str or bytes")
+        if token is not None and self.token_file:
+            raise ValueError("give the rdzv store a token or a token_file, not both")
+        self.token = token   # kept out of repr() and config: a secret
         self.rank = None
         if backend == "static":
             if self.min_nodes != self.max_nodes:
@@ -352,6 +365,8 @@ class RendezvousParameters:
         elif "rank" in self.config:
             raise ValueError("rdzv conf rank is only for the static backend, not %r" % backend)
         if backend == "etcd":
+            if token is not None:
+                raise ValueError("a token is not for the etcd backend (secure etcd with its own access control)")
             if "token_file" in self.config:
                 raise ValueError("rdzv conf token_file is not for the etcd backend (etcd serves the "
                                  "rendezvous; secure it with etcd's own access control)")
@@ -509,6 +524,11 @@ class RendezvousHandler:
 
     def get_run_id(self):
         return self._params.run_id
+
+    @property
+    def params(self):
+        """The RendezvousParameters this handler runs with (to read, not to change)."""
+        return self._params
 
     # -- joining
 
@@ -843,6 +863,19 @@ class RendezvousHandler:
         """True once a member of the current round died or left, or the store was lost (no store I/O)."""
         return self._broken.is_set()
 
+    def broken_reason(self):
+        """Why the current round is broken (a member died or left), None while it is whole. Reads the
+        store, unlike round_broken(): other members may know before this node's heartbeat does."""
+        if self._round is None:
+            return None
+        if self._lost is not None:
+            return "rendezvous store lost: %s" % self._lost
+        key = self._keys.round(self._round, "broken")
+        with self._mapped_errors():
+            if not self._store.check([key]) or int(self._store.get(key)) <= 0:
+                return None
+        return self._why(self._round)
+
     # -- run state
 
     def num_nodes_waiting(self):
@@ -996,6 +1029,91 @@ class _MappedErrors:
         if isinstance(error, _store.StoreError):
             raise RendezvousError("rendezvous store error: %s" % error) from error
         return False
+
+
+def describe_run(store, run_id, observe=0.0):
+    """What the store says of run `run_id`, read without joining and without writing (only ``check``,
+    ``get`` and ``multi_get``): a dict with ``closed``, ``round`` (the last round formed, or None),
+    ``members`` (rank, addr, id, heartbeat age in seconds: how long ago its beat was seen to change
+    while we watched for `observe` seconds, None when it did not, ``gone`` when its ephemeral key
+    vanished), ``master``, ``broken`` (the reason, or None), ``waiting`` (records of the nodes waiting
+    in the next round), ``rounds`` (every round formed: its number -> ``nodes``, its member
+    count, and ``user_prefix``, the prefix of the keys its agents wrote) and ``world`` (the member
+    count of the last round)."""
+    keys = _Keys(run_id)
+
+    def read(names):
+        """{name: bytes} of the names that exist (two operations when they all do)."""
+        present = names if names and store.check(names) else [n for n in names if store.check([n])]
+        return dict(zip(present, store.multi_get(present))) if present else {}
+
+    first = read([keys.closed, keys.open])
+    info = {"run_id": run_id, "closed": keys.closed in first, "round": None, "members": [],
+            "master": None, "broken": None, "waiting": [], "rounds": {}}
+    top = int(first.get(keys.open, b"0"))
+    world = 0
+    for r in range(top, max(-1, top - 1000), -1):
+        done = read([keys.round(r, "done")]).get(keys.round(r, "done"))
+        if done is not None and done.startswith(b"{"):
+            outcome = json.loads(done.decode("utf-8"))
+            nodes = outcome["world_size"] if "world_size" in outcome else len(outcome["members"])
+            if info["round"] is None:
+                info["round"], info["master"] = r, "%s:%s" % (outcome["master_addr"], outcome["master_port"])
+                members = outcome.get("members")
+                if members is None:   # the member list in a key of its own
+                    members = json.loads(read([keys.round(r, "members")]).get(keys.round(r, "members"), b"[]"))
+                info["members"] = [{"rank": i, "addr": m[0], "id": m[1], "host": m[2] if len(m) > 2 else None}
+                                   for i, m in enumerate(members)]
+                world = nodes
+            info["rounds"][r] = {"nodes": nodes, "user_prefix": keys.round(r, "user")}
+    r = info["round"]
+    if r is not None:
+        state = read([keys.round(r, "broken"), keys.round(r, "broken_why")])
+        if int(state.get(keys.round(r, "broken"), b"0")) > 0:
+            info["broken"] = state.get(keys.round(r, "broken_why"), b"unknown").decode("utf-8", "replace")
+        _watch_beats(store, [keys.round(r, "hb/%d" % m["rank"]) for m in info["members"]], info["members"],
+                     observe, read)
+    nxt = max(top, 0 if r is None else r + 1)     # where joiners wait: the open round
+    arrived = read([keys.round(nxt, "arrive"), keys.round(nxt, "done")])
+    if keys.round(nxt, "done") not in arrived:
+        joins = int(arrived.get(keys.round(nxt, "arrive"), b"0")) & _SLOT_MASK
+        records = read([keys.round(nxt, "node/%d" % s) for s in range(1, joins + 1)])
+        for name, data in sorted(records.items()):
+            try:
+                record = json.loads(data.decode("utf-8"))
+            except ValueError:
+                continue
+            if "withdrawn" not in record:
+                info["waiting"].append({"addr": record.get("addr"), "id": record.get("id"),
+                                        "rejoin": bool(record.get("rejoin"))})
+    info["world"] = world
+    return info
+
+
+def _watch_beats(store, names, members, observe, read):
+    """Set each member's ``heartbeat_age``: watch its beat for up to `observe` seconds."""
+    start = time.monotonic()
+    seen = read(names)
+    changed = {}
+    while len(changed) < len(names):
+        left = start + observe - time.monotonic()
+        if left <= 0:
+            break
+        time.sleep(min(0.1, left))
+        now_values = read(names)
+        for name in names:
+            if name not in changed and now_values.get(name) != seen.get(name) and name in now_values:
+                changed[name] = time.monotonic()
+    end = time.monotonic()
+    final = read(names)
+    for name, member in zip(names, members):
+        member["heartbeat"] = final.get(name, b"").decode("utf-8", "replace") or None
+        if name in changed:
+            member["heartbeat_age"] = round(end - changed[name], 1)
+        elif name not in final and name in seen:
+            member["heartbeat_age"] = "gone"
+        else:
+            member["heartbeat_age"] = None
 
 
 # ------------------------------------------------------------------------------------- etcd backend
@@ -1734,12 +1852,30 @@ def _bindable(address):
         return False
 
 
+def _listen_address(host):
+    """The one address to serve the store on when the endpoint names it as an IP address this
+    machine has; None (every interface) for a host name: names are resolved by clients, and a
+    name's address here may not be the one the other nodes reach (127.0.1.1 in /etc/hosts)."""
+    try:
+        address = ipaddress.ip_address(host.split("%", 1)[0])
+    except ValueError:
+        return None
+    return host if _bindable(address) else None
+
+
+def _serve_store(host, port, timeout, token):
+    """The store's server, in this process, and a client of it. It listens on the endpoint's address
+    when that is possible (see _listen_address), on every interface otherwise."""
+    return _store.TCPStore(host, port, is_master=True, timeout=timeout, token=token, bind=_listen_address(host))
+
+
 def _open_store(params, host, port, serve):
     """A TCPStore client of host:port; `serve` True/False/None (None: serve if we can bind)."""
-    token = _read_token(params.token_file) if params.token_file else None
+    token = params.token if params.token is not None else (
+        _read_token(params.token_file) if params.token_file else None)
     if serve or serve is None:
         try:
-            tcp = _store.TCPStore(host, port, is_master=True, timeout=params.join_timeout, token=token)
+            tcp = _serve_store(host, port, params.join_timeout, token)
             tcp.set_timeout(params.read_timeout)
             log.info("serving the rendezvous store on port %d", tcp.port)
             return tcp, True
@@ -1786,3 +1922,19 @@ def get_rendezvous_handler(params):
         return RendezvousHandler(store, params, hosts_store=False)
     raise ValueError("rdzv backend %r is unknown" % params.backend)
 
+
+def open_run_store(params, timeout=10.0):
+    """A client of the run's store that never serves it: for reading a run from outside
+    (``describe_run``), with the token of ``params.token_file``."""
+    if params.backend == "etcd":
+        try:
+            return EtcdStore(params.endpoints, timeout=timeout)
+        except _store.StoreError as e:
+            raise RendezvousConnectionError("cannot reach etcd at %s: %s" % (", ".join(params.endpoints), e)) from e
+    token = _read_token(params.token_file) if params.token_file else None
+    try:
+        return _store.TCPStore(params.host, params.port, timeout=timeout, token=token)
+    except _store.StoreAuthError as e:
+        raise RendezvousError(str(e)) from e
+    except _store.StoreError as e:
+        raise RendezvousConnectionError(str(e)) from e

@@ -296,7 +296,7 @@ def _row(notice, fault, recovery, note="", ok=True):
 
 
 def _short(text, width=70):
-    text = text.replace("[elasticrun] ", "").strip()
+    text = text.split("[elasticrun] ", 1)[-1].strip()   # the time and the tag go
     return text if len(text) <= width else text[:width - 3] + "..."
 
 

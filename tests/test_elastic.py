@@ -237,6 +237,9 @@ def test_spec_validation():
         LocalElasticAgent(WorkerSpec("r", 1, funcs.happy), start_method="thread")
 
 
+PRINTER = os.path.join(SCRIPTS, "printer.py")
+
+
 @pytest.mark.parametrize("argv, needle", [
     (["--nnodes", "x", "s.py"], "--nnodes"),
     (["--nproc-per-node", "zero", "s.py"], "--nproc-per-node"),
@@ -255,6 +258,30 @@ def test_spec_validation():
     ([], "training_script"),
     (["no/such/script.py"], "no such script"),
     (["--log-dir", "/proc/nope", os.path.join(SCRIPTS, "printer.py")], "--log-dir"),
+    # numbers: negative, nan, inf and huge values never reach a wait or a loop
+    (["--nnodes", "100000000000000000000", PRINTER], "--nnodes"),
+    (["--nnodes", "1:100000000000000000000", PRINTER], "--nnodes"),
+    (["--nproc-per-node", "99999999999", PRINTER], "--nproc-per-node"),
+    (["--max-restarts", "-1", PRINTER], "--max-restarts"),
+    (["--max-restarts", "99999999999999999999", PRINTER], "--max-restarts"),
+    (["--monitor-interval", "1e300", PRINTER], "--monitor-interval"),
+    (["--shutdown-timeout", "inf", PRINTER], "--shutdown-timeout"),
+    (["--shutdown-timeout", "1e300", PRINTER], "--shutdown-timeout"),
+    (["--exit-barrier-timeout", "-1", PRINTER], "--exit-barrier-timeout"),
+    (["--exit-barrier-timeout", "1e300", PRINTER], "--exit-barrier-timeout"),
+    (["--standalone", "--rdzv-conf", "join_timeout=1e300", PRINTER], "join_timeout"),
+    (["--standalone", "--rdzv-conf", "heartbeat_timeout=inf", PRINTER], "heartbeat_timeout"),
+    (["--standalone", "--rdzv-conf", "read_timeout=nan", PRINTER], "read_timeout"),
+    (["--standalone", "--rdzv-conf", "close_timeout=-1", PRINTER], "close_timeout"),
+    # run ids are data: ones no encoding makes usable are refused, naming the rule
+    (["--rdzv-id", "x" * 300, PRINTER], "--rdzv-id is 300 characters long: at most 255"),
+    (["--rdzv-id", "a\nb", PRINTER], "control characters"),
+    (["--rdzv-id", "", PRINTER], "--rdzv-id must not be empty"),
+    # --no-python: the program must be one exec can start
+    (["--no-python", "no-such-program-anywhere"], "--no-python: no such program"),
+    (["--no-python", "/no/such/program"], "--no-python: no such program"),
+    (["--no-python", PRINTER], "--no-python: %s is not an executable file" % PRINTER),
+    (["--no-python", SCRIPTS], "is not an executable file"),
 ])
 def test_cli_errors_exit_2_with_one_line(argv, needle, capsys):
     assert elastic.main(argv) == 2

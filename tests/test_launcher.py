@@ -4,6 +4,7 @@ import glob
 import json
 import os
 import signal
+import subprocess
 import sys
 
 import pytest
@@ -94,9 +95,10 @@ def test_restarts_counted_then_budget_spent(tmp_path):
         starts = [line.split() for line in a.out().splitlines() if line.startswith("start")]
         assert sorted(s[3] for s in starts if s[2] == "0") == ["0", "1", "2"]
         assert a.err().count("restarting the worker group") == 2
-        assert "started 2 workers" in a.err()          # LOGLEVEL=DEBUG adds detail
+        assert "worker rank 1 (local rank 1) started" in a.err()      # LOGLEVEL=DEBUG adds detail
         (run_dir,) = os.listdir(str(logs))
-        assert sorted(os.listdir(os.path.join(str(logs), run_dir))) == ["attempt_0", "attempt_1", "attempt_2"]
+        assert sorted(os.listdir(os.path.join(str(logs), run_dir))) == [
+            "attempt_0", "attempt_1", "attempt_2", "events.jsonl"]
     finally:
         a.stop()
 
@@ -166,7 +168,7 @@ def test_workers_drift(tmp_path, barrier_timeout):
                                    + [ENVDUMP, str(out), sleep], tmp_path, "agent%d" % i))
         for a in agents:
             assert a.wait(60) == 0, a.err()
-            assert a.err().count("rendezvous round") == 1, a.err()
+            assert a.err().count("rendezvous round 0 done") == 1 and "round 1" not in a.err(), a.err()
         assert sorted(dumps(out)) == ["default_0_0_2", "default_1_0_2"]
     finally:
         for a in agents:
@@ -584,7 +586,7 @@ def test_stop_signal_in_the_exit_barrier_exits_128_plus_n(tmp_path):
             agents.append(Launcher(c10d(store, "2", "barrier-stop", "--exit-barrier-timeout", "60")
                                    + [script, str(folder / "never")], tmp_path, node, environ=env(NODE=node)))
         a = agents[0]
-        wait_for(lambda: "all 1 workers succeeded" in a.err(), what="a's workers to succeed")
+        wait_for(lambda: "all 1 worker succeeded" in a.err(), what="a's workers to succeed")
         os.kill(a.pid, signal.SIGTERM)
         assert a.wait(60) == 128 + signal.SIGTERM, a.err()
         assert "stopped by SIGTERM" in a.err()
@@ -728,5 +730,80 @@ def test_refused_torchrun_option_values(tmp_path, args, needle):
     try:
         assert a.wait() == 2
         assert a.err().startswith("elasticrun: error: ") and needle in a.err(), a.err()
+    finally:
+        a.stop()
+
+
+@pytest.mark.parametrize("run_id", ["../esc", "../../esc", "a/b", "job.42", "none",
+                                    "8c1f0e6e-0d2b-4a3c-9f7e-2f5d1c9b7a10", "x" * 255])
+def test_run_ids_are_data_never_paths(tmp_path, run_id):
+    """A run id names the run's log folder encoded: it never leaves --log-dir, whatever it holds."""
+    logs = tmp_path / "x" / "logs"
+    a = Launcher(["--log-dir", str(logs), "--redirects", "3", "--rdzv-id", run_id] + FAST
+                 + [os.path.join(SCRIPTS, "printer.py")], tmp_path)
+    try:
+        assert a.wait() == 0, a.err()
+    finally:
+        a.stop()
+    runs = os.listdir(str(logs))
+    assert len(runs) == 1, runs
+    assert os.path.exists(os.path.join(str(logs), runs[0], "attempt_0", "0", "stdout.log"))
+    assert sorted(os.listdir(str(tmp_path))) == ["agent.err", "agent.out", "x"]
+    assert os.listdir(str(tmp_path / "x")) == ["logs"]
+
+
+def test_a_full_log_file_system_is_named_in_the_report(tmp_path):
+    """Workers that die because their log folder's file system is full cannot say so themselves (their
+    stderr and error file are there): the report says ENOSPC and names the folder."""
+    full = tmp_path / "full"
+    full.mkdir()
+    if subprocess.call(["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(full)],
+                       stderr=subprocess.DEVNULL) != 0:
+        pytest.skip("cannot mount a tmpfs here (needs root)")
+    a = None
+    try:
+        script = tmp_path / "flood.py"
+        script.write_text("import sys\nfor _ in range(1024):\n    sys.stdout.write('x' * 1023 + '\\n')\n")
+        a = Launcher(["--standalone", "--log-dir", str(full), "--redirects", "3"] + FAST + [str(script)],
+                     tmp_path)
+        assert a.wait() != 0, a.err()
+        err = a.err()
+        assert "ENOSPC" in err, err
+        assert "message    : exited with code" in err and str(full) in err.split("ENOSPC")[0], err
+    finally:
+        if a is not None:
+            a.stop()
+        subprocess.call(["umount", "-l", str(full)])
+
+
+def listening_addresses(port):
+    """The local addresses something listens on at TCP `port` (from /proc/net/tcp and tcp6)."""
+    found = set()
+    for path in ("/proc/net/tcp", "/proc/net/tcp6"):
+        with open(path) as f:
+            for line in f.read().splitlines()[1:]:
+                local, state = line.split()[1], line.split()[3]
+                address, hex_port = local.split(":")
+                if state == "0A" and int(hex_port, 16) == port:
+                    found.add(address)
+    return found
+
+
+def test_standalone_store_takes_a_random_token_and_listens_on_loopback(tmp_path):
+    """Without a token one write to the store controls a job; --standalone always has one."""
+    import re
+    import store
+    go = tmp_path / "go"
+    script = tmp_path / "wait.py"
+    script.write_text("import os, time\nwhile not os.path.exists(%r):\n    time.sleep(0.01)\n" % str(go))
+    a = Launcher(["--standalone"] + FAST + [str(script)], tmp_path, environ=env(LOGLEVEL="DEBUG"))
+    try:
+        port = int(wait_for(lambda: re.search(r"serving the rendezvous store on port (\d+)", a.err()),
+                            what="the store's port").group(1))
+        with pytest.raises(store.StoreAuthError):
+            store.TCPStore("127.0.0.1", port, timeout=10).set("elastic/closed", "1")
+        assert listening_addresses(port) == {"0100007F"}   # 127.0.0.1 only
+        go.write_text("")
+        assert a.wait() == 0, a.err()
     finally:
         a.stop()

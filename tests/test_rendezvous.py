@@ -104,7 +104,9 @@ def check_round(rounds, world_size):
     (dict(min_nodes=0), "min_nodes=0"),
     (dict(min_nodes=3, max_nodes=2), "max_nodes=2 is less than min_nodes=3"),
     (dict(join_timeout="soon"), "join_timeout='soon' is not a number"),
-    (dict(last_call_timeout=-1), "last_call_timeout=-1 must be a positive"),
+    (dict(last_call_timeout=-1), "last_call_timeout=-1 must be a number of seconds > 0"),
+    (dict(join_timeout=1e300), "join_timeout=1e+300 must be a number of seconds > 0 and at most"),
+    (dict(keep_alive_interval=1, keep_alive_max_attempt=10 ** 9), "heartbeat_timeout=1000000000"),
     (dict(heartbeat_interval=5, heartbeat_timeout=2), "heartbeat_timeout=2 must exceed heartbeat_interval=5"),
     (dict(is_host="maybe"), "is_host='maybe' is not a boolean"),
     (dict(endpoint="host:http"), "port 'http' is not a number"),
@@ -543,3 +545,28 @@ def test_waiting_node_forms_a_round_when_every_running_member_died(spawn, server
         node.kill()
     alone = late.expect("round")
     assert (alone["world_size"], alone["rank"], alone["round"]) == (1, 0, 1)
+
+
+def test_store_listens_on_the_endpoints_address_when_it_can():
+    """An IP endpoint this machine has is the one address the store listens on; a name or an address
+    of another machine leaves it on every interface (the other nodes resolve names themselves)."""
+    assert R._listen_address("127.0.0.1") == "127.0.0.1"
+    assert R._listen_address("localhost") is None
+    assert R._listen_address("192.0.2.1") is None      # TEST-NET-1: no machine has it
+    params = R.RendezvousParameters("c10d", "127.0.0.1:0", "bind", 1, 1, is_host=1)
+    handler = R.get_rendezvous_handler(params)
+    try:
+        with open("/proc/net/tcp") as f:
+            rows = [line.split() for line in f.read().splitlines()[1:]]
+        listening = {r[1].split(":")[0] for r in rows
+                     if r[3] == "0A" and int(r[1].split(":")[1], 16) == handler._store.port}
+        assert listening == {"0100007F"}
+    finally:
+        handler.close()
+
+
+def test_a_token_is_a_secret_kept_out_of_the_parameters_repr():
+    params = R.RendezvousParameters("c10d", "127.0.0.1:0", "t", 1, 1, token="s3cret", is_host=1)
+    assert "s3cret" not in repr(params) and params.token == "s3cret"
+    with pytest.raises(ValueError, match="not both"):
+        R.RendezvousParameters("c10d", "127.0.0.1:0", "t", 1, 1, token="s", token_file=__file__)

@@ -172,3 +172,70 @@ def test_slurm_multi_node_loopback_endpoint_refused(tmp_path):
         assert a.out() == ""
     finally:
         a.stop()
+
+
+# The store of a --slurm job has a token every node derives alike from a per-user secret in the home
+# folder (the one thing the job's nodes share that other users can't read): one write by anyone else
+# can no longer forge a failure, grant restarts or end the run.
+PROBE = "import os, store\n" \
+        "if os.environ['RANK'] == '0':\n" \
+        "    host, port = os.environ['PROBE_ENDPOINT'].rsplit(':', 1)\n" \
+        "    try:\n" \
+        "        store.TCPStore(host, int(port), timeout=10).set('elastic/x/closed', '1')\n" \
+        "        print('PROBE OPEN', flush=True)\n" \
+        "    except store.StoreAuthError:\n" \
+        "        print('PROBE REFUSED', flush=True)\n"
+
+
+def test_slurm_store_has_a_token_the_nodes_share(tmp_path):
+    probe = write_script(tmp_path, "probe.py", PROBE)
+    endpoint = "127.0.0.1:%d" % free_port()
+    args = ["--slurm", "--rdzv-endpoint", endpoint, "--rdzv-conf", "last_call_timeout=1,join_timeout=%d" % GUARD
+            ] + FAST + [probe]
+    home = tmp_path / "home"
+    home.mkdir()
+    nodes = []
+    try:
+        for node_id in ("0", "1"):
+            nodes.append(Launcher(args, tmp_path, "node%s" % node_id,
+                                  environ=srun_node_env(node_id, "node[1-2]", HOME=home, PROBE_ENDPOINT=endpoint)))
+        for node in nodes:
+            assert node.wait(GUARD) == 0, node.err()
+        assert "PROBE REFUSED" in nodes[0].out() + nodes[1].out()
+        secret = home / ".elasticrun" / "secret"
+        assert secret.stat().st_mode & 0o777 == 0o600
+    finally:
+        for node in nodes:
+            node.stop()
+
+
+def test_slurm_token_per_job_and_refused_when_others_can_read_the_secret(tmp_path):
+    env = {"HOME": str(tmp_path)}
+    a, b = ops._slurm_token(env, "4242.7"), ops._slurm_token(env, "4242.7")
+    assert a == b and a != ops._slurm_token(env, "4242.8") and len(a) == 64
+    os.chmod(str(tmp_path / ".elasticrun" / "secret"), 0o644)
+    with pytest.raises(ops._UsageError, match="readable by you alone"):
+        ops._slurm_token(env, "4242.7")
+    # an explicit token file wins: no secret is needed
+    o = slurm_args(["--slurm", "--rdzv-conf", "token_file=%s" % __file__], srun_env(SLURM_STEP_NODELIST="gpu[01-02]"))
+    assert ops._store_token(o, "c10d", ops._parse_conf(o["rdzv_conf"]), "4242.0", {"HOME": "/nonexistent"}) is None
+
+
+def test_slurm_nodes_with_different_secrets_are_told_why(tmp_path):
+    probe = write_script(tmp_path, "probe.py", "pass\n")
+    endpoint = "127.0.0.1:%d" % free_port()
+    nodes = []
+    try:
+        for node_id in ("0", "1"):
+            home = tmp_path / ("home%s" % node_id)   # homes not shared: each node makes its own secret
+            home.mkdir()
+            conf = "join_timeout=%d,is_host=%d" % (GUARD, node_id == "0")   # node 0 serves the store
+            args = ["--slurm", "--rdzv-endpoint", endpoint, "--rdzv-conf", conf] + FAST + [probe]
+            nodes.append(Launcher(args, tmp_path, "node%s" % node_id, environ=srun_node_env(node_id, "node[1-2]",
+                                                                                             HOME=home)))
+        assert nodes[1].wait(GUARD) == 2, nodes[1].err()
+        lines = nodes[1].err().splitlines()
+        assert len(lines) == 1 and "refused our token" in lines[0] and "~/.elasticrun/secret" in lines[0], lines
+    finally:
+        for node in nodes:
+            node.stop()

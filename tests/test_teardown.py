@@ -163,3 +163,28 @@ def test_launcher_sigkill_kills_the_daemons_of_a_launcher_it_runs(tmp_path):
     sigkill_launcher_then_check(
         Launcher(["--standalone", "--no-python", sys.executable, ELASTIC] + BASE + [DAEMONISER, str(out)],
                  tmp_path), out)
+
+
+# A worker that forks without exec, calls setsid and forks again leaves a daemon in no worker group
+# whose environment is the launcher's: only the subreaper (the fork server, or the launcher for
+# --run-path) still has it below itself.
+NOFORK = os.path.join(SCRIPTS, "nofork_daemon.py")
+
+
+@pytest.mark.parametrize("mode", ["fork-server", "run-path"])
+def test_no_orphans_from_workers_that_fork_without_exec(tmp_path, mode):
+    extra = ["--run-path", "--start-method", "fork"] if mode == "run-path" else []
+    pids = []
+    a = Launcher(BASE + extra + ["--max-restarts", "1", NOFORK, str(tmp_path), "fail"], tmp_path)
+    try:
+        assert a.wait() == 3, a.err()
+        pids = job_pids(tmp_path, 4)()
+        assert len(pids) == 8                      # 2 attempts x 2 workers x (worker + daemon)
+        assert not [p for p in pids if alive(p)]   # the launcher killed them before exiting
+    finally:
+        a.stop()
+        kill_all(pids)
+
+
+def test_no_orphans_from_workers_that_fork_without_exec_after_launcher_sigkill(tmp_path):
+    sigkill_launcher_then_check(Launcher(BASE + [NOFORK, str(tmp_path), "sleep"], tmp_path), tmp_path)

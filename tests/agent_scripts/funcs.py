@@ -53,3 +53,14 @@ def sleep_then(seconds, code=0):
     if code:
         raise SystemExit(code)
     return seconds
+
+
+def stuck_here():
+    time.sleep(60)
+
+
+def hung_in_stuck_here():
+    """Overruns a 1 s file-timer scope inside stuck_here() (the file timer kills it)."""
+    import elastic
+    with elastic.expires(after=1):
+        stuck_here()

@@ -75,9 +75,10 @@ class Launcher:
 class StoreProcess:
     """`python3 store.py` on a free port of 127.0.0.1, for agents that must outlive each other."""
 
-    def __init__(self):
+    def __init__(self, token_file=None):
+        token = ["--token-file", token_file] if token_file else []
         self.proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "store.py"), "--host", "127.0.0.1",
-                                      "--port", "0"], stdout=subprocess.PIPE, env=env())
+                                      "--port", "0"] + token, stdout=subprocess.PIPE, env=env())
         line = self.proc.stdout.readline().decode()
         if not line.startswith("listening on"):
             self.stop()
