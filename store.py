@@ -32,7 +32,20 @@ its key existing (torch's rule). Each value goes to exactly one pop; pops that w
 oldest first, and every ``wait`` on the key wakes (torch's wakes one). ``clone()`` is another
 client on its own connection; ``has_extended_api()`` is True; ``list_keys()`` names every key (not
 the queues); ``barrier(key, world_size, timeout=None)`` returns once ``world_size`` callers came. Errors are ``RuntimeError``s, as
-torch's are; a timeout reads like torch's (``wait timeout after 100ms, keys: k``).
+torch's are, and their words are torch's, our detail after them (``wait timeout after 100ms, keys:
+/k``, ``The client socket has timed out after ...``, ``The server socket has failed to listen on any
+local network address ...``).
+
+The constructor takes torch's arguments, by position or keyword: ``TCPStore(host_name, port,
+world_size=None, is_master=False, timeout=300, wait_for_workers=True, multi_tenant=False,
+master_listen_fd=None, use_libuv=True)`` (``host`` is our name for ``host_name``; ``use_libuv`` is
+accepted and ignored), and ours keyword-only: ``token``, ``bind``. With a ``world_size`` (and
+``wait_for_workers``) every store counts itself in one key that ``num_keys`` counts and no key name
+reaches (torch's), and the master waits until ``world_size`` have, or raises ``StoreTimeout``
+("Timed out after 300 seconds waiting for clients. 3/4 clients joined."). ``multi_tenant`` masters
+on one port of one process share one server, which stops when the last of them closes;
+``master_listen_fd`` serves on a socket someone else bound; a master whose port is ``MASTER_PORT``
+while ``TORCHELASTIC_USE_AGENT_STORE`` is true connects instead (the agent serves it: torch's rule).
 
 Connecting retries until the timeout while the host name does not resolve (pods and DNS records
 often appear after the job starts) or the server refuses or can't be reached, and a wait longer than
@@ -78,13 +91,15 @@ that many ``bytes`` fields::
     QPOP   14  timeout_ms:i64 key                     the oldest value     (bit 3; TIMEOUT: still empty)
     QLEN   15  key                                    queue length:i64     (bit 3)
     LIST   16  -                                      keys: every key name (bit 4)
+    GONE   17  timeout_ms:i64 keys                    -                    (bit 5)
+    BEAT   18  key value timeout_ms:i64 keys          gone:u8 [one value per key] (bit 6)
 
     reply status: OK 0 (result follows), TIMEOUT 1, ERROR 2 (a UTF-8 message follows)
     welcome/verdict status: READY 0, PROOF 1, VERSION 2 (mismatch), BUSY 3 (connection limit), REFUSED 4
 
 ``features`` follows READY (in the welcome, or in the verdict after a proof); bit 0 says the server
 knows EPHEMERAL, bit 1 that an offer of the same-host socket follows (below), bit 3 that it knows
-the queue ops, bit 4 that it knows LIST. A server older than EPHEMERAL sends no features byte (and
+the queue ops, bit 4 that it knows LIST, bits 5 and 6 GONE and BEAT. A server older than EPHEMERAL sends no features byte (and
 closes a connection that sends it an unknown op), so the client checks the bit and refuses
 ``set_ephemeral``, a queue op or ``list_keys`` with a clear ``StoreError`` instead of sending it. A
 QPOP with a timeout is parked like a GET and answered by the QPUSH that hands it its value; with
@@ -94,6 +109,14 @@ connection closes (``close()``, or the client process dies and its kernel closes
 a later write by anyone (SET, ADD, CAS, APPEND, MSET) made it an ordinary key first, or another
 connection's EPHEMERAL took it over. Liveness for free: a key that vanishes with its writer (as
 etcd's leases do, and the rendezvous relies on that when it can).
+GONE is WAIT turned around: it is answered once any one of its keys does not exist (at once when one
+is missing already; otherwise when one is deleted, by DELETE or by its ephemeral owner's connection
+closing), or with TIMEOUT. It lets a peer learn of a client's death the moment its connection
+closes, with nothing polling (bit 5 of ``features``; ``wait_gone`` in the client). BEAT is a
+heartbeat in one request: EPHEMERAL of its key and value, then GONE of its keys; it answers OK with
+gone = 1 when one of them is deleted, or at its timeout with gone = 0 and their values (``beat`` in
+the client, bit 6). A node that beats and watches a peer this way costs the server one request per
+interval instead of three.
 
 The same-host socket. A request over TCP through the loopback costs the kernel nearly twice what it
 costs over a Unix socket, and on a busy host the kernel's share is most of a request's cost. So a
@@ -163,6 +186,7 @@ import collections
 import errno
 import heapq
 import logging
+import math
 import os
 import random
 import select
@@ -207,9 +231,12 @@ _SET, _GET, _ADD, _CAS, _WAIT, _CHECK, _DELETE, _COUNT, _MSET, _APPEND, _EPHEMER
 _F_EPHEMERAL = 1                  # features bit: the server knows EPHEMERAL
 _F_LOCAL = 2                      # features bit: an offer of the same-host socket follows
 _QPUSH, _QPOP, _QLEN, _LIST = 13, 14, 15, 16
+_GONE, _BEAT = 17, 18
 _F_QUEUE = 8                      # features bit: the server knows QPUSH, QPOP and QLEN
 _F_LIST = 16                      # features bit: the server knows LIST
-_FEATURES = _F_EPHEMERAL | _F_QUEUE | _F_LIST   # what this server sends after READY
+_F_GONE = 32                      # features bit: the server knows GONE
+_F_BEAT = 64                      # features bit: the server knows BEAT
+_FEATURES = _F_EPHEMERAL | _F_QUEUE | _F_LIST | _F_GONE | _F_BEAT   # what this server sends after READY
 _LOCAL_MAGIC = b"EKVL"            # the hello on the same-host socket
 _TICKET_SIZE = 16                 # random bytes that let one same-host connection in, once
 _OK, _TIMEOUT, _ERROR = 0, 1, 2
@@ -447,14 +474,17 @@ class _Conn:
 
 
 class _Waiter:
-    """A parked GET or WAIT: answered when its last missing key appears, or at its deadline."""
+    """A parked GET or WAIT: answered when its last missing key appears, or at its deadline.
+    A parked GONE (`gone` 1) or BEAT (`gone` 2): answered when any of its keys is deleted, or at
+    its deadline."""
 
-    __slots__ = ("conn", "rid", "keys", "missing", "want_values", "done")
+    __slots__ = ("conn", "rid", "keys", "missing", "want_values", "done", "gone")
 
-    def __init__(self, conn, rid, keys, want_values):
+    def __init__(self, conn, rid, keys, want_values, gone=0):
         self.conn, self.rid, self.keys, self.want_values = conn, rid, keys, want_values
         self.missing = 0
         self.done = False
+        self.gone = gone
 
 
 class _Logbook:
@@ -650,7 +680,8 @@ class StoreServer:
 
     def __init__(self, host="0.0.0.0", port=0, *, token=None, max_connections=DEFAULT_MAX_CONNECTIONS,
                  backlog=65535, handshake_timeout=HANDSHAKE_TIMEOUT, local_socket=True,
-                 max_parked=DEFAULT_MAX_PARKED, max_parked_per_connection=DEFAULT_MAX_PARKED_PER_CONNECTION):
+                 max_parked=DEFAULT_MAX_PARKED, max_parked_per_connection=DEFAULT_MAX_PARKED_PER_CONNECTION,
+                 listen_fd=None):
         for name, value in (("max_connections", max_connections), ("max_parked", max_parked),
                             ("max_parked_per_connection", max_parked_per_connection)):
             if not isinstance(value, int) or value < 1:
@@ -665,15 +696,22 @@ class StoreServer:
         self.handshake_timeout = _seconds(handshake_timeout)
         self._token = _token_bytes(token) if token else None
         self._raise_fd_limit(max_connections)
-        family = socket.AF_INET6 if ":" in host else socket.AF_INET
-        self._listener = socket.socket(family, socket.SOCK_STREAM)
+        if listen_fd is not None:
+            # a socket someone else bound (torch's master_listen_fd): ours from here on, closed with us
+            self._listener = socket.socket(fileno=listen_fd)
+        else:
+            family = socket.AF_INET6 if ":" in host else socket.AF_INET
+            self._listener = socket.socket(family, socket.SOCK_STREAM)
         try:
-            self._listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            self._listener.bind((host, port))
+            if listen_fd is None:
+                self._listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                self._listener.bind((host, port))
             self._listener.listen(backlog)
         except OSError as e:
             self._listener.close()
-            raise StoreError("cannot listen on %s:%s: %s" % (host, port, e.strerror or e)) from e
+            # torch's DistNetworkError words first: scripts and torch's tests match them
+            raise StoreConnectionError("The server socket has failed to listen on any local network address. "
+                                       "host: %s, port: %s: %s" % (host, port, e.strerror or e)) from e
         self._listener.setblocking(False)
         self.port = self._listener.getsockname()[1]
         self._local = self._open_local(backlog) if local_socket else None
@@ -696,6 +734,7 @@ class StoreServer:
         self._owners = {}           # ephemeral key -> the connection whose closing deletes it
         self._queues = {}           # key -> deque of values pushed and not yet popped; never empty
         self._poppers = {}          # key -> {parked QPOP: None}, the longest-waiting first
+        self._gone = {}             # key -> {parked GONE waiter: None}
         self._deadlines = []        # heap of (deadline, seq, parked waiter or connection in its handshake)
         self._seq = 0
         self._conns = 0
@@ -713,7 +752,7 @@ class StoreServer:
             _WAIT: self._op_wait, _CHECK: self._op_check, _DELETE: self._op_delete,
             _COUNT: self._op_count, _MSET: self._op_mset, _APPEND: self._op_append,
             _EPHEMERAL: self._op_ephemeral, _QPUSH: self._op_qpush, _QPOP: self._op_qpop,
-            _QLEN: self._op_qlen, _LIST: self._op_list,
+            _QLEN: self._op_qlen, _LIST: self._op_list, _GONE: self._op_gone, _BEAT: self._op_beat,
         }
 
     @staticmethod
@@ -899,6 +938,8 @@ class StoreServer:
             for key in conn.owned:
                 del self._owners[key]
                 self._data.pop(key, None)
+                if key in self._gone:
+                    self._vanished(key)
             conn.owned = None
         if conn.ticket is not None:
             del self._tickets[conn.ticket]
@@ -1203,12 +1244,15 @@ class StoreServer:
         r = _Reader(payload, _HEAD_SIZE)
         key, value = r.key(), r.value()
         r.end()
+        self._own(conn, key, value)
+        return _HEAD.pack(_HEAD_SIZE, _OK, rid)
+
+    def _own(self, conn, key, value):
         self._store(key, value)
         if conn.owned is None:
             conn.owned = set()
         conn.owned.add(key)
         self._owners[key] = conn
-        return _HEAD.pack(_HEAD_SIZE, _OK, rid)
 
     def _op_add(self, conn, rid, payload):
         fields = _ADD_FIELDS.get(len(payload)) or _add_fields(len(payload))
@@ -1253,7 +1297,10 @@ class StoreServer:
         r.end()
         if key in self._owners:
             self._disown(key)
-        return _HEAD.pack(_HEAD_SIZE + 1, _OK, rid) + (b"\x01" if self._data.pop(key, None) is not None else b"\x00")
+        existed = self._data.pop(key, None) is not None
+        if existed and key in self._gone:
+            self._vanished(key)
+        return _HEAD.pack(_HEAD_SIZE + 1, _OK, rid) + (b"\x01" if existed else b"\x00")
 
     def _op_count(self, conn, rid, payload):
         r = _Reader(payload, _HEAD_SIZE)
@@ -1272,6 +1319,65 @@ class StoreServer:
         if _lone_key(payload) in self._data:
             return _HEAD.pack(_HEAD_SIZE, _OK, rid)
         return self._park(conn, rid, _Reader(payload, _HEAD_SIZE), want_values=False)
+
+    def _op_gone(self, conn, rid, payload):
+        r = _Reader(payload, _HEAD_SIZE)
+        timeout_ms = r.i64()
+        keys = r.keys()
+        r.end()
+        return self._park_gone(conn, rid, keys, timeout_ms, 1)
+
+    def _op_beat(self, conn, rid, payload):
+        r = _Reader(payload, _HEAD_SIZE)
+        key, value = r.key(), r.value()
+        timeout_ms = r.i64()
+        keys = r.keys()
+        r.end()
+        self._own(conn, key, value)
+        return self._park_gone(conn, rid, keys, timeout_ms, 2)
+
+    def _gone_answer(self, waiter, gone):
+        """The reply to a parked GONE (`gone`: a key was deleted) or BEAT (with the values if not)."""
+        if waiter.gone == 1:
+            return _HEAD.pack(_HEAD_SIZE, _OK if gone else _TIMEOUT, waiter.rid)
+        data = self._data
+        values = [data.get(k) for k in waiter.keys]
+        if gone or None in values:
+            return _HEAD.pack(_HEAD_SIZE + 1, _OK, waiter.rid) + b"\x01"
+        body = b"\x00" + b"".join(map(_field, values))
+        if _HEAD_SIZE + len(body) > MAX_FRAME_SIZE:
+            return self._error(waiter.rid, "the values of these %d keys exceed the frame limit" % len(values))
+        return _HEAD.pack(_HEAD_SIZE + len(body), _OK, waiter.rid) + body
+
+    def _park_gone(self, conn, rid, keys, timeout_ms, kind):
+        data = self._data
+        waiter = _Waiter(conn, rid, keys, False, gone=kind)
+        if not all(k in data for k in keys):
+            return self._gone_answer(waiter, True)
+        if timeout_ms == 0:
+            return self._gone_answer(waiter, False)
+        if not self._may_park(conn):
+            return self._refuse_parking(conn, rid)
+        for key in dict.fromkeys(keys):
+            self._gone.setdefault(key, {})[waiter] = None
+        conn.waiters.add(waiter)
+        self._parked += 1
+        if timeout_ms > 0:
+            self._push_deadline(time.monotonic() + timeout_ms / 1000.0, waiter)
+        return None
+
+    def _vanished(self, key):
+        """`key` was deleted: answer every GONE parked on it."""
+        for waiter in self._gone.pop(key):
+            if waiter.done:
+                continue
+            waiter.done = True
+            self._unpark(waiter)
+            conn = waiter.conn
+            conn.waiters.discard(waiter)
+            self._parked -= 1
+            conn.wbuf += self._gone_answer(waiter, True)
+            self._dirty.append(conn)
 
     def _park(self, conn, rid, r, want_values):
         timeout_ms = r.i64()
@@ -1337,7 +1443,10 @@ class StoreServer:
         return missing
 
     def _unpark(self, waiter):
-        table = self._poppers if waiter.__class__ is _Popper else self._waiters
+        if waiter.__class__ is _Popper:
+            table = self._poppers
+        else:
+            table = self._gone if waiter.gone else self._waiters
         for key in waiter.keys:
             parked = table.get(key)
             if parked is not None:
@@ -1473,7 +1582,8 @@ class StoreServer:
             self._unpark(waiter)
             waiter.conn.waiters.discard(waiter)
             self._parked -= 1
-            waiter.conn.wbuf += _HEAD.pack(_HEAD_SIZE, _TIMEOUT, waiter.rid)
+            waiter.conn.wbuf += (self._gone_answer(waiter, False) if waiter.gone
+                                 else _HEAD.pack(_HEAD_SIZE, _TIMEOUT, waiter.rid))
             self._dirty.append(waiter.conn)
 
 
@@ -1563,20 +1673,38 @@ class TCPStore:
 
     ``bind`` (with ``is_master``): the address the server listens on, every interface by default as
     torch's does; give one address (that ``host`` reaches) to keep the store off other networks.
+    The other arguments are torch's (see "The constructor" in the module docstring).
     """
 
-    def __init__(self, host, port, *, is_master=False, timeout=300.0, token=None, bind=None):
+    def __init__(self, host=None, port=None, world_size=None, is_master=False, timeout=300.0,
+                 wait_for_workers=True, multi_tenant=False, master_listen_fd=None, use_libuv=True, *,
+                 token=None, bind=None, host_name=None):
+        if host_name is not None:   # torch's name for it
+            if host is not None:
+                raise TypeError("TCPStore: give host or host_name, not both")
+            host = host_name
+        if host is None or port is None:
+            raise TypeError("TCPStore needs a host and a port")
         _check_port(port)
+        if world_size is not None:
+            if world_size.__class__ is not int and not isinstance(world_size, int):
+                raise TypeError("TCPStore world size must be an int or None, got %r" % (world_size,))
+            if world_size < 1:
+                raise ValueError("TCPStore world size cannot be %d" % world_size)
+        if is_master and _agent_store_at(port):
+            is_master = False   # a worker under torchrun/elasticrun: the agent already serves this port
         self.timeout = timeout
+        deadline = time.monotonic() + self.timeout
         self._server = None
         if is_master:
             if bind is None:
                 bind = "::" if ":" in host else "0.0.0.0"
-            self._server = StoreServer(bind, port, token=token).start()
+            self._server, shared = _host_server(bind, port, token, multi_tenant, master_listen_fd)
             port = self._server.port
-            # a master dropped without close() stops its server and frees its port, as torch's does;
-            # the finalizer and the server thread hold the server only, never this client
-            self._stop_server = weakref.finalize(self, self._server.stop)
+            # a master dropped without close() stops its server and frees its port, as torch's does
+            # (a shared one, once its last master is gone); the finalizer and the server thread hold
+            # the server only, never this client
+            self._stop_server = weakref.finalize(self, _release_server, self._server, shared)
             self._stop_server.atexit = False
         self.host, self.port = host, port
         self._token = _token_bytes(token) if token else None
@@ -1591,12 +1719,43 @@ class TCPStore:
         self._rbuf = bytearray()
         self._features = 0                   # what the server said it knows (bits _F_*)
         self._gone = None                    # why the connection ended, for every later message
+        self._sock = None
         try:
-            self._sock = self._connect(time.monotonic() + self.timeout)
+            self._sock = self._connect(deadline)
+            if world_size is not None and wait_for_workers:
+                self._join(world_size, deadline)
         except BaseException:
+            if self._sock is not None:
+                self._end("this client of the store at %s failed to start" % self._where())
             if self._server is not None:
                 self._stop_server()
             raise
+
+    def _join(self, world_size, deadline):
+        """torch's world-size handshake: every store made with a world_size counts itself in one
+        key (so ``num_keys`` counts it, as torch's does; as in torch, no key a caller can name reaches
+        it), and the master waits until `world_size` have. The one whose count completes it wakes
+        the master through a queue of the same name (queues are not keys), so nobody polls."""
+        joined = _I64.unpack(self._call(_ADD, _INIT_FIELD + _I64.pack(1)))[0]
+        if joined == world_size and self._server is None and self._features & _F_QUEUE:
+            self._call(_QPUSH, _INIT_FIELD + _field(b""))
+        if self._server is None or joined >= world_size:
+            return
+        gap = 2.0   # a person hears of a long wait after 2 s, then at gaps doubling up to 10 s
+        while True:
+            left = deadline - time.monotonic()
+            seconds = max(0.0, min(left, gap))
+            try:
+                self._call(_QPOP, _I64.pack(_wire_ms(seconds)) + _INIT_FIELD, seconds, ("init/",))
+                return
+            except StoreTimeout:
+                joined = self._call(_GET, _I64.pack(0) + _ONE_KEY + _INIT_FIELD, 0.0, ("init/",))[4:].decode()
+            if seconds >= left:
+                raise StoreTimeout("Timed out after %d seconds waiting for clients. %s/%d clients joined."
+                                   % (math.ceil(self.timeout), joined, world_size)) from None
+            log.warning("store on port %d: waiting for clients, %s/%d joined (%d s left)",
+                        self.port, joined, world_size, round(deadline - time.monotonic()))
+            gap = min(gap * 2, 10.0)
 
     @property
     def server(self):
@@ -1637,8 +1796,10 @@ class TCPStore:
                     last = e
             left = deadline - time.monotonic()
             if left <= 0:
-                raise StoreConnectionError("could not connect to the store at %s (connect timeout after %s): "
-                                           "%s" % (self._where(), _ms(self.timeout), self._obstacle(last)))
+                # torch's DistNetworkError words first, then what stood in the way
+                raise StoreConnectionError("The client socket has timed out after %s while trying to connect "
+                                           "to (%s, %s): %s" % (_ms(self.timeout), self.host, self.port,
+                                                                self._obstacle(last)))
             if pace.due():
                 log.warning("%s (retrying, %d s left)", self._obstacle(last, narrate=True), round(left))
             time.sleep(min(left, delay * random.uniform(0.5, 1.5)))   # the last try comes at the deadline
@@ -1754,8 +1915,9 @@ class TCPStore:
         if status == _TIMEOUT:
             if empty is not None:
                 raise empty
+            # torch's C++ store names each key with its "/" prefix; scripts match those words
             raise StoreTimeout("wait timeout after %s, keys: %s (store at %s)"
-                               % (_ms(wait), ", ".join(keys), self._where()))
+                               % (_ms(wait), ", ".join("/" + k for k in keys), self._where()))
         raise StoreError(result.decode("utf-8", "replace"))
 
     def _exchange(self, op, body):
@@ -2123,6 +2285,45 @@ class TCPStore:
         """Whether the server knows ``set_ephemeral`` (an older one does not)."""
         return bool(self._features & _F_EPHEMERAL)
 
+    def wait_gone(self, keys, timeout=None):
+        """Wait until at least one of `keys` does not exist (deleted, or gone with the connection
+        that set it ephemeral); StoreTimeout names them if `timeout` passes first."""
+        keys = _as_keys(keys)
+        if not self.supports_gone:
+            raise StoreError("the store at %s does not know wait_gone: it runs an older store.py"
+                             % self._where())
+        seconds, ms = self._wait_ms(timeout)
+        self._call(_GONE, _I64.pack(ms) + _keys_field(keys), seconds, keys)
+
+    @property
+    def supports_gone(self):
+        """Whether the server knows ``wait_gone`` (an older one does not)."""
+        return bool(self._features & _F_GONE)
+
+    def beat(self, key, value, watch, timeout):
+        """A heartbeat in one request: ``set_ephemeral(key, value)``, then wait until one of the keys
+        in `watch` does not exist. Returns None then; when `timeout` passes first, their values."""
+        keys = _as_keys(watch)
+        if not self.supports_beat:
+            raise StoreError("the store at %s does not know beat: it runs an older store.py" % self._where())
+        seconds, ms = self._wait_ms(timeout)
+        fields = (_key_field(key), _field(_value_bytes(value)), _I64.pack(ms), _keys_field(keys))
+        _check_request(sum(map(len, fields)), "a heartbeat")
+        body = self._call(_BEAT, b"".join(fields), seconds, keys)
+        if body[:1] != b"\x00":
+            return None
+        values, pos = [], 1
+        for _ in keys:
+            (size,) = _U32.unpack_from(body, pos)
+            values.append(body[pos + 4:pos + 4 + size])
+            pos += 4 + size
+        return values
+
+    @property
+    def supports_beat(self):
+        """Whether the server knows ``beat`` (an older one does not)."""
+        return bool(self._features & _F_BEAT)
+
     def queue_push(self, key, value):
         """Append `value` to the queue named `key`. Queues live beside keys: see "Queues" above."""
         self._need_queues()
@@ -2161,7 +2362,9 @@ class TCPStore:
         keys, pos = [], 4
         for _ in range(count):
             (size,) = _U32.unpack_from(body, pos)
-            keys.append(body[pos + 4:pos + 4 + size].decode("utf-8", "replace"))
+            key = body[pos + 4:pos + 4 + size]
+            if key != _INIT_KEY:   # counted by num_keys, as torch's; named by nobody
+                keys.append(key.decode("utf-8", "replace"))
             pos += 4 + size
         return keys
 
@@ -2199,7 +2402,8 @@ class TCPStore:
         self.timeout = timeout
 
     def close(self):
-        """Close the connection (and stop the in-process server when this client hosts it)."""
+        """Close the connection (and stop the in-process server when this client hosts it; a
+        ``multi_tenant`` server once the last master sharing it is closed)."""
         self._end("this client of the store at %s was closed" % self._where())
         if self._server is not None:
             self._stop_server()
@@ -2215,6 +2419,43 @@ class TCPStore:
 
 
 _get_ident = threading.get_ident
+_INIT_KEY = b"\xffinit/"   # torch's world-size key: 0xff is in no UTF-8 text, so no str key is this one
+_INIT_FIELD = _U32.pack(len(_INIT_KEY)) + _INIT_KEY
+_TENANTS = {}              # port -> [server, masters using it]: torch's multi_tenant registry
+_TENANTS_LOCK = threading.Lock()
+
+
+def _agent_store_at(port):
+    """torch's rule: a worker whose agent serves the store (TORCHELASTIC_USE_AGENT_STORE true and
+    MASTER_PORT this port) connects to it instead of serving."""
+    use = os.environ.get("TORCHELASTIC_USE_AGENT_STORE", "").strip().lower()
+    return use in ("1", "true", "yes", "on") and os.environ.get("MASTER_PORT", "").strip() == str(port)
+
+
+def _host_server(bind, port, token, multi_tenant, listen_fd):
+    """A started server for a master, and whether it is a shared multi_tenant one."""
+    if not multi_tenant:
+        return StoreServer(bind, port, token=token, listen_fd=listen_fd).start(), False
+    with _TENANTS_LOCK:
+        entry = _TENANTS.get(port) if port else None   # port 0: a new server, which later tenants may share
+        if entry is None or entry[0]._stopping:
+            server = StoreServer(bind, port, token=token, listen_fd=listen_fd).start()
+            entry = _TENANTS[server.port] = [server, 0]
+        entry[1] += 1
+        return entry[0], True
+
+
+def _release_server(server, shared):
+    """A master lets go of its server: stop it, unless other multi_tenant masters still use it."""
+    if shared:
+        with _TENANTS_LOCK:
+            entry = _TENANTS.get(server.port)
+            if entry is not None and entry[0] is server:
+                entry[1] -= 1
+                if entry[1] > 0:
+                    return
+                del _TENANTS[server.port]
+    server.stop()
 
 
 def _wake(sleeper):
@@ -2282,8 +2523,16 @@ class PrefixStore:
     def _k(self, key):
         return self.prefix + "/" + key
 
+    @property
+    def _underlying_non_prefix_store(self):
+        """The store under every PrefixStore layer (torch's name for it)."""
+        store = self.underlying_store
+        while isinstance(store, PrefixStore):
+            store = store.underlying_store
+        return store
+
     def set(self, key, value):
-        self.underlying_store.set(self._k(key), value)
+        self.underlying_store.set(self._k(key), _value_bytes(value))
 
     def get(self, key):
         return self.underlying_store.get(self._k(key))
@@ -2292,7 +2541,7 @@ class PrefixStore:
         return self.underlying_store.add(self._k(key), amount)
 
     def compare_set(self, key, expected, desired):
-        return self.underlying_store.compare_set(self._k(key), expected, desired)
+        return self.underlying_store.compare_set(self._k(key), _value_bytes(expected), _value_bytes(desired))
 
     def wait(self, keys, timeout=None):
         self.underlying_store.wait([self._k(k) for k in _as_keys(keys)], timeout)
@@ -2306,17 +2555,49 @@ class PrefixStore:
     def num_keys(self):
         return self.underlying_store.num_keys()
 
+    # values reach the underlying store as bytes, as torch's PrefixStore hands them on; over a store
+    # without append/multi_get/multi_set (a user's own), these fall back to its basic methods as
+    # torch's Store base class does
+
     def multi_get(self, keys):
-        return self.underlying_store.multi_get([self._k(k) for k in _as_keys(keys)])
+        keys = [self._k(k) for k in _as_keys(keys)]
+        multi_get = getattr(self.underlying_store, "multi_get", None)
+        if multi_get is None:
+            return [self.underlying_store.get(k) for k in keys]
+        return multi_get(keys)
 
     def multi_set(self, keys, values):
-        self.underlying_store.multi_set([self._k(k) for k in keys], values)
+        keys, values = [self._k(k) for k in keys], [_value_bytes(v) for v in values]
+        if len(keys) != len(values):
+            raise ValueError("multi_set got %d keys and %d values" % (len(keys), len(values)))
+        multi_set = getattr(self.underlying_store, "multi_set", None)
+        if multi_set is None:
+            for k, v in zip(keys, values):
+                self.underlying_store.set(k, v)
+        else:
+            multi_set(keys, values)
 
     def append(self, key, value):
-        self.underlying_store.append(self._k(key), value)
+        key, value = self._k(key), _value_bytes(value)
+        append = getattr(self.underlying_store, "append", None)
+        if append is not None:
+            return append(key, value)
+        # compare_set until no other writer came between; never a get of a missing key (it waits)
+        store, check = self.underlying_store, getattr(self.underlying_store, "check", None)
+        if check is not None and check([key]):
+            current = store.get(key)
+        else:
+            current = store.compare_set(key, b"", value)   # creates it when missing
+            if current == value:
+                return
+        while True:
+            now = store.compare_set(key, current, current + value)
+            if now == current + value:
+                return
+            current = now
 
     def queue_push(self, key, value):
-        self.underlying_store.queue_push(self._k(key), value)
+        self.underlying_store.queue_push(self._k(key), _value_bytes(value))
 
     def queue_pop(self, key, block=True, timeout=None):
         return self.underlying_store.queue_pop(self._k(key), block, timeout)

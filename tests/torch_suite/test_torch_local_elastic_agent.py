@@ -28,15 +28,10 @@ def xfail(reason):
 
 
 # Why cases fail today (each strict: a fix turns the case into a failure that asks for the mark to go)
-_TENSOR_NONE = xfail("a torch.Tensor returned by a function worker comes back as None "
-                     "(assertIsInstance(None, torch.Tensor))")
 _NO_BARRIER = xfail("nothing to patch: elastic has no store barrier helper (torch patches "
                     "torch.distributed.elastic.utils.store.barrier to fail and expects one call and a "
                     "successful job); our exit barrier, LocalElasticAgent._exit_barrier, is skipped for a "
                     "1-node run: AttributeError")
-_GLOO_EXIT_ABORT = pytest.mark.xfail(strict=False, reason=(
-    "issue 16 (flaky): a gloo worker sometimes aborts as it exits, SIGABRT 'terminate called without an "
-    "active exception', and the job fails; remove when it happens 0 in 50 runs"))
 
 
 @pytest.fixture(scope="module")
@@ -91,11 +86,9 @@ class LocalElasticAgentTest(unittest.TestCase):
             self.fail("%s (%s) exited %s:\n%s" % (test_to_run, backend, code, output[-6000:]))
 
     # -- dummy_compute: tensors returned by function workers
-    @_TENSOR_NONE
     def test_dummy_compute_c10d(self):
         self.run_test_with_backend("c10d", "dummy_compute", torch=True)
 
-    @_TENSOR_NONE
     def test_dummy_compute_etcd(self):
         self.run_test_with_backend("etcd", "dummy_compute", torch=True)
 
@@ -159,37 +152,30 @@ class LocalElasticAgentTest(unittest.TestCase):
     def test_run_function_with_return_value_etcd_v2(self):
         self.run_test_with_backend("etcd-v2", "run_function_with_return_value")
 
-    @_GLOO_EXIT_ABORT
     def test_simple_dist_sum_c10d(self):
         self.run_test_with_backend("c10d", "simple_dist_sum", torch=True)
 
-    @_GLOO_EXIT_ABORT
     def test_simple_dist_sum_etcd(self):
         self.run_test_with_backend("etcd", "simple_dist_sum", torch=True)
 
     def test_simple_dist_sum_etcd_v2(self):
         self.run_test_with_backend("etcd-v2", "simple_dist_sum", torch=True)
 
-    @_GLOO_EXIT_ABORT
     def test_run_distributed_sum_homogeneous_c10d(self):
         self.run_test_with_backend("c10d", "run_distributed_sum_homogeneous", torch=True)
 
-    @_GLOO_EXIT_ABORT
     def test_run_with_custom_log_lines(self):
         self.run_test_with_backend("c10d", "run_with_custom_log_lines", torch=True)
 
-    @_GLOO_EXIT_ABORT
     def test_run_distributed_sum_homogeneous_etcd(self):
         self.run_test_with_backend("etcd", "run_distributed_sum_homogeneous", torch=True)
 
     def test_run_distributed_sum_homogeneous_etcd_v2(self):
         self.run_test_with_backend("etcd-v2", "run_distributed_sum_homogeneous", torch=True)
 
-    @_GLOO_EXIT_ABORT
     def test_run_distributed_sum_heterogeneous_c10d(self):
         self.run_test_with_backend("c10d", "run_distributed_sum_heterogeneous", torch=True)
 
-    @_GLOO_EXIT_ABORT
     def test_run_distributed_sum_heterogeneous_etcd(self):
         self.run_test_with_backend("etcd", "run_distributed_sum_heterogeneous", torch=True)
 
@@ -239,11 +225,9 @@ class LocalElasticAgentTest(unittest.TestCase):
                       "does the same. torch's CI does not run this file")
         self.run_test_with_backend("c10d", "no_exit_barrier_on_failure")
 
-    @_GLOO_EXIT_ABORT
     def test_double_agent_elastic_c10d(self):
         self.run_test_with_backend("c10d", "double_agent_elastic", torch=True)
 
-    @_GLOO_EXIT_ABORT
     def test_double_agent_elastic_etcd(self):
         self.run_test_with_backend("etcd", "double_agent_elastic", torch=True)
 
@@ -297,6 +281,5 @@ class LocalElasticAgentTest(unittest.TestCase):
     def test_shutdown_called_etcd_v2(self):
         self.run_test_with_backend("etcd-v2", "shutdown_called")
 
-    @_TENSOR_NONE
     def test_rank_restart_after_failure(self):
         self.run_test_with_backend("c10d", "fail_rank_one_once", torch=True)
