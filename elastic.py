@@ -1489,6 +1489,9 @@ def _fork_server_serve(sock, prctl):
     handled = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT)
     for s in handled:
         signal.signal(s, signal.SIG_IGN)
+    # Also blocked: a child inherits "ignored" until it resets its handlers, and the agent may signal
+    # it as soon as it has its pid; blocked, such a signal stays pending until the child unblocks.
+    signal.pthread_sigmask(signal.SIG_BLOCK, handled)
     wake_r, wake_w = os.pipe()
     os.set_blocking(wake_r, False)
     os.set_blocking(wake_w, False)
@@ -1541,6 +1544,7 @@ def _fork_server_serve(sock, prctl):
             for s in handled:
                 signal.signal(s, signal.SIG_DFL)
             signal.signal(signal.SIGINT, signal.default_int_handler)
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, handled)   # a stop sent meanwhile lands now
             os.setsid()
             _die_with_parent(prctl, me)
             targets = [t for t, bit in ((1, 1), (2, 2)) if flags & bit]

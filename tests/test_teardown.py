@@ -194,3 +194,29 @@ def test_no_orphans_from_workers_that_fork_without_exec_after_launcher_sigkill(t
     environ = env(ELASTICRUN_FORKSERVER="1") if mode == "fork-server" else None
     sigkill_launcher_then_check(Launcher(BASE + [NOFORK, str(tmp_path), "sleep"], tmp_path, environ=environ),
                                 tmp_path)
+
+
+def _sig_blocked(pid, sig):
+    with open("/proc/%d/status" % pid) as f:
+        mask = int(next(line for line in f if line.startswith("SigBlk:")).split()[1], 16)
+    return bool(mask & (1 << (sig - 1)))
+
+
+def test_a_stop_sent_before_a_forked_worker_reset_its_handlers_is_not_lost(tmp_path):
+    """The fork server ignores stop signals and its child inherits that until it resets them; the
+    agent may signal the child as soon as it has its pid. The server keeps them blocked, so such a
+    signal stays pending, and the worker unblocks them: then it lands (it was once lost, and the
+    worker ran out the whole grace period before its SIGKILL)."""
+    pids = []
+    a = Launcher(BASE + [FORKER, str(tmp_path), "sleep"], tmp_path, environ=env(ELASTICRUN_FORKSERVER="1"))
+    try:
+        pids = wait_for(job_pids(tmp_path), what="workers to start")
+        worker = pids[0]
+        with open("/proc/%d/stat" % worker) as f:
+            server = int(f.read().rsplit(")", 1)[1].split()[1])
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+            assert _sig_blocked(server, sig), "the fork server must keep %s blocked" % sig.name
+            assert not _sig_blocked(worker, sig), "a worker must not keep %s blocked" % sig.name
+    finally:
+        a.stop()
+        kill_all(pids)
