@@ -18,6 +18,7 @@ Usage::
     handler.num_nodes_waiting()            # poll: > 0 -> nodes wait to join, restart at the new size
     handler.set_closed()                   # end the run for every node
     handler.shutdown()                     # leave (the others see the round as broken)
+    handler.finished()                     # before shutdown(): this node is done, its leaving is no loss
     handler.broken_reason()                # why the round broke (one store read), or None
 
     store = open_run_store(params)         # from outside the run: a client that never serves,
@@ -97,7 +98,8 @@ counter every ``heartbeat_interval``, reads the counter of ONE neighbour (rank +
 round's ``broken`` counter: three operations per member per interval. The observer measures silence
 with its own ``time.monotonic()``: a counter unchanged for ``heartbeat_timeout`` means that neighbour
 is dead, and the observer marks the round broken. Every dead member has a live predecessor in the ring
-unless all are dead, so one death is always seen. ``round_broken()`` reads a local flag (free to poll).
+unless all are dead, so one death is always seen. A member that called ``finished()`` (its work is
+done) left nothing behind to miss: its observer watches the next member of the ring instead. ``round_broken()`` reads a local flag (free to poll).
 A store whose object has ``set_ephemeral`` (etcd leases; the TCP store, whose server deletes such a
 key when its client's connection closes) gets heartbeat and ``alive`` keys that vanish with their
 writer; a vanished key counts as dead at once. Peeks at such keys never block: a ``compare_set``
@@ -120,6 +122,7 @@ Key layout (``R`` = the run id, percent-quoted so run ids never overlap; ``r`` =
     elastic/R/r/done            outcome: JSON members and master address, or "closed", or "retry"
     elastic/R/r/hb/<rank>       heartbeat counter of the member with that rank
     elastic/R/r/broken          > 0 once a member died or left; reason in broken_why
+    elastic/R/r/finished/<rank> that member's work is done: its leaving breaks nothing (finished())
     elastic/R/r/user/...        RendezvousInfo.store: the agents' own keys for this round
 
 Errors: ``RendezvousError`` is the root; ``RendezvousTimeoutError`` (also ``TimeoutError``) says how
@@ -496,6 +499,7 @@ class RendezvousHandler:
         self._ephemeral = (callable(getattr(store, "set_ephemeral", None))
                            and getattr(store, "supports_ephemeral", True))
         self._round = None              # last completed round this node is a member of
+        self._finished = None           # the round whose members were told this node is done
         self._rank = None
         self._world_size = 0
         self._broken = threading.Event()
@@ -785,12 +789,20 @@ class RendezvousHandler:
                 if their is not None and not self._broken.is_set():
                     value = self._peek(their)
                     now = time.monotonic()
+                    why = None
                     if value is None and seen is not None:
-                        self._declare_dead(r, neighbour, "its heartbeat key vanished")
+                        why = "its heartbeat key vanished"
                     elif value != seen:
                         seen, changed = value, now
                     elif now - changed > params.heartbeat_timeout:
-                        self._declare_dead(r, neighbour, "no heartbeat for %.1f s" % (now - changed))
+                        why = "no heartbeat for %.1f s" % (now - changed)
+                    if why is not None:
+                        after = self._next_unfinished(r, rank, neighbour, world_size)
+                        if after == neighbour:
+                            self._declare_dead(r, neighbour, why)
+                        else:    # it finished and left: watch the one after it (none: all others did)
+                            neighbour, seen, changed = after, None, now
+                            their = None if after is None else keys.round(r, "hb/%d" % after)
                 if not self._broken.is_set() and store.add(broken, 0) > 0:
                     log.info("round %d of run %r is broken: %s", r, params.run_id, self._why(r))
                     self._broken.set()
@@ -803,6 +815,15 @@ class RendezvousHandler:
                 log.warning("heartbeat of round %d failed: %s", r, e)
             if stop.wait(params.heartbeat_interval):
                 return
+
+    def _next_unfinished(self, r, rank, neighbour, world_size):
+        """`neighbour` when it has not said it finished, else the next member of the ring after it
+        that has not; None when every member but this one has."""
+        while neighbour != rank:
+            if not self._store.check([self._keys.round(r, "finished/%d" % neighbour)]):
+                return neighbour
+            neighbour = (neighbour + 1) % world_size
+        return None
 
     def _peek(self, key):
         """The heartbeat value at `key`; None when an ephemeral key is missing (vanished)."""
@@ -898,10 +919,20 @@ class RendezvousHandler:
                 store.multi_set([keys.round(r, "gate"), keys.round(r, "full")], ["1", "1"])
         self._closed_seen = True
 
-    def shutdown(self):
-        """Leave the run: stop heartbeats and tell the round's other members. Returns True."""
-        self._stop_heartbeat()
+    def finished(self):
+        """Tell the round's other members that this node's work is done (its workers succeeded):
+        when it leaves (shutdown()), they neither see a lost member nor restart. Call it once this
+        node will not take part in a further round."""
         if self._round is not None and self._lost is None:
+            with self._mapped_errors():
+                self._store.set(self._keys.round(self._round, "finished/%d" % self._rank), "1")
+            self._finished = self._round
+
+    def shutdown(self):
+        """Leave the run: stop heartbeats and tell the round's other members (that the round is
+        broken, unless finished() said this node is done). Returns True."""
+        self._stop_heartbeat()
+        if self._round is not None and self._lost is None and self._finished != self._round:
             self._leave_round("node %s left" % self.node_id)
         self._round = None
         if self._owns_store and not self.hosts_store:

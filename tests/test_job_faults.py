@@ -42,15 +42,17 @@ def _pids(out):
     return pids
 
 
-def _two_nodes(tmp_path, tag, script, out, max_restarts, environ):
-    """Node 0 hosts the store (and holds rank 0), node 1 only connects; both c10d on 127.0.0.1."""
+def _two_nodes(tmp_path, tag, script, out, max_restarts, environ, extra=None):
+    """Node 0 hosts the store (and holds rank 0), node 1 only connects; both c10d on 127.0.0.1.
+    `extra`: more options per node, {"host": [...], "other": [...]}."""
+    extra = extra or {}
     endpoint = "127.0.0.1:%d" % free_port()
     conf = "last_call_timeout=1,heartbeat_interval=0.2,heartbeat_timeout=5,join_timeout=60"
     common = ["--nnodes", "2", "--rdzv-backend", "c10d", "--rdzv-endpoint", endpoint, "--rdzv-id", tag,
               "--monitor-interval", "0.05", "--shutdown-timeout", "1", "--max-restarts", str(max_restarts)]
-    host = Launcher(common + ["--rdzv-conf", conf + ",is_host=1", "--local-addr", "127.0.0.1", script, out],
+    host = Launcher(common + extra.get("host", []) + ["--rdzv-conf", conf + ",is_host=1", "--local-addr", "127.0.0.1", script, out],
                     tmp_path, tag + "_host", environ=environ)
-    other = Launcher(common + ["--rdzv-conf", conf + ",is_host=0", "--local-addr", "127.0.0.2", script, out],
+    other = Launcher(common + extra.get("other", []) + ["--rdzv-conf", conf + ",is_host=0", "--local-addr", "127.0.0.2", script, out],
                      tmp_path, tag + "_other", environ=environ)
     return host, other
 
@@ -114,6 +116,48 @@ def test_losing_the_store_host_stops_the_survivors(tmp_path):
         host.stop()
         other.stop()
         kill_all(pids)
+
+
+# the worker of global rank R sleeps SLEEP_R seconds (0 when not set), then exits 0
+SLOW_OR_FAST = r"""
+import os, time
+time.sleep(float(os.environ.get("SLEEP_" + os.environ["RANK"], "0")))
+"""
+
+
+def _events(path):
+    import json
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+@pytest.mark.parametrize("slow", ["other", "host"])
+def test_a_node_that_times_out_at_the_exit_barrier_never_fails_the_others(tmp_path, slow):
+    """--exit-barrier-timeout 1 and one node's worker runs 4 s longer. The fast node gives up
+    waiting at the exit barrier: the store host keeps serving until the slow node is done (else the
+    slow node loses the store and exits 1); a non-host leaves, and its departure is no lost member
+    (the host carries on: no new round, no restart). Both launchers exit 0."""
+    script = _script(tmp_path, "worker.py", SLOW_OR_FAST)
+    slow_rank = 1 if slow == "other" else 0
+    events = {n: str(tmp_path / ("events_%s.jsonl" % n)) for n in ("host", "other")}
+    extra = {n: ["--exit-barrier-timeout", "1", "--event-log", events[n]] for n in events}
+    host, other = _two_nodes(tmp_path, "exit_" + slow, script, str(tmp_path), 0,
+                             env(**{"SLEEP_%d" % slow_rank: 4}), extra)
+    try:
+        logs = lambda: "host:\n%s\nother:\n%s" % (host.err()[-3000:], other.err()[-3000:])  # noqa: E731
+        assert host.wait(60) == 0, logs()
+        assert other.wait(60) == 0, logs()
+        for node, path in events.items():
+            kinds = [e["event"] for e in _events(path)]
+            assert kinds.count("round") == 1, (node, kinds, logs())
+            assert "restart" not in kinds and "node_lost" not in kinds, (node, kinds, logs())
+        if slow == "other":   # the host said why it stayed
+            assert "still running" in host.err(), logs()
+        else:                 # the node that left is done, not lost: the round was never broken
+            assert "broken" not in host.err() and "dead" not in host.err(), logs()
+    finally:
+        host.stop()
+        other.stop()
 
 
 def _running(marker):
