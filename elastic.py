@@ -37,7 +37,9 @@ Data flow of one agent (one per node)::
         |                          kind of Python worker writes whole lines (line-buffered stdio)
         v
     monitor (wakes on a worker's exit, at latest every monitor_interval):
-        all exited 0 ............ SUCCEEDED; exit barrier on info.store
+        all exited 0 ............ SUCCEEDED; exit barrier on info.store (on its timeout a node
+                                  leaves, marked finished in the round, not lost; the store's
+                                  host stays until the others are done or lost)
         a worker failed ......... UNHEALTHY; stop the group; publish failures to info.store and
                                   read the job's; restart while max_restarts allows, else FAILED
                                   (every node gives up together)

@@ -160,6 +160,24 @@ def test_a_node_that_times_out_at_the_exit_barrier_never_fails_the_others(tmp_pa
         other.stop()
 
 
+def test_a_stop_signal_ends_the_store_hosts_wait_after_its_exit_barrier(tmp_path):
+    """The store host stays after its exit barrier timed out, yet a stop signal still ends it as
+    any stop does: every node stops with 128+N."""
+    script = _script(tmp_path, "worker.py", SLOW_OR_FAST)
+    extra = {n: ["--exit-barrier-timeout", "1"] for n in ("host", "other")}
+    host, other = _two_nodes(tmp_path, "exit_stop", script, str(tmp_path), 0, env(SLEEP_1=120), extra)
+    try:
+        logs = lambda: "host:\n%s\nother:\n%s" % (host.err()[-3000:], other.err()[-3000:])  # noqa: E731
+        wait_for(lambda: "still running" in host.err(), what="the host to wait for the other node",
+                 explain=logs)
+        os.kill(host.pid, signal.SIGTERM)
+        assert host.wait(60) == 128 + signal.SIGTERM, logs()
+        assert other.wait(60) == 128 + signal.SIGTERM, logs()
+    finally:
+        host.stop()
+        other.stop()
+
+
 def _running(marker):
     """Pids of live processes whose command line holds `marker` (fork-server workers keep the
     launcher's command line, which names the script)."""
