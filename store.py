@@ -32,7 +32,20 @@ its key existing (torch's rule). Each value goes to exactly one pop; pops that w
 oldest first, and every ``wait`` on the key wakes (torch's wakes one). ``clone()`` is another
 client on its own connection; ``has_extended_api()`` is True; ``list_keys()`` names every key (not
 the queues); ``barrier(key, world_size, timeout=None)`` returns once ``world_size`` callers came. Errors are ``RuntimeError``s, as
-torch's are; a timeout reads like torch's (``wait timeout after 100ms, keys: k``).
+torch's are, and their words are torch's, our detail after them (``wait timeout after 100ms, keys:
+/k``, ``The client socket has timed out after ...``, ``The server socket has failed to listen on any
+local network address ...``).
+
+The constructor takes torch's arguments, by position or keyword: ``TCPStore(host_name, port,
+world_size=None, is_master=False, timeout=300, wait_for_workers=True, multi_tenant=False,
+master_listen_fd=None, use_libuv=True)`` (``host`` is our name for ``host_name``; ``use_libuv`` is
+accepted and ignored), and ours keyword-only: ``token``, ``bind``. With a ``world_size`` (and
+``wait_for_workers``) every store counts itself in one key that ``num_keys`` counts and no key name
+reaches (torch's), and the master waits until ``world_size`` have, or raises ``StoreTimeout``
+("Timed out after 300 seconds waiting for clients. 3/4 clients joined."). ``multi_tenant`` masters
+on one port of one process share one server, which stops when the last of them closes;
+``master_listen_fd`` serves on a socket someone else bound; a master whose port is ``MASTER_PORT``
+while ``TORCHELASTIC_USE_AGENT_STORE`` is true connects instead (the agent serves it: torch's rule).
 
 Connecting retries until the timeout while the host name does not resolve (pods and DNS records
 often appear after the job starts) or the server refuses or can't be reached, and a wait longer than
@@ -163,6 +176,7 @@ import collections
 import errno
 import heapq
 import logging
+import math
 import os
 import random
 import select
@@ -650,7 +664,8 @@ class StoreServer:
 
     def __init__(self, host="0.0.0.0", port=0, *, token=None, max_connections=DEFAULT_MAX_CONNECTIONS,
                  backlog=65535, handshake_timeout=HANDSHAKE_TIMEOUT, local_socket=True,
-                 max_parked=DEFAULT_MAX_PARKED, max_parked_per_connection=DEFAULT_MAX_PARKED_PER_CONNECTION):
+                 max_parked=DEFAULT_MAX_PARKED, max_parked_per_connection=DEFAULT_MAX_PARKED_PER_CONNECTION,
+                 listen_fd=None):
         for name, value in (("max_connections", max_connections), ("max_parked", max_parked),
                             ("max_parked_per_connection", max_parked_per_connection)):
             if not isinstance(value, int) or value < 1:
@@ -665,15 +680,22 @@ class StoreServer:
         self.handshake_timeout = _seconds(handshake_timeout)
         self._token = _token_bytes(token) if token else None
         self._raise_fd_limit(max_connections)
-        family = socket.AF_INET6 if ":" in host else socket.AF_INET
-        self._listener = socket.socket(family, socket.SOCK_STREAM)
+        if listen_fd is not None:
+            # a socket someone else bound (torch's master_listen_fd): ours from here on, closed with us
+            self._listener = socket.socket(fileno=listen_fd)
+        else:
+            family = socket.AF_INET6 if ":" in host else socket.AF_INET
+            self._listener = socket.socket(family, socket.SOCK_STREAM)
         try:
-            self._listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            self._listener.bind((host, port))
+            if listen_fd is None:
+                self._listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                self._listener.bind((host, port))
             self._listener.listen(backlog)
         except OSError as e:
             self._listener.close()
-            raise StoreError("cannot listen on %s:%s: %s" % (host, port, e.strerror or e)) from e
+            # torch's DistNetworkError words first: scripts and torch's tests match them
+            raise StoreConnectionError("The server socket has failed to listen on any local network address. "
+                                       "host: %s, port: %s: %s" % (host, port, e.strerror or e)) from e
         self._listener.setblocking(False)
         self.port = self._listener.getsockname()[1]
         self._local = self._open_local(backlog) if local_socket else None
@@ -1563,20 +1585,38 @@ class TCPStore:
 
     ``bind`` (with ``is_master``): the address the server listens on, every interface by default as
     torch's does; give one address (that ``host`` reaches) to keep the store off other networks.
+    The other arguments are torch's (see "The constructor" in the module docstring).
     """
 
-    def __init__(self, host, port, *, is_master=False, timeout=300.0, token=None, bind=None):
+    def __init__(self, host=None, port=None, world_size=None, is_master=False, timeout=300.0,
+                 wait_for_workers=True, multi_tenant=False, master_listen_fd=None, use_libuv=True, *,
+                 token=None, bind=None, host_name=None):
+        if host_name is not None:   # torch's name for it
+            if host is not None:
+                raise TypeError("TCPStore: give host or host_name, not both")
+            host = host_name
+        if host is None or port is None:
+            raise TypeError("TCPStore needs a host and a port")
         _check_port(port)
+        if world_size is not None:
+            if world_size.__class__ is not int and not isinstance(world_size, int):
+                raise TypeError("TCPStore world size must be an int or None, got %r" % (world_size,))
+            if world_size < 1:
+                raise ValueError("TCPStore world size cannot be %d" % world_size)
+        if is_master and _agent_store_at(port):
+            is_master = False   # a worker under torchrun/elasticrun: the agent already serves this port
         self.timeout = timeout
+        deadline = time.monotonic() + self.timeout
         self._server = None
         if is_master:
             if bind is None:
                 bind = "::" if ":" in host else "0.0.0.0"
-            self._server = StoreServer(bind, port, token=token).start()
+            self._server, shared = _host_server(bind, port, token, multi_tenant, master_listen_fd)
             port = self._server.port
-            # a master dropped without close() stops its server and frees its port, as torch's does;
-            # the finalizer and the server thread hold the server only, never this client
-            self._stop_server = weakref.finalize(self, self._server.stop)
+            # a master dropped without close() stops its server and frees its port, as torch's does
+            # (a shared one, once its last master is gone); the finalizer and the server thread hold
+            # the server only, never this client
+            self._stop_server = weakref.finalize(self, _release_server, self._server, shared)
             self._stop_server.atexit = False
         self.host, self.port = host, port
         self._token = _token_bytes(token) if token else None
@@ -1591,12 +1631,43 @@ class TCPStore:
         self._rbuf = bytearray()
         self._features = 0                   # what the server said it knows (bits _F_*)
         self._gone = None                    # why the connection ended, for every later message
+        self._sock = None
         try:
-            self._sock = self._connect(time.monotonic() + self.timeout)
+            self._sock = self._connect(deadline)
+            if world_size is not None and wait_for_workers:
+                self._join(world_size, deadline)
         except BaseException:
+            if self._sock is not None:
+                self._end("this client of the store at %s failed to start" % self._where())
             if self._server is not None:
                 self._stop_server()
             raise
+
+    def _join(self, world_size, deadline):
+        """torch's world-size handshake: every store made with a world_size counts itself in one
+        key (so ``num_keys`` counts it, as torch's does; as in torch, no key a caller can name reaches
+        it), and the master waits until `world_size` have. The one whose count completes it wakes
+        the master through a queue of the same name (queues are not keys), so nobody polls."""
+        joined = _I64.unpack(self._call(_ADD, _INIT_FIELD + _I64.pack(1)))[0]
+        if joined == world_size and self._server is None and self._features & _F_QUEUE:
+            self._call(_QPUSH, _INIT_FIELD + _field(b""))
+        if self._server is None or joined >= world_size:
+            return
+        gap = 2.0   # a person hears of a long wait after 2 s, then at gaps doubling up to 10 s
+        while True:
+            left = deadline - time.monotonic()
+            seconds = max(0.0, min(left, gap))
+            try:
+                self._call(_QPOP, _I64.pack(_wire_ms(seconds)) + _INIT_FIELD, seconds, ("init/",))
+                return
+            except StoreTimeout:
+                joined = self._call(_GET, _I64.pack(0) + _ONE_KEY + _INIT_FIELD, 0.0, ("init/",))[4:].decode()
+            if seconds >= left:
+                raise StoreTimeout("Timed out after %d seconds waiting for clients. %s/%d clients joined."
+                                   % (math.ceil(self.timeout), joined, world_size)) from None
+            log.warning("store on port %d: waiting for clients, %s/%d joined (%d s left)",
+                        self.port, joined, world_size, round(deadline - time.monotonic()))
+            gap = min(gap * 2, 10.0)
 
     @property
     def server(self):
@@ -1637,8 +1708,10 @@ class TCPStore:
                     last = e
             left = deadline - time.monotonic()
             if left <= 0:
-                raise StoreConnectionError("could not connect to the store at %s (connect timeout after %s): "
-                                           "%s" % (self._where(), _ms(self.timeout), self._obstacle(last)))
+                # torch's DistNetworkError words first, then what stood in the way
+                raise StoreConnectionError("The client socket has timed out after %s while trying to connect "
+                                           "to (%s, %s): %s" % (_ms(self.timeout), self.host, self.port,
+                                                                self._obstacle(last)))
             if pace.due():
                 log.warning("%s (retrying, %d s left)", self._obstacle(last, narrate=True), round(left))
             time.sleep(min(left, delay * random.uniform(0.5, 1.5)))   # the last try comes at the deadline
@@ -1754,8 +1827,9 @@ class TCPStore:
         if status == _TIMEOUT:
             if empty is not None:
                 raise empty
+            # torch's C++ store names each key with its "/" prefix; scripts match those words
             raise StoreTimeout("wait timeout after %s, keys: %s (store at %s)"
-                               % (_ms(wait), ", ".join(keys), self._where()))
+                               % (_ms(wait), ", ".join("/" + k for k in keys), self._where()))
         raise StoreError(result.decode("utf-8", "replace"))
 
     def _exchange(self, op, body):
@@ -2161,7 +2235,9 @@ class TCPStore:
         keys, pos = [], 4
         for _ in range(count):
             (size,) = _U32.unpack_from(body, pos)
-            keys.append(body[pos + 4:pos + 4 + size].decode("utf-8", "replace"))
+            key = body[pos + 4:pos + 4 + size]
+            if key != _INIT_KEY:   # counted by num_keys, as torch's; named by nobody
+                keys.append(key.decode("utf-8", "replace"))
             pos += 4 + size
         return keys
 
@@ -2199,7 +2275,8 @@ class TCPStore:
         self.timeout = timeout
 
     def close(self):
-        """Close the connection (and stop the in-process server when this client hosts it)."""
+        """Close the connection (and stop the in-process server when this client hosts it; a
+        ``multi_tenant`` server once the last master sharing it is closed)."""
         self._end("this client of the store at %s was closed" % self._where())
         if self._server is not None:
             self._stop_server()
@@ -2215,6 +2292,43 @@ class TCPStore:
 
 
 _get_ident = threading.get_ident
+_INIT_KEY = b"\xffinit/"   # torch's world-size key: 0xff is in no UTF-8 text, so no str key is this one
+_INIT_FIELD = _U32.pack(len(_INIT_KEY)) + _INIT_KEY
+_TENANTS = {}              # port -> [server, masters using it]: torch's multi_tenant registry
+_TENANTS_LOCK = threading.Lock()
+
+
+def _agent_store_at(port):
+    """torch's rule: a worker whose agent serves the store (TORCHELASTIC_USE_AGENT_STORE true and
+    MASTER_PORT this port) connects to it instead of serving."""
+    use = os.environ.get("TORCHELASTIC_USE_AGENT_STORE", "").strip().lower()
+    return use in ("1", "true", "yes", "on") and os.environ.get("MASTER_PORT", "").strip() == str(port)
+
+
+def _host_server(bind, port, token, multi_tenant, listen_fd):
+    """A started server for a master, and whether it is a shared multi_tenant one."""
+    if not multi_tenant:
+        return StoreServer(bind, port, token=token, listen_fd=listen_fd).start(), False
+    with _TENANTS_LOCK:
+        entry = _TENANTS.get(port) if port else None   # port 0: a new server, which later tenants may share
+        if entry is None or entry[0]._stopping:
+            server = StoreServer(bind, port, token=token, listen_fd=listen_fd).start()
+            entry = _TENANTS[server.port] = [server, 0]
+        entry[1] += 1
+        return entry[0], True
+
+
+def _release_server(server, shared):
+    """A master lets go of its server: stop it, unless other multi_tenant masters still use it."""
+    if shared:
+        with _TENANTS_LOCK:
+            entry = _TENANTS.get(server.port)
+            if entry is not None and entry[0] is server:
+                entry[1] -= 1
+                if entry[1] > 0:
+                    return
+                del _TENANTS[server.port]
+    server.stop()
 
 
 def _wake(sleeper):
@@ -2282,8 +2396,16 @@ class PrefixStore:
     def _k(self, key):
         return self.prefix + "/" + key
 
+    @property
+    def _underlying_non_prefix_store(self):
+        """The store under every PrefixStore layer (torch's name for it)."""
+        store = self.underlying_store
+        while isinstance(store, PrefixStore):
+            store = store.underlying_store
+        return store
+
     def set(self, key, value):
-        self.underlying_store.set(self._k(key), value)
+        self.underlying_store.set(self._k(key), _value_bytes(value))
 
     def get(self, key):
         return self.underlying_store.get(self._k(key))
@@ -2292,7 +2414,7 @@ class PrefixStore:
         return self.underlying_store.add(self._k(key), amount)
 
     def compare_set(self, key, expected, desired):
-        return self.underlying_store.compare_set(self._k(key), expected, desired)
+        return self.underlying_store.compare_set(self._k(key), _value_bytes(expected), _value_bytes(desired))
 
     def wait(self, keys, timeout=None):
         self.underlying_store.wait([self._k(k) for k in _as_keys(keys)], timeout)
@@ -2306,17 +2428,49 @@ class PrefixStore:
     def num_keys(self):
         return self.underlying_store.num_keys()
 
+    # values reach the underlying store as bytes, as torch's PrefixStore hands them on; over a store
+    # without append/multi_get/multi_set (a user's own), these fall back to its basic methods as
+    # torch's Store base class does
+
     def multi_get(self, keys):
-        return self.underlying_store.multi_get([self._k(k) for k in _as_keys(keys)])
+        keys = [self._k(k) for k in _as_keys(keys)]
+        multi_get = getattr(self.underlying_store, "multi_get", None)
+        if multi_get is None:
+            return [self.underlying_store.get(k) for k in keys]
+        return multi_get(keys)
 
     def multi_set(self, keys, values):
-        self.underlying_store.multi_set([self._k(k) for k in keys], values)
+        keys, values = [self._k(k) for k in keys], [_value_bytes(v) for v in values]
+        if len(keys) != len(values):
+            raise ValueError("multi_set got %d keys and %d values" % (len(keys), len(values)))
+        multi_set = getattr(self.underlying_store, "multi_set", None)
+        if multi_set is None:
+            for k, v in zip(keys, values):
+                self.underlying_store.set(k, v)
+        else:
+            multi_set(keys, values)
 
     def append(self, key, value):
-        self.underlying_store.append(self._k(key), value)
+        key, value = self._k(key), _value_bytes(value)
+        append = getattr(self.underlying_store, "append", None)
+        if append is not None:
+            return append(key, value)
+        # compare_set until no other writer came between; never a get of a missing key (it waits)
+        store, check = self.underlying_store, getattr(self.underlying_store, "check", None)
+        if check is not None and check([key]):
+            current = store.get(key)
+        else:
+            current = store.compare_set(key, b"", value)   # creates it when missing
+            if current == value:
+                return
+        while True:
+            now = store.compare_set(key, current, current + value)
+            if now == current + value:
+                return
+            current = now
 
     def queue_push(self, key, value):
-        self.underlying_store.queue_push(self._k(key), value)
+        self.underlying_store.queue_push(self._k(key), _value_bytes(value))
 
     def queue_pop(self, key, block=True, timeout=None):
         return self.underlying_store.queue_pop(self._k(key), block, timeout)

@@ -3,9 +3,9 @@
 "Change one word": ``torch.distributed`` becomes our ``store`` module; each case keeps torch's class
 and test name and asserts what torch asserts. torch's error classes map to ours: DistError and
 DistStoreError -> StoreError, DistNetworkError -> StoreConnectionError. The harness helper
-``create_tcp_store`` (torch's test utility, not user API) becomes ``TCPStore(host, 0, is_master=True)``;
+``create_tcp_store`` (torch's test utility, not user API) keeps torch's call: ``TCPStore(host, 0, 1, True, timeout)``;
 everything a case body calls is called exactly as torch's case calls it, so an API gap shows as a
-failure of that case (marked xfail with the exact failure until it is fixed).
+failure of that case (mark it with ``xfail`` and the exact failure until it is fixed; none is today).
 
 Not ported (skipped, with the reason): FileStore, HashStore and their prefix variants, libuv, RPC,
 torch's URL rendezvous parsing and init_process_group internals, and torch's C++ wire protocol.
@@ -32,9 +32,9 @@ def xfail(reason):
     return pytest.mark.xfail(strict=True, reason="issue 16: " + reason)
 
 
-def create_tcp_store(addr=DEFAULT_HOSTNAME, timeout=timedelta(minutes=5)):
+def create_tcp_store(addr=DEFAULT_HOSTNAME, world_size=1, wait_for_workers=True, timeout=timedelta(minutes=5)):
     """torch's test helper: a master store on a free port."""
-    return TCPStore(addr, 0, is_master=True, timeout=timeout)
+    return TCPStore(addr, 0, world_size, True, timeout, wait_for_workers=wait_for_workers)
 
 
 def find_free_port():
@@ -204,19 +204,6 @@ class StoreTestBase(_Stores):
         return 5
 
 
-# every case of the shared base that fails on our stores today, with why
-_NO_INIT_KEY = xfail("num_keys() counts only the 5 user keys; torch's TCPStore also counts its "
-                     "world-size init key, so torch expects 6")
-
-
-class _OurBaseFailures:
-    """The StoreTestBase cases, marked with how they fail on our stores."""
-
-    @_NO_INIT_KEY
-    def test_set_get_check(self):
-        StoreTestBase.test_set_get_check(self)
-
-
 class _NotApplicable:
     """A whole torch test class for a store we do not have."""
     why = ""
@@ -254,7 +241,7 @@ class PrefixStoreTest(_Stores, unittest.TestCase):
             PrefixStore("prefix", None)
 
 
-class TCPStoreTest(_OurBaseFailures, StoreTestBase, unittest.TestCase):
+class TCPStoreTest(StoreTestBase, unittest.TestCase):
     # torch's TCPStoreTest also asserts `store.libuvBackend == False` (the non-libuv server) in several
     # cases; libuv does not apply to us, so those lines are left out and the rest of each case is kept
 
@@ -267,8 +254,6 @@ class TCPStoreTest(_OurBaseFailures, StoreTestBase, unittest.TestCase):
     def num_keys_total(self):
         return 6
 
-    @xfail("positional TCPStore(host, port, world_size, is_master) is refused: TypeError "
-           "(__init__ takes 3 positional arguments but 5 were given)")
     def test_address_already_in_use(self):
         port = find_free_port()
         with self.assertRaisesRegex(DistNetworkError,
@@ -276,8 +261,6 @@ class TCPStoreTest(_OurBaseFailures, StoreTestBase, unittest.TestCase):
             store1 = self.keep(TCPStore(DEFAULT_HOSTNAME, port, 1, True))  # noqa: F841
             store2 = self.keep(TCPStore(DEFAULT_HOSTNAME, port, 1, True))  # noqa: F841
 
-    @xfail("positional TCPStore(host, port, world_size, is_master) and multi_tenant= are refused: "
-           "TypeError")
     def test_multitenancy(self):
         port = find_free_port()
         store1 = self.keep(TCPStore(DEFAULT_HOSTNAME, port, 1, True, multi_tenant=True))  # noqa: F841
@@ -291,7 +274,6 @@ class TCPStoreTest(_OurBaseFailures, StoreTestBase, unittest.TestCase):
         self.skipTest("torch RPC and init_process_group sharing torch's multi-tenant store: "
                       "RPC internals")
 
-    @xfail("TCPStore has no master_listen_fd= (take over a bound socket): TypeError")
     def test_take_over_listen_socket(self):
         listen_sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         listen_sock.bind((DEFAULT_HOSTNAME, 0))
@@ -305,7 +287,6 @@ class TCPStoreTest(_OurBaseFailures, StoreTestBase, unittest.TestCase):
         s.set("key", "value")
         self.assertEqual(b"value", s.get("key"))
 
-    @xfail("num_keys() of a fresh master store is 0; torch's is 1 (its world-size init key)")
     def test_numkeys_delkeys(self):
         fs = self._create_store()
         self.assertEqual(1, fs.num_keys())
@@ -343,11 +324,9 @@ class TCPStoreTest(_OurBaseFailures, StoreTestBase, unittest.TestCase):
         for i in range(world_size or 1):
             self._create_client(i, DEFAULT_HOSTNAME, server_store.port, world_size)
 
-    @xfail("TCPStore has no world_size= keyword: TypeError")
     def test_multi_worker_with_fixed_world_size(self):
         self._multi_worker_helper(5)
 
-    @xfail("TCPStore has no world_size= keyword (torch accepts world_size=None): TypeError")
     def test_multi_worker_with_nonfixed_world_size(self):
         self._multi_worker_helper(None)
 
@@ -374,8 +353,6 @@ class TCPStoreTest(_OurBaseFailures, StoreTestBase, unittest.TestCase):
         self.assertEqual(b"po", v0)
         self.assertEqual(b"tato", v1)
 
-    @xfail("positional TCPStore(host, port, world_size, is_master) is refused, and a master does "
-           "not wait for world_size clients: TypeError")
     def test_store_timeout_on_missing_clients(self):
         with self.assertRaisesRegex(DistStoreError,
                                     r"Timed out after \d+ seconds waiting for clients. \d+/\d+ clients joined."):
@@ -383,16 +360,10 @@ class TCPStoreTest(_OurBaseFailures, StoreTestBase, unittest.TestCase):
         self.keep(TCPStore(DEFAULT_HOSTNAME, 0, 2, True, timeout=timedelta(seconds=2),
                            wait_for_workers=False))
 
-    @xfail("TCPStore has no world_size= keyword: TypeError, not ValueError "
-           "'TCPStore world size cannot be 0'")
     def test_world_size_0_raises(self):
         with self.assertRaisesRegex(ValueError, "TCPStore world size cannot be 0"):
             TCPStore(DEFAULT_HOSTNAME, 0, world_size=0, is_master=False)
 
-    @xfail("TCPStore has no world_size= keyword (TypeError); a second master on a used port raises "
-           "StoreError 'cannot listen on ...', not DistNetworkError 'The server socket has failed to "
-           "listen on any local network address'; TORCHELASTIC_USE_AGENT_STORE=1 does not turn "
-           "is_master into a client")
     def test_agent_store(self):
         s = self._create_store()
         with self.assertRaisesRegex(DistNetworkError,
@@ -416,7 +387,7 @@ class LibUvTCPStoreTest(_NotApplicable, TCPStoreTest):
     why = "libuv is one of torch's two C++ TCPStore servers; ours is one Python server"
 
 
-class PrefixTCPStoreTest(_OurBaseFailures, StoreTestBase, unittest.TestCase):
+class PrefixTCPStoreTest(StoreTestBase, unittest.TestCase):
     def setUp(self):
         super().setUp()
         self.tcpstore = self.keep(create_tcp_store())
@@ -430,7 +401,6 @@ class PrefixTCPStoreTest(_OurBaseFailures, StoreTestBase, unittest.TestCase):
     def num_keys_total(self):
         return 6
 
-    @xfail("PrefixStore has no _underlying_non_prefix_store: AttributeError")
     def test_underlying_non_prefix_store(self):
         s = self._create_store()
         wrapped = PrefixStore(self.prefix, PrefixStore(self.prefix, s))
@@ -505,8 +475,6 @@ class TestPythonStore(unittest.TestCase):
     def test_has_extended_api_roundtrip(self):
         self.assertTrue(PrefixStore("p", DummyStore()).has_extended_api())
 
-    @xfail("PrefixStore.append passes the value through as str; torch hands the store bytes "
-           "(('p/foo', 'bar') != ('p/foo', b'bar'))")
     def test_append_roundtrip(self):
         s = DummyStore()
         PrefixStore("p", s).append("foo", "bar")
@@ -528,8 +496,6 @@ class TestPythonStore(unittest.TestCase):
         self.assertEqual(["p/foo", "p/bar"], s.multi_sets[0][0])
         self.assertEqual([b"x", b"y"], s.multi_sets[0][1])
 
-    @xfail("PrefixStore over a store without append/multi_get/multi_set does not fall back to "
-           "get/set as torch's does: AttributeError 'MyPythonStore' object has no attribute 'append'")
     def test_extended_methods_fallbacks(self):
         s = PrefixStore("p", MyPythonStore())
         self.assertFalse(s.has_extended_api())
@@ -644,9 +610,6 @@ class RendezvousTCPTest(_Stores, unittest.TestCase):
         self.skipTest("parses torch's init_method URLs (tcp://host:port?rank=&world_size=): "
                       "torch.distributed.rendezvous, not a store")
 
-    @xfail("an unresolvable host gives StoreConnectionError 'could not connect to the store at "
-           "dnsnotexist:23456 (connect timeout after 1000ms): the host name ... does not resolve'; "
-           "torch's message matches 'client socket has timed out after.*dnsnotexist'")
     def test_dns_timeout(self):
         with self.assertRaisesRegex(DistNetworkError,
                                     "client socket has timed out after.*dnsnotexist") as manager:
@@ -659,16 +622,12 @@ class RendezvousTCPTest(_Stores, unittest.TestCase):
         store0.set("key0", "value0")
         self.assertEqual(b"value0", store0.get("key0"))
 
-    @xfail("a get timeout says 'wait timeout after 100ms, keys: nonexistent key (store at ...)'; "
-           "torch's C++ store prefixes every key with '/': 'keys: /nonexistent key'")
     def test_tcp_store_timeout_set(self):
         store0 = self._rendezvous()
         store0.set_timeout(timedelta(seconds=0.1))
         with self.assertRaisesRegex(DistStoreError, "wait timeout after 100ms, keys: /nonexistent key"):
             store0.get("nonexistent key")
 
-    @xfail("a get timeout says 'wait timeout after 100ms, keys: the_key (store at ...)'; torch's C++ "
-           "store prefixes every key with '/': 'keys: /the_key'")
     def test_tcp_store_timeout_doest_break_client(self):
         store0 = self._rendezvous()
         store0.set_timeout(timedelta(seconds=0.1))
