@@ -118,10 +118,13 @@ def test_losing_the_store_host_stops_the_survivors(tmp_path):
         kill_all(pids)
 
 
-# the worker of global rank R sleeps SLEEP_R seconds (0 when not set), then exits 0
+# the worker of global rank R records its pid, sleeps SLEEP_R seconds (0 when not set), exits 0
 SLOW_OR_FAST = r"""
-import os, time
-time.sleep(float(os.environ.get("SLEEP_" + os.environ["RANK"], "0")))
+import os, sys, time
+rank = os.environ["RANK"]
+with open(os.path.join(sys.argv[1], "pid_%s_%s" % (rank, os.environ["TORCHELASTIC_RESTART_COUNT"])), "w") as f:
+    f.write(str(os.getpid()))
+time.sleep(float(os.environ.get("SLEEP_" + rank, "0")))
 """
 
 
@@ -158,6 +161,7 @@ def test_a_node_that_times_out_at_the_exit_barrier_never_fails_the_others(tmp_pa
     finally:
         host.stop()
         other.stop()
+        kill_all(_pids(tmp_path))
 
 
 def test_a_stop_signal_ends_the_store_hosts_wait_after_its_exit_barrier(tmp_path):
@@ -176,6 +180,40 @@ def test_a_stop_signal_ends_the_store_hosts_wait_after_its_exit_barrier(tmp_path
     finally:
         host.stop()
         other.stop()
+        kill_all(_pids(tmp_path))
+
+
+def test_a_death_after_a_node_finished_and_left_is_still_seen(tmp_path):
+    """Three nodes; the second finishes at once and leaves after its 1 s exit barrier, then the
+    third one's agent is SIGKILLed: the host (which watched the second in the heartbeat ring) now
+    watches the third, and sees it lost (it used to ignore every broken round once a node had
+    reached the exit barrier, and ran on as if nothing had happened)."""
+    script = _script(tmp_path, "worker.py", SLOW_OR_FAST)
+    endpoint = "127.0.0.1:%d" % free_port()
+    conf = "last_call_timeout=1,heartbeat_interval=0.2,heartbeat_timeout=5,join_timeout=60"
+    events = str(tmp_path / "events_host.jsonl")
+    nodes = []
+    try:
+        for n in range(3):
+            args = ["--nnodes", "3", "--rdzv-backend", "c10d", "--rdzv-endpoint", endpoint,
+                    "--rdzv-id", "finished_then_dead", "--monitor-interval", "0.05", "--shutdown-timeout", "1",
+                    "--max-restarts", "0", "--exit-barrier-timeout", "1",
+                    "--rdzv-conf", conf + ",is_host=%d" % (n == 0), "--local-addr", "127.0.0.%d" % (n + 1)]
+            if n == 0:
+                args += ["--event-log", events]
+            nodes.append(Launcher(args + [script, str(tmp_path)], tmp_path, "node%d" % n,
+                                  environ=env(SLEEP_0=120, SLEEP_2=120)))
+        logs = lambda: "\n".join("node %d:\n%s" % (n, a.err()[-2000:]) for n, a in enumerate(nodes))  # noqa: E731
+        assert nodes[1].wait(60) == 0, logs()
+        wait_for(lambda: len(_pids(tmp_path)) == 3, what="every worker to start", explain=logs)
+        os.kill(nodes[2].pid, signal.SIGKILL)
+        wait_for(lambda: os.path.exists(events) and "node_lost" in [e["event"] for e in _events(events)],
+                 what="the host to see the third node lost", explain=logs)
+        assert "dead" in nodes[0].err(), logs()
+    finally:
+        for a in nodes:
+            a.stop()
+        kill_all(_pids(tmp_path))
 
 
 def _running(marker):
