@@ -26,11 +26,14 @@ Data flow of one agent (one per node)::
         |  every agent writes role/<group_rank> to info.store and reads all: a _RankAssignment
         v
     _WorkerGroup.start(): each worker in its own session, through a starter:
-        |  Python scripts (CLI) .. forked by the fork server, a copy of the launcher made before it
-        |                          started anything (about 1 ms a worker; ELASTICRUN_FORKSERVER=0
-        |                          runs `python -u` with a bootstrap instead, as the API does)
+        |  Python scripts ........ `python -u -c <stub> SCRIPT ARGS`, a new interpreter as torchrun's
+        |                          (its flags, sys.path, a command line showing the script); the stub
+        |                          runs a bootstrap (excepthook, line-buffered stdio). CLI only, with
+        |                          ELASTICRUN_FORKSERVER=1: forked by the fork server instead
         |  programs .............. subprocesses (--no-python, WorkerSpec(entrypoint="path"))
-        |  callables ............. multiprocessing children (spawn/fork/forkserver, --run-path)
+        |  callables ............. multiprocessing children (spawn/fork/forkserver, --run-path);
+        |                          each sends its value back and waits until every rank has
+        |                          (torch tensors are read from their sender's shared memory)
         |  each behind one handle: pid, wait_fd, poll(), wait(), signal()
         |  stdout/stderr -> console | log file | tee (the worker writes its log file; a pump
         |                          thread tails it to the console with the line prefix); every
@@ -71,11 +74,13 @@ from the agent SIGKILLs every live worker group when that pipe reaches end-of-fi
 descendant that left its group (a daemon, ``setsid cmd &``) is found by its environment: workers
 get ``ELASTICRUN_TREE`` holding a token unique to the agent, every program they start inherits it,
 and both teardown (same signal, same grace) and the watchdog also kill this user's processes whose
-/proc/<pid>/environ carries the token. A process forked *without exec* shows the launcher's
-environment there, so Python workers have a subreaper (PR_SET_CHILD_SUBREAPER) above them: the fork
-server for script workers, the launcher itself for ``--run-path`` ones. An orphan below it stays
-below it, and teardown signals and kills every process it finds there too (the fork server, which
-leaves when the agent's socket closes, kills them before it goes, also after a SIGKILLed agent).
+/proc/<pid>/environ carries the token. A process forked *without exec* shows the environment its
+line was exec'd with: below a script worker (a new interpreter) that carries the token, but below a
+worker that was itself forked it is the launcher's, so forked workers have a subreaper
+(PR_SET_CHILD_SUBREAPER) above them: the fork server for its script workers, the launcher itself for
+``--run-path`` ones. An orphan below it stays below it, and teardown signals and kills every process
+it finds there too (the fork server, which leaves when the agent's socket closes, kills them before
+it goes, also after a SIGKILLed agent).
 
 Error channel: each worker gets ``TORCHELASTIC_ERROR_FILE``; ``record`` (and, for Python script
 workers, an excepthook installed by a small bootstrap) writes torchelastic's JSON there atomically::
@@ -478,12 +483,19 @@ def _write_error_file(exc, path=None):
 
 def record(fn=None):
     """Decorator: an exception escaping `fn` is written to ``TORCHELASTIC_ERROR_FILE`` (atomically,
-    torchelastic's format) and re-raised. ``SystemExit`` is not an error and passes through."""
+    torchelastic's format) and re-raised. ``SystemExit`` is not an error and passes through. As
+    torchelastic's, it turns on ``faulthandler`` (all threads, to stderr) when `fn` is called, so a
+    worker that dies of a fatal signal (SIGSEGV, SIGABRT, ...) prints its Python stacks."""
     import functools
 
     def wrap(f):
         @functools.wraps(f)
         def wrapper(*args, **kwargs):
+            try:
+                import faulthandler
+                faulthandler.enable(all_threads=True)
+            except Exception as e:   # stderr closed or not a real file
+                log.warning("could not enable faulthandler: %s", e)
             try:
                 return f(*args, **kwargs)
             except SystemExit:
@@ -547,8 +559,12 @@ def _read_error_file(path):
         except (TypeError, ValueError):
             ts = None
         return msg.get("message"), extra.get("py_callstack"), ts, data
-    if isinstance(msg, str):
-        return msg, None, None, data
+    if isinstance(msg, str):   # torchelastic's other layout: {"message": "...", "timestamp": 10}
+        try:
+            ts = int(data.get("timestamp"))
+        except (TypeError, ValueError):
+            ts = None
+        return msg, None, ts, data
     return None, None, None, data
 
 
@@ -563,9 +579,13 @@ def _read_at_most(fd, limit):
     return b"".join(chunks)
 
 
+_NOT_AVAILABLE = "<N/A>"   # torchelastic's word for a missing error file or signal
+
+
 class ProcessFailure:
     """One failed worker: ranks, pid, exit code (negative: killed by that signal), its error file and
-    what the file said. `timestamp` is the error file's (epoch seconds) or when the exit was seen."""
+    what the file said. `timestamp` is the error file's (epoch seconds) or when the exit was seen.
+    A worker that left no error file has ``error_file == "<N/A>"``, as in torchelastic."""
 
     def __init__(self, local_rank, pid, exitcode, error_file=None, message=None, timestamp=None,
                  rank=None, role="default", host=None, exit_time=None, traceback=None, stderr_log=None):
@@ -573,7 +593,7 @@ class ProcessFailure:
         self.stderr_log = stderr_log     # the worker's stderr.log, when its stderr went to a file
         self.pid = pid
         self.exitcode = exitcode
-        self.error_file = error_file
+        self.error_file = error_file if error_file and os.path.isfile(error_file) else _NOT_AVAILABLE
         self.rank = rank if rank is not None else local_rank
         self.role = role
         self.host = host or _hostname()
@@ -596,6 +616,10 @@ class ProcessFailure:
         self.stack = None   # faulthandler's dump, asked for just before the agent killed it
 
     def signal_name(self):
+        """The signal that killed the worker (``"SIGSEGV"``), else ``"<N/A>"``."""
+        return self._signal() or _NOT_AVAILABLE
+
+    def _signal(self):
         return _signal_name(-self.exitcode) if self.exitcode is not None and self.exitcode < 0 else ""
 
     def launcher_exit_code(self):
@@ -614,7 +638,7 @@ class ProcessFailure:
     def _from_dict(cls, d):
         f = cls(d["local_rank"], d["pid"], d["exitcode"], None, d["message"], d["timestamp"],
                 d["rank"], d["role"], d["host"], d["exit_time"], d["traceback"])
-        f.error_file = d.get("error_file")
+        f.error_file = d.get("error_file") or _NOT_AVAILABLE
         f.error_file_data = d.get("error_file_data")
         f.stack = d.get("stack")
         f.stderr_log = d.get("stderr_log")
@@ -681,13 +705,13 @@ def _error_file_exists(f):
 
 
 def _format_failure(rank, f):
-    code = "%s (%s)" % (f.exitcode, f.signal_name()) if f.signal_name() else str(f.exitcode)
+    code = "%s (%s)" % (f.exitcode, f._signal()) if f._signal() else str(f.exitcode)
     lines = [
         "  time       : %s" % _fmt_time(f.exit_time),
         "  host       : %s" % f.host,
         "  rank       : %s (local_rank: %s, role: %s)" % (rank, f.local_rank, f.role),
         "  exitcode   : %s (pid: %s)" % (code, f.pid),
-        "  error_file : %s" % (f.error_file if _error_file_exists(f) else "<none written>"),
+        "  error_file : %s" % (f.error_file if _error_file_exists(f) else _NOT_AVAILABLE),
     ]
     if f.stderr_log:
         lines.append("  stderr     : %s" % f.stderr_log)
@@ -731,19 +755,19 @@ def _format_report(name, failures, outlived_grace=None, restarts=None, log_dir=N
 
 
 def _copy_root_cause(err, path):
-    """Write the root cause into the launcher's own error file, with its exit code as errorCode:
+    """Copy the root cause's error file into the launcher's own, with its exit code as errorCode:
     at the top level, and inside the message where torchelastic puts it (readers of torch's file
-    look there)."""
+    look there). A root cause without an error file (killed by a signal, or a program that writes
+    none) leaves the launcher's file unwritten, as torchelastic does."""
     if not path:
         return
     rank, f = err.get_first_failure()
     data = f.error_file_data if isinstance(f.error_file_data, dict) else None
     if data is None or not isinstance(data.get("message"), (dict, str)):
-        data = {"message": {"message": "%s (rank %s on %s)" % (f.message, rank, f.host),
-                            "extraInfo": {"py_callstack": f.traceback or "",
-                                          "timestamp": str(f.timestamp)}}}
-    else:
-        data = dict(data)
+        log.info("rank %s failed without an error file: %s left unwritten (decorate the entrypoint "
+                 "with @record for its traceback)", rank, path)
+        return
+    data = dict(data)
     if isinstance(data["message"], dict):
         data["message"] = dict(data["message"], errorCode=f.exitcode)
         if f.stack:
@@ -1123,8 +1147,9 @@ def _b():
                                    encoding=old.encoding, errors=old.errors, line_buffering=True)
             setattr(sys, name, new)
             setattr(sys, "__%s__" % name, new)
-    mode, target = sys.argv[1], sys.argv[2]
-    del sys.argv[:2]
+    mode = "-m" if sys.argv[1] == "-m" else "-s"
+    del sys.argv[:2 if mode == "-m" else 1]
+    target = sys.argv[0]
     g = globals()
     del g["_b"], g["sys"]
     if mode == "-m":
@@ -1136,27 +1161,46 @@ def _b():
         sys.path[0] = target
         return compile("__import__('runpy')._run_module_as_main('__main__', False)", "<elasticrun>", "exec")
     sys.path[0] = os.path.dirname(os.path.realpath(target))
+    import importlib.machinery
     g["__file__"] = target
+    g["__loader__"] = importlib.machinery.SourceFileLoader("__main__", target)
     return compile(source, target, "exec")
 exec(_b())
 '''
 
+# What a worker's command line carries instead of the bootstrap itself, so that ``ps`` shows
+# ``python -u -c <this> train.py --lr 0.1`` and ``pkill -f train.py`` finds it. The bootstrap comes
+# in the environment and is taken out of it at once (the script's children never see it).
+_BOOT_ENV = "ELASTICRUN_BOOT"
+_BOOT_STUB = "exec(__import__('os').environ.pop(%r))" % _BOOT_ENV
+
 
 def python_command(script, args=(), module=False):
     """argv that runs a Python script (or ``-m`` module) the way ``python -u`` does, with an excepthook
-    that records an uncaught exception in ``TORCHELASTIC_ERROR_FILE``."""
-    return [sys.executable, "-u", "-c", _BOOTSTRAP, "-m" if module else "-s", script] + list(args)
+    that records an uncaught exception in ``TORCHELASTIC_ERROR_FILE``. The bootstrap itself travels
+    in the environment: the agent adds it for a WorkerSpec with this entrypoint; to run the argv
+    yourself, give it ``python_environment()``."""
+    return [sys.executable, "-u", "-c", _BOOT_STUB] + (["-m"] if module else []) + [script] + list(args)
+
+
+def python_environment(env=None):
+    """`env` (default: this process's) plus what a ``python_command`` argv needs."""
+    env = dict(os.environ if env is None else env)
+    env[_BOOT_ENV] = _BOOTSTRAP
+    return env
 
 
 class _ForkServer:
     """A copy of the launcher, forked before it starts anything, that forks Python-script workers on
     request. A worker so made starts in about a millisecond instead of paying for a new interpreter
     (site, imports) at every launch and restart; it runs the script in a fresh ``__main__`` module,
-    line-buffered, with the same excepthook as the bootstrap. Set ``ELASTICRUN_FORKSERVER=0`` for a new
-    interpreter per worker. What a forked worker inherits that a new interpreter would not: the
-    launcher's str hash seed and interpreter flags, and the standard-library modules the launcher
-    had imported (a script-local ``json.py`` will not shadow ``json``; our own ``store``,
-    ``rendezvous`` and ``elastic`` are dropped from ``sys.modules``, so those names stay free).
+    line-buffered, with the same excepthook as the bootstrap. Opt-in (``ELASTICRUN_FORKSERVER=1``),
+    because a forked worker is not what torchrun starts, and cannot be made so without privileges:
+    it keeps the launcher's command line (``ps`` and ``pkill -f train.py`` do not see the script),
+    its interpreter flags (``python3 -I -S elasticrun.pyz`` gives workers no site-packages), str
+    hash seed and ``sys.path``, and the standard-library modules it had imported (a script-local
+    ``json.py`` will not shadow ``json``; our own ``store``, ``rendezvous`` and ``elastic`` are
+    dropped from ``sys.modules``, so those names stay free).
 
     The server is a child of the agent and leaves when the agent's end of the socket closes, killing
     every process below it first (it is their subreaper: orphans of its workers stay below it);
@@ -1385,21 +1429,30 @@ def _run_forked_worker(request):
     elif not isinstance(code, int):
         sys.stderr.write("%s\n" % (code,))
         code = 1
-    try:
-        threading = sys.modules.get("threading")
-        if threading is not None:
-            threading._shutdown()
-        import atexit
-        atexit._run_exitfuncs()
-        _finalize_script()
-        for stream in (sys.stdout, sys.stderr):
-            stream.flush()
-    except BaseException:
-        pass
+    _exit_handlers(_finalize_script)
     if code == -signal.SIGINT:  # as CPython does: die by the signal
         signal.signal(signal.SIGINT, signal.SIG_DFL)
         os.kill(os.getpid(), signal.SIGINT)
     os._exit(code & 0xFF)
+
+
+def _exit_handlers(then=None, run_atexit=True):
+    """What the interpreter does at exit before it finalizes itself: join non-daemon threads, run
+    the atexit handlers (unless they are a forking parent's), then `then()`, and flush stdio. A
+    worker calls this, then os._exit."""
+    try:
+        threading = sys.modules.get("threading")
+        if threading is not None:
+            threading._shutdown()
+        if run_atexit:
+            import atexit
+            atexit._run_exitfuncs()
+        if then is not None:
+            then()
+        for stream in (sys.stdout, sys.stderr):
+            stream.flush()
+    except BaseException:
+        pass
 
 
 def _finalize_script():
@@ -1519,8 +1572,9 @@ def _worker_excepthook(main_globals):
     return hook
 
 
-def _function_worker(fn, args, env, conn, out_path, err_path, parent_pid):
-    """Body of a callable worker (a multiprocessing child)."""
+def _function_worker(fn, args, env, conn, out_path, err_path, parent_pid, forked=False):
+    """Body of a callable worker (a multiprocessing child; `forked`: by the fork start method, so
+    the atexit handlers it holds are the agent's, not its own)."""
     for s in (signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT):  # forked children inherit the launcher's
         signal.signal(s, signal.SIG_DFL)
     for s in signal.valid_signals():   # and its forwarding and stack-signal handlers
@@ -1555,7 +1609,20 @@ def _function_worker(fn, args, env, conn, out_path, err_path, parent_pid):
         _write_error_file(e, env.get("TORCHELASTIC_ERROR_FILE"))
         raise
     conn.send(ret)
+    # Stay until the agent says every worker of the group has returned, as torch's workers do:
+    # a value pickled by reference (torch tensors: shared memory whose descriptor this process
+    # hands out) can only be read while we live, and no rank leaves while its peers still run.
+    try:
+        conn.recv_bytes()
+    except (EOFError, OSError):
+        pass   # the agent is gone: nothing left to wait for
     conn.close()
+    # Leave without finalizing the interpreter (as a forked multiprocessing child always does, but
+    # with the atexit handlers run): torch's gloo threads may still be releasing the last
+    # collective's tensors, which takes the GIL, and a thread that takes it while the interpreter
+    # finalizes aborts the process ("terminate called without an active exception", SIGABRT).
+    _exit_handlers(run_atexit=not forked)
+    os._exit(0)
 
 
 # --------------------------------------------------------------------------------- Worker processes
@@ -1581,12 +1648,16 @@ def _signal_group(pid, sig):
 
 class _Handle:
     """What every kind shares: the group signal, and no return value to collect."""
-    pid = wait_fd = result_fd = result = None
+    pid = wait_fd = result_fd = result = result_error = None
+    has_result = False
 
     def signal(self, sig):
         _signal_group(self.pid, sig)
 
     def take_result(self, block):
+        pass
+
+    def release(self):
         pass
 
     def close(self):
@@ -1613,16 +1684,16 @@ class _ProgramHandle(_Handle):
 
 
 class _ChildHandle(_Handle):
-    """A callable run in a multiprocessing child; its return value comes back over a pipe."""
+    """A callable run in a multiprocessing child; its return value comes back over a pipe, and the
+    child waits on that pipe after sending it until ``release()`` (see _function_worker)."""
 
     def __init__(self, process, conn):
         self._process, self._conn, self.pid = process, conn, process.pid
         self.wait_fd = process.sentinel
-        self._has_result = False
 
     @property
     def result_fd(self):
-        return None if self._has_result else self._conn.fileno()
+        return None if self.has_result else self._conn.fileno()
 
     def poll(self):
         return self._process.exitcode
@@ -1632,15 +1703,25 @@ class _ChildHandle(_Handle):
         return self._process.exitcode
 
     def take_result(self, block):
-        """Read the return value if it is there (or, `block`ing, once the child has exited)."""
-        if self._has_result:
+        """Read the return value if it is there (or, `block`ing, once the child has exited). A value
+        that arrives but cannot be unpickled is kept in ``result_error``: a failure, never a None."""
+        if self.has_result:
             return
         try:
             if block or self._conn.poll():
+                self.has_result = True
                 self.result = self._conn.recv()
-                self._has_result = True
-        except (EOFError, OSError):
-            self._has_result = True  # the child exited without sending: no value
+        except (EOFError, ConnectionResetError):
+            pass   # the child exited without sending (SystemExit, or it failed): no value
+        except Exception as e:
+            self.result_error = "its return value could not be read: %s: %s" % (type(e).__name__, e)
+
+    def release(self):
+        """Let a child that has sent its value exit."""
+        try:
+            self._conn.send_bytes(b"go")
+        except OSError:
+            pass   # it is gone already
 
     def close(self):
         self._process.join(0)
@@ -1710,6 +1791,7 @@ class _ProgramStarter:
 
     def __init__(self, entrypoint, args):
         self._argv = [entrypoint] + [str(a) for a in args]
+        self._python = _python_script(entrypoint, args) is not None   # it needs the bootstrap
         self._prctl = None   # resolved on first use: the fork-server path never needs ctypes here
 
     def adopter(self, helpers):
@@ -1720,7 +1802,7 @@ class _ProgramStarter:
         if self._prctl is None:
             self._prctl = _prctl() or False
         prctl, parent = self._prctl or None, os.getpid()
-        env = dict(os.environ)
+        env = python_environment() if self._python else dict(os.environ)
         env.update(w.env)
         files = []
         try:
@@ -1793,12 +1875,12 @@ class _FunctionStarter:
         if self._adopt:
             _set_subreaper(_prctl())
         paths = [None if dest == "console" else path for dest, path in zip(w.dests, w.log_paths)]
-        reader, writer = self._ctx.Pipe(duplex=False)
+        reader, writer = self._ctx.Pipe()   # duplex: the value comes back, the release goes out
         # forkserver children have the forkserver for a parent, not us
         parent = None if self._method == "forkserver" else os.getpid()
         process = self._ctx.Process(target=_function_worker, name="%s-%d" % (self._role, w.local_rank),
                                     args=(self._fn, _with_local_rank(self._args, w.local_rank), w.env,
-                                          writer, paths[0], paths[1], parent))
+                                          writer, paths[0], paths[1], parent, self._method == "fork"))
         process.start()
         writer.close()
         w.handle = _ChildHandle(process, reader)
@@ -1827,10 +1909,12 @@ def _is_python_spec(spec):
 
 def _python_script(entrypoint, args):
     """(mode, script, args) when `entrypoint` + `args` come from python_command(), else None."""
-    args = list(args)
-    if entrypoint == sys.executable and args[:3] == ["-u", "-c", _BOOTSTRAP] and len(args) >= 5:
-        return args[3], args[4], args[5:]
-    return None
+    args = [str(a) for a in args]
+    if entrypoint != sys.executable or args[:3] != ["-u", "-c", _BOOT_STUB] or len(args) < 4:
+        return None
+    if args[3] == "-m":
+        return ("-m", args[4], args[5:]) if len(args) >= 5 else None
+    return "-s", args[3], args[4:]
 
 
 # ------------------------------------------------------------------------------------- Worker group
@@ -1988,7 +2072,7 @@ class _WorkerGroup:
         self.workers = workers
         self._starter, self._reaper, self._token, self._timer = starter, reaper, tree_token, timer
         self._pump = _LogPump(stall_timeout=self.CONSOLE_STALL)
-        self._stopped = False
+        self._stopped = self._released = False
         import threading
         self._stack_lock = threading.Lock()
         self.outlived_grace = {}   # global rank -> ProcessFailure of a worker SIGKILLed after the grace
@@ -2017,17 +2101,27 @@ class _WorkerGroup:
         return fds, pollable
 
     def poll(self, ready=()):
-        """(workers done, {global rank: failed worker}); takes in return values that are `ready`."""
-        done, failed = 0, {}
+        """(workers done, {global rank: failed worker}); takes in return values that are `ready`,
+        and once every worker has returned (or exited 0) releases those that wait to exit. A
+        worker whose value cannot be read has failed."""
+        done, failed, returned = 0, {}, 0
         for w in self.workers:
             if w.handle.result_fd in ready:
                 w.handle.take_result(block=False)
             code = w.poll()
             if code == 0:
                 w.handle.take_result(block=True)   # the value a callable still owes, if any
+            if w.handle.result_error is not None:
+                failed[w.global_rank] = w
+            elif code == 0:
                 done += 1
             elif code is not None:
                 failed[w.global_rank] = w
+            returned += code == 0 or w.handle.has_result
+        if returned == len(self.workers) and not failed and not self._released:
+            self._released = True
+            for w in self.workers:
+                w.handle.release()
         return done, failed
 
     def failures(self, failed, role):
@@ -2037,8 +2131,9 @@ class _WorkerGroup:
         scopes = {} if self._timer is None else {pid: s for pid, s, _ in self._timer.pop_expired()}
         failures = {}
         for rank, w in failed.items():
-            f = ProcessFailure(w.local_rank, w.pid, w.exitcode, w.error_file, rank=rank, role=role,
-                               exit_time=w.exit_time,
+            unread = w.handle.result_error
+            f = ProcessFailure(w.local_rank, w.pid, w.exitcode or 1 if unread else w.exitcode,
+                               w.error_file, message=unread, rank=rank, role=role, exit_time=w.exit_time,
                                stderr_log=w.log_paths[1] if w.dests[1] != "console" else None)
             if w.pid in scopes:
                 f.message = "%s (overran file-timer scope %s)" % (f.message, scopes[w.pid])
@@ -6114,7 +6209,7 @@ def _main(argv, program=False):
         return e.code
     server = None
     if (from_command_line and c.mode in ("script", "module") and hasattr(os, "fork")
-            and environ.get("ELASTICRUN_FORKSERVER", "1") != "0"):
+            and environ.get("ELASTICRUN_FORKSERVER", "0") == "1"):
         # forked now, before logging, signal handlers, threads or sockets exist in this process
         server = _ForkServer()
         if server.worker_request is not None:  # we are a worker: run the script, never the agent

@@ -6,7 +6,8 @@
 
 Measures, for both launchers (`--standalone --nproc-per-node 2`), ours by two routes: the modules
 with their bytecode cached (`python3 -m elastic`, what `pip install` gives) and the one-file bundle
-(`python3 elasticrun.pyz`, built by tools/make_bundle.py with bytecode for this Python):
+(`python3 elasticrun.pyz`, built by tools/make_bundle.py with bytecode for this Python), and the
+modules with script workers forked by the fork server (ELASTICRUN_FORKSERVER=1, "fork server"):
   launch   wall time of a whole run of a trivial 2-worker script (median of N; the routes take
            turns round by round, and the bundle is also launched built without bytecode, as it
            was before issue 19, to show what the bytecode buys)
@@ -47,8 +48,11 @@ def launchers(torch_python, folder):
     # (a script path would be compiled from source on every start)
     ours = [sys.executable, "-m", "elastic"]
     theirs = [torch_python, "-m", "torch.distributed.run"] if torch_python else None
+    # script workers forked by the fork server (opt-in) instead of a new interpreter each (`env`
+    # sets the variable and execs, so the launcher keeps the pid the RSS probe reads)
+    forked = ["env", "ELASTICRUN_FORKSERVER=1"] + ours
     return {"elasticrun": ours, "elasticrun.pyz": [sys.executable, build_bundle(folder, "elasticrun.pyz")],
-            "torchrun": theirs}
+            "fork server": forked, "torchrun": theirs}
 
 
 def build_bundle(folder, name, *options):

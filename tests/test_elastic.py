@@ -5,6 +5,7 @@ import json
 import os
 import signal
 import sys
+import textwrap
 
 import pytest
 
@@ -46,6 +47,29 @@ def test_large_return_values_do_not_deadlock():
     assert sorted(result.return_values) == [0, 1]
     for rank, value in result.return_values.items():
         assert len(value) == size and value[:1] == str(rank).encode()
+
+
+def test_unreadable_return_value_is_a_reported_failure():
+    _, result = run_agent(funcs.unreadable_on_rank_1, nproc=2)
+    assert result.is_failed() and result.state == WorkerState.FAILED
+    rank, root = result.root_cause
+    assert rank == 1
+    assert "could not be read" in root.message and "FileNotFoundError" in root.message
+    assert root.launcher_exit_code() != 0
+
+
+def test_function_workers_wait_until_every_rank_has_returned(tmp_path):
+    _, result = run_agent(funcs.first_returns_early, nproc=2, args=(str(tmp_path / "pid0"),))
+    assert result.return_values == {0: "returned", 1: "rank 0 held"}
+
+
+@pytest.mark.parametrize("start_method", ["spawn", "forkserver"])
+def test_function_worker_atexit_handlers_run(tmp_path, start_method):
+    """Function workers leave without finalizing the interpreter (see _function_worker), but their
+    own atexit handlers still run."""
+    _, result = run_agent(funcs.registers_atexit, nproc=2, args=(str(tmp_path),), start_method=start_method)
+    assert result.return_values == {0: "registered", 1: "registered"}
+    assert sorted(os.listdir(str(tmp_path))) == ["atexit.0", "atexit.1"]
 
 
 def test_env_present_and_correct(monkeypatch):
@@ -130,6 +154,20 @@ def test_program_worker_failure_captured_without_record(tmp_path):
     data = json.loads(env_err.read_text())
     assert data["errorCode"] == 1 and data["message"]["message"] == root.message
     assert data["message"]["errorCode"] == 1             # where torchelastic writes it
+
+
+def test_python_command_runs_alone_with_python_environment(tmp_path):
+    """The argv from python_command runs outside the agent too, given python_environment(): the
+    bootstrap records the uncaught exception and its traceback starts at the script."""
+    import subprocess
+    cmd = elastic.python_command(os.path.join(SCRIPTS, "fail.py"))
+    env = elastic.python_environment(dict(os.environ, RANK="0", TORCHELASTIC_ERROR_FILE=str(tmp_path / "e.json")))
+    proc = subprocess.run(cmd, env=env, stderr=subprocess.PIPE, timeout=60)
+    assert proc.returncode == 1
+    err = proc.stderr.decode()
+    assert "ValueError: bad value on rank 0" in err and "<string>" not in err
+    data = json.loads((tmp_path / "e.json").read_text())
+    assert data["message"]["message"] == "ValueError: bad value on rank 0"
 
 
 def test_logs_redirect_and_tee(tmp_path, capfd):
@@ -322,6 +360,59 @@ def test_signal_names_in_failures():
     assert f.signal_name() == "SIGTERM" and f.launcher_exit_code() == 143
 
 
+@pytest.mark.parametrize("stamp", [10, "10"])
+def test_error_file_other_layout_keeps_its_timestamp(tmp_path, stamp):
+    path = tmp_path / "error.json"
+    path.write_text(json.dumps({"message": "test error message", "timestamp": stamp}))
+    f = ProcessFailure(0, 997, 1, str(path))
+    assert f.message == "test error message" and f.timestamp == 10
+
+
+def test_missing_signal_and_error_file_read_not_available(tmp_path):
+    f = ProcessFailure(0, 997, 138, str(tmp_path / "ignored.json"))
+    assert f.signal_name() == "<N/A>" and f.error_file == "<N/A>"
+    report = ChildFailedError("trainer", {0: f}).format_msg()
+    assert "error_file : <N/A>" in report and "exitcode   : 138 (pid: 997)" in report
+    killed = ProcessFailure(0, 997, -signal.SIGSEGV)
+    assert killed.signal_name() == "SIGSEGV" and "(SIGSEGV)" in ChildFailedError("t", {0: killed}).format_msg()
+
+
+def test_record_writes_no_launcher_error_file_when_the_child_left_none(tmp_path, monkeypatch):
+    launcher_file = tmp_path / "launcher.json"
+    monkeypatch.setenv("TORCHELASTIC_ERROR_FILE", str(launcher_file))
+
+    @elastic.record
+    def launch():
+        raise ChildFailedError("trainer", {0: ProcessFailure(0, 997, -signal.SIGKILL,
+                                                             str(tmp_path / "missing.json"))})
+
+    with pytest.raises(ChildFailedError):
+        launch()
+    assert not launcher_file.exists()
+
+
+def test_record_enables_faulthandler(tmp_path):
+    """A worker whose @record entrypoint dies of SIGSEGV prints its Python stack."""
+    import subprocess
+    script = tmp_path / "segv.py"
+    script.write_text(textwrap.dedent("""
+        import ctypes, sys
+        sys.path.insert(0, %r)
+        import elastic
+
+        @elastic.record
+        def crash_in_this_function():
+            ctypes.string_at(0)
+
+        crash_in_this_function()
+        """ % os.path.dirname(HERE)))
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONFAULTHANDLER"}
+    proc = subprocess.run([sys.executable, str(script)], env=env, stderr=subprocess.PIPE, timeout=60)
+    assert proc.returncode == -signal.SIGSEGV
+    err = proc.stderr.decode()
+    assert "Fatal Python error" in err and "crash_in_this_function" in err
+
+
 # Every start path gives whole lines: 8 workers share the console and print 300 lines each, all at
 # once (lines.py waits for every rank first; argv[2] is its meeting folder).
 LINES = os.path.join(SCRIPTS, "lines.py")
@@ -344,7 +435,6 @@ API_RUNS = {
 def test_console_gets_whole_lines_from_every_start_path(tmp_path, how):
     import re
     import subprocess
-    import textwrap
     code = "import os, sys\nimport elastic\n" + textwrap.dedent(API_RUNS[how])
     meet = tmp_path / "meet"
     meet.mkdir()

@@ -250,7 +250,7 @@ def test_a_stop_signal_during_the_start_of_many_workers(tmp_path):
     a = Launcher(["--standalone", "--nproc-per-node", "512", "--monitor-interval", "0.05",
                   "--shutdown-timeout", "2", script], tmp_path)
     try:
-        # the launcher and its fork server carry the script's name; a third process is a worker
+        # the launcher carries the script's name (so does a fork server); a third process is a worker
         wait_for(lambda: len(_running(script)) > 2, what="the first workers to start")
         os.kill(a.pid, signal.SIGTERM)
         assert a.wait(120) == 128 + signal.SIGTERM, a.err()[-2000:]

@@ -226,12 +226,12 @@ def test_scale_down_when_an_agent_is_sigkilled(tmp_path):
 
 
 def test_console_logs_tee_filters_and_fresh_interpreters(tmp_path):
-    """--tee with the prefix, --ranks-filter, --log-dir files; the same with ELASTICRUN_FORKSERVER=0
-    (a new interpreter per worker) and with --run-path (multiprocessing, spawn)."""
+    """--tee with the prefix, --ranks-filter, --log-dir files; the same with ELASTICRUN_FORKSERVER=1
+    (the fork server) and with --run-path (multiprocessing, spawn)."""
     printer = os.path.join(SCRIPTS, "printer.py")
     procs = []
     try:
-        for i, (extra, environ) in enumerate([([], None), ([], env(ELASTICRUN_FORKSERVER=0)),
+        for i, (extra, environ) in enumerate([([], None), ([], env(ELASTICRUN_FORKSERVER=1)),
                                               (["--run-path"], None)]):
             logs = tmp_path / ("logs%d" % i)
             a = Launcher(["--standalone", "--nproc-per-node", "3", "--tee", "3", "--ranks-filter", "0,2",
@@ -275,12 +275,12 @@ def _stdout_log_complete(logs, rank):
 def test_tee_to_a_stalled_console_never_blocks_a_worker(tmp_path):
     """--tee with a console nobody reads (its pipe full): the workers still write all their output
     to their stdout.log; once the console is read again it gets every line, in order, prefixed and
-    whole, the last one without a newline too, before the launcher exits. For the fork server, a
-    new interpreter per worker (ELASTICRUN_FORKSERVER=0) and --run-path (multiprocessing)."""
+    whole, the last one without a newline too, before the launcher exits. For a new interpreter per
+    worker, the fork server (ELASTICRUN_FORKSERVER=1) and --run-path (multiprocessing)."""
     import subprocess
     lines = 20000   # about 1 MB a rank: many times what the console's pipe buffer holds
     chatty = os.path.join(SCRIPTS, "chatty.py")
-    for i, (extra, environ) in enumerate([([], None), ([], env(ELASTICRUN_FORKSERVER=0)),
+    for i, (extra, environ) in enumerate([([], None), ([], env(ELASTICRUN_FORKSERVER=1)),
                                           (["--run-path"], None)]):
         logs = tmp_path / ("logs%d" % i)
         r, w = os.pipe()   # the launcher's stdout; not read until the workers are done
@@ -391,7 +391,7 @@ def test_script_worker_sees_a_plain_python_run(tmp_path):
         "    sys.exit('bye now')\n")
     procs = []
     try:
-        for i, environ in enumerate([None, env(ELASTICRUN_FORKSERVER=0)]):
+        for i, environ in enumerate([None, env(ELASTICRUN_FORKSERVER=1)]):
             a = Launcher(["--standalone"] + FAST + [str(tmp_path / "main.py"), "ok"], tmp_path, "ok%d" % i,
                          environ=environ)
             procs.append(a)
@@ -444,7 +444,7 @@ def test_script_workers_objects_are_finalized_at_exit(tmp_path):
         "keep = Final(os.path.join(sys.argv[1], 'finalized'))\n")
     procs = []
     try:
-        for i, environ in enumerate([None, env(ELASTICRUN_FORKSERVER=0)]):
+        for i, environ in enumerate([None, env(ELASTICRUN_FORKSERVER=1)]):
             out = tmp_path / ("run%d" % i)
             out.mkdir()
             procs.append(Launcher(["--standalone"] + FAST + [str(tmp_path / "main.py"), str(out)], tmp_path,
@@ -476,7 +476,7 @@ def test_zipapps_directories_symlinks_and_tracebacks_as_under_python(tmp_path):
     cases = [(app, "app ['x']\n"), (tmp_path / "app.pyz", "app ['x']\n"), (links / "train.py", "helper\n")]
     procs = []
     try:
-        for i, environ in enumerate([None, env(ELASTICRUN_FORKSERVER=0)]):
+        for i, environ in enumerate([None, env(ELASTICRUN_FORKSERVER=1)]):
             for j, (path, expected) in enumerate(cases):
                 procs.append(Launcher(["--standalone"] + FAST + [str(path), "x"], tmp_path, "c%d%d" % (i, j),
                                       environ=environ))
@@ -500,7 +500,7 @@ def test_local_rank_macro_in_script_args_for_every_kind_of_worker(tmp_path):
                                       "sys.stdout.write('%s %s\\n' % (os.environ['LOCAL_RANK'], sys.argv[1:]))\n")
     procs = []
     try:
-        for i, (extra, environ) in enumerate([([], None), ([], env(ELASTICRUN_FORKSERVER=0)),
+        for i, (extra, environ) in enumerate([([], None), ([], env(ELASTICRUN_FORKSERVER=1)),
                                               (["--run-path"], None)]):
             procs.append(Launcher(["--standalone", "--nproc-per-node", "2"] + FAST + extra
                                   + [str(tmp_path / "show.py"), "--out=dir_${local_rank}", "$x"],
@@ -582,6 +582,41 @@ def test_stop_signal_in_the_exit_barrier_exits_128_plus_n(tmp_path):
         for a in agents:
             a.stop()
         store.stop()
+
+
+def test_script_workers_are_what_torchrun_starts(tmp_path):
+    """A worker is `python -u SCRIPT ARGS` as torchrun's: its command line shows the script and its
+    arguments (`ps`, `pkill -f train.py`), and the launcher's interpreter flags do not leak into it
+    (`python3 -I -S elasticrun.pyz` must not give workers -I -S: no site-packages, no torch)."""
+    import subprocess
+    bundle = tmp_path / "elasticrun.pyz"
+    subprocess.run([sys.executable, os.path.join(ROOT, "tools", "make_bundle.py"), "-o", str(bundle)],
+                   check=True, stdout=subprocess.DEVNULL, timeout=60)
+    identity = os.path.join(SCRIPTS, "identity.py")
+    procs = []
+    try:
+        a = Launcher(["--standalone", "--nproc-per-node", "2"] + FAST + [identity, str(tmp_path), "--lr", "0.1"],
+                     tmp_path, "a", cmd=[sys.executable, "-I", "-S", str(bundle)])
+        procs.append(a)
+        assert a.wait() == 0, a.err()
+        plain = subprocess.run([sys.executable, "-u", identity, str(tmp_path), "--lr", "0.1"], env=env(),
+                               timeout=60)
+        assert plain.returncode == 0
+    finally:
+        for p in procs:
+            p.stop()
+    with open(str(tmp_path / "identity.plain.json")) as f:
+        want = json.load(f)
+    for rank in (0, 1):
+        with open(str(tmp_path / ("identity.%d.json" % rank))) as f:
+            got = json.load(f)
+        assert got["cmdline"][0] == sys.executable and got["cmdline"][-4:] == [identity, str(tmp_path), "--lr", "0.1"]
+        assert "--nproc-per-node" not in got["cmdline"]     # not the launcher's command line
+        assert got["flags"] == want["flags"]
+        assert got["argv"] == want["argv"] and got["loader"] == want["loader"]
+        # the bundle adds itself to the workers' PYTHONPATH (documented), nothing else differs
+        assert [p for p in got["path"] if p != str(bundle)] == want["path"]
+        assert not got["boot_in_env"]
 
 
 

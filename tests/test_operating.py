@@ -271,7 +271,7 @@ def test_failure_report_points_to_files_that_exist(tmp_path):
         folder = re.search(r"log folder : (\S+) \(on ", report).group(1)
         assert os.path.isdir(folder) and folder.startswith(str(tmp_path / "logs"))
         # it exited 3 without an error file: none is named; its stderr.log is, and exists
-        assert "error_file : <none written>" in report
+        assert "error_file : <N/A>" in report
         stderr_log = re.search(r"stderr     : (\S+)", report).group(1)
         assert stderr_log.endswith("stderr.log") and "about to fail" in open(stderr_log).read()
         # without --redirects/--tee the stderr went to the console: no stderr line

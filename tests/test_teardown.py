@@ -9,7 +9,7 @@ import pytest
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
-from agent_scripts.harness import SCRIPTS, Launcher, alive, kill_all, wait_for  # noqa: E402
+from agent_scripts.harness import SCRIPTS, Launcher, alive, env, kill_all, wait_for  # noqa: E402
 
 FORKER = os.path.join(SCRIPTS, "forker.py")
 BASE = ["--standalone", "--nproc-per-node", "2", "--monitor-interval", "0.05", "--shutdown-timeout", "0.5"]
@@ -165,17 +165,20 @@ def test_launcher_sigkill_kills_the_daemons_of_a_launcher_it_runs(tmp_path):
                  tmp_path), out)
 
 
-# A worker that forks without exec, calls setsid and forks again leaves a daemon in no worker group
-# whose environment is the launcher's: only the subreaper (the fork server, or the launcher for
-# --run-path) still has it below itself.
+# A worker that forks without exec, calls setsid and forks again leaves a daemon in no worker group.
+# A script worker's daemon (a new interpreter, the default) has the worker's exec'd environment,
+# mark included; a forked one's environment is the launcher's: only the subreaper (the fork server,
+# or the launcher for --run-path) still has it below itself.
 NOFORK = os.path.join(SCRIPTS, "nofork_daemon.py")
 
 
-@pytest.mark.parametrize("mode", ["fork-server", "run-path"])
+@pytest.mark.parametrize("mode", ["script", "fork-server", "run-path"])
 def test_no_orphans_from_workers_that_fork_without_exec(tmp_path, mode):
     extra = ["--run-path", "--start-method", "fork"] if mode == "run-path" else []
+    environ = env(ELASTICRUN_FORKSERVER="1") if mode == "fork-server" else None
     pids = []
-    a = Launcher(BASE + extra + ["--max-restarts", "1", NOFORK, str(tmp_path), "fail"], tmp_path)
+    a = Launcher(BASE + extra + ["--max-restarts", "1", NOFORK, str(tmp_path), "fail"], tmp_path,
+                 environ=environ)
     try:
         assert a.wait() == 3, a.err()
         pids = job_pids(tmp_path, 4)()
@@ -186,5 +189,8 @@ def test_no_orphans_from_workers_that_fork_without_exec(tmp_path, mode):
         kill_all(pids)
 
 
-def test_no_orphans_from_workers_that_fork_without_exec_after_launcher_sigkill(tmp_path):
-    sigkill_launcher_then_check(Launcher(BASE + [NOFORK, str(tmp_path), "sleep"], tmp_path), tmp_path)
+@pytest.mark.parametrize("mode", ["script", "fork-server"])
+def test_no_orphans_from_workers_that_fork_without_exec_after_launcher_sigkill(tmp_path, mode):
+    environ = env(ELASTICRUN_FORKSERVER="1") if mode == "fork-server" else None
+    sigkill_launcher_then_check(Launcher(BASE + [NOFORK, str(tmp_path), "sleep"], tmp_path, environ=environ),
+                                tmp_path)

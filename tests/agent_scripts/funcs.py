@@ -55,6 +55,59 @@ def sleep_then(seconds, code=0):
     return seconds
 
 
+def _unreadable():
+    raise FileNotFoundError("the storage behind this value is gone")
+
+
+class Unreadable:
+    """Pickles fine in the worker; unpickling it in the agent fails (as a torch tensor whose
+    shared memory went away with its worker does)."""
+
+    def __reduce__(self):
+        return _unreadable, ()
+
+
+def unreadable_on_rank_1():
+    return Unreadable() if os.environ["RANK"] == "1" else "fine"
+
+
+def first_returns_early(pid_file):
+    """Rank 0 returns at once (after noting its pid); rank 1 returns once rank 0's process is gone,
+    or after 3 s: with it still there then, rank 0 was held until every rank had returned."""
+    if os.environ["RANK"] == "0":
+        with open(pid_file + ".tmp", "w") as f:
+            f.write(str(os.getpid()))
+        os.rename(pid_file + ".tmp", pid_file)
+        return "returned"
+    while not os.path.exists(pid_file):
+        time.sleep(0.01)
+    with open(pid_file) as f:
+        pid = int(f.read())
+    deadline = time.monotonic() + 3.0
+    while time.monotonic() < deadline:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return "rank 0 exited before rank 1 returned"
+        with open("/proc/%d/stat" % pid) as f:
+            if f.read().rsplit(")", 1)[1].split()[0] == "Z":
+                return "rank 0 exited before rank 1 returned"
+        time.sleep(0.01)
+    return "rank 0 held"
+
+
+def _write_at_exit(path):
+    with open(path, "w") as f:
+        f.write("atexit ran")
+
+
+def registers_atexit(folder):
+    """An atexit handler of the worker's own: it runs when the worker leaves."""
+    import atexit
+    atexit.register(_write_at_exit, os.path.join(folder, "atexit.%s" % os.environ["RANK"]))
+    return "registered"
+
+
 def stuck_here():
     time.sleep(60)
 

@@ -31,8 +31,6 @@ def xfail(reason):
 _ETCD_IS_HOST = xfail("RendezvousParameters(backend='etcd', is_host=True) raises ValueError 'rdzv conf "
                       "is_host is not for the etcd backend'; torch ignores the key for etcd (with the key "
                       "left out, this case passes today)")
-_TENSOR_NONE = xfail("a torch.Tensor returned by a function worker comes back as None "
-                     "(assertIsInstance(None, torch.Tensor))")
 _CONSTANTS = xfail("elastic has no TORCHELASTIC_TIMER_FILE / TORCHELASTIC_HEALTH_CHECK_PORT constants "
                    "(torch's local_elastic_agent module exports them): AttributeError")
 _AGENT_INTERNALS = xfail("LocalElasticAgent has no _remaining_restarts, get_worker_group() or "
@@ -44,10 +42,6 @@ _NO_BARRIER = xfail("nothing to patch: elastic has no store barrier helper (torc
 _NO_START_PROCESSES = xfail("nothing to patch: elastic has no start_processes (torch's process-context "
                             "factory), LocalElasticAgent no _monitor_workers and run() takes no role: "
                             "AttributeError")
-# Not strict: fails in some runs only (issue 16, "gloo workers abort as they exit")
-_GLOO_EXIT_ABORT = pytest.mark.xfail(strict=False, reason=(
-    "issue 16 (flaky): a gloo worker sometimes aborts as it exits, SIGABRT 'terminate called without an "
-    "active exception', and the job fails; remove when it happens 0 in 50 runs"))
 
 
 @pytest.fixture(scope="module")
@@ -102,7 +96,6 @@ class LocalElasticAgentTest(unittest.TestCase):
             self.fail("%s (%s) exited %s:\n%s" % (test_to_run, backend, code, output[-6000:]))
 
     # -- dummy_compute: tensors returned by function workers
-    @_TENSOR_NONE
     def test_dummy_compute_c10d(self):
         self.run_test_with_backend("c10d", "dummy_compute", torch=True)
 
@@ -182,7 +175,6 @@ class LocalElasticAgentTest(unittest.TestCase):
     def test_run_function_with_return_value_etcd_v2(self):
         self.run_test_with_backend("etcd-v2", "run_function_with_return_value")
 
-    @_GLOO_EXIT_ABORT
     def test_simple_dist_sum_c10d(self):
         self.run_test_with_backend("c10d", "simple_dist_sum", torch=True)
 
@@ -193,11 +185,9 @@ class LocalElasticAgentTest(unittest.TestCase):
     def test_simple_dist_sum_etcd_v2(self):
         self.run_test_with_backend("etcd-v2", "simple_dist_sum", torch=True)
 
-    @_GLOO_EXIT_ABORT
     def test_run_distributed_sum_homogeneous_c10d(self):
         self.run_test_with_backend("c10d", "run_distributed_sum_homogeneous", torch=True)
 
-    @_GLOO_EXIT_ABORT
     def test_run_with_custom_log_lines(self):
         self.run_test_with_backend("c10d", "run_with_custom_log_lines", torch=True)
 
@@ -208,7 +198,6 @@ class LocalElasticAgentTest(unittest.TestCase):
     def test_run_distributed_sum_homogeneous_etcd_v2(self):
         self.run_test_with_backend("etcd-v2", "run_distributed_sum_homogeneous", torch=True)
 
-    @_GLOO_EXIT_ABORT
     def test_run_distributed_sum_heterogeneous_c10d(self):
         self.run_test_with_backend("c10d", "run_distributed_sum_heterogeneous", torch=True)
 
@@ -268,7 +257,6 @@ class LocalElasticAgentTest(unittest.TestCase):
                       "does the same. torch's CI does not run this file")
         self.run_test_with_backend("c10d", "no_exit_barrier_on_failure")
 
-    @_GLOO_EXIT_ABORT
     def test_double_agent_elastic_c10d(self):
         self.run_test_with_backend("c10d", "double_agent_elastic", torch=True)
 
@@ -325,6 +313,5 @@ class LocalElasticAgentTest(unittest.TestCase):
     def test_shutdown_called_etcd_v2(self):
         self.run_test_with_backend("etcd-v2", "shutdown_called")
 
-    @_TENSOR_NONE
     def test_rank_restart_after_failure(self):
         self.run_test_with_backend("c10d", "fail_rank_one_once", torch=True)

@@ -258,9 +258,6 @@ class ElasticLaunchTest(unittest.TestCase):
                      python=self.torch_python(), env=self.env)
         self.assertEqual(0, run.returncode, run)
 
-    @pytest.mark.xfail(strict=False, reason=(
-        "issue 16 (flaky): a gloo worker sometimes aborts as it exits, SIGABRT 'terminate called "
-        "without an active exception' (exit 134); remove when it happens 0 in 50 runs"))
     def test_init_method_env_with_torchelastic(self):
         run = launch(["--run-path", "--nnodes=1", "--nproc-per-node=4", "--master-addr=localhost",
                       "--master-port=%d" % get_free_port(), "--monitor-interval=1",
