@@ -3290,21 +3290,13 @@ class _Peers:
             return False
 
     def broken_reason(self):
-        """Why the round broke, naming the lost member's host when the reason names its rank."""
-        import re
+        """Why the round broke, as the rendezvous says it (it names the lost member's host)."""
         ask = getattr(self._handler, "broken_reason", None)
         try:
             why = ask() if ask is not None else None
         except Exception as e:
             why = "the store is unreachable (%s)" % e
-        if why is None:
-            return "a member died or left"
-        members = getattr(self._info, "members", None) or []
-        found = re.search(r"rank (\d+)", why)
-        if found and int(found.group(1)) < len(members):
-            member = members[int(found.group(1))]
-            why += " (host %s)" % (member[2] if len(member) > 2 and member[2] else member[0])
-        return why
+        return "a member died or left" if why is None else why
 
     def failures(self, local):
         """Failures of the whole job for this round: ours published, then everyone's read back.
@@ -3432,6 +3424,7 @@ class _Peers:
             release = store.get("exit/release")
             if release == b"done":
                 self._handler.set_closed()
+                self._finished()    # leaving now is the job's end, not a lost member
             log.debug("exit barrier passed in %.3f s", time.monotonic() - start)
             return release != b"failed"
         except _SignalStop:
@@ -3446,6 +3439,10 @@ class _Peers:
         running = self._still_running(store)
         log.warning("exit barrier: %s still running after %g s; leaving (the workers of this node "
                     "succeeded)", self._nodes_named(running), timeout)
+        self._finished()
+
+    def _finished(self):
+        """Tell the round this node is done, so its leaving is no lost member for the others."""
         finished = getattr(self._handler, "finished", None)
         if finished is not None:
             finished()

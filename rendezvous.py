@@ -47,20 +47,21 @@ The algorithm: one round is an atomic counter plus one wake-up key. Every joiner
 the round's counter; the value returned is its slot (1, 2, 3, ...). It writes its record (id, address,
 a free port) under that slot and then blocks on the round's ``done`` key with one parked ``get``::
 
-    node    add(arrive,1)  set(node/slot)        wait(done) ........................ get(done) -> rank
+    node    add(arrive,1)  set(node/slot)        wait(done) ..... get(done), get(rank/slot) -> rank
     slot 1 ----[1]------------[rec]---------------------------------------------------+
     slot 2 ----[2]------------[rec]  <- the closer: slot == min_nodes                  |
                                      wait(gate)   previous round released? (r > 0)     |
                                      wait(full, last_call_timeout)  slot max sets full |
                                      add(arrive, FREEZE) -> exact member count, atomic |
                                      multi_get(node/1..n), drop the dead, sort,        |
-                                     compare_set(done) --------------------------------+
+                                     multi_set(rank/1..n, members), compare_set(done) -+
     slot 3 ----[3]------------[rec]  (arrived during the last call: a member)
     late   ----[FREEZE+4]  -> round closed: join the next round and wait there
 
 Exactly one node (the one whose ``add`` returned ``min_nodes``) closes a round, so there is no
-compare-and-set loop: per round each node does about six store operations and the closer one
-``multi_get``, O(nodes) in all. The ``FREEZE`` add both counts the members exactly and turns every
+compare-and-set loop: per round each node does about seven store operations of a few dozen bytes
+each (``done`` holds the world size and master address, ``rank/<slot>`` the node's rank) and the
+closer one ``multi_get`` and one ``multi_set`` of n records, O(nodes) operations and bytes in all. The ``FREEZE`` add both counts the members exactly and turns every
 later ``add`` into a "too late" answer, with no lock. ``done`` is written with ``compare_set`` so that
 ``set_closed()`` can race the closer and exactly one outcome wins. Ranks: members sorted by (address,
 node id) (static: by node rank), so a node keeps its rank across rounds when membership allows; when
@@ -97,15 +98,32 @@ Liveness, O(nodes) store work per interval in total: each member ``add``\\s 1 to
 counter every ``heartbeat_interval``, reads the counter of ONE neighbour (rank + 1, in a ring) and the
 round's ``broken`` counter: three operations per member per interval. The observer measures silence
 with its own ``time.monotonic()``: a counter unchanged for ``heartbeat_timeout`` means that neighbour
-is dead, and the observer marks the round broken. Every dead member has a live predecessor in the ring
-unless all are dead, so one death is always seen. A member that called ``finished()`` (its work is
-done) left nothing behind to miss: its observer watches the next member of the ring instead. ``round_broken()`` reads a local flag (free to poll).
-A store whose object has ``set_ephemeral`` (etcd leases; the TCP store, whose server deletes such a
-key when its client's connection closes) gets heartbeat and ``alive`` keys that vanish with their
-writer; a vanished key counts as dead at once. Peeks at such keys never block: a ``compare_set``
-that expects a value no beat writes returns the value, or the expected value itself when the key is
-gone. Losing the store connection marks the round broken and
-the next call raises ``RendezvousConnectionError`` instead of hanging.
+is dead, and the observer marks the round broken. Silence is counted only over time the observer's
+own loop ran on schedule: after a loop that took far longer than the interval (this process was
+frozen by SIGSTOP or a stalled VM, or the store did not answer) the count starts again, so a node
+that was itself frozen never blames its peers for the beats it could not see. Every dead member has
+a live predecessor in the ring unless all are dead, so one death is always seen. A member that
+called ``finished()`` (its work is done) is no loss when it leaves: its observer watches the next
+member of the ring instead. ``round_broken()``
+reads a local flag (free to poll). A store whose object has ``set_ephemeral`` (etcd leases; the TCP
+store, whose server deletes such a key when its client's connection closes) gets heartbeat and
+``alive`` keys that vanish with their writer; a vanished key counts as dead at once. Peeks at such
+keys never block: a ``compare_set`` that expects a value no beat writes returns the value, or the
+expected value itself when the key is gone. When the store also has ``wait_gone`` (ours, and etcd by
+a watch), a member sleeps between beats in one parked ``wait_gone`` on its neighbour's heartbeat key
+and the round's ``intact`` key, which marking a round broken deletes: a member whose process dies is
+known the moment its connection closes (etcd: when its lease, ``heartbeat_timeout``, ends), and every
+other member the moment after, with no polling; the heartbeat timeout is left for silent failures (a
+cut link, a frozen host). Losing the store connection marks the round broken and the next call
+raises ``RendezvousConnectionError`` instead of hanging.
+
+Narration. A wait that lasts longer than about 2 s says, at INFO on this module's logger, what it
+waits for and how long it will still wait, then again every ~10 s (the gap grows by half each time,
+up to a minute; never two lines within a second): "waiting for nodes: 1 of 2 joined (min 2), 583 s
+left"; "last call: 3 of 1:4 joined, closing in 27 s"; "waiting for round 2 to end: 1 node(s)
+waiting to join, 590 s left". A broken round is said once, naming the node by the host name its
+join record carries (never resolved): "round 3 broken: node gpu07 (rank 5) silent for 15 s; waiting
+for a new round".
 
 Key layout (``R`` = the run id, percent-quoted so run ids never overlap; ``r`` = round number)::
 
@@ -119,8 +137,11 @@ Key layout (``R`` = the run id, percent-quoted so run ids never overlap; ``r`` =
     elastic/R/r/closer          id of the node closing the round (changed only by a takeover)
     elastic/R/r/closer_hb       the closer's heartbeat counter while it waits
     elastic/R/r/frozen          the member count the FREEZE add returned
-    elastic/R/r/done            outcome: JSON members and master address, or "closed", or "retry"
+    elastic/R/r/rank/<slot>     JSON {"rank": k or null (not a member), "next": host name of rank k+1}
+    elastic/R/r/members         JSON [[address, node id, host name], ...] by rank (read on demand)
+    elastic/R/r/done            outcome: JSON world size and master address, or "closed", or "retry"
     elastic/R/r/hb/<rank>       heartbeat counter of the member with that rank
+    elastic/R/r/intact          set with done; deleted when the round breaks (wakes wait_gone)
     elastic/R/r/broken          > 0 once a member died or left; reason in broken_why
     elastic/R/r/finished/<rank> that member's work is done: its leaving breaks nothing (finished())
     elastic/R/r/user/...        RendezvousInfo.store: the agents' own keys for this round
@@ -431,7 +452,7 @@ def _etcd_url(raw):
 class RendezvousInfo:
     """What a completed round gives this node."""
 
-    __slots__ = ("store", "rank", "world_size", "master_addr", "master_port", "round", "members")
+    __slots__ = ("store", "rank", "world_size", "master_addr", "master_port", "round", "_members")
 
     def __init__(self, store, rank, world_size, master_addr, master_port, round, members=()):
         self.store = store                  # PrefixStore private to this run and round
@@ -440,11 +461,29 @@ class RendezvousInfo:
         self.master_addr = master_addr      # rank-0 node's address
         self.master_port = master_port      # a free port on the rank-0 node, new each round
         self.round = round
-        self.members = list(members)        # (address, node id) by rank
+        self._members = members
+
+    @property
+    def members(self):
+        """(address, node id, host name) of each member, by rank; read from the store on first use
+        (a round of n nodes does not send every node all n records)."""
+        if isinstance(self._members, _LazyMembers):
+            self._members = self._members.load()
+        return list(self._members)
 
     def __repr__(self):
         return ("RendezvousInfo(rank=%d, world_size=%d, master_addr=%r, master_port=%d, round=%d)"
                 % (self.rank, self.world_size, self.master_addr, self.master_port, self.round))
+
+
+class _LazyMembers:
+    """The round's member list, read from its ``members`` key when first asked for."""
+
+    def __init__(self, store, key):
+        self.store, self.key = store, key
+
+    def load(self):
+        return [tuple(m) for m in json.loads(self.store.get(self.key).decode("utf-8"))]
 
 
 class _Keys:
@@ -492,7 +531,8 @@ class RendezvousHandler:
         self.hosts_store = hosts_store
         self._owns_store = owns_store
         self._keys = _Keys(params.run_id)
-        self.local_addr = params.local_addr or socket.gethostname()
+        self.host_name = socket.gethostname()    # names this node in others' messages (never resolved)
+        self.local_addr = params.local_addr or self.host_name
         self.node_id = node_id or _node_id()
         self._order = list(order) if order is not None else [self.local_addr, self.node_id]
         # etcd leases, or a TCP store server that knows EPHEMERAL: keys that vanish with their writer
@@ -508,6 +548,7 @@ class RendezvousHandler:
         self._beat_thread = None
         self._closed_seen = False
         self._joined = False            # next_rendezvous has joined a round at least once
+        self._next_host = None          # host name of the member we watch (rank + 1)
 
     @property
     def store(self):
@@ -528,9 +569,9 @@ class RendezvousHandler:
         """Join the next round and block until it completes with this node in it."""
         params = self._params
         deadline = time.monotonic() + params.join_timeout
-        self._stop_heartbeat()
         with self._mapped_errors():
             if self._closed_seen or self._store.check([self._keys.closed]):
+                self._stop_heartbeat()
                 self._closed_seen = True
                 if not self._joined:
                     raise RendezvousClosedError(
@@ -543,9 +584,10 @@ class RendezvousHandler:
             if previous is not None:
                 r = max(r, previous + 1)
             if self._round is not None and not self._broken.is_set():
-                self._leave_round("node %s rejoined" % self.node_id)
+                self._leave_round("node %s (rank %d) rejoined" % (self.host_name, self._rank))
+            self._stop_heartbeat()
             self._round, self._rank, self._world_size = None, None, 0
-            self._broken.clear()
+            self._broken = threading.Event()    # a fresh flag: a late old heartbeat thread sets its own
             while True:
                 info = self._try_round(r, deadline, rejoin=previous is not None and r == previous + 1)
                 if info is not None:
@@ -565,7 +607,7 @@ class RendezvousHandler:
             log.debug("round %d of run %r closed before we arrived", r, params.run_id)
             return None
         slot = value & _SLOT_MASK
-        record = {"id": self.node_id, "addr": self.local_addr, "order": self._order,
+        record = {"id": self.node_id, "addr": self.local_addr, "host": self.host_name, "order": self._order,
                   "port": _free_port(), "rejoin": rejoin}
         if self._ephemeral and r > 0:
             # a spare or a returning member, likely to wait for the running round to end: the alive
@@ -586,20 +628,21 @@ class RendezvousHandler:
         if outcome.startswith("error:"):
             raise RendezvousError(outcome[len("error:"):])
         result = json.loads(outcome)
-        members = [tuple(m) for m in result["members"]]
-        ids = [m[1] for m in members]
-        if self.node_id not in ids:
+        mine = json.loads(store.get(keys.round(r, "rank/%d" % slot)).decode("utf-8"))
+        rank, world_size = mine["rank"], result["world_size"]
+        if rank is None:
             log.info("round %d of run %r formed without this node (max_nodes=%d); waiting for the next",
                      r, params.run_id, params.max_nodes)
             return None
-        rank = ids.index(self.node_id)
-        self._round, self._rank, self._world_size = r, rank, len(members)
-        self._start_heartbeat(r, rank, len(members))
+        self._round, self._rank, self._world_size = r, rank, world_size
+        self._next_host = mine.get("next")
+        self._start_heartbeat(r, rank, world_size)
         prefix = keys.round(r, "user")
         log.info("rendezvous round %d of run %r complete: rank %d of %d, master %s:%d",
-                 r, params.run_id, rank, len(members), result["master_addr"], result["master_port"])
-        return RendezvousInfo(_store.PrefixStore(prefix, store), rank, len(members),
-                              result["master_addr"], result["master_port"], r, members)
+                 r, params.run_id, rank, world_size, result["master_addr"], result["master_port"])
+        return RendezvousInfo(_store.PrefixStore(prefix, store), rank, world_size,
+                              result["master_addr"], result["master_port"], r,
+                              _LazyMembers(store, keys.round(r, "members")))
 
     def _await(self, r, key, deadline, slot, watch_closer=False):
         """The value of `key`, waiting until `deadline`; a timeout names the join count.
@@ -611,16 +654,24 @@ class RendezvousHandler:
         store, params, keys = self._store, self._params, self._keys
         seen, changed, suspect = None, time.monotonic(), ""
         alive, beats = keys.round(r, "alive/%d" % slot) if watch_closer else None, 1
+        narrator = _Narrator()
+        check = time.monotonic() + params.heartbeat_interval
         while True:
-            remaining = deadline - time.monotonic()
+            now = time.monotonic()
+            remaining = deadline - now
             if remaining <= 0:
                 raise self._timeout(r, slot)
             try:
-                store.wait([key], min(remaining, params.heartbeat_interval) if watch_closer else remaining)
+                store.wait([key], max(0.0, min(remaining, check - now if watch_closer else remaining,
+                                               narrator.until())))
                 return store.get(key).decode("utf-8")
             except _store.StoreTimeout:
-                if not watch_closer:
-                    continue
+                pass
+            if narrator.due():
+                narrator.say(self._joining_status(r, deadline))
+            if not watch_closer or time.monotonic() < check:
+                continue
+            check = time.monotonic() + params.heartbeat_interval
             if alive is not None:
                 beats += 1
                 self._beat(alive, beats)
@@ -638,6 +689,26 @@ class RendezvousHandler:
                 if dead is not None:
                     self._close_round(r, deadline, dead=dead, slot=slot)
                 seen, changed = None, time.monotonic()
+
+    def _joining_status(self, r, deadline):
+        """What a joiner waits for, for the narration (two store reads)."""
+        store, params, keys = self._store, self._params, self._keys
+        value = store.add(keys.round(r, "arrive"), 0)
+        joined, left = value & _SLOT_MASK, max(0, deadline - time.monotonic())
+        if value >= _FREEZE:
+            return "round %d closed with %d node(s); waiting for its outcome, %.0f s left" % (r, joined, left)
+        if joined < params.min_nodes:
+            return "waiting for nodes: %d of %d joined (min %d), %.0f s left" % (
+                joined, params.max_nodes, params.min_nodes, left)
+        if r > 0 and not store.check([keys.round(r, "gate")]):
+            return "waiting for round %d to end: %d node(s) waiting to join, %.0f s left" % (r - 1, joined, left)
+        return "waiting for round %d to close: %d of %s joined, %.0f s left" % (r, joined, self._span(), left)
+
+    def _span(self):
+        params = self._params
+        if params.min_nodes == params.max_nodes:
+            return str(params.max_nodes)
+        return "%d:%d" % (params.min_nodes, params.max_nodes)
 
     def _take_over(self, r, suspect, silence):
         """Claim round r's closing from `suspect`, the closer we saw silent; its id when we won.
@@ -681,35 +752,56 @@ class RendezvousHandler:
         store.add(beat, 1)
         joiners = _Joiners(self, r, slot)
 
-        def wait_beating(key, until, all_silent=None):
+        def wait_beating(key, until, all_silent=None, status=None):
+            narrator = _Narrator()
+            check = time.monotonic() + params.heartbeat_interval
             while True:
-                left = until - time.monotonic()
+                now = time.monotonic()
+                left = until - now
                 if left <= 0:
                     return False
                 try:
-                    store.wait([key], min(left, params.heartbeat_interval))
+                    store.wait([key], max(0.0, min(left, check - now, narrator.until())))
                     return True
                 except _store.StoreTimeout:
-                    store.add(beat, 1)
-                    joiners.watch()
-                    if all_silent is not None and all_silent():
-                        return True
+                    pass
+                if status is not None and narrator.due():
+                    narrator.say(status(until))
+                if time.monotonic() < check:
+                    continue
+                check = time.monotonic() + params.heartbeat_interval
+                store.add(beat, 1)
+                joiners.watch()
+                if all_silent is not None and all_silent():
+                    return True
+
+        def joined():
+            return store.add(keys.round(r, "arrive"), 0) & _SLOT_MASK
+
+        def gate_status(until):
+            return "waiting for round %d to end: %d node(s) waiting to join, %.0f s left" % (
+                r - 1, joined(), max(0, until - time.monotonic()))
+
+        def last_call_status(until):
+            return "last call: %d of %s joined, closing in %.0f s" % (
+                joined(), self._span(), max(0, until - time.monotonic()))
 
         if r > 0:
             if not wait_beating(keys.round(r - 1, "done"), deadline):
                 raise self._timeout(r, None)
             previous = store.get(keys.round(r - 1, "done"))
             if previous.startswith(b"{"):   # a round ran before this one: wait for it to end
-                world = len(json.loads(previous.decode("utf-8"))["members"])
-                silent = _Silence([keys.round(r - 1, "hb/%d" % i) for i in range(world)], self._peek_all,
-                                  params.heartbeat_timeout)
-                if not wait_beating(keys.round(r, "gate"), deadline, silent):
+                world = json.loads(previous.decode("utf-8"))["world_size"]
+                silent = _AllSilent([keys.round(r - 1, "hb/%d" % i) for i in range(world)], self._peek_all,
+                                    params.heartbeat_timeout, self._stall_limit())
+                if not wait_beating(keys.round(r, "gate"), deadline, silent, gate_status):
                     raise self._timeout(r, None)
                 if silent.fired:
                     log.warning("round %d of run %r: every member of round %d is silent; forming round %d",
                                 r, params.run_id, r - 1, r)
         if params.min_nodes < params.max_nodes and dead is None:
-            wait_beating(keys.round(r, "full"), min(deadline, time.monotonic() + params.last_call_timeout))
+            wait_beating(keys.round(r, "full"), min(deadline, time.monotonic() + params.last_call_timeout),
+                         status=last_call_status)
         value = store.add(keys.round(r, "arrive"), _FREEZE)
         frozen = keys.round(r, "frozen")
         if value < 2 * _FREEZE:                       # we froze it: the count is exact
@@ -743,9 +835,23 @@ class RendezvousHandler:
             outcome = "error:two nodes of run %r claim the same static rank: %s" % (
                 params.run_id, sorted(o[0] for o in orders))
         else:
-            outcome = json.dumps({"members": [[e["addr"], e["id"]] for e in members],
-                                  "master_addr": members[0]["addr"], "master_port": members[0]["port"]})
-        store.set(keys.open, str(r + 1))
+            outcome = json.dumps({"world_size": len(members), "master_addr": members[0]["addr"],
+                                  "master_port": members[0]["port"]})
+        # every joiner reads done (small) and then its own slot's rank key: O(1) bytes per node,
+        # where a member list in done would send every node all n records (O(n^2) in all)
+        names, values = [keys.open, keys.round(r, "intact")], [str(r + 1), "1"]
+        if outcome.startswith("{"):
+            hosts = [e.get("host") or e["addr"] for e in members]
+            ranks = {e["slot"]: k for k, e in enumerate(members)}
+            for joiner in range(1, joined + 1):
+                k = ranks.get(joiner)
+                names.append(keys.round(r, "rank/%d" % joiner))
+                values.append(json.dumps({"rank": k, "next": hosts[(k + 1) % len(members)]} if k is not None
+                                         else {"rank": None}))
+            names.append(keys.round(r, "members"))
+            values.append(json.dumps([[e["addr"], e["id"], e.get("host")] for e in members]))
+        # intact before done: a member's heartbeat parks on it from its first beat
+        store.multi_set(names, values)
         store.compare_set(keys.round(r, "done"), "", outcome)
 
     # -- liveness
@@ -769,16 +875,142 @@ class RendezvousHandler:
         self._beat_stop = self._beat_thread = None
         if stop is not None:
             stop.set()
+            if self._lost is None and self._watches_gone() and self._round is not None:
+                try:   # our own key ends the thread's parked wait_gone (we leave this round anyway)
+                    self._store.delete_key(self._keys.round(self._round, "hb/%d" % self._rank))
+                except _store.StoreError as e:
+                    log.debug("could not wake the heartbeat thread: %s", e)
             if thread is not threading.current_thread():
                 thread.join(self._params.read_timeout)
 
+    def _watches_gone(self):
+        """Whether the store can park a wait for a key to vanish (``wait_gone``): then a death
+        that closes the dead node's connection (or ends its etcd lease) is known at once."""
+        store = self._store
+        return (self._ephemeral and callable(getattr(store, "wait_gone", None))
+                and getattr(store, "supports_gone", True))
+
     def _heartbeat(self, r, rank, world_size, stop):
+        """Beat, watch the neighbour and learn that the round broke, until `stop` (see the docstring)."""
+        try:
+            if self._watches_gone():
+                self._watch_beating(r, rank, world_size, stop)
+            else:
+                self._poll_beating(r, rank, world_size, stop)
+        except _store.StoreConnectionError as e:
+            if not stop.is_set():
+                self._lost = e
+                self._broken.set()
+                log.warning("rendezvous store lost: %s", e)
+
+    def _stall_limit(self):
+        """A loop of the heartbeat that took longer than this was not on schedule (see _Silence)."""
+        params = self._params
+        return min(2 * params.heartbeat_interval, (params.heartbeat_interval + params.heartbeat_timeout) / 2)
+
+    def _watch_beating(self, r, rank, world_size, stop):
+        """The heartbeat over a store with ``wait_gone``: one parked request per interval (``beat``)
+        that sets our key and waits on the neighbour's key, the round's ``intact`` key and our own,
+        so the neighbour's death, a broken round or ``_stop_heartbeat`` wake it at once. The broken
+        counter is read only when woken; the neighbour's value comes back with each timeout."""
         store, keys, params = self._store, self._keys, self._params
+        broken_flag = self._broken
+        mine = keys.round(r, "hb/%d" % rank)
+        neighbour = (rank + 1) % world_size if world_size > 1 else None
+        their = keys.round(r, "hb/%d" % neighbour) if neighbour is not None else None
+        broken, intact = keys.round(r, "broken"), keys.round(r, "intact")
+        silence = _Silence(params.heartbeat_timeout, self._stall_limit())
+        beats = 1
+        self._beat(mine, beats)             # at once, then wait for the neighbour's first beat
+        seen = None
+        if their is not None:
+            try:
+                store.wait([their], params.heartbeat_interval)
+                seen = _NO_BEAT             # it existed: from now on, missing means vanished
+            except _store.StoreTimeout:
+                pass
+        # the first sleep ends at a random point of the interval: a large round's beats spread out
+        pause = random.uniform(0, min(params.heartbeat_interval, params.heartbeat_timeout / 4))
+        while not stop.is_set():
+            try:
+                watched = their if seen is not None else None
+                beats += 1
+                gone, value = self._beat_watching(mine, beats, [intact, mine] + ([watched] if watched else []),
+                                                  pause, watched)
+                pause = params.heartbeat_interval
+                if stop.is_set():
+                    return
+                if gone:
+                    if store.add(broken, 0) > 0:
+                        log.info("round %d broken: %s; waiting for a new round", r, self._why(r))
+                        broken_flag.set()
+                        return
+                    if watched is not None and self._peek(their) is None:
+                        after = self._watch_next(r, rank, neighbour, world_size)
+                        if after == neighbour:
+                            self._declare_dead(r, neighbour, "is gone (its store connection closed)", broken_flag)
+                            return
+                        # it finished and left: watch the next one (None: every other member did)
+                        neighbour, seen = after, None
+                        their = None if after is None else keys.round(r, "hb/%d" % after)
+                        silence = _Silence(params.heartbeat_timeout, self._stall_limit())
+                        continue
+                    stop.wait(params.heartbeat_interval)    # woken, yet nothing is gone: never spin
+                    continue
+                if their is None:
+                    continue
+                if watched is None:
+                    value = self._peek(their)       # None until its first beat: silence counts
+                silent = silence.observe(value)
+                if seen is None and value is not None:
+                    seen = value
+                if silent is not None:
+                    after = self._watch_next(r, rank, neighbour, world_size)
+                    if after == neighbour:
+                        self._declare_dead(r, neighbour, "silent for %.0f s" % silent, broken_flag)
+                        return
+                    neighbour, seen = after, None
+                    their = None if after is None else keys.round(r, "hb/%d" % after)
+                    silence = _Silence(params.heartbeat_timeout, self._stall_limit())
+            except _store.StoreConnectionError:
+                raise
+            except _store.StoreError as e:
+                if stop.is_set():
+                    return
+                log.warning("heartbeat of round %d failed: %s", r, e)
+                stop.wait(params.heartbeat_interval)
+
+    def _beat_watching(self, key, beats, watch, timeout, their):
+        """Beat at `key`, then wait up to `timeout` for a key of `watch` to vanish. Returns (True,
+        None) when one did, else (False, the value of `their`)."""
+        store = self._store
+        if getattr(store, "supports_beat", False) and callable(getattr(store, "beat", None)):
+            values = store.beat(key, str(beats), watch, timeout)
+            if values is None:
+                return True, None
+            return False, values[-1] if their is not None else None
+        store.set_ephemeral(key, str(beats))
+        try:
+            store.wait_gone(watch, timeout)
+            return True, None
+        except _store.StoreTimeout:
+            pass
+        if their is None:
+            return False, None
+        value = self._peek(their)
+        return value is None, value
+
+    def _poll_beating(self, r, rank, world_size, stop):
+        """The heartbeat over a store without ``wait_gone``: beat, peek at the neighbour and read the
+        broken counter, every heartbeat_interval."""
+        store, keys, params = self._store, self._keys, self._params
+        broken_flag = self._broken
         mine = keys.round(r, "hb/%d" % rank)
         neighbour = (rank + 1) % world_size if world_size > 1 else None
         their = keys.round(r, "hb/%d" % neighbour) if neighbour is not None else None
         broken = keys.round(r, "broken")
-        beats, seen, changed = 0, None, time.monotonic()
+        silence = _Silence(params.heartbeat_timeout, self._stall_limit())
+        beats, seen = 0, None
         # the first beat at a random point of the interval spreads a large round's beats over time
         if stop.wait(random.uniform(0, min(params.heartbeat_interval, params.heartbeat_timeout / 4))):
             return
@@ -786,44 +1018,54 @@ class RendezvousHandler:
             try:
                 beats += 1
                 self._beat(mine, beats)
-                if their is not None and not self._broken.is_set():
+                if their is not None and not broken_flag.is_set():
                     value = self._peek(their)
-                    now = time.monotonic()
+                    if stop.is_set():
+                        return
                     why = None
                     if value is None and seen is not None:
-                        why = "its heartbeat key vanished"
-                    elif value != seen:
-                        seen, changed = value, now
-                    elif now - changed > params.heartbeat_timeout:
-                        why = "no heartbeat for %.1f s" % (now - changed)
+                        why = "is gone (its store connection closed)"
+                    else:
+                        seen = value if value is not None else seen
+                        silent = silence.observe(value)
+                        if silent is not None:
+                            why = "silent for %.0f s" % silent
                     if why is not None:
-                        after = self._next_unfinished(r, rank, neighbour, world_size)
+                        after = self._watch_next(r, rank, neighbour, world_size)
                         if after == neighbour:
-                            self._declare_dead(r, neighbour, why)
-                        else:    # it finished and left: watch the one after it (none: all others did)
-                            neighbour, seen, changed = after, None, now
+                            self._declare_dead(r, neighbour, why, broken_flag)
+                        else:    # it finished and left: watch the next one (None: every other did)
+                            neighbour, seen = after, None
                             their = None if after is None else keys.round(r, "hb/%d" % after)
-                if not self._broken.is_set() and store.add(broken, 0) > 0:
-                    log.info("round %d of run %r is broken: %s", r, params.run_id, self._why(r))
-                    self._broken.set()
-            except _store.StoreConnectionError as e:
-                self._lost = e
-                self._broken.set()
-                log.warning("rendezvous store lost: %s", e)
-                return
+                            silence = _Silence(params.heartbeat_timeout, self._stall_limit())
+                if not broken_flag.is_set() and store.add(broken, 0) > 0:
+                    log.info("round %d broken: %s; waiting for a new round", r, self._why(r))
+                    broken_flag.set()
+            except _store.StoreConnectionError:
+                raise
             except _store.StoreError as e:
+                if stop.is_set():
+                    return
                 log.warning("heartbeat of round %d failed: %s", r, e)
             if stop.wait(params.heartbeat_interval):
                 return
 
-    def _next_unfinished(self, r, rank, neighbour, world_size):
-        """`neighbour` when it has not said it finished, else the next member of the ring after it
-        that has not; None when every member but this one has."""
-        while neighbour != rank:
-            if not self._store.check([self._keys.round(r, "finished/%d" % neighbour)]):
-                return neighbour
-            neighbour = (neighbour + 1) % world_size
-        return None
+    def _watch_next(self, r, rank, neighbour, world_size):
+        """The member we watched (`neighbour`) vanished or went silent: the same rank when it is
+        lost; when it said finished() the next member of the ring that has not (and its host name
+        for our messages), or None when every other member has."""
+        after = neighbour
+        while after != rank and self._store.check([self._keys.round(r, "finished/%d" % after)]):
+            after = (after + 1) % world_size
+        if after == neighbour:
+            return neighbour
+        if after == rank:
+            return None
+        try:
+            self._next_host = _LazyMembers(self._store, self._keys.round(r, "members")).load()[after][2]
+        except (_store.StoreError, ValueError, IndexError, TypeError):
+            self._next_host = None
+        return after
 
     def _peek(self, key):
         """The heartbeat value at `key`; None when an ephemeral key is missing (vanished)."""
@@ -851,16 +1093,19 @@ class RendezvousHandler:
         except _store.StoreError:
             return "unknown"
 
-    def _declare_dead(self, r, rank, why):
-        log.warning("round %d of run %r: member with rank %d is dead (%s)", r, self._params.run_id, rank, why)
-        self._mark_broken(r, "member with rank %d is dead: %s" % (rank, why))
+    def _declare_dead(self, r, rank, why, flag):
+        """The member we watch (rank `rank`) is dead: `why` says how we know ("silent for 15 s")."""
+        what = "node %s (rank %d) %s" % (self._next_host or "?", rank, why)
+        log.warning("round %d broken: %s; waiting for a new round", r, what)
+        self._mark_broken(r, what, flag)
 
-    def _mark_broken(self, r, why):
+    def _mark_broken(self, r, why, flag=None):
         store, keys = self._store, self._keys
         store.set(keys.round(r, "broken_why"), why)
         store.add(keys.round(r, "broken"), 1)
         store.set(keys.round(r + 1, "gate"), "1")      # the survivors may form the next round
-        self._broken.set()
+        store.delete_key(keys.round(r, "intact"))       # wakes every member's parked wait_gone
+        (flag or self._broken).set()
 
     def _leave_round(self, why):
         try:
@@ -929,11 +1174,11 @@ class RendezvousHandler:
             self._finished = self._round
 
     def shutdown(self):
-        """Leave the run: stop heartbeats and tell the round's other members (that the round is
-        broken, unless finished() said this node is done). Returns True."""
-        self._stop_heartbeat()
+        """Leave the run: tell the round's other members (that the round is broken, unless
+        finished() said this node is done) and stop heartbeats. Returns True."""
         if self._round is not None and self._lost is None and self._finished != self._round:
-            self._leave_round("node %s left" % self.node_id)
+            self._leave_round("node %s (rank %d) left" % (self.host_name, self._rank))
+        self._stop_heartbeat()
         self._round = None
         if self._owns_store and not self.hosts_store:
             self._close_store()
@@ -955,18 +1200,66 @@ class RendezvousHandler:
         return _MappedErrors(self)
 
 
-class _Silence:
-    """Callable: True once the values read from `names` have not changed for `timeout` seconds."""
+class _Narrator:
+    """Says what a wait waits for, at a human pace: once the wait has lasted FIRST seconds, then
+    every GAP seconds, the gap growing by half each time up to MOST; never two lines within a
+    second. ``until()``: seconds to the next line (cap a blocking wait with it), ``due()``,
+    ``say(text)`` logs it (INFO, this module's logger)."""
 
-    def __init__(self, names, peek, timeout):
-        self.names, self.peek, self.timeout = names, peek, timeout
-        self.seen, self.changed, self.fired = None, time.monotonic(), False
+    FIRST, GAP, MOST = 2.0, 10.0, 60.0
+
+    def __init__(self):
+        self.next = time.monotonic() + self.FIRST
+        self.gap = self.GAP
+
+    def until(self):
+        return max(0.0, self.next - time.monotonic())
+
+    def due(self):
+        return time.monotonic() >= self.next
+
+    def say(self, text):
+        log.info("%s", text)
+        self.next = time.monotonic() + max(1.0, self.gap)
+        self.gap = min(self.gap * 1.5, self.MOST)
+
+
+class _Silence:
+    """How long a watched value has stayed the same, counted only over time the watcher ran.
+
+    ``observe(value)`` after each look: returns the silence in seconds once the value has not
+    changed for longer than `timeout`, else None. A look that came more than `stall` seconds after
+    the previous one means the watcher itself stood still (SIGSTOP, a stalled VM) or the store did
+    not answer; the count then starts again, so a node never blames a peer for its own silence.
+    """
+
+    def __init__(self, timeout, stall):
+        self.timeout, self.stall = timeout, stall
+        self.seen, self.changed, self.last = None, time.monotonic(), time.monotonic()
+
+    def observe(self, value):
+        now = time.monotonic()
+        if now - self.last > self.stall:
+            self.changed = now
+        self.last = now
+        if value != self.seen:
+            self.seen, self.changed = value, now
+            return None
+        silent = now - self.changed
+        return silent if silent > self.timeout else None
+
+
+class _AllSilent:
+    """Callable: True once the values read from `names` have not changed for `timeout` seconds
+    (counted as _Silence counts)."""
+
+    def __init__(self, names, peek, timeout, stall):
+        self.names, self.peek = names, peek
+        self.silence = _Silence(timeout, stall)
+        self.fired = False
 
     def __call__(self):
-        values, now = self.peek(self.names), time.monotonic()
-        if values != self.seen:
-            self.seen, self.changed = values, now
-        elif now - self.changed > self.timeout:
+        if self.silence.observe(self.peek(self.names)) is not None:
             self.fired = True
         return self.fired
 
@@ -1520,8 +1813,9 @@ class EtcdStore:
             found.update(states)
             return found
 
-    def _watch(self, states, start_revision, deadline, keys):
-        """Follow the keys in `states` from `start_revision` until each holds a value."""
+    def _watch(self, states, start_revision, deadline, keys, gone=False):
+        """Follow the keys in `states` from `start_revision` until each holds a value (`gone`:
+        until one of them is deleted)."""
         members = self._members
         index, member = members.pick()
         remaining = deadline - time.monotonic()
@@ -1574,8 +1868,10 @@ class EtcdStore:
                         kv = event.get("kv", {})
                         key = _etcd_unb64(kv.get("key"))
                         if key in states:
+                            if gone and event.get("type") == "DELETE":
+                                return
                             states[key] = None if event.get("type") == "DELETE" else _etcd_unb64(kv.get("value"))
-                    if all(value is not None for value in states.values()):
+                    if not gone and all(value is not None for value in states.values()):
                         return
             except _store.StoreTimeout:
                 raise
@@ -1688,6 +1984,28 @@ class EtcdStore:
         """Wait until every key exists; StoreTimeout names them if `timeout` passes first."""
         keys = _etcd_keys(keys)
         self._wait_for(keys, self.timeout if timeout is None else _store._seconds(timeout))
+
+    def wait_gone(self, keys, timeout=None):
+        """Wait until at least one of `keys` does not exist (deleted, or its lease ended: a dead
+        client's ephemeral key goes about ``lease_ttl`` after it stopped renewing); StoreTimeout
+        if `timeout` passes first. A range, then a watch for a DELETE from the revision after it."""
+        keys = _etcd_keys(keys)
+        ekeys = [self._k(k) for k in keys]
+        deadline = time.monotonic() + (self.timeout if timeout is None else _store._seconds(timeout))
+        delay = 0.05
+        while True:
+            revision, found = self._read(ekeys, deadline=max(deadline, time.monotonic() + 1.0))
+            if len(found) < len(set(ekeys)):
+                return
+            try:
+                self._watch(dict.fromkeys(ekeys), revision + 1, deadline, keys, gone=True)
+                return
+            except _EtcdStreamBroken as e:
+                log.debug("etcd watch ended early (%s); reading again", e)
+                pause = min(delay * random.uniform(0.5, 1.5), deadline - time.monotonic())
+                if pause > 0:
+                    time.sleep(pause)
+                delay = min(delay * 2, 1.0)
 
     def check(self, keys):
         keys = _etcd_keys(keys)

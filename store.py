@@ -91,13 +91,15 @@ that many ``bytes`` fields::
     QPOP   14  timeout_ms:i64 key                     the oldest value     (bit 3; TIMEOUT: still empty)
     QLEN   15  key                                    queue length:i64     (bit 3)
     LIST   16  -                                      keys: every key name (bit 4)
+    GONE   17  timeout_ms:i64 keys                    -                    (bit 5)
+    BEAT   18  key value timeout_ms:i64 keys          gone:u8 [one value per key] (bit 6)
 
     reply status: OK 0 (result follows), TIMEOUT 1, ERROR 2 (a UTF-8 message follows)
     welcome/verdict status: READY 0, PROOF 1, VERSION 2 (mismatch), BUSY 3 (connection limit), REFUSED 4
 
 ``features`` follows READY (in the welcome, or in the verdict after a proof); bit 0 says the server
 knows EPHEMERAL, bit 1 that an offer of the same-host socket follows (below), bit 3 that it knows
-the queue ops, bit 4 that it knows LIST. A server older than EPHEMERAL sends no features byte (and
+the queue ops, bit 4 that it knows LIST, bits 5 and 6 GONE and BEAT. A server older than EPHEMERAL sends no features byte (and
 closes a connection that sends it an unknown op), so the client checks the bit and refuses
 ``set_ephemeral``, a queue op or ``list_keys`` with a clear ``StoreError`` instead of sending it. A
 QPOP with a timeout is parked like a GET and answered by the QPUSH that hands it its value; with
@@ -107,6 +109,14 @@ connection closes (``close()``, or the client process dies and its kernel closes
 a later write by anyone (SET, ADD, CAS, APPEND, MSET) made it an ordinary key first, or another
 connection's EPHEMERAL took it over. Liveness for free: a key that vanishes with its writer (as
 etcd's leases do, and the rendezvous relies on that when it can).
+GONE is WAIT turned around: it is answered once any one of its keys does not exist (at once when one
+is missing already; otherwise when one is deleted, by DELETE or by its ephemeral owner's connection
+closing), or with TIMEOUT. It lets a peer learn of a client's death the moment its connection
+closes, with nothing polling (bit 5 of ``features``; ``wait_gone`` in the client). BEAT is a
+heartbeat in one request: EPHEMERAL of its key and value, then GONE of its keys; it answers OK with
+gone = 1 when one of them is deleted, or at its timeout with gone = 0 and their values (``beat`` in
+the client, bit 6). A node that beats and watches a peer this way costs the server one request per
+interval instead of three.
 
 The same-host socket. A request over TCP through the loopback costs the kernel nearly twice what it
 costs over a Unix socket, and on a busy host the kernel's share is most of a request's cost. So a
@@ -221,9 +231,12 @@ _SET, _GET, _ADD, _CAS, _WAIT, _CHECK, _DELETE, _COUNT, _MSET, _APPEND, _EPHEMER
 _F_EPHEMERAL = 1                  # features bit: the server knows EPHEMERAL
 _F_LOCAL = 2                      # features bit: an offer of the same-host socket follows
 _QPUSH, _QPOP, _QLEN, _LIST = 13, 14, 15, 16
+_GONE, _BEAT = 17, 18
 _F_QUEUE = 8                      # features bit: the server knows QPUSH, QPOP and QLEN
 _F_LIST = 16                      # features bit: the server knows LIST
-_FEATURES = _F_EPHEMERAL | _F_QUEUE | _F_LIST   # what this server sends after READY
+_F_GONE = 32                      # features bit: the server knows GONE
+_F_BEAT = 64                      # features bit: the server knows BEAT
+_FEATURES = _F_EPHEMERAL | _F_QUEUE | _F_LIST | _F_GONE | _F_BEAT   # what this server sends after READY
 _LOCAL_MAGIC = b"EKVL"            # the hello on the same-host socket
 _TICKET_SIZE = 16                 # random bytes that let one same-host connection in, once
 _OK, _TIMEOUT, _ERROR = 0, 1, 2
@@ -461,14 +474,17 @@ class _Conn:
 
 
 class _Waiter:
-    """A parked GET or WAIT: answered when its last missing key appears, or at its deadline."""
+    """A parked GET or WAIT: answered when its last missing key appears, or at its deadline.
+    A parked GONE (`gone` 1) or BEAT (`gone` 2): answered when any of its keys is deleted, or at
+    its deadline."""
 
-    __slots__ = ("conn", "rid", "keys", "missing", "want_values", "done")
+    __slots__ = ("conn", "rid", "keys", "missing", "want_values", "done", "gone")
 
-    def __init__(self, conn, rid, keys, want_values):
+    def __init__(self, conn, rid, keys, want_values, gone=0):
         self.conn, self.rid, self.keys, self.want_values = conn, rid, keys, want_values
         self.missing = 0
         self.done = False
+        self.gone = gone
 
 
 class _Logbook:
@@ -718,6 +734,7 @@ class StoreServer:
         self._owners = {}           # ephemeral key -> the connection whose closing deletes it
         self._queues = {}           # key -> deque of values pushed and not yet popped; never empty
         self._poppers = {}          # key -> {parked QPOP: None}, the longest-waiting first
+        self._gone = {}             # key -> {parked GONE waiter: None}
         self._deadlines = []        # heap of (deadline, seq, parked waiter or connection in its handshake)
         self._seq = 0
         self._conns = 0
@@ -735,7 +752,7 @@ class StoreServer:
             _WAIT: self._op_wait, _CHECK: self._op_check, _DELETE: self._op_delete,
             _COUNT: self._op_count, _MSET: self._op_mset, _APPEND: self._op_append,
             _EPHEMERAL: self._op_ephemeral, _QPUSH: self._op_qpush, _QPOP: self._op_qpop,
-            _QLEN: self._op_qlen, _LIST: self._op_list,
+            _QLEN: self._op_qlen, _LIST: self._op_list, _GONE: self._op_gone, _BEAT: self._op_beat,
         }
 
     @staticmethod
@@ -921,6 +938,8 @@ class StoreServer:
             for key in conn.owned:
                 del self._owners[key]
                 self._data.pop(key, None)
+                if key in self._gone:
+                    self._vanished(key)
             conn.owned = None
         if conn.ticket is not None:
             del self._tickets[conn.ticket]
@@ -1225,12 +1244,15 @@ class StoreServer:
         r = _Reader(payload, _HEAD_SIZE)
         key, value = r.key(), r.value()
         r.end()
+        self._own(conn, key, value)
+        return _HEAD.pack(_HEAD_SIZE, _OK, rid)
+
+    def _own(self, conn, key, value):
         self._store(key, value)
         if conn.owned is None:
             conn.owned = set()
         conn.owned.add(key)
         self._owners[key] = conn
-        return _HEAD.pack(_HEAD_SIZE, _OK, rid)
 
     def _op_add(self, conn, rid, payload):
         fields = _ADD_FIELDS.get(len(payload)) or _add_fields(len(payload))
@@ -1275,7 +1297,10 @@ class StoreServer:
         r.end()
         if key in self._owners:
             self._disown(key)
-        return _HEAD.pack(_HEAD_SIZE + 1, _OK, rid) + (b"\x01" if self._data.pop(key, None) is not None else b"\x00")
+        existed = self._data.pop(key, None) is not None
+        if existed and key in self._gone:
+            self._vanished(key)
+        return _HEAD.pack(_HEAD_SIZE + 1, _OK, rid) + (b"\x01" if existed else b"\x00")
 
     def _op_count(self, conn, rid, payload):
         r = _Reader(payload, _HEAD_SIZE)
@@ -1294,6 +1319,65 @@ class StoreServer:
         if _lone_key(payload) in self._data:
             return _HEAD.pack(_HEAD_SIZE, _OK, rid)
         return self._park(conn, rid, _Reader(payload, _HEAD_SIZE), want_values=False)
+
+    def _op_gone(self, conn, rid, payload):
+        r = _Reader(payload, _HEAD_SIZE)
+        timeout_ms = r.i64()
+        keys = r.keys()
+        r.end()
+        return self._park_gone(conn, rid, keys, timeout_ms, 1)
+
+    def _op_beat(self, conn, rid, payload):
+        r = _Reader(payload, _HEAD_SIZE)
+        key, value = r.key(), r.value()
+        timeout_ms = r.i64()
+        keys = r.keys()
+        r.end()
+        self._own(conn, key, value)
+        return self._park_gone(conn, rid, keys, timeout_ms, 2)
+
+    def _gone_answer(self, waiter, gone):
+        """The reply to a parked GONE (`gone`: a key was deleted) or BEAT (with the values if not)."""
+        if waiter.gone == 1:
+            return _HEAD.pack(_HEAD_SIZE, _OK if gone else _TIMEOUT, waiter.rid)
+        data = self._data
+        values = [data.get(k) for k in waiter.keys]
+        if gone or None in values:
+            return _HEAD.pack(_HEAD_SIZE + 1, _OK, waiter.rid) + b"\x01"
+        body = b"\x00" + b"".join(map(_field, values))
+        if _HEAD_SIZE + len(body) > MAX_FRAME_SIZE:
+            return self._error(waiter.rid, "the values of these %d keys exceed the frame limit" % len(values))
+        return _HEAD.pack(_HEAD_SIZE + len(body), _OK, waiter.rid) + body
+
+    def _park_gone(self, conn, rid, keys, timeout_ms, kind):
+        data = self._data
+        waiter = _Waiter(conn, rid, keys, False, gone=kind)
+        if not all(k in data for k in keys):
+            return self._gone_answer(waiter, True)
+        if timeout_ms == 0:
+            return self._gone_answer(waiter, False)
+        if not self._may_park(conn):
+            return self._refuse_parking(conn, rid)
+        for key in dict.fromkeys(keys):
+            self._gone.setdefault(key, {})[waiter] = None
+        conn.waiters.add(waiter)
+        self._parked += 1
+        if timeout_ms > 0:
+            self._push_deadline(time.monotonic() + timeout_ms / 1000.0, waiter)
+        return None
+
+    def _vanished(self, key):
+        """`key` was deleted: answer every GONE parked on it."""
+        for waiter in self._gone.pop(key):
+            if waiter.done:
+                continue
+            waiter.done = True
+            self._unpark(waiter)
+            conn = waiter.conn
+            conn.waiters.discard(waiter)
+            self._parked -= 1
+            conn.wbuf += self._gone_answer(waiter, True)
+            self._dirty.append(conn)
 
     def _park(self, conn, rid, r, want_values):
         timeout_ms = r.i64()
@@ -1359,7 +1443,10 @@ class StoreServer:
         return missing
 
     def _unpark(self, waiter):
-        table = self._poppers if waiter.__class__ is _Popper else self._waiters
+        if waiter.__class__ is _Popper:
+            table = self._poppers
+        else:
+            table = self._gone if waiter.gone else self._waiters
         for key in waiter.keys:
             parked = table.get(key)
             if parked is not None:
@@ -1495,7 +1582,8 @@ class StoreServer:
             self._unpark(waiter)
             waiter.conn.waiters.discard(waiter)
             self._parked -= 1
-            waiter.conn.wbuf += _HEAD.pack(_HEAD_SIZE, _TIMEOUT, waiter.rid)
+            waiter.conn.wbuf += (self._gone_answer(waiter, False) if waiter.gone
+                                 else _HEAD.pack(_HEAD_SIZE, _TIMEOUT, waiter.rid))
             self._dirty.append(waiter.conn)
 
 
@@ -2196,6 +2284,45 @@ class TCPStore:
     def supports_ephemeral(self):
         """Whether the server knows ``set_ephemeral`` (an older one does not)."""
         return bool(self._features & _F_EPHEMERAL)
+
+    def wait_gone(self, keys, timeout=None):
+        """Wait until at least one of `keys` does not exist (deleted, or gone with the connection
+        that set it ephemeral); StoreTimeout names them if `timeout` passes first."""
+        keys = _as_keys(keys)
+        if not self.supports_gone:
+            raise StoreError("the store at %s does not know wait_gone: it runs an older store.py"
+                             % self._where())
+        seconds, ms = self._wait_ms(timeout)
+        self._call(_GONE, _I64.pack(ms) + _keys_field(keys), seconds, keys)
+
+    @property
+    def supports_gone(self):
+        """Whether the server knows ``wait_gone`` (an older one does not)."""
+        return bool(self._features & _F_GONE)
+
+    def beat(self, key, value, watch, timeout):
+        """A heartbeat in one request: ``set_ephemeral(key, value)``, then wait until one of the keys
+        in `watch` does not exist. Returns None then; when `timeout` passes first, their values."""
+        keys = _as_keys(watch)
+        if not self.supports_beat:
+            raise StoreError("the store at %s does not know beat: it runs an older store.py" % self._where())
+        seconds, ms = self._wait_ms(timeout)
+        fields = (_key_field(key), _field(_value_bytes(value)), _I64.pack(ms), _keys_field(keys))
+        _check_request(sum(map(len, fields)), "a heartbeat")
+        body = self._call(_BEAT, b"".join(fields), seconds, keys)
+        if body[:1] != b"\x00":
+            return None
+        values, pos = [], 1
+        for _ in keys:
+            (size,) = _U32.unpack_from(body, pos)
+            values.append(body[pos + 4:pos + 4 + size])
+            pos += 4 + size
+        return values
+
+    @property
+    def supports_beat(self):
+        """Whether the server knows ``beat`` (an older one does not)."""
+        return bool(self._features & _F_BEAT)
 
     def queue_push(self, key, value):
         """Append `value` to the queue named `key`. Queues live beside keys: see "Queues" above."""

@@ -61,10 +61,10 @@ class _AtLeast(float):
 
 
 def parse_rendezvous(text):
-    """Rows `NODES  OURS  TORCH  SPEEDUP` of bench_rendezvous.py (times as 12.3ms or >90s)."""
+    """Rows `NODES  RANKED  ...  TORCH` of bench_rendezvous.py (times as 12.3ms or >90s)."""
     rows = []
     for line in text.splitlines():
-        m = re.match(r"^\s*(\d+)\s+(\S+)\s+(\S+)\s+\S+\s*$", line)
+        m = re.match(r"^\s*(\d+)\s+(\S+)\s.*\s(\S+)\s*$", line)
         if m and _ms_value(m.group(2)) is not None:
             rows.append(("%s nodes, ms" % m.group(1), _ms_value(m.group(2)), _ms_value(m.group(3))))
     return rows

@@ -4,7 +4,7 @@
     python3 rdzv_node.py BACKEND ENDPOINT RUN_ID MIN MAX LOCAL_ADDR [key=value ...]
 
 Prints one JSON object per line: first {"event": "ready", ...}, then one answer per command read from
-stdin: next (join a round), broken (block until round_broken()), waiting (num_nodes_waiting()),
+stdin: next (join a round), broken (block until round_broken()), isbroken (round_broken() now), waiting (num_nodes_waiting()),
 until_waiting (block until num_nodes_waiting() > 0), close, closed, shutdown, exit.
 A rendezvous error answers {"event": "error", "type": ..., "message": ...}.
 """
@@ -35,6 +35,7 @@ def main(argv):
     except rendezvous.RendezvousError as e:
         emit(event="error", type=type(e).__name__, message=str(e))
         return 1
+    handler.host_name = os.environ.get("RDZV_NODE_HOST", handler.host_name)   # how others name us
     emit(event="ready", pid=os.getpid(), hosts=handler.hosts_store, port=getattr(handler.store, "port", None),
          id=handler.node_id)
     for line in sys.stdin:
@@ -49,6 +50,8 @@ def main(argv):
                 while not handler.round_broken():
                     time.sleep(_POLL)
                 emit(event="broken")
+            elif command == "isbroken":
+                emit(event="isbroken", value=handler.round_broken())
             elif command == "waiting":
                 emit(event="waiting", n=handler.num_nodes_waiting())
             elif command == "until_waiting":

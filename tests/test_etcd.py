@@ -253,6 +253,34 @@ def test_ephemeral_keys_outlive_the_ttl_while_alive_and_vanish_after_sigkill(etc
         _reap([proc])
 
 
+def test_wait_gone_wakes_on_a_delete_and_on_a_dead_clients_lease_ending(etcd):
+    """wait_gone: at once when a key is missing, a timeout while all exist, and woken by a watch
+    (no polling) when a key is deleted or a killed client's lease ends."""
+    env = dict(os.environ, PYTHONPATH=ROOT)
+    proc = subprocess.Popen([sys.executable, "-c", EPHEMERAL, etcd.endpoints[0]], env=env,
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        assert proc.stdout.readline() == b"set\n"
+        with EtcdStore(etcd.endpoints, prefix="eph", timeout=HANG_GUARD) as s:
+            s.wait_gone(["alive", "missing"], 0.1)
+            with pytest.raises(store.StoreTimeout):
+                s.wait_gone(["alive", "plain"], 0.2)
+            proc.send_signal(signal.SIGKILL)
+            proc.wait()
+            s.wait_gone(["plain", "alive"], HANG_GUARD)      # the 2 s lease ends: a DELETE event
+            assert s.check(["plain"]) and not s.check(["alive"])
+            woke = []
+            t = threading.Thread(target=lambda: woke.append(s.wait_gone(["plain"], HANG_GUARD) or "woke"))
+            t.start()
+            time.sleep(0.2)    # usually watching by now; answered the same way if it was not
+            with EtcdStore(etcd.endpoints, prefix="eph") as other:
+                assert other.delete_key("plain")
+            t.join(HANG_GUARD)
+            assert woke == ["woke"]
+    finally:
+        _reap([proc])
+
+
 def test_close_revokes_the_lease_at_once(etcd):
     with EtcdStore(etcd.endpoints, prefix="eph2", lease_ttl=30) as watcher:
         s = EtcdStore(etcd.endpoints, prefix="eph2", lease_ttl=30)

@@ -1,7 +1,9 @@
 """rendezvous.py: parameters, rounds, ranks, elasticity, liveness, closing; real processes on 127.0.0.1."""
 import json
+import logging
 import os
 import queue
+import re
 import signal
 import socket
 import subprocess
@@ -282,6 +284,21 @@ def test_node_killed_after_the_round_survivors_reform(spawn, server):
     check_round(rounds, 2)
 
 
+def test_member_killed_is_known_at_once_not_after_the_heartbeat_timeout(spawn, server):
+    """A member's process dies: its store connection closes, its heartbeat key vanishes, and its
+    ring neighbour (parked on that key) marks the round broken, which wakes every survivor. The
+    heartbeat settings here would take minutes, so only the closed connection can do it in time."""
+    conf = ["heartbeat_interval=100", "heartbeat_timeout=600", "join_timeout=60", "last_call_timeout=0.3"]
+    nodes = clients(spawn, server.port, 3, 2, 3, conf=conf)
+    check_round(join(nodes), 3)
+    with S.TCPStore("127.0.0.1", server.port, timeout=HANG) as probe:
+        probe.wait(["elastic/job/0/hb/%d" % rank for rank in range(3)], HANG)   # every member beats
+    nodes[1].kill()
+    for node in (nodes[0], nodes[2]):
+        node.ask("broken", "broken")
+    check_round(join([nodes[0], nodes[2]]), 2)
+
+
 def test_joiner_killed_during_the_last_call_is_left_out(spawn, server):
     """A node that joins and dies while the closer's last call runs is not made a member (torch
     drops it too): the round forms with the live nodes instead of breaking as soon as it starts.
@@ -298,8 +315,8 @@ def test_joiner_killed_during_the_last_call_is_left_out(spawn, server):
         probe.wait(["elastic/job/0/node/3"], HANG)
         rounds = [node.expect("round") for node in (nodes[0], nodes[2])]
         check_round(rounds, 2)
-        done = json.loads(probe.get("elastic/job/0/done"))
-    assert nodes[1].ready["id"] not in [m[1] for m in done["members"]]
+        members = json.loads(probe.get("elastic/job/0/members"))
+    assert nodes[1].ready["id"] not in [m[1] for m in members]
 
 
 def test_joiner_hung_during_the_last_call_is_left_out(spawn, server):
@@ -333,8 +350,8 @@ def test_dead_spare_does_not_displace_a_live_member(spawn, server):
         probe.wait(["elastic/job/1/closer"], HANG)          # and closes round 1
         members[1].send("next")                             # the other saw the round break
         first = members[0].expect("round")
-        done = json.loads(probe.get("elastic/job/%d/done" % first["round"]))
-        assert sorted(m[1] for m in done["members"]) == sorted(node.ready["id"] for node in members)
+        chosen = json.loads(probe.get("elastic/job/%d/members" % first["round"]))
+        assert sorted(m[1] for m in chosen) == sorted(node.ready["id"] for node in members)
         check_round([first, members[1].expect("round")], 2)
 
 
@@ -343,6 +360,37 @@ def test_member_leaving_breaks_the_round_for_the_others(spawn, server):
     check_round(join(nodes), 2)
     nodes[1].ask("shutdown", "shutdown")
     nodes[0].ask("broken", "broken")
+
+
+def test_a_frozen_store_host_does_not_blame_its_peer_for_its_own_silence(spawn):
+    """The node that hosts the store is stopped (SIGSTOP) for several heartbeat timeouts. Its peer
+    is stopped too, a little before, and continued a little after: so when the host runs again,
+    the peer has not beaten for longer than the timeout by the wall clock, but for only a moment
+    of the host's own running time. A node counts silence only over time it ran itself."""
+    conf = ["heartbeat_interval=0.25", "heartbeat_timeout=2.5", "join_timeout=60", "last_call_timeout=0.3"]
+    nodes, port = host_and_nodes(spawn, 2, 2, 2, conf=conf)
+    check_round(join(nodes), 2)
+    host, peer = nodes[0].proc.pid, nodes[1].proc.pid
+    hb = ["elastic/job/0/hb/0", "elastic/job/0/hb/1"]
+    with S.TCPStore("127.0.0.1", port, timeout=HANG) as probe:
+        probe.wait(hb, HANG)
+        while min(int(v) for v in probe.multi_get(hb)) < 4:     # each has watched the other a while
+            time.sleep(0.05)
+        os.kill(peer, signal.SIGSTOP)
+        os.kill(host, signal.SIGSTOP)
+        try:
+            time.sleep(6.0)                # the freeze itself
+        finally:
+            os.kill(host, signal.SIGCONT)
+            time.sleep(0.3)                # the host runs alone: its peer's silence starts to count
+            os.kill(peer, signal.SIGCONT)
+        after = [int(v) for v in probe.multi_get(hb)]
+        broken = "elastic/job/0/broken"
+        while min(int(v) - a for v, a in zip(probe.multi_get(hb), after)) < 8 and not probe.check([broken]):
+            time.sleep(0.05)                # both beat on (or the round broke, and beats stopped)
+        assert not probe.check([broken]), probe.get("elastic/job/0/broken_why")
+    for node in nodes:
+        assert node.ask("isbroken", "isbroken")["value"] is False
 
 
 def test_store_host_dying_gives_connection_errors_not_hangs(spawn):
@@ -504,8 +552,8 @@ def test_etcd_dead_spare_does_not_displace_a_live_member(spawn, etcd_binary, tmp
             probe.wait(["elastic/job/1/closer"], HANG)
             members[1].send("next")
             first = members[0].expect("round")
-            done = json.loads(probe.get("elastic/job/%d/done" % first["round"]))
-            assert sorted(m[1] for m in done["members"]) == sorted(node.ready["id"] for node in members)
+            chosen = json.loads(probe.get("elastic/job/%d/members" % first["round"]))
+            assert sorted(m[1] for m in chosen) == sorted(node.ready["id"] for node in members)
             check_round([first, members[1].expect("round")], 2)
 
 
@@ -546,3 +594,114 @@ def test_a_token_is_a_secret_kept_out_of_the_parameters_repr():
     assert "s3cret" not in repr(params) and params.token == "s3cret"
     with pytest.raises(ValueError, match="not both"):
         R.RendezvousParameters("c10d", "127.0.0.1:0", "t", 1, 1, token="s", token_file=__file__)
+
+
+# ------------------------------------------------------------------------------------- narration
+
+class Said(logging.Handler):
+    """The rendezvous logger's INFO lines, as (time, text), with a wait for one that matches."""
+
+    def __init__(self):
+        super().__init__(logging.INFO)
+        self.lines, self.cond = [], threading.Condition()
+
+    def emit(self, record):
+        with self.cond:
+            self.lines.append((record.created, record.getMessage()))
+            self.cond.notify_all()
+
+    def wait_for(self, pattern):
+        """The first line matching `pattern` (a regex): its match object."""
+        with self.cond:
+            ok = self.cond.wait_for(lambda: any(re.search(pattern, text) for _, text in self.lines), HANG)
+            assert ok, "no line matching %r in %r" % (pattern, [text for _, text in self.lines])
+            return next(re.search(pattern, text) for _, text in self.lines if re.search(pattern, text))
+
+    def count(self, pattern, n):
+        """Wait until `n` lines match `pattern`."""
+        with self.cond:
+            assert self.cond.wait_for(
+                lambda: sum(1 for _, text in self.lines if re.search(pattern, text)) >= n, HANG), self.lines
+
+    def paced(self, pattern):
+        """No two lines matching `pattern` within a second of each other."""
+        times = sorted(t for t, text in self.lines if re.search(pattern, text))
+        return all(b - a >= 0.99 for a, b in zip(times, times[1:]))
+
+
+@pytest.fixture
+def said():
+    handler = Said()
+    logger = logging.getLogger(R.__name__)
+    level = logger.level
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    try:
+        yield handler
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
+
+
+def start_joining(handler):
+    """next_rendezvous() in a thread; returns a list that receives its result (or its error, when
+    the test ends it by closing the handler)."""
+    result = []
+
+    def join():
+        try:
+            result.append(handler.next_rendezvous())
+        except R.RendezvousError as e:
+            result.append(e)
+    threading.Thread(target=join, daemon=True).start()
+    return result
+
+
+def test_a_wait_for_nodes_says_how_many_joined_and_how_long_is_left(server, closing, said):
+    closing.extend(make_handlers(server.port, "narrated", 2, 2, 2, join_timeout=600))
+    start_joining(closing[0])
+    match = said.wait_for(r"waiting for nodes: (\d+) of 2 joined \(min 2\), (\d+) s left")
+    assert match.group(1) == "1" and 560 <= int(match.group(2)) <= 600
+    start_joining(closing[1])
+    said.count(r"rendezvous round 0 of run 'narrated' complete", 2)
+    assert said.paced("waiting for")
+
+
+def test_a_long_wait_for_nodes_speaks_again_at_a_human_pace(server, closing, said):
+    closing.extend(make_handlers(server.port, "paced", 2, 2, 2, join_timeout=600))
+    start_joining(closing[0])
+    said.wait_for(r"waiting for nodes: 1 of 2 joined")
+    with said.cond:
+        said.cond.wait_for(lambda: len(said.lines) >= 2, HANG)   # the second line, ~10 s later
+    texts = [text for _, text in said.lines if "waiting" in text]
+    assert all(t.startswith("waiting for nodes: 1 of 2 joined (min 2)") for t in texts), texts
+    left = [int(re.search(r"(\d+) s left", t).group(1)) for t in texts]
+    assert left[0] > left[1]
+    assert said.paced("waiting for")
+
+
+def test_the_last_call_says_how_many_joined_and_when_it_closes(server, closing, said):
+    closing.extend(make_handlers(server.port, "last", 3, 1, 3, last_call_timeout=30, join_timeout=600))
+    start_joining(closing[0])                         # slot 1 = min_nodes: the closer, in its last call
+    match = said.wait_for(r"last call: (\d+) of 1:3 joined, closing in (\d+) s")
+    assert match.group(1) == "1" and 20 <= int(match.group(2)) <= 30
+    for handler in closing[1:]:                       # slot 3 = max_nodes: the round closes at once
+        start_joining(handler)
+    said.count(r"rendezvous round 0 of run 'last' complete: rank \d of 3", 3)
+    assert said.paced("last call")
+
+
+def test_a_broken_round_names_the_silent_node_by_its_host_name(spawn, server, closing, said, monkeypatch):
+    conf = FAST + ["last_call_timeout=0.3"]
+    closing.extend(make_handlers(server.port, "job", 1, 2, 2, heartbeat_interval=0.2, heartbeat_timeout=1.0))
+    monkeypatch.setenv("RDZV_NODE_HOST", "gpu07")
+    other = clients(spawn, server.port, 1, 2, 2, conf=conf)[0]
+    start_joining(closing[0])
+    other.send("next")
+    other.expect("round")
+    said.wait_for(r"rendezvous round 0 of run 'job' complete")
+    with S.TCPStore("127.0.0.1", server.port, timeout=HANG) as probe:
+        probe.wait(["elastic/job/0/hb/0", "elastic/job/0/hb/1"], HANG)
+    os.kill(other.proc.pid, signal.SIGSTOP)           # alive, connected, silent
+    match = said.wait_for(r"round 0 broken: node (\S+) \(rank \d\) silent for (\d+) s; waiting for a new round")
+    assert match.group(1) == "gpu07" and int(match.group(2)) >= 1

@@ -1211,6 +1211,70 @@ def test_another_connections_ephemeral_write_takes_the_key_over(server, client):
     assert client.get("k") == b"second"
 
 
+def test_wait_gone_wakes_when_a_killed_clients_ephemeral_key_vanishes(server, client):
+    """GONE: parked until one of its keys is deleted (by DELETE, or by the close of the
+    connection that set it ephemeral), with nothing polling; at once when one is missing."""
+    code = ("import sys; sys.path.insert(0, sys.argv[1]); import store\n"
+            "s = store.TCPStore('127.0.0.1', int(sys.argv[2]), timeout=10)\n"
+            "s.set_ephemeral('alive', 'x'); s.set('ready', '1'); sys.stdin.read()\n")
+    proc = subprocess.Popen([sys.executable, "-c", code, ROOT, str(server.port)], stdin=subprocess.PIPE)
+    try:
+        assert client.supports_gone
+        client.wait_gone(["alive", "never-set"], 0)          # one is missing: answered at once
+        client.wait(["ready"], 30)
+        client.set("stays", "1")
+        with pytest.raises(StoreTimeout):
+            client.wait_gone(["alive", "stays"], 0.05)
+        woke = []
+        waiter = TCPStore("127.0.0.1", server.port, timeout=10)
+        t = threading.Thread(target=lambda: woke.append(waiter.wait_gone(["stays", "alive"], 60) or "woke"))
+        t.start()
+        proc.kill()
+        t.join(60)
+        waiter.close()
+        assert woke == ["woke"] and not client.check(["alive"])
+        client.set("doomed", "1")
+        t = threading.Thread(target=lambda: woke.append(client.wait_gone(["doomed"], 60) or "deleted"))
+        t.start()
+        time.sleep(0.05)       # usually parked by now; answered the same way if it was not
+        client.delete_key("doomed")
+        t.join(60)
+        assert woke == ["woke", "deleted"]
+        assert client.get("stays") == b"1"                   # the client is still usable
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait()
+
+
+def test_beat_sets_its_key_and_answers_with_values_or_at_a_deletion(server, client):
+    """BEAT: set the key ephemeral, then park as GONE; at the timeout the watched values come back."""
+    other = TCPStore("127.0.0.1", server.port, timeout=10)
+    try:
+        assert client.supports_beat
+        other.set("peer", "7")
+        assert client.beat("mine", "1", ["mine", "peer"], 0.05) == [b"1", b"7"]
+        assert other.get("mine") == b"1"
+        assert client.beat("mine", "2", ["missing"], 5) is None        # one is gone already
+        woke = []
+        t = threading.Thread(target=lambda: woke.append(client.beat("mine", "3", ["mine", "peer"], 60)))
+        t.start()
+        other.wait(["mine"])
+        while other.get("mine") != b"3":
+            time.sleep(0.01)
+        other.delete_key("peer")
+        t.join(60)
+        assert woke == [None]
+    finally:
+        other.close()
+    client.close()
+    deadline = time.monotonic() + 10
+    with TCPStore("127.0.0.1", server.port, timeout=10) as probe:
+        while probe.check(["mine"]):                 # the beaten key is ephemeral
+            assert time.monotonic() < deadline, "the beaten key outlived its client"
+            time.sleep(0.01)
+
+
 def test_ephemeral_and_queues_on_a_server_without_them_are_refused_clearly():
     """A server older than EPHEMERAL sends no features byte; the client refuses without sending
     the op (which such a server would answer by closing the connection)."""
@@ -1257,7 +1321,7 @@ def test_welcome_and_verdict_carry_the_features_byte():
             sock.sendall(frame(b"EKVS\x01"))
             welcome = recv_frame(sock)
             assert welcome[:2] == bytes([0, 1]) and len(welcome) == 3   # READY, version 1, features
-            assert welcome[2] & (1 | 8 | 16) == 1 | 8 | 16 and not welcome[2] & 2   # EPHEMERAL, queues, LIST; no offer
+            assert welcome[2] & 0x79 == 0x79 and not welcome[2] & 2   # EPHEMERAL, queues, LIST, GONE, BEAT; no offer
             sock.sendall(request(11, 7, field(b"e") + field(b"v")))
             assert recv_frame(sock) == struct.pack(">BI", 0, 7)
         with TCPStore("127.0.0.1", tsrv.port, token="s3cret", timeout=5) as c:
