@@ -946,13 +946,12 @@ class RendezvousHandler:
                         broken_flag.set()
                         return
                     if watched is not None and self._peek(their) is None:
-                        after = self._watch_next(r, rank, neighbour, world_size)
-                        if after == neighbour:
-                            self._declare_dead(r, neighbour, "is gone (its store connection closed)", broken_flag)
+                        # dead, or it finished and left: then watch the next one
+                        past = self._watch_past(r, rank, neighbour, world_size,
+                                                "is gone (its store connection closed)", broken_flag)
+                        if past is None:
                             return
-                        # it finished and left: watch the next one (None: every other member did)
-                        neighbour, seen = after, None
-                        their = None if after is None else keys.round(r, "hb/%d" % after)
+                        neighbour, their, seen = past
                         silence = _Silence(params.heartbeat_timeout, self._stall_limit())
                         continue
                     stop.wait(params.heartbeat_interval)    # woken, yet nothing is gone: never spin
@@ -965,12 +964,11 @@ class RendezvousHandler:
                 if seen is None and value is not None:
                     seen = value
                 if silent is not None:
-                    after = self._watch_next(r, rank, neighbour, world_size)
-                    if after == neighbour:
-                        self._declare_dead(r, neighbour, "silent for %.0f s" % silent, broken_flag)
+                    past = self._watch_past(r, rank, neighbour, world_size, "silent for %.0f s" % silent,
+                                            broken_flag)
+                    if past is None:
                         return
-                    neighbour, seen = after, None
-                    their = None if after is None else keys.round(r, "hb/%d" % after)
+                    neighbour, their, seen = past
                     silence = _Silence(params.heartbeat_timeout, self._stall_limit())
             except _store.StoreConnectionError:
                 raise
@@ -1030,13 +1028,10 @@ class RendezvousHandler:
                         silent = silence.observe(value)
                         if silent is not None:
                             why = "silent for %.0f s" % silent
-                    if why is not None:
-                        after = self._watch_next(r, rank, neighbour, world_size)
-                        if after == neighbour:
-                            self._declare_dead(r, neighbour, why, broken_flag)
-                        else:    # it finished and left: watch the next one (None: every other did)
-                            neighbour, seen = after, None
-                            their = None if after is None else keys.round(r, "hb/%d" % after)
+                    if why is not None:   # dead, or it finished and left: then watch the next one
+                        past = self._watch_past(r, rank, neighbour, world_size, why, broken_flag)
+                        if past is not None:
+                            neighbour, their, seen = past
                             silence = _Silence(params.heartbeat_timeout, self._stall_limit())
                 if not broken_flag.is_set() and store.add(broken, 0) > 0:
                     log.info("round %d broken: %s; waiting for a new round", r, self._why(r))
@@ -1050,22 +1045,29 @@ class RendezvousHandler:
             if stop.wait(params.heartbeat_interval):
                 return
 
-    def _watch_next(self, r, rank, neighbour, world_size):
-        """The member we watched (`neighbour`) vanished or went silent: the same rank when it is
-        lost; when it said finished() the next member of the ring that has not (and its host name
-        for our messages), or None when every other member has."""
+    def _watch_past(self, r, rank, neighbour, world_size, why, flag):
+        """The member we watch (`neighbour`) vanished or went silent (`why`). When it said
+        finished(), watch the next member of the ring that has not: returns (its rank, its heartbeat
+        key, its beat now), or (None, None, None) when every other member finished. Otherwise, or
+        when the next one's key is gone too (every member has beaten long before anyone
+        finishes), that member is dead: the round is marked broken, and None returned."""
         after = neighbour
         while after != rank and self._store.check([self._keys.round(r, "finished/%d" % after)]):
             after = (after + 1) % world_size
-        if after == neighbour:
-            return neighbour
         if after == rank:
-            return None
-        try:
-            self._next_host = _LazyMembers(self._store, self._keys.round(r, "members")).load()[after][2]
-        except (_store.StoreError, ValueError, IndexError, TypeError):
-            self._next_host = None
-        return after
+            return None, None, None
+        value = None
+        if after != neighbour:
+            try:
+                self._next_host = _LazyMembers(self._store, self._keys.round(r, "members")).load()[after][2]
+            except (_store.StoreError, ValueError, IndexError, TypeError):
+                self._next_host = None
+            value = self._peek(self._keys.round(r, "hb/%d" % after))
+            if value is not None:
+                return after, self._keys.round(r, "hb/%d" % after), value
+            why = "is gone (its store connection closed)"
+        self._declare_dead(r, after, why, flag)
+        return None
 
     def _peek(self, key):
         """The heartbeat value at `key`; None when an ephemeral key is missing (vanished)."""
