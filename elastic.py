@@ -91,7 +91,9 @@ workers, an excepthook installed by a small bootstrap) writes torchelastic's JSO
 The agent reads it without blocking, only when it is a regular file, and at most its last 1 MiB.
 A worker the agent kills (file timer, or SIGKILL after the grace) writes none: the agent writes it
 for the worker, with the worker's stack in ``extraInfo.stack`` (see Stacks), and the launcher's
-own error file carries that too.
+own error file carries that too. ``ErrorHandler`` is torch's object for the same (``initialize``,
+``record_exception``, ``dump_error_file``); ``ProcessFailure`` raises ValueError on an error file
+that is not this JSON, as torch's does, and the agent reports that worker all the same.
 
 Stacks: Python workers (scripts through the bootstrap or the fork server, callables) arm
 ``faulthandler.register(STACK_SIGNAL, all_threads=True)`` at start, writing to ``stack.txt`` beside
@@ -117,7 +119,8 @@ on that store (``elasticrun/<run id>/ctl/<n>``, one parked wait per agent, no tr
 File timer (hang watchdog), on with ``TORCHELASTIC_ENABLE_FILE_TIMER=1`` (a pipe in the run's log
 folder) or ``TORCHELASTIC_TIMER_FILE=PATH``. Workers get ``TORCHELASTIC_TIMER_FILE`` and guard a step
 with ``with elastic.expires(after=60): step()`` (torch's ``FileTimerClient`` works too: same pipe,
-same format). Each request is one JSON line, written in one ``write`` of at most PIPE_BUF bytes::
+same format). Each request is one JSON line (``FileTimerRequest(...).to_json()``, for clients of
+one's own), written in one ``write`` of at most PIPE_BUF bytes::
 
     worker                                              agent (FileTimerServer thread)
       {"version": 1, "pid": P, "scope_id": S,  --FIFO-->  timers[(P, S)] = (T, N); sleeps in poll
@@ -220,8 +223,8 @@ from it.
 __version__ = "0.1.0"
 __all__ = [
     "WorkerSpec", "WorkerState", "Std", "DefaultLogsSpecs", "LocalElasticAgent", "RunResult",
-    "ProcessFailure", "ChildFailedError", "ElasticError", "record", "main",
-    "FileTimerServer", "FileTimerClient", "configure", "expires",
+    "ProcessFailure", "ChildFailedError", "ElasticError", "record", "ErrorHandler", "get_error_handler",
+    "main", "FileTimerServer", "FileTimerClient", "FileTimerRequest", "configure", "expires",
 ]
 
 import itertools
@@ -481,11 +484,81 @@ def _write_error_file(exc, path=None):
         log.warning("could not write the error file %s: %s", path, e)
 
 
+class ErrorHandler:
+    """torchelastic's error handler, for programs that report their own errors (``record`` is the
+    usual way). ``initialize()`` turns on ``faulthandler`` for all threads, so a fatal signal
+    prints Python stacks; ``record_exception(e)`` writes `e` to ``TORCHELASTIC_ERROR_FILE``
+    (atomically; nothing when the variable is unset); ``dump_error_file(path, error_code)`` copies
+    a child's error file into this process's own, setting ``errorCode`` inside its message. A
+    subclass may override ``_get_error_file_path()`` to send errors elsewhere."""
+
+    def __init__(self):
+        self._fn_name = None
+
+    def _get_error_file_path(self):
+        return os.environ.get("TORCHELASTIC_ERROR_FILE")
+
+    def set_entrypoint_fn_name(self, name):
+        """Name the entrypoint in the log lines of record_exception and record_success."""
+        self._fn_name = name
+
+    def initialize(self):
+        try:
+            import faulthandler
+            faulthandler.enable(all_threads=True)
+        except Exception as e:   # stderr closed or not a real file: run on without it
+            log.warning("could not enable faulthandler: %s: %s", type(e).__name__, e)
+
+    def record_exception(self, e):
+        if self._fn_name:
+            log.debug("entrypoint %s failed: %s: %s", self._fn_name, type(e).__name__, e)
+        path = self._get_error_file_path()
+        if path:
+            _write_error_file(e, path)
+
+    def record_success(self):
+        """A success leaves no error file; with an entrypoint name it is logged (debug)."""
+        if self._fn_name:
+            log.debug("entrypoint %s succeeded", self._fn_name)
+
+    def override_error_code_in_rootcause_data(self, rootcause_error_file, rootcause_error, error_code=0):
+        """Set ``errorCode`` in the message of `rootcause_error` (the JSON read from
+        `rootcause_error_file`); a file whose message is a plain string is left as it is."""
+        msg = rootcause_error.get("message") if isinstance(rootcause_error, dict) else None
+        if isinstance(msg, dict):
+            msg["errorCode"] = error_code
+        else:
+            log.warning("error file %s has no message object: errorCode %s not set",
+                        rootcause_error_file, error_code)
+
+    def dump_error_file(self, rootcause_error_file, error_code=0):
+        """Copy the child's error file into ours, with `error_code` (the child's exit code, which a
+        child killed by a signal could not write itself) when it is not 0."""
+        import json
+        with open(rootcause_error_file) as f:
+            data = json.load(f)
+        if error_code:
+            self.override_error_code_in_rootcause_data(rootcause_error_file, data, error_code)
+        path = self._get_error_file_path()
+        if not path:
+            log.error("no TORCHELASTIC_ERROR_FILE of our own to copy the child's error file %s into",
+                      rootcause_error_file)
+            return
+        _write_json_atomic(path, data)
+
+
+def get_error_handler():
+    """A new ErrorHandler (torch's function of that name, a seam for a build to swap its own in)."""
+    return ErrorHandler()
+
+
 def record(fn=None):
     """Decorator: an exception escaping `fn` is written to ``TORCHELASTIC_ERROR_FILE`` (atomically,
-    torchelastic's format) and re-raised. ``SystemExit`` is not an error and passes through. As
-    torchelastic's, it turns on ``faulthandler`` (all threads, to stderr) when `fn` is called, so a
-    worker that dies of a fatal signal (SIGSEGV, SIGABRT, ...) prints its Python stacks."""
+    torchelastic's format) and re-raised. ``SystemExit`` is not an error: ``SystemExit(0)`` (a
+    ``sys.exit(0)`` in a script run as a function, ``--run-path``) returns None, as torchelastic's
+    does, and any other code passes through. As torchelastic's, it turns on ``faulthandler`` (all
+    threads, to stderr) when `fn` is called, so a worker that dies of a fatal signal (SIGSEGV,
+    SIGABRT, ...) prints its Python stacks."""
     import functools
 
     def wrap(f):
@@ -498,7 +571,9 @@ def record(fn=None):
                 log.warning("could not enable faulthandler: %s", e)
             try:
                 return f(*args, **kwargs)
-            except SystemExit:
+            except SystemExit as e:
+                if e.code == 0:
+                    return None
                 raise
             except ChildFailedError as e:
                 _copy_root_cause(e, os.environ.get("TORCHELASTIC_ERROR_FILE"))
@@ -515,7 +590,8 @@ _ERROR_FILE_LIMIT = 1 << 20   # bytes of an error file the agent reads; a longer
 
 
 def _read_error_file(path):
-    """(message, traceback, timestamp, raw) from an error file; Nones when missing or unreadable.
+    """(message, traceback, timestamp, raw) from an error file; Nones when missing or unreadable,
+    ValueError when it is a file but not torchelastic's JSON (not JSON, or no ``message`` key).
 
     The worker controls that path, so it is opened without blocking (a FIFO would wait for a writer
     forever), read only when it is a regular file (/dev/zero never ends), and at most
@@ -548,9 +624,11 @@ def _read_error_file(path):
                 % (max(st.st_size, len(raw)), _ERROR_FILE_LIMIT >> 10), tail, None, None)
     try:
         data = json.loads(raw.decode("utf-8"))
-    except ValueError:
-        return None, None, None, None
-    msg = data.get("message") if isinstance(data, dict) else None
+    except ValueError as e:
+        raise ValueError("the error file %s is not JSON (%s)" % (path, e)) from None
+    if not isinstance(data, dict) or "message" not in data:
+        raise ValueError("the error file %s has no 'message' key: not torchelastic's format" % path)
+    msg = data["message"]
     if isinstance(msg, dict):
         extra = msg.get("extraInfo") or {}
         ts = extra.get("timestamp")
@@ -585,7 +663,9 @@ _NOT_AVAILABLE = "<N/A>"   # torchelastic's word for a missing error file or sig
 class ProcessFailure:
     """One failed worker: ranks, pid, exit code (negative: killed by that signal), its error file and
     what the file said. `timestamp` is the error file's (epoch seconds) or when the exit was seen.
-    A worker that left no error file has ``error_file == "<N/A>"``, as in torchelastic."""
+    A worker that left no error file has ``error_file == "<N/A>"``, as in torchelastic. An error
+    file that is there but not torchelastic's JSON raises ValueError, as torchelastic's does (the
+    agent reports such a worker all the same, naming the file)."""
 
     def __init__(self, local_rank, pid, exitcode, error_file=None, message=None, timestamp=None,
                  rank=None, role="default", host=None, exit_time=None, traceback=None, stderr_log=None):
@@ -649,6 +729,20 @@ class ProcessFailure:
             self.rank, self.local_rank, self.pid, self.exitcode)
 
 
+def _worker_failure(local_rank, pid, exitcode, error_file, **kwargs):
+    """The agent's ProcessFailure: an error file that is not torchelastic's JSON is named in the
+    message, and never costs the report the worker's exit code."""
+    try:
+        return ProcessFailure(local_rank, pid, exitcode, error_file, **kwargs)
+    except ValueError as e:
+        f = ProcessFailure(local_rank, pid, exitcode, None, **kwargs)
+        f.error_file = error_file
+        if kwargs.get("message") is None and (exitcode is None or exitcode >= 0):
+            f.message = "exited with code %s" % exitcode
+        f.message = "%s; %s" % (f.message, e)
+        return f
+
+
 _FULL_BELOW = 64 * 1024   # bytes free under which a log folder's file system counts as full
 
 
@@ -705,22 +799,24 @@ def _error_file_exists(f):
 
 
 def _format_failure(rank, f):
-    code = "%s (%s)" % (f.exitcode, f._signal()) if f._signal() else str(f.exitcode)
+    # torchelastic's labels and column (scripts match "exitcode  : -11 (pid: 997) (SIGSEGV)"),
+    # with our own lines (role, stderr, message, stack) in the same column
+    sig = " (%s)" % f._signal() if f._signal() else ""
     lines = [
-        "  time       : %s" % _fmt_time(f.exit_time),
-        "  host       : %s" % f.host,
-        "  rank       : %s (local_rank: %s, role: %s)" % (rank, f.local_rank, f.role),
-        "  exitcode   : %s (pid: %s)" % (code, f.pid),
-        "  error_file : %s" % (f.error_file if _error_file_exists(f) else _NOT_AVAILABLE),
+        "  time      : %s" % _fmt_time(f.exit_time),
+        "  host      : %s" % f.host,
+        "  rank      : %s (local_rank: %s, role: %s)" % (rank, f.local_rank, f.role),
+        "  exitcode  : %s (pid: %s)%s" % (f.exitcode, f.pid, sig),
+        "  error_file: %s" % (f.error_file if _error_file_exists(f) else _NOT_AVAILABLE),
     ]
     if f.stderr_log:
-        lines.append("  stderr     : %s" % f.stderr_log)
-    lines.append("  message    : %s" % f.message)
+        lines.append("  stderr    : %s" % f.stderr_log)
+    lines.append("  message   : %s" % f.message)
     if f.traceback:
-        lines.append("  traceback  :")
+        lines.append("  traceback :")
         lines.extend("    " + line for line in f.traceback.rstrip("\n").split("\n"))
     if f.stack:
-        lines.append("  stack      : (where it was when the agent killed it)")
+        lines.append("  stack     : (where it was when the agent killed it)")
         lines.extend("    " + line for line in f.stack.rstrip("\n").split("\n"))
     return lines
 
@@ -2132,9 +2228,9 @@ class _WorkerGroup:
         failures = {}
         for rank, w in failed.items():
             unread = w.handle.result_error
-            f = ProcessFailure(w.local_rank, w.pid, w.exitcode or 1 if unread else w.exitcode,
-                               w.error_file, message=unread, rank=rank, role=role, exit_time=w.exit_time,
-                               stderr_log=w.log_paths[1] if w.dests[1] != "console" else None)
+            f = _worker_failure(w.local_rank, w.pid, w.exitcode or 1 if unread else w.exitcode,
+                                w.error_file, message=unread, rank=rank, role=role, exit_time=w.exit_time,
+                                stderr_log=w.log_paths[1] if w.dests[1] != "console" else None)
             if w.pid in scopes:
                 f.message = "%s (overran file-timer scope %s)" % (f.message, scopes[w.pid])
             if w.stack:
@@ -2221,9 +2317,9 @@ class _WorkerGroup:
                 w.global_rank, w.pid, grace, _signal_name(sig))
             log.warning("%s; %s:\n%s", what, _stack_site(w.stack), w.stack)
             _write_stack_error(w, "%s; %s" % (what, _stack_site(w.stack)))
-            f = ProcessFailure(w.local_rank, w.pid, -signal.SIGKILL, w.error_file, rank=w.global_rank,
-                               role=w.env.get("ROLE_NAME", "default"),
-                               message="%s; %s" % (what, _stack_site(w.stack)))
+            f = _worker_failure(w.local_rank, w.pid, -signal.SIGKILL, w.error_file, rank=w.global_rank,
+                                role=w.env.get("ROLE_NAME", "default"),
+                                message="%s; %s" % (what, _stack_site(w.stack)))
             f.stack = w.stack
             self.outlived_grace[w.global_rank] = f
 
@@ -3828,6 +3924,43 @@ _PID_T_MAX = (1 << 31) - 1  # a request's pid and signal must fit the kernel's i
 _NSIG = signal.NSIG         # and a signal to send is below this
 
 
+class FileTimerRequest:
+    """One timer request as it travels on the pipe (torch's class, for clients of one's own):
+    ``to_json()`` is the line a FileTimerServer reads, written with a newline in one ``write``. A
+    negative ``expiration_time`` (epoch seconds) releases the timer of (``worker_pid``,
+    ``scope_id``); ``signal`` is what the server sends that process when the timer expires."""
+
+    __slots__ = ("version", "worker_pid", "scope_id", "expiration_time", "signal")
+
+    def __init__(self, worker_pid, scope_id, expiration_time, signal=0):
+        self.version = 1
+        self.worker_pid = worker_pid
+        self.scope_id = scope_id
+        self.expiration_time = expiration_time
+        self.signal = signal
+
+    @property
+    def worker_id(self):   # torch's name for it, from its generic TimerRequest
+        return self.worker_pid
+
+    def _fields(self):
+        return (self.version, self.worker_pid, self.scope_id, self.expiration_time, self.signal)
+
+    def __eq__(self, other):
+        return isinstance(other, FileTimerRequest) and self._fields() == other._fields()
+
+    __hash__ = None   # mutable, compared by value
+
+    def __repr__(self):
+        return "FileTimerRequest(worker_pid=%r, scope_id=%r, expiration_time=%r, signal=%r)" % (
+            self.worker_pid, self.scope_id, self.expiration_time, self.signal)
+
+    def to_json(self):
+        import json
+        return json.dumps({"version": self.version, "pid": self.worker_pid, "scope_id": self.scope_id,
+                           "expiration_time": self.expiration_time, "signal": self.signal})
+
+
 class FileTimerClient:
     """Sends timer requests to a ``FileTimerServer`` through its named pipe (torch's format).
 
@@ -3849,10 +3982,8 @@ class FileTimerClient:
         self._send(scope_id, -1, 0)
 
     def _send(self, scope_id, expiration_time, sig):
-        import json
         import select
-        line = json.dumps({"version": 1, "pid": os.getpid(), "scope_id": scope_id,
-                           "expiration_time": expiration_time, "signal": sig}) + "\n"
+        line = FileTimerRequest(os.getpid(), scope_id, expiration_time, sig).to_json() + "\n"
         data = line.encode("utf-8")
         limit = getattr(select, "PIPE_BUF", 512)
         if len(data) > limit:

@@ -4,6 +4,7 @@ no processes. Multi-agent runs are in test_launcher.py, process-tree cleanup in 
 import json
 import os
 import signal
+import subprocess
 import sys
 import textwrap
 
@@ -266,6 +267,42 @@ def test_record_writes_error_file_atomically(tmp_path, monkeypatch):
     assert os.listdir(str(tmp_path)) == ["err.json"]
 
 
+@pytest.mark.parametrize("content", ['{"unknown_key": "unknown_value"}', '["message"]', '{"message": {"me'])
+def test_process_failure_refuses_an_error_file_not_in_torchelastic_format(tmp_path, content):
+    """As torchelastic's ProcessFailure: an error file that is there but unreadable as its JSON
+    raises (the agent reports such workers anyway: see test_job_faults' hostile error files)."""
+    path = tmp_path / "error.json"
+    path.write_text(content)
+    with pytest.raises(ValueError, match="error file %s" % path):
+        ProcessFailure(0, 997, 1, str(path))
+
+
+def test_error_handler_dump_sets_the_child_exit_code(tmp_path, monkeypatch):
+    child, ours = tmp_path / "child.json", tmp_path / "ours.json"
+    monkeypatch.setenv("TORCHELASTIC_ERROR_FILE", str(child))
+    elastic.get_error_handler().record_exception(ValueError("bad"))
+    monkeypatch.setenv("TORCHELASTIC_ERROR_FILE", str(ours))
+    elastic.ErrorHandler().dump_error_file(str(child), -11)
+    data = json.loads(ours.read_text())
+    assert data["message"]["message"] == "ValueError: bad" and data["message"]["errorCode"] == -11
+    child.write_text('{"message": "plain text", "timestamp": 10}')   # left as it is: no message object
+    elastic.ErrorHandler().dump_error_file(str(child), 3)
+    assert json.loads(ours.read_text()) == {"message": "plain text", "timestamp": 10}
+    assert sorted(os.listdir(str(tmp_path))) == ["child.json", "ours.json"]   # no temp file left
+
+
+def test_error_handler_initialize_makes_a_fatal_signal_print_python_stacks():
+    code = ("import os, signal, elastic\n"
+            "elastic.ErrorHandler().initialize()\n"
+            "def crash_site():\n"
+            "    os.kill(os.getpid(), signal.SIGSEGV)\n"
+            "crash_site()\n")
+    p = subprocess.run([sys.executable, "-c", code], env=dict(os.environ, PYTHONPATH=os.path.dirname(HERE)),
+                       stderr=subprocess.PIPE, timeout=60)
+    assert p.returncode == -signal.SIGSEGV
+    assert b"Fatal Python error" in p.stderr and b"crash_site" in p.stderr, p.stderr
+
+
 def test_spec_validation():
     with pytest.raises(ValueError):
         WorkerSpec("r", 0, funcs.happy)
@@ -372,7 +409,7 @@ def test_missing_signal_and_error_file_read_not_available(tmp_path):
     f = ProcessFailure(0, 997, 138, str(tmp_path / "ignored.json"))
     assert f.signal_name() == "<N/A>" and f.error_file == "<N/A>"
     report = ChildFailedError("trainer", {0: f}).format_msg()
-    assert "error_file : <N/A>" in report and "exitcode   : 138 (pid: 997)" in report
+    assert "error_file: <N/A>" in report and "exitcode  : 138 (pid: 997)" in report
     killed = ProcessFailure(0, 997, -signal.SIGSEGV)
     assert killed.signal_name() == "SIGSEGV" and "(SIGSEGV)" in ChildFailedError("t", {0: killed}).format_msg()
 

@@ -273,6 +273,12 @@ elif kind == "big":
     with open(path, "w") as f:
         json.dump({"message": {"message": "ValueError: big", "extraInfo": {
             "py_callstack": callstack + "ValueError: the real end\n", "timestamp": "1"}}}, f)
+elif kind == "no-message":
+    with open(path, "w") as f:
+        json.dump({"unknown_key": "unknown_value"}, f)
+elif kind == "not-json":
+    with open(path, "w") as f:
+        f.write('{"message": {"mess')   # cut short, as a non-atomic writer killed mid-write leaves it
 sys.exit(5)
 """
 
@@ -281,10 +287,11 @@ CAPPED = ("import os, resource, sys; resource.setrlimit(resource.RLIMIT_AS, (2 <
           "os.execv(sys.executable, [sys.executable] + sys.argv[1:])")
 
 
-@pytest.mark.parametrize("kind", ["fifo", "zero", "big"])
+@pytest.mark.parametrize("kind", ["fifo", "zero", "big", "no-message", "not-json"])
 def test_a_hostile_error_file_neither_hangs_nor_exhausts_the_agent(tmp_path, kind):
-    """A FIFO (open would block forever), a symlink to /dev/zero (endless), a ~17 MB file: the
-    launcher reports the worker's own exit code and prints a bounded report."""
+    """A FIFO (open would block forever), a symlink to /dev/zero (endless), a ~17 MB file, JSON
+    that is not torchelastic's, a file cut short: the launcher reports the worker's own exit code,
+    says what was wrong with the file, and prints a bounded report."""
     script = _script(tmp_path, "hostile.py", HOSTILE)
     from agent_scripts.harness import ELASTIC
     a = Launcher(["--standalone", "--monitor-interval", "0.05", script, kind], tmp_path,
@@ -292,9 +299,13 @@ def test_a_hostile_error_file_neither_hangs_nor_exhausts_the_agent(tmp_path, kin
     try:
         assert a.wait(60) == 5, a.err()[-2000:]
         report = a.err()
-        assert "exitcode   : 5" in report
+        assert "exitcode  : 5" in report
         assert len(report) < 3 << 20
         if kind == "big":
             assert "ValueError: the real end" in report   # the traceback's tail is kept
+        if kind == "no-message":
+            assert "has no 'message' key" in report, report
+        if kind == "not-json":
+            assert "is not JSON" in report, report
     finally:
         a.stop()

@@ -46,7 +46,7 @@ def test_standalone_runs_script_module_and_program(tmp_path):
         c = Launcher(["--standalone", "--no-python", "--role", "prog", "/bin/sh", "-c", "exit 5"], tmp_path, "c")
         procs.append(c)
         assert c.wait() == 5, c.err()
-        assert "exitcode   : 5" in c.err()
+        assert "exitcode  : 5" in c.err()
     finally:
         for p in procs:
             p.stop()
@@ -62,8 +62,8 @@ def test_failure_exit_code_report_and_launcher_error_file(tmp_path):
         assert a.wait() == 1
         report = a.err()
         report = report[report.index("Root cause"):]
-        assert "message    : ValueError: bad value on rank 1" in report
-        assert "rank       : 1 (local_rank: 1" in report
+        assert "message   : ValueError: bad value on rank 1" in report
+        assert "rank      : 1 (local_rank: 1" in report
         data = json.loads(err_file.read_text())
         assert data["errorCode"] == 1 and data["message"]["errorCode"] == 1
         assert data["message"]["message"] == "ValueError: bad value on rank 1"
@@ -193,7 +193,7 @@ def test_no_exit_barrier_on_failure_and_job_wide_root_cause(tmp_path):
         assert agents[0].wait(40) == 9
         assert agents[1].wait(40) == 9, agents[1].err()
         report = agents[1].err()
-        assert "Root cause" in report and "rank       : 0 (local_rank: 0" in report
+        assert "Root cause" in report and "rank      : 0 (local_rank: 0" in report
         assert "Other failures" not in report   # b's own workers were stopped, they did not fail
     finally:
         for a in agents:
@@ -324,7 +324,7 @@ def test_run_path_failure_reports_root_cause(tmp_path):
     try:
         assert a.wait() == 1
         report = a.err()[a.err().index("Root cause"):]
-        assert "rank       : 1 (local_rank: 1" in report and "ValueError: bad value on rank 1" in report
+        assert "rank      : 1 (local_rank: 1" in report and "ValueError: bad value on rank 1" in report
     finally:
         a.stop()
 
@@ -655,7 +655,7 @@ def test_a_full_log_file_system_is_named_in_the_report(tmp_path):
         assert a.wait() != 0, a.err()
         err = a.err()
         assert "ENOSPC" in err, err
-        assert "message    : exited with code" in err and str(full) in err.split("ENOSPC")[0], err
+        assert "message   : exited with code" in err and str(full) in err.split("ENOSPC")[0], err
     finally:
         if a is not None:
             a.stop()

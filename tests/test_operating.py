@@ -271,16 +271,16 @@ def test_failure_report_points_to_files_that_exist(tmp_path):
         folder = re.search(r"log folder : (\S+) \(on ", report).group(1)
         assert os.path.isdir(folder) and folder.startswith(str(tmp_path / "logs"))
         # it exited 3 without an error file: none is named; its stderr.log is, and exists
-        assert "error_file : <N/A>" in report
-        stderr_log = re.search(r"stderr     : (\S+)", report).group(1)
+        assert "error_file: <N/A>" in report
+        stderr_log = re.search(r"stderr    : (\S+)", report).group(1)
         assert stderr_log.endswith("stderr.log") and "about to fail" in open(stderr_log).read()
         # without --redirects/--tee the stderr went to the console: no stderr line
         b = Launcher(["--standalone"] + FAST + [script, "raise"], tmp_path, "b")
         procs.append(b)
         assert b.wait() == 1
         report = b.err()[b.err().index("FAILED"):]
-        error_file = re.search(r"error_file : (\S+)", report).group(1)
-        assert os.path.exists(error_file) and "stderr     :" not in report
+        error_file = re.search(r"error_file: (\S+)", report).group(1)
+        assert os.path.exists(error_file) and "stderr    :" not in report
         assert "restarts   : 0 of 0 (job-wide)" in report
     finally:
         for p in procs:

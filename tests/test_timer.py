@@ -56,6 +56,12 @@ WORKER = textwrap.dedent("""
         guarded(60, outer)
         say("none")
         sys.stdin.readline()
+    elif mode == "burst":   # ten nested scopes: ten acquires, ten releases
+        def nest(n):
+            if n:
+                with ops.expires(after=100):
+                    nest(n - 1)
+        nest(10)
     elif mode == "dies":
         with ops.expires(after=60, scope="dies"):
             say("in")
@@ -180,6 +186,35 @@ def test_handwritten_torch_line_honoured_and_self_never_killed(server):
     finally:
         victim.kill()
         victim.wait()
+
+
+def test_file_timer_request_is_the_line_the_server_reads(server):
+    """FileTimerRequest (torch's class, for clients of one's own): its to_json() line is honoured,
+    an acquire and a release."""
+    victim = sleeper()
+    try:
+        kept = ops.FileTimerRequest(victim.pid, "kept", time.time() + 60, signal.SIGKILL)
+        write_raw(server.file_path, (kept.to_json() + "\n").encode())
+        assert server._wait(lambda: [t[1] for t in timers_of(server, victim.pid)] == ["kept"], HANG_GUARD)
+        write_raw(server.file_path, (ops.FileTimerRequest(victim.pid, "kept", -1).to_json() + "\n").encode())
+        assert server._wait(lambda: not timers_of(server, victim.pid), HANG_GUARD)
+        step = ops.FileTimerRequest(victim.pid, "step", time.time() + 0.2, signal.SIGTERM)
+        write_raw(server.file_path, (step.to_json() + "\n").encode())
+        assert victim.wait(HANG_GUARD) == -signal.SIGTERM
+        assert [(p, s) for p, s, _ in server.pop_expired()] == [(victim.pid, "step")]
+    finally:
+        victim.kill()
+        victim.wait()
+
+
+def test_every_request_of_many_clients_is_read(server, spawn):
+    """Ten processes, ten nested scopes each, all at once: every acquire and release reaches the
+    server (torch's test_multiple_clients_interaction, without its run_once hook)."""
+    workers = [spawn("burst", server.file_path) for _ in range(10)]
+    for w in workers:
+        assert w.wait(HANG_GUARD) == 0
+    assert server._wait(lambda: server._request_count == 200, HANG_GUARD), server._request_count
+    assert server._bad_lines == 0 and server.pop_expired() == []
 
 
 def test_garbage_lines_skipped(server):

@@ -1,9 +1,7 @@
 """PyTorch's test/distributed/elastic/multiprocessing/errors/error_handler_test.py, against elastic.py.
 
 "Change one word": torch's ``errors.error_handler`` module, ``ErrorHandler`` and
-``get_error_handler`` become names on our ``elastic`` module, looked up when a case runs. We have no
-ErrorHandler class today (``record`` writes the error file itself), so every case fails on that
-lookup and is marked xfail; the cases stay as torch wrote them, to pass once the API exists.
+``get_error_handler`` become names on our ``elastic`` module; the cases are as torch wrote them.
 """
 import filecmp
 import json
@@ -13,13 +11,7 @@ import tempfile
 import unittest
 from unittest.mock import patch
 
-import pytest
-
 import elastic
-
-_NO_ERROR_HANDLER = pytest.mark.xfail(strict=True, reason=(
-    "issue 16: elastic has no ErrorHandler / get_error_handler (torch's initialize() enables "
-    "faulthandler; record_exception, record_success, dump_error_file): AttributeError"))
 
 
 def ErrorHandler():   # noqa: N802 - torch's class
@@ -35,7 +27,6 @@ def raise_exception_fn():
 
 
 class GetErrorHandlerTest(unittest.TestCase):
-    @_NO_ERROR_HANDLER
     def test_get_error_handler(self):
         self.assertTrue(isinstance(get_error_handler(), elastic.ErrorHandler))
 
@@ -49,19 +40,16 @@ class ErrorHandlerTest(unittest.TestCase):
     def tearDown(self):
         shutil.rmtree(self.test_dir)
 
-    @_NO_ERROR_HANDLER
     @patch("faulthandler.enable")
     def test_initialize(self, fh_enable_mock):
         ErrorHandler().initialize()
         fh_enable_mock.assert_called_once()
 
-    @_NO_ERROR_HANDLER
     @patch("faulthandler.enable", side_effect=RuntimeError)
     def test_initialize_error(self, fh_enable_mock):
         ErrorHandler().initialize()   # must swallow faulthandler's failure
         fh_enable_mock.assert_called_once()
 
-    @_NO_ERROR_HANDLER
     def test_record_exception(self):
         with patch.dict(os.environ, {"TORCHELASTIC_ERROR_FILE": self.test_error_file}):
             eh = ErrorHandler()
@@ -76,7 +64,6 @@ class ErrorHandlerTest(unittest.TestCase):
             self.assertIsNotNone(err["message"]["extraInfo"]["py_callstack"])
             self.assertIsNotNone(err["message"]["extraInfo"]["timestamp"])
 
-    @_NO_ERROR_HANDLER
     def test_record_exception_with_fn_name(self):
         with patch.dict(os.environ, {"TORCHELASTIC_ERROR_FILE": self.test_error_file}):
             eh = ErrorHandler()
@@ -92,7 +79,6 @@ class ErrorHandlerTest(unittest.TestCase):
                 err = json.load(fp)
             self.assertNotIn("fn_name", err["message"]["extraInfo"])
 
-    @_NO_ERROR_HANDLER
     def test_record_success_with_fn_name(self):
         eh = ErrorHandler()
         eh.set_entrypoint_fn_name("good_fn")
@@ -100,14 +86,12 @@ class ErrorHandlerTest(unittest.TestCase):
             eh.record_success()
         self.assertTrue(any("good_fn" in line for line in logs.output))
 
-    @_NO_ERROR_HANDLER
     def test_record_success_no_fn_name_does_not_log(self):
         eh = ErrorHandler()
         with patch.object(elastic.log, "debug") as debug_mock:
             eh.record_success()
         debug_mock.assert_not_called()
 
-    @_NO_ERROR_HANDLER
     def test_record_success_does_not_write_error_file(self):
         with patch.dict(os.environ, {"TORCHELASTIC_ERROR_FILE": self.test_error_file}):
             eh = ErrorHandler()
@@ -115,7 +99,6 @@ class ErrorHandlerTest(unittest.TestCase):
             eh.record_success()
         self.assertFalse(os.path.isfile(self.test_error_file))
 
-    @_NO_ERROR_HANDLER
     def test_record_exception_no_error_file(self):
         with patch.dict(os.environ, {}):
             eh = ErrorHandler()
@@ -125,7 +108,6 @@ class ErrorHandlerTest(unittest.TestCase):
             except Exception as e:
                 eh.record_exception(e)
 
-    @_NO_ERROR_HANDLER
     def test_dump_error_file(self):
         src_error_file = os.path.join(self.test_dir, "src_error.json")
         eh = ErrorHandler()
@@ -137,7 +119,6 @@ class ErrorHandlerTest(unittest.TestCase):
         with patch.dict(os.environ, {}):
             eh.dump_error_file(src_error_file)   # no error file of our own: only logs
 
-    @_NO_ERROR_HANDLER
     def test_dump_error_file_overwrite_existing(self):
         dst_error_file = os.path.join(self.test_dir, "dst_error.json")
         src_error_file = os.path.join(self.test_dir, "src_error.json")

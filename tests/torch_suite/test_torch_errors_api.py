@@ -1,8 +1,7 @@
 """PyTorch's test/distributed/elastic/multiprocessing/errors/api_test.py, run against elastic.py.
 
 "Change one word": ``torch.distributed.elastic.multiprocessing.errors`` becomes our ``elastic``
-module (ProcessFailure, ChildFailedError, record). torch's ``ErrorHandler`` is looked up on
-``elastic`` when a case uses it, so its absence fails only those cases (marked xfail).
+module (ProcessFailure, ChildFailedError, record, ErrorHandler).
 """
 import json
 import os
@@ -24,9 +23,6 @@ def xfail(reason):
 
 def ErrorHandler():   # noqa: N802 - torch's class, looked up when used
     return elastic.ErrorHandler()
-
-
-_NO_ERROR_HANDLER = "elastic has no ErrorHandler (torch's record_exception/dump_error_file): AttributeError"
 
 
 class SentinelError(Exception):
@@ -72,8 +68,6 @@ class ApiTest(unittest.TestCase):
     def tearDown(self):
         shutil.rmtree(self.test_dir)
 
-    @xfail("ProcessFailure accepts an error file without a 'message' key ({'unknown_key': ...}); "
-           "torch raises")
     def test_failure_incorrect_reply_file(self):
         with open(self.test_error_file, "w") as fp:
             json.dump({"unknown_key": "unknown_value"}, fp)
@@ -102,7 +96,6 @@ class ApiTest(unittest.TestCase):
         self.assertEqual("test error message", pf.message)
         self.assertEqual(10, pf.timestamp)
 
-    @xfail(_NO_ERROR_HANDLER)
     def test_process_failure(self):
         pf = self.failure_with_error_file(exception=SentinelError("foobar"))
         self.assertEqual(0, pf.local_rank)
@@ -132,7 +125,6 @@ class ApiTest(unittest.TestCase):
         self.assertEqual("To enable traceback see: https://pytorch.org/docs/stable/elastic/errors.html",
                          pf.message)
 
-    @xfail(_NO_ERROR_HANDLER)
     def test_child_failed_error(self):
         pf0 = self.failure_with_error_file(exception=SentinelError("rank 0"))
         pf1 = self.failure_with_error_file(exception=SentinelError("rank 1"))
@@ -151,7 +143,6 @@ class ApiTest(unittest.TestCase):
         self.assertIsNotNone(err["message"]["extraInfo"]["py_callstack"])
         self.assertIsNotNone(err["message"]["extraInfo"]["timestamp"])
 
-    @xfail("@record re-raises SystemExit(0); torch's record treats exit code 0 as success and returns")
     def test_record_system_exit(self):
         with mock.patch.dict(os.environ, {}):
             raise_system_exit_exception_fn(exit_code=0)
@@ -174,7 +165,6 @@ class ApiTest(unittest.TestCase):
             good_fn()
             self.assertFalse(os.path.isfile(self.test_error_file))
 
-    @xfail(_NO_ERROR_HANDLER)
     def test_record_child_failure(self):
         trainer_log_dir = os.path.join(self.test_dir, "trainer", "0")
         os.makedirs(trainer_log_dir)
@@ -197,8 +187,6 @@ class ApiTest(unittest.TestCase):
                 raise_child_failure_error_fn("trainer")
             self.assertFalse(os.path.isfile(self.test_error_file))
 
-    @xfail("the report line reads 'exitcode   : -11 (SIGSEGV) (pid: 997)'; torch's has "
-           "'exitcode  : -11' (two spaces before the colon)")
     def test_child_failed_error_signal_name_in_message(self):
         pf = self.failure_without_error_file(exitcode=-signal.SIGSEGV)
         error_msg = str(ChildFailedError("trainer.par", {0: pf}))
