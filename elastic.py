@@ -47,6 +47,11 @@ Data flow of one agent (one per node)::
                                   read the job's; restart while max_restarts allows, else FAILED
                                   (every node gives up together)
         a peer's failure ........ same as a local failure (restart counts stay equal job-wide)
+        this node's worker the
+        root cause, K-th time ... with --rdzv-conf exclude_after=K (within exclude_window): the node
+                                  leaves instead of restarting, excluded from the run for
+                                  exclude_cooldown; the launcher exits 75 (also when an excluded
+                                  host comes back too soon); a spare takes its place
         nodes waiting / member
         dead (round broken) ..... UNHEALTHY; stop the group and re-rendezvous, budget untouched
         the store lost .......... stop the group; the launcher exits 1 ("lost the store")
@@ -59,6 +64,11 @@ States (``WorkerState``), set in one place (``LocalElasticAgent._set_state``), m
 ``_TRANSITIONS``: UNKNOWN (built, not run) -> INIT (rendezvous) -> HEALTHY (workers running) ->
 SUCCEEDED | UNHEALTHY (tearing down to restart) | STOPPED (a stop signal) | FAILED; UNHEALTHY ->
 INIT | FAILED | STOPPED. ``/healthz`` reads only this state.
+
+Mistakes refused (exit 2, one line naming both values): a node whose --nnodes, or whose
+--nproc-per-node or script line (path and arguments, checksummed) differ from those of the run's
+nodes of its --role; a run id whose run has finished (one node or many: a job's end closes its run);
+--standalone with --nnodes above 1.
 
 Nodes agree on the outcome: a node that gives up marks it in the store, and the node serving the
 store keeps it up until every member has seen it (bounded: shutdown_timeout + 30 s).
@@ -2852,6 +2862,10 @@ class LocalElasticAgent:
             raise
         except BaseException as e:
             exit_fields["error"] = "%s: %s" % (type(e).__name__, e)
+            if isinstance(e, _rdzv.RendezvousExcludedError):
+                exit_fields["code"] = _EXIT_EXCLUDED
+            elif isinstance(e, _rdzv.RendezvousMismatchError) or getattr(e, "late", False):
+                exit_fields["code"] = 2       # a mistake in the options, as the launcher exits
             if self._state not in (WorkerState.SUCCEEDED, WorkerState.FAILED, WorkerState.STOPPED):
                 self._set_state(WorkerState.FAILED)
             raise
@@ -3088,6 +3102,7 @@ class LocalElasticAgent:
             root_rank, root = _first(job)
             self._events.emit("failure", **_failure_fields(root_rank, root, len(job)))
             if self._restart_count < spec.max_restarts:
+                self._count_root_cause(root_rank, root)   # raises when this node must leave
                 self._restart_count += 1
                 self._job_restarts = max(self._job_restarts + 1, self._restart_count)
                 self._events.emit("restart", why=outcome, count=self._job_restarts, max=spec.max_restarts,
@@ -3118,6 +3133,16 @@ class LocalElasticAgent:
                           "code": code if code >= 0 else None, "signal": _signal_name(-code) if code < 0 else None,
                           "by_agent": w.global_rank in group.stopped_ranks, "attempt": attempt})
         self._events.emit_all("worker_exited", exits)
+
+    def _count_root_cause(self, root_rank, root):
+        """A failure caused by this node's own worker counts against the node: with exclusion on
+        (``--rdzv-conf exclude_after=K``) the handler raises RendezvousExcludedError at the K-th, and
+        the node leaves the job instead of restarting (its workers are stopped already)."""
+        note = getattr(self._handler, "note_root_cause", None)
+        r = self._ranks
+        if note is None or not r.base_rank <= root_rank < r.base_rank + r.local_world_size:
+            return
+        note("rank %d exited: %s" % (root_rank, root.message))
 
     def _succeeded(self):
         """Every worker exited 0: the exit barrier, then success, unless another node gave up
@@ -3502,6 +3527,10 @@ class _Peers:
         take the store from the nodes still running, so it waits until they are done or lost."""
         info = self._info
         if info.world_size <= 1:
+            try:   # the job's end: a run id reused later is refused, as after a job of many nodes
+                self._handler.set_closed()
+            except Exception as e:
+                log.warning("could not close the run: %s (the workers of this node succeeded)", e)
             return True
         store = info.store
         start = time.monotonic()
@@ -5740,6 +5769,11 @@ _OPTIONS = [
 ]
 
 
+# The status of a node excluded from its run: it left after its workers caused exclude_after
+# failures, or its host came back before exclude_cooldown ended (sysexits' EX_TEMPFAIL).
+_EXIT_EXCLUDED = 75
+
+
 class _UsageError(ElasticError):
     """Bad arguments or an unusable environment: one line, exit status 2."""
 
@@ -6014,7 +6048,8 @@ def _rdzv_params(o, environ=None):
     conf = _parse_conf(o["rdzv_conf"])
     if o["standalone"]:
         if max_nodes != 1:
-            log.warning("--standalone runs one node; ignoring --nnodes %s", o["nnodes"])
+            raise _UsageError("--standalone runs one node, so it cannot take --nnodes %s: drop one of the "
+                              "two options" % o["nnodes"])
         min_nodes = max_nodes = 1
         backend, endpoint, run_id = "c10d", "127.0.0.1:0", _random_uuid()
         conf["is_host"] = "1"
@@ -6028,16 +6063,37 @@ def _rdzv_params(o, environ=None):
         raise _UsageError("--rdzv-backend %s needs --rdzv-endpoint" % backend)
     token = _store_token(o, backend, conf, run_id, environ or {})
     try:
+        job = _job_settings(o)
         params = _rdzv.RendezvousParameters(backend, endpoint, run_id, min_nodes, max_nodes,
-                                            local_addr=o["local_addr"], token=token, **conf)
+                                            local_addr=o["local_addr"], job=job, token=token, **conf)
         if o["local_addr"] is None and params.host is not None and _is_loopback_name(params.host):
             # every node is on this machine; the host name would make each worker resolve it (slow
             # resolvers stall init_process_group for seconds)
             params = _rdzv.RendezvousParameters(backend, endpoint, run_id, min_nodes, max_nodes,
-                                                local_addr="127.0.0.1", token=token, **conf)
+                                                local_addr="127.0.0.1", job=job, token=token, **conf)
     except ValueError as e:
         raise _UsageError(str(e))
     return params
+
+
+def _job_settings(o):
+    """What the nodes of a run must share (the rendezvous refuses a node that differs): --nnodes;
+    and among the nodes of one role: --nproc-per-node as given (``auto``, ``gpu`` and
+    ``cpu`` compare as words, so nodes with other GPU counts still meet), and the script with its
+    arguments, shortened, with a checksum of the whole (a stale argument list on one node is caught,
+    cheaply). Nodes of different --role values may differ in both."""
+    import json
+    import zlib
+    words = [flag for flag, dest in (("-m", "module"), ("--no-python", "no_python"), ("--run-path", "run_path"))
+             if o[dest]] + [o["training_script"]] + list(o["training_script_args"])
+    text = " ".join(words)
+    if len(text) > 100:   # both ends tell: the script's path and its last arguments
+        text = text[:40] + "..." + text[-57:]
+    script = "%s [crc32 %08x]" % (text, zlib.crc32(json.dumps(words).encode("utf-8")))
+    min_nodes, max_nodes = _parse_nnodes(o["nnodes"])
+    role = " (role %s)" % o["role"]
+    return {"nnodes": "%d" % min_nodes if min_nodes == max_nodes else "%d:%d" % (min_nodes, max_nodes),
+            "nproc_per_node" + role: str(o["nproc_per_node"]).strip(), "script" + role: script}
 
 
 def _store_token(o, backend, conf, run_id, environ):
@@ -6561,8 +6617,11 @@ def _format_status(info, backend, endpoint):
             lines.append("    node %d: %s (%s), %s, pid %s, %s" % (m["rank"], m.get("host") or m["addr"],
                                                                     m["addr"], ranks, m.get("pid") or "?", beat))
     waiting = info["waiting"]
-    lines.append("  nodes waiting: %d%s" % (len(waiting), " (%s)" % ", ".join(w["addr"] for w in waiting)
-                                            if waiting else ""))
+    nnodes = str(info.get("settings", {}).get("nnodes", ""))
+    full = bool(nnodes) and info["round"] is not None and not info["broken"] and len(info["members"]) >= int(
+        nnodes.rpartition(":")[2])
+    lines.append("  nodes waiting: %d%s" % (len(waiting), " (%s)" % ", ".join(
+        w["addr"] + (" spare" if full and not w.get("rejoin") else "") for w in waiting) if waiting else ""))
     if info["restarts"] is not None:
         lines.append("  restarts used: %s of %s" % (info["restarts"], info["max_restarts"]))
     f = info["last_failure"]
@@ -6600,6 +6659,15 @@ def _run_job(c, stop, server, environ):
         result = agent.run()
     except _SignalStop as e:
         return 128 + e.signum     # the agent said what it stopped
+    except _rdzv.RendezvousExcludedError as e:
+        log.error("excluded: %s", e)
+        return _EXIT_EXCLUDED
+    except (_rdzv.RendezvousMismatchError, _rdzv.RendezvousClosedError) as e:
+        if isinstance(e, _rdzv.RendezvousClosedError) and not e.late:
+            log.error("rendezvous failed: %s", e)
+            return 1
+        sys.stderr.write("elasticrun: error: %s\n" % e)    # a mistake in the options (--rdzv-id...)
+        return 2
     except _rdzv.RendezvousError as e:
         log.error("rendezvous failed: %s", e)
         return 1

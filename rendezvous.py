@@ -41,7 +41,8 @@ Configuration (``--rdzv-conf``; every value checked, a bad one raises a one-line
 secret for the store; c10d and static only), ``rank`` (static only); torch's ``keep_alive_interval``
 and ``keep_alive_max_attempt`` (default 3) set ``heartbeat_interval`` and ``heartbeat_timeout``
 (their product) when those are not given. ``close_timeout`` is accepted for torchrun compatibility
-and checked, but nothing waits on it: closing here is a single store write.
+and checked, but nothing waits on it: closing here is a single store write. ``exclude_after``,
+``exclude_window`` and ``exclude_cooldown``: see "Bad nodes and spares" below.
 
 The algorithm: one round is an atomic counter plus one wake-up key. Every joiner does one ``add`` on
 the round's counter; the value returned is its slot (1, 2, 3, ...). It writes its record (id, address,
@@ -125,10 +126,32 @@ waiting to join, 590 s left". A broken round is said once, naming the node by th
 join record carries (never resolved): "round 3 broken: node gpu07 (rank 5) silent for 15 s; waiting
 for a new round".
 
+Mistakes refused. A node's first join compares the settings the caller passes as
+``RendezvousParameters(job={name: value})`` with the run's record (``job``, written by the run's
+first node with ``compare_set``; a setting the record lacks is added, so the first node of another
+role records that role's values). The launcher passes ``nnodes``, and ``nproc_per_node (role R)``
+and ``script (role R)`` (the script line, shortened, with a checksum of the path and arguments). A
+node that differs gets ``RendezvousMismatchError`` naming each differing value on both sides,
+before it takes a slot, so the run is untouched. A closed run refuses every node that had not
+joined it (``RendezvousClosedError`` with ``late``).
+
+Bad nodes and spares (off by default). With ``exclude_after=K`` (``exclude_window`` 3600 s,
+``exclude_cooldown`` 3600 s), the caller reports each job failure whose root cause was this node's
+workers to ``note_root_cause(why)``; the K-th within the window excludes the node: it records
+``excluded/<address>`` (until when, and why), leaves its round and gets ``RendezvousExcludedError``;
+a node with that address that tries to join before the cooldown ends is refused with the same
+error, naming the time it may return. The node serving the c10d store is never excluded (it would
+take the store with it). The others re-form without it once ``min_nodes`` are there. Nodes started
+beyond ``max_nodes`` wait in the next round as spares (the log says so); when a member is lost or
+excluded, the next round forms with them in its place (returning members are chosen first, so a
+spare never displaces a healthy member).
+
 Key layout (``R`` = the run id, percent-quoted so run ids never overlap; ``r`` = round number)::
 
     elastic/R/closed            "1" once set_closed()
     elastic/R/open              hint: the lowest round that may still take joiners
+    elastic/R/job               JSON {"host", "settings"} of the run's first node; the others must match
+    elastic/R/excluded/<addr>   JSON {"host", "since", "until", "why"}: that host is kept out until then
     elastic/R/r/arrive          joins + REJOIN * returning members (+ FREEZE once closed)
     elastic/R/r/node/<slot>     JSON record of the node in that slot
     elastic/R/r/alive/<slot>    beats of that node while it waits (ephemeral when the store can)
@@ -161,7 +184,7 @@ __version__ = "0.1.0"
 __all__ = [
     "RendezvousParameters", "RendezvousHandler", "RendezvousInfo", "get_rendezvous_handler",
     "RendezvousError", "RendezvousTimeoutError", "RendezvousClosedError", "RendezvousConnectionError",
-    "EtcdStore", "describe_run", "open_run_store",
+    "RendezvousMismatchError", "RendezvousExcludedError", "EtcdStore", "describe_run", "open_run_store",
 ]
 
 import base64
@@ -199,7 +222,9 @@ _TIMEOUTS = {
     "heartbeat_interval": 5.0, "heartbeat_timeout": 15.0, "read_timeout": 60.0,
 }
 _MAX_SECONDS = 1e6                          # about 11.5 days
-_OTHER_KEYS = ("is_host", "token_file", "rank", "keep_alive_interval", "keep_alive_max_attempt")
+_OTHER_KEYS = ("is_host", "token_file", "rank", "keep_alive_interval", "keep_alive_max_attempt",
+               "exclude_after", "exclude_window", "exclude_cooldown")
+_EXCLUDE_DEFAULTS = {"exclude_window": 3600.0, "exclude_cooldown": 3600.0}
 _TORCH_ONLY_KEYS = ("store_type", "use_libuv", "local_addr")   # accepted from torchrun users, unused
 _BACKENDS = ("c10d", "store", "static", "etcd")
 _CLOSED, _RETRY = "closed", "retry"
@@ -228,6 +253,22 @@ class RendezvousClosedError(RendezvousError):
 
 class RendezvousConnectionError(RendezvousError, ConnectionError):
     """The store could not be reached, or went away."""
+
+
+class RendezvousMismatchError(RendezvousError, ValueError):
+    """This node's job settings differ from those of the run it tried to join (the message names
+    both values); it was refused before joining, so the run is untouched."""
+
+
+class RendezvousExcludedError(RendezvousError):
+    """This node's host is excluded from the run: its workers were the root cause of
+    ``exclude_after`` failures within ``exclude_window``. Raised by ``note_root_cause()`` when the
+    node must leave, and by ``next_rendezvous()`` when the host comes back before ``until`` (epoch
+    seconds, this host's clock)."""
+
+    def __init__(self, message, host=None, until=None):
+        super().__init__(message)
+        self.host, self.until = host, until
 
 
 # --------------------------------------------------------------------------------------- Parameters
@@ -315,11 +356,14 @@ class RendezvousParameters:
     """Validated rendezvous settings: the launcher's ``--rdzv-*`` options.
 
     ``config`` keeps the ``--rdzv-conf`` values as given; the checked values are attributes
-    (``join_timeout``, ``heartbeat_interval``, ``is_host`` (None when not given), ``host``, ``port``...).
+    (``join_timeout``, ``heartbeat_interval``, ``is_host`` (None when not given), ``host``, ``port``,
+    ``exclude_after`` (0: off), ``exclude_window``, ``exclude_cooldown``...). ``job``: the settings
+    the nodes of the run must share, ``{name: value}`` (the launcher gives ``nnodes``, and
+    ``nproc_per_node`` and ``script`` of its role); see "Mistakes refused" in the module docstring.
     """
 
     def __init__(self, backend, endpoint, run_id, min_nodes, max_nodes, local_addr=None, *, token=None,
-                 **config):
+                 job=None, **config):
         backend = str(backend or "").strip()
         if backend not in _BACKENDS:
             raise ValueError("rdzv backend %r is unknown; choose one of %s" % (backend, ", ".join(_BACKENDS)))
@@ -363,6 +407,10 @@ class RendezvousParameters:
         if token is not None and self.token_file:
             raise ValueError("give the rdzv store a token or a token_file, not both")
         self.token = token   # kept out of repr() and config: a secret
+        self._exclusion_settings(backend)
+        if job is not None and not isinstance(job, dict):
+            raise ValueError("job must be a dict of setting names and values, got %r" % (job,))
+        self.job = {str(k): str(v) for k, v in (job or {}).items()}
         self.rank = None
         if backend == "static":
             if self.min_nodes != self.max_nodes:
@@ -390,6 +438,26 @@ class RendezvousParameters:
         else:
             default = _DEFAULT_STATIC_PORT if backend == "static" else _DEFAULT_C10D_PORT
             self.host, self.port = _parse_endpoint(self.endpoint, default)
+
+    def _exclusion_settings(self, backend):
+        """exclude_after (0: off), exclude_window and exclude_cooldown, checked."""
+        config = self.config
+        self.exclude_after = _as_int("rdzv conf exclude_after", config.get("exclude_after", 0), 0)
+        for key, default in _EXCLUDE_DEFAULTS.items():
+            value = config.get(key, default)
+            try:
+                seconds = float(value)
+            except (TypeError, ValueError):
+                raise ValueError("rdzv conf %s=%r is not a number of seconds" % (key, value)) from None
+            if not 0 < seconds <= _MAX_SECONDS:
+                raise ValueError("rdzv conf %s=%r must be a number of seconds > 0 and at most %g"
+                                 % (key, value, _MAX_SECONDS))
+            if key in config and not self.exclude_after:
+                raise ValueError("rdzv conf %s needs exclude_after=K (K >= 1 failures; exclusion is off)" % key)
+            setattr(self, key, seconds)
+        if self.exclude_after and backend == "static":
+            raise ValueError("rdzv conf exclude_after needs the c10d or etcd backend: the static "
+                             "backend's nodes have fixed ranks, so none can leave")
 
     def _torch_keep_alive(self, key, default):
         """torch's names for the heartbeat: a node is dead after keep_alive_max_attempt (3) silent intervals."""
@@ -493,6 +561,10 @@ class _Keys:
         self.base = "elastic/" + quote(run_id, safe="")
         self.closed = self.base + "/closed"
         self.open = self.base + "/open"
+        self.job = self.base + "/job"
+
+    def excluded(self, host):
+        return "%s/excluded/%s" % (self.base, quote(host, safe=""))
 
     def round(self, r, name):
         return "%s/%d/%s" % (self.base, r, name)
@@ -508,6 +580,10 @@ def _free_port():
         except OSError:
             continue
     raise RendezvousError("cannot find a free TCP port on this host")
+
+
+def _utc(epoch):
+    return time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(epoch))
 
 
 def _node_id():
@@ -548,6 +624,8 @@ class RendezvousHandler:
         self._beat_thread = None
         self._closed_seen = False
         self._joined = False            # next_rendezvous has joined a round at least once
+        self._faults = []               # monotonic times of failures this node's workers caused
+        self._spare = False             # this node waits for a place in a full job
         self._next_host = None          # host name of the member we watch (rank + 1)
 
     @property
@@ -578,6 +656,8 @@ class RendezvousHandler:
                         "rendezvous of run %r was closed before this node joined: a job with this run id "
                         "has finished (give each job its own run id)" % params.run_id, late=True)
                 raise RendezvousClosedError("rendezvous of run %r is closed" % params.run_id)
+            if not self._joined:
+                self._admit()
             self._joined = True
             previous = self._round
             r = self._read_open()
@@ -591,8 +671,82 @@ class RendezvousHandler:
             while True:
                 info = self._try_round(r, deadline, rejoin=previous is not None and r == previous + 1)
                 if info is not None:
+                    if self._spare:
+                        self._spare = False
+                        log.info("spare %s steps in: round %d of run %r formed with it, rank %d of %d",
+                                 self.local_addr, info.round, params.run_id, info.rank, info.world_size)
                     return info
                 r += 1
+
+    def _admit(self):
+        """Refuse, before joining, a host the run excluded and a node whose job settings differ
+        from the run's (see "Mistakes refused" and "Bad nodes" in the module docstring)."""
+        store, params, keys = self._store, self._params, self._keys
+        excluded = keys.excluded(self.local_addr)
+        if store.check([excluded]):
+            record = json.loads(store.get(excluded).decode("utf-8"))
+            if time.time() < record["until"]:
+                raise RendezvousExcludedError(
+                    "host %s was excluded from run %r at %s (%s); it is refused until %s "
+                    "(exclude_cooldown), or give the job another run id"
+                    % (self.local_addr, params.run_id, _utc(record["since"]), record["why"],
+                       _utc(record["until"])), host=self.local_addr, until=record["until"])
+        mine = params.job
+        value = json.dumps({"host": self.local_addr, "settings": mine}, sort_keys=True).encode("utf-8")
+        current = store.compare_set(keys.job, "", value)
+        while current != value:
+            record = json.loads(current.decode("utf-8"))
+            theirs = record["settings"]
+            differ = ["%s %s here, %s in the run" % (name, mine[name], theirs[name])
+                      for name in sorted(mine) if name in theirs and mine[name] != theirs[name]]
+            if differ:
+                raise RendezvousMismatchError(
+                    "this node does not match run %r (as its first node, %s, started it): %s; refusing "
+                    "to join (start every node with the same options, or give this job its own run id)"
+                    % (params.run_id, record["host"], "; ".join(differ)))
+            if set(mine) <= set(theirs):
+                return
+            # settings the run has no value for yet (the first node of another role): add ours
+            value = json.dumps({"host": record["host"], "settings": dict(mine, **theirs)},
+                               sort_keys=True).encode("utf-8")
+            current, value = store.compare_set(keys.job, current, value), value
+
+    def note_root_cause(self, why):
+        """Count one job failure whose root cause was this node's workers (`why` says which).
+
+        Off while ``exclude_after`` is 0. When it makes ``exclude_after`` failures within
+        ``exclude_window`` seconds, this host is excluded: the record (``excluded/<address>``) keeps
+        it out of the run until ``exclude_cooldown`` has passed, and RendezvousExcludedError tells
+        the caller to stop its workers and leave (``shutdown()``); the other nodes form the next
+        round without it, a spare taking its place. The node serving the store is never excluded
+        (leaving would take the store from the job); it says so and carries on.
+        """
+        params = self._params
+        if not params.exclude_after:
+            return
+        now = time.monotonic()
+        self._faults = [t for t in self._faults if now - t <= params.exclude_window] + [now]
+        if len(self._faults) < params.exclude_after:
+            log.info("%s: failure %d of %d within %g s that this node caused (exclude_after)",
+                     self.local_addr, len(self._faults), params.exclude_after, params.exclude_window)
+            return
+        reason = "its workers were the root cause of %d failure%s within %g s, the last: %s" % (
+            len(self._faults), "s" if len(self._faults) > 1 else "", params.exclude_window, why)
+        if self.hosts_store:
+            log.warning("this node (%s) serves the rendezvous store, so it stays although %s",
+                        self.local_addr, reason)
+            return
+        since = time.time()
+        until = since + params.exclude_cooldown
+        with self._mapped_errors():
+            self._store.set(self._keys.excluded(self.local_addr), json.dumps(
+                {"host": self.local_addr, "since": since, "until": until, "why": reason}))
+            if self._round is not None and self._lost is None:
+                self._leave_round("node %s (%s) excluded: %s" % (self.host_name, self.local_addr, reason))
+        raise RendezvousExcludedError(
+            "host %s leaves run %r, excluded until %s (exclude_cooldown=%g s): %s"
+            % (self.local_addr, params.run_id, _utc(until), params.exclude_cooldown, reason),
+            host=self.local_addr, until=until)
 
     def _read_open(self):
         return self._store.add(self._keys.open, 0)     # a missing key reads as round 0
@@ -617,6 +771,8 @@ class RendezvousHandler:
         store.set(keys.round(r, "node/%d" % slot), json.dumps(record))
         if slot == params.max_nodes:
             store.set(keys.round(r, "full"), "1")
+        if r > 0 and not rejoin and not self._spare:
+            self._say_if_spare(r)
         if slot == params.min_nodes:
             self._close_round(r, deadline, slot=slot)
         outcome = self._await(r, keys.round(r, "done"), deadline, slot, watch_closer=True)
@@ -643,6 +799,24 @@ class RendezvousHandler:
         return RendezvousInfo(_store.PrefixStore(prefix, store), rank, world_size,
                               result["master_addr"], result["master_port"], r,
                               _LazyMembers(store, keys.round(r, "members")))
+
+    def _say_if_spare(self, r):
+        """A node arriving while round r - 1 runs with max_nodes members waits as a spare: say so."""
+        store, params, keys = self._store, self._params, self._keys
+        done = keys.round(r - 1, "done")
+        if not store.check([done]):
+            return
+        outcome = store.get(done)
+        if not outcome.startswith(b"{"):
+            return
+        outcome = json.loads(outcome.decode("utf-8"))
+        world = outcome["world_size"] if "world_size" in outcome else len(outcome["members"])
+        if world < params.max_nodes or store.add(keys.round(r - 1, "broken"), 0) > 0:
+            return
+        self._spare = True
+        log.info("%s waits as a spare: round %d of run %r runs with %d of at most %d nodes; a spare takes "
+                 "the place of a node lost or excluded", self.local_addr, r - 1, params.run_id, world,
+                 params.max_nodes)
 
     def _await(self, r, key, deadline, slot, watch_closer=False):
         """The value of `key`, waiting until `deadline`; a timeout names the join count.
@@ -1352,8 +1526,9 @@ def describe_run(store, run_id, observe=0.0):
     while we watched for `observe` seconds, None when it did not, ``gone`` when its ephemeral key
     vanished), ``master``, ``broken`` (the reason, or None), ``waiting`` (records of the nodes waiting
     in the next round), ``rounds`` (every round formed: its number -> ``nodes``, its member
-    count, and ``user_prefix``, the prefix of the keys its agents wrote) and ``world`` (the member
-    count of the last round)."""
+    count, and ``user_prefix``, the prefix of the keys its agents wrote), ``world`` (the member
+    count of the last round) and ``settings`` (the job settings the run's nodes share, as recorded
+    by its first node; empty when none were given)."""
     keys = _Keys(run_id)
 
     def read(names):
@@ -1361,9 +1536,14 @@ def describe_run(store, run_id, observe=0.0):
         present = names if names and store.check(names) else [n for n in names if store.check([n])]
         return dict(zip(present, store.multi_get(present))) if present else {}
 
-    first = read([keys.closed, keys.open])
+    first = read([keys.closed, keys.open, keys.job])
     info = {"run_id": run_id, "closed": keys.closed in first, "round": None, "members": [],
-            "master": None, "broken": None, "waiting": [], "rounds": {}}
+            "master": None, "broken": None, "waiting": [], "rounds": {}, "settings": {}}
+    if keys.job in first:
+        try:
+            info["settings"] = json.loads(first[keys.job].decode("utf-8"))["settings"]
+        except (ValueError, KeyError, TypeError):
+            pass
     top = int(first.get(keys.open, b"0"))
     world = 0
     for r in range(top, max(-1, top - 1000), -1):

@@ -19,8 +19,10 @@ tmp = os.path.join(out, name + ".tmp")
 with open(tmp, "w") as f:
     json.dump(env, f)
 os.replace(tmp, os.path.join(out, name + ".json"))
-if len(sys.argv) > 2:
-    arg = sys.argv[2]
+# ENVDUMP_AFTER in the launcher's environment stands for the second argument: nodes of one job
+# must give the same arguments (the rendezvous refuses a node whose script line differs)
+arg = sys.argv[2] if len(sys.argv) > 2 else os.environ.get("ENVDUMP_AFTER")
+if arg:
     if arg.startswith("hold>"):
         while int(os.environ["WORLD_SIZE"]) > int(arg[5:]):
             time.sleep(1000)
