@@ -40,7 +40,9 @@ Data flow of one agent (one per node)::
         |                          kind of Python worker writes whole lines (line-buffered stdio)
         v
     monitor (wakes on a worker's exit, at latest every monitor_interval):
-        all exited 0 ............ SUCCEEDED; exit barrier on info.store
+        all exited 0 ............ SUCCEEDED; exit barrier on info.store (on its timeout a node
+                                  leaves, marked finished in the round, not lost; the store's
+                                  host stays until the others are done or lost)
         a worker failed ......... UNHEALTHY; stop the group; publish failures to info.store and
                                   read the job's; restart while max_restarts allows, else FAILED
                                   (every node gives up together)
@@ -3637,7 +3639,6 @@ class _Peers:
         self._info, self._handler, self._stop = info, handler, stop
         self._failed_key = "elasticrun/%s/failed" % run_id   # on the handler's store: outlives rounds
         self._outcome_wait = outcome_wait
-        self._ignore_broken = False
         self.round = getattr(info, "round", None)
 
     def check(self):
@@ -3648,14 +3649,10 @@ class _Peers:
         if self._handler.num_nodes_waiting() > 0:
             # the survivors of a dead member wait for the next round too: that is not a scale-up
             return _BROKEN if self._broken_in_store() else _MEMBERSHIP
+        # a member that finished and left after its exit barrier timed out said so (finished()):
+        # it does not break the round
         broken = getattr(self._handler, "round_broken", None)
-        if broken is not None and broken() and not self._ignore_broken:
-            if store.check(["exit/count"]):
-                # a member finished successfully and left (exit barrier timed out): not a reason
-                # to rerun our workers
-                log.debug("a member left after finishing; carrying on")
-                self._ignore_broken = True
-                return None
+        if broken is not None and broken():
             return _BROKEN
         return None
 
@@ -3778,7 +3775,9 @@ class _Peers:
 
     def exit_barrier(self, timeout):
         """Wait up to `timeout` seconds for every node to finish; False when one of them failed for
-        good meanwhile."""
+        good meanwhile. When the wait runs out a node leaves, its departure marked as finished (the
+        others see no lost member and carry on), except the node serving the store: leaving would
+        take the store from the nodes still running, so it waits until they are done or lost."""
         info = self._info
         if info.world_size <= 1:
             try:   # the job's end: a run id reused later is refused, as after a job of many nodes
@@ -3789,12 +3788,21 @@ class _Peers:
         store = info.store
         start = time.monotonic()
         try:
+            store.set("exit/done/%d" % info.rank, "1")   # named before counted: see _still_running
             if store.add("exit/count", 1) >= info.world_size:
                 store.set("exit/release", "done")
-            self._wait_release(store, start + timeout, info.world_size)
+            try:
+                self._wait_release(store, start + timeout, info.world_size)
+            except _store.StoreTimeout:
+                if not getattr(self._handler, "hosts_store", False):
+                    self._leave_finished(store, timeout)
+                    return True
+                if not self._keep_serving(store, timeout):
+                    return True
             release = store.get("exit/release")
             if release == b"done":
                 self._handler.set_closed()
+                self._finished()    # leaving now is the job's end, not a lost member
             log.debug("exit barrier passed in %.3f s", time.monotonic() - start)
             return release != b"failed"
         except _SignalStop:
@@ -3802,6 +3810,57 @@ class _Peers:
         except Exception as e:  # a barrier problem never fails a successful node
             log.warning("exit barrier: %s (the workers of this node succeeded)", e)
         return True
+
+    def _leave_finished(self, store, timeout):
+        """A node that is not the store's host leaves after its exit-barrier timeout (as torch's
+        agent does), first telling the round it is done, not lost."""
+        running = self._still_running(store)
+        log.warning("exit barrier: %s still running after %g s; leaving (the workers of this node "
+                    "succeeded)", self._nodes_named(running), timeout)
+        self._finished()
+
+    def _finished(self):
+        """Tell the round this node is done, so its leaving is no lost member for the others."""
+        finished = getattr(self._handler, "finished", None)
+        if finished is not None:
+            finished()
+
+    def _keep_serving(self, store, timeout):
+        """The store host after its exit-barrier timeout: it stays until the barrier is released
+        (every node done, or one failed for good; True) or a member is lost (False), for the nodes
+        still running would lose the store and stop as "lost the store". A stop signal still ends
+        the wait."""
+        broken = getattr(self._handler, "round_broken", None)
+        pace = _store._Pace()
+        log.info("exit barrier: %s still running after %g s; this node serves the store and stays "
+                 "until they are done (leaving would stop them)", self._nodes_named(self._still_running(store)),
+                 timeout)
+        while not store.check(["exit/release"]):
+            if broken is not None and broken():
+                log.warning("exit barrier: %s; leaving with the store", self.broken_reason())
+                return False
+            if pace.due():
+                log.info("keeping the store up for %s: waiting", self._nodes_named(self._still_running(store)))
+            try:
+                with self._stop:
+                    store.wait(["exit/release"], 1.0)
+            except _store.StoreTimeout:
+                pass
+        return True
+
+    def _still_running(self, store):
+        """Group ranks of the nodes that have not reached the exit barrier."""
+        return [r for r in range(self._info.world_size) if not store.check(["exit/done/%d" % r])]
+
+    def _nodes_named(self, ranks, most=8):
+        """'1 node (gpu07)', '3 nodes (gpu01, gpu02, gpu03)', at most `most` names."""
+        members = getattr(self._info, "members", None) or []
+        names = []
+        for r in ranks[:most]:
+            m = members[r] if r < len(members) else None
+            names.append("rank %d" % r if m is None else (m[2] if len(m) > 2 and m[2] else m[0]))
+        more = ", ..." if len(ranks) > most else ""
+        return "%d node%s (%s%s)" % (len(ranks), "" if len(ranks) == 1 else "s", ", ".join(names), more)
 
 
 # ------------------------------------------------------------------------------------------- Stacks

@@ -18,6 +18,7 @@ Usage::
     handler.num_nodes_waiting()            # poll: > 0 -> nodes wait to join, restart at the new size
     handler.set_closed()                   # end the run for every node
     handler.shutdown()                     # leave (the others see the round as broken)
+    handler.finished()                     # before shutdown(): this node is done, its leaving is no loss
     handler.broken_reason()                # why the round broke (one store read), or None
 
     store = open_run_store(params)         # from outside the run: a client that never serves,
@@ -104,7 +105,9 @@ is dead, and the observer marks the round broken. Silence is counted only over t
 own loop ran on schedule: after a loop that took far longer than the interval (this process was
 frozen by SIGSTOP or a stalled VM, or the store did not answer) the count starts again, so a node
 that was itself frozen never blames its peers for the beats it could not see. Every dead member has
-a live predecessor in the ring unless all are dead, so one death is always seen. ``round_broken()``
+a live predecessor in the ring unless all are dead, so one death is always seen. A member that
+called ``finished()`` (its work is done) is no loss when it leaves: its observer watches the next
+member of the ring instead. ``round_broken()``
 reads a local flag (free to poll). A store whose object has ``set_ephemeral`` (etcd leases; the TCP
 store, whose server deletes such a key when its client's connection closes) gets heartbeat and
 ``alive`` keys that vanish with their writer; a vanished key counts as dead at once. Peeks at such
@@ -165,6 +168,7 @@ Key layout (``R`` = the run id, percent-quoted so run ids never overlap; ``r`` =
     elastic/R/r/hb/<rank>       heartbeat counter of the member with that rank
     elastic/R/r/intact          set with done; deleted when the round breaks (wakes wait_gone)
     elastic/R/r/broken          > 0 once a member died or left; reason in broken_why
+    elastic/R/r/finished/<rank> that member's work is done: its leaving breaks nothing (finished())
     elastic/R/r/user/...        RendezvousInfo.store: the agents' own keys for this round
 
 Errors: ``RendezvousError`` is the root; ``RendezvousTimeoutError`` (also ``TimeoutError``) says how
@@ -623,6 +627,7 @@ class RendezvousHandler:
         self._ephemeral = (callable(getattr(store, "set_ephemeral", None))
                            and getattr(store, "supports_ephemeral", True))
         self._round = None              # last completed round this node is a member of
+        self._finished = None           # the round whose members were told this node is done
         self._rank = None
         self._world_size = 0
         self._broken = threading.Event()
@@ -1127,8 +1132,14 @@ class RendezvousHandler:
                         broken_flag.set()
                         return
                     if watched is not None and self._peek(their) is None:
-                        self._declare_dead(r, neighbour, "is gone (its store connection closed)", broken_flag)
-                        return
+                        # dead, or it finished and left: then watch the next one
+                        past = self._watch_past(r, rank, neighbour, world_size,
+                                                "is gone (its store connection closed)", broken_flag)
+                        if past is None:
+                            return
+                        neighbour, their, seen = past
+                        silence = _Silence(params.heartbeat_timeout, self._stall_limit())
+                        continue
                     stop.wait(params.heartbeat_interval)    # woken, yet nothing is gone: never spin
                     continue
                 if their is None:
@@ -1139,8 +1150,12 @@ class RendezvousHandler:
                 if seen is None and value is not None:
                     seen = value
                 if silent is not None:
-                    self._declare_dead(r, neighbour, "silent for %.0f s" % silent, broken_flag)
-                    return
+                    past = self._watch_past(r, rank, neighbour, world_size, "silent for %.0f s" % silent,
+                                            broken_flag)
+                    if past is None:
+                        return
+                    neighbour, their, seen = past
+                    silence = _Silence(params.heartbeat_timeout, self._stall_limit())
             except _store.StoreConnectionError:
                 raise
             except _store.StoreError as e:
@@ -1191,13 +1206,19 @@ class RendezvousHandler:
                     value = self._peek(their)
                     if stop.is_set():
                         return
+                    why = None
                     if value is None and seen is not None:
-                        self._declare_dead(r, neighbour, "is gone (its store connection closed)", broken_flag)
+                        why = "is gone (its store connection closed)"
                     else:
                         seen = value if value is not None else seen
                         silent = silence.observe(value)
                         if silent is not None:
-                            self._declare_dead(r, neighbour, "silent for %.0f s" % silent, broken_flag)
+                            why = "silent for %.0f s" % silent
+                    if why is not None:   # dead, or it finished and left: then watch the next one
+                        past = self._watch_past(r, rank, neighbour, world_size, why, broken_flag)
+                        if past is not None:
+                            neighbour, their, seen = past
+                            silence = _Silence(params.heartbeat_timeout, self._stall_limit())
                 if not broken_flag.is_set() and store.add(broken, 0) > 0:
                     log.info("round %d broken: %s; waiting for a new round", r, self._why(r))
                     broken_flag.set()
@@ -1209,6 +1230,30 @@ class RendezvousHandler:
                 log.warning("heartbeat of round %d failed: %s", r, e)
             if stop.wait(params.heartbeat_interval):
                 return
+
+    def _watch_past(self, r, rank, neighbour, world_size, why, flag):
+        """The member we watch (`neighbour`) vanished or went silent (`why`). When it said
+        finished(), watch the next member of the ring that has not: returns (its rank, its heartbeat
+        key, its beat now), or (None, None, None) when every other member finished. Otherwise, or
+        when the next one's key is gone too (every member has beaten long before anyone
+        finishes), that member is dead: the round is marked broken, and None returned."""
+        after = neighbour
+        while after != rank and self._store.check([self._keys.round(r, "finished/%d" % after)]):
+            after = (after + 1) % world_size
+        if after == rank:
+            return None, None, None
+        value = None
+        if after != neighbour:
+            try:
+                self._next_host = _LazyMembers(self._store, self._keys.round(r, "members")).load()[after][2]
+            except (_store.StoreError, ValueError, IndexError, TypeError):
+                self._next_host = None
+            value = self._peek(self._keys.round(r, "hb/%d" % after))
+            if value is not None:
+                return after, self._keys.round(r, "hb/%d" % after), value
+            why = "is gone (its store connection closed)"
+        self._declare_dead(r, after, why, flag)
+        return None
 
     def _peek(self, key):
         """The heartbeat value at `key`; None when an ephemeral key is missing (vanished)."""
@@ -1307,9 +1352,19 @@ class RendezvousHandler:
                 store.multi_set([keys.round(r, "gate"), keys.round(r, "full")], ["1", "1"])
         self._closed_seen = True
 
-    def shutdown(self):
-        """Leave the run: stop heartbeats and tell the round's other members. Returns True."""
+    def finished(self):
+        """Tell the round's other members that this node's work is done (its workers succeeded):
+        when it leaves (shutdown()), they neither see a lost member nor restart. Call it once this
+        node will not take part in a further round."""
         if self._round is not None and self._lost is None:
+            with self._mapped_errors():
+                self._store.set(self._keys.round(self._round, "finished/%d" % self._rank), "1")
+            self._finished = self._round
+
+    def shutdown(self):
+        """Leave the run: tell the round's other members (that the round is broken, unless
+        finished() said this node is done) and stop heartbeats. Returns True."""
+        if self._round is not None and self._lost is None and self._finished != self._round:
             self._leave_round("node %s (rank %d) left" % (self.host_name, self._rank))
         self._stop_heartbeat()
         self._round = None

@@ -386,6 +386,28 @@ def test_member_leaving_breaks_the_round_for_the_others(spawn, server):
     nodes[0].ask("broken", "broken")
 
 
+def test_a_finished_member_leaving_breaks_nothing_and_a_later_death_is_still_seen(spawn, server):
+    """Rank 1 says it finished and leaves: rank 0, which watched it, watches rank 2 instead; when
+    rank 2 dies the round breaks for that death (not for rank 1's leaving)."""
+    # only a vanished key can tell a death within the test (600 s of silence would)
+    conf = ["heartbeat_interval=0.2", "heartbeat_timeout=600", "join_timeout=60", "last_call_timeout=0.3"]
+    nodes = clients(spawn, server.port, 3, 3, 3, conf=conf)
+    rounds = join(nodes)
+    check_round(rounds, 3)
+    nodes = [nodes[[r["rank"] for r in rounds].index(rank)] for rank in range(3)]   # by rank
+    hb = ["elastic/job/0/hb/%d" % rank for rank in range(3)]
+    with S.TCPStore("127.0.0.1", server.port, timeout=HANG) as probe:
+        probe.wait(hb, HANG)
+        while min(int(v) for v in probe.multi_get(hb)) < 3:    # each one watches its neighbour's key
+            time.sleep(0.05)
+        nodes[1].ask("finished", "finished")
+        nodes[1].ask("shutdown", "shutdown")
+        nodes[2].kill()
+        nodes[0].ask("broken", "broken")
+        why = probe.get("elastic/job/0/broken_why").decode()
+        assert "rank 2" in why, why
+
+
 def test_a_frozen_store_host_does_not_blame_its_peer_for_its_own_silence(spawn):
     """The node that hosts the store is stopped (SIGSTOP) for several heartbeat timeouts. Its peer
     is stopped too, a little before, and continued a little after: so when the host runs again,
