@@ -11,14 +11,9 @@ import tempfile
 import unittest
 from unittest import mock
 
-import pytest
 
 import elastic
 from elastic import ChildFailedError, ProcessFailure, record
-
-
-def xfail(reason):
-    return pytest.mark.xfail(strict=True, reason="issue 16: " + reason)
 
 
 def ErrorHandler():   # noqa: N802 - torch's class, looked up when used
