@@ -40,7 +40,9 @@ Data flow of one agent (one per node)::
         |                          kind of Python worker writes whole lines (line-buffered stdio)
         v
     monitor (wakes on a worker's exit, at latest every monitor_interval):
-        all exited 0 ............ SUCCEEDED; exit barrier on info.store
+        all exited 0 ............ SUCCEEDED; exit barrier on info.store (on its timeout a node
+                                  leaves, marked finished in the round, not lost; the store's
+                                  host stays until the others are done or lost)
         a worker failed ......... UNHEALTHY; stop the group; publish failures to info.store and
                                   read the job's; restart while max_restarts allows, else FAILED
                                   (every node gives up together)
@@ -156,6 +158,14 @@ the node rank, the c10d endpoint (first host of SLURM_STEP_NODELIST / SLURM_JOB_
 srun's environment; options given on the command line or as PET_* win. A multi-node job whose
 endpoint would be a loopback address is refused (exit 2) instead of every node meeting itself.
 
+Worker placement (torchrun 2.13's options): ``--numa-binding MODE`` binds each worker, in the worker
+before its code runs, to the CPUs ``_numa_plan`` picks from ``/sys/devices/system`` (the NUMA node of
+the worker's GPU, from ``nvidia-smi`` and ``/sys/bus/pci``; without GPUs local ranks are spread over
+the nodes in blocks); the set travels in ``ELASTICRUN_CPUS``, which the worker drops before the
+script runs. ``--virtual-local-rank`` gives each worker LOCAL_RANK=0 and only its GPU in
+CUDA_VISIBLE_DEVICES. ``--duplicate-std{out,err}-filters`` copy tee'd lines holding a filter to
+``filtered_std{out,err}.log`` in the attempt's folder (the log pump writes them).
+
 Pre-flight check: ``elasticrun --check [the job's options] SCRIPT [ARGS]`` on every node (``srun
 elasticrun --check --slurm ... train.py``) starts no worker. The nodes meet through the job's own
 rendezvous backend under the run id ``<run id>.check`` (the job's run is never joined or closed), the
@@ -230,9 +240,10 @@ from it.
 
 __version__ = "0.1.0"
 __all__ = [
-    "WorkerSpec", "WorkerState", "Std", "DefaultLogsSpecs", "LocalElasticAgent", "RunResult",
+    "WorkerSpec", "WorkerState", "WorkerGroup", "Std", "DefaultLogsSpecs", "LocalElasticAgent", "RunResult",
     "ProcessFailure", "ChildFailedError", "ElasticError", "record", "ErrorHandler", "get_error_handler",
-    "main", "FileTimerServer", "FileTimerClient", "FileTimerRequest", "configure", "expires",
+    "main", "parse_min_max_nnodes", "TORCHELASTIC_TIMER_FILE", "TORCHELASTIC_HEALTH_CHECK_PORT",
+    "FileTimerServer", "FileTimerClient", "FileTimerRequest", "configure", "expires",
 ]
 
 import itertools
@@ -272,6 +283,9 @@ except ImportError:  # top-level modules
 log = logging.getLogger(__name__)
 
 _DEFAULT_PREFIX_TEMPLATE = "[${role_name}${local_rank}]:"
+# the environment variables that turn on the file timer and the health check (torch's constants)
+TORCHELASTIC_TIMER_FILE = "TORCHELASTIC_TIMER_FILE"
+TORCHELASTIC_HEALTH_CHECK_PORT = "TORCHELASTIC_HEALTH_CHECK_PORT"
 
 
 class ElasticError(Exception):
@@ -411,10 +425,18 @@ class WorkerSpec:
     """What to run on this node: `local_world_size` copies of `entrypoint` (a callable, or a program
     path run as a process with `args`). ``${local_rank}`` in string args is replaced per worker.
     Without `rdzv_handler` the node runs alone, and `local_addr` (default 127.0.0.1) is the workers'
-    MASTER_ADDR; with one, the handler says where the job's nodes are."""
+    MASTER_ADDR; with one, the handler says where the job's nodes are.
+
+    As torch's: `virtual_local_rank` gives every worker ``LOCAL_RANK=0`` and its own GPU as its only
+    visible device; `numa_binding` (``node``, ``socket``, ``exclusive``, ``core-complex``) binds each
+    worker to CPUs near its GPU (see _numa_plan); `duplicate_stdout_filters` /
+    `duplicate_stderr_filters` copy the tee'd lines holding any of these strings to
+    ``filtered_stdout.log`` / ``filtered_stderr.log`` in the attempt's log folder."""
 
     def __init__(self, role, local_world_size, entrypoint, args=(), rdzv_handler=None, max_restarts=3,
-                 monitor_interval=0.1, master_addr=None, master_port=None, local_addr=None):
+                 monitor_interval=0.1, master_addr=None, master_port=None, local_addr=None,
+                 virtual_local_rank=False, numa_binding=None, duplicate_stdout_filters=None,
+                 duplicate_stderr_filters=None):
         if int(local_world_size) < 1:
             raise ValueError("local_world_size must be at least 1, got %r" % (local_world_size,))
         if not (callable(entrypoint) or isinstance(entrypoint, str)):
@@ -423,6 +445,9 @@ class WorkerSpec:
             raise ValueError("max_restarts must be >= 0, got %r" % (max_restarts,))
         if float(monitor_interval) <= 0:
             raise ValueError("monitor_interval must be > 0, got %r" % (monitor_interval,))
+        if numa_binding is not None and numa_binding not in _NUMA_MODES:
+            raise ValueError("numa_binding must be one of %s, got %r"
+                             % (", ".join(_NUMA_MODES), numa_binding))
         self.role = role
         self.local_world_size = int(local_world_size)
         self.entrypoint = entrypoint
@@ -433,11 +458,29 @@ class WorkerSpec:
         self.master_addr = master_addr
         self.master_port = master_port
         self.local_addr = local_addr
+        self.virtual_local_rank = bool(virtual_local_rank)
+        self.numa_binding = numa_binding
+        self.duplicate_stdout_filters = list(duplicate_stdout_filters or ())
+        self.duplicate_stderr_filters = list(duplicate_stderr_filters or ())
 
     def get_entrypoint_name(self):
         if isinstance(self.entrypoint, str):
             return os.path.basename(self.entrypoint)
         return getattr(self.entrypoint, "__qualname__", repr(self.entrypoint))
+
+
+class WorkerGroup:
+    """A snapshot of a node's worker group, as torch's agent describes it (`get_worker_group()`)."""
+
+    def __init__(self, spec, state, group_rank=None, group_world_size=None, master_addr=None,
+                 master_port=None):
+        self.spec, self.state = spec, state
+        self.group_rank, self.group_world_size = group_rank, group_world_size
+        self.master_addr, self.master_port = master_addr, master_port
+
+    def __repr__(self):
+        return "WorkerGroup(role=%r, state=%s, group_rank=%s, group_world_size=%s)" % (
+            self.spec.role, self.state, self.group_rank, self.group_world_size)
 
 
 class RunResult:
@@ -1622,6 +1665,7 @@ def _exec_script(request):
     import types
     mode, script, args, env = request
     os.environ.update(env)
+    _take_cpu_binding(os.environ)
     _arm_stack_dump()
     _whole_line_stdio()
     # the launcher's own modules must not answer the script's `import store` (or rendezvous,
@@ -1701,6 +1745,7 @@ def _function_worker(fn, args, env, conn, out_path, err_path, parent_pid, forked
         pass
     _die_with_parent(_prctl(), parent_pid)
     os.environ.update(env)
+    _take_cpu_binding(os.environ)
     _arm_stack_dump()
     for path, fd in ((out_path, 1), (err_path, 2)):
         if path:
@@ -1853,6 +1898,149 @@ class _ForkedHandle(_Handle):
         return self._server.exits[self.pid]
 
 
+# Where a worker runs: torch's virtual local rank and NUMA binding, on what sysfs and nvidia-smi say.
+
+_NUMA_MODES = ("node", "socket", "exclusive", "core-complex")
+
+
+def _virtual_local_rank_env(local_rank, environ):
+    """LOCAL_RANK 0 and the worker's GPU (the local_rank-th visible one) as its only device."""
+    visible = environ.get("CUDA_VISIBLE_DEVICES")
+    if visible is None:
+        return {"LOCAL_RANK": "0", "CUDA_VISIBLE_DEVICES": str(local_rank)}
+    devices = visible.split(",")
+    if local_rank >= len(devices):
+        raise ValueError("local rank %d has no GPU in CUDA_VISIBLE_DEVICES=%s" % (local_rank, visible))
+    return {"LOCAL_RANK": "0", "CUDA_VISIBLE_DEVICES": devices[local_rank].strip()}
+
+
+def _cpu_list(text):
+    """The CPUs of a sysfs list such as ``0-3,8,10-11``."""
+    cpus = set()
+    for part in text.strip().split(","):
+        if part:
+            lo, _, hi = part.partition("-")
+            cpus.update(range(int(lo), int(hi or lo) + 1))
+    return cpus
+
+
+class _CpuTopology:
+    """The CPUs this process may run on, as sysfs groups them: by NUMA node, package (socket),
+    physical core and last-level cache. `root` and `allowed` are seams for tests."""
+
+    def __init__(self, root="/sys/devices/system", allowed=None):
+        self.allowed = set(os.sched_getaffinity(0) if allowed is None else allowed)
+        self.nodes = {}                     # NUMA node -> sorted allowed CPUs
+        node_dir = os.path.join(root, "node")
+        for name in sorted(os.listdir(node_dir)) if os.path.isdir(node_dir) else ():
+            if name.startswith("node") and name[4:].isdigit():
+                cpus = sorted(_cpu_list(self._read(os.path.join(node_dir, name, "cpulist"))) & self.allowed)
+                if cpus:
+                    self.nodes[int(name[4:])] = cpus
+        if not self.nodes:                  # no NUMA in sysfs: one node of every allowed CPU
+            self.nodes[0] = sorted(self.allowed)
+        cpu_dir = os.path.join(root, "cpu")
+        self.package, self.core, self.cache = {}, {}, {}
+        for cpu in self.allowed:
+            top = os.path.join(cpu_dir, "cpu%d" % cpu, "topology")
+            self.package[cpu] = self._read(os.path.join(top, "physical_package_id")) or "0"
+            self.core[cpu] = self._read(os.path.join(top, "thread_siblings_list")) or str(cpu)
+            cache = self._last_level_cache(os.path.join(cpu_dir, "cpu%d" % cpu, "cache"))
+            self.cache[cpu] = cache or str(cpu)
+
+    @staticmethod
+    def _read(path):
+        try:
+            with open(path) as f:
+                return f.read().strip()
+        except OSError:
+            return ""
+
+    def _last_level_cache(self, cache_dir):
+        """The CPU list sharing this CPU's highest-level cache (L3 on most machines)."""
+        best = (0, "")
+        for name in os.listdir(cache_dir) if os.path.isdir(cache_dir) else ():
+            level = self._read(os.path.join(cache_dir, name, "level"))
+            if name.startswith("index") and level.isdigit() and int(level) > best[0]:
+                best = (int(level), self._read(os.path.join(cache_dir, name, "shared_cpu_list")))
+        return best[1]
+
+
+def _gpu_numa_nodes(environ):
+    """The NUMA node of each GPU a worker sees, in device order (CUDA_VISIBLE_DEVICES' indices
+    honoured); [] without nvidia-smi or GPUs."""
+    import shutil
+    import subprocess
+    exe = shutil.which("nvidia-smi")
+    if not exe:
+        return []
+    try:
+        out = subprocess.run([exe, "--query-gpu=pci.bus_id", "--format=csv,noheader"], capture_output=True,
+                             timeout=10).stdout.decode()
+    except (OSError, subprocess.SubprocessError):
+        return []
+    nodes = []
+    for bus_id in (line.strip().lower() for line in out.splitlines() if ":" in line):
+        domain, bus = bus_id.split(":", 1)   # 00000000:dc:00.0 is sysfs' 0000:dc:00.0
+        path = "/sys/bus/pci/devices/%s:%s/numa_node" % (domain[-4:].rjust(4, "0"), bus)
+        node = _CpuTopology._read(path)
+        nodes.append(max(int(node), 0) if node.lstrip("-").isdigit() else 0)
+    visible = environ.get("CUDA_VISIBLE_DEVICES")
+    if visible is not None:
+        picked = []
+        for entry in visible.split(","):
+            if not entry.strip().isdigit() or int(entry) >= len(nodes):
+                break
+            picked.append(nodes[int(entry)])
+        nodes = picked
+    return nodes
+
+
+def _numa_plan(mode, nproc, topo, gpu_nodes=()):
+    """The CPUs of each local rank for --numa-binding `mode`. A worker's NUMA node is its GPU's (the
+    local_rank-th visible GPU, as torch binds); without one, local ranks are spread over the NUMA
+    nodes in blocks. ``node``: the node's CPUs; ``socket``: every CPU of the node's package;
+    ``exclusive``: the node's physical cores split evenly among the workers placed on it;
+    ``core-complex``: one last-level-cache group of the node's CPUs per worker, in turn."""
+    nodes = sorted(topo.nodes)
+    placed = [gpu_nodes[r] if r < len(gpu_nodes) and gpu_nodes[r] in topo.nodes
+              else nodes[r * len(nodes) // nproc] for r in range(nproc)]
+    plan = []
+    for r, node in enumerate(placed):
+        cpus = topo.nodes[node]
+        if mode == "socket":
+            package = topo.package[cpus[0]]
+            cpus = [c for n in nodes for c in topo.nodes[n] if topo.package[c] == package]
+        elif mode in ("exclusive", "core-complex"):
+            key = topo.core if mode == "exclusive" else topo.cache
+            groups = {}
+            for c in cpus:
+                groups.setdefault(key[c], []).append(c)
+            groups = sorted(groups.values())
+            peers = [q for q in range(nproc) if placed[q] == node]
+            i, k = peers.index(r), len(peers)
+            if mode == "exclusive" and len(groups) >= k:
+                cpus = [c for g in groups[i * len(groups) // k:(i + 1) * len(groups) // k] for c in g]
+            else:
+                cpus = groups[i % len(groups)]
+        plan.append(set(cpus))
+    return plan
+
+
+_CPUS_VAR = "ELASTICRUN_CPUS"   # a worker's --numa-binding CPUs, taken out of its environment at start
+
+
+def _take_cpu_binding(environ):
+    """In a worker, before its code runs: bind it to the CPUs the agent chose (threads it starts
+    inherit them) and drop the variable that carried them, so the script never sees it."""
+    text = environ.pop(_CPUS_VAR, None)
+    if text:
+        try:
+            os.sched_setaffinity(0, _cpu_list(text))
+        except (OSError, ValueError) as e:
+            sys.stderr.write("elasticrun: cannot bind to CPUs %s: %s\n" % (text, e))
+
+
 class _Worker:
     """One worker of an attempt: its ranks, environment, where its output goes, and its handle."""
 
@@ -1912,6 +2100,7 @@ class _ProgramStarter:
         prctl, parent = self._prctl or None, os.getpid()
         env = python_environment() if self._python else dict(os.environ)
         env.update(w.env)
+        cpus = {_CPUS_VAR: env.pop(_CPUS_VAR)} if _CPUS_VAR in env else {}
         files = []
         try:
             for dest, path in zip(w.dests, w.log_paths):
@@ -1920,7 +2109,7 @@ class _ProgramStarter:
                 files.append(None if dest == "console" else open(path, "ab", buffering=0))
             popen = subprocess.Popen(list(_with_local_rank(self._argv, w.local_rank)), env=env,
                                      stdout=files[0], stderr=files[1], start_new_session=True,
-                                     preexec_fn=lambda: _die_with_parent(prctl, parent))
+                                     preexec_fn=lambda: _start_program(prctl, parent, cpus))
         finally:
             for f in files:
                 if f is not None:
@@ -1929,6 +2118,12 @@ class _ProgramStarter:
 
     def finish(self, workers):
         pass
+
+
+def _start_program(prctl, parent, cpus):
+    """In a program worker between fork and exec."""
+    _die_with_parent(prctl, parent)
+    _take_cpu_binding(cpus)
 
 
 class _ForkServerStarter:
@@ -2034,12 +2229,13 @@ class _Tail:
 
     _MAX_PARTIAL = 1 << 16  # a longer line (a progress bar redrawn with \r) is cut, not hoarded
 
-    def __init__(self, path, console_fd, prefix):
+    def __init__(self, path, console_fd, prefix, filters=None):
         self.path = path
         self.console_fd = console_fd
         self.prefix = prefix.encode()
         self.partial = b""
         self._file = None
+        self._filters = None if filters is None else [f.encode() for f in filters]
 
     def read(self, size):
         """Up to `size` new bytes; b"" while there are none (or the file does not exist yet: a
@@ -2062,12 +2258,13 @@ class _Tail:
         """The complete lines of what was held back plus `data`, each prefixed; keeps the rest
         (ends it with a newline instead when `final`, or when it outgrows _MAX_PARTIAL)."""
         *lines, rest = (self.partial + data).split(b"\n")
-        out = b"".join(self.prefix + line + b"\n" for line in lines)
         if rest and (final or len(rest) > self._MAX_PARTIAL):
-            out += self.prefix + rest + b"\n"
+            lines.append(rest)
             rest = b""
         self.partial = rest
-        return out
+        if self._filters is not None:
+            lines = [line for line in lines if any(f in line for f in self._filters)]
+        return b"".join(self.prefix + line + b"\n" for line in lines)
 
     def close(self):
         if self._file is not None:
@@ -2091,6 +2288,7 @@ class _LogPump:
     def __init__(self, interval=0.1, stall_timeout=30.0):
         import threading
         self._tails = []
+        self._files = {}   # path -> fd of the duplicate files (see add_tail)
         self._interval = interval
         self._stall_timeout = stall_timeout
         self._progress = time.monotonic()  # last time the console took output
@@ -2098,12 +2296,20 @@ class _LogPump:
         self._abandoned = False
         self._thread = threading.Thread(target=self._run, name="elastic-log-pump", daemon=True)
 
-    def add_tail(self, path, console_fd, prefix):
-        self._tails.append(_Tail(path, console_fd, prefix))
+    def add_tail(self, path, console_fd, prefix, filters=None):
+        """Copy `path` to the fd `console_fd`; or, with `filters`, its lines holding any of them to
+        the file `console_fd` names (opened here once, shared by every tail that names it)."""
+        if filters is not None:
+            if console_fd not in self._files:
+                self._files[console_fd] = os.open(console_fd, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+            console_fd = self._files[console_fd]
+        self._tails.append(_Tail(path, console_fd, prefix, filters))
 
     def start(self):
         if self._tails:
             self._thread.start()
+        else:
+            self._close_files()
 
     def _write(self, fd, data):
         """All of `data` to the console fd: os.write may take part of it (a signal mid-write)."""
@@ -2146,6 +2352,12 @@ class _LogPump:
         finally:
             for t in self._tails:
                 t.close()
+            self._close_files()
+
+    def _close_files(self):
+        for fd in self._files.values():
+            os.close(fd)
+        self._files.clear()
 
     def stop(self):
         """Copy the rest to the console and end the thread (bounded by `stall_timeout`)."""
@@ -2164,27 +2376,34 @@ class _LogPump:
 class _WorkerSetup:
     """How an agent makes each attempt's worker group: a folder per worker under the run's log
     folder (``attempt_<n>/<local rank>``: error file, stack file), its environment (rank variables,
-    torchelastic's, the tree mark, the timer and stack files), output streams and line prefix, and
-    the group's starter, reaper and file timer. ``begin()`` names what each run() has anew."""
+    torchelastic's, the tree mark, the timer and stack files, its CPUs with ``numa_binding``), output
+    streams and line prefix, and the group's starter, reaper, file timer and filtered copies of the
+    output. ``begin()`` names what each run() has anew."""
 
     def __init__(self, spec, logs, prefix_template, starter, stack_signal=None):
         self._spec, self._logs, self._prefix_template = spec, logs, prefix_template
         self._starter, self._stack_signal = starter, stack_signal
         self._run_id = self._tree_token = self._reaper = self._timer = None
+        self._numa = None          # each local rank's CPUs with spec.numa_binding (first start)
 
     def begin(self, run_id, tree_token, reaper, timer=None):
         self._run_id, self._tree_token, self._reaper, self._timer = run_id, tree_token, reaper, timer
 
     def group(self, attempt, ranks, restart_count):
         """The _WorkerGroup of attempt number `attempt` for the round's _RankAssignment `ranks`."""
-        return _WorkerGroup(self.workers(attempt, ranks, restart_count), self._starter, self._reaper,
-                            self._tree_token, self._timer)
-
-    def workers(self, attempt, ranks, restart_count):
-        """The workers of attempt number `attempt` (not started)."""
-        from string import Template
         spec = self._spec
         attempt_dir = os.path.join(self._logs.root_log_dir, "attempt_%d" % attempt)
+        workers = self._workers(attempt_dir, ranks, restart_count)
+        duplicates = [(os.path.join(attempt_dir, "filtered_%s.log" % name), filters)
+                      for name, filters in (("stdout", spec.duplicate_stdout_filters),
+                                            ("stderr", spec.duplicate_stderr_filters))]
+        return _WorkerGroup(workers, self._starter, self._reaper, self._tree_token, self._timer,
+                            [(path, f) if f else (None, None) for path, f in duplicates])
+
+    def _workers(self, attempt_dir, ranks, restart_count):
+        """The workers of one attempt (not started), their folders under `attempt_dir`."""
+        from string import Template
+        spec = self._spec
         prefix = Template(self._prefix_template)
         workers = []
         for local_rank in range(spec.local_world_size):
@@ -2195,6 +2414,12 @@ class _WorkerSetup:
                 local_rank, rank, self.env(ranks, local_rank, os.path.join(rank_dir, "error.json"), restart_count),
                 self._logs.streams(local_rank, rank), rank_dir,
                 prefix.safe_substitute(role_name=spec.role, local_rank=local_rank, rank=rank)))
+        if spec.numa_binding:
+            if self._numa is None:             # the machine's topology, read once per agent
+                self._numa = _numa_plan(spec.numa_binding, spec.local_world_size, _CpuTopology(),
+                                        _gpu_numa_nodes(os.environ))
+            for w in workers:
+                w.env[_CPUS_VAR] = ",".join(str(c) for c in sorted(self._numa[w.local_rank]))
         return workers
 
     def env(self, ranks, local_rank, error_file, restart_count):
@@ -2213,7 +2438,9 @@ class _WorkerSetup:
         if spec.local_world_size > 1 and "OMP_NUM_THREADS" not in os.environ:
             env["OMP_NUM_THREADS"] = "1"
         if self._timer is not None:
-            env["TORCHELASTIC_TIMER_FILE"] = self._timer.file_path
+            env[TORCHELASTIC_TIMER_FILE] = self._timer.file_path
+        if spec.virtual_local_rank:
+            env.update(_virtual_local_rank_env(local_rank, os.environ))
         if self._stack_signal is not None:
             env[_STACK_FILE_VAR] = os.path.join(os.path.dirname(error_file), "stack.txt")
             env[_STACK_SIGNAL_VAR] = str(self._stack_signal)
@@ -2235,10 +2462,11 @@ class _WorkerGroup:
     KILL_WAIT = 2.0
     CONSOLE_STALL = 30.0
 
-    def __init__(self, workers, starter, reaper, tree_token, timer=None):
+    def __init__(self, workers, starter, reaper, tree_token, timer=None, duplicates=()):
         self.workers = workers
         self._starter, self._reaper, self._token, self._timer = starter, reaper, tree_token, timer
         self._pump = _LogPump(stall_timeout=self.CONSOLE_STALL)
+        self._duplicates = duplicates      # ((path, filters) for stdout, for stderr): see WorkerSpec
         self._stopped = self._released = False
         import threading
         self._stack_lock = threading.Lock()
@@ -2263,6 +2491,9 @@ class _WorkerGroup:
             started.append(w)
             for path, console_fd in w.tee_tails():
                 self._pump.add_tail(path, console_fd, w.prefix)
+                dup_path, filters = self._duplicates[console_fd - 1] if self._duplicates else (None, None)
+                if filters:
+                    self._pump.add_tail(path, dup_path, w.prefix, filters)
         self._starter.finish(started)
         for w in started:
             self._reaper.watch(w.pid)
@@ -2937,6 +3168,7 @@ class LocalElasticAgent:
         self._attempt = 0
         self._restart_count = 0
         self._servers = _NodeServers(health_check_port)
+        self._run_started = self._run_ended = None   # time.monotonic() of run()'s start and end
         self._event_log = event_log
         self._events = _Events()   # run() opens the event log; narration only until then
         self._job_restarts = 0     # the most restarts any member of the round has made
@@ -2969,6 +3201,25 @@ class LocalElasticAgent:
     def world_size(self):
         return None if self._ranks is None else self._ranks.world_size
 
+    def get_worker_group(self, role=None):
+        """torch's view of this node's worker group: ``spec``, ``state``, ``group_rank``,
+        ``group_world_size``, ``master_addr``, ``master_port`` (a snapshot; None before a round)."""
+        ranks = self._ranks
+        master = (None, None) if ranks is None else (ranks.master_addr, ranks.master_port)
+        return WorkerGroup(self._spec, self._state, self.group_rank, self.group_world_size, *master)
+
+    # torch's agent attribute names, for scripts written against it
+    @property
+    def _remaining_restarts(self):
+        return self._spec.max_restarts - self._restart_count
+
+    @property
+    def _total_execution_time(self):
+        """Seconds the last run() took (so far, while it runs)."""
+        if self._run_started is None:
+            return 0.0
+        return (self._run_ended or time.monotonic()) - self._run_started
+
     def _set_state(self, new):
         """The one place the state changes; a move not in _TRANSITIONS is a bug, said loudly."""
         if new not in _TRANSITIONS[self._state]:
@@ -2979,6 +3230,7 @@ class LocalElasticAgent:
     # -- run -----------------------------------------------------------------------------------------
 
     def run(self):
+        self._run_started, self._run_ended = time.monotonic(), None
         self._set_state(WorkerState.INIT)
         tree_token = _new_tree_token()   # marks every worker's tree in its environment
         self._reaper = _Reaper(tree_token)
@@ -3027,6 +3279,7 @@ class LocalElasticAgent:
             self._events.close()
             if self._state == WorkerState.SUCCEEDED and not (path and os.path.dirname(path) == self._logs.root_log_dir):
                 self._logs._cleanup()
+            self._run_ended = time.monotonic()
 
     def _run_id(self):
         try:
@@ -3308,7 +3561,6 @@ class _Peers:
         self._info, self._handler, self._stop = info, handler, stop
         self._failed_key = "elasticrun/%s/failed" % run_id   # on the handler's store: outlives rounds
         self._outcome_wait = outcome_wait
-        self._ignore_broken = False
         self.round = getattr(info, "round", None)
 
     def check(self):
@@ -3319,14 +3571,10 @@ class _Peers:
         if self._handler.num_nodes_waiting() > 0:
             # the survivors of a dead member wait for the next round too: that is not a scale-up
             return _BROKEN if self._broken_in_store() else _MEMBERSHIP
+        # a member that finished and left after its exit barrier timed out said so (finished()):
+        # it does not break the round
         broken = getattr(self._handler, "round_broken", None)
-        if broken is not None and broken() and not self._ignore_broken:
-            if store.check(["exit/count"]):
-                # a member finished successfully and left (exit barrier timed out): not a reason
-                # to rerun our workers
-                log.debug("a member left after finishing; carrying on")
-                self._ignore_broken = True
-                return None
+        if broken is not None and broken():
             return _BROKEN
         return None
 
@@ -3449,7 +3697,9 @@ class _Peers:
 
     def exit_barrier(self, timeout):
         """Wait up to `timeout` seconds for every node to finish; False when one of them failed for
-        good meanwhile."""
+        good meanwhile. When the wait runs out a node leaves, its departure marked as finished (the
+        others see no lost member and carry on), except the node serving the store: leaving would
+        take the store from the nodes still running, so it waits until they are done or lost."""
         info = self._info
         if info.world_size <= 1:
             try:   # the job's end: a run id reused later is refused, as after a job of many nodes
@@ -3460,12 +3710,21 @@ class _Peers:
         store = info.store
         start = time.monotonic()
         try:
+            store.set("exit/done/%d" % info.rank, "1")   # named before counted: see _still_running
             if store.add("exit/count", 1) >= info.world_size:
                 store.set("exit/release", "done")
-            self._wait_release(store, start + timeout, info.world_size)
+            try:
+                self._wait_release(store, start + timeout, info.world_size)
+            except _store.StoreTimeout:
+                if not getattr(self._handler, "hosts_store", False):
+                    self._leave_finished(store, timeout)
+                    return True
+                if not self._keep_serving(store, timeout):
+                    return True
             release = store.get("exit/release")
             if release == b"done":
                 self._handler.set_closed()
+                self._finished()    # leaving now is the job's end, not a lost member
             log.debug("exit barrier passed in %.3f s", time.monotonic() - start)
             return release != b"failed"
         except _SignalStop:
@@ -3473,6 +3732,57 @@ class _Peers:
         except Exception as e:  # a barrier problem never fails a successful node
             log.warning("exit barrier: %s (the workers of this node succeeded)", e)
         return True
+
+    def _leave_finished(self, store, timeout):
+        """A node that is not the store's host leaves after its exit-barrier timeout (as torch's
+        agent does), first telling the round it is done, not lost."""
+        running = self._still_running(store)
+        log.warning("exit barrier: %s still running after %g s; leaving (the workers of this node "
+                    "succeeded)", self._nodes_named(running), timeout)
+        self._finished()
+
+    def _finished(self):
+        """Tell the round this node is done, so its leaving is no lost member for the others."""
+        finished = getattr(self._handler, "finished", None)
+        if finished is not None:
+            finished()
+
+    def _keep_serving(self, store, timeout):
+        """The store host after its exit-barrier timeout: it stays until the barrier is released
+        (every node done, or one failed for good; True) or a member is lost (False), for the nodes
+        still running would lose the store and stop as "lost the store". A stop signal still ends
+        the wait."""
+        broken = getattr(self._handler, "round_broken", None)
+        pace = _store._Pace()
+        log.info("exit barrier: %s still running after %g s; this node serves the store and stays "
+                 "until they are done (leaving would stop them)", self._nodes_named(self._still_running(store)),
+                 timeout)
+        while not store.check(["exit/release"]):
+            if broken is not None and broken():
+                log.warning("exit barrier: %s; leaving with the store", self.broken_reason())
+                return False
+            if pace.due():
+                log.info("keeping the store up for %s: waiting", self._nodes_named(self._still_running(store)))
+            try:
+                with self._stop:
+                    store.wait(["exit/release"], 1.0)
+            except _store.StoreTimeout:
+                pass
+        return True
+
+    def _still_running(self, store):
+        """Group ranks of the nodes that have not reached the exit barrier."""
+        return [r for r in range(self._info.world_size) if not store.check(["exit/done/%d" % r])]
+
+    def _nodes_named(self, ranks, most=8):
+        """'1 node (gpu07)', '3 nodes (gpu01, gpu02, gpu03)', at most `most` names."""
+        members = getattr(self._info, "members", None) or []
+        names = []
+        for r in ranks[:most]:
+            m = members[r] if r < len(members) else None
+            names.append("rank %d" % r if m is None else (m[2] if len(m) > 2 and m[2] else m[0]))
+        more = ", ..." if len(ranks) > most else ""
+        return "%d node%s (%s%s)" % (len(ranks), "" if len(ranks) == 1 else "s", ", ".join(names), more)
 
 
 # ------------------------------------------------------------------------------------------- Stacks
@@ -4111,7 +4421,7 @@ class expires:
 def _default_timer_client():
     global _timer_client_configured
     if _timer_client_configured is None:
-        path = os.environ.get("TORCHELASTIC_TIMER_FILE")
+        path = os.environ.get(TORCHELASTIC_TIMER_FILE)
         if not path:
             raise RuntimeError("expires() needs a timer client: call configure(FileTimerClient(path)) "
                                "or run under the launcher with the file timer on")
@@ -4712,7 +5022,7 @@ def _file_timer_path(environ, directory):
     ``TORCHELASTIC_ENABLE_FILE_TIMER=1`` (then ``directory/timer.fifo``; give it a local directory
     such as the agent's temporary run folder: some network file systems refuse FIFOs).
     """
-    path = environ.get("TORCHELASTIC_TIMER_FILE")
+    path = environ.get(TORCHELASTIC_TIMER_FILE)
     if path:
         return path
     if environ.get("TORCHELASTIC_ENABLE_FILE_TIMER") == "1":
@@ -5630,7 +5940,7 @@ def _check_main(args, environ):
     """--check from the parsed options. A node where `--nproc-per-node gpu` finds no GPU gets a failed
     line, not the job's usage error: exiting alone would leave the others waiting for it."""
     import copy
-    wants_gpu = str(args.nproc_per_node).strip() == "gpu" and not _gpu_count()
+    wants_gpu = str(args.nproc_per_node).strip() == "gpu" and not _gpu_count(environ)
     if wants_gpu:
         args = copy.copy(args)
         args.nproc_per_node = "cpu"
@@ -5804,8 +6114,10 @@ _OPTIONS = [
     (("--run-path", "--run_path"), "run_path", "flag", False,
      "run the script with runpy in multiprocessing workers"),
     (("--node-rank", "--node_rank"), "node_rank", "int", 0, "this node's rank (static backend)"),
-    (("--master-addr", "--master_addr"), "master_addr", "str", None, "static: node 0's address"),
-    (("--master-port", "--master_port"), "master_port", "int", None, "static: the store's port"),
+    (("--master-addr", "--master_addr"), "master_addr", "str", None,
+     "node 0's address (static backend; default 127.0.0.1): workers' MASTER_ADDR"),
+    (("--master-port", "--master_port"), "master_port", "int", None,
+     "the workers' MASTER_PORT, left free for them (default: a free port each round)"),
     (("--local-addr", "--local_addr"), "local_addr", "str", None, "this node's address"),
     (("--log-dir", "--log_dir"), "log_dir", "str", None, "directory for per-rank logs"),
     (("-r", "--redirects"), "redirects", "str", "0", "0-3 or a map 0:3,1:1"),
@@ -5825,6 +6137,18 @@ _OPTIONS = [
     (("--health-check-port", "--health_check_port"), "health_check_port", "int", None,
      "serve GET /healthz on this port"),
     (("--slurm",), "slurm", "flag", False, "take nnodes, endpoint and run id from srun"),
+    (("--numa-binding", "--numa_binding"), "numa_binding", "str", None,
+     "bind each worker to CPUs near its GPU: node, socket, exclusive or core-complex"),
+    (("--virtual-local-rank", "--virtual_local_rank"), "virtual_local_rank", "flag", False,
+     "LOCAL_RANK=0 for every worker, its GPU its only visible device"),
+    (("--duplicate-stdout-filters", "--duplicate_stdout_filters"), "duplicate_stdout_filters", "str", "",
+     "a,b: tee'd stdout lines holding a or b also go to filtered_stdout.log (,, is a comma)"),
+    (("--duplicate-stderr-filters", "--duplicate_stderr_filters"), "duplicate_stderr_filters", "str", "",
+     "the same for stderr, to filtered_stderr.log"),
+    (("--logs-specs", "--logs_specs"), "logs_specs", "str", None,
+     "torchrun's LogsSpecs entry-point name: only 'default' (the built-in one)"),
+    (("--event-log-handler", "--event_log_handler"), "event_log_handler", "str", "null",
+     "torchrun's event handler name: accepted and ignored"),
     (("--check",), "check", "flag", False,
      "pre-flight check on every node, same options as the job: endpoint, addresses, ports, clocks, "
      "versions, script checksum, log dir, GPUs/CPUs; no worker; exit 0/1"),
@@ -5832,6 +6156,10 @@ _OPTIONS = [
      "JSON-lines event log (default: events.jsonl in the run's log folder; 'none': off)"),
 ]
 
+
+# torch.distributed.launch's options torchrun dropped: elasticrun is torchrun, so they are refused
+_LAUNCH_ONLY = dict.fromkeys(("--use-env", "--use_env"), " (torch.distributed.launch's: elasticrun is "
+                             "torchrun, workers always read LOCAL_RANK from the environment)")
 
 # The status of a node excluded from its run: it left after its workers caused exclude_after
 # failures, or its host came back before exclude_cooldown ended (sysexits' EX_TEMPFAIL).
@@ -5857,7 +6185,8 @@ class _Args:
 def _usage():
     lines = ["usage: elasticrun [OPTIONS] SCRIPT [ARGS...]   (also: python3 -m elastic, python3 elastic.py)",
              "", "Launch a (multi-node) elastic job: torchrun without PyTorch. Every option also reads",
-             "PET_<NAME> from the environment (PET_NPROC_PER_NODE=4).", ""]
+             "PET_<NAME> from the environment (PET_NPROC_PER_NODE=4); an unambiguous prefix of a long",
+             "option (--nproc) is taken as that option.", ""]
     for names, dest, kind, default, text in _OPTIONS:
         flag = ", ".join(names) + ("" if kind == "flag" else " " + dest.upper())
         lines.append("  %-44s %s%s" % (flag, text, "" if kind == "flag" or default in (None, "")
@@ -5898,18 +6227,20 @@ def _parse_args(argv, environ):
             break
         if not word.startswith("-") or word == "-":
             break
-        if word in ("-h", "--help"):
+        name, eq, value = word.partition("=")
+        if name.startswith("--") and name not in by_name:
+            name = _full_name(name, by_name)   # an unambiguous prefix, as argparse allows: --redirect
+        if name in ("-h", "--help"):
             sys.stdout.write(_usage())
             raise _Exit(0)
-        if word == "--version":
+        if name == "--version":
             sys.stdout.write("elasticrun %s\n" % __version__)
             raise _Exit(0)
-        name, eq, value = word.partition("=")
         if name not in by_name and not word.startswith("--") and word[:2] in by_name and len(word) > 2:
             name, eq, value = word[:2], "=", word[2:]      # -r3
         option = by_name.get(name)
         if option is None:
-            raise _UsageError("unrecognized option %s" % name)
+            raise _UsageError("unrecognized option %s%s" % (name, _LAUNCH_ONLY.get(name, "")))
         _, dest, kind, _, _ = option
         if kind == "flag":
             if eq:
@@ -5931,6 +6262,19 @@ def _parse_args(argv, environ):
     return args
 
 
+def _full_name(name, by_name):
+    """The long option `name` is a prefix of: `name` itself when it is none's; _UsageError naming the
+    candidates when it is a prefix of several options (spellings of one option count once)."""
+    matches = {}   # an option's first name -> the spelling `name` is a prefix of
+    for n in list(by_name) + ["--help", "--version"]:
+        if n.startswith("--") and n.startswith(name):
+            first = next(m for m in by_name[n][0] if m.startswith("--")) if n in by_name else n
+            matches.setdefault(first, n)
+    if len(matches) > 1:
+        raise _UsageError("ambiguous option %s could match %s" % (name, ", ".join(sorted(matches))))
+    return matches.popitem()[1] if matches else name
+
+
 def _convert(value, kind, name):
     try:
         result = {"str": str, "int": int, "float": float}[kind](value)
@@ -5950,6 +6294,15 @@ def _random_uuid():
     return "%s-%s-%s-%s-%s" % (h[:8], h[8:12], h[12:16], h[16:20], h[20:])
 
 
+def parse_min_max_nnodes(nnodes):
+    """torchrun's ``--nnodes`` value as ``(min_nodes, max_nodes)``: ``"N"`` or ``"MIN:MAX"``.
+    ``ValueError`` for a part that is not a number, ``RuntimeError`` for more than two parts (torch's)."""
+    parts = str(nnodes).split(":")
+    if len(parts) > 2:
+        raise RuntimeError("nnodes=%s is not in \"MIN:MAX\" format" % nnodes)
+    return int(parts[0]), int(parts[-1])
+
+
 # Bounds of the numeric options: past them a value is a typo, and some would overflow a wait
 # (poll takes milliseconds in a C int) or start workers until the machine gives out.
 _MAX_NODES = 65536
@@ -5959,11 +6312,9 @@ _MAX_SECONDS = 1e6   # about 11.5 days
 
 
 def _parse_nnodes(text):
-    lo, sep, hi = str(text).partition(":")
     try:
-        lo = int(lo)
-        hi = int(hi) if sep else lo
-    except ValueError:
+        lo, hi = parse_min_max_nnodes(str(text).strip())
+    except (ValueError, RuntimeError):
         raise _UsageError("--nnodes %r is not N or MIN:MAX" % text)
     if lo < 1 or hi < lo:
         raise _UsageError("--nnodes %r needs 1 <= MIN <= MAX" % text)
@@ -5986,7 +6337,10 @@ def _check_run_id(run_id, option="--rdzv-id"):
         raise _UsageError("%s %r must not contain control characters" % (option, run_id))
 
 
-def _gpu_count():
+def _gpu_count(environ=None):
+    """GPUs this job may use: `nvidia-smi -L`'s, narrowed by CUDA_VISIBLE_DEVICES when `environ` sets
+    it (as torch.cuda.device_count() is: the list is read up to its first entry that names no GPU).
+    Without `environ`, the machine's."""
     import shutil
     import subprocess
     exe = shutil.which("nvidia-smi")
@@ -5996,20 +6350,40 @@ def _gpu_count():
         out = subprocess.run([exe, "-L"], capture_output=True, timeout=10).stdout.decode()
     except (OSError, subprocess.SubprocessError):
         return 0
-    return sum(1 for line in out.splitlines() if line.startswith("GPU "))
+    gpus = [line for line in out.splitlines() if line.startswith("GPU ")]
+    visible = None if environ is None else environ.get("CUDA_VISIBLE_DEVICES")
+    if visible is None:
+        return len(gpus)
+    uuids = [line.rpartition("UUID: ")[2].rstrip(")").strip() for line in gpus]
+    seen = set()
+    for entry in (e.strip() for e in visible.split(",")):
+        index = int(entry) if entry.isdigit() else next(
+            (i for i, u in enumerate(uuids) if entry and u.startswith(entry)), None)
+        if index is None or index >= len(gpus) or index in seen:
+            break
+        seen.add(index)
+    return len(seen)
 
 
-def _parse_nproc(text):
+def _cpu_count():
+    """CPUs this process may run on (its affinity mask, as torch counts them), not the machine's."""
+    try:
+        return len(os.sched_getaffinity(0)) or 1
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
+def _parse_nproc(text, environ=None):
     text = str(text).strip()
     if text == "cpu":
-        return os.cpu_count() or 1
+        return _cpu_count()
     if text in ("gpu", "auto"):
-        n = _gpu_count()
+        n = _gpu_count(os.environ if environ is None else environ)
         if n:
             return n
         if text == "gpu":
-            raise _UsageError("--nproc-per-node gpu: nvidia-smi -L lists no GPU")
-        return os.cpu_count() or 1
+            raise _UsageError("--nproc-per-node gpu: no GPU (nvidia-smi -L, CUDA_VISIBLE_DEVICES)")
+        return _cpu_count()
     try:
         n = int(text)
     except ValueError:
@@ -6046,15 +6420,24 @@ def _parse_signals(text):
     return sigs
 
 
+def _unquote(text):
+    """`text` without one pair of matching outer quotes: a value quoted for a shell that never saw it
+    (a job spec, a YAML file) reads as the shell would have passed it."""
+    text = text.strip()
+    if len(text) >= 2 and text[0] == text[-1] and text[0] in "'\"":
+        return text[1:-1].strip()
+    return text
+
+
 def _parse_conf(text):
     conf = {}
-    for part in text.split(","):
+    for part in _unquote(text).split(","):
         if not part.strip():
             continue
         k, sep, v = part.partition("=")
         if not sep or not k.strip():
             raise _UsageError("--rdzv-conf %r: %r is not key=value" % (text, part))
-        conf[k.strip()] = v.strip()
+        conf[_unquote(k)] = _unquote(v)
     return conf
 
 
@@ -6065,7 +6448,8 @@ class _LaunchConfig:
     __slots__ = ("rdzv", "nproc", "role", "max_restarts", "monitor_interval", "master_addr", "master_port",
                  "start_method", "shutdown_timeout", "exit_barrier_timeout", "prefix_template", "logs",
                  "signals", "health_check_port", "script", "script_args", "mode", "slurm_token",
-                 "stack_signal", "forward_signals", "event_log")
+                 "stack_signal", "forward_signals", "event_log", "virtual_local_rank", "numa_binding",
+                 "duplicate_stdout_filters", "duplicate_stderr_filters")
 
     def __init__(self, **fields):
         for name in self.__slots__:
@@ -6094,7 +6478,7 @@ def _slurm_values(args, environ):
 def _health_check_port(value, environ):
     name = "--health-check-port"
     if value is None:
-        text = environ.get("TORCHELASTIC_HEALTH_CHECK_PORT", "").strip()
+        text = environ.get(TORCHELASTIC_HEALTH_CHECK_PORT, "").strip()
         if not text:
             return None
         name = "TORCHELASTIC_HEALTH_CHECK_PORT"
@@ -6121,7 +6505,8 @@ def _rdzv_params(o, environ=None):
         raise _UsageError("--rdzv-backend %r is not one of %s" % (backend, ", ".join(_rdzv._BACKENDS)))
     _check_run_id(run_id)
     if backend == "static":   # torchrun's options for it: node 0 serves the store at the master address
-        endpoint = "%s:%d" % (o["master_addr"] or "127.0.0.1", o["master_port"] or 29500)
+        endpoint = endpoint or _static_store_endpoint(o["master_addr"] or "127.0.0.1", o["master_port"],
+                                                      max_nodes)
         conf["rank"] = o["node_rank"]
     elif not endpoint:
         raise _UsageError("--rdzv-backend %s needs --rdzv-endpoint" % backend)
@@ -6132,12 +6517,26 @@ def _rdzv_params(o, environ=None):
                                             local_addr=o["local_addr"], job=job, token=token, **conf)
         if o["local_addr"] is None and params.host is not None and _is_loopback_name(params.host):
             # every node is on this machine; the host name would make each worker resolve it (slow
-            # resolvers stall init_process_group for seconds)
-            params = _rdzv.RendezvousParameters(backend, endpoint, run_id, min_nodes, max_nodes,
-                                                local_addr="127.0.0.1", job=job, token=token, **conf)
+            # resolvers stall init_process_group for seconds). Set, not built again: the conf's
+            # warnings are given once
+            params.local_addr = "127.0.0.1"
     except ValueError as e:
         raise _UsageError(str(e))
     return params
+
+
+def _static_store_endpoint(master_addr, master_port, nnodes):
+    """Where node 0 serves the static backend's store. torchrun's workers share its own store on
+    MASTER_PORT (they speak torch's store protocol to it); ours cannot, so with --master-port P the
+    workers get P and the store moves: to a free port when this is the only node, else to P+1."""
+    if master_port is None:
+        return "%s:29500" % master_addr   # workers get a fresh port
+    if nnodes == 1:
+        return "%s:0" % master_addr
+    if master_port + 1 > 65535:
+        raise _UsageError("--master-port %d leaves no port for the launcher's store (P+1 with several "
+                          "static nodes); choose a lower one or give --rdzv-endpoint" % master_port)
+    return "%s:%d" % (master_addr, master_port + 1)
 
 
 def _job_settings(o):
@@ -6235,21 +6634,29 @@ def _config_from_args(args, environ, check=False):
     modes = [m for m in ("module", "no_python", "run_path") if o[m]]
     if len(modes) > 1:
         raise _UsageError("choose at most one of -m/--module, --no-python, --run-path")
-    nproc, logs = _parse_nproc(o["nproc_per_node"]), _logs_specs(o)
+    nproc, logs = _parse_nproc(o["nproc_per_node"], environ), _logs_specs(o)
     signals = _parse_signals(o["signals_to_handle"])
     stack_signal, forward_signals = _job_signals(environ, signals)
     health_check_port = _health_check_port(o["health_check_port"], environ)
+    if o["numa_binding"] is not None and o["numa_binding"] not in _NUMA_MODES:
+        raise _UsageError("--numa-binding %r is not one of %s" % (o["numa_binding"], ", ".join(_NUMA_MODES)))
+    if o["virtual_local_rank"] and "CUDA_VISIBLE_DEVICES" in environ:
+        visible = environ["CUDA_VISIBLE_DEVICES"].split(",")
+        if len(visible) < nproc:
+            raise _UsageError("--virtual-local-rank: %d workers but CUDA_VISIBLE_DEVICES=%s lists %d GPUs"
+                              % (nproc, environ["CUDA_VISIBLE_DEVICES"], len(visible)))
     if not (check or o["module"] or o["no_python"]) and not os.path.exists(o["training_script"]):
         raise _UsageError("no such script: %s" % o["training_script"])
     if o["no_python"]:
         _check_program(o["training_script"])
-    # the static backend's workers get a fresh port from node 0; the others' only when asked
-    static = rdzv.backend == "static"
+    # workers get the master address and port when asked (PET_* or the command line); else the
+    # rendezvous gives them a fresh port on node 0 each round
+    master_port = o["master_port"] if "master_port" in args._explicit else None
+    master_addr = o["master_addr"] if "master_addr" in args._explicit else None
     return _LaunchConfig(
         rdzv=rdzv, nproc=nproc, role=o["role"],
         max_restarts=o["max_restarts"], monitor_interval=o["monitor_interval"],
-        master_addr=None if static or "master_addr" not in args._explicit else o["master_addr"],
-        master_port=None if static or "master_port" not in args._explicit else o["master_port"],
+        master_addr=master_addr, master_port=master_port,
         start_method=o["start_method"], shutdown_timeout=o["shutdown_timeout"],
         exit_barrier_timeout=o["exit_barrier_timeout"],
         prefix_template=o["log_line_prefix_template"] or environ.get("TORCHELASTIC_LOG_LINE_PREFIX_TEMPLATE"),
@@ -6258,7 +6665,15 @@ def _config_from_args(args, environ, check=False):
         mode=modes[0] if modes else "script",
         slurm_token=bool(o["slurm"] and not o["standalone"] and rdzv.token is not None),
         stack_signal=stack_signal, forward_signals=forward_signals,
-        event_log=_event_log_path(o["event_log"]))
+        event_log=_event_log_path(o["event_log"]), virtual_local_rank=o["virtual_local_rank"],
+        numa_binding=o["numa_binding"],
+        duplicate_stdout_filters=_parse_filters(o["duplicate_stdout_filters"]),
+        duplicate_stderr_filters=_parse_filters(o["duplicate_stderr_filters"]))
+
+
+def _parse_filters(text):
+    """torchrun's comma-separated filter list: ``a,b``, with ``,,`` for a comma inside a filter."""
+    return [f.replace("\0", ",") for f in text.replace(",,", "\0").split(",") if f]
 
 
 def _check_program(program):
@@ -6305,6 +6720,11 @@ def _event_log_path(value):
 
 
 def _logs_specs(o):
+    # torchrun loads a LogsSpecs class from the `torchrun.logs_specs` entry points; its one built-in
+    # name is "default". A custom class is torch code for torch's agent: ours has only its own.
+    if o["logs_specs"] not in (None, "default"):
+        raise _UsageError("--logs-specs %r: elasticrun has only its built-in 'default' (torchrun's "
+                          "custom torchrun.logs_specs entry points are torch classes)" % o["logs_specs"])
     streams = []
     for dest in ("redirects", "tee"):
         try:
@@ -6713,12 +7133,28 @@ def _run_job(c, stop, server, environ):
     entrypoint, args = _entrypoint(c)
     spec = WorkerSpec(c.role, c.nproc, entrypoint, args, rdzv_handler=handler, max_restarts=c.max_restarts,
                       monitor_interval=c.monitor_interval, master_addr=c.master_addr,
-                      master_port=c.master_port, local_addr=c.rdzv.local_addr)
+                      master_port=c.master_port, local_addr=c.rdzv.local_addr,
+                      virtual_local_rank=c.virtual_local_rank, numa_binding=c.numa_binding,
+                      duplicate_stdout_filters=c.duplicate_stdout_filters,
+                      duplicate_stderr_filters=c.duplicate_stderr_filters)
     agent = LocalElasticAgent(spec, logs_specs=c.logs, start_method=c.start_method,
                               exit_barrier_timeout=c.exit_barrier_timeout, shutdown_timeout=c.shutdown_timeout,
                               log_line_prefix_template=c.prefix_template,
                               health_check_port=c.health_check_port, fork_server=server, stop_flag=stop,
                               adopt_orphans=True, stack_signal=c.stack_signal or 0, event_log=c.event_log)
+    try:
+        return _agent_outcome(agent, c, stop, environ)
+    finally:
+        # as torch's launcher does; the agent's run() has left already (leaving twice is harmless), but
+        # a run() that never got that far has not
+        try:
+            handler.shutdown()
+        except Exception as e:  # never let a leaving-the-run error hide the outcome
+            log.debug("rendezvous shutdown: %s", e)
+
+
+def _agent_outcome(agent, c, stop, environ):
+    """Run the agent; the exit status of its RunResult (or of the error that ended it)."""
     try:
         result = agent.run()
     except _SignalStop as e:

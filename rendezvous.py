@@ -18,6 +18,7 @@ Usage::
     handler.num_nodes_waiting()            # poll: > 0 -> nodes wait to join, restart at the new size
     handler.set_closed()                   # end the run for every node
     handler.shutdown()                     # leave (the others see the round as broken)
+    handler.finished()                     # before shutdown(): this node is done, its leaving is no loss
     handler.broken_reason()                # why the round broke (one store read), or None
 
     store = open_run_store(params)         # from outside the run: a client that never serves,
@@ -39,7 +40,9 @@ Configuration (``--rdzv-conf``; every value checked, a bad one raises a one-line
 ``heartbeat_timeout`` 15, ``read_timeout`` 60 (seconds), ``is_host`` (bool), ``token_file`` (shared
 secret for the store; c10d and static only), ``rank`` (static only); torch's ``keep_alive_interval``
 and ``keep_alive_max_attempt`` (default 3) set ``heartbeat_interval`` and ``heartbeat_timeout``
-(their product) when those are not given. ``close_timeout`` is accepted for torchrun compatibility
+(their product) when those are not given, and torch's ``timeout`` sets ``join_timeout`` when that is
+not given. Keys it does not know are ignored with a warning naming them (as torch ignores them), and
+so is ``is_host`` for etcd. ``close_timeout`` is accepted for torchrun compatibility
 and checked, but nothing waits on it: closing here is a single store write. ``exclude_after``,
 ``exclude_window`` and ``exclude_cooldown``: see "Bad nodes and spares" below.
 
@@ -102,7 +105,9 @@ is dead, and the observer marks the round broken. Silence is counted only over t
 own loop ran on schedule: after a loop that took far longer than the interval (this process was
 frozen by SIGSTOP or a stalled VM, or the store did not answer) the count starts again, so a node
 that was itself frozen never blames its peers for the beats it could not see. Every dead member has
-a live predecessor in the ring unless all are dead, so one death is always seen. ``round_broken()``
+a live predecessor in the ring unless all are dead, so one death is always seen. A member that
+called ``finished()`` (its work is done) is no loss when it leaves: its observer watches the next
+member of the ring instead. ``round_broken()``
 reads a local flag (free to poll). A store whose object has ``set_ephemeral`` (etcd leases; the TCP
 store, whose server deletes such a key when its client's connection closes) gets heartbeat and
 ``alive`` keys that vanish with their writer; a vanished key counts as dead at once. Peeks at such
@@ -163,6 +168,7 @@ Key layout (``R`` = the run id, percent-quoted so run ids never overlap; ``r`` =
     elastic/R/r/hb/<rank>       heartbeat counter of the member with that rank
     elastic/R/r/intact          set with done; deleted when the round breaks (wakes wait_gone)
     elastic/R/r/broken          > 0 once a member died or left; reason in broken_why
+    elastic/R/r/finished/<rank> that member's work is done: its leaving breaks nothing (finished())
     elastic/R/r/user/...        RendezvousInfo.store: the agents' own keys for this round
 
 Errors: ``RendezvousError`` is the root; ``RendezvousTimeoutError`` (also ``TimeoutError``) says how
@@ -219,7 +225,7 @@ _TIMEOUTS = {
 }
 _MAX_SECONDS = 1e6                          # about 11.5 days
 _OTHER_KEYS = ("is_host", "token_file", "rank", "keep_alive_interval", "keep_alive_max_attempt",
-               "exclude_after", "exclude_window", "exclude_cooldown")
+               "exclude_after", "exclude_window", "exclude_cooldown", "timeout")
 _EXCLUDE_DEFAULTS = {"exclude_window": 3600.0, "exclude_cooldown": 3600.0}
 _TORCH_ONLY_KEYS = ("store_type", "use_libuv", "local_addr")   # accepted from torchrun users, unused
 _BACKENDS = ("c10d", "store", "static", "etcd")
@@ -374,10 +380,16 @@ class RendezvousParameters:
             raise ValueError("local_addr must be a non-empty string, got %r" % (local_addr,))
         self.local_addr = local_addr.strip() if local_addr else None
         self.config = dict(config)
-        for key in self.config:
-            if key not in _TIMEOUTS and key not in _OTHER_KEYS and key not in _TORCH_ONLY_KEYS:
-                raise ValueError("unknown rdzv conf key %r; known keys: %s"
-                                 % (key, ", ".join(sorted(list(_TIMEOUTS) + list(_OTHER_KEYS)))))
+        # torch ignores keys it does not know (a job's conf may carry another backend's keys); a
+        # warning names them, so a misspelt key is seen
+        known = set(_TIMEOUTS) | set(_OTHER_KEYS) | set(_TORCH_ONLY_KEYS)
+        self.ignored_keys = sorted(k for k in self.config if k not in known)
+        if backend == "etcd" and "is_host" in self.config:
+            self.ignored_keys.append("is_host")   # etcd serves the rendezvous; torch ignores it too
+        for key in self.ignored_keys:
+            if key != "is_host":
+                log.warning("rdzv conf key %r is not known and is ignored; known keys: %s",
+                            key, ", ".join(sorted(list(_TIMEOUTS) + list(_OTHER_KEYS))))
         for key, default in _TIMEOUTS.items():
             value = self.config.get(key, default) if key in self.config else self._torch_keep_alive(key, default)
             try:
@@ -391,7 +403,9 @@ class RendezvousParameters:
         if self.heartbeat_timeout <= self.heartbeat_interval:
             raise ValueError("rdzv conf heartbeat_timeout=%g must exceed heartbeat_interval=%g"
                              % (self.heartbeat_timeout, self.heartbeat_interval))
-        self.is_host = _as_bool("is_host", self.config["is_host"]) if "is_host" in self.config else None
+        self.is_host = None
+        if "is_host" in self.config and "is_host" not in self.ignored_keys:
+            self.is_host = _as_bool("is_host", self.config["is_host"])
         token_file = self.config.get("token_file")
         if token_file is not None and (not isinstance(token_file, str) or not token_file):
             raise ValueError("rdzv conf token_file=%r is not a path" % (token_file,))
@@ -425,10 +439,9 @@ class RendezvousParameters:
         if backend == "etcd":
             if token is not None:
                 raise ValueError("a token is not for the etcd backend (secure etcd with its own access control)")
-            for key in ("token_file", "is_host"):
-                if key in self.config:
-                    raise ValueError("rdzv conf %s is not for the etcd backend (etcd serves the "
-                                     "rendezvous; secure it with etcd's own access control)" % key)
+            if "token_file" in self.config:
+                raise ValueError("rdzv conf token_file is not for the etcd backend (etcd serves the "
+                                 "rendezvous; secure it with etcd's own access control)")
             self.host, self.port = None, None
             self.endpoints = _parse_etcd_endpoints(self.endpoint)
         else:
@@ -456,7 +469,10 @@ class RendezvousParameters:
                              "backend's nodes have fixed ranks, so none can leave")
 
     def _torch_keep_alive(self, key, default):
-        """torch's names for the heartbeat: a node is dead after keep_alive_max_attempt (3) silent intervals."""
+        """torch's names for the heartbeat: a node is dead after keep_alive_max_attempt (3) silent
+        intervals; and for the join timeout: ``timeout`` (torch's static and etcd backends)."""
+        if key == "join_timeout":
+            return self.config.get("timeout", default)
         torch_style = "keep_alive_interval" in self.config or "keep_alive_max_attempt" in self.config
         if not torch_style:
             return default
@@ -611,6 +627,7 @@ class RendezvousHandler:
         self._ephemeral = (callable(getattr(store, "set_ephemeral", None))
                            and getattr(store, "supports_ephemeral", True))
         self._round = None              # last completed round this node is a member of
+        self._finished = None           # the round whose members were told this node is done
         self._rank = None
         self._world_size = 0
         self._broken = threading.Event()
@@ -1115,8 +1132,14 @@ class RendezvousHandler:
                         broken_flag.set()
                         return
                     if watched is not None and self._peek(their) is None:
-                        self._declare_dead(r, neighbour, "is gone (its store connection closed)", broken_flag)
-                        return
+                        # dead, or it finished and left: then watch the next one
+                        past = self._watch_past(r, rank, neighbour, world_size,
+                                                "is gone (its store connection closed)", broken_flag)
+                        if past is None:
+                            return
+                        neighbour, their, seen = past
+                        silence = _Silence(params.heartbeat_timeout, self._stall_limit())
+                        continue
                     stop.wait(params.heartbeat_interval)    # woken, yet nothing is gone: never spin
                     continue
                 if their is None:
@@ -1127,8 +1150,12 @@ class RendezvousHandler:
                 if seen is None and value is not None:
                     seen = value
                 if silent is not None:
-                    self._declare_dead(r, neighbour, "silent for %.0f s" % silent, broken_flag)
-                    return
+                    past = self._watch_past(r, rank, neighbour, world_size, "silent for %.0f s" % silent,
+                                            broken_flag)
+                    if past is None:
+                        return
+                    neighbour, their, seen = past
+                    silence = _Silence(params.heartbeat_timeout, self._stall_limit())
             except _store.StoreConnectionError:
                 raise
             except _store.StoreError as e:
@@ -1179,13 +1206,19 @@ class RendezvousHandler:
                     value = self._peek(their)
                     if stop.is_set():
                         return
+                    why = None
                     if value is None and seen is not None:
-                        self._declare_dead(r, neighbour, "is gone (its store connection closed)", broken_flag)
+                        why = "is gone (its store connection closed)"
                     else:
                         seen = value if value is not None else seen
                         silent = silence.observe(value)
                         if silent is not None:
-                            self._declare_dead(r, neighbour, "silent for %.0f s" % silent, broken_flag)
+                            why = "silent for %.0f s" % silent
+                    if why is not None:   # dead, or it finished and left: then watch the next one
+                        past = self._watch_past(r, rank, neighbour, world_size, why, broken_flag)
+                        if past is not None:
+                            neighbour, their, seen = past
+                            silence = _Silence(params.heartbeat_timeout, self._stall_limit())
                 if not broken_flag.is_set() and store.add(broken, 0) > 0:
                     log.info("round %d broken: %s; waiting for a new round", r, self._why(r))
                     broken_flag.set()
@@ -1197,6 +1230,30 @@ class RendezvousHandler:
                 log.warning("heartbeat of round %d failed: %s", r, e)
             if stop.wait(params.heartbeat_interval):
                 return
+
+    def _watch_past(self, r, rank, neighbour, world_size, why, flag):
+        """The member we watch (`neighbour`) vanished or went silent (`why`). When it said
+        finished(), watch the next member of the ring that has not: returns (its rank, its heartbeat
+        key, its beat now), or (None, None, None) when every other member finished. Otherwise, or
+        when the next one's key is gone too (every member has beaten long before anyone
+        finishes), that member is dead: the round is marked broken, and None returned."""
+        after = neighbour
+        while after != rank and self._store.check([self._keys.round(r, "finished/%d" % after)]):
+            after = (after + 1) % world_size
+        if after == rank:
+            return None, None, None
+        value = None
+        if after != neighbour:
+            try:
+                self._next_host = _LazyMembers(self._store, self._keys.round(r, "members")).load()[after][2]
+            except (_store.StoreError, ValueError, IndexError, TypeError):
+                self._next_host = None
+            value = self._peek(self._keys.round(r, "hb/%d" % after))
+            if value is not None:
+                return after, self._keys.round(r, "hb/%d" % after), value
+            why = "is gone (its store connection closed)"
+        self._declare_dead(r, after, why, flag)
+        return None
 
     def _peek(self, key):
         """The heartbeat value at `key`; None when an ephemeral key is missing (vanished)."""
@@ -1295,9 +1352,19 @@ class RendezvousHandler:
                 store.multi_set([keys.round(r, "gate"), keys.round(r, "full")], ["1", "1"])
         self._closed_seen = True
 
-    def shutdown(self):
-        """Leave the run: stop heartbeats and tell the round's other members. Returns True."""
+    def finished(self):
+        """Tell the round's other members that this node's work is done (its workers succeeded):
+        when it leaves (shutdown()), they neither see a lost member nor restart. Call it once this
+        node will not take part in a further round."""
         if self._round is not None and self._lost is None:
+            with self._mapped_errors():
+                self._store.set(self._keys.round(self._round, "finished/%d" % self._rank), "1")
+            self._finished = self._round
+
+    def shutdown(self):
+        """Leave the run: tell the round's other members (that the round is broken, unless
+        finished() said this node is done) and stop heartbeats. Returns True."""
+        if self._round is not None and self._lost is None and self._finished != self._round:
             self._leave_round("node %s (rank %d) left" % (self.host_name, self._rank))
         self._stop_heartbeat()
         self._round = None

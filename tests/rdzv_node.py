@@ -5,7 +5,7 @@
 
 Prints one JSON object per line: first {"event": "ready", ...}, then one answer per command read from
 stdin: next (join a round), broken (block until round_broken()), isbroken (round_broken() now), waiting (num_nodes_waiting()),
-until_waiting (block until num_nodes_waiting() > 0), close, closed, shutdown, exit.
+until_waiting (block until num_nodes_waiting() > 0), close, closed, finished, shutdown, exit.
 A rendezvous error answers {"event": "error", "type": ..., "message": ...}.
 """
 import json
@@ -63,6 +63,9 @@ def main(argv):
                 emit(event="closed")
             elif command == "closed":
                 emit(event="is_closed", value=handler.is_closed())
+            elif command == "finished":
+                handler.finished()
+                emit(event="finished")
             elif command == "shutdown":
                 handler.shutdown()
                 emit(event="shutdown")

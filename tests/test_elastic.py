@@ -374,8 +374,8 @@ def test_cli_reads_pet_environment_and_both_spellings():
     assert c.nproc == 3 and c.max_restarts == 2 and c.monitor_interval == 0.5
     assert c.rdzv.backend == "c10d" and c.rdzv.is_host and c.rdzv.local_addr == "127.0.0.1"
     assert (c.mode, c.script, c.script_args) == ("script", script, ["-x"])
-    assert elastic._parse_nproc("cpu") == os.cpu_count()
-    assert elastic._parse_nproc("auto") >= 1
+    assert elastic._parse_nproc("cpu", {}) == len(os.sched_getaffinity(0))
+    assert elastic._parse_nproc("auto", {}) >= 1
     assert elastic._config_from_args(elastic._parse_args([script], {}), {}).rdzv.backend == "static"
 
 
@@ -505,3 +505,98 @@ def test_a_program_that_cannot_start_raises_its_own_error(tmp_path):
     spec = WorkerSpec("r", 2, str(tmp_path / "no-such-program"), monitor_interval=0.05)
     with pytest.raises(FileNotFoundError):
         LocalElasticAgent(spec, shutdown_timeout=2).run()
+
+
+NPROC = "import os, sys; os.sched_setaffinity(0, {min(os.sched_getaffinity(0))}); import elastic; " \
+        "print(elastic._parse_nproc(sys.argv[1], os.environ))"
+
+
+def _nproc_in_child(value, path, cuda_visible=None):
+    import subprocess
+    env = dict(os.environ, PATH=path, PYTHONPATH=os.path.dirname(os.path.abspath(elastic.__file__)))
+    env.pop("CUDA_VISIBLE_DEVICES", None)
+    if cuda_visible is not None:
+        env["CUDA_VISIBLE_DEVICES"] = cuda_visible
+    run = subprocess.run([sys.executable, "-c", NPROC, value], env=env, capture_output=True, text=True,
+                         timeout=60)
+    assert run.returncode == 0, run.stderr
+    return int(run.stdout)
+
+
+def test_nproc_cpu_counts_the_affinity_mask_and_gpu_honours_cuda_visible_devices(tmp_path):
+    # one CPU allowed: cpu and auto (no GPU) count 1, as torch does, on any machine
+    bare = str(tmp_path / "none")
+    assert _nproc_in_child("cpu", bare) == 1
+    assert _nproc_in_child("auto", bare) == 1
+    smi = tmp_path / "bin" / "nvidia-smi"
+    smi.parent.mkdir()
+    smi.write_text("#!/bin/sh\n" + "".join(
+        "echo 'GPU %d: Fake (UUID: GPU-%d0000000-aaaa)'\n" % (i, i) for i in range(4)))
+    smi.chmod(0o755)
+    path = str(smi.parent)
+    assert _nproc_in_child("gpu", path) == 4
+    assert _nproc_in_child("auto", path, "1,3") == 2
+    assert _nproc_in_child("gpu", path, "GPU-20000000,0") == 2    # UUID prefixes, as CUDA takes them
+    assert _nproc_in_child("gpu", path, "2,7,1") == 1             # read up to the first bad entry
+    assert _nproc_in_child("auto", path, "") == 1                 # no GPU visible: the CPUs
+
+
+def _fake_sysfs(root, nodes, threads=2, cores_per_cache=2):
+    """sysfs as a NUMA machine shows it: `nodes` is [(package, n physical cores)]; each core has
+    `threads` hyperthreads (CPUs numbered core by core), `cores_per_cache` cores share a last-level cache."""
+    cpu = 0
+    for node, (package, cores) in enumerate(nodes):
+        first = cpu
+        for core in range(cores):
+            siblings = list(range(cpu, cpu + threads))
+            cache_first = first + (core // cores_per_cache) * cores_per_cache * threads
+            for c in siblings:
+                top = root / "cpu" / ("cpu%d" % c) / "topology"
+                top.mkdir(parents=True)
+                (top / "physical_package_id").write_text("%d\n" % package)
+                (top / "thread_siblings_list").write_text("%d-%d\n" % (siblings[0], siblings[-1]))
+                for index, level, shared in ((0, 1, "%d-%d" % (siblings[0], siblings[-1])),
+                                             (3, 3, "%d-%d" % (cache_first,
+                                                               cache_first + cores_per_cache * threads - 1))):
+                    d = root / "cpu" / ("cpu%d" % c) / "cache" / ("index%d" % index)
+                    d.mkdir(parents=True)
+                    (d / "level").write_text("%d\n" % level)
+                    (d / "shared_cpu_list").write_text(shared + "\n")
+            cpu += threads
+        n = root / "node" / ("node%d" % node)
+        n.mkdir(parents=True)
+        (n / "cpulist").write_text("%d-%d\n" % (first, cpu - 1))
+    return cpu
+
+
+def test_numa_plan_binds_as_each_mode_says(tmp_path):
+    # two packages, package 0 with NUMA nodes 0 and 1 (4 cores each), package 1 with node 2
+    n = _fake_sysfs(tmp_path, [(0, 4), (0, 4), (1, 4)])
+    topo = elastic._CpuTopology(str(tmp_path), allowed=range(n))
+    assert topo.nodes == {0: list(range(0, 8)), 1: list(range(8, 16)), 2: list(range(16, 24))}
+    node = elastic._numa_plan("node", 3, topo)
+    assert node == [set(range(0, 8)), set(range(8, 16)), set(range(16, 24))]
+    # GPUs say where: local rank r goes to the r-th GPU's node
+    assert elastic._numa_plan("node", 2, topo, gpu_nodes=[2, 2]) == [set(range(16, 24))] * 2
+    assert elastic._numa_plan("socket", 2, topo, gpu_nodes=[1, 2]) == [set(range(0, 16)), set(range(16, 24))]
+    # exclusive: the node's physical cores (with their hyperthreads) split among its workers
+    excl = elastic._numa_plan("exclusive", 4, topo, gpu_nodes=[0, 0, 0, 0])
+    assert excl == [{0, 1}, {2, 3}, {4, 5}, {6, 7}]
+    assert elastic._numa_plan("exclusive", 2, topo, gpu_nodes=[0, 0]) == [set(range(0, 4)), set(range(4, 8))]
+    # core-complex: one last-level-cache group each, in turn
+    cc = elastic._numa_plan("core-complex", 3, topo, gpu_nodes=[0, 0, 0])
+    assert cc == [set(range(0, 4)), set(range(4, 8)), set(range(0, 4))]
+    # CPUs outside the affinity mask are never handed out; without GPUs ranks spread in blocks
+    topo = elastic._CpuTopology(str(tmp_path), allowed=set(range(2, 12)))
+    assert elastic._numa_plan("node", 2, topo) == [set(range(2, 8)), set(range(8, 12))]
+
+
+def test_no_numa_in_sysfs_is_one_node_of_every_allowed_cpu(tmp_path):
+    topo = elastic._CpuTopology(str(tmp_path), allowed={0, 1, 2})
+    assert elastic._numa_plan("exclusive", 3, topo) == [{0}, {1}, {2}]
+    assert elastic._numa_plan("socket", 2, topo) == [{0, 1, 2}] * 2
+
+
+def test_worker_spec_checks_the_numa_mode():
+    with pytest.raises(ValueError, match="numa_binding must be one of node, socket, exclusive, core-complex"):
+        WorkerSpec("r", 1, "prog", numa_binding="nodes")

@@ -42,15 +42,17 @@ def _pids(out):
     return pids
 
 
-def _two_nodes(tmp_path, tag, script, out, max_restarts, environ):
-    """Node 0 hosts the store (and holds rank 0), node 1 only connects; both c10d on 127.0.0.1."""
+def _two_nodes(tmp_path, tag, script, out, max_restarts, environ, extra=None):
+    """Node 0 hosts the store (and holds rank 0), node 1 only connects; both c10d on 127.0.0.1.
+    `extra`: more options per node, {"host": [...], "other": [...]}."""
+    extra = extra or {}
     endpoint = "127.0.0.1:%d" % free_port()
     conf = "last_call_timeout=1,heartbeat_interval=0.2,heartbeat_timeout=5,join_timeout=60"
     common = ["--nnodes", "2", "--rdzv-backend", "c10d", "--rdzv-endpoint", endpoint, "--rdzv-id", tag,
               "--monitor-interval", "0.05", "--shutdown-timeout", "1", "--max-restarts", str(max_restarts)]
-    host = Launcher(common + ["--rdzv-conf", conf + ",is_host=1", "--local-addr", "127.0.0.1", script, out],
+    host = Launcher(common + extra.get("host", []) + ["--rdzv-conf", conf + ",is_host=1", "--local-addr", "127.0.0.1", script, out],
                     tmp_path, tag + "_host", environ=environ)
-    other = Launcher(common + ["--rdzv-conf", conf + ",is_host=0", "--local-addr", "127.0.0.2", script, out],
+    other = Launcher(common + extra.get("other", []) + ["--rdzv-conf", conf + ",is_host=0", "--local-addr", "127.0.0.2", script, out],
                      tmp_path, tag + "_other", environ=environ)
     return host, other
 
@@ -114,6 +116,104 @@ def test_losing_the_store_host_stops_the_survivors(tmp_path):
         host.stop()
         other.stop()
         kill_all(pids)
+
+
+# the worker of global rank R records its pid, sleeps SLEEP_R seconds (0 when not set), exits 0
+SLOW_OR_FAST = r"""
+import os, sys, time
+rank = os.environ["RANK"]
+with open(os.path.join(sys.argv[1], "pid_%s_%s" % (rank, os.environ["TORCHELASTIC_RESTART_COUNT"])), "w") as f:
+    f.write(str(os.getpid()))
+time.sleep(float(os.environ.get("SLEEP_" + rank, "0")))
+"""
+
+
+def _events(path):
+    import json
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+@pytest.mark.parametrize("slow", ["other", "host"])
+def test_a_node_that_times_out_at_the_exit_barrier_never_fails_the_others(tmp_path, slow):
+    """--exit-barrier-timeout 1 and one node's worker runs 4 s longer. The fast node gives up
+    waiting at the exit barrier: the store host keeps serving until the slow node is done (else the
+    slow node loses the store and exits 1); a non-host leaves, and its departure is no lost member
+    (the host carries on: no new round, no restart). Both launchers exit 0."""
+    script = _script(tmp_path, "worker.py", SLOW_OR_FAST)
+    slow_rank = 1 if slow == "other" else 0
+    events = {n: str(tmp_path / ("events_%s.jsonl" % n)) for n in ("host", "other")}
+    extra = {n: ["--exit-barrier-timeout", "1", "--event-log", events[n]] for n in events}
+    host, other = _two_nodes(tmp_path, "exit_" + slow, script, str(tmp_path), 0,
+                             env(**{"SLEEP_%d" % slow_rank: 4}), extra)
+    try:
+        logs = lambda: "host:\n%s\nother:\n%s" % (host.err()[-3000:], other.err()[-3000:])  # noqa: E731
+        assert host.wait(60) == 0, logs()
+        assert other.wait(60) == 0, logs()
+        for node, path in events.items():
+            kinds = [e["event"] for e in _events(path)]
+            assert kinds.count("round") == 1, (node, kinds, logs())
+            assert "restart" not in kinds and "node_lost" not in kinds, (node, kinds, logs())
+        if slow == "other":   # the host said why it stayed
+            assert "still running" in host.err(), logs()
+        else:                 # the node that left is done, not lost: the round was never broken
+            assert "broken" not in host.err() and "dead" not in host.err(), logs()
+    finally:
+        host.stop()
+        other.stop()
+        kill_all(_pids(tmp_path))
+
+
+def test_a_stop_signal_ends_the_store_hosts_wait_after_its_exit_barrier(tmp_path):
+    """The store host stays after its exit barrier timed out, yet a stop signal still ends it as
+    any stop does: every node stops with 128+N."""
+    script = _script(tmp_path, "worker.py", SLOW_OR_FAST)
+    extra = {n: ["--exit-barrier-timeout", "1"] for n in ("host", "other")}
+    host, other = _two_nodes(tmp_path, "exit_stop", script, str(tmp_path), 0, env(SLEEP_1=120), extra)
+    try:
+        logs = lambda: "host:\n%s\nother:\n%s" % (host.err()[-3000:], other.err()[-3000:])  # noqa: E731
+        wait_for(lambda: "still running" in host.err(), what="the host to wait for the other node",
+                 explain=logs)
+        os.kill(host.pid, signal.SIGTERM)
+        assert host.wait(60) == 128 + signal.SIGTERM, logs()
+        assert other.wait(60) == 128 + signal.SIGTERM, logs()
+    finally:
+        host.stop()
+        other.stop()
+        kill_all(_pids(tmp_path))
+
+
+def test_a_death_after_a_node_finished_and_left_is_still_seen(tmp_path):
+    """Three nodes; the second finishes at once and leaves after its 1 s exit barrier, then the
+    third one's agent is SIGKILLed: the host (which watched the second in the heartbeat ring) now
+    watches the third, and sees it lost (it used to ignore every broken round once a node had
+    reached the exit barrier, and ran on as if nothing had happened)."""
+    script = _script(tmp_path, "worker.py", SLOW_OR_FAST)
+    endpoint = "127.0.0.1:%d" % free_port()
+    conf = "last_call_timeout=1,heartbeat_interval=0.2,heartbeat_timeout=5,join_timeout=60"
+    events = str(tmp_path / "events_host.jsonl")
+    nodes = []
+    try:
+        for n in range(3):
+            args = ["--nnodes", "3", "--rdzv-backend", "c10d", "--rdzv-endpoint", endpoint,
+                    "--rdzv-id", "finished_then_dead", "--monitor-interval", "0.05", "--shutdown-timeout", "1",
+                    "--max-restarts", "0", "--exit-barrier-timeout", "1",
+                    "--rdzv-conf", conf + ",is_host=%d" % (n == 0), "--local-addr", "127.0.0.%d" % (n + 1)]
+            if n == 0:
+                args += ["--event-log", events]
+            nodes.append(Launcher(args + [script, str(tmp_path)], tmp_path, "node%d" % n,
+                                  environ=env(SLEEP_0=120, SLEEP_2=120)))
+        logs = lambda: "\n".join("node %d:\n%s" % (n, a.err()[-2000:]) for n, a in enumerate(nodes))  # noqa: E731
+        assert nodes[1].wait(60) == 0, logs()
+        wait_for(lambda: len(_pids(tmp_path)) == 3, what="every worker to start", explain=logs)
+        os.kill(nodes[2].pid, signal.SIGKILL)
+        wait_for(lambda: os.path.exists(events) and "node_lost" in [e["event"] for e in _events(events)],
+                 what="the host to see the third node lost", explain=logs)
+        assert "dead" in nodes[0].err(), logs()
+    finally:
+        for a in nodes:
+            a.stop()
+        kill_all(_pids(tmp_path))
 
 
 def _running(marker):

@@ -337,13 +337,25 @@ def test_run_path_failure_reports_root_cause(tmp_path):
         a.stop()
 
 
+def _free_port_pair():
+    """A port P with P+1 free too (when they were looked at)."""
+    import socket
+    for _ in range(100):
+        with socket.socket() as a, socket.socket() as b:
+            a.bind(("127.0.0.1", 0))
+            port = a.getsockname()[1]
+            try:
+                b.bind(("127.0.0.1", port + 1))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError("no two consecutive free ports")
+
+
 def test_static_backend_two_nodes(tmp_path):
     out = tmp_path / "env"
     out.mkdir()
-    import socket
-    with socket.socket() as s:   # a free port for node 0's store (static needs it up front)
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = _free_port_pair()   # workers get P, node 0's store takes P+1
     agents = []
     try:
         for rank in (1, 0):
@@ -356,7 +368,7 @@ def test_static_backend_two_nodes(tmp_path):
         assert sorted(envs) == ["default_%d_0_4" % r for r in range(4)]
         for e in envs.values():
             assert int(e["RANK"]) // 2 == int(e["GROUP_RANK"])
-            assert e["MASTER_PORT"] != str(port)          # workers get a fresh port
+            assert e["MASTER_PORT"] == str(port)          # --master-port is the workers' (torchrun's)
     finally:
         for a in agents:
             a.stop()
@@ -590,6 +602,144 @@ def test_stop_signal_in_the_exit_barrier_exits_128_plus_n(tmp_path):
         for a in agents:
             a.stop()
         store.stop()
+
+
+BIND_MASTER_PORT = """
+import os, socket
+port = int(os.environ["MASTER_PORT"])
+print("rank %s master %s:%d" % (os.environ["RANK"], os.environ["MASTER_ADDR"], port), flush=True)
+if os.environ["LOCAL_RANK"] == "0":   # what init_method=tcp://MASTER_ADDR:MASTER_PORT does on rank 0
+    with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        s.bind(("127.0.0.1", port))
+"""
+
+
+def test_master_port_is_the_workers_and_left_free_for_them(tmp_path):
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    script = tmp_path / "bind.py"
+    script.write_text(BIND_MASTER_PORT)
+    a = Launcher(["--nproc-per-node", "2", "--master-addr", "localhost", "--master-port", str(port),
+                  "--tee", "3"] + FAST + [str(script)], tmp_path)
+    try:
+        assert a.wait() == 0, a.err()
+        for rank in (0, 1):
+            assert "rank %d master localhost:%d" % (rank, port) in a.out(), a.out()
+    finally:
+        a.stop()
+
+
+def test_option_prefixes_as_argparse_takes_them(tmp_path):
+    out = tmp_path / "env"
+    out.mkdir()
+    a = Launcher(["--standalone", "--nproc=2", "--redirect", "3", "--monitor-int=0.05"] + [ENVDUMP, str(out)],
+                 tmp_path, "a")
+    b = Launcher(["--standalone", "--r=3", ENVDUMP, str(out)], tmp_path, "b")
+    try:
+        assert a.wait() == 0, a.err()
+        assert sorted(dumps(out)) == ["default_0_0_2", "default_1_0_2"]
+        assert b.wait() == 2
+        assert b.err().startswith("elasticrun: error: ambiguous option --r could match ")
+        assert "--redirects" in b.err() and "--rdzv-conf" in b.err() and "--rdzv_conf" not in b.err()
+    finally:
+        a.stop()
+        b.stop()
+
+
+def test_unknown_rdzv_conf_keys_warn_once_and_the_job_runs(tmp_path):
+    out = tmp_path / "env"
+    out.mkdir()
+    # quoted as for a shell that never saw it (a job spec); torch's `timeout` and an unknown key
+    a = Launcher(["--nnodes", "1", "--rdzv-backend", "c10d", "--rdzv-endpoint", "127.0.0.1:0",
+                  "--rdzv-conf", "'is_host=1,timeout=30,colour=blue'"] + FAST + [ENVDUMP, str(out)], tmp_path)
+    try:
+        assert a.wait() == 0, a.err()
+        assert a.err().count("'colour'") == 1, a.err()
+        assert "'timeout'" not in a.err() and "'is_host" not in a.err()
+    finally:
+        a.stop()
+
+
+PLACEMENT = """
+import json, os, sys
+rank = os.environ["RANK"]
+print("apple %s" % rank, flush=True)
+print("pear, %s" % rank, flush=True)
+print("pear %s" % rank, flush=True)
+print("plum %s" % rank, file=sys.stderr, flush=True)
+with open(os.path.join(sys.argv[1], rank), "w") as f:
+    json.dump({"LOCAL_RANK": os.environ["LOCAL_RANK"], "GPU": os.environ.get("CUDA_VISIBLE_DEVICES"),
+               "cpus": sorted(os.sched_getaffinity(0)),
+               "leaked": [k for k in os.environ if k.startswith("ELASTICRUN_CPU")]}, f)
+"""
+
+
+def _placements(out):
+    return {int(name): json.loads((out / name).read_text()) for name in os.listdir(str(out))}
+
+
+def test_torchrun_2_13_worker_options(tmp_path):
+    script = tmp_path / "placement.py"
+    script.write_text(PLACEMENT)
+    logs = tmp_path / "logs"
+    allowed = sorted(os.sched_getaffinity(0))
+    procs = []
+    try:
+        for name, extra, environ, kind in (
+                ("virtual", ["--virtual-local-rank", "--numa-binding", "exclusive", "--tee", "3",
+                             "--duplicate-stdout-filters", "apple,pear,,", "--duplicate_stderr_filters=plum",
+                             "--log-dir", str(logs), "--logs-specs", "default", "--event-log-handler", "x"],
+                 env(CUDA_VISIBLE_DEVICES="5,7"), "script"),
+                ("program", ["--numa-binding", "node", "--no-python", sys.executable], None, "program"),
+                ("function", ["--numa-binding", "exclusive", "--run-path"], None, "function")):
+            out = tmp_path / name
+            out.mkdir()
+            a = Launcher(["--standalone", "--nproc-per-node", "2"] + FAST + extra + [str(script), str(out)],
+                         tmp_path, name, environ=environ)
+            procs.append(a)
+            assert a.wait() == 0, a.err()
+            got = _placements(out)
+            assert sorted(got) == [0, 1]
+            for rank, p in got.items():
+                assert p["leaked"] == [], kind      # the binding's carrier never reaches the script
+                assert set(p["cpus"]) <= set(allowed) and p["cpus"], kind
+            if name == "virtual":
+                assert [got[r]["LOCAL_RANK"] for r in (0, 1)] == ["0", "0"]
+                assert [got[r]["GPU"] for r in (0, 1)] == ["5", "7"]
+            else:
+                assert [got[r]["LOCAL_RANK"] for r in (0, 1)] == ["0", "1"]
+            if "exclusive" in extra and len(allowed) >= 2:
+                assert not set(got[0]["cpus"]) & set(got[1]["cpus"]), got
+            if "node" in extra:
+                assert got[0]["cpus"] == got[1]["cpus"]
+        stdout = glob.glob(str(logs / "*" / "attempt_0" / "filtered_stdout.log"))
+        stderr = glob.glob(str(logs / "*" / "attempt_0" / "filtered_stderr.log"))
+        assert len(stdout) == 1 and len(stderr) == 1
+        with open(stdout[0]) as f:
+            lines = sorted(f.read().splitlines())
+        assert lines == ["[default0]:apple 0", "[default0]:pear, 0", "[default1]:apple 1", "[default1]:pear, 1"]
+        with open(stderr[0]) as f:
+            assert sorted(f.read().splitlines()) == ["[default0]:plum 0", "[default1]:plum 1"]
+    finally:
+        for p in procs:
+            p.stop()
+
+
+@pytest.mark.parametrize("args, needle", [
+    (["--logs-specs", "mine"], "--logs-specs 'mine': elasticrun has only its built-in 'default'"),
+    (["--numa-binding", "nodes"], "--numa-binding 'nodes' is not one of node, socket, exclusive, core-complex"),
+    (["--use-env"], "unrecognized option --use-env (torch.distributed.launch's"),
+])
+def test_refused_torchrun_option_values(tmp_path, args, needle):
+    a = Launcher(["--standalone"] + args + [ENVDUMP, str(tmp_path)], tmp_path)
+    try:
+        assert a.wait() == 2
+        assert a.err().startswith("elasticrun: error: ") and needle in a.err(), a.err()
+    finally:
+        a.stop()
 
 
 def test_script_workers_are_what_torchrun_starts(tmp_path):

@@ -111,7 +111,6 @@ def check_round(rounds, world_size):
     (dict(keep_alive_interval=1, keep_alive_max_attempt=10 ** 9), "heartbeat_timeout=1000000000"),
     (dict(heartbeat_interval=5, heartbeat_timeout=2), "heartbeat_timeout=2 must exceed heartbeat_interval=5"),
     (dict(is_host="maybe"), "is_host='maybe' is not a boolean"),
-    (dict(joint_timeout=3), "unknown rdzv conf key 'joint_timeout'"),
     (dict(endpoint="host:http"), "port 'http' is not a number"),
     (dict(endpoint="host:70000"), "port 70000 is outside"),
     (dict(endpoint="[::1:29400"), "missing ']'"),
@@ -126,8 +125,8 @@ def check_round(rounds, world_size):
     (dict(endpoint="[node1]:1234"), "'node1' is not an IPv6 address"),
     (dict(endpoint="no de:1234"), "host 'no de' is not a host name"),
     (dict(backend="etcd", endpoint="http://127.0.0.1:2379", token_file=__file__), "token_file is not for the etcd"),
-    (dict(backend="etcd", endpoint="http://127.0.0.1:2379", is_host=1), "is_host is not for the etcd"),
     (dict(keep_alive_max_attempt=1), "keep_alive_max_attempt=1 must be an integer >= 2"),
+    (dict(timeout="soon"), "join_timeout='soon' is not a number"),
 ])
 def test_bad_parameters_raise_one_line_value_errors(kwargs, message):
     args = dict(backend="c10d", endpoint="127.0.0.1:29400", run_id="job", min_nodes=1, max_nodes=2)
@@ -136,6 +135,31 @@ def test_bad_parameters_raise_one_line_value_errors(kwargs, message):
         R.RendezvousParameters(**args)
     assert message in str(info.value)
     assert "\n" not in str(info.value)
+
+
+def test_unknown_conf_keys_are_ignored_with_a_warning_naming_them(caplog):
+    # torch ignores keys it does not know; a warning still shows a misspelt one
+    with caplog.at_level("WARNING", logger=R.__name__):
+        p = R.RendezvousParameters("c10d", "127.0.0.1:29400", "job", 1, 2, joint_timeout="3", foo="x")
+    assert p.ignored_keys == ["foo", "joint_timeout"]
+    assert p.join_timeout == 600.0
+    assert p.get("foo") == "x"
+    warned = [r.getMessage() for r in caplog.records]
+    assert len(warned) == 2 and "'joint_timeout'" in warned[1] and "'foo'" in warned[0]
+
+
+def test_torch_timeout_key_sets_the_join_timeout_unless_join_timeout_is_given():
+    p = R.RendezvousParameters("c10d", "127.0.0.1:29400", "job", 1, 2, timeout="5")
+    assert p.join_timeout == 5.0 and p.ignored_keys == []
+    p = R.RendezvousParameters("c10d", "127.0.0.1:29400", "job", 1, 2, timeout="5", join_timeout="7")
+    assert p.join_timeout == 7.0
+
+
+def test_etcd_ignores_is_host_as_torch_does(caplog):
+    with caplog.at_level("WARNING", logger=R.__name__):
+        p = R.RendezvousParameters("etcd", "http://127.0.0.1:2379", "job", 1, 2, is_host="1")
+    assert p.is_host is None and "is_host" in p.ignored_keys
+    assert not caplog.records
 
 
 @pytest.mark.parametrize("endpoint, host, port", [
@@ -360,6 +384,28 @@ def test_member_leaving_breaks_the_round_for_the_others(spawn, server):
     check_round(join(nodes), 2)
     nodes[1].ask("shutdown", "shutdown")
     nodes[0].ask("broken", "broken")
+
+
+def test_a_finished_member_leaving_breaks_nothing_and_a_later_death_is_still_seen(spawn, server):
+    """Rank 1 says it finished and leaves: rank 0, which watched it, watches rank 2 instead; when
+    rank 2 dies the round breaks for that death (not for rank 1's leaving)."""
+    # only a vanished key can tell a death within the test (600 s of silence would)
+    conf = ["heartbeat_interval=0.2", "heartbeat_timeout=600", "join_timeout=60", "last_call_timeout=0.3"]
+    nodes = clients(spawn, server.port, 3, 3, 3, conf=conf)
+    rounds = join(nodes)
+    check_round(rounds, 3)
+    nodes = [nodes[[r["rank"] for r in rounds].index(rank)] for rank in range(3)]   # by rank
+    hb = ["elastic/job/0/hb/%d" % rank for rank in range(3)]
+    with S.TCPStore("127.0.0.1", server.port, timeout=HANG) as probe:
+        probe.wait(hb, HANG)
+        while min(int(v) for v in probe.multi_get(hb)) < 3:    # each one watches its neighbour's key
+            time.sleep(0.05)
+        nodes[1].ask("finished", "finished")
+        nodes[1].ask("shutdown", "shutdown")
+        nodes[2].kill()
+        nodes[0].ask("broken", "broken")
+        why = probe.get("elastic/job/0/broken_why").decode()
+        assert "rank 2" in why, why
 
 
 def test_a_frozen_store_host_does_not_blame_its_peer_for_its_own_silence(spawn):

@@ -24,10 +24,6 @@ from ports import free_port
 from suite_launcher import clean_env, launch, Launcher, path
 
 
-def xfail(reason):
-    return pytest.mark.xfail(strict=True, reason="issue 16: " + reason)
-
-
 def get_free_port():
     return free_port("127.0.0.1")
 
@@ -134,8 +130,6 @@ class ElasticLaunchTest(unittest.TestCase):
                 "--rdzv-endpoint=localhost:%d" % get_free_port(), conf,
                 "--rdzv-id=%d" % uuid.uuid4().int, "--monitor-interval=1"]
 
-    @xfail("--rdzv-conf \"'join_timeout=5,last_call_timeout=1,timeout=5'\" is refused (exit 2, "
-           "unknown rdzv conf key \"'join_timeout\"); torch ignores keys it does not know")
     def test_launch_elastic(self):
         run = launch(self._elastic_args("--rdzv-conf='join_timeout=5,last_call_timeout=1,timeout=5'")
                      + ["--start-method=spawn", path("bin/test_script.py"),
@@ -143,8 +137,6 @@ class ElasticLaunchTest(unittest.TestCase):
         self.assertEqual(0, run.returncode, run)
         self.assert_all_ran(4, run)
 
-    @xfail("--rdzv-conf \"'join_timeout=5,last_call_timeout=1,timeout=5'\" is refused (exit 2, "
-           "unknown rdzv conf key) before any worker fails")
     def test_launch_elastic_worker_raise_exception(self):
         # torch also asserts its internal events.record was called once; ours writes --event-log
         run = launch(self._elastic_args("--rdzv-conf='join_timeout=5,last_call_timeout=1,timeout=5'")
@@ -154,8 +146,6 @@ class ElasticLaunchTest(unittest.TestCase):
         self.assertEqual(1, run.returncode, run)
         self.assertIn("raising exception since --fail flag was set", run.stderr, run)
 
-    @xfail("--rdzv_conf=timeout=5 is refused (unknown rdzv conf key 'timeout'): main() returns 2 "
-           "instead of reaching LocalElasticAgent.run and its MockException")
     def test_launch_elastic_agent_raise_exception(self):
         args = self._elastic_args("--rdzv_conf=timeout=5") + [
             "--max-restarts=0", "--start-method=spawn", path("bin/test_script.py"),
@@ -178,7 +168,6 @@ class ElasticLaunchTest(unittest.TestCase):
         self.assertEqual(0, run.returncode, run)
         self.assert_all_ran(4, run)
 
-    @xfail("--rdzv_conf=timeout=5 is refused by both agents (exit 2, unknown rdzv conf key 'timeout')")
     def test_launch_elastic_multiple_agents(self):
         args = self._elastic_args("--rdzv_conf=timeout=5") + [
             "--start-method=spawn", path("bin/test_script.py"), "--touch-file-dir=%s" % self.test_dir]
@@ -192,15 +181,12 @@ class ElasticLaunchTest(unittest.TestCase):
         self.assertEqual(0, run.returncode, run)
         self.assert_all_ran(8, run)
 
-    @xfail("elastic has no parse_min_max_nnodes (torch.distributed.run's): AttributeError")
     def test_min_max_nodes_parse(self):
         self.assertEqual((1, 1), elastic.parse_min_max_nnodes("1"))
         self.assertEqual((2, 20), elastic.parse_min_max_nnodes("2:20"))
         with self.assertRaises(RuntimeError):
             elastic.parse_min_max_nnodes("2:20:30")
 
-    @xfail("elastic.main never calls the rendezvous handler's shutdown() (our LocalElasticAgent.run "
-           "does, in its finally); with the agent patched out it was called 0 times, expected once")
     def test_launch_shutdown(self):
         args = ["--nnodes=1", "--nproc-per-node=4", "--monitor-interval=1", "--start-method=spawn",
                 path("bin/test_script.py"), "--touch-file-dir=%s" % self.test_dir]
@@ -221,7 +207,6 @@ class ElasticLaunchTest(unittest.TestCase):
         with open(out_file) as fp:
             self.assertEqual("True", fp.readline())
 
-    @xfail("--logs_specs is refused (exit 2, unrecognized option --logs_specs)")
     def test_is_torchelastic_launched_with_logs_spec_defined(self):
         # torch patches its entry-point lookup so that `default` loads DefaultLogsSpecs
         out_file = os.path.join(self.test_dir, "out")
@@ -232,8 +217,6 @@ class ElasticLaunchTest(unittest.TestCase):
         with open(out_file) as fp:
             self.assertEqual("True", fp.readline())
 
-    @xfail("--logs_specs=DOESNOT_EXIST is refused as an unrecognized option, not as a logs spec "
-           "that does not exist (torch: ValueError naming DOESNOT_EXIST)")
     def test_logs_logs_spec_entrypoint_must_be_defined(self):
         run = launch(["--run-path", "--nnodes=1", "--nproc-per-node=1", "--monitor-interval=1",
                       "--logs_specs=DOESNOT_EXIST", path("bin/test_script_is_torchelastic_launched.py")],
@@ -248,8 +231,6 @@ class ElasticLaunchTest(unittest.TestCase):
         with open(out_file) as fp:
             self.assertEqual("False", fp.readline())
 
-    @xfail("with --master-port P and the static backend our store holds P, so the workers' "
-           "init_process_group(init_method=tcp://localhost:P) fails: EADDRINUSE")
     def test_init_method_tcp_with_torchelastic(self):
         port = get_free_port()
         run = launch(["--run-path", "--nnodes=1", "--nproc-per-node=4", "--master-addr=localhost",
@@ -265,8 +246,6 @@ class ElasticLaunchTest(unittest.TestCase):
                      python=self.torch_python(), env=self.env)
         self.assertEqual(0, run.returncode, run)
 
-    @xfail("--redirect=3 (a prefix of --redirects, as argparse allows) is refused: exit 2, "
-           "unrecognized option --redirect")
     def test_capture_logs_using_default_logs_specs(self):
         run = launch(["--nnodes=1", "--nproc-per-node=4", "--rdzv-id=%d" % uuid.uuid4().int,
                       "--redirect=3", "--tee=3", "--monitor-interval=1", "--start-method=spawn",

@@ -5,7 +5,7 @@ and test name and asserts what torch asserts. torch's error classes map to ours:
 DistStoreError -> StoreError, DistNetworkError -> StoreConnectionError. The harness helper
 ``create_tcp_store`` (torch's test utility, not user API) keeps torch's call: ``TCPStore(host, 0, 1, True, timeout)``;
 everything a case body calls is called exactly as torch's case calls it, so an API gap shows as a
-failure of that case (mark it with ``xfail`` and the exact failure until it is fixed; none is today).
+failure of that case.
 
 Not ported (skipped, with the reason): FileStore, HashStore and their prefix variants, libuv, RPC,
 torch's URL rendezvous parsing and init_process_group internals, and torch's C++ wire protocol.
@@ -18,7 +18,6 @@ import unittest
 from concurrent.futures import ThreadPoolExecutor
 from datetime import timedelta
 
-import pytest
 
 import store as dist
 from store import PrefixStore, StoreConnectionError, StoreError, TCPStore
@@ -27,9 +26,6 @@ DistError = DistStoreError = StoreError
 DistNetworkError = StoreConnectionError
 DEFAULT_HOSTNAME = "127.0.0.1"   # torch says "localhost"; the project's tests never resolve names
 
-
-def xfail(reason):
-    return pytest.mark.xfail(strict=True, reason="issue 16: " + reason)
 
 
 def create_tcp_store(addr=DEFAULT_HOSTNAME, world_size=1, wait_for_workers=True, timeout=timedelta(minutes=5)):
