@@ -2887,6 +2887,12 @@ def _restarted_fields(restarting, rdzv_done, now):
             "start": round(now - rdzv_done, 3)}
 
 
+def _started(workers, attempt):
+    """The worker_started events of attempt number `attempt`."""
+    return [{"rank": w.global_rank, "local_rank": w.local_rank, "pid": w.pid, "attempt": attempt}
+            for w in workers]
+
+
 def _untold_exits(group, attempt, told, first=()):
     """The worker_exited events of `group` (attempt `attempt`) whose exit is known and not yet in
     `told` (which they join): the ranks in `first` (the failures that ended the attempt) first."""
@@ -3234,18 +3240,19 @@ class LocalElasticAgent:
         self._set_state(WorkerState.INIT)
         tree_token = _new_tree_token()   # marks every worker's tree in its environment
         self._reaper = _Reaper(tree_token)
-        self._logs._make_root(self._run_id())
+        run_id = _run_id_of(self._handler)
+        self._logs._make_root(run_id)
         began = time.monotonic()
         path = _event_log_file(self._event_log, self._logs.root_log_dir)
-        self._events = _Events(path, self._run_id())
+        self._events = _Events(path, run_id)
         self._events.emit("start", **_start_fields(self._handler, self._spec, self._logs.root_log_dir, path))
         self._exits_told, self._workers_started, self._restarting, self._nodes = set(), 0, None, None
         exit_fields = {"code": 1}
-        self._control = _NodeControl(self._handler, self._stop, self._run_id(), self._stacks_trigger,
+        self._control = _NodeControl(self._handler, self._stop, run_id, self._stacks_trigger,
                                      lambda: self._group, self)
         try:
-            self._servers.start(self._logs.root_log_dir, self._run_id(), _health_status_fn(self))
-            self._setup.begin(self._run_id(), tree_token, self._reaper, self._servers.timer)
+            self._servers.start(self._logs.root_log_dir, run_id, _health_status_fn(self))
+            self._setup.begin(run_id, tree_token, self._reaper, self._servers.timer)
             self._control.start()
             result = self._run_loop()
             if self._group is not None:
@@ -3280,12 +3287,6 @@ class LocalElasticAgent:
             if self._state == WorkerState.SUCCEEDED and not (path and os.path.dirname(path) == self._logs.root_log_dir):
                 self._logs._cleanup()
             self._run_ended = time.monotonic()
-
-    def _run_id(self):
-        try:
-            return self._handler.get_run_id()
-        except Exception:
-            return "none"
 
     def _run_loop(self):
         spec = self._spec
@@ -3384,7 +3385,7 @@ class LocalElasticAgent:
         began = time.monotonic()
         with self._stop:
             info = self._handler.next_rendezvous()
-        self._peers = _Peers(info, self._handler, self._stop, self._run_id(),
+        self._peers = _Peers(info, self._handler, self._stop, _run_id_of(self._handler),
                              self._shutdown_timeout + _OUTCOME_WAIT)
         record = _agent_record(spec, self._job_restarts, self._logs.root_log_dir, self._events.path)
         peers = _share_roles(info, spec.role, spec.local_world_size, record)
@@ -3409,9 +3410,7 @@ class LocalElasticAgent:
         self.last_progress_time = time.time()
         self._workers_started += len(workers)
         now = time.time()
-        self._events.emit_all("worker_started", [
-            {"rank": w.global_rank, "local_rank": w.local_rank, "pid": w.pid, "attempt": self._attempt - 1}
-            for w in workers])
+        self._events.emit_all("worker_started", _started(workers, self._attempt - 1))
         if self._restarting is not None:
             self._events.emit("restarted", **_restarted_fields(self._restarting, self._rdzv_done, now))
             self._restarting = None
@@ -3473,6 +3472,14 @@ class _NodeServers:
                     server.stop()
                 except Exception as e:  # never let a server's stop hide the run's outcome
                     log.debug("stopping %s: %s", name, e)
+
+
+def _run_id_of(handler):
+    """The handler's run id ("none" for one that cannot say)."""
+    try:
+        return handler.get_run_id()
+    except Exception:
+        return "none"
 
 
 def _agent_record(spec, restarts, log_dir, event_log):
