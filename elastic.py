@@ -3448,7 +3448,6 @@ class LocalElasticAgent:
                         return outcome, {}
 
 
-
 class _NodeServers:
     """What an agent serves beside its workers while run() runs: the file timer (when the environment
     asks for it) and /healthz (with a port)."""
