@@ -188,7 +188,9 @@ main() installs) reads ``2026-12-07T14:03:07.125+01:00 [elasticrun] text``: ISO 
 its UTC offset and milliseconds, as syslog (RFC 5424) and Slurm's iso8601_ms write; ``WARNING:`` or
 ``ERROR:`` before the text when it is one. ``LOGLEVEL`` (a name or a number, INFO by default) works
 as in torchrun. Worker output keeps its own prefix template. A launcher line never continues a
-worker's unterminated last line when the output is a file (a Slurm output file, a redirect).
+worker's unterminated last line: a Python worker ends it as it exits (and before its traceback),
+whatever its output is; the launcher ends any other's when the output is a regular file (a Slurm
+output file, a redirect), which it can read back.
 
 Stopping: "stopping 8 workers (SIGTERM), waiting up to 30 s; send the signal again to kill now". A
 second stop signal during the grace period kills the workers (SIGKILL) at once; workers still alive
