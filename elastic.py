@@ -1295,7 +1295,10 @@ def _b():
         def write(self, b):
             n = io.FileIO.write(self, b)
             if n:
-                self.last[0] = b[n - 1]
+                try:
+                    self.last[0] = b[n - 1]
+                except (IndexError, TypeError, NotImplementedError):   # items wider than a byte
+                    self.last[0] = memoryview(b).cast("B")[n - 1]
             return n
     ours, lasts = [], {}
     for name, fd in (("stdout", 1), ("stderr", 2)):   # elastic._whole_line_stdio
@@ -1666,7 +1669,10 @@ class _LastByte(io.FileIO):
     def write(self, b):
         n = io.FileIO.write(self, b)
         if n:
-            self.last[0] = b[n - 1]
+            try:
+                self.last[0] = b[n - 1]
+            except (IndexError, TypeError, NotImplementedError):   # items wider than a byte
+                self.last[0] = memoryview(b).cast("B")[n - 1]
         return n
 
 
