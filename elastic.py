@@ -188,7 +188,9 @@ main() installs) reads ``2026-12-07T14:03:07.125+01:00 [elasticrun] text``: ISO 
 its UTC offset and milliseconds, as syslog (RFC 5424) and Slurm's iso8601_ms write; ``WARNING:`` or
 ``ERROR:`` before the text when it is one. ``LOGLEVEL`` (a name or a number, INFO by default) works
 as in torchrun. Worker output keeps its own prefix template. A launcher line never continues a
-worker's unterminated last line when the output is a file (a Slurm output file, a redirect).
+worker's unterminated last line: a Python worker ends it as it exits (and before its traceback),
+whatever its output is; the launcher ends any other's when the output is a regular file (a Slurm
+output file, a redirect), which it can read back.
 
 Stopping: "stopping 8 workers (SIGTERM), waiting up to 30 s; send the signal again to kill now". A
 second stop signal during the grace period kills the workers (SIGKILL) at once; workers still alive
@@ -246,6 +248,7 @@ __all__ = [
     "FileTimerServer", "FileTimerClient", "FileTimerRequest", "configure", "expires",
 ]
 
+import io
 import itertools
 import logging
 import os
@@ -1275,6 +1278,7 @@ def _b():
             pass
         while tb is not None and tb.tb_frame.f_code.co_filename == "<string>":
             tb = tb.tb_next  # our own bootstrap frames
+        end()
         prev(t, v.with_traceback(tb) if tb is not None else v, tb)
     sys.excepthook = hook
     path, sig = os.environ.get("ELASTICRUN_STACK_FILE"), os.environ.get("ELASTICRUN_STACK_SIGNAL")
@@ -1286,14 +1290,42 @@ def _b():
             os.replace(path + ".tmp", path)
         except Exception:
             pass
-    import io
+    import atexit, io
+    class Raw(io.FileIO):   # elastic._LastByte
+        def write(self, b):
+            n = io.FileIO.write(self, b)
+            if n:
+                try:
+                    self.last[0] = b[n - 1]
+                except (IndexError, TypeError, NotImplementedError):   # items wider than a byte
+                    self.last[0] = memoryview(b).cast("B")[n - 1]
+            return n
+    ours, lasts = [], {}
     for name, fd in (("stdout", 1), ("stderr", 2)):   # elastic._whole_line_stdio
         old = getattr(sys, name)
         if old is not None:
-            new = io.TextIOWrapper(io.BufferedWriter(io.FileIO(fd, "w", closefd=False)),
-                                   encoding=old.encoding, errors=old.errors, line_buffering=True)
+            raw = Raw(fd, "w", closefd=False)
+            st = os.fstat(fd)
+            raw.last = lasts.setdefault((st.st_dev, st.st_ino), [10])
+            new = io.TextIOWrapper(io.BufferedWriter(raw), encoding=old.encoding, errors=old.errors,
+                                   line_buffering=True)
             setattr(sys, name, new)
             setattr(sys, "__%s__" % name, new)
+            ours.append((new, raw))
+    def end():   # elastic._end_stdio_lines
+        for new, raw in ours:
+            try:
+                new.flush()
+            except Exception:
+                pass
+        for new, raw in ours:
+            if raw.last[0] != 10:
+                raw.last[0] = 10
+                try:
+                    os.write(raw.fileno(), b"\n")
+                except Exception:
+                    pass
+    atexit.register(end)   # the first registered runs last
     mode = "-m" if sys.argv[1] == "-m" else "-s"
     del sys.argv[:2 if mode == "-m" else 1]
     target = sys.argv[0]
@@ -1604,6 +1636,7 @@ def _exit_handlers(then=None, run_atexit=True):
             stream.flush()
     except BaseException:
         pass
+    _end_stdio_lines()
 
 
 def _finalize_script():
@@ -1627,21 +1660,64 @@ def _finalize_script():
     gc.collect()
 
 
+class _LastByte(io.FileIO):
+    """A stdio descriptor that remembers the last byte written through it, in ``last[0]`` (a list
+    shared by stdout and stderr when both are the same file), so that the worker can end its last
+    line as it exits: a pipe or a terminal cannot be read back. One Python call per line written
+    (the text stream above it is line buffered), next to the system call that writes it."""
+
+    def write(self, b):
+        n = io.FileIO.write(self, b)
+        if n:
+            try:
+                self.last[0] = b[n - 1]
+            except (IndexError, TypeError, NotImplementedError):   # items wider than a byte
+                self.last[0] = memoryview(b).cast("B")[n - 1]
+        return n
+
+
+_STDIO = []   # in a Python worker: (text stream, its _LastByte) for stdout and stderr
+
+
 def _whole_line_stdio():
     """sys.stdout and sys.stderr line buffered: one write per whole line, so ranks sharing a console
     never split each other's lines (``python -u`` writes a print's text and its newline apart, a
-    block-buffered stream cuts lines at 8 KiB); flush() works as usual. Every kind of Python worker
-    calls this (the bootstrap carries its own copy: it runs where this module may not import)."""
-    import io
+    block-buffered stream cuts lines at 8 KiB); flush() works as usual. Their last bytes are
+    tracked for _end_stdio_lines. Every kind of Python worker calls this (the bootstrap carries its
+    own copy: it runs where this module may not import)."""
+    lasts = {}
     for name, fd in (("stdout", 1), ("stderr", 2)):
         old = getattr(sys, name)
         if old is None:
             continue
         old.flush()
-        new = io.TextIOWrapper(io.BufferedWriter(io.FileIO(fd, "w", closefd=False)),
-                               encoding=old.encoding, errors=old.errors, line_buffering=True)
+        raw = _LastByte(fd, "w", closefd=False)
+        st = os.fstat(fd)
+        raw.last = lasts.setdefault((st.st_dev, st.st_ino), [10])
+        new = io.TextIOWrapper(io.BufferedWriter(raw), encoding=old.encoding, errors=old.errors,
+                               line_buffering=True)
         setattr(sys, name, new)
         setattr(sys, "__%s__" % name, new)
+        _STDIO.append((new, raw))
+
+
+def _end_stdio_lines():
+    """End the line a worker's stdout or stderr left unterminated, so that what follows on the same
+    console (the launcher's next line, a traceback) starts on a line of its own. A worker calls
+    this as it exits and before its traceback is printed; a worker that ended its lines writes
+    nothing."""
+    for stream, raw in _STDIO:
+        try:
+            stream.flush()
+        except (OSError, ValueError):
+            pass
+    for stream, raw in _STDIO:
+        if raw.last[0] != 10:
+            raw.last[0] = 10
+            try:
+                os.write(raw.fileno(), b"\n")
+            except (OSError, ValueError):
+                pass
 
 
 def _arm_stack_dump():
@@ -1718,6 +1794,7 @@ def _worker_excepthook(main_globals):
                 _write_json_atomic(path, _error_payload(kind, value, tb))
         except Exception:
             pass
+        _end_stdio_lines()
         # the default hook prints the exception's own __traceback__, not the one it is given
         previous(kind, value.with_traceback(tb) if tb is not None else value, tb)
 
@@ -1757,9 +1834,11 @@ def _function_worker(fn, args, env, conn, out_path, err_path, parent_pid, forked
     try:
         ret = fn(*args)
     except SystemExit:
+        _end_stdio_lines()   # multiprocessing prints its message, then leaves without our exit path
         raise
     except BaseException as e:
         _write_error_file(e, env.get("TORCHELASTIC_ERROR_FILE"))
+        _end_stdio_lines()   # and the traceback
         raise
     conn.send(ret)
     # Stay until the agent says every worker of the group has returned, as torch's workers do:

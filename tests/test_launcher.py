@@ -277,13 +277,13 @@ def _stdout_log_complete(logs, rank):
     if not path:
         return False
     with open(path[0], "rb") as f:
-        return f.read().endswith(b"last line, no newline")
+        return f.read().endswith(b"last line, no newline\n")   # the worker ends it as it exits
 
 
 def test_tee_to_a_stalled_console_never_blocks_a_worker(tmp_path):
     """--tee with a console nobody reads (its pipe full): the workers still write all their output
     to their stdout.log; once the console is read again it gets every line, in order, prefixed and
-    whole, the last one without a newline too, before the launcher exits. For a new interpreter per
+    whole, the last one (which the worker leaves without a newline) too, before the launcher exits. For a new interpreter per
     worker, the fork server (ELASTICRUN_FORKSERVER=1) and --run-path (multiprocessing)."""
     import subprocess
     lines = 20000   # about 1 MB a rank: many times what the console's pipe buffer holds

@@ -57,6 +57,38 @@ def test_every_line_has_a_timestamp_and_the_start_summary_says_what_runs(tmp_pat
         a.stop()
 
 
+@pytest.mark.parametrize("start", ["bootstrap", "forkserver", "run-path"])
+def test_a_python_workers_unterminated_last_line_is_ended_on_a_pipe(tmp_path, start):
+    """A pipe (or a terminal) cannot be read back: the worker itself ends its last line as it exits,
+    and, before its traceback, the line an uncaught exception interrupts; a worker that ends its
+    lines gets no extra newline."""
+    scripts = {"exit": "print('no newline', end='')\n",
+               "raise": "print('no newline', end='')\nraise SystemError('boom')\n",
+               "ended": "print('ended')\n"}
+    extra, environ = {"bootstrap": ([], env()), "forkserver": ([], env(ELASTICRUN_FORKSERVER=1)),
+                      "run-path": (["--run-path"], env())}[start]
+    for name, text in sorted(scripts.items()):
+        script = write_script(tmp_path, name + ".py", text)
+        p = subprocess.Popen([sys.executable, ELASTIC, "--standalone", "--max-restarts", "0"] + FAST + extra
+                             + [script], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=environ,
+                             start_new_session=True)
+        try:
+            out = p.communicate(timeout=60)[0].decode()
+        finally:
+            if p.poll() is None:
+                os.killpg(p.pid, signal.SIGKILL)
+            p.wait()
+        assert p.returncode == (1 if name == "raise" else 0), out
+        if name == "ended":
+            assert "ended\n" in out and "\n\n" not in out, out
+            continue
+        assert "no newline\n" in out, out
+        assert re.search("no newline" + STAMP[:3], out) is None, out
+        if name == "raise":
+            # (multiprocessing says "Process default-0:" first)
+            assert re.search(r"no newline\n(Process \S+:\n)?Traceback", out), out
+
+
 def test_event_log_of_a_failure_and_a_restart_in_order_with_a_latency_split(tmp_path):
     """Rank 0 fails on the first attempt; rank 1 takes a second to honour SIGTERM, so the restart
     takes about a second, most of it in the stop phase. The split must add up to the restart time
