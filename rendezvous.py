@@ -1364,6 +1364,8 @@ class RendezvousHandler:
     def shutdown(self):
         """Leave the run: tell the round's other members (that the round is broken, unless
         finished() said this node is done) and stop heartbeats. Returns True."""
+        if self._beat_stop is not None:
+            self._beat_stop.set()   # our heartbeat thread must not narrate our own leaving as a break
         if self._round is not None and self._lost is None and self._finished != self._round:
             self._leave_round("node %s (rank %d) left" % (self.host_name, self._rank))
         self._stop_heartbeat()

@@ -61,7 +61,7 @@ def test_a_node_with_other_settings_is_refused_naming_both_values(tmp_path):
             assert said in err and "does not match run 'job'" in err, err
             assert "127.0.0.1" in err              # whose settings the run has
         said = procs[-1].err()       # the script's line, its last arguments kept, on both sides
-        assert "/env 5 [crc32" in said and "/env [crc32" in said and "script (role default) /work" in said, said
+        assert "/env 5 [crc32" in said and "/env [crc32" in said and ("script (role default) " + ENVDUMP[:5]) in said, said
         second = Launcher(c10d(store, "2", "job", "127.0.0.2") + [ENVDUMP, str(out)], tmp_path, "second",
                           environ=clean_env())
         procs.append(second)
