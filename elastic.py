@@ -6904,6 +6904,13 @@ class _LineHandler(logging.StreamHandler):
         logging.StreamHandler.emit(self, record)
 
 
+def _no_second_round_line(record):
+    """The agent says each round in full ("rendezvous round N done in ..."); rendezvous's own shorter
+    INFO line for the same round would say it twice (it stays for DEBUG and for rendezvous alone)."""
+    return not (record.levelno == logging.INFO and record.name == _rdzv.__name__
+                and str(record.msg).startswith("rendezvous round %d of run %r complete"))
+
+
 def _configure_logging(environ):
     """The launcher's one handler, for elastic's, rendezvous's and store's loggers; LOGLEVEL as in
     torchrun (a name or a number; INFO by default)."""
@@ -6919,6 +6926,7 @@ def _configure_logging(environ):
     handler = _LineHandler(sys.stderr)
     _LOG_HANDLERS.append(handler)
     handler.setFormatter(_LineFormatter())
+    handler.addFilter(_no_second_round_line)
     for logger in loggers:
         logger.addHandler(handler)
         logger.setLevel(level)
