@@ -702,16 +702,16 @@ def test_a_host_name_that_does_not_resolve_is_retried_until_the_timeout(narratio
 
     monkeypatch.setattr(socket, "getaddrinfo", counted)
     with pytest.raises(StoreConnectionError) as info:
-        TCPStore("nonexistent.invalid", 29400, timeout=3)
+        TCPStore("nonexistent.invalid", 29400, timeout=6)   # retries sleep up to 1.5 s: one lands past 2 s
     message = str(info.value)
-    assert message.startswith("The client socket has timed out after 3000ms while trying to connect to "
+    assert message.startswith("The client socket has timed out after 6000ms while trying to connect to "
                               "(nonexistent.invalid, 29400): the host name 'nonexistent.invalid' "
                               "does not resolve ("), message
     assert isinstance(info.value, RuntimeError)
     lines = [line for _, line in narration.retrying() if "nonexistent.invalid" in line]
     assert lines and lines[0].startswith("store host nonexistent.invalid does not resolve yet (retrying, "), lines
     ours = [host for host in lookups if host == "nonexistent.invalid"]   # other threads may look up too
-    assert 2 <= len(ours) <= 15, lookups   # retried, about 4 lookups a second at most
+    assert 2 <= len(ours) <= 25, lookups   # retried, about 4 lookups a second at most
 
 
 def test_server_going_away_fails_a_blocked_get_instead_of_hanging():
