@@ -10,7 +10,7 @@ import pytest
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
-from agent_scripts.harness import ROOT, Launcher, alive, env, kill_all, wait_for  # noqa: E402
+from agent_scripts.harness import ROOT, Launcher, alive, env, kill_all, pid_files, wait_for  # noqa: E402
 
 # a worker hung in time.sleep inside stuck_here(), under a 1 s file-timer scope
 HUNG = r"""
@@ -153,16 +153,6 @@ def _nodes(tmp_path, tag, script, count, environ, extra=(), conf="", etcd=None):
                      tmp_path, "%s_%d" % (tag, i), environ=environ) for i in range(count)], endpoint
 
 
-def _pid_files(out):
-    pids = []
-    for path in glob.glob(os.path.join(str(out), "pid_*")):
-        with open(path) as f:
-            text = f.read()
-        if text:
-            pids.append(int(text))
-    return pids
-
-
 @pytest.mark.parametrize("signalled", [0, 1], ids=["store_host", "other"])
 def test_a_stop_signal_to_one_agent_stops_every_node(tmp_path, signalled):
     """SIGTERM to one of 3 agents: every node's worker gets SIGTERM, the one ignoring it (rank 2)
@@ -173,7 +163,7 @@ def test_a_stop_signal_to_one_agent_stops_every_node(tmp_path, signalled):
     agents, _ = _nodes(tmp_path, "stop", script, 3, env(OUT=out, DEAF_RANK=2), ["--shutdown-timeout", "1"])
     pids = []
     try:
-        pids = wait_for(lambda: len(_pid_files(out)) == 3 and _pid_files(out), what="3 workers to run")
+        pids = wait_for(lambda: len(pid_files(out)) == 3 and pid_files(out), what="3 workers to run")
         with open(os.path.join(str(out), "pid_2")) as f:
             deaf = int(f.read())
         os.kill(agents[signalled].pid, signal.SIGTERM)
@@ -198,7 +188,7 @@ def test_a_checkpoint_signal_to_one_agent_reaches_every_worker_and_stops_nothing
     agents, _ = _nodes(tmp_path, "usr1", script, 2, env(OUT=out), ["--shutdown-timeout", "1"])
     pids = []
     try:
-        pids = wait_for(lambda: len(_pid_files(out)) == 2 and _pid_files(out), what="2 workers to run")
+        pids = wait_for(lambda: len(pid_files(out)) == 2 and pid_files(out), what="2 workers to run")
         os.kill(agents[1].pid, signal.SIGUSR1)
         for rank in range(2):
             wait_for(lambda: os.path.exists(os.path.join(str(out), "got_%d_SIGUSR1" % rank)),
@@ -241,7 +231,7 @@ def test_stacks_groups_the_ranks_of_a_live_job_by_stack(tmp_path):
                               ["--nproc-per-node", "2"], conf=",token_file=%s" % token)
     pids = []
     try:
-        pids = wait_for(lambda: len(_pid_files(out)) == 4 and _pid_files(out), what="4 workers to run")
+        pids = wait_for(lambda: len(pid_files(out)) == 4 and pid_files(out), what="4 workers to run")
         cmd = subprocess.run([sys.executable, ELASTIC, "stacks", "--rdzv-endpoint", endpoint, "--rdzv-id", "stacks",
                               "--rdzv-conf", "token_file=%s" % token], stdout=subprocess.PIPE,
                              stderr=subprocess.PIPE, env=env(), timeout=60)
@@ -303,7 +293,7 @@ def test_a_stop_signal_on_one_simulated_host_stops_every_host(tmp_path):
                                             env=env(OUT=out, DEAF_RANK=2)))
             logs = lambda: "\n".join(  # noqa: E731
                 "agent %d:\n%s" % (i, (tmp_path / ("agent%d.log" % i)).read_text()[-2000:]) for i in range(3))
-            wait_for(lambda: len(_pid_files(out)) == 3, what="3 workers to run", explain=logs)
+            wait_for(lambda: len(pid_files(out)) == 3, what="3 workers to run", explain=logs)
             with open(os.path.join(str(out), "pid_2")) as f:
                 deaf = int(f.read())
             os.kill(agents[1].pid, signal.SIGTERM)
@@ -333,7 +323,7 @@ def test_stacks_and_the_job_wide_stop_on_etcd(tmp_path, etcd_binary):
         pids = []
         try:
             logs = lambda: "\n".join("agent %d:\n%s" % (i, a.err()[-2000:]) for i, a in enumerate(agents))  # noqa: E731
-            pids = wait_for(lambda: len(_pid_files(out)) == 4 and _pid_files(out), what="4 workers to run",
+            pids = wait_for(lambda: len(pid_files(out)) == 4 and pid_files(out), what="4 workers to run",
                             explain=logs)
             cmd = subprocess.run([sys.executable, ELASTIC, "stacks", "--rdzv-backend", "etcd", "--rdzv-endpoint",
                                   endpoint, "--rdzv-id", "etcdjob"], stdout=subprocess.PIPE,

@@ -1,7 +1,6 @@
 """A job under faults, load and hostile input (issue 20, first part): every node agrees on failure,
 losing the store host stops the survivors, hundreds of workers start, and a worker's error file
 can neither hang nor exhaust the agent."""
-import glob
 import os
 import signal
 import sys
@@ -10,7 +9,7 @@ import pytest
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
-from agent_scripts.harness import Launcher, alive, env, kill_all, wait_for  # noqa: E402
+from agent_scripts.harness import Launcher, alive, env, kill_all, pid_files, wait_for  # noqa: E402
 from ports import free_port  # noqa: E402
 
 # rank FAIL_RANK exits 3 after FAIL_AFTER seconds; every other rank records its pid and sleeps SLEEP
@@ -30,16 +29,6 @@ def _script(tmp_path, name, text):
     path = tmp_path / name
     path.write_text(text)
     return str(path)
-
-
-def _pids(out):
-    pids = []
-    for path in glob.glob(os.path.join(str(out), "pid_*")):
-        with open(path) as f:
-            text = f.read()
-        if text:
-            pids.append(int(text))
-    return pids
 
 
 def _two_nodes(tmp_path, tag, script, out, max_restarts, environ, extra=None):
@@ -76,7 +65,7 @@ def test_a_failure_on_the_store_host_fails_every_node(tmp_path, max_restarts):
         finally:
             host.stop()
             other.stop()
-            kill_all(_pids(out))
+            kill_all(pid_files(out))
 
 
 def test_a_node_waiting_at_the_exit_barrier_learns_of_a_later_failure(tmp_path):
@@ -93,7 +82,7 @@ def test_a_node_waiting_at_the_exit_barrier_learns_of_a_later_failure(tmp_path):
     finally:
         host.stop()
         other.stop()
-        kill_all(_pids(out))
+        kill_all(pid_files(out))
 
 
 def test_losing_the_store_host_stops_the_survivors(tmp_path):
@@ -105,7 +94,7 @@ def test_losing_the_store_host_stops_the_survivors(tmp_path):
     host, other = _two_nodes(tmp_path, "lost", script, str(out), 0, env(SLEEP=120))
     pids = []
     try:
-        pids = wait_for(lambda: len(_pids(out)) == 2 and _pids(out), what="both workers to run")
+        pids = wait_for(lambda: len(pid_files(out)) == 2 and pid_files(out), what="both workers to run")
         survivor = int(open(os.path.join(str(out), "pid_1_0")).read())
         os.kill(host.pid, signal.SIGKILL)
         code = other.wait(60)      # the worker sleeps 120 s: carrying on would time out here
@@ -161,7 +150,7 @@ def test_a_node_that_times_out_at_the_exit_barrier_never_fails_the_others(tmp_pa
     finally:
         host.stop()
         other.stop()
-        kill_all(_pids(tmp_path))
+        kill_all(pid_files(tmp_path))
 
 
 def test_a_stop_signal_ends_the_store_hosts_wait_after_its_exit_barrier(tmp_path):
@@ -180,7 +169,7 @@ def test_a_stop_signal_ends_the_store_hosts_wait_after_its_exit_barrier(tmp_path
     finally:
         host.stop()
         other.stop()
-        kill_all(_pids(tmp_path))
+        kill_all(pid_files(tmp_path))
 
 
 def test_a_death_after_a_node_finished_and_left_is_still_seen(tmp_path):
@@ -205,7 +194,7 @@ def test_a_death_after_a_node_finished_and_left_is_still_seen(tmp_path):
                                   environ=env(SLEEP_0=120, SLEEP_2=120)))
         logs = lambda: "\n".join("node %d:\n%s" % (n, a.err()[-2000:]) for n, a in enumerate(nodes))  # noqa: E731
         assert nodes[1].wait(60) == 0, logs()
-        wait_for(lambda: len(_pids(tmp_path)) == 3, what="every worker to start", explain=logs)
+        wait_for(lambda: len(pid_files(tmp_path)) == 3, what="every worker to start", explain=logs)
         os.kill(nodes[2].pid, signal.SIGKILL)
         wait_for(lambda: os.path.exists(events) and "node_lost" in [e["event"] for e in _events(events)],
                  what="the host to see the third node lost", explain=logs)
@@ -213,7 +202,7 @@ def test_a_death_after_a_node_finished_and_left_is_still_seen(tmp_path):
     finally:
         for a in nodes:
             a.stop()
-        kill_all(_pids(tmp_path))
+        kill_all(pid_files(tmp_path))
 
 
 def _running(marker):

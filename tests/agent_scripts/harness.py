@@ -133,3 +133,14 @@ def kill_all(pids):
             os.kill(pid, signal.SIGKILL)
         except OSError:
             pass
+
+
+def pid_files(out):
+    """The pids workers wrote, one a file, to OUT/pid_* (an empty file: not written yet)."""
+    pids = []
+    for path in glob.glob(os.path.join(str(out), "pid_*")):
+        with open(path) as f:
+            text = f.read()
+        if text:
+            pids.append(int(text))
+    return pids
